@@ -1,0 +1,200 @@
+// Tiled pair scoring on the CPU, shared by the scores forward/backward and the mining kernels.
+//
+// A tile is a block of rows [i0, i0 + ni) of x against rows [r0, r0 + nr) of y: ni * nr pairs,
+// numbered p = a * nr + b for the pair (i0 + a, r0 + b). Per tile the |x_i - y_r| block is built
+// in a workspace small enough to stay in L2 and multiplied by W_u with one GEMM; the mean branch
+// comes from per-row projections P = x W_v^T (SPEC §1); W_c is a second GEMM over the tile.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../pddm_common.h"
+
+namespace pddm_ext::cpu {
+
+// C (M x N, contiguous) = op(A) op(B) (+ C when accumulate). A is stored row-major as (M x K),
+// or (K x M) when trans_a; B as (K x N), or (N x K) when trans_b.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
+          const scalar_t* B, scalar_t* C, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto a = trans_a ? at::from_blob(const_cast<scalar_t*>(A), {K, M}, opts).t()
+                   : at::from_blob(const_cast<scalar_t*>(A), {M, K}, opts);
+  auto b = trans_b ? at::from_blob(const_cast<scalar_t*>(B), {N, K}, opts).t()
+                   : at::from_blob(const_cast<scalar_t*>(B), {K, N}, opts);
+  auto c = at::from_blob(C, {M, N}, opts);
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+// Pointers into the (contiguous) parameters of a PDDM unit.
+template <typename scalar_t>
+struct PddmWeights {
+  const scalar_t *W_u, *b_u, *W_v, *b_v, *W_c, *b_c, *w_s;
+  scalar_t b_s;
+  int64_t d, h, c;
+};
+
+template <typename scalar_t>
+PddmWeights<scalar_t> pddm_weights(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v,
+                                   const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
+                                   const at::Tensor& w_s, const at::Tensor& b_s) {
+  return {W_u.data_ptr<scalar_t>(), b_u.data_ptr<scalar_t>(), W_v.data_ptr<scalar_t>(),
+          b_v.data_ptr<scalar_t>(),  W_c.data_ptr<scalar_t>(), b_c.data_ptr<scalar_t>(),
+          w_s.data_ptr<scalar_t>(),  b_s.item<scalar_t>(),     W_u.size(1),
+          W_u.size(0),               W_c.size(0)};
+}
+
+// One tile's inputs: rows of x (and their projections P = x W_v^T) against rows of y.
+template <typename scalar_t>
+struct TileRows {
+  const scalar_t *x, *Px;
+  int64_t i0, ni;
+  const scalar_t *y, *Py;
+  int64_t r0, nr;
+};
+
+// Pairs per tile so that the tile's workspace (|x-y| block and the three activation blocks) stays
+// within about half of a typical 1-2 MB L2, while the GEMMs still see a few hundred rows.
+inline int64_t pddm_tile_pairs(int64_t d, int64_t h, int64_t c, int64_t elem_size) {
+  const int64_t bytes_per_pair = (d + 3 * h + c + 8) * elem_size;
+  return std::clamp<int64_t>((768 * 1024) / bytes_per_pair, 16, 1024);
+}
+
+// Workspace and intermediates of one tile: everything the backward needs to re-use.
+template <typename scalar_t>
+struct PddmTile {
+  std::vector<scalar_t> U;   // (T, d): |x_i - y_r|
+  std::vector<scalar_t> A;   // (T, h): W_u |x_i - y_r|
+  std::vector<scalar_t> Z;   // (T, 2h): [normalize(u'); normalize(v')]
+  std::vector<scalar_t> Qm;  // (T, c): W_c Z (before b_c)
+  std::vector<scalar_t> norm_u, norm_v, norm_u1, norm_v1;  // (T,): ||u||, ||v||, ||u'||, ||v'||
+
+  PddmTile(int64_t pairs, int64_t d, int64_t h, int64_t c)
+      : U(pairs * d), A(pairs * h), Z(pairs * 2 * h), Qm(pairs * c), norm_u(pairs), norm_v(pairs),
+        norm_u1(pairs), norm_v1(pairs) {}
+};
+
+// Scores S[p] of every pair of the tile (SPEC §1), keeping the intermediates in ws.
+template <typename scalar_t>
+void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, PddmTile<scalar_t>& ws,
+                       scalar_t* S) {
+  const int64_t d = w.d, h = w.h, c = w.c, T = t.ni * t.nr;
+  for (int64_t a = 0; a < t.ni; ++a) {
+    const scalar_t* xi = t.x + (t.i0 + a) * d;
+    for (int64_t b = 0; b < t.nr; ++b) {
+      const int64_t p = a * t.nr + b;
+      const scalar_t* yr = t.y + (t.r0 + b) * d;
+      scalar_t* u = ws.U.data() + p * d;
+      scalar_t sq_u = 0, sq_s = 0;
+#pragma omp simd reduction(+ : sq_u, sq_s)
+      for (int64_t k = 0; k < d; ++k) {
+        const scalar_t diff = xi[k] - yr[k], sum = xi[k] + yr[k];
+        u[k] = std::abs(diff);
+        sq_u += diff * diff;
+        sq_s += sum * sum;
+      }
+      ws.norm_u[p] = pddm_sqrt(sq_u);
+      ws.norm_v[p] = scalar_t(0.5) * pddm_sqrt(sq_s);  // ||(x + y) / 2||
+    }
+  }
+  gemm<scalar_t>(false, true, T, h, d, ws.U.data(), w.W_u, ws.A.data(), false);
+  for (int64_t p = 0; p < T; ++p) {
+    const scalar_t* Pi = t.Px + (t.i0 + p / t.nr) * h;
+    const scalar_t* Qr = t.Py + (t.r0 + p % t.nr) * h;
+    const scalar_t* Ap = ws.A.data() + p * h;
+    scalar_t* zu = ws.Z.data() + p * 2 * h;
+    scalar_t* zv = zu + h;
+    // W_u normalize(u) = (W_u u) / max(||u||, eps); W_v normalize(v) = (P_i + P_r) / (2 max(||v||, eps)).
+    const scalar_t inv_u = scalar_t(1) / clamped_norm(ws.norm_u[p]);
+    const scalar_t inv_v = scalar_t(0.5) / clamped_norm(ws.norm_v[p]);
+    scalar_t sq_u1 = 0, sq_v1 = 0;
+#pragma omp simd reduction(+ : sq_u1, sq_v1)
+    for (int64_t k = 0; k < h; ++k) {
+      zu[k] = branch_unit(Ap[k], inv_u, w.b_u[k]);
+      zv[k] = branch_unit(Pi[k] + Qr[k], inv_v, w.b_v[k]);
+      sq_u1 += zu[k] * zu[k];
+      sq_v1 += zv[k] * zv[k];
+    }
+    ws.norm_u1[p] = pddm_sqrt(sq_u1);
+    ws.norm_v1[p] = pddm_sqrt(sq_v1);
+    const scalar_t inv_u1 = scalar_t(1) / clamped_norm(ws.norm_u1[p]);
+    const scalar_t inv_v1 = scalar_t(1) / clamped_norm(ws.norm_v1[p]);
+#pragma omp simd
+    for (int64_t k = 0; k < h; ++k) {
+      zu[k] *= inv_u1;
+      zv[k] *= inv_v1;
+    }
+  }
+  gemm<scalar_t>(false, true, T, c, 2 * h, ws.Z.data(), w.W_c, ws.Qm.data(), false);
+  for (int64_t p = 0; p < T; ++p) {
+    const scalar_t* q = ws.Qm.data() + p * c;
+    scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < c; ++j) s += w.w_s[j] * relu(q[j] + w.b_c[j]);
+    S[p] = s + w.b_s;
+  }
+}
+
+// Euclidean similarity S = -||x_i - y_r||^2 of a tile from one Gram GEMM and the squared norms.
+template <typename scalar_t>
+void euclidean_tile(const scalar_t* x, const scalar_t* x_sq, int64_t i0, int64_t ni, const scalar_t* y,
+                    const scalar_t* y_sq, int64_t r0, int64_t nr, int64_t d, scalar_t* S) {
+  gemm<scalar_t>(false, true, ni, nr, d, x + i0 * d, y + r0 * d, S, false);
+  for (int64_t a = 0; a < ni; ++a) {
+    const scalar_t xa = x_sq[i0 + a];
+    scalar_t* row = S + a * nr;
+#pragma omp simd
+    for (int64_t b = 0; b < nr; ++b) {
+      const scalar_t dist = xa + y_sq[r0 + b] - scalar_t(2) * row[b];
+      row[b] = dist > scalar_t(0) ? -dist : scalar_t(0);
+    }
+  }
+}
+
+// The tiles of the pair space. Batch mode (y = x) visits the upper triangle of square tiles only;
+// reference mode the whole (m, n) rectangle.
+struct TileGrid {
+  bool batch;
+  int64_t m, n, rows, cols;  // rows/cols: tile height/width
+  int64_t row_blocks() const { return (m + rows - 1) / rows; }
+  int64_t col_blocks() const { return (n + cols - 1) / cols; }
+  int64_t count() const {
+    return batch ? triangle_tile_count(row_blocks()) : row_blocks() * col_blocks();
+  }
+  // Rows [i0, i0 + ni) against columns [r0, r0 + nr) of tile t.
+  void tile(int64_t t, int64_t* i0, int64_t* ni, int64_t* r0, int64_t* nr) const {
+    int64_t bi, bj;
+    if (batch) {
+      triangle_tile(t, row_blocks(), &bi, &bj);
+    } else {
+      bi = t / col_blocks();
+      bj = t % col_blocks();
+    }
+    *i0 = bi * rows;
+    *ni = std::min(rows, m - *i0);
+    *r0 = bj * cols;
+    *nr = std::min(cols, n - *r0);
+  }
+};
+
+// Square tiles in batch mode (so the triangle is exact); in reference mode, tiles that keep about
+// `pairs` pairs even when there are few queries.
+inline TileGrid make_grid(bool batch, int64_t m, int64_t n, int64_t pairs) {
+  int64_t side = std::max<int64_t>(1, static_cast<int64_t>(std::sqrt(static_cast<double>(pairs))));
+  if (batch) return {true, m, m, side, side};
+  const int64_t rows = std::min(side, m);
+  const int64_t cols = std::max<int64_t>(1, std::min(pairs / rows, n));
+  return {false, m, n, rows, cols};
+}
+
+}  // namespace pddm_ext::cpu

@@ -1,0 +1,40 @@
+// The op schemas of pddm_ext (declared once here; each backend registers its kernels in its own
+// file with TORCH_LIBRARY_IMPL) and the Python module that `import pddm_ext._C` loads.
+//
+// Validation (SPEC §6) happens once, at the Python boundary; kernels assume valid input.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pddm_ext, m) {
+  // S[i, r] = PDDM(x_i, y_r) (SPEC §1); y = None means y = x (batch mode, one triangle computed).
+  m.def(
+      "scores(Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, Tensor W_c, Tensor b_c, "
+      "Tensor w_s, Tensor b_s) -> Tensor");
+  // Fused backward of scores: (grad_x, grad_y, grad_W_u, ..., grad_b_s). output_mask = which of
+  // (x, y, parameters) need gradients; the others come back as zeros. grad_y is empty in batch mode.
+  m.def(
+      "scores_backward(Tensor grad, Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, "
+      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused mining (SPEC §3) with the PDDM score. Labels are int64. k: how many of the lowest-scoring
+  // positive pairs to return (-1: all, 0: none). Returns (hardest_positive, its score,
+  // hardest_negative, its score, hardest_negative_of_ref, its score, pair_i, pair_r, pair_score);
+  // an index of -1 means "no candidate" (its score is then meaningless).
+  m.def(
+      "mine_pddm(Tensor x, Tensor x_labels, Tensor? y, Tensor? y_labels, Tensor W_u, Tensor b_u, Tensor W_v, "
+      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same with S = -||x_i - y_r||^2.
+  m.def(
+      "mine_euclidean(Tensor x, Tensor x_labels, Tensor? y, Tensor? y_labels, int k) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "pddm_ext kernels; the ops live in torch.ops.pddm_ext";
+#ifdef PDDM_EXT_WITH_CUDA
+  module.attr("with_cuda") = true;
+#else
+  module.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,110 @@
+"""Thin wrappers around the C++ ops in ``torch.ops.pddm_ext``.
+
+One wrapper per op, plus what ``torch.compile`` and autograd need: a fake (meta) kernel for each
+op and the fused backward of ``scores`` registered with ``torch.library.register_autograd``.
+The wrappers take validated, contiguous-or-not tensors of one float dtype (float32/float64);
+public entry points (``functional.py``) validate first (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas and kernels)
+
+_ops = torch.ops.pddm_ext
+
+
+def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
+    """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself."""
+    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)
+
+
+def mine(x, x_labels, y, y_labels, params, k):
+    """Fused per-row/column reductions and the k lowest positive pairs (SPEC §3).
+
+    ``params=None`` selects the Euclidean metric. ``k``: -1 all pairs, 0 none.
+    Returns the 9 tensors documented in csrc/pddm_ext.cpp.
+    """
+    if params is None:
+        return _ops.mine_euclidean(x, x_labels, y, y_labels, k)
+    return _ops.mine_pddm(x, x_labels, y, y_labels, *params, k)
+
+
+# --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------
+
+
+@torch.library.register_fake("pddm_ext::scores")
+def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
+    n = x.shape[0] if y is None else y.shape[0]
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.register_fake("pddm_ext::scores_backward")
+def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask):
+    grad_y = x.new_empty((0,)) if y is None else torch.empty_like(y)
+    params = (W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)
+    return (torch.empty_like(x), grad_y, *(torch.empty_like(p) for p in params))
+
+
+def _mine_fake(x, x_labels, y, y_labels, k):
+    m = x.shape[0]
+    n = m if y is None else y.shape[0]
+    ctx = torch.library.get_ctx()
+    q = ctx.new_dynamic_size()  # number of mined pairs: data dependent
+    idx = dict(dtype=torch.int64, device=x.device)
+    return (
+        torch.empty(m, **idx), x.new_empty(m), torch.empty(m, **idx), x.new_empty(m),
+        torch.empty(n, **idx), x.new_empty(n), torch.empty(q, **idx), torch.empty(q, **idx), x.new_empty(q),
+    )
+
+
+@torch.library.register_fake("pddm_ext::mine_pddm")
+def _mine_pddm_fake(x, x_labels, y, y_labels, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, k):
+    return _mine_fake(x, x_labels, y, y_labels, k)
+
+
+@torch.library.register_fake("pddm_ext::mine_euclidean")
+def _mine_euclidean_fake(x, x_labels, y, y_labels, k):
+    return _mine_fake(x, x_labels, y, y_labels, k)
+
+
+# --- autograd: the fused backward of scores ----------------------------------------------------
+
+
+def _scores_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if t is not None))
+    ctx.batch_mode = inputs[1] is None
+
+
+def _scores_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    if ctx.batch_mode:
+        x, y, params = saved[0], None, saved[1:]
+    else:
+        x, y, params = saved[0], saved[1], saved[2:]
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[0]), bool(needs[1]), any(needs[2:])]
+    grads = _ops.scores_backward(grad, x, y, *params, mask)
+    grad_x = grads[0] if needs[0] else None
+    grad_y = grads[1] if (y is not None and needs[1]) else None
+    grad_params = [g if need else None for g, need in zip(grads[2:], needs[2:])]
+    return (grad_x, grad_y, *grad_params)
+
+
+torch.library.register_autograd("pddm_ext::scores", _scores_backward, setup_context=_scores_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "pddm_ext: double backward (differentiating the gradient of pddm_scores) is not supported"
+    )
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "pddm_ext::scores_backward", _no_double_backward, setup_context=_no_context
+)

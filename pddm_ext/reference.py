@@ -1,0 +1,141 @@
+"""Plain PyTorch reference of every pddm_ext op (SPEC §1, §3, §4).
+
+Everything here materialises all pairs and relies on ordinary autograd. It is the oracle
+for the tests and the "naive" side of the benchmarks, so it stays short enough to check by
+eye against the equations:
+
+    u  = |a - b|                  v  = (a + b) / 2
+    u' = relu(W_u normalize(u) + b_u)
+    v' = relu(W_v normalize(v) + b_v)
+    q  = relu(W_c [normalize(u'); normalize(v')] + b_c)
+    S(a, b) = w_s . q + b_s
+
+Parameters are passed as a tuple ``(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)`` or as a
+``PDDM`` module (anything with those attributes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PARAM_NAMES = ("W_u", "b_u", "W_v", "b_v", "W_c", "b_c", "w_s", "b_s")
+
+
+def _params(unit):
+    if isinstance(unit, (tuple, list)):
+        return tuple(unit)
+    return tuple(getattr(unit, name) for name in PARAM_NAMES)
+
+
+def pair_scores(a, b, unit):
+    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,)."""
+    W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = _params(unit)
+    u = (a - b).abs()
+    v = (a + b) / 2
+    u1 = torch.relu(F.normalize(u, dim=-1, eps=1e-12) @ W_u.T + b_u)
+    v1 = torch.relu(F.normalize(v, dim=-1, eps=1e-12) @ W_v.T + b_v)
+    joint = torch.cat([F.normalize(u1, dim=-1, eps=1e-12), F.normalize(v1, dim=-1, eps=1e-12)], dim=-1)
+    q = torch.relu(joint @ W_c.T + b_c)
+    return q @ w_s + b_s
+
+
+def pddm_scores(x, y, unit):
+    """All-pairs S(x_i, y_r) as an (m, n) matrix (y=None: y = x), through an (m, n, d) tensor."""
+    y = x if y is None else y
+    m, n = x.shape[0], y.shape[0]
+    a = x[:, None, :].expand(m, n, x.shape[1]).reshape(m * n, -1)
+    b = y[None, :, :].expand(m, n, y.shape[1]).reshape(m * n, -1)
+    return pair_scores(a, b, unit).reshape(m, n)
+
+
+def euclidean_scores(x, y=None):
+    """All-pairs S(x_i, y_r) = -||x_i - y_r||^2 as an (m, n) matrix."""
+    y = x if y is None else y
+    return -((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+
+
+def _score_matrix(x, y, unit, metric):
+    if metric == "euclidean":
+        return euclidean_scores(x, y)
+    return pddm_scores(x, y, unit)
+
+
+def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
+    """Per-row reductions of SPEC §3 from the full score matrix.
+
+    Returns ``(S, positive_mask, hardest_positive, hardest_negative, hardest_negative_of_ref)``;
+    a row or column without a candidate gets -1. argmax/argmin return the first optimum,
+    which is the smallest index.
+    """
+    metric = metric or ("euclidean" if unit is None else "pddm")
+    batch_mode = ref_emb is None
+    y, ly = (embeddings, labels) if batch_mode else (ref_emb, ref_labels)
+    S = _score_matrix(embeddings, None if batch_mode else y, unit, metric)
+    same = labels[:, None] == ly[None, :]
+    positive, negative = same.clone(), ~same
+    if batch_mode:
+        positive.fill_diagonal_(False)
+
+    def pick(masked, mask, dim, largest):
+        idx = masked.argmax(dim) if largest else masked.argmin(dim)
+        return torch.where(mask.any(dim), idx, torch.full_like(idx, -1))
+
+    inf = torch.tensor(float("inf"), dtype=S.dtype, device=S.device)
+    hardest_positive = pick(torch.where(positive, S, inf), positive, 1, largest=False)
+    hardest_negative = pick(torch.where(negative, S, -inf), negative, 1, largest=True)
+    hardest_negative_of_ref = pick(torch.where(negative, S, -inf), negative, 0, largest=True)
+    return S, positive, hardest_positive, hardest_negative, hardest_negative_of_ref
+
+
+def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None):
+    """Hard quadruplets of SPEC §3 from the full score matrix. Returns ``Quadruplets``."""
+    from .functional import Quadruplets
+
+    with torch.no_grad():
+        S, positive, _, neg, neg_ref = hardest(
+            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
+        )
+        batch_mode = ref_emb is None
+        if batch_mode:  # unordered pairs {i, r}, reported with i < r
+            positive = positive.triu(diagonal=1)
+        i, r = positive.nonzero(as_tuple=True)  # row-major: (i, r) ascending
+        order = torch.sort(S[i, r], stable=True).indices  # ascending S, ties keep (i, r) order
+        if k is not None:
+            order = order[:k]
+        i, r = i[order], r[order]
+        keep = (neg[i] >= 0) & (neg_ref[r] >= 0)
+        i, r = i[keep], r[keep]
+        a_neg, p_neg = neg[i], neg_ref[r]
+        scores = torch.stack([S[i, r], S[i, a_neg], S[p_neg, r]], dim=1)
+    return Quadruplets(i, r, a_neg, p_neg, scores, batch_mode=batch_mode)
+
+
+def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
+    """Per-query hardest triplets ``(i, hardest_positive[i], hardest_negative[i])`` (SPEC §3)."""
+    with torch.no_grad():
+        _, _, pos, neg, _ = hardest(
+            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
+        )
+    a = ((pos >= 0) & (neg >= 0)).nonzero(as_tuple=True)[0]
+    return a, pos[a], neg[a]
+
+
+def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, normalize=True):
+    """The loss of SPEC §4, written out: returns ``(loss, metric_loss, embedding_loss, quadruplets)``."""
+    f = F.normalize(embeddings, dim=1) if normalize else embeddings
+    quads = mine_hard(f.detach(), labels, unit, k=k)
+    i, j, k_, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
+    if i.numel() == 0:
+        zero = embeddings.sum() * 0 + sum(p.sum() * 0 for p in _params(unit))
+        return zero, zero.detach(), zero.detach(), quads
+    S_ij = pair_scores(f[i], f[j], unit)
+    S_ik = pair_scores(f[i], f[k_], unit)
+    S_jl = pair_scores(f[j], f[l_], unit)
+    E_m = torch.relu(alpha + S_ik - S_ij) + torch.relu(alpha + S_jl - S_ij)
+    d_ij = ((f[i] - f[j]) ** 2).sum(1)
+    E_e = torch.relu(beta + d_ij - ((f[i] - f[k_]) ** 2).sum(1)) + torch.relu(
+        beta + d_ij - ((f[j] - f[l_]) ** 2).sum(1)
+    )
+    metric_loss, embedding_loss = E_m.mean(), E_e.mean()
+    return metric_loss + lam * embedding_loss, metric_loss, embedding_loss, quads
