@@ -2,8 +2,10 @@
 // file with TORCH_LIBRARY_IMPL) and the Python module that `import pddm_ext._C` loads.
 //
 // Validation (SPEC §6) happens once, at the Python boundary; kernels assume valid input.
-#include <torch/extension.h>
 #include <torch/library.h>
+#ifndef PDDM_EXT_NO_PYTHON  // CMakeLists.txt builds a plain libtorch library: schemas, no Python module
+#include <torch/extension.h>
+#endif
 
 TORCH_LIBRARY(pddm_ext, m) {
   // S[i, r] = PDDM(x_i, y_r) (SPEC §1); y = None means y = x (batch mode, one triangle computed).
@@ -30,6 +32,7 @@ TORCH_LIBRARY(pddm_ext, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifndef PDDM_EXT_NO_PYTHON
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "pddm_ext kernels; the ops live in torch.ops.pddm_ext";
 #ifdef PDDM_EXT_WITH_CUDA
@@ -38,3 +41,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("with_cuda") = false;
 #endif
 }
+#endif

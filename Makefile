@@ -1,0 +1,125 @@
+# Developer tasks of pddm_ext. `make test` is the command README.md gives and CI runs (.ci/run).
+#
+#   make test        .venv (created if missing) with torch ($(TORCH_SPEC)), the test requirements and
+#                    the package (editable; the extension is built in place), then the C++ test
+#                    (CMake + ctest, build/cmake) and the Python tests (pytest)
+#   make cuda-build  the CUDA compile check of CI: .venv-cuda with a CUDA build of torch, the package
+#                    built with CUDA forced in a copy of the tree (build/cuda-tree, so the CPU build in
+#                    pddm_ext/ is left alone), every op's CUDA kernel registered, the CPU tests run
+#                    against that build. Needs no GPU, only the toolkit in CUDA_HOME.
+#   make clean       build outputs; `make distclean` also removes the virtual environments
+#
+# Re-running is cheap: every install step leaves a stamp in its venv and runs again only when its
+# inputs change (TORCH_SPEC, requirements-test.txt, setup.py, pyproject.toml, csrc/).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+REQUIREMENTS ?= requirements-test.txt
+PYTEST_ARGS ?= -ra
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# Warnings in our own sources are errors in CI (CI=true), plain warnings elsewhere.
+WERROR ?= $(if $(filter true 1,$(CI)),1,0)
+PIP_FLAGS ?= --progress-bar off
+
+CMAKE_DIR := build/cmake
+
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda-13.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+CUDA_TREE := build/cuda-tree
+CUDA_TEMP := build/cuda-temp
+
+# Tools the venv provides (ninja for torch's extension builder, cmake where the machine has none).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+
+.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE
+
+test: install cpp-test pytest
+
+# ---- Virtual environments ---------------------------------------------------------------------
+# $(call venv_rules,VENV,TORCH_SPEC): create the venv, remember the torch spec it was set up with
+# (the file changes only when the spec does), install torch and the requirements in one pip
+# command, so that no requirement can pull in another torch.
+define venv_rules
+$(1)/bin/python:
+	$$(PYTHON) -m venv $(1)
+
+$(1)/.torch-spec: FORCE | $(1)/bin/python
+	@echo '$(2)' | cmp -s - $$@ || echo '$(2)' > $$@
+
+$(1)/.deps-stamp: $(1)/.torch-spec $$(REQUIREMENTS)
+	$(1)/bin/python -m pip install $$(PIP_FLAGS) -r $$(REQUIREMENTS) '$(2)'
+	touch $$@
+endef
+
+$(eval $(call venv_rules,$(VENV),$(TORCH_SPEC)))
+$(eval $(call venv_rules,$(CUDA_VENV),$(CUDA_TORCH_SPEC)))
+
+# ---- The package and its tests ----------------------------------------------------------------
+# Editable install: pddm_ext/_C*.so is built in place; Python edits need no reinstall. Rebuilt when
+# a C++ source, the build files or torch change, or when the .so is gone.
+install: $(VENV)/.package-stamp
+$(VENV)/.package-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml $(CSRC) $(if $(wildcard pddm_ext/_C*.so),,FORCE)
+	PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
+	  $(VENV)/bin/python -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -e .
+	touch $@
+
+# A new torch means a fresh CMake build directory.
+$(CMAKE_DIR)/.torch-stamp: $(VENV)/.deps-stamp
+	rm -rf $(CMAKE_DIR)
+	mkdir -p $(CMAKE_DIR)
+	touch $@
+
+cpp-test: $(CMAKE_DIR)/.torch-stamp
+	command -v cmake >/dev/null || $(VENV)/bin/python -m pip install $(PIP_FLAGS) cmake
+	cmake -S . -B $(CMAKE_DIR) -DPDDM_EXT_WERROR=$(if $(filter 1,$(WERROR)),ON,OFF) \
+	  -DCMAKE_PREFIX_PATH="$$($(VENV)/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CMAKE_DIR) -j $(JOBS)
+	ctest --test-dir $(CMAKE_DIR) --output-on-failure
+
+# pytest exits with 5 when it collects no tests: not a failure of the code under test.
+run_pytest = rc=0; $(1) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+  if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): treated as a pass"; rc=0; fi; exit $$rc
+
+pytest: $(VENV)/.package-stamp
+	$(call run_pytest,$(VENV)/bin/python)
+
+# ---- CUDA build check (issue 4, CI) -----------------------------------------------------------
+# The copy of the tree holds what git tracks plus untracked files it does not ignore (in CI: exactly
+# the commit). It is rewritten on every run; sources keep their times and the objects live outside
+# it (build/cuda-temp), so ninja recompiles only what changed. build_ext --inplace is what
+# `pip install -e` runs, minus pip's throw-away build directory.
+cuda-build: $(CUDA_VENV)/.deps-stamp
+	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-build: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
+	rm -rf $(CUDA_TREE)
+	mkdir -p $(CUDA_TREE) $(CUDA_TEMP)
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(CUDA_TREE)
+	cd $(CUDA_TREE) && PATH="$(abspath $(CUDA_VENV))/bin:$$PATH" PDDM_EXT_CUDA=1 CUDA_HOME='$(CUDA_HOME)' \
+	  TORCH_CUDA_ARCH_LIST='$(TORCH_CUDA_ARCH_LIST)' PDDM_EXT_WERROR=1 MAX_JOBS=$(JOBS) \
+	  '$(abspath $(CUDA_VENV))/bin/python' setup.py -q build_ext --inplace --build-temp '$(abspath $(CUDA_TEMP))'
+	cd $(CUDA_TREE) && '$(abspath $(CUDA_VENV))/bin/python' .ci/check_cuda_build.py
+	cd $(CUDA_TREE) && { $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
+
+# ---- Targets of other parts of the project ----------------------------------------------------
+# Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check
+# (gpu-check: benchmarks/gpu_check.sh, issue 4). Add them below this line and to .PHONY.
+
+# ---- Cleaning ---------------------------------------------------------------------------------
+clean:
+	rm -rf build dist *.egg-info pddm_ext/_C*.so .pytest_cache .hypothesis
+	rm -f $(VENV)/.package-stamp
+	find . -name __pycache__ -type d -not -path './.venv*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(CUDA_VENV)
+
+FORCE:
