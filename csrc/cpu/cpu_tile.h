@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../pddm_common.h"
+#include "cpu_vec.h"
 
 namespace pddm_ext::cpu {
 
@@ -93,16 +94,8 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
     const scalar_t* xi = t.x + (t.i0 + a) * d;
     for (int64_t b = 0; b < t.nr; ++b) {
       const int64_t p = a * t.nr + b;
-      const scalar_t* yr = t.y + (t.r0 + b) * d;
-      scalar_t* u = ws.U.data() + p * d;
-      scalar_t sq_u = 0, sq_s = 0;
-#pragma omp simd reduction(+ : sq_u, sq_s)
-      for (int64_t k = 0; k < d; ++k) {
-        const scalar_t diff = xi[k] - yr[k], sum = xi[k] + yr[k];
-        u[k] = std::abs(diff);
-        sq_u += diff * diff;
-        sq_s += sum * sum;
-      }
+      scalar_t sq_u, sq_s;
+      vec::abs_diff(xi, t.y + (t.r0 + b) * d, ws.U.data() + p * d, d, &sq_u, &sq_s);
       ws.norm_u[p] = pddm_sqrt(sq_u);
       ws.norm_v[p] = scalar_t(0.5) * pddm_sqrt(sq_s);  // ||(x + y) / 2||
     }
@@ -111,38 +104,18 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
   for (int64_t p = 0; p < T; ++p) {
     const scalar_t* Pi = t.Px + (t.i0 + p / t.nr) * h;
     const scalar_t* Qr = t.Py + (t.r0 + p % t.nr) * h;
-    const scalar_t* Ap = ws.A.data() + p * h;
     scalar_t* zu = ws.Z.data() + p * 2 * h;
     scalar_t* zv = zu + h;
     // W_u normalize(u) = (W_u u) / max(||u||, eps); W_v normalize(v) = (P_i + P_r) / (2 max(||v||, eps)).
     const scalar_t inv_u = scalar_t(1) / clamped_norm(ws.norm_u[p]);
     const scalar_t inv_v = scalar_t(0.5) / clamped_norm(ws.norm_v[p]);
-    scalar_t sq_u1 = 0, sq_v1 = 0;
-#pragma omp simd reduction(+ : sq_u1, sq_v1)
-    for (int64_t k = 0; k < h; ++k) {
-      zu[k] = branch_unit(Ap[k], inv_u, w.b_u[k]);
-      zv[k] = branch_unit(Pi[k] + Qr[k], inv_v, w.b_v[k]);
-      sq_u1 += zu[k] * zu[k];
-      sq_v1 += zv[k] * zv[k];
-    }
-    ws.norm_u1[p] = pddm_sqrt(sq_u1);
-    ws.norm_v1[p] = pddm_sqrt(sq_v1);
-    const scalar_t inv_u1 = scalar_t(1) / clamped_norm(ws.norm_u1[p]);
-    const scalar_t inv_v1 = scalar_t(1) / clamped_norm(ws.norm_v1[p]);
-#pragma omp simd
-    for (int64_t k = 0; k < h; ++k) {
-      zu[k] *= inv_u1;
-      zv[k] *= inv_v1;
-    }
+    ws.norm_u1[p] = pddm_sqrt(vec::branch_units(ws.A.data() + p * h, (const scalar_t*)nullptr, inv_u, w.b_u, zu, h));
+    ws.norm_v1[p] = pddm_sqrt(vec::branch_units(Pi, Qr, inv_v, w.b_v, zv, h));
+    vec::scale_in_place(zu, scalar_t(1) / clamped_norm(ws.norm_u1[p]), h);
+    vec::scale_in_place(zv, scalar_t(1) / clamped_norm(ws.norm_v1[p]), h);
   }
   gemm<scalar_t>(false, true, T, c, 2 * h, ws.Z.data(), w.W_c, ws.Qm.data(), false);
-  for (int64_t p = 0; p < T; ++p) {
-    const scalar_t* q = ws.Qm.data() + p * c;
-    scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < c; ++j) s += w.w_s[j] * relu(q[j] + w.b_c[j]);
-    S[p] = s + w.b_s;
-  }
+  for (int64_t p = 0; p < T; ++p) S[p] = vec::score_layer(ws.Qm.data() + p * c, w.b_c, w.w_s, c) + w.b_s;
 }
 
 // Euclidean similarity S = -||x_i - y_r||^2 of a tile from one Gram GEMM and the squared norms.

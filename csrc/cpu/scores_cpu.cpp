@@ -95,16 +95,8 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
   const int64_t d = w.d, h = w.h, c = w.c, T = t.ni * t.nr;
   // Score layer: S = w_s . relu(Qm + b_c) + b_s.
   for (int64_t p = 0; p < T; ++p) {
-    const scalar_t* q = ws.Qm.data() + p * c;
-    scalar_t* dq = tg.dQ.data() + p * c;
-    for (int64_t j = 0; j < c; ++j) {
-      const scalar_t pre = q[j] + w.b_c[j];
-      dq[j] = pre > scalar_t(0) ? g[p] * w.w_s[j] : scalar_t(0);
-      if (need_params) {
-        acc.dw_s[j] += g[p] * relu(pre);
-        acc.db_c[j] += dq[j];
-      }
-    }
+    vec::score_layer_backward(ws.Qm.data() + p * c, w.b_c, w.w_s, g[p], tg.dQ.data() + p * c, acc.dw_s.data(),
+                              acc.db_c.data(), c);
     acc.db_s += g[p];
   }
   if (need_params) gemm<scalar_t>(true, false, c, 2 * h, T, tg.dQ.data(), ws.Z.data(), acc.dW_c.data(), true);
@@ -114,37 +106,14 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
   for (int64_t p = 0; p < T; ++p) {
     const int64_t i = t.i0 + p / t.nr, r = t.r0 + p % t.nr;
     const scalar_t* zu = ws.Z.data() + p * 2 * h;
-    const scalar_t* zv = zu + h;
     const scalar_t* dzu = tg.dZ.data() + p * 2 * h;
-    const scalar_t* dzv = dzu + h;
-    const scalar_t* Ap = ws.A.data() + p * h;
-    const scalar_t* Pi = t.Px + i * h;
-    const scalar_t* Qr = t.Py + r * h;
-    scalar_t* dA = tg.dA.data() + p * h;
-    scalar_t* dPi = acc.dPx.data() + i * h;
-    scalar_t* dPr = acc.dPy_rows() + r * h;
-    scalar_t s_u = 0, s_v = 0;
-    for (int64_t k = 0; k < h; ++k) {
-      s_u += zu[k] * dzu[k];
-      s_v += zv[k] * dzv[k];
-    }
     const scalar_t nu = ws.norm_u[p], nv = ws.norm_v[p];
     const scalar_t inv_u = scalar_t(1) / clamped_norm(nu), inv_v = scalar_t(0.5) / clamped_norm(nv);
-    scalar_t dinv_u = 0, dinv_v = 0;
-    for (int64_t k = 0; k < h; ++k) {
-      // z > 0 exactly where the branch ReLU was active (normalisation only rescales).
-      const scalar_t dpre_u = zu[k] > 0 ? normalize_backward(dzu[k], zu[k], s_u, ws.norm_u1[p]) : scalar_t(0);
-      const scalar_t dpre_v = zv[k] > 0 ? normalize_backward(dzv[k], zv[k], s_v, ws.norm_v1[p]) : scalar_t(0);
-      dinv_u += dpre_u * Ap[k];
-      dinv_v += dpre_v * (Pi[k] + Qr[k]);
-      dA[k] = dpre_u * inv_u;
-      dPi[k] += dpre_v * inv_v;
-      dPr[k] += dpre_v * inv_v;
-      if (need_params) {
-        acc.db_u[k] += dpre_u;
-        acc.db_v[k] += dpre_v;
-      }
-    }
+    const scalar_t dinv_u = vec::branch_backward(zu, dzu, ws.norm_u1[p], ws.A.data() + p * h, nullptr, inv_u,
+                                                 acc.db_u.data(), tg.dA.data() + p * h, nullptr, false, h);
+    const scalar_t dinv_v = vec::branch_backward(zu + h, dzu + h, ws.norm_v1[p], t.Px + i * h, t.Py + r * h, inv_v,
+                                                 acc.db_v.data(), acc.dPx.data() + i * h, acc.dPy_rows() + r * h,
+                                                 true, h);
     // inv_u = 1/||u||: d/du = -u/||u||^3.  inv_v = 1/(2||v||) with ||v|| = ||x+y||/2:
     // d/d(x+y) = -(x+y)/(8||v||^3). Below eps the clamp is constant.
     tg.coef_u[p] = nu > scalar_t(kNormEps) ? -dinv_u / (nu * nu * nu) : scalar_t(0);
@@ -155,18 +124,8 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
   gemm<scalar_t>(false, false, T, d, h, tg.dA.data(), w.W_u, tg.dU.data(), false);
   for (int64_t p = 0; p < T; ++p) {
     const int64_t i = t.i0 + p / t.nr, r = t.r0 + p % t.nr;
-    const scalar_t *xi = t.x + i * d, *yr = t.y + r * d, *dU = tg.dU.data() + p * d;
-    scalar_t* dxi = acc.dx.data() + i * d;
-    scalar_t* dyr = acc.dy_rows() + r * d;
-    const scalar_t cu = tg.coef_u[p], cv = tg.coef_v[p];
-    for (int64_t k = 0; k < d; ++k) {
-      const scalar_t diff = xi[k] - yr[k];
-      const scalar_t sign = diff > 0 ? scalar_t(1) : (diff < 0 ? scalar_t(-1) : scalar_t(0));
-      const scalar_t via_u = sign * (dU[k] + cu * std::abs(diff));  // u = |x - y|
-      const scalar_t via_v = cv * (xi[k] + yr[k]);
-      dxi[k] += via_u + via_v;
-      dyr[k] += via_v - via_u;
-    }
+    vec::input_grad(t.x + i * d, t.y + r * d, tg.dU.data() + p * d, tg.coef_u[p], tg.coef_v[p],
+                    acc.dx.data() + i * d, acc.dy_rows() + r * d, d);
   }
 }
 

@@ -1,0 +1,165 @@
+#include "cpu_vec.h"
+
+#include <cmath>
+
+#include "../pddm_common.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PDDM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PDDM_CPU_CLONES
+#endif
+
+namespace pddm_ext::cpu::vec {
+namespace {
+
+template <typename T>
+inline void abs_diff_impl(const T* __restrict x, const T* __restrict y, T* __restrict u, int64_t d, T* sq_diff,
+                          T* sq_sum) {
+  T sd = 0, ss = 0;
+#pragma omp simd reduction(+ : sd, ss)
+  for (int64_t k = 0; k < d; ++k) {
+    const T diff = x[k] - y[k], sum = x[k] + y[k];
+    u[k] = std::abs(diff);
+    sd += diff * diff;
+    ss += sum * sum;
+  }
+  *sq_diff = sd;
+  *sq_sum = ss;
+}
+
+template <typename T>
+inline T branch_units_impl(const T* __restrict a, const T* __restrict b, T scale, const T* __restrict bias,
+                           T* __restrict out, int64_t h) {
+  T sq = 0;
+  if (b == nullptr) {
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < h; ++k) {
+      const T z = branch_unit(a[k], scale, bias[k]);
+      out[k] = z;
+      sq += z * z;
+    }
+  } else {
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < h; ++k) {
+      const T z = branch_unit(a[k] + b[k], scale, bias[k]);
+      out[k] = z;
+      sq += z * z;
+    }
+  }
+  return sq;
+}
+
+template <typename T>
+inline void scale_impl(T* __restrict z, T scale, int64_t h) {
+#pragma omp simd
+  for (int64_t k = 0; k < h; ++k) z[k] *= scale;
+}
+
+template <typename T>
+inline T score_layer_impl(const T* __restrict q, const T* __restrict bias, const T* __restrict w, int64_t c) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < c; ++j) s += w[j] * relu(q[j] + bias[j]);
+  return s;
+}
+
+template <typename T>
+inline void score_layer_backward_impl(const T* __restrict q, const T* __restrict bias, const T* __restrict w, T g,
+                                      T* __restrict dq, T* __restrict dw, T* __restrict dbias, int64_t c) {
+#pragma omp simd
+  for (int64_t j = 0; j < c; ++j) {
+    const T pre = q[j] + bias[j];
+    const T active = pre > T(0) ? T(1) : T(0);
+    dq[j] = active * g * w[j];
+    dw[j] += g * relu(pre);
+    dbias[j] += dq[j];
+  }
+}
+
+// kMode 0: pre = a scale + bias, out_a = g.  1: pre = (a + b) scale + bias, out_a += g, out_b += g.
+// 2: as 1 with out_b the same row as out_a (a diagonal pair), so out_a += 2 g.
+template <int kMode, typename T>
+inline T branch_backward_loop(const T* __restrict z, const T* __restrict dz, T s, T inv, const T* __restrict a,
+                              const T* __restrict b, T scale, T* __restrict dbias, T* __restrict out_a,
+                              T* __restrict out_b, int64_t h) {
+  T dscale = 0;
+#pragma omp simd reduction(+ : dscale)
+  for (int64_t k = 0; k < h; ++k) {
+    // z > 0 exactly where the ReLU was active (the normalisation only rescales).
+    const T dpre = z[k] > T(0) ? (dz[k] - z[k] * s) * inv : T(0);
+    dscale += dpre * (kMode == 0 ? a[k] : a[k] + b[k]);
+    dbias[k] += dpre;
+    const T g = dpre * scale;
+    if (kMode == 0) out_a[k] = g;
+    if (kMode == 1) out_a[k] += g, out_b[k] += g;
+    if (kMode == 2) out_a[k] += T(2) * g;
+  }
+  return dscale;
+}
+
+template <typename T>
+inline T branch_backward_impl(const T* z, const T* dz, T norm, const T* a, const T* b, T scale, T* dbias, T* out_a,
+                              T* out_b, bool accumulate, int64_t h) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < h; ++k) s += z[k] * dz[k];
+  // normalize_backward with the norm test hoisted: dp = (dz - z s) / ||p||, or dz / eps when clamped.
+  const bool clamped = !(norm > T(kNormEps));
+  const T inv = T(1) / (clamped ? T(kNormEps) : norm);
+  const T s_used = clamped ? T(0) : s;
+  if (!accumulate) return branch_backward_loop<0>(z, dz, s_used, inv, a, b, scale, dbias, out_a, out_b, h);
+  if (out_a == out_b) return branch_backward_loop<2>(z, dz, s_used, inv, a, b, scale, dbias, out_a, out_b, h);
+  return branch_backward_loop<1>(z, dz, s_used, inv, a, b, scale, dbias, out_a, out_b, h);
+}
+
+template <typename T>
+inline void input_grad_impl(const T* __restrict x, const T* __restrict y, const T* __restrict dU, T cu, T cv,
+                            T* __restrict dx, T* __restrict dy, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    const T diff = x[k] - y[k];
+    const T sign = T(diff > T(0)) - T(diff < T(0));
+    const T via_u = sign * (dU[k] + cu * std::abs(diff));  // u = |x - y|
+    const T via_v = cv * (x[k] + y[k]);
+    dx[k] += via_u + via_v;
+    dy[k] += via_v - via_u;
+  }
+}
+
+template <typename T>
+inline void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {
+  if (dx != dy) return input_grad_impl(x, y, dU, cu, cv, dx, dy, d);
+  // A diagonal pair: x = y, so u = 0 contributes nothing and the mean branch counts twice.
+  for (int64_t k = 0; k < d; ++k) dx[k] += T(2) * cv * (x[k] + y[k]);
+}
+
+}  // namespace
+
+#define PDDM_DEFINE_VEC(T)                                                                                   \
+  PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
+    abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
+  }                                                                                                          \
+  PDDM_CPU_CLONES T branch_units(const T* a, const T* b, T scale, const T* bias, T* out, int64_t h) {       \
+    return branch_units_impl(a, b, scale, bias, out, h);                                                     \
+  }                                                                                                          \
+  PDDM_CPU_CLONES void scale_in_place(T* z, T scale, int64_t h) { scale_impl(z, scale, h); }                \
+  PDDM_CPU_CLONES T score_layer(const T* q, const T* bias, const T* w, int64_t c) {                         \
+    return score_layer_impl(q, bias, w, c);                                                                  \
+  }                                                                                                          \
+  PDDM_CPU_CLONES void score_layer_backward(const T* q, const T* bias, const T* w, T g, T* dq, T* dw, T* dbias,  \
+                                            int64_t c) {                                                    \
+    score_layer_backward_impl(q, bias, w, g, dq, dw, dbias, c);                                              \
+  }                                                                                                          \
+  PDDM_CPU_CLONES T branch_backward(const T* z, const T* dz, T norm, const T* a, const T* b, T scale, T* dbias, \
+                                    T* out_a, T* out_b, bool accumulate, int64_t h) {                        \
+    return branch_backward_impl(z, dz, norm, a, b, scale, dbias, out_a, out_b, accumulate, h);               \
+  }                                                                                                          \
+  PDDM_CPU_CLONES void input_grad(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) { \
+    input_grad_dispatch(x, y, dU, cu, cv, dx, dy, d);                                                        \
+  }
+
+PDDM_DEFINE_VEC(float)
+PDDM_DEFINE_VEC(double)
+
+}  // namespace pddm_ext::cpu::vec

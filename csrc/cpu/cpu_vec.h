@@ -1,0 +1,53 @@
+// Per-pair vector loops of the CPU kernels (the non-GEMM part of a tile), built for several x86
+// levels and chosen at load time (GCC target_clones), so one binary runs everywhere and uses
+// AVX-512 or AVX2 where the CPU has it. Each returns what the caller needs next (a sum).
+#pragma once
+
+#include <cstdint>
+
+namespace pddm_ext::cpu::vec {
+
+// u[k] = |x[k] - y[k]|; *sq_diff = ||x - y||^2, *sq_sum = ||x + y||^2.
+void abs_diff(const float* x, const float* y, float* u, int64_t d, float* sq_diff, float* sq_sum);
+void abs_diff(const double* x, const double* y, double* u, int64_t d, double* sq_diff, double* sq_sum);
+
+// out[k] = relu(a[k] * scale + bias[k]) (b == nullptr) or relu((a[k] + b[k]) * scale + bias[k]);
+// returns ||out||^2.
+float branch_units(const float* a, const float* b, float scale, const float* bias, float* out, int64_t h);
+double branch_units(const double* a, const double* b, double scale, const double* bias, double* out, int64_t h);
+
+// z[k] *= scale.
+void scale_in_place(float* z, float scale, int64_t h);
+void scale_in_place(double* z, double scale, int64_t h);
+
+// sum_j w[j] * relu(q[j] + bias[j]).
+float score_layer(const float* q, const float* bias, const float* w, int64_t c);
+double score_layer(const double* q, const double* bias, const double* w, int64_t c);
+
+}  // namespace pddm_ext::cpu::vec
+
+namespace pddm_ext::cpu::vec {
+
+// Backward of the score layer for one pair with upstream gradient g:
+// dq[j] = g w[j] [q[j] + bias[j] > 0]; dw[j] += g relu(q[j] + bias[j]); dbias[j] += dq[j].
+void score_layer_backward(const float* q, const float* bias, const float* w, float g, float* dq, float* dw,
+                          float* dbias, int64_t c);
+void score_layer_backward(const double* q, const double* bias, const double* w, double g, double* dq, double* dw,
+                          double* dbias, int64_t c);
+
+// Backward of z = normalize(relu(pre)) given dz, with pre = a * scale + bias when accumulate is false
+// (then out_a = dpre * scale), else pre = (a + b) * scale + bias (then out_a and out_b, which may be
+// the same row, each get dpre * scale added). Always dbias += dpre. Returns sum_k dpre[k] (a[k] + b[k]): the gradient with respect to scale.
+float branch_backward(const float* z, const float* dz, float norm, const float* a, const float* b, float scale,
+                      float* dbias, float* out_a, float* out_b, bool accumulate, int64_t h);
+double branch_backward(const double* z, const double* dz, double norm, const double* a, const double* b,
+                       double scale, double* dbias, double* out_a, double* out_b, bool accumulate, int64_t h);
+
+// dx[k] += sign(x - y) (dU[k] + cu |x - y|) + cv (x + y); dy[k] += -sign(x - y) (...) + cv (x + y).
+// dx and dy may be the same row (a diagonal pair in batch mode).
+void input_grad(const float* x, const float* y, const float* dU, float cu, float cv, float* dx, float* dy,
+                int64_t d);
+void input_grad(const double* x, const double* y, const double* dU, double cu, double cv, double* dx, double* dy,
+                int64_t d);
+
+}  // namespace pddm_ext::cpu::vec
