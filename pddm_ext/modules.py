@@ -91,33 +91,92 @@ class PDDMLoss(nn.Module):
     A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
     and both loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``.
     The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
+
+    Beyond one batch (SPEC §3 reference mode: j, k index the references, i, l the queries):
+
+    - ``memory=MemoryBank(size, d)``: each batch is mined against the bank's rows (detached), then
+      enqueued, so a row never meets itself; gradients reach only the current batch. While the bank
+      is empty the batch is mined against itself (batch mode).
+    - ``distributed=True``: under ``torch.distributed``, mines over the global batch (every rank's
+      embeddings, ``pddm_ext.distributed.all_gather``) while each rank back-propagates through its
+      own slice; with DDP averaging the gradients, every parameter's gradient equals single-process
+      training on the concatenated batch (see ``pddm_ext.distributed``). A no-op without a process group.
+    - ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
+      pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels`` mine against those
+      references instead. ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``) skips mining and
+      treats each triplet as one header of the double hinge:
+      ``2 * (mean_t [alpha + S_an - S_ap]_+ + lam * mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``,
+      so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss above.
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
-                 lam=0.5, k=1, normalize=True):
+                 lam=0.5, k=1, normalize=True, memory=None, distributed=False):
         super().__init__()
+        from .memory import MemoryBank
+
         self.unit = PDDM(embedding_dim, hidden_features, joint_features)
         self.alpha, self.beta, self.lam = float(alpha), float(beta), float(lam)
         self.k = V.check_k(k)
         self.normalize = bool(normalize)
+        if memory is not None:
+            if not isinstance(memory, MemoryBank):
+                raise TypeError(f"memory must be a pddm_ext.MemoryBank, got {type(memory).__name__}")
+            if memory.dim != embedding_dim:
+                raise ValueError(f"memory has dim {memory.dim}, expected {embedding_dim} to match embedding_dim")
+        self.memory = memory
+        self.distributed = bool(distributed)
         self.last_quadruplets = None
+        self.last_triplets = None
         self.last_metric_loss = None
         self.last_embedding_loss = None
 
-    def forward(self, embeddings, labels):
+    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
         V.check_embeddings("embeddings", embeddings, d=self.unit.in_features, d_from="the loss's embedding_dim")
-        f = F.normalize(embeddings, dim=1) if self.normalize else embeddings
-        quads = mine_hard(f.detach(), labels, self.unit, k=self.k)
-        return self._loss(f, f, quads, embeddings)
+        if (ref_emb is None) != (ref_labels is None):
+            raise ValueError("ref_emb and ref_labels must be given together (reference mode) or not at all")
+        if ref_emb is not None and self.memory is not None:
+            raise ValueError("ref_emb cannot be combined with memory=: the bank is the reference set")
+        if indices_tuple is not None and (self.memory is not None or self.distributed):
+            raise ValueError("indices_tuple cannot be combined with memory= or distributed=True: the loss mines itself")
+        normalize = (lambda t: F.normalize(t, dim=1)) if self.normalize else (lambda t: t)  # noqa: E731
+        f = normalize(embeddings)
+        if ref_emb is not None:
+            V.check_embeddings("ref_emb", ref_emb, d=self.unit.in_features, d_from="the loss's embedding_dim")
+            ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
+            f_ref = normalize(ref_emb)
+        if indices_tuple is not None:
+            f_ref = f if ref_emb is None else f_ref
+            return self._triplet_loss(f, f_ref, indices_tuple, embeddings)
+        if self.distributed:
+            from . import distributed as D
+
+            # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
+            # gradient by the world size makes DDP's average equal the single-process gradient.
+            f, labels = D.gather_embeddings_and_labels(D.scale_grad(f, D.world_size()), labels)
+        if self.memory is not None:
+            ref_emb, ref_labels = self.memory.get()
+            f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)
+        if ref_emb is None:
+            quads = mine_hard(f.detach(), labels, self.unit, k=self.k)
+            loss = self._loss(f, f, quads, embeddings)
+        else:
+            quads = mine_hard(f.detach(), labels, self.unit, k=self.k, ref_emb=f_ref.detach(), ref_labels=ref_labels)
+            loss = self._loss(f, f_ref, quads, embeddings)
+        if self.memory is not None:
+            self.memory.enqueue(f.detach(), labels)
+        return loss
+
+    def _zero(self, embeddings):
+        zero = embeddings.sum() * 0 + sum(p.sum() * 0 for p in self.unit.parameters())
+        self.last_metric_loss = self.last_embedding_loss = zero.detach()
+        return zero
 
     def _loss(self, f, f_ref, quads, embeddings):
-        """The loss on mined quadruplets; i, k index f and j, l index f_ref."""
+        """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
-        self.last_quadruplets = quads
+        self.last_quadruplets, self.last_triplets = quads, None
         if i.numel() == 0:
-            zero = embeddings.sum() * 0 + sum(p.sum() * 0 for p in self.unit.parameters())
-            self.last_metric_loss = self.last_embedding_loss = zero.detach()
-            return zero
+            return self._zero(embeddings)
         fi, fj, fk, fl = f[i], f_ref[j], f_ref[k], f[l_]
         S_ij = self.unit.pair_scores(fi, fj)
         S_ik = self.unit.pair_scores(fi, fk)
@@ -131,5 +190,25 @@ class PDDMLoss(nn.Module):
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
 
+    def _triplet_loss(self, f, f_ref, indices_tuple, embeddings):
+        """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 3:
+            raise ValueError("indices_tuple must be a triplet tuple (anchors, positives, negatives), "
+                             f"got {type(indices_tuple).__name__} of length {len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else '?'}")
+        a, p, n = (torch.as_tensor(t, device=f.device).long() for t in indices_tuple)
+        if not a.shape == p.shape == n.shape or a.dim() != 1:
+            raise ValueError(f"indices_tuple tensors must be 1-D of one length, got shapes {a.shape}, {p.shape}, {n.shape}")
+        self.last_quadruplets, self.last_triplets = None, (a, p, n)
+        if a.numel() == 0:
+            return self._zero(embeddings)
+        fa, fp, fn = f[a], f_ref[p], f_ref[n]
+        E_m = torch.relu(self.alpha + self.unit.pair_scores(fa, fn) - self.unit.pair_scores(fa, fp))
+        E_e = torch.relu(self.beta + ((fa - fp) ** 2).sum(1) - ((fa - fn) ** 2).sum(1))
+        metric_loss, embedding_loss = 2 * E_m.mean(), 2 * E_e.mean()  # two headers per quadruplet
+        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
+        return metric_loss + self.lam * embedding_loss
+
     def extra_repr(self):
-        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, normalize={self.normalize}"
+        extra = f", memory={self.memory!r}" if self.memory is not None else ""
+        extra += ", distributed=True" if self.distributed else ""
+        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, normalize={self.normalize}{extra}"

@@ -1,0 +1,131 @@
+"""``PDDMMiner``: PDDM hard mining with pytorch-metric-learning's miner call convention.
+
+    miner = pddm_ext.PDDMMiner(unit=loss_fn.unit)          # or unit=None: fused Euclidean mining
+    a, p, n = miner(embeddings, labels)                     # batch mode
+    a, p, n = miner(embeddings, labels, ref_emb, ref_labels)  # reference mode (e.g. a memory bank)
+    loss = pml_loss(embeddings, labels, (a, p, n))          # any PML triplet loss
+
+When pytorch-metric-learning (PML) is installed, ``PDDMMiner`` subclasses its ``BaseMiner``, so PML's
+losses, ``CrossBatchMemory``, ``DistributedMinerWrapper`` and trainers accept it. Without PML it is a
+plain callable with the same signature and result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate as V
+from .functional import batch_hard, mine_hard
+
+MODES = ("mine_hard", "batch_hard")
+
+
+class _PDDMMining:
+    """The mining shared by both forms of ``PDDMMiner`` (with and without PML)."""
+
+    def _configure(self, unit, k, metric, mode, normalize):
+        if unit is not None:
+            V.unit_params(unit)  # TypeError unless it has W_u ... b_s
+        self.metric = V.resolve_metric(metric, unit)
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.k = V.check_k(k)
+        self.mode = mode
+        self.normalize = bool(normalize)
+        # Not registered as a submodule: the unit belongs to the loss (and its optimiser); the
+        # miner only reads it, so it must not show up twice in parameters() or state_dict().
+        object.__setattr__(self, "_unit", unit)
+        self.last_quadruplets = None
+
+    @property
+    def unit(self):
+        return self._unit
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        """``(a, p, n)`` triplet indices. ``ref_emb is embeddings`` (or None) means batch mode, as in
+        PML (its ``BaseMiner.forward`` passes the embeddings themselves as references)."""
+        batch_mode = ref_emb is None or ref_emb is embeddings
+        if batch_mode:
+            ref_emb = ref_labels = None
+        elif ref_labels is None:
+            raise ValueError("ref_labels must be given with ref_emb")
+        prep = (lambda t: F.normalize(t.detach(), dim=1)) if self.normalize else (lambda t: t.detach())  # noqa: E731
+        V.check_embeddings("embeddings", embeddings)
+        x = prep(embeddings)
+        y = None if batch_mode else prep(ref_emb)
+        if self.mode == "batch_hard":
+            return batch_hard(x, labels, self.unit, ref_emb=y, ref_labels=ref_labels, metric=self.metric)
+        quads = mine_hard(x, labels, self.unit, k=self.k, ref_emb=y, ref_labels=ref_labels, metric=self.metric)
+        self.last_quadruplets = quads
+        return quads.as_triplets()
+
+    def _extra(self):
+        return f"k={self.k}, metric={self.metric!r}, mode={self.mode!r}, normalize={self.normalize}"
+
+
+_DOC = """PDDM hard mining as a pytorch-metric-learning miner (SPEC §3).
+
+    ``PDDMMiner(unit=None, k=None, metric=None, mode="mine_hard", normalize=True)``;
+    ``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` returns ``(a, p, n)`` int64 indices:
+
+    - ``mode="mine_hard"``: ``mine_hard(...).as_triplets()``: for the ``k`` hardest positive pairs
+      (``k=None``: every positive pair), the quadruplet (i, r, hardest_negative[i],
+      hardest_negative_of_ref[r]) as triplets; batch mode gives (i, r, k) and (r, i, l), reference mode
+      (i, r, k) with p and n indexing ``ref_emb``.
+    - ``mode="batch_hard"``: ``batch_hard``'s one triplet per query.
+
+    ``unit``: a ``pddm_ext.PDDM`` (e.g. ``PDDMLoss(...).unit``); the miner reads it but does not own
+    it (it is not among the miner's parameters). ``metric`` defaults to "pddm" with a unit, else
+    "euclidean". ``normalize``: mine on L2-normalised embeddings, as ``PDDMLoss`` and PML's default
+    distance do. Mining is fused (no (m, n) matrix) and not differentiable.
+    """
+
+
+def _miner_class():
+    """``PDDMMiner`` built on PML's ``BaseMiner`` when PML imports, else a plain callable."""
+    try:
+        from pytorch_metric_learning.miners import BaseMiner
+    except ImportError:
+        BaseMiner = None
+
+    if BaseMiner is not None:
+
+        class PDDMMiner(_PDDMMining, BaseMiner):
+            __doc__ = _DOC
+
+            def __init__(self, unit=None, k=None, metric=None, mode="mine_hard", normalize=True, **kwargs):
+                if "distance" in kwargs:
+                    raise ValueError("PDDMMiner does not take a PML distance: choose metric='pddm' or 'euclidean'")
+                super().__init__(**kwargs)
+                self._configure(unit, k, metric, mode, normalize)
+
+            def extra_repr(self):
+                return self._extra()
+
+        return _public(PDDMMiner)
+
+    class PDDMMiner(_PDDMMining):
+        __doc__ = _DOC
+
+        def __init__(self, unit=None, k=None, metric=None, mode="mine_hard", normalize=True):
+            self._configure(unit, k, metric, mode, normalize)
+
+        def __call__(self, embeddings, labels, ref_emb=None, ref_labels=None):
+            with torch.no_grad():
+                return self.mine(embeddings, labels, ref_emb, ref_labels)
+
+        def __repr__(self):
+            return f"PDDMMiner({self._extra()})"
+
+    return _public(PDDMMiner)
+
+
+def _public(cls):
+    # Defined inside _miner_class, but reachable (and picklable) as pddm_ext.miners.PDDMMiner.
+    cls.__qualname__, cls.__module__ = "PDDMMiner", __name__
+    return cls
+
+
+PDDMMiner = _miner_class()
+HAS_PML = issubclass(PDDMMiner, torch.nn.Module)
