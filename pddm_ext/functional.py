@@ -91,6 +91,11 @@ def pair_scores(a, b, params):
         raise ValueError(f"a and b must have the same number of rows (row-aligned pairs), got {a.shape[0]} and {b.shape[0]}")
     V.check_same_device([("a", a), ("b", b)])
     V.check_params(params, a.shape[1], a.device)
+    return _pair_scores(a, b, params)
+
+
+def _pair_scores(a, b, params):
+    """pair_scores without validation, for inputs already checked (the losses); accepts p = 0."""
     dtype = V.compute_dtype(a, b)
     a, b = a.to(dtype), b.to(dtype)
     W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = (p.to(dtype) for p in params)

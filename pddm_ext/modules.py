@@ -9,7 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as V
-from .functional import mine_hard, pair_scores, pddm_scores
+from .functional import _pair_scores, mine_hard, pair_scores, pddm_scores
+
+
+def _mean_or_zero(t):
+    """mean(t), or 0 for an empty t, still connected to the graph; no data-dependent branch, so
+    torch.compile traces it as one graph."""
+    return t.sum() / torch.ones_like(t).sum().clamp_min(1)
 
 
 class PDDM(nn.Module):
@@ -152,7 +158,7 @@ class PDDMLoss(nn.Module):
 
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
             # gradient by the world size makes DDP's average equal the single-process gradient.
-            f, labels = D.gather_embeddings_and_labels(D.scale_grad(f, D.world_size()), labels)
+            f, labels = D.gather_embeddings_and_labels(D.scale_grad(f, 1), labels)
         if self.memory is not None:
             ref_emb, ref_labels = self.memory.get()
             f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)
@@ -166,27 +172,24 @@ class PDDMLoss(nn.Module):
             self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _zero(self, embeddings):
-        zero = embeddings.sum() * 0 + sum(p.sum() * 0 for p in self.unit.parameters())
-        self.last_metric_loss = self.last_embedding_loss = zero.detach()
-        return zero
+    def _scores(self, a, b):
+        # Inputs were validated on entry; the unchecked core also takes zero pairs.
+        return _pair_scores(a, b, self.unit.params())
 
     def _loss(self, f, f_ref, quads, embeddings):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        if i.numel() == 0:
-            return self._zero(embeddings)
         fi, fj, fk, fl = f[i], f_ref[j], f_ref[k], f[l_]
-        S_ij = self.unit.pair_scores(fi, fj)
-        S_ik = self.unit.pair_scores(fi, fk)
-        S_jl = self.unit.pair_scores(fj, fl)
+        S_ij = self._scores(fi, fj)
+        S_ik = self._scores(fi, fk)
+        S_jl = self._scores(fj, fl)
         E_m = torch.relu(self.alpha + S_ik - S_ij) + torch.relu(self.alpha + S_jl - S_ij)
         d_ij = ((fi - fj) ** 2).sum(1)
         E_e = torch.relu(self.beta + d_ij - ((fi - fk) ** 2).sum(1)) + torch.relu(
             self.beta + d_ij - ((fj - fl) ** 2).sum(1)
         )
-        metric_loss, embedding_loss = E_m.mean(), E_e.mean()
+        metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
 
@@ -199,12 +202,10 @@ class PDDMLoss(nn.Module):
         if not a.shape == p.shape == n.shape or a.dim() != 1:
             raise ValueError(f"indices_tuple tensors must be 1-D of one length, got shapes {a.shape}, {p.shape}, {n.shape}")
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        if a.numel() == 0:
-            return self._zero(embeddings)
         fa, fp, fn = f[a], f_ref[p], f_ref[n]
-        E_m = torch.relu(self.alpha + self.unit.pair_scores(fa, fn) - self.unit.pair_scores(fa, fp))
+        E_m = torch.relu(self.alpha + self._scores(fa, fn) - self._scores(fa, fp))
         E_e = torch.relu(self.beta + ((fa - fp) ** 2).sum(1) - ((fa - fn) ** 2).sum(1))
-        metric_loss, embedding_loss = 2 * E_m.mean(), 2 * E_e.mean()  # two headers per quadruplet
+        metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
 
