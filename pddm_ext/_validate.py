@@ -34,8 +34,11 @@ def check_float(name, t):
 
 
 def check_finite(name, t):
-    # A data-dependent check: skipped while torch.compile traces (it would break the graph).
-    if not _is_compiling() and t.numel() > 0 and not bool(torch.isfinite(t).all()):
+    # A data-dependent check: skipped while torch.compile traces (it would break the graph), and for
+    # meta tensors, which hold no data (a device mismatch is then reported by check_same_device).
+    if _is_compiling() or t.device.type == "meta":
+        return
+    if t.numel() > 0 and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 

@@ -1,0 +1,467 @@
+"""Hard mining (SPEC §3): fused ``mine_hard`` / ``batch_hard`` against a brute-force loop.
+
+The brute force below scores every pair one at a time with the formula of SPEC §1 (or
+-||a - b||^2) in float64 and applies §3 literally with Python loops. A mined index is accepted when
+its brute-force score is within ``tol * (1 + |best|)`` of the optimum of its slot (SPEC §3:
+tol = 1e-5 for float64, 1e-4 for float32), except in the exact-tie tests, where duplicated rows make
+ties exact and the smallest index must win.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import pddm_ext
+from pddm_ext import reference
+from conftest import MINING_TOL, make_unit, randn, ref_params
+
+D, H, C = 5, 6, 4
+
+
+# --------------------------------------------------------------------------- brute force
+
+
+def _normalize(z):
+    return z / max(z.norm().item(), 1e-12)
+
+
+def pair_score(a, b, params, metric):
+    """S(a, b) of one pair (1-D vectors), SPEC §1 / §3, written from the equations."""
+    if metric == "euclidean":
+        return -((a - b) ** 2).sum().item()
+    W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = params
+    u1 = torch.relu(W_u @ _normalize((a - b).abs()) + b_u)
+    v1 = torch.relu(W_v @ _normalize((a + b) / 2) + b_v)
+    q = torch.relu(W_c @ torch.cat([_normalize(u1), _normalize(v1)]) + b_c)
+    return (w_s @ q + b_s).item()
+
+
+def brute_scores(x, y, params, metric):
+    """S[i][r] for every query i and reference r, one pair at a time (float64 Python floats)."""
+    x, y = x.double(), y.double()
+    return [[pair_score(x[i], y[r], params, metric) for r in range(y.shape[0])] for i in range(x.shape[0])]
+
+
+class Brute:
+    """SPEC §3 applied literally to a score table S (lists of floats)."""
+
+    def __init__(self, S, lx, ly, batch):
+        self.S, self.lx, self.ly, self.batch = S, lx, ly, batch
+        self.m, self.n = len(lx), len(ly)
+
+    def positive(self, i, r):
+        return self.lx[i] == self.ly[r] and not (self.batch and i == r)
+
+    def negative(self, i, r):
+        return self.lx[i] != self.ly[r]
+
+    @functools.cached_property
+    def hardest_negative(self):
+        out = []
+        for i in range(self.m):
+            best = -1
+            for r in range(self.n):  # ascending r and a strict '>' keep the smallest index on ties
+                if self.negative(i, r) and (best < 0 or self.S[i][r] > self.S[i][best]):
+                    best = r
+            out.append(best)
+        return out
+
+    @functools.cached_property
+    def hardest_positive(self):
+        out = []
+        for i in range(self.m):
+            best = -1
+            for r in range(self.n):
+                if self.positive(i, r) and (best < 0 or self.S[i][r] < self.S[i][best]):
+                    best = r
+            out.append(best)
+        return out
+
+    @functools.cached_property
+    def hardest_negative_of_ref(self):
+        out = []
+        for r in range(self.n):
+            best = -1
+            for i in range(self.m):
+                if self.negative(i, r) and (best < 0 or self.S[i][r] > self.S[best][r]):
+                    best = i
+            out.append(best)
+        return out
+
+    @functools.cached_property
+    def sorted_positive_pairs(self):
+        """All positive pairs (batch mode: i < r) as (S, i, r), by S ascending then (i, r)."""
+        pairs = [
+            (self.S[i][r], i, r)
+            for i in range(self.m)
+            for r in range(self.n)
+            if self.positive(i, r) and (not self.batch or i < r)
+        ]
+        return sorted(pairs)
+
+    def kept_pairs(self, k):
+        pairs = self.sorted_positive_pairs
+        return pairs if k is None else pairs[:k]
+
+    def quadruplets(self, k):
+        hn, hnr = self.hardest_negative, self.hardest_negative_of_ref
+        return [(i, r, hn[i], hnr[r]) for _, i, r in self.kept_pairs(k) if hn[i] >= 0 and hnr[r] >= 0]
+
+    def batch_hard(self):
+        hp, hn = self.hardest_positive, self.hardest_negative
+        return [(i, hp[i], hn[i]) for i in range(self.m) if hp[i] >= 0 and hn[i] >= 0]
+
+
+def close(value, best, tol):
+    return abs(value - best) <= tol * (1 + abs(best))
+
+
+def check_quadruplets(q, brute, k, tol):
+    """Checks fused Quadruplets against the brute force, slot by slot, with SPEC §3's tolerance."""
+    S = brute.S
+    expected = brute.quadruplets(k)
+    for t in (q.anchor, q.positive, q.anchor_negative, q.positive_negative):
+        assert t.dtype == torch.int64 and t.shape == (len(expected),)
+    assert q.scores.shape == (len(expected), 3)
+    assert q.batch_mode == brute.batch
+    # the kept pairs are the first ones of the sorted list and every one of them survives (no -1),
+    # since a missing negative skips all pairs or none (see test_skipping_is_all_or_nothing)
+    ref_pairs = brute.kept_pairs(k)
+    seen = set()
+    fused_s = q.scores[:, 0].tolist()
+    assert fused_s == sorted(fused_s), "pairs must come out by ascending score"
+    for t, (i, r, kk, ll) in enumerate(zip(*(v.tolist() for v in q[:4]))):
+        assert brute.positive(i, r), f"slot {t}: ({i}, {r}) is not a positive pair"
+        if brute.batch:
+            assert i < r, f"slot {t}: batch-mode pair ({i}, {r}) must have i < r"
+        assert (i, r) not in seen, f"slot {t}: pair ({i}, {r}) repeated"
+        seen.add((i, r))
+        assert close(S[i][r], ref_pairs[t][0], tol), f"slot {t}: S{(i, r)}={S[i][r]} vs best {ref_pairs[t][0]}"
+        best_k = brute.hardest_negative[i]
+        assert brute.negative(i, kk), f"slot {t}: anchor_negative {kk} is not a negative of {i}"
+        assert close(S[i][kk], S[i][best_k], tol), f"slot {t}: S{(i, kk)} vs best S{(i, best_k)}"
+        best_l = brute.hardest_negative_of_ref[r]
+        assert brute.negative(ll, r), f"slot {t}: positive_negative {ll} is not a negative of {r}"
+        assert close(S[ll][r], S[best_l][r], tol), f"slot {t}: S{(ll, r)} vs best S{(best_l, r)}"
+        for got, want in zip(q.scores[t].tolist(), (S[i][r], S[i][kk], S[ll][r])):
+            assert close(got, want, tol), f"slot {t}: scores {q.scores[t].tolist()}"
+
+
+def check_batch_hard(result, brute, tol):
+    a, p, n = result
+    S = brute.S
+    expected = brute.batch_hard()
+    for t in (a, p, n):
+        assert t.dtype == torch.int64 and t.shape == (len(expected),)
+    assert a.tolist() == [e[0] for e in expected]  # the anchors do not depend on scores
+    for i, pi, ni in zip(a.tolist(), p.tolist(), n.tolist()):
+        assert brute.positive(i, pi) and brute.negative(i, ni)
+        assert close(S[i][pi], S[i][brute.hardest_positive[i]], tol), f"anchor {i}: positive {pi}"
+        assert close(S[i][ni], S[i][brute.hardest_negative[i]], tol), f"anchor {i}: negative {ni}"
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _shuffle(labels, seed):
+    g = torch.Generator().manual_seed(seed)
+    return labels[torch.randperm(len(labels), generator=g)]
+
+
+def make_labels(layout, count, seed, offset=0):
+    if layout == "distinct":
+        labels = torch.arange(count) + offset
+    elif layout == "one":
+        labels = torch.zeros(count, dtype=torch.int64)
+    elif layout == "pairs":
+        labels = _shuffle(torch.arange(count) // 2, seed)
+    elif layout == "unbalanced":  # one big class, a few small ones, singletons
+        sizes = [count // 2, count // 4, 3, 2]
+        labels = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+        labels = torch.cat([labels, torch.arange(count - len(labels)) + 10])
+        labels = _shuffle(labels, seed)
+    elif layout == "random":
+        labels = torch.randint(0, 4, (count,), generator=torch.Generator().manual_seed(seed))
+    else:
+        raise AssertionError(layout)
+    return labels
+
+
+LAYOUTS = ["distinct", "one", "pairs", "unbalanced", "random"]
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def mining_case(metric, mode, layout, dtype_name, m=24, n=29, d=D, seed=0):
+    """Inputs, fused arguments and brute force of one mining case (cached across k)."""
+    dtype = DTYPES[dtype_name]
+    unit = make_unit(d, H, C, dtype=dtype, seed=seed) if metric == "pddm" else None
+    params = ref_params(unit) if unit is not None else None
+    x = randn(m, d, dtype=dtype, seed=seed + 1)
+    lx = make_labels(layout, m, seed + 2)
+    if mode == "batch":
+        y, ly, kwargs = x, lx, {}
+    else:
+        y = randn(n, d, dtype=dtype, seed=seed + 3)
+        # "distinct" in reference mode: no reference shares a label with a query
+        ly = make_labels(layout, n, seed + 4, offset=1000 if layout == "distinct" else 0)
+        kwargs = dict(ref_emb=y, ref_labels=ly)
+    kwargs["metric"] = metric
+    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), mode == "batch")
+    return x, lx, unit, kwargs, brute, MINING_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype_name", ["f64", "f32"])
+@pytest.mark.parametrize("k", [1, 3, None], ids=["k1", "k3", "kall"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["batch", "ref"])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_mine_hard_vs_brute_force(metric, mode, layout, k, dtype_name):
+    x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, layout, dtype_name)
+    q = pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs)
+    check_quadruplets(q, brute, k, tol)
+    if layout in ("distinct", "one"):
+        assert q.anchor.numel() == 0
+    # the reference oracle obeys the same rule
+    check_quadruplets(reference.mine_hard(x, lx, unit, k=k, **kwargs), brute, k, tol)
+
+
+@pytest.mark.parametrize("dtype_name", ["f64", "f32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["batch", "ref"])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_batch_hard_vs_brute_force(metric, mode, layout, dtype_name):
+    x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, layout, dtype_name)
+    check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, tol)
+    check_batch_hard(reference.batch_hard(x, lx, unit, **kwargs), brute, tol)
+
+
+@pytest.mark.parametrize("k", [1, 7, 50, None], ids=["k1", "k7", "k50", "kall"])
+@pytest.mark.parametrize(
+    "mode,m,n", [("batch", 70, None), ("ref", 70, 45), ("ref", 9, 230)], ids=["batch70", "ref70x45", "ref9x230"]
+)
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_mining_across_many_tiles(metric, mode, m, n, k):
+    """Sizes that span several 32-pair tile sides, so per-tile heaps and reductions are merged."""
+    x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, "random", "f32", m=m, n=n or m, seed=11)
+    check_quadruplets(pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), brute, k, tol)
+    if k == 1:
+        check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, tol)
+
+
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+@pytest.mark.parametrize("mode", ["batch", "ref"])
+def test_mine_hard_matches_reference_oracle(metric, mode):
+    x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, "unbalanced", "f64")
+    for k in (1, 3, None):
+        fused = pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs)
+        oracle = reference.mine_hard(x, lx, unit, k=k, **kwargs)
+        for got, want in zip(fused[:4], oracle[:4]):  # random float64 data: no ties, same indices
+            assert torch.equal(got, want)
+        torch.testing.assert_close(fused.scores, oracle.scores, rtol=1e-10, atol=1e-10)
+    for got, want in zip(pddm_ext.batch_hard(x, lx, unit, **kwargs), reference.batch_hard(x, lx, unit, **kwargs)):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- exact ties
+
+
+def duplicated_case(metric, mode):
+    """Every row appears twice (rows t and t + half), so every score has an exact twin."""
+    unit = make_unit(D, H, C, seed=5) if metric == "pddm" else None
+    params = None if unit is None else ref_params(unit)
+    z = randn(20, D, seed=6)
+    lz = make_labels("unbalanced", 20, 7)
+    x, lx = torch.cat([z, z]), torch.cat([lz, lz])
+    if mode == "batch":
+        y, ly, kwargs = x, lx, {}
+    else:
+        w = randn(15, D, seed=8)
+        lw = make_labels("random", 15, 9)
+        y, ly = torch.cat([w, w]), torch.cat([lw, lw])
+        kwargs = dict(ref_emb=y, ref_labels=ly)
+    kwargs["metric"] = metric
+    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), mode == "batch")
+    return x, lx, unit, kwargs, brute
+
+
+@pytest.mark.parametrize("mode", ["batch", "ref"])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_duplicate_rows_within_tolerance(metric, mode):
+    x, lx, unit, kwargs, brute = duplicated_case(metric, mode)
+    for k in (1, 3, 10, None):
+        check_quadruplets(pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), brute, k, MINING_TOL[torch.float64])
+    check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, MINING_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mode", ["batch", "ref"])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_exact_ties_go_to_smallest_index(metric, mode):
+    """Duplicated rows make ties exact (the pairs are the same two vectors): SPEC §3 says the
+    smallest index wins and pairs are ordered by (i, r), so the brute force must be reproduced
+    exactly, not just within tolerance."""
+    x, lx, unit, kwargs, brute = duplicated_case(metric, mode)
+    for k in (1, 3, 10, None):
+        q = pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs)
+        got = list(zip(*(t.tolist() for t in q[:4])))
+        assert got == brute.quadruplets(k), f"k={k}"
+    a, p, n = pddm_ext.batch_hard(x, lx, unit, **kwargs)
+    assert list(zip(a.tolist(), p.tolist(), n.tolist())) == brute.batch_hard()
+
+
+def test_tie_between_duplicate_negatives_small():
+    """A hand-checkable tie: rows 1 and 3 are the same point, both negatives of row 0."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    a, p, n = pddm_ext.batch_hard(x, labels)  # euclidean
+    assert a.tolist() == [0, 1, 2, 3, 4]
+    assert p.tolist() == [2, 3, 0, 1, 2]
+    # row 0: negatives 1 and 3 tie at distance 1 -> 1; row 2: 1 and 3 tie -> 1; row 4: tie -> 1
+    assert n.tolist() == [1, 0, 1, 0, 1]
+    q = pddm_ext.mine_hard(x, labels, k=None)
+    # positive pairs by ascending S = -dist^2: (0,2): -50, (2,4): -29, (0,4): -9, (1,3): 0
+    assert q.anchor.tolist() == [0, 2, 0, 1]
+    assert q.positive.tolist() == [2, 4, 4, 3]
+    assert q.anchor_negative.tolist() == [1, 1, 1, 0]
+    # hardest_negative_of_ref: r=2 -> argmax over {1, 3} tie -> 1; r=4 -> 1; r=3 -> argmax over {0,2,4}: 0
+    assert q.positive_negative.tolist() == [1, 1, 1, 0]
+    torch.testing.assert_close(q.scores[:, 0], torch.tensor([-50.0, -29.0, -9.0, 0.0], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_skipping_is_all_or_nothing():
+    """Reference mode, all references share one label: positives exist but no negative -> empty."""
+    x = randn(6, D, seed=1)
+    lx = torch.tensor([0, 0, 1, 1, 2, 0])
+    y = randn(5, D, seed=2)
+    ly = torch.zeros(5, dtype=torch.int64)
+    q = pddm_ext.mine_hard(x, lx, k=None, ref_emb=y, ref_labels=ly)
+    assert q.anchor.numel() == 0 and q.scores.shape == (0, 3)
+    a, p, n = pddm_ext.batch_hard(x, lx, ref_emb=y, ref_labels=ly)
+    assert a.numel() == p.numel() == n.numel() == 0
+
+
+@pytest.mark.parametrize("labels", [torch.arange(6), torch.zeros(6, dtype=torch.int64)], ids=["distinct", "one"])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_empty_results_are_empty_not_errors(labels, metric):
+    unit = make_unit(D, seed=1) if metric == "pddm" else None
+    x = randn(6, D, seed=1)
+    for k in (1, None):
+        q = pddm_ext.mine_hard(x, labels, unit, k=k, metric=metric)
+        assert all(t.shape == (0,) and t.dtype == torch.int64 for t in q[:4])
+        assert q.scores.shape == (0, 3)
+        a, p, n = q.as_triplets()
+        assert a.shape == p.shape == n.shape == (0,)
+    a, p, n = pddm_ext.batch_hard(x, labels, unit, metric=metric)
+    assert a.shape == p.shape == n.shape == (0,)
+    # a single row has no pair at all
+    q = pddm_ext.mine_hard(x[:1], labels[:1], unit, metric=metric)
+    assert q.anchor.numel() == 0
+
+
+def test_as_triplets_batch_mode():
+    x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "unbalanced", "f64")
+    q = pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs)
+    a, p, n = q.as_triplets()
+    nq = q.anchor.numel()
+    assert nq > 0 and a.shape == p.shape == n.shape == (2 * nq,)
+    assert torch.equal(a, torch.cat([q.anchor, q.positive]))
+    assert torch.equal(p, torch.cat([q.positive, q.anchor]))
+    assert torch.equal(n, torch.cat([q.anchor_negative, q.positive_negative]))
+    assert (lx[a] == lx[p]).all() and (a != p).all() and (lx[a] != lx[n]).all()
+
+
+def test_as_triplets_reference_mode():
+    x, lx, unit, kwargs, brute, tol = mining_case("euclidean", "ref", "pairs", "f64")
+    ly = kwargs["ref_labels"]
+    q = pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs)
+    a, p, n = q.as_triplets()
+    assert q.anchor.numel() > 0 and a.shape == p.shape == n.shape == q.anchor.shape
+    assert torch.equal(a, q.anchor) and torch.equal(p, q.positive) and torch.equal(n, q.anchor_negative)
+    assert (lx[a] == ly[p]).all() and (lx[a] != ly[n]).all()
+
+
+def test_k_beyond_pair_count_keeps_all():
+    x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "pairs", "f64")
+    everything = pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs)
+    assert everything.anchor.numel() == len(brute.sorted_positive_pairs) == 12
+    big = pddm_ext.mine_hard(x, lx, unit, k=10_000, **kwargs)
+    for got, want in zip(big, everything):
+        assert torch.equal(got, want)
+
+
+def test_default_metric():
+    """Without a unit the metric is euclidean; with one it is pddm."""
+    x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "random", "f64")
+    q_default = pddm_ext.mine_hard(x, lx, unit, k=None)
+    q_pddm = pddm_ext.mine_hard(x, lx, unit, k=None, metric="pddm")
+    assert all(torch.equal(a, b) for a, b in zip(q_default, q_pddm))
+    q_none = pddm_ext.mine_hard(x, lx, k=None)
+    q_euc = pddm_ext.mine_hard(x, lx, unit, k=None, metric="euclidean")
+    assert all(torch.equal(a, b) for a, b in zip(q_none, q_euc))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_label_dtypes(dtype):
+    x, lx, unit, kwargs, brute, tol = mining_case("pddm", "ref", "random", "f64")
+    ly = kwargs["ref_labels"]
+    want = pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs)
+    got = pddm_ext.mine_hard(x, lx.to(dtype), unit, k=None, ref_emb=kwargs["ref_emb"], ref_labels=ly.to(dtype))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    bh = pddm_ext.batch_hard(x, lx.to(dtype), unit, ref_emb=kwargs["ref_emb"], ref_labels=ly.to(dtype))
+    assert all(torch.equal(a, b) for a, b in zip(bh, pddm_ext.batch_hard(x, lx, unit, **kwargs)))
+
+
+def test_mining_does_not_track_gradients():
+    unit = make_unit(D, seed=2)
+    x = randn(10, D, seed=3).requires_grad_()
+    labels = torch.arange(5).repeat(2)
+    q = pddm_ext.mine_hard(x, labels, unit, k=None)
+    assert not q.scores.requires_grad
+    assert x.grad is None
+
+
+def test_half_embeddings_mine_like_float32():
+    x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "pairs", "f32")
+    xh = x.to(torch.bfloat16)
+    q = pddm_ext.mine_hard(xh, lx, unit, k=None)
+    assert q.scores.dtype == torch.float32
+    want = pddm_ext.mine_hard(xh.float(), lx, unit, k=None)
+    assert all(torch.equal(a, b) for a, b in zip(q, want))
+
+
+# --------------------------------------------------------------------------- pytorch-metric-learning
+
+
+@pytest.mark.parametrize("mode", ["batch", "ref"])
+@pytest.mark.parametrize("dtype_name", ["f64", "f32"])
+@pytest.mark.parametrize("layout", ["pairs", "unbalanced", "random"])
+def test_batch_hard_agrees_with_pml_batch_hard_miner(layout, dtype_name, mode):
+    """metric="euclidean" on L2-normalised embeddings is BatchHardMiner's rule (SPEC §3). The two
+    may break near-ties differently, so the chosen positives/negatives are compared by distance."""
+    miners = pytest.importorskip("pytorch_metric_learning.miners")
+    dtype = DTYPES[dtype_name]
+    tol = MINING_TOL[dtype]
+    x = torch.nn.functional.normalize(randn(32, 8, dtype=dtype, seed=21), dim=1)
+    lx = make_labels(layout, 32, 22)
+    if mode == "batch":
+        y, ly, kwargs, pml_args = x, lx, {}, ()
+    else:
+        y = torch.nn.functional.normalize(randn(27, 8, dtype=dtype, seed=23), dim=1)
+        ly = make_labels(layout, 27, 24)
+        kwargs, pml_args = dict(ref_emb=y, ref_labels=ly), (y, ly)
+    a, p, n = pddm_ext.batch_hard(x, lx, metric="euclidean", **kwargs)
+    pa, pp, pn = miners.BatchHardMiner()(x, lx, *pml_args)
+    assert a.numel() > 0
+    assert a.tolist() == pa.tolist()
+    sq = lambda i, r: ((x[i].double() - y[r].double()) ** 2).sum(-1)  # noqa: E731
+    # hardest positive = farthest positive, hardest negative = nearest negative; on the unit sphere
+    # |S| = ||a - b||^2 <= 4, so SPEC §3's tol * (1 + |best|) is at most 5 * tol
+    torch.testing.assert_close(sq(a, p), sq(pa, pp), rtol=0, atol=tol * 5)
+    torch.testing.assert_close(sq(a, n), sq(pa, pn), rtol=0, atol=tol * 5)
+    assert (lx[a] == ly[p]).all() and (lx[a] != ly[n]).all()

@@ -1,0 +1,190 @@
+"""All-pairs PDDM scores (SPEC §1-§2): the fused kernel against ``pddm_ext.reference``.
+
+The reference always runs in float64 on the same input values (half and float32 inputs are upcast
+exactly), so the difference measured is the fused kernel's own rounding.
+Tolerances: float64 1e-10 abs/rel; float32 1e-4 relative to the score scale (float32 eps is 6e-8:
+a tile's sums of d, h and 2h terms and the normalisations stay far below that bound).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pddm_ext
+from pddm_ext import reference
+from conftest import make_unit, randn, ref_params
+
+
+def assert_scores_close(S, S_ref, dtype):
+    S_ref = S_ref.to(torch.float64)
+    if dtype == torch.float64:
+        torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
+    else:
+        scale = max(1.0, S_ref.abs().max().item())
+        torch.testing.assert_close(S.to(torch.float64), S_ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+# (m, n, d, h, c); n=None is batch mode. Tiles are 32x32 pairs for these small widths (16x16 for
+# d = h = c = 128 float32, 12x12 in float64): sizes straddle them on purpose.
+SHAPES = [
+    (1, None, 1, 1, 1),
+    (1, None, 5, 3, 2),
+    (2, None, 1, 4, 3),
+    (2, None, 3, 3, 3),
+    (1, 1, 4, 4, 4),
+    (1, 7, 3, 5, 2),
+    (7, 1, 3, 2, 5),
+    (2, 3, 1, 2, 2),
+    (17, None, 8, 6, 5),
+    (33, None, 7, 9, 4),
+    (33, 17, 5, 3, 7),
+    (65, None, 6, 5, 6),
+    (17, 65, 4, 8, 3),
+    (65, 33, 1, 3, 4),
+    (40, None, 128, 128, 128),
+    (20, 37, 128, 128, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("m,n,d,h,c", SHAPES, ids=[f"m{s[0]}n{s[1]}d{s[2]}h{s[3]}c{s[4]}" for s in SHAPES])
+def test_scores_match_reference(m, n, d, h, c, dtype):
+    unit = make_unit(d, h, c, dtype=dtype, seed=m * 1000 + d)
+    x = randn(m, d, dtype=dtype, seed=1)
+    y = None if n is None else randn(n, d, dtype=dtype, seed=2)
+    S = unit(x, y)
+    assert S.shape == (m, m if n is None else n)
+    assert S.dtype == dtype
+    S_ref = reference.pddm_scores(x.double(), None if y is None else y.double(), ref_params(unit))
+    assert_scores_close(S, S_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_scores_many_tiles(dtype):
+    """m = 300 crosses a 10 x 10 grid of tiles (32-pair sides at these widths)."""
+    unit = make_unit(6, 5, 4, dtype=dtype, seed=3)
+    x = randn(300, 6, dtype=dtype, seed=4)
+    S_ref = reference.pddm_scores(x.double(), None, ref_params(unit))
+    assert_scores_close(unit(x), S_ref, dtype)
+    y = randn(130, 6, dtype=dtype, seed=5)
+    S_ref = reference.pddm_scores(x.double(), y.double(), ref_params(unit))
+    assert_scores_close(unit(x, y), S_ref, dtype)
+
+
+def test_functional_equals_module():
+    unit = make_unit(5, 4, 3)
+    x, y = randn(9, 5, seed=1), randn(4, 5, seed=2)
+    torch.testing.assert_close(pddm_ext.pddm_scores(x, y, *unit.params()), unit(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(pddm_ext.pddm_scores(x, None, *unit.params()), unit(x), rtol=0, atol=0)
+
+
+def test_default_widths():
+    unit = pddm_ext.PDDM(6)
+    assert unit.W_u.shape == (6, 6) and unit.W_c.shape == (6, 12) and unit.w_s.shape == (6,)
+    assert unit.b_s.shape == ()
+    unit = pddm_ext.PDDM(6, 4)
+    assert unit.W_c.shape == (4, 8)
+    assert [name for name, _ in unit.named_parameters()] == list(reference.PARAM_NAMES)
+
+
+@pytest.mark.parametrize("m", [1, 2, 17, 33, 70])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_batch_mode_exactly_symmetric(m, dtype):
+    unit = make_unit(7, 6, 5, dtype=dtype, seed=m)
+    S = unit(randn(m, 7, dtype=dtype, seed=m))
+    assert torch.equal(S, S.T)
+
+
+def test_batch_mode_equals_reference_mode_on_same_rows():
+    unit = make_unit(5, 4, 6)
+    x = randn(37, 5, seed=3)
+    torch.testing.assert_close(unit(x), unit(x, x.clone()), rtol=1e-12, atol=1e-12)
+
+
+def test_diagonal_pair_is_well_defined():
+    """S(a, a): u = 0 and normalize(0) = 0, so u' = relu(b_u) (SPEC §1)."""
+    unit = make_unit(4, 3, 3)
+    x = randn(5, 4, seed=1)
+    S = unit(x)
+    assert torch.isfinite(S).all()
+    S_ref = reference.pair_scores(x, x, ref_params(unit))
+    torch.testing.assert_close(torch.diagonal(S), S_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_duplicate_rows_give_identical_scores():
+    unit = make_unit(6, 5, 4)
+    z = randn(20, 6, seed=7)
+    x = torch.cat([z, z])
+    S = unit(x)
+    assert torch.equal(S[:20, :20], S[20:, 20:])
+    assert torch.equal(S[:20, 20:], S[20:, :20])
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+def test_half_inputs_computed_in_float32(half, batch):
+    unit = make_unit(8, 6, 5, dtype=torch.float32, seed=2)
+    x = randn(19, 8, dtype=torch.float32, seed=1).to(half)
+    y = None if batch else randn(11, 8, dtype=torch.float32, seed=2).to(half)
+    S = unit(x, y)
+    assert S.dtype == torch.float32
+    S_ref = reference.pddm_scores(x.double(), None if y is None else y.double(), ref_params(unit))
+    assert_scores_close(S, S_ref, torch.float32)
+
+
+def test_half_unit_with_float32_inputs():
+    unit = make_unit(8, 6, 5, dtype=torch.float32, seed=2).to(torch.bfloat16)
+    x = randn(9, 8, dtype=torch.float32, seed=1)
+    S = unit(x)
+    assert S.dtype == torch.float32
+    assert_scores_close(S, reference.pddm_scores(x.double(), None, ref_params(unit)), torch.float32)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+def test_float32_unit_with_float64_inputs(batch):
+    """The compute dtype follows the inputs: a float32 unit on float64 inputs runs in float64."""
+    unit = make_unit(6, 5, 4, dtype=torch.float32, seed=4)
+    x = randn(21, 6, seed=1)
+    y = None if batch else randn(13, 6, seed=2)
+    S = unit(x, y)
+    assert S.dtype == torch.float64
+    assert_scores_close(S, reference.pddm_scores(x, y, ref_params(unit)), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_non_contiguous_inputs(dtype):
+    unit = make_unit(6, 5, 4, dtype=dtype, seed=5)
+    base = randn(6, 40, dtype=dtype, seed=1)
+    x = base.T[:, :]  # (40, 6), transposed view
+    assert not x.is_contiguous()
+    y = randn(30, 12, dtype=dtype, seed=2)[::2, ::2]  # (15, 6), strided view
+    assert not y.is_contiguous()
+    params = list(unit.params())
+    params[0] = params[0].detach().T.contiguous().T  # W_u with transposed strides
+    params[4] = randn(20, 4, dtype=dtype, seed=3)[::2].T * 0.3  # W_c (c, 2h) = (4, 10), strided
+    assert not params[0].is_contiguous() and not params[4].is_contiguous()
+    ref = tuple(p.detach().double() for p in params)
+    for a, b in ((x, None), (x, y), (y, x)):
+        S = pddm_ext.pddm_scores(a, b, *params)
+        S_ref = reference.pddm_scores(a.double(), None if b is None else b.double(), ref)
+        assert_scores_close(S, S_ref, dtype)
+
+
+def test_pair_scores_match_reference():
+    unit = make_unit(7, 5, 6)
+    a, b = randn(23, 7, seed=1), randn(23, 7, seed=2)
+    s = unit.pair_scores(a, b)
+    assert s.shape == (23,)
+    torch.testing.assert_close(s, reference.pair_scores(a, b, unit), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pddm_ext.pair_scores(a, b, unit.params()), s, rtol=0, atol=0)
+    # consistent with the all-pairs scores
+    S = unit(a, b)
+    torch.testing.assert_close(torch.diagonal(S), s, rtol=1e-10, atol=1e-10)
+
+
+def test_scores_are_scale_invariant():
+    """u and v enter only through normalize(), so S(t a, t b) = S(a, b) for t > 0."""
+    unit = make_unit(4, 4, 4)
+    x = randn(6, 4, seed=1)
+    torch.testing.assert_close(unit(3 * x), unit(x), rtol=1e-12, atol=1e-12)
