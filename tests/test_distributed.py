@@ -1,0 +1,173 @@
+"""``pddm_ext.distributed`` and ``PDDMLoss(distributed=True)`` on 2 processes (gloo, CPU, torchrun).
+
+The contract tested (see ``pddm_ext.distributed``): each rank holds a slice of the global batch X;
+the loss mines over X (``all_gather``, local slice keeping its graph), returns the single-process
+loss L(X), and scales the gradient reaching its own slice by the world size W. DDP then averages
+gradients over ranks, i.e. divides their sum by W:
+
+* backbone parameters: rank r holds W dL/dx_r dx_r/dphi; the average is sum_r dL/dx_r dx_r/dphi = dL/dphi;
+* PDDM unit parameters: every rank holds the full dL/dtheta (it scores all gathered rows); the
+  average of W identical copies is dL/dtheta;
+
+so after ``backward()`` every ``.grad`` equals single-process training on X (1e-6 asked; float64 gives
+far better), and so do the parameters after one SGD step. Ranks get unequal slices (9 and 7 rows) so
+the padded all_gather is exercised.
+
+This file is also the worker: ``torchrun --nproc_per_node 2 tests/test_distributed.py OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pddm_ext
+
+D_IN, D, P, K, SLICES = 6, 8, 4, 4, (9, 7)
+TIMEOUT_S = 240
+
+
+def build(distributed):
+    """The same data and initial parameters on every process."""
+    torch.manual_seed(0)
+    data = torch.randn(P * K, D_IN, dtype=torch.float64)
+    labels = torch.arange(P).repeat_interleave(K)[torch.randperm(P * K)]
+    backbone = torch.nn.Linear(D_IN, D, dtype=torch.float64)
+    loss_fn = pddm_ext.PDDMLoss(D, k=3, distributed=distributed).double()
+    return data, labels, backbone, loss_fn
+
+
+def one_step(backbone, loss_fn, data, labels):
+    """Forward, backward, SGD step: returns (loss, quadruplets, grads, params after the step)."""
+    params = [*backbone.parameters(), *loss_fn.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    loss = loss_fn(backbone(data), labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    quads = loss_fn.last_quadruplets if hasattr(loss_fn, "last_quadruplets") else loss_fn.module.last_quadruplets
+    return loss.detach(), tuple(quads[:4]), grads, [p.detach().clone() for p in params]
+
+
+def worker(out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == len(SLICES)
+    data, labels, backbone, loss_fn = build(distributed=True)
+    start = sum(SLICES[:rank])
+    mine = slice(start, start + SLICES[rank])
+    result = {}
+
+    # all_gather: rank order, the local slice keeps its graph, the others are constants.
+    x = data[mine].clone().requires_grad_(True)
+    gathered = pddm_ext.distributed.all_gather(x * 1)
+    result["gathered"] = gathered.detach()
+    (gathered ** 2).sum().backward()
+    result["gather_grad"] = x.grad
+
+    # PDDMLoss(distributed=True) with DDP on the backbone and on the loss (its unit's parameters).
+    backbone, loss_fn = DDP(backbone), DDP(loss_fn)
+    result["step"] = one_step(backbone, loss_fn, data[mine], labels[mine])
+
+    # PML's DistributedMinerWrapper with our miner: it mines on cat(local, other ranks in order).
+    # PML's all_gather needs equal slices: 8 rows each here.
+    from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
+
+    _, _, backbone0, loss0 = build(False)  # the initial parameters, before the step
+    half = slice(8 * rank, 8 * rank + 8)
+    with torch.no_grad():
+        emb = backbone0(data[half])
+    result["pml_wrapper"] = DistributedMinerWrapper(pddm_ext.PDDMMiner(unit=loss0.unit, k=4))(emb, labels[half])
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def run_torchrun(args, timeout, env=None):
+    """Runs torchrun in its own process group; kills the whole group if it outlives `timeout`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    run_torchrun([__file__, str(out_dir)], TIMEOUT_S)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(len(SLICES))]
+
+
+@pytest.fixture(scope="module")
+def single():
+    data, labels, backbone, loss_fn = build(distributed=False)
+    return one_step(backbone, loss_fn, data, labels)
+
+
+def test_all_gather_concatenates_in_rank_order_and_keeps_the_local_graph(ranks):
+    data = build(False)[0]
+    for r, res in enumerate(ranks):
+        assert torch.equal(res["gathered"], data)
+        # d/dx sum(gathered^2) = 2x for the local rows only (the other slices are constants).
+        start = sum(SLICES[:r])
+        torch.testing.assert_close(res["gather_grad"], 2 * data[start:start + SLICES[r]], rtol=0, atol=0)
+
+
+def test_global_quadruplets_equal_single_process_ones(ranks, single):
+    _, quads, _, _ = single
+    assert quads[0].numel() == 3
+    for res in ranks:
+        for got, want in zip(res["step"][1], quads):
+            assert torch.equal(got, want)
+
+
+def test_loss_gradients_and_step_equal_single_process(ranks, single):
+    loss, _, grads, params = single
+    for res in ranks:
+        r_loss, _, r_grads, r_params = res["step"]
+        torch.testing.assert_close(r_loss, loss, rtol=0, atol=1e-12)
+        assert len(r_grads) == len(grads) == 2 + 8  # backbone weight, bias; W_u ... b_s
+        for g_dist, g in zip(r_grads, grads):  # after DDP's averaging
+            torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
+        for p_dist, p in zip(r_params, params):
+            torch.testing.assert_close(p_dist, p, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads[:2])  # the backbone did get a gradient
+
+
+def test_pml_distributed_miner_wrapper_mines_the_global_batch(ranks):
+    data, labels, backbone, loss_fn = build(False)
+    with torch.no_grad():
+        emb = backbone(data)
+    for r, res in enumerate(ranks):
+        order = torch.arange(16).roll(-8 * r)  # this rank's 8 rows first, then the other rank's
+        want = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=4)(emb[order], labels[order])
+        for got, w in zip(res["pml_wrapper"], want):
+            assert torch.equal(got, w)
+
+
+def test_without_a_process_group_distributed_is_a_no_op():
+    data, labels, backbone, loss_fn = build(distributed=True)
+    assert not pddm_ext.distributed.is_distributed()
+    x = data.clone().requires_grad_(True)
+    assert pddm_ext.distributed.all_gather(x) is x
+    _, _, _, plain = build(distributed=False)
+    torch.testing.assert_close(loss_fn(backbone(data), labels), plain(backbone(data), labels), rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
