@@ -86,8 +86,30 @@ def worker(out_dir):
     with torch.no_grad():
         emb = backbone0(data[half])
     result["pml_wrapper"] = DistributedMinerWrapper(pddm_ext.PDDMMiner(unit=loss0.unit, k=4))(emb, labels[half])
+    # Without DDP, with a memory bank: the raw per-rank gradients the contract describes.
+    result["memory"] = memory_steps(rank)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def memory_steps(rank=None):
+    """Two steps of PDDMLoss(memory=bank): batch mode (empty bank), then against the bank.
+    rank=None: one process on the whole batches. Returns per step (loss, quads, dL/dx slice, dL/dtheta)."""
+    torch.manual_seed(1)
+    bank = pddm_ext.MemoryBank(64, D)
+    loss_fn = pddm_ext.PDDMLoss(D, k=3, memory=bank, distributed=rank is not None).double()
+    steps = []
+    for _ in range(2):
+        x = torch.randn(P * K, D, dtype=torch.float64)
+        labels = torch.arange(P).repeat_interleave(K)[torch.randperm(P * K)]
+        if rank is not None:
+            start = sum(SLICES[:rank])
+            x, labels = x[start:start + SLICES[rank]], labels[start:start + SLICES[rank]]
+        x.requires_grad_(True)
+        loss = loss_fn(x, labels)
+        grads = torch.autograd.grad(loss, [x, *loss_fn.parameters()])
+        steps.append((loss.detach(), tuple(loss_fn.last_quadruplets[:4]), grads[0], grads[1:]))
+    return steps
 
 
 def run_torchrun(args, timeout, env=None):
@@ -158,6 +180,23 @@ def test_pml_distributed_miner_wrapper_mines_the_global_batch(ranks):
         want = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=4)(emb[order], labels[order])
         for got, w in zip(res["pml_wrapper"], want):
             assert torch.equal(got, w)
+
+
+def test_memory_bank_and_raw_per_rank_gradients(ranks):
+    """Without DDP: rank r holds W dL/dx_r for its slice and the full dL/dtheta; with a bank (filled
+    with the global batches, identical on every rank) mining matches single-process too."""
+    single = memory_steps()
+    world = len(SLICES)
+    for r, res in enumerate(ranks):
+        start = sum(SLICES[:r])
+        for step, ((loss, quads, gx, gtheta), (r_loss, r_quads, r_gx, r_gtheta)) in enumerate(zip(single, res["memory"])):
+            assert r_quads[0].numel() > 0
+            for got, want in zip(r_quads, quads):
+                assert torch.equal(got, want), step
+            torch.testing.assert_close(r_loss, loss, rtol=0, atol=1e-12)
+            torch.testing.assert_close(r_gx, world * gx[start:start + SLICES[r]], rtol=1e-10, atol=1e-12)
+            for g_dist, g in zip(r_gtheta, gtheta):
+                torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
 
 
 def test_without_a_process_group_distributed_is_a_no_op():

@@ -243,3 +243,14 @@ def test_package_imports_and_mines_without_pml():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_example_script_runs(monkeypatch, capsys):
+    import os
+    import runpy
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "pml_trainer.py")
+    monkeypatch.setattr(sys, "argv", [script, "--epochs", "1"])
+    runpy.run_path(script, run_name="__main__")  # in-process: torch and PML are already imported
+    out = capsys.readouterr().out
+    assert "epoch 1: loss" in out and "precision@1" in out
