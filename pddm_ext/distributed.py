@@ -24,6 +24,8 @@ own ``.grad`` on rank r is W dL/dx_r.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -98,3 +100,51 @@ def scale_grad(x, factor):
         return x
     return _ScaleGrad.apply(x, float(factor))
 
+
+
+def global_batch(embeddings, labels, group=None):
+    """The global batch for a loss: ``(all_gather(scale_grad(embeddings, W)), all_gather(labels))``.
+
+    A loss of the global batch computed on every rank and back-propagated from each then gives
+    DDP-averaged gradients equal to single-process training on the concatenated batch (module
+    docstring). ``PDDMLoss(distributed=True)`` does exactly this after normalising.
+    """
+    return gather_embeddings_and_labels(scale_grad(embeddings, world_size(group)), labels, group)
+
+
+class GlobalBatchLoss(torch.nn.Module):
+    """Wraps any loss ``loss(embeddings, labels)`` so that it sees the global batch of all ranks
+    (``global_batch``): the way to make a loss without a ``distributed=`` option mine over every
+    rank's embeddings. Without a process group it is the wrapped loss. ``.loss`` is the wrapped one."""
+
+    def __init__(self, loss, group=None):
+        super().__init__()
+        self.loss = loss
+        self.group = group
+
+    def forward(self, embeddings, labels):
+        return self.loss(*global_batch(embeddings, labels, self.group))
+
+
+def shard(batch, group=None):
+    """This rank's share of a global batch (a sequence of item indices): items rank, rank + W, ...
+
+    Every rank draws the same global batch (same sampler seed) and keeps its share; all_gather then
+    restores the global batch up to a permutation of its rows, which the losses do not depend on."""
+    return batch[rank(group)::world_size(group)]
+
+
+def init_from_env(device=None):
+    """Joins the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment):
+    nccl for CUDA, gloo for CPU; on CUDA each rank takes GPU ``LOCAL_RANK``. Returns the device to
+    train on. A no-op (returning ``device``) in a single process or when already initialised."""
+    device = torch.device(device) if device is not None else None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return device
+    if device is not None and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device

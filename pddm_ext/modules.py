@@ -158,7 +158,7 @@ class PDDMLoss(nn.Module):
 
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
             # gradient by the world size makes DDP's average equal the single-process gradient.
-            f, labels = D.gather_embeddings_and_labels(D.scale_grad(f, D.world_size()), labels)
+            f, labels = D.global_batch(f, labels)
         if self.memory is not None:
             ref_emb, ref_labels = self.memory.get()
             f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)

@@ -88,6 +88,7 @@ def worker(out_dir):
     result["pml_wrapper"] = DistributedMinerWrapper(pddm_ext.PDDMMiner(unit=loss0.unit, k=4))(emb, labels[half])
     # Without DDP, with a memory bank: the raw per-rank gradients the contract describes.
     result["memory"] = memory_steps(rank)
+    result["wrapper"] = wrapper_step(rank)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -110,6 +111,23 @@ def memory_steps(rank=None):
         grads = torch.autograd.grad(loss, [x, *loss_fn.parameters()])
         steps.append((loss.detach(), tuple(loss_fn.last_quadruplets[:4]), grads[0], grads[1:]))
     return steps
+
+
+def wrapper_step(rank=None):
+    """GlobalBatchLoss around a plain PDDMLoss, each rank taking shard() (rows rank, rank + W, ...) of
+    the batch; rank=None: one process on the batch in gathered order (rank 0's rows, then rank 1's).
+    Returns (loss, quads, dL/dx of the process's rows, dL/dtheta)."""
+    data, labels, backbone, loss_fn = build(distributed=False)
+    emb = backbone(data).detach()
+    if rank is None:
+        order = torch.cat([torch.arange(r, P * K, len(SLICES)) for r in range(len(SLICES))])
+        x, y = emb[order], labels[order]
+    else:
+        x, y = emb[pddm_ext.distributed.shard(torch.arange(P * K))], labels[pddm_ext.distributed.shard(torch.arange(P * K))]
+    x.requires_grad_(True)
+    loss = pddm_ext.distributed.GlobalBatchLoss(loss_fn)(x, y)
+    grads = torch.autograd.grad(loss, [x, *loss_fn.parameters()])
+    return loss.detach(), tuple(loss_fn.last_quadruplets[:4]), grads[0], grads[1:]
 
 
 def run_torchrun(args, timeout, env=None):
@@ -197,6 +215,20 @@ def test_memory_bank_and_raw_per_rank_gradients(ranks):
             torch.testing.assert_close(r_gx, world * gx[start:start + SLICES[r]], rtol=1e-10, atol=1e-12)
             for g_dist, g in zip(r_gtheta, gtheta):
                 torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
+
+
+def test_global_batch_loss_wrapper_with_strided_shards(ranks):
+    loss, quads, gx, gtheta = wrapper_step()
+    world, half = len(SLICES), P * K // len(SLICES)
+    for r, res in enumerate(ranks):
+        r_loss, r_quads, r_gx, r_gtheta = res["wrapper"]
+        assert quads[0].numel() == 3
+        for got, want in zip(r_quads, quads):
+            assert torch.equal(got, want)
+        torch.testing.assert_close(r_loss, loss, rtol=0, atol=1e-12)
+        torch.testing.assert_close(r_gx, world * gx[r * half:(r + 1) * half], rtol=1e-10, atol=1e-12)
+        for g_dist, g in zip(r_gtheta, gtheta):
+            torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
 
 
 def test_without_a_process_group_distributed_is_a_no_op():
