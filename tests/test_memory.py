@@ -211,3 +211,25 @@ def test_mining_against_a_65536_row_bank_uses_the_fused_path():
     assert result["quadruplets"] == 1 and result["grad_finite"]
     # A (128, 65536) float64 score matrix would be 64 MiB; the step's extra peak stays under a quarter.
     assert result["extra_peak_bytes"] < result["matrix_bytes"] / 4, result
+
+
+def test_explicit_ref_emb_is_reference_mode_with_gradients_into_both():
+    """PML's loss signature: loss(embeddings, labels, ref_emb=..., ref_labels=...) mines against the
+    given references; unlike the bank's rows they keep their graph."""
+    torch.manual_seed(2)
+    d = 6
+    loss_fn = pddm_ext.PDDMLoss(d, k=3).double()
+    x = torch.randn(8, d, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(20, d, dtype=torch.float64, requires_grad=True)
+    labels, ref_labels = torch.arange(4).repeat(2), torch.arange(5).repeat(4)
+    loss = loss_fn(x, labels, ref_emb=y, ref_labels=ref_labels)
+    expected, q_ref = reference_memory_loss(loss_fn, x, labels, F.normalize(y, dim=1), ref_labels)
+    for got, want in zip(loss_fn.last_quadruplets[:4], q_ref[:4]):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(torch.autograd.grad(loss, [x, y]), torch.autograd.grad(expected, [x, y])):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="together"):
+        loss_fn(x, labels, ref_emb=y)
+    with pytest.raises(ValueError, match="cannot be combined with memory"):
+        pddm_ext.PDDMLoss(d, memory=pddm_ext.MemoryBank(4, d))(x, labels, ref_emb=y, ref_labels=ref_labels)
