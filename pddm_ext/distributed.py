@@ -148,3 +148,27 @@ def init_from_env(device=None):
     else:
         dist.init_process_group("gloo")
     return device
+
+
+class ShardedBatchSampler:
+    """Wraps a batch sampler (e.g. ``PKSampler``): yields this rank's ``shard`` of every batch.
+
+    Every rank builds the same sampler with the same seed, so they draw the same global P x K batch
+    and each keeps its share. ``len`` is the wrapped sampler's; usable as ``DataLoader(batch_sampler=...)``."""
+
+    def __init__(self, batch_sampler, group=None):
+        self.batch_sampler, self.group = batch_sampler, group
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            yield shard(batch, self.group)
+
+
+def close():
+    """Waits for every rank, then leaves the process group (the end of a ``torchrun`` job)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -89,6 +89,7 @@ def worker(out_dir):
     # Without DDP, with a memory bank: the raw per-rank gradients the contract describes.
     result["memory"] = memory_steps(rank)
     result["wrapper"] = wrapper_step(rank)
+    result["sharded"] = list(pddm_ext.distributed.ShardedBatchSampler(pddm_ext.data.PKSampler(labels, 3, 4, seed=0)))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -229,6 +230,14 @@ def test_global_batch_loss_wrapper_with_strided_shards(ranks):
         torch.testing.assert_close(r_gx, world * gx[r * half:(r + 1) * half], rtol=1e-10, atol=1e-12)
         for g_dist, g in zip(r_gtheta, gtheta):
             torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
+
+
+def test_sharded_batch_sampler_splits_every_pk_batch_across_ranks(ranks):
+    labels = build(False)[1]
+    batches = list(pddm_ext.data.PKSampler(labels, 3, 4, seed=0))
+    for r, res in enumerate(ranks):
+        assert res["sharded"] == [b[r::len(SLICES)] for b in batches]
+    assert list(pddm_ext.distributed.ShardedBatchSampler(batches)) == batches  # one process: unchanged
 
 
 def test_without_a_process_group_distributed_is_a_no_op():
