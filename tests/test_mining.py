@@ -244,6 +244,7 @@ def test_batch_hard_vs_brute_force(metric, mode, layout, dtype_name):
     "mode,m,n", [("batch", 70, None), ("ref", 70, 45), ("ref", 9, 230)], ids=["batch70", "ref70x45", "ref9x230"]
 )
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+@pytest.mark.multithreaded
 def test_mining_across_many_tiles(metric, mode, m, n, k):
     """Sizes that span several 32-pair tile sides, so per-tile heaps and reductions are merged."""
     x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, "random", "f32", m=m, n=n or m, seed=11)

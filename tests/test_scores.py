@@ -61,6 +61,7 @@ def test_scores_match_reference(m, n, d, h, c, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.multithreaded
 def test_scores_many_tiles(dtype):
     """m = 300 crosses a 10 x 10 grid of tiles (32-pair sides at these widths)."""
     unit = make_unit(6, 5, 4, dtype=dtype, seed=3)

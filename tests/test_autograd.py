@@ -1,0 +1,288 @@
+"""Issue 3: the fused backward of pddm_scores / unit(x) / unit(x, y), and opcheck on every op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pddm_ext
+from pddm_ext import reference
+from pddm_ext.reference import PARAM_NAMES
+from conftest import make_unit, randn
+
+ops = torch.ops.pddm_ext
+
+
+def leaves(unit, dtype=torch.float64):
+    """Fresh leaf copies of the unit's parameters (requires_grad=True)."""
+    return [p.detach().to(dtype).clone().requires_grad_() for p in unit.params()]
+
+
+# --------------------------------------------------------------------------- gradcheck (float64)
+
+# (m, n, d, h, c): odd sizes; n=None is batch mode. The last ones cross 32-pair tile sides.
+GRADCHECK_SHAPES = [
+    (1, None, 3, 2, 2),
+    (2, None, 1, 3, 2),
+    (5, None, 3, 4, 3),
+    (7, None, 5, 3, 6),
+    (1, 4, 3, 3, 2),
+    (4, 1, 2, 5, 3),
+    (5, 7, 3, 4, 3),
+    (3, 6, 1, 2, 5),
+]
+
+
+@pytest.mark.parametrize("m,n,d,h,c", GRADCHECK_SHAPES, ids=[f"m{s[0]}n{s[1]}d{s[2]}h{s[3]}c{s[4]}" for s in GRADCHECK_SHAPES])
+def test_gradcheck_x_y_and_every_parameter(m, n, d, h, c):
+    unit = make_unit(d, h, c, seed=m + 10 * d)
+    x = randn(m, d, seed=1).requires_grad_()
+    params = leaves(unit)
+    if n is None:
+        fn = lambda x, *p: pddm_ext.pddm_scores(x, None, *p)  # noqa: E731
+        inputs = (x, *params)
+    else:
+        y = randn(n, d, seed=2).requires_grad_()
+        fn = lambda x, y, *p: pddm_ext.pddm_scores(x, y, *p)  # noqa: E731
+        inputs = (x, y, *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+@pytest.mark.multithreaded
+def test_gradcheck_across_tiles(batch):
+    """m = 35 rows: two tile rows/columns of the 32-pair tile side used at these widths (fast mode:
+    random projections of the Jacobian, since the full one has 35^2 rows)."""
+    unit = make_unit(3, 4, 3, seed=3)
+    x = randn(35, 3, seed=4).requires_grad_()
+    params = leaves(unit)
+    if batch:
+        fn = lambda x, *p: pddm_ext.pddm_scores(x, None, *p)  # noqa: E731
+        inputs = (x, *params)
+    else:
+        y = randn(34, 3, seed=5).requires_grad_()
+        fn = lambda x, y, *p: pddm_ext.pddm_scores(x, y, *p)  # noqa: E731
+        inputs = (x, y, *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_through_module():
+    unit = make_unit(4, 3, 5)
+    x = randn(6, 4, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: unit(x), (x,))
+    y = randn(3, 4, seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: unit(x, y), (x, y))
+
+
+def test_gradient_with_duplicate_rows_in_batch_mode():
+    """Duplicate rows meet at u = 0 (normalize(0) = 0, the abs kink); the fused backward must agree with
+    the reference's autograd there (the diagonal too: S(a, a) depends on a only through v)."""
+    unit = make_unit(4, 5, 3, seed=7)
+    z = randn(4, 4, seed=8)
+    x0 = torch.cat([z, z[:2]])
+    g = randn(6, 6, seed=9)
+    x, params = x0.clone().requires_grad_(), leaves(unit)
+    (pddm_ext.pddm_scores(x, None, *params) * g).sum().backward()
+    xr, params_r = x0.clone().requires_grad_(), leaves(unit)
+    (reference.pddm_scores(xr, None, params_r) * g).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-10)
+    for name, p, pr in zip(PARAM_NAMES, params, params_r):
+        torch.testing.assert_close(p.grad, pr.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+# --------------------------------------------------------------------------- float32 vs float64
+
+
+@pytest.mark.parametrize(
+    "m,n,d,h,c", [(40, None, 32, 24, 16), (33, 21, 8, 6, 5), (20, None, 128, 128, 128), (17, 30, 128, 128, 128)],
+    ids=["batch40", "ref33x21", "batch20-d128", "ref17x30-d128"],
+)
+@pytest.mark.multithreaded
+def test_float32_gradients_match_float64_reference(m, n, d, h, c):
+    """Tolerance: float32 gradients sum m*n pair contributions (each a chain of three normalised layers)
+    with eps = 6e-8; we require each gradient within 1e-4 of its own scale (max |g|) plus 1e-3 relative,
+    far above that rounding and far below any real error (a wrong term moves gradients by O(1/mn))."""
+    unit = make_unit(d, h, c, dtype=torch.float32, seed=m)
+    x0 = randn(m, d, dtype=torch.float32, seed=1)
+    y0 = None if n is None else randn(n, d, dtype=torch.float32, seed=2)
+    g = randn(m, m if n is None else n, dtype=torch.float32, seed=3)
+
+    x = x0.clone().requires_grad_()
+    y = None if y0 is None else y0.clone().requires_grad_()
+    params = leaves(unit, torch.float32)
+    S = pddm_ext.pddm_scores(x, y, *params)
+    (S * g).sum().backward()
+
+    xr = x0.double().requires_grad_()
+    yr = None if y0 is None else y0.double().requires_grad_()
+    params_r = leaves(unit, torch.float64)
+    (reference.pddm_scores(xr, yr, params_r) * g.double()).sum().backward()
+
+    pairs = [("x", x, xr)] + ([] if y is None else [("y", y, yr)]) + list(zip(PARAM_NAMES, params, params_r))
+    for name, got, want in pairs:
+        assert got.grad.dtype == torch.float32
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_input_gradients(half):
+    """Half inputs compute in float32; their gradient comes back in the input's dtype."""
+    unit = make_unit(6, 5, 4, dtype=torch.float32, seed=2)
+    x = randn(9, 6, dtype=torch.float32, seed=1).to(half).requires_grad_()
+    unit(x).sum().backward()
+    assert x.grad.dtype == half
+    xr = x.detach().double().requires_grad_()
+    reference.pddm_scores(xr, None, leaves(unit)).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=2e-2 * xr.grad.abs().max().item())
+
+
+# --------------------------------------------------------------------------- only the needed gradients
+
+
+def _grads_vs_reference(x_needs, y_needs, params_need, batch):
+    unit = make_unit(5, 4, 3, seed=11)
+    x0, y0 = randn(7, 5, seed=1), None if batch else randn(6, 5, seed=2)
+    g = randn(7, 7 if batch else 6, seed=3)
+
+    x = x0.clone().requires_grad_(x_needs)
+    y = None if batch else y0.clone().requires_grad_(y_needs)
+    params = [p.requires_grad_(params_need) for p in leaves(unit)]
+    S = pddm_ext.pddm_scores(x, y, *params)
+    assert S.requires_grad == (x_needs or (y_needs and not batch) or params_need)
+    if S.requires_grad:
+        (S * g).sum().backward()
+
+    xr = x0.clone().requires_grad_()
+    yr = None if batch else y0.clone().requires_grad_()
+    params_r = leaves(unit)
+    (reference.pddm_scores(xr, yr, params_r) * g).sum().backward()
+    for need, t, tr in [(x_needs, x, xr), (y_needs and not batch, y, yr)] + [
+        (params_need, p, pr) for p, pr in zip(params, params_r)
+    ]:
+        if t is None:
+            continue
+        if need:
+            torch.testing.assert_close(t.grad, tr.grad, rtol=1e-9, atol=1e-10)
+        else:
+            assert t.grad is None
+
+
+@pytest.mark.parametrize(
+    "x_needs,y_needs,params_need",
+    [(True, False, False), (False, True, False), (False, False, True), (True, True, False), (False, True, True),
+     (True, False, True)],
+    ids=["x", "y", "params", "x+y", "y+params", "x+params"],
+)
+def test_only_needed_gradients_reference_mode(x_needs, y_needs, params_need):
+    _grads_vs_reference(x_needs, y_needs, params_need, batch=False)
+
+
+@pytest.mark.parametrize("x_needs,params_need", [(True, False), (False, True)], ids=["x", "params"])
+def test_only_needed_gradients_batch_mode(x_needs, params_need):
+    _grads_vs_reference(x_needs, False, params_need, batch=True)
+
+
+def test_some_parameters_frozen():
+    unit = make_unit(5, 4, 3, seed=12)
+    unit.W_u.requires_grad_(False)
+    unit.b_s.requires_grad_(False)
+    x = randn(6, 5, dtype=torch.float32, seed=4).double().requires_grad_()
+    unit(x).sum().backward()
+    assert unit.W_u.grad is None and unit.b_s.grad is None
+    assert unit.W_v.grad is not None and unit.w_s.grad is not None and x.grad is not None
+    params_r = leaves(unit)
+    reference.pddm_scores(x.detach(), None, params_r).sum().backward()
+    torch.testing.assert_close(unit.W_c.grad, params_r[4].grad, rtol=1e-9, atol=1e-10)
+
+
+def test_no_grad_returns_plain_tensor():
+    unit = make_unit(4)
+    x = randn(5, 4, seed=1).requires_grad_()
+    with torch.no_grad():
+        S = unit(x)
+    assert not S.requires_grad and S.grad_fn is None
+
+
+# --------------------------------------------------------------------------- double backward
+
+
+def test_double_backward_raises_clear_error():
+    unit = make_unit(4, 3, 3)
+    x = randn(5, 4, seed=1).requires_grad_()
+    S = unit(x)
+    (gx,) = torch.autograd.grad(S.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_double_backward_raises_for_parameters_too():
+    unit = make_unit(4, 3, 3)
+    x = randn(5, 4, seed=1)
+    y = randn(3, 4, seed=2)
+    S = unit(x, y)
+    grads = torch.autograd.grad(S.pow(2).sum(), list(unit.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grads[0].sum(), unit.W_u)
+
+
+# --------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_inputs(batch, requires_grad):
+    unit = make_unit(4, 5, 3, seed=13)
+    x = randn(6, 4, seed=1).requires_grad_(requires_grad)
+    y = None if batch else randn(5, 4, seed=2).requires_grad_(requires_grad)
+    params = [p.requires_grad_(requires_grad) for p in leaves(unit)]
+    return x, y, params
+
+
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+def test_opcheck_scores(batch, requires_grad):
+    x, y, params = _opcheck_inputs(batch, requires_grad)
+    # all default test_utils: schema, autograd registration, fake tensor, AOT dispatch (dynamic shapes)
+    torch.library.opcheck(ops.scores.default, (x, y, *params))
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, False], [False, False, True]],
+                         ids=["all", "x", "y", "params"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+def test_opcheck_scores_backward(batch, mask):
+    # Inputs do not require grad: scores_backward has no derivative (double backward raises), so
+    # test_aot_dispatch_dynamic would only exercise that error.
+    x, y, params = _opcheck_inputs(batch, requires_grad=False)
+    grad = randn(6, 6 if batch else 5, seed=3)
+    torch.library.opcheck(ops.scores_backward.default, (grad, x, y, *params, mask))
+
+
+MINE_CASES = {
+    "batch": lambda x, y, lx, ly: (x, lx, None, None),
+    "ref": lambda x, y, lx, ly: (x, lx, y, ly),
+}
+
+
+@pytest.mark.parametrize("k", [-1, 0, 1, 3], ids=["all", "none", "k1", "k3"])
+@pytest.mark.parametrize("mode", list(MINE_CASES))
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_opcheck_mine(metric, mode, k):
+    """Both mine ops, with every default test_util. The number of mined pairs is data dependent: the
+    fake kernel allocates it with ctx.new_dynamic_size(), which test_faketensor and
+    test_aot_dispatch_dynamic exercise. Inputs do not require grad: mining is not differentiable
+    (SPEC §3), the public API always calls these ops on detached inputs under no_grad, and the ops
+    have no autograd formula by design."""
+    x, y, _ = _opcheck_inputs(batch=True, requires_grad=False)
+    y = randn(5, 4, seed=2)
+    lx, ly = torch.tensor([0, 1, 0, 2, 1, 0]), torch.tensor([1, 0, 2, 2, 0])
+    args = MINE_CASES[mode](x, y, lx, ly)
+    if metric == "pddm":
+        params = [p.detach() for p in make_unit(4, 5, 3, seed=13).params()]
+        torch.library.opcheck(ops.mine_pddm.default, (*args, *params, k))
+    else:
+        torch.library.opcheck(ops.mine_euclidean.default, (*args, k))
+
+
+def test_opcheck_covers_every_op():
+    """Guards against an op added to the library without an opcheck test here."""
+    registered = {name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")}
+    assert registered == {"scores", "scores_backward", "mine_pddm", "mine_euclidean"}

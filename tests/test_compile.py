@@ -1,0 +1,73 @@
+"""Issue 3: a training step with PDDMLoss and unit(x) compiles as one graph (fullgraph=True).
+
+mine_hard returns a data-dependent number of quadruplets: its ops' fake kernels allocate that size
+with ctx.new_dynamic_size() (an unbacked symbolic size), and the loss has no Python branch on it, so
+dynamo traces the whole step without a graph break. The compiled step must also reproduce eager
+results when a later batch mines a different number of quadruplets (including none) without
+recompiling for it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pddm_ext
+
+
+class Model(torch.nn.Module):
+    def __init__(self, d_in=6, d=8):
+        super().__init__()
+        self.embed = torch.nn.Linear(d_in, d)
+        self.loss = pddm_ext.PDDMLoss(d, 6, 5, k=3)
+
+    def step_loss(self, inputs, labels):
+        """PDDMLoss (mining + double-header + embedding loss) plus a term on all-pairs unit(x) scores."""
+        emb = self.embed(inputs)
+        scores = self.loss.unit(torch.nn.functional.normalize(emb, dim=1))
+        return self.loss(emb, labels) + 0.1 * scores.mean()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    pk = torch.arange(6).repeat_interleave(2)  # P x K = 6 x 2
+    return [
+        (torch.randn(12, 6, generator=g), pk),
+        (torch.randn(12, 6, generator=g), pk[torch.randperm(12, generator=g)]),
+        (torch.randn(12, 6, generator=g), torch.arange(12)),  # no positive pair: zero PDDMLoss
+        (torch.randn(12, 6, generator=g), torch.zeros(12, dtype=torch.int64)),  # no negative
+    ]
+
+
+def _train(model, step_loss, batches):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for inputs, labels in batches:
+        opt.zero_grad()
+        loss = step_loss(inputs, labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("backend", ["inductor"])
+def test_compiled_training_step_fullgraph(backend):
+    torch.manual_seed(0)
+    eager = Model()
+    compiled = copy.deepcopy(eager)
+    batches = _batches()
+    torch.compiler.reset()
+    try:
+        step = torch.compile(compiled.step_loss, fullgraph=True, backend=backend)
+        got = _train(compiled, step, batches)
+    finally:
+        torch.compiler.reset()
+    want = _train(eager, eager.step_loss, batches)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # the zero-loss batches are still connected: their step ran backward through the loss
+    assert compiled.loss.last_quadruplets.anchor.numel() == 0
