@@ -36,6 +36,8 @@ class PDDM(nn.Module):
 
     def __init__(self, in_features, hidden_features=None, joint_features=None, *, device=None, dtype=None):
         super().__init__()
+        if in_features is None:  # only the widths h and c have defaults
+            raise TypeError("in_features must be an int, got NoneType")
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
                             ("joint_features", joint_features)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
