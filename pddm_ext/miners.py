@@ -55,6 +55,7 @@ class _PDDMMining:
         x = prep(embeddings)
         y = None if batch_mode else prep(ref_emb)
         if self.mode == "batch_hard":
+            self.last_quadruplets = None
             return batch_hard(x, labels, self.unit, ref_emb=y, ref_labels=ref_labels, metric=self.metric)
         quads = mine_hard(x, labels, self.unit, k=self.k, ref_emb=y, ref_labels=ref_labels, metric=self.metric)
         self.last_quadruplets = quads

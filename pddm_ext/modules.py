@@ -161,6 +161,8 @@ class PDDMLoss(nn.Module):
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
             # gradient by the world size makes DDP's average equal the single-process gradient.
             f, labels = D.global_batch(f, labels)
+            if ref_emb is not None:  # every rank's references too, by the same rule
+                f_ref, ref_labels = D.global_batch(f_ref, ref_labels)
         if self.memory is not None:
             ref_emb, ref_labels = self.memory.get()
             f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)

@@ -89,6 +89,7 @@ def worker(out_dir):
     # Without DDP, with a memory bank: the raw per-rank gradients the contract describes.
     result["memory"] = memory_steps(rank)
     result["wrapper"] = wrapper_step(rank)
+    result["ref"] = ref_step(rank)
     result["sharded"] = list(pddm_ext.distributed.ShardedBatchSampler(pddm_ext.data.PKSampler(labels, 3, 4, seed=0)))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -129,6 +130,23 @@ def wrapper_step(rank=None):
     loss = pddm_ext.distributed.GlobalBatchLoss(loss_fn)(x, y)
     grads = torch.autograd.grad(loss, [x, *loss_fn.parameters()])
     return loss.detach(), tuple(loss_fn.last_quadruplets[:4]), grads[0], grads[1:]
+
+
+def ref_step(rank=None):
+    """PDDMLoss(distributed=True)(x, labels, ref_emb=y, ref_labels=...): queries and references are
+    both gathered. Returns (loss, quads, dL/dtheta)."""
+    torch.manual_seed(2)
+    loss_fn = pddm_ext.PDDMLoss(D, k=4, distributed=rank is not None).double()
+    x, y = torch.randn(P * K, D, dtype=torch.float64), torch.randn(12, D, dtype=torch.float64)
+    lx, ly = torch.arange(P).repeat_interleave(K), torch.arange(6).repeat(2)
+    if rank is not None:
+        x, lx = x[pddm_ext.distributed.shard(torch.arange(P * K))], lx[pddm_ext.distributed.shard(torch.arange(P * K))]
+        y, ly = y[pddm_ext.distributed.shard(torch.arange(12))], ly[pddm_ext.distributed.shard(torch.arange(12))]
+    else:  # the gathered order: rank 0's rows, then rank 1's
+        ox, oy = (torch.cat([torch.arange(r, n, 2) for r in range(2)]) for n in (P * K, 12))
+        x, lx, y, ly = x[ox], lx[ox], y[oy], ly[oy]
+    loss = loss_fn(x, lx, ref_emb=y, ref_labels=ly)
+    return loss.detach(), tuple(loss_fn.last_quadruplets[:4]), torch.autograd.grad(loss, list(loss_fn.parameters()))
 
 
 def run_torchrun(args, timeout, env=None):
@@ -228,6 +246,18 @@ def test_global_batch_loss_wrapper_with_strided_shards(ranks):
             assert torch.equal(got, want)
         torch.testing.assert_close(r_loss, loss, rtol=0, atol=1e-12)
         torch.testing.assert_close(r_gx, world * gx[r * half:(r + 1) * half], rtol=1e-10, atol=1e-12)
+        for g_dist, g in zip(r_gtheta, gtheta):
+            torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
+
+
+def test_explicit_references_are_gathered_too(ranks):
+    loss, quads, gtheta = ref_step()
+    assert quads[0].numel() == 4
+    for res in ranks:
+        r_loss, r_quads, r_gtheta = res["ref"]
+        for got, want in zip(r_quads, quads):
+            assert torch.equal(got, want)
+        torch.testing.assert_close(r_loss, loss, rtol=0, atol=1e-12)
         for g_dist, g in zip(r_gtheta, gtheta):
             torch.testing.assert_close(g_dist, g, rtol=1e-10, atol=1e-12)
 
