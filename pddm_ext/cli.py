@@ -1,0 +1,98 @@
+"""The ``pddm-ext`` command: ``pddm-ext train`` (one run) and ``pddm-ext compare`` (four losses x seeds).
+
+``pddm-ext train`` with no arguments trains on mnist5k with the PDDM loss and prints a table.
+A bad configuration stops with a one-line error (exit status 2) before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .data import DatasetError
+from .train import LOSSES, ConfigError, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def _common(parser):
+    parser.add_argument("--dataset", default=DEFAULTS.dataset,
+                        help="mnist5k (default), digits, glyphs or folder:PATH (one subfolder per class)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
+    parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None,
+                        help="P classes per batch (default: min(8, training classes))")
+    parser.add_argument("-K", "--per-class", dest="k", type=int, default=DEFAULTS.k,
+                        help=f"K images per class in a batch (default {DEFAULTS.k})")
+    parser.add_argument("--batches-per-epoch", type=int, default=None,
+                        help="default: training images // (P K)")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
+    parser.add_argument("--mine-k", type=int, default=None,
+                        help="hardest positive pairs mined per batch by the PDDM losses (default P K / 2; 1 = the paper's rule)")
+    parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="PDDM metric-loss margin")
+    parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="triplet margin on squared distances")
+    parser.add_argument("--lam", type=float, default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
+    parser.add_argument("--backbone", default=DEFAULTS.backbone, help="auto (default), small or resnet18")
+    parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None,
+                        help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
+    parser.add_argument("--image-size", type=int, default=None, help="folder: image side (default 224 or 64)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args, **extra):
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, **extra)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="pddm-ext", description="Train and compare embeddings with PDDM hard mining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_train = sub.add_parser("train", help="train one embedding and evaluate it after every epoch")
+    _common(p_train)
+    p_train.add_argument("--loss", default=DEFAULTS.loss, help=f"one of {', '.join(LOSSES)} (default pddm)")
+    p_train.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p_train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<loss>-seed<seed>)")
+    p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+    p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
+    _common(p_cmp)
+    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES), help=f"default: {' '.join(LOSSES)}")
+    p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p_cmp.add_argument("--out", default=None, help="results folder (default benchmarks/results/compare/<dataset>)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import format_table, train
+
+            cfg = _config(args)
+            result = train(cfg, resume=args.resume, progress=not args.quiet)
+            print(f"\n{result['dataset']['name']}, loss {result['config']['loss']}, seed {result['config']['seed']} "
+                  f"(test classes {', '.join(result['dataset']['test_classes'][:12])}"
+                  f"{', ...' if len(result['dataset']['test_classes']) > 12 else ''}):")
+            print(format_table(result["history"], result["floor"]))
+            print(f"\nlog {os.path.join(result['out'], 'log.jsonl')}, plot {os.path.join(result['out'], 'recall_at_1.png')}")
+        else:
+            from .compare import markdown, run_all
+
+            bad = [loss for loss in args.losses if loss not in LOSSES]
+            if bad:
+                raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(LOSSES)}")
+            name = args.dataset.replace("/", "_").replace(":", "-").strip("_")
+            out = args.out or os.path.join("benchmarks", "results", "compare", name)
+            summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)
+            print(markdown(summary))
+            print(f"written to {out}/results.md, results.json, convergence.png")
+    except (ConfigError, DatasetError) as exc:
+        print(f"pddm-ext: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""``pddm-ext compare``: the four losses on one dataset, several seeds, an equal budget (same
+batches, same batch size, same network, same optimiser), summarised as a markdown table
+(mean +- std of Recall@K and NMI on the test classes), a convergence plot (Recall@1 against
+epoch and against training time, one line per loss) and a JSON file with every epoch of every run.
+
+Runs live in ``<out>/runs/<loss>-seed<seed>``; a finished run is not repeated and an interrupted
+one resumes from its checkpoint, so the command can be rerun after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .train import CHECKPOINT, LOSSES, TrainConfig, prepare, train, write_text_atomic
+
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi")
+
+
+def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *, progress=True):
+    """Trains every (loss, seed) with ``base`` (a TrainConfig) and writes the summary files; returns the summary."""
+    split = prepare(dataclasses.replace(base, loss=losses[0]))  # every error before any training
+    runs = []
+    for loss in losses:
+        for seed in seeds:
+            cfg = dataclasses.replace(base, loss=loss, seed=seed, out=os.path.join(out, "runs", f"{loss}-seed{seed}"))
+            done = _finished(cfg)
+            if done is None:
+                resume = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
+                t0 = time.perf_counter()
+                done = train(cfg, resume=resume, progress=progress, split=split)
+                if progress:
+                    print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
+                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            runs.append(done)
+    summary = summarise(runs, losses)
+    os.makedirs(out, exist_ok=True)
+    write_text_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
+    write_text_atomic(os.path.join(out, "results.md"), markdown(summary))
+    plot_convergence(summary, os.path.join(out, "convergence.png"))
+    return summary
+
+
+def _finished(cfg):
+    path = os.path.join(cfg.out, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    same = {k: v for k, v in result["config"].items() if k not in ("out", "device", "threads")} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "threads")}
+    return result if same and len(result["history"]) == cfg.epochs else None
+
+
+def summarise(runs, losses):
+    """Per loss: final metrics (mean, std over seeds), mean Recall@1 and training time per epoch."""
+    first = runs[0]
+    per_loss = {}
+    for loss in losses:
+        rs = [r for r in runs if r["config"]["loss"] == loss]
+        final = {m: [r["history"][-1][m] for r in rs] for m in METRICS}
+        curve = np.array([[h["recall@1"] for h in r["history"]] for r in rs])
+        times = np.array([[h["train_time"] for h in r["history"]] for r in rs])
+        per_loss[loss] = dict(
+            seeds=[r["config"]["seed"] for r in rs],
+            final={m: dict(mean=float(np.mean(v)), std=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, values=v)
+                   for m, v in final.items()},
+            recall1_mean=curve.mean(0).tolist(), recall1_std=curve.std(0, ddof=1).tolist() if len(rs) > 1 else [0.0] * curve.shape[1],
+            train_time_mean=times.mean(0).tolist(),
+            runs=[dict(seed=r["config"]["seed"], history=r["history"]) for r in rs],
+        )
+    dataset = dict(first["dataset"])
+    return dict(dataset=dataset, config={k: v for k, v in first["config"].items() if k not in ("loss", "seed", "out")},
+                batch=first["batch"], model=first["model"], floor=first["floor"], losses=per_loss)
+
+
+def markdown(summary):
+    cfg, ds, batch = summary["config"], summary["dataset"], summary["batch"]
+    lines = [f"# {ds['name']}: PDDM mining vs Euclidean mining", ""]
+    n_seeds = len(next(iter(summary["losses"].values()))["seeds"])
+    lines.append(f"Zero-shot: train on classes {', '.join(ds['train_classes'])}; retrieve among "
+                 f"{', '.join(ds['test_classes'])} (every test image queries all others).")
+    lines.append(f"Budget per run: {cfg['epochs']} epochs x {batch['batches_per_epoch']} batches of "
+                 f"P={batch['p']} x K={batch['k']}; {summary['model']}, embedding dim {cfg['embedding_dim']}, "
+                 f"Adam lr {cfg['lr']}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
+    if "font_hash" in ds:
+        lines.append(f"Fonts: {len(ds['font_files'])} files, list hash `{ds['font_hash'][:16]}` (full list in results.json).")
+    lines += ["", "| loss | " + " | ".join(m.replace("recall", "R") for m in METRICS) + " | train s |",
+              "|---|" + "---|" * (len(METRICS) + 1)]
+    for loss, r in summary["losses"].items():
+        cells = [f"{r['final'][m]['mean']:.3f} ± {r['final'][m]['std']:.3f}" for m in METRICS]
+        lines.append(f"| {loss} | " + " | ".join(cells) + f" | {r['train_time_mean'][-1]:.0f} |")
+    floor = summary["floor"]
+    lines.append("| raw pixels | " + " | ".join(f"{floor[m]:.3f}" for m in METRICS) + " | |")
+    lines += ["", "Recall@1 (mean over seeds) after each epoch:", "",
+              "| loss | " + " | ".join(str(e + 1) for e in range(cfg["epochs"])) + " |",
+              "|---|" + "---|" * cfg["epochs"]]
+    for loss, r in summary["losses"].items():
+        lines.append(f"| {loss} | " + " | ".join(f"{v:.3f}" for v in r["recall1_mean"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_convergence(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for loss, r in summary["losses"].items():
+        mean, std = np.array(r["recall1_mean"]), np.array(r["recall1_std"])
+        epochs = np.arange(1, len(mean) + 1)
+        (line,) = ax_e.plot(epochs, mean, marker="o", label=loss)
+        ax_e.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax_t.plot(r["train_time_mean"], mean, marker="o", color=line.get_color(), label=loss)
+    for ax in (ax_e, ax_t):
+        ax.axhline(summary["floor"]["recall@1"], color="grey", linestyle="--", label="raw pixels")
+        ax.grid(alpha=0.3)
+    ax_e.set_xlabel("epoch")
+    ax_t.set_xlabel("training time (s, mean over seeds)")
+    ax_e.set_ylabel("Recall@1 on the test classes")
+    ax_e.legend()
+    n = len(next(iter(summary["losses"].values()))["seeds"])
+    fig.suptitle(f"{summary['dataset']['name']}: Recall@1 (mean ± std over {n} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""The training loop end to end on scikit-learn's 8x8 digits: learning, exact resume, bad configs."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from pddm_ext import data  # noqa: E402
+from pddm_ext.cli import main  # noqa: E402
+from pddm_ext.train import LOSSES, ConfigError, TrainConfig, train  # noqa: E402
+
+TIMING = ("epoch_time", "train_time")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_dataset("digits")
+
+
+def without_timing(history):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_two_epochs_on_digits_learn(digits, tmp_path):
+    cfg = TrainConfig(dataset="digits", epochs=2, seed=0, threads=1, out=str(tmp_path / "run"))
+    result = train(cfg, progress=False, split=digits)
+    first, last = result["history"]
+    assert last["loss"] < first["loss"]
+    # 5 test classes of ~180 images: chance Recall@1 is about 0.2
+    assert last["recall@1"] > 0.6
+    assert last["recall@8"] >= last["recall@4"] >= last["recall@2"] >= last["recall@1"]
+    assert 0.0 < last["nmi"] <= 1.0
+    assert first["mining"]["tuples"] > 0 and "s_pos" in first["mining"]
+    out = tmp_path / "run"
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (out / "recall_at_1.png").stat().st_size > 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "loss", "optimizer", "epoch", "rng", "config"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and any(k.startswith("unit.") for k in ckpt["loss"])  # the PDDM unit is saved
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temporary file
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_resume_continues_exactly(loss, digits, tmp_path):
+    base = TrainConfig(dataset="digits", loss=loss, epochs=3, batches_per_epoch=4, seed=3, threads=1)
+    straight = train(dataclasses.replace(base, out=str(tmp_path / "straight")), progress=False, split=digits)
+    interrupted = dataclasses.replace(base, epochs=1, out=str(tmp_path / "resumed"))
+    train(interrupted, progress=False, split=digits)
+    resumed = train(dataclasses.replace(base, out=str(tmp_path / "resumed")), resume=True, progress=False, split=digits)
+    assert without_timing(resumed["history"]) == without_timing(straight["history"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["loss"]:
+        assert torch.equal(a["loss"][key], b["loss"][key]), key
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
+
+
+def test_seed_makes_runs_reproducible(digits, tmp_path):
+    cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=3, seed=5, threads=1)
+    one = train(dataclasses.replace(cfg, out=str(tmp_path / "a")), progress=False, split=digits)
+    two = train(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False, split=digits)
+    other = train(dataclasses.replace(cfg, seed=6, out=str(tmp_path / "c")), progress=False, split=digits)
+    assert without_timing(one["history"]) == without_timing(two["history"])
+    assert without_timing(one["history"]) != without_timing(other["history"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
+    (["--dataset", "digits", "-K", "1"], "K (images per class in a batch) must be >= 2"),
+    (["--dataset", "digits", "-P", "6"], "P = 6 classes per batch but dataset digits has only 5 training classes"),
+    (["--dataset", "folder:/no/such/folder"], "folder '/no/such/folder' does not exist"),
+    (["--dataset", "digits", "--loss", "contrastive"], "unknown loss 'contrastive'"),
+    (["--dataset", "digits", "--epochs", "0"], "epochs must be >= 1"),
+])
+def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *args, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pddm-ext: error: ") and message in err
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(TrainConfig(dataset="digits", out=str(tmp_path / "none")), resume=True, progress=False)
+
+
+def test_cli_train_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "2", "--threads", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "R@1" in printed and "raw pixels" in printed
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_compare_writes_table_plot_and_json(digits, tmp_path):
+    from pddm_ext.compare import run_all
+
+    base = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=2, threads=1)
+    out = tmp_path / "cmp"
+    summary = run_all(base, ["pddm", "batch-hard"], [0, 1], str(out), progress=False)
+    assert set(summary["losses"]) == {"pddm", "batch-hard"}
+    assert len(summary["losses"]["pddm"]["recall1_mean"]) == 2
+    table = (out / "results.md").read_text()
+    assert "| pddm |" in table and "| batch-hard |" in table and "±" in table
+    assert json.loads((out / "results.json").read_text())["dataset"]["name"] == "digits"
+    assert (out / "convergence.png").stat().st_size > 0
+    # a rerun reuses the finished runs
+    mtime = os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt")
+    run_all(base, ["pddm", "batch-hard"], [0, 1], str(out), progress=False)
+    assert os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt") == mtime
