@@ -466,3 +466,33 @@ def test_batch_hard_agrees_with_pml_batch_hard_miner(layout, dtype_name, mode):
     torch.testing.assert_close(sq(a, p), sq(pa, pp), rtol=0, atol=tol * 5)
     torch.testing.assert_close(sq(a, n), sq(pa, pn), rtol=0, atol=tol * 5)
     assert (lx[a] == ly[p]).all() and (lx[a] != ly[n]).all()
+
+
+# --------------------------------------------------------------------------- dtypes and copies
+
+
+def test_mixed_dtypes_compute_in_float64():
+    """float32 queries against float64 references (and a float32 unit) are mined in float64."""
+    x, lx, unit, kwargs, brute, tol = mining_case("pddm", "ref", "random", "f64")
+    unit32 = make_unit(D, H, C, dtype=torch.float32, seed=0)
+    x32 = x.float()
+    q = pddm_ext.mine_hard(x32, lx, unit32, k=None, **kwargs)
+    assert q.scores.dtype == torch.float64
+    brute64 = Brute(brute_scores(x32, kwargs["ref_emb"], ref_params(unit32), "pddm"), lx.tolist(),
+                    kwargs["ref_labels"].tolist(), batch=False)
+    check_quadruplets(q, brute64, None, MINING_TOL[torch.float64])
+
+
+def test_quadruplets_copy_and_pickle_keep_the_mode():
+    import copy
+    import pickle
+
+    x, lx, unit, kwargs, brute, tol = mining_case("euclidean", "ref", "pairs", "f64")
+    q = pddm_ext.mine_hard(x, lx, k=None, **kwargs)
+    assert not q.batch_mode
+    for clone in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert clone.batch_mode is False
+        for got, want in zip(clone.as_triplets(), q.as_triplets()):
+            assert torch.equal(got, want)
+    a, p, n = q.as_triplets()
+    assert a.shape == q.anchor.shape  # reference mode: q triplets, not 2q
