@@ -1,0 +1,271 @@
+"""Markdown tables and target checks (issues 2, 3, 5) from a results document.
+
+    python -m benchmarks.report benchmarks/results/cpu_quick.json   # reprint / rewrite the .md
+
+A target is PASS or FAIL with the measured number, or NOT MEASURED (with why) when its
+configuration was not part of the run or did not finish. Nothing here rounds a FAIL into a PASS.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import machine
+from .workloads import WORKLOADS, Config, useful_flops
+
+VARIANT_TITLES = {"fused": "fused", "reference": "reference", "compiled": "compiled", "pml": "BatchHardMiner"}
+MB = 2**20
+
+
+def fmt_time(seconds):
+    if seconds is None:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms" if seconds < 0.1 else f"{seconds * 1e3:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_bytes(nbytes):
+    if nbytes is None:
+        return "—"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GB"
+    return f"{nbytes / MB:.1f} MB"
+
+
+def describe_entry(entry):
+    """One line for the progress log."""
+    status = entry.get("status")
+    if status != "ok":
+        return f"{status}: {entry.get('error', '')}"
+    text = f"{fmt_time(entry['time_s'])} (median of {len(entry['times_s'])}), extra peak {fmt_bytes(entry['extra_peak_bytes'])}"
+    if "compile_s" in entry:
+        text += f", compile {entry['compile_s']:.1f} s"
+    if entry.get("phases_s"):
+        text += ", " + ", ".join(f"{k} {fmt_time(v)}" for k, v in entry["phases_s"].items())
+    return text
+
+
+def find(doc, workload, variant, m=None, d=128):
+    for entry in doc["results"]:
+        c = entry["config"]
+        if c["workload"] == workload and c["variant"] == variant and c["d"] == d and (m is None or c["m"] == m):
+            return entry
+    return None
+
+
+def _ok(entry):
+    return entry is not None and entry.get("status") == "ok"
+
+
+def _why_missing(entry, name):
+    if entry is None:
+        return f"{name} not in this run"
+    return f"{name}: {entry.get('status')} ({entry.get('error', '')})"
+
+
+def gflops(entry):
+    return useful_flops(Config(**entry["config"])) / entry["time_s"] / 1e9
+
+
+def gemm_reference(entry, run_gemm):
+    """The GEMM rate to compare with: measured in the same process if it was, else at run start."""
+    return entry.get("gemm_gflops_here") or run_gemm
+
+
+def check_targets(doc):
+    """Each issue target as {issue, target, measured, result}."""
+    gemm = doc.get("gemm", {}).get("gflops")
+    checks = []
+
+    def add(issue, target, result, measured):
+        checks.append({"issue": issue, "target": target, "result": result, "measured": measured})
+
+    def speedup(issue, workload, m, slower_variant, factor, d=128):
+        fused, other = find(doc, workload, "fused", m, d), find(doc, workload, slower_variant, m, d)
+        title = VARIANT_TITLES[slower_variant]
+        target = f"{workload} m={m} d=h=c={d}: fused >= {factor}x faster than {title}"
+        if not (_ok(fused) and _ok(other)):
+            why = _why_missing(fused, "fused") if not _ok(fused) else _why_missing(other, title)
+            add(issue, target, "NOT MEASURED", why)
+            return
+        ratio = other["time_s"] / fused["time_s"]
+        add(issue, target, "PASS" if ratio >= factor else "FAIL",
+            f"{ratio:.1f}x ({fmt_time(other['time_s'])} vs {fmt_time(fused['time_s'])})")
+
+    def memory_below(issue, workload, m, limit_bytes, d=128, variant="fused"):
+        entry = find(doc, workload, variant, m, d)
+        size = f"m={m} " if workload != "bank_mine" else "256 x 65,536 "
+        target = f"{workload} {size}d={d}: {variant} extra peak memory < {limit_bytes // MB} MB"
+        if not _ok(entry):
+            add(issue, target, "NOT MEASURED", _why_missing(entry, variant))
+            return
+        extra = entry["extra_peak_bytes"]
+        add(issue, target, "PASS" if extra < limit_bytes else "FAIL", fmt_bytes(extra))
+
+    speedup("2", "mine_k1", 512, "reference", 5)
+    memory_below("2", "mine_k1", 2048, 64 * MB)
+    speedup("5", "mine_k1", 1024, "reference", 10)
+    speedup("5", "mine_k1", 1024, "compiled", 3)
+
+    fused = find(doc, "mine_k1", "fused", 1024)
+    target = "mine_k1 m=1024 d=h=c=128: fused >= 50% of the measured GEMM rate (useful FLOPs)"
+    if _ok(fused) and gemm_reference(fused, gemm):
+        rate, here = gflops(fused), gemm_reference(fused, gemm)
+        add("2, 5", target, "PASS" if rate >= 0.5 * here else "FAIL",
+            f"{rate:.0f} GFLOP/s = {100 * rate / here:.0f}% of torch.mm {here:.0f} GFLOP/s (same process)")
+    else:
+        add("2, 5", target, "NOT MEASURED", _why_missing(fused, "fused") if not _ok(fused) else "no GEMM rate")
+
+    speedup("5", "batch_hard", 8192, "pml", 5)
+    fused, pml = find(doc, "batch_hard", "fused", 8192), find(doc, "batch_hard", "pml", 8192)
+    target = "batch_hard N=8192 d=128: fused extra peak memory <= 1/10 of BatchHardMiner's"
+    if _ok(fused) and _ok(pml):
+        ratio = pml["extra_peak_bytes"] / max(fused["extra_peak_bytes"], 1)
+        add("5", target, "PASS" if fused["extra_peak_bytes"] * 10 <= pml["extra_peak_bytes"] else "FAIL",
+            f"{fmt_bytes(fused['extra_peak_bytes'])} vs {fmt_bytes(pml['extra_peak_bytes'])} ({ratio:.0f}x less)")
+    else:
+        add("5", target, "NOT MEASURED", _why_missing(fused, "fused") if not _ok(fused) else _why_missing(pml, "BatchHardMiner"))
+    memory_below("5", "bank_mine", 256, 100 * MB)
+
+    fused, ref = find(doc, "scores_fwd_bwd", "fused", 1024), find(doc, "scores_fwd_bwd", "reference", 1024)
+    target = "unit(x).sum().backward() m=1024 d=h=c=128: fused vs reference autograd (time)"
+    if _ok(fused) and _ok(ref):
+        add("3", target, "INFO", f"{ref['time_s'] / fused['time_s']:.1f}x faster ({fmt_time(ref['time_s'])} vs {fmt_time(fused['time_s'])}); "
+            f"reference extra peak {fmt_bytes(ref['extra_peak_bytes'])}")
+    else:
+        add("3", target, "NOT MEASURED", _why_missing(fused, "fused") if not _ok(fused) else _why_missing(ref, "reference"))
+    memory_below("3", "scores_fwd_bwd", 1024, 200 * MB)
+    target = "unit(x).sum().backward() m=1024 d=h=c=128: fused backward <= 3x fused forward"
+    if _ok(fused) and {"forward", "backward"} <= set(fused.get("phases_s", {})):
+        fwd, bwd = fused["phases_s"]["forward"], fused["phases_s"]["backward"]
+        add("3", target, "PASS" if bwd <= 3 * fwd else "FAIL", f"{bwd / fwd:.2f}x ({fmt_time(bwd)} vs {fmt_time(fwd)})")
+    else:
+        add("3", target, "NOT MEASURED", _why_missing(fused, "fused"))
+    return checks
+
+
+def _cell_time(entry):
+    if entry is None:
+        return ""
+    if entry.get("status") == "skipped":
+        return entry["error"].split(" (")[0]  # "needs X GB"
+    if entry.get("status") != "ok":
+        return entry.get("status", "?")
+    text = fmt_time(entry["time_s"])
+    if len(entry.get("times_s", ())) < 3:
+        text += f" ({len(entry['times_s'])} calls)"
+    if "compile_s" in entry:
+        text += f" (+{entry['compile_s']:.0f} s compile)"
+    return text
+
+
+def _groups(doc):
+    """Results grouped by (workload, d, m, n) in workload order, then d, then m."""
+    groups = {}
+    for entry in doc["results"]:
+        c = entry["config"]
+        groups.setdefault((c["workload"], c["d"], c["m"], c["n"]), {})[c["variant"]] = entry
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    return sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))
+
+
+def results_table(doc):
+    """One row per (workload, size, d); each variant's cell is "time · extra peak memory"."""
+    gemm = doc.get("gemm", {}).get("gflops")
+    variants = [v for v in VARIANT_TITLES if any(e["config"]["variant"] == v for e in doc["results"])]
+    head = ["workload", "m × n", "d=h=c"] + [f"{VARIANT_TITLES[v]}: time · extra peak" for v in variants]
+    head += ["fused is faster by", "fused GFLOP/s (% of GEMM)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (workload, d, m, n), by_variant in _groups(doc):
+        fused = by_variant.get("fused")
+        row = [f"`{workload}`", f"{m} × {n}", str(d)]
+        for v in variants:
+            entry = by_variant.get(v)
+            cell = _cell_time(entry)
+            if _ok(entry):
+                cell += f" · {fmt_bytes(entry['extra_peak_bytes'])}"
+            row.append(cell)
+        speedups = [
+            f"{by_variant[v]['time_s'] / fused['time_s']:.1f}× vs {VARIANT_TITLES[v]}"
+            for v in variants if v != "fused" and _ok(by_variant.get(v)) and _ok(fused)
+        ]
+        row.append(", ".join(speedups))
+        if _ok(fused):
+            rate, here = gflops(fused), gemm_reference(fused, gemm)
+            row.append(f"{rate:.0f}" + (f" ({100 * rate / here:.0f}%)" if here else ""))
+        else:
+            row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def phases_table(doc):
+    rows = []
+    for entry in doc["results"]:
+        c = entry["config"]
+        if _ok(entry) and entry.get("phases_s"):
+            fwd, bwd = entry["phases_s"]["forward"], entry["phases_s"]["backward"]
+            rows.append(f"| {c['variant']} | {c['m']} | {c['d']} | {fmt_time(fwd)} | {fmt_time(bwd)} | {bwd / fwd:.2f} |")
+    if not rows:
+        return ""
+    head = "| variant | m | d=h=c | forward | backward | backward ÷ forward |\n|---|---|---|---|---|---|"
+    return head + "\n" + "\n".join(rows)
+
+
+def markdown(doc):
+    m = doc["machine"]
+    gemm = doc.get("gemm", {})
+    s = doc["settings"]
+    out = [
+        f"# pddm_ext benchmarks: `{doc['command']}`",
+        "",
+        f"- Machine: {machine.one_line(m)}; load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end.",
+        f"- Run: {doc['started_utc']} → {doc['finished_utc']}, device `{doc['device']}`, float32.",
+    ]
+    if gemm.get("status") == "ok":
+        out.append(f"- GEMM roofline: `torch.mm` {gemm['size']}² {gemm['dtype']}: {gemm['gflops']:.0f} GFLOP/s at the start of the run; "
+                   "each fused configuration measures it again in its own process right after its timed calls, and its "
+                   "\"% of GEMM\" uses that rate (the machine may be shared).")
+    out += [
+        f"- Each configuration in a fresh process: 1 warm-up call, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls; "
+        "extra peak memory = peak RSS of the timed calls minus RSS before them (CPU) or `torch.cuda.max_memory_allocated` "
+        "minus allocated before them (CUDA). Compile time (cold TorchInductor cache, includes the first call) is excluded from "
+        f"the per-call time. Configurations predicted above {fmt_bytes(s['memory_budget_bytes'])} are skipped (\"needs X GB\").",
+        "- Useful FLOPs: PDDM batch mode m(m+1)/2 · 2(h·d + 2h·c), reference mode m·n · 2(h·d + 2h·c), ×3 for "
+        "forward+backward; Euclidean m(m+1)/2 · 2d.",
+        "",
+        "## Targets",
+        "",
+        "| issue | target | measured | result |",
+        "|---|---|---|---|",
+    ]
+    for t in doc.get("targets", []):
+        out.append(f"| {t['issue']} | {t['target']} | {t['measured']} | **{t['result']}** |")
+    out += ["", "## Results", "", results_table(doc), ""]
+    phases = phases_table(doc)
+    if phases:
+        out += ["## Forward and backward of `unit(x).sum()`", "", phases, ""]
+    failures = [e for e in doc["results"] if e.get("status") not in ("ok", "skipped", "planned")]
+    if failures:
+        out += ["## Configurations that did not finish", ""]
+        for e in failures:
+            out.append(f"- {Config(**e['config']).label()}: {e.get('status')}: {e.get('error', '')}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv):
+    path = Path(argv[1])
+    doc = json.loads(path.read_text())
+    doc["targets"] = check_targets(doc)
+    path.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main(sys.argv)
