@@ -40,7 +40,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts
+.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts bench
 
 test: install cpp-test pytest
 
@@ -131,6 +131,13 @@ fonts:
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends \
 	  $$(grep -v '^#' fonts/debian-packages.txt)
+
+# bench: the benchmark suite (benchmarks/README.md): the quick run behind the README table and the
+# targets of issues 2, 3 and 5; `make bench BENCH_ARGS=` runs the full sweep. Results: benchmarks/results/.
+BENCH_ARGS ?= --quick
+
+bench: install
+	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
 
 # ---- Cleaning ---------------------------------------------------------------------------------
 clean:
