@@ -109,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--max-repeats", type=int, default=None, help="timed calls at most (default 10 quick, 20 full)")
     p.add_argument("--budget-s", type=float, default=None, help="time per configuration for extra repeats (default 2 quick, 8 full)")
     p.add_argument("--slow-s", type=float, default=None, help="a first call slower than this is timed and 2 calls suffice (default 5 quick, 30 full)")
+    p.add_argument("--gemm-size", type=int, default=None, help="side of the torch.mm roofline matrices (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--tag", default=None, help="result file stem suffix (default: quick, full or custom)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-plots", action="store_true")
@@ -143,7 +144,7 @@ def main(argv=None):
 
     started = datetime.datetime.now(datetime.timezone.utc)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    gemm_size = 8192 if args.device == "cuda" else 2048
+    gemm_size = args.gemm_size or (8192 if args.device == "cuda" else 2048)
     if args.dry_run:
         gemm = {"status": "not run"}
     else:
