@@ -2,7 +2,7 @@
 
     python -m benchmarks.measure '<json spec>'
 
-prints one line ``RESULT {json}``. Memory is the *extra* peak of the timed calls:
+prints one line ``RESULT {json}``. Memory is the *extra* peak of the calls after the warm-up:
 
 - CPU: the kernel's RSS high-water mark is reset (``/proc/self/clear_refs`` = 5) once the inputs
   exist, and extra = VmHWM after the calls - VmRSS before them. Where the reset is refused, the
@@ -105,8 +105,6 @@ def measure_config(spec):
         sync()
         result["compile_s"] = time.perf_counter() - t0
 
-    probe = MemoryProbe(cfg.device)
-    probe.start()
     times, phases = [], {}
     min_repeats = spec.get("min_repeats", 3)
 
@@ -129,6 +127,10 @@ def measure_config(spec):
         times.clear()
         phases.clear()
 
+    # Memory is measured over the calls after the warm-up: the steady state of a training loop,
+    # without one-time costs such as the thread pool's first start (a few MB).
+    probe = MemoryProbe(cfg.device)
+    probe.start()
     started = time.perf_counter()
     while len(times) < spec.get("max_repeats", 10):
         if len(times) >= min_repeats and time.perf_counter() - started >= spec.get("budget_s", 3.0):

@@ -88,7 +88,8 @@ def check_targets(doc):
     def speedup(issue, workload, m, slower_variant, factor, d=128):
         fused, other = find(doc, workload, "fused", m, d), find(doc, workload, slower_variant, m, d)
         title = VARIANT_TITLES[slower_variant]
-        target = f"{workload} m={m} d=h=c={d}: fused >= {factor}x faster than {title}"
+        size = f"N={m} d={d}" if workload == "batch_hard" else f"m={m} d=h=c={d}"
+        target = f"{workload} {size}: fused >= {factor}x faster than {title}"
         if not (_ok(fused) and _ok(other)):
             why = _why_missing(fused, "fused") if not _ok(fused) else _why_missing(other, title)
             add(issue, target, "NOT MEASURED", why)
@@ -233,7 +234,7 @@ def markdown(doc):
                    "\"% of GEMM\" uses that rate (the machine may be shared).")
     out += [
         f"- Each configuration in a fresh process: 1 warm-up call, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls; "
-        "extra peak memory = peak RSS of the timed calls minus RSS before them (CPU) or `torch.cuda.max_memory_allocated` "
+        "extra peak memory = peak RSS of the calls after the warm-up minus RSS before them (CPU) or `torch.cuda.max_memory_allocated` "
         "minus allocated before them (CUDA). Compile time (cold TorchInductor cache, includes the first call) is excluded from "
         f"the per-call time. Configurations predicted above {fmt_bytes(s['memory_budget_bytes'])} are skipped (\"needs X GB\").",
         "- Useful FLOPs: PDDM batch mode m(m+1)/2 · 2(h·d + 2h·c), reference mode m·n · 2(h·d + 2h·c), ×3 for "
