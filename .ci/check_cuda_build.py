@@ -28,6 +28,8 @@ def has_kernel(op, dispatch_key):
 
 
 def main():
+    # The tree to check is the working directory (the script's own folder is what Python puts first).
+    sys.path.insert(0, os.getcwd())
     import pddm_ext
     from pddm_ext import _C
 
