@@ -72,6 +72,8 @@ def main(argv=None):
 
             cfg = _config(args)
             result = train(cfg, resume=args.resume, progress=not args.quiet)
+            if os.environ.get("RANK", "0") != "0":  # [ddp] under torchrun, rank 0 reports
+                return 0
             print(f"\n{result['dataset']['name']}, loss {result['config']['loss']}, seed {result['config']['seed']} "
                   f"(test classes {', '.join(result['dataset']['test_classes'][:12])}"
                   f"{', ...' if len(result['dataset']['test_classes']) > 12 else ''}):")

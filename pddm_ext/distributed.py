@@ -141,13 +141,18 @@ def init_from_env(device=None):
     device = torch.device(device) if device is not None else None
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return device
+    global _joined_here
     if device is not None and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+    _joined_here = True
     return device
+
+
+_joined_here = False  # whether init_from_env started the process group (close() then ends it)
 
 
 class ShardedBatchSampler:
@@ -168,7 +173,11 @@ class ShardedBatchSampler:
 
 
 def close():
-    """Waits for every rank, then leaves the process group (the end of a ``torchrun`` job)."""
+    """Waits for every rank, then leaves the process group if ``init_from_env`` started it (a group
+    the caller set up stays up for the caller)."""
+    global _joined_here
     if is_distributed():
         dist.barrier()
-        dist.destroy_process_group()
+        if _joined_here:
+            dist.destroy_process_group()
+            _joined_here = False

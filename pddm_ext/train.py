@@ -18,6 +18,12 @@ Losses (``loss=``), all on L2-normalised embeddings f, with the triplet hinge
 - ``triplet-random``: one random positive and one random negative per anchor.
 
 The PDDM unit's parameters are in the same optimiser as the network's.
+
+Multi-process (``torchrun --nproc_per_node N pddm-ext train ...``, DDP on gloo or nccl): every rank
+draws the same P x K batch and takes its share (``pddm_ext.distributed.ShardedBatchSampler``); the
+loss sees the global batch (``GlobalBatchLoss``: all ranks' embeddings, each rank back-propagating
+through its own) and DDP averages the gradients, so a step equals one single-process step on the
+whole batch. Rank 0 alone prints and writes the log, plot, result and checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as data_mod
+from . import distributed as dist_
 from . import evaluate as ev
 from .functional import batch_hard, mine_hard
 from .models import build_model, torchvision_available
@@ -359,7 +366,9 @@ def train(cfg, *, resume=False, progress=True, split=None):
     else:
         check_config(cfg)
         check_against_data(cfg, split)
-    device = resolve_device(cfg.device)
+    device = dist_.init_from_env(resolve_device(cfg.device))  # [ddp] joins torchrun's process group
+    world, is_main = dist_.world_size(), dist_.rank() == 0  # [ddp]
+    progress = progress and is_main  # [ddp]
     p = cfg.p or min(8, split.num_train_classes)
     if device.type == "cpu" or cfg.threads:
         torch.set_num_threads(cfg.threads or 1)
@@ -372,6 +381,7 @@ def train(cfg, *, resume=False, progress=True, split=None):
     optimizer = torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr)
     sampler = data_mod.PKSampler(split.train_labels, p, cfg.k, num_batches=cfg.batches_per_epoch,
                                  seed=cfg.seed)
+    train_model, train_loss, batch_sampler = _distribute(model, loss_fn, sampler, device, world)  # [ddp]
     history, start_epoch, train_time = [], 0, 0.0
     floor = None
     if checkpoint is not None:
@@ -381,7 +391,8 @@ def train(cfg, *, resume=False, progress=True, split=None):
         set_rng_state(checkpoint["rng"], sampler)
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         train_time, floor = checkpoint["train_time"], checkpoint["floor"]
-    os.makedirs(out, exist_ok=True)
+    if is_main:  # [ddp]
+        os.makedirs(out, exist_ok=True)
     info = {k: v for k, v in split.info.items()}
     if floor is None:
         # a property of the dataset (k-means seeded with 0), so computed once per split
@@ -389,7 +400,8 @@ def train(cfg, *, resume=False, progress=True, split=None):
         split.__dict__["_pixel_floor"] = floor
     result = dict(config=dataclasses.asdict(cfg), dataset=info, model=model_desc, floor=floor,
                   history=history, out=out, batch=dict(p=p, k=cfg.k, batches_per_epoch=len(sampler)))
-    write_text_atomic(os.path.join(out, LOG), "".join(json.dumps(h) + "\n" for h in history))
+    if is_main:  # [ddp]
+        write_text_atomic(os.path.join(out, LOG), "".join(json.dumps(h) + "\n" for h in history))
     _say(progress, f"{cfg.dataset}: {len(split.train)} training images ({split.num_train_classes} classes), "
                    f"{len(split.test)} test images; model {model_desc}, loss {cfg.loss}, P={p} K={cfg.k}, "
                    f"{len(sampler)} batches/epoch, device {device}; writing {out}")
@@ -397,16 +409,16 @@ def train(cfg, *, resume=False, progress=True, split=None):
         _say(progress, f"resuming after epoch {start_epoch} of {cfg.epochs}")
 
     tensor_data = isinstance(split.train, data_mod.TensorImages)
-    loader = None if tensor_data else torch.utils.data.DataLoader(split.train, batch_sampler=sampler)
+    loader = None if tensor_data else torch.utils.data.DataLoader(split.train, batch_sampler=batch_sampler)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         losses, stats_sum, stats_n = [], {}, {}
         t0 = time.perf_counter()
-        batches = ((split.train.images[b], split.train.labels[b]) for b in sampler) if tensor_data else loader
+        batches = ((split.train.images[b], split.train.labels[b]) for b in batch_sampler) if tensor_data else loader
         bar = _progress_bar(batches, len(sampler), f"epoch {epoch + 1}/{cfg.epochs}", progress)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device)
-            loss = loss_fn(model(x), y)
+            loss = train_loss(train_model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -425,6 +437,8 @@ def train(cfg, *, resume=False, progress=True, split=None):
                      mining={k: stats_sum[k] / stats_n[k] for k in stats_sum}, **metrics,
                      epoch_time=epoch_time, train_time=train_time)
         history.append(entry)
+        if not is_main:  # [ddp] rank 0 writes
+            continue
         save_atomic(dict(model=model.state_dict(), loss=loss_fn.state_dict(), optimizer=optimizer.state_dict(),
                          epoch=epoch + 1, rng=rng_state(sampler), config=dataclasses.asdict(cfg),
                          history=history, train_time=train_time, floor=floor, dataset=info), ckpt_path)
@@ -432,10 +446,32 @@ def train(cfg, *, resume=False, progress=True, split=None):
             f.write(json.dumps(entry) + "\n")
         _say(progress, f"epoch {epoch + 1}: loss {entry['loss']:.4f}  R@1 {entry['recall@1']:.3f}  "
                        f"R@8 {entry['recall@8']:.3f}  NMI {entry['nmi']:.3f}  ({epoch_time:.1f} s)")
-    if history:
+    if history and is_main:  # [ddp] rank 0 writes
         plot_recall(history, floor, os.path.join(out, PLOT), f"{cfg.dataset}, loss {cfg.loss}, seed {cfg.seed}")
-    write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
+    if is_main:  # [ddp]
+        write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
+    if world > 1:  # [ddp]
+        dist_.close()
     return result
+
+
+def _distribute(model, loss_fn, sampler, device, world):
+    """Under torchrun (world > 1): DDP around the model and around the loss over the global batch
+    (when it has parameters: the PDDM unit), and this rank's share of every batch. Else unchanged.
+
+    Exact equivalence with one process on the whole batch holds for everything but BatchNorm: on
+    CUDA it becomes SyncBatchNorm; on CPU (gloo) each rank normalises with its own share's statistics."""
+    if world == 1:
+        return model, loss_fn, sampler
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    if device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is CUDA-only)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    global_loss = dist_.GlobalBatchLoss(loss_fn)
+    if any(p.requires_grad for p in loss_fn.parameters()):
+        global_loss = DDP(global_loss, device_ids=device_ids)
+    return DDP(model, device_ids=device_ids), global_loss, dist_.ShardedBatchSampler(sampler)
 
 
 def _progress_bar(iterable, total, desc, enabled):

@@ -18,6 +18,7 @@ This file is also the worker: ``torchrun --nproc_per_node 2 tests/test_distribut
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,14 @@ def worker(out_dir):
     result["ref"] = ref_step(rank)
     result["sharded"] = list(pddm_ext.distributed.ShardedBatchSampler(pddm_ext.data.PKSampler(labels, 3, 4, seed=0)))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+    # The training loop inside a process group the caller made (it stays up), with a loss that has
+    # no parameters (no DDP around it): rank 0 alone writes.
+    from pddm_ext.cli import main
+
+    assert main(["train", "--dataset", "digits", "--loss", "batch-hard", "--epochs", "1", "--batches-per-epoch", "2",
+                 "--threads", "1", "--quiet", "--out", os.path.join(out_dir, "batch-hard")]) == 0
+    assert dist.is_initialized()
     dist.destroy_process_group()
 
 
@@ -169,7 +178,10 @@ def run_torchrun(args, timeout, env=None):
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
     run_torchrun([__file__, str(out_dir)], TIMEOUT_S)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(len(SLICES))]
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(len(SLICES))]
+    for res in results:
+        res["out_dir"] = out_dir
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +280,34 @@ def test_sharded_batch_sampler_splits_every_pk_batch_across_ranks(ranks):
     for r, res in enumerate(ranks):
         assert res["sharded"] == [b[r::len(SLICES)] for b in batches]
     assert list(pddm_ext.distributed.ShardedBatchSampler(batches)) == batches  # one process: unchanged
+
+
+def run_files(out):
+    """The files of a run folder; rank 0 alone writes them (atomically: no temporary files remain)."""
+    return sorted(os.listdir(out))
+
+
+def test_training_loop_in_an_existing_process_group_writes_on_rank_0(ranks):
+    out = ranks[0]["out_dir"] / "batch-hard"
+    assert run_files(out) == ["checkpoint.pt", "log.jsonl", "recall_at_1.png", "result.json"]
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_pddm_ext_train_under_torchrun_on_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    log = run_torchrun(["-m", "pddm_ext", "train", "--dataset", "digits", "--epochs", "2", "--batches-per-epoch", "3",
+                        "--threads", "1", "--quiet", "--out", str(out)], TIMEOUT_S)
+    assert run_files(out) == ["checkpoint.pt", "log.jsonl", "recall_at_1.png", "result.json"]
+    # one writer: one log line per epoch, one printed table
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert log.count("raw pixels") == 1, log
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["loss"] == "pddm"
+    assert any(k.startswith("unit.") for k in ckpt["loss"])  # the PDDM unit, saved unwrapped
+    assert not any(k.startswith("module.") for k in [*ckpt["model"], *ckpt["loss"]])
+    history = json.loads((out / "result.json").read_text())["history"]
+    assert all(h["mining"]["tuples"] > 0 and h["loss"] > 0 for h in history)
 
 
 def test_without_a_process_group_distributed_is_a_no_op():
