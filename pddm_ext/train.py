@@ -23,7 +23,8 @@ Multi-process (``torchrun --nproc_per_node N pddm-ext train ...``, DDP on gloo o
 draws the same P x K batch and takes its share (``pddm_ext.distributed.ShardedBatchSampler``); the
 loss sees the global batch (``GlobalBatchLoss``: all ranks' embeddings, each rank back-propagating
 through its own) and DDP averages the gradients, so a step equals one single-process step on the
-whole batch. Rank 0 alone prints and writes the log, plot, result and checkpoint.
+whole batch (up to BatchNorm statistics on CPU: see ``_distribute``). Rank 0 alone prints and
+writes the log, plot, result and checkpoint.
 """
 
 from __future__ import annotations
