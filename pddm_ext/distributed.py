@@ -6,7 +6,8 @@ other slices are detached copies. Mining on X therefore picks the same quadruple
 single process would on X, and back-propagating the global loss L(X) on rank r yields exactly dL/dx_r:
 each rank back-propagates through its own slice only.
 
-How this meets DDP's gradient averaging (used by ``PDDMLoss(distributed=True)``):
+How this meets DDP's gradient averaging (``global_batch``, used by ``PDDMLoss(distributed=True)`` and
+``GlobalBatchLoss(any_loss)``):
 
 * DDP all-reduces gradients and divides by W.
 * The backbone's gradient is a sum over slices, dL/dphi = sum_r dL/dx_r dx_r/dphi, and rank r holds
@@ -20,6 +21,9 @@ How this meets DDP's gradient averaging (used by ``PDDMLoss(distributed=True)``)
 After DDP's all-reduce every parameter's ``.grad`` equals single-process training on X (the unit's
 parameters must be reduced by DDP too: wrap the loss, or a module holding it, in DDP). The embeddings'
 own ``.grad`` on rank r is W dL/dx_r.
+
+For a training script under ``torchrun`` (what ``pddm-ext train`` uses): ``init_from_env`` joins the
+process group, ``ShardedBatchSampler`` gives each rank its share of every P x K batch, ``close`` ends.
 """
 
 from __future__ import annotations
