@@ -42,3 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
 }
 #endif
+
+// Mining returns indices and is not differentiable (SPEC §3): the ops pass straight through the
+// autograd layer, so their outputs never require grad, whatever their inputs do.
+TORCH_LIBRARY_IMPL(pddm_ext, Autograd, m) {
+  m.impl("mine_pddm", torch::CppFunction::makeFallthrough());
+  m.impl("mine_euclidean", torch::CppFunction::makeFallthrough());
+}

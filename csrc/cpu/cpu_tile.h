@@ -37,23 +37,39 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const sca
   }
 }
 
-// Pointers into the (contiguous) parameters of a PDDM unit.
+// The parameters of a PDDM unit, contiguous, plus W_u^T and W_c^T packed for vec::gemm_rows.
+// The tensors are owned here, so the raw pointers stay valid as long as this object lives.
 template <typename scalar_t>
 struct PddmWeights {
-  const scalar_t *W_u, *b_u, *W_v, *b_v, *W_c, *b_c, *w_s;
+  at::Tensor W_u_t, b_u_t, W_v_t, b_v_t, W_c_t, b_c_t, w_s_t, Wt_u_t, Wt_v_t, Wt_c_t;
+  const scalar_t *W_u, *b_u, *W_v, *b_v, *W_c, *b_c, *w_s, *Wt_u, *Wt_v, *Wt_c;
   scalar_t b_s;
   int64_t d, h, c;
-};
 
-template <typename scalar_t>
-PddmWeights<scalar_t> pddm_weights(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v,
-                                   const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                                   const at::Tensor& w_s, const at::Tensor& b_s) {
-  return {W_u.data_ptr<scalar_t>(), b_u.data_ptr<scalar_t>(), W_v.data_ptr<scalar_t>(),
-          b_v.data_ptr<scalar_t>(),  W_c.data_ptr<scalar_t>(), b_c.data_ptr<scalar_t>(),
-          w_s.data_ptr<scalar_t>(),  b_s.item<scalar_t>(),     W_u.size(1),
-          W_u.size(0),               W_c.size(0)};
-}
+  PddmWeights(const at::Tensor& W_u_, const at::Tensor& b_u_, const at::Tensor& W_v_, const at::Tensor& b_v_,
+              const at::Tensor& W_c_, const at::Tensor& b_c_, const at::Tensor& w_s_, const at::Tensor& b_s_)
+      : W_u_t(W_u_.contiguous()), b_u_t(b_u_.contiguous()), W_v_t(W_v_.contiguous()), b_v_t(b_v_.contiguous()),
+        W_c_t(W_c_.contiguous()), b_c_t(b_c_.contiguous()), w_s_t(w_s_.contiguous()),
+        Wt_u_t(W_u_.t().contiguous()), Wt_v_t(W_v_.t().contiguous()), Wt_c_t(W_c_.t().contiguous()),
+        W_u(W_u_t.data_ptr<scalar_t>()),
+        b_u(b_u_t.data_ptr<scalar_t>()), W_v(W_v_t.data_ptr<scalar_t>()), b_v(b_v_t.data_ptr<scalar_t>()),
+        W_c(W_c_t.data_ptr<scalar_t>()), b_c(b_c_t.data_ptr<scalar_t>()), w_s(w_s_t.data_ptr<scalar_t>()),
+        Wt_u(Wt_u_t.data_ptr<scalar_t>()), Wt_v(Wt_v_t.data_ptr<scalar_t>()), Wt_c(Wt_c_t.data_ptr<scalar_t>()),
+        b_s(b_s_.item<scalar_t>()),
+        d(W_u_.size(1)), h(W_u_.size(0)), c(W_c_.size(0)) {}
+
+  // P = x W_v^T (x contiguous): the per-row projections of the mean branch, each row computed
+  // the same way wherever it sits (vec::gemm_rows), so duplicate rows project identically.
+  at::Tensor project(const at::Tensor& x) const {
+    auto P = at::empty({x.size(0), h}, x.options());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* Pp = P.data_ptr<scalar_t>();
+    at::parallel_for(0, x.size(0), 256, [&](int64_t begin, int64_t end) {
+      vec::gemm_rows(end - begin, h, d, xp + begin * d, d, Wt_v, h, Pp + begin * h);
+    });
+    return P;
+  }
+};
 
 // One tile's inputs: rows of x (and their projections P = x W_v^T) against rows of y.
 template <typename scalar_t>
@@ -100,7 +116,7 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
       ws.norm_v[p] = scalar_t(0.5) * pddm_sqrt(sq_s);  // ||(x + y) / 2||
     }
   }
-  gemm<scalar_t>(false, true, T, h, d, ws.U.data(), w.W_u, ws.A.data(), false);
+  vec::gemm_rows(T, h, d, ws.U.data(), d, w.Wt_u, h, ws.A.data());
   for (int64_t p = 0; p < T; ++p) {
     const scalar_t* Pi = t.Px + (t.i0 + p / t.nr) * h;
     const scalar_t* Qr = t.Py + (t.r0 + p % t.nr) * h;
@@ -114,15 +130,16 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
     vec::scale_in_place(zu, scalar_t(1) / clamped_norm(ws.norm_u1[p]), h);
     vec::scale_in_place(zv, scalar_t(1) / clamped_norm(ws.norm_v1[p]), h);
   }
-  gemm<scalar_t>(false, true, T, c, 2 * h, ws.Z.data(), w.W_c, ws.Qm.data(), false);
+  vec::gemm_rows(T, c, 2 * h, ws.Z.data(), 2 * h, w.Wt_c, c, ws.Qm.data());
   for (int64_t p = 0; p < T; ++p) S[p] = vec::score_layer(ws.Qm.data() + p * c, w.b_c, w.w_s, c) + w.b_s;
 }
 
 // Euclidean similarity S = -||x_i - y_r||^2 of a tile from one Gram GEMM and the squared norms.
+// y_t is y transposed, (d, n).
 template <typename scalar_t>
-void euclidean_tile(const scalar_t* x, const scalar_t* x_sq, int64_t i0, int64_t ni, const scalar_t* y,
-                    const scalar_t* y_sq, int64_t r0, int64_t nr, int64_t d, scalar_t* S) {
-  gemm<scalar_t>(false, true, ni, nr, d, x + i0 * d, y + r0 * d, S, false);
+void euclidean_tile(const scalar_t* x, const scalar_t* x_sq, int64_t i0, int64_t ni, const scalar_t* y_t,
+                    const scalar_t* y_sq, int64_t r0, int64_t nr, int64_t d, int64_t n, scalar_t* S) {
+  vec::gemm_rows(ni, nr, d, x + i0 * d, d, y_t + r0, n, S);
   for (int64_t a = 0; a < ni; ++a) {
     const scalar_t xa = x_sq[i0 + a];
     scalar_t* row = S + a * nr;
@@ -133,6 +150,22 @@ void euclidean_tile(const scalar_t* x, const scalar_t* x_sq, int64_t i0, int64_t
     }
   }
 }
+
+// ||x_i||^2 of every row of a contiguous (rows, d) matrix, the same sum for every row.
+template <typename scalar_t>
+at::Tensor row_squared_norms(const at::Tensor& x) {
+  auto out = at::empty({x.size(0)}, x.options());
+  const int64_t d = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, x.size(0), 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) op[i] = vec::dot(xp + i * d, xp + i * d, d);
+  });
+  return out;
+}
+
+// at::parallel_for grain: a problem of one tile runs inline rather than waking the thread team.
+constexpr int64_t kTilesPerTask = 2;
 
 // The tiles of the pair space. Batch mode (y = x) visits the upper triangle of square tiles only;
 // reference mode the whole (m, n) rectangle.

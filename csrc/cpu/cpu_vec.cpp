@@ -1,6 +1,12 @@
+// Contracting a * b + c into one FMA where the target has it is what makes the GEMM fast; it is
+// deterministic per code path, which is all the tie rule needs.
+#pragma GCC optimize("fp-contract=fast")
+
 #include "cpu_vec.h"
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "../pddm_common.h"
 
@@ -12,6 +18,117 @@
 
 namespace pddm_ext::cpu::vec {
 namespace {
+
+// R rows x two vectors of columns of C, accumulated in registers over the whole of K.
+template <typename T, int kBytes, int R>
+inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __restrict A, int64_t lda,
+                                                      const T* __restrict Bt, int64_t ldb, T* __restrict C,
+                                                      int64_t ldc) {
+  typedef T V __attribute__((vector_size(kBytes)));
+  constexpr int L = kBytes / sizeof(T);
+  V acc0[R], acc1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, Bt + k * ldb, sizeof(V));
+    std::memcpy(&b1, Bt + k * ldb + L, sizeof(V));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + k];
+      acc0[r] += a * b0;
+      acc1[r] += a * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(C + r * ldc, &acc0[r], sizeof(V));
+    std::memcpy(C + r * ldc + L, &acc1[r], sizeof(V));
+  }
+}
+
+template <typename T, int kBytes, int R>
+inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                                                          const T* Bt, int64_t ldb, T* C) {
+  constexpr int64_t NB = 2 * kBytes / sizeof(T);
+  int64_t j0 = 0;
+  for (; j0 + NB <= N; j0 += NB) {
+    int64_t i = 0;
+    for (; i + R <= M; i += R) gemm_micro<T, kBytes, R>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
+    for (; i < M; ++i) gemm_micro<T, kBytes, 1>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
+  }
+  if (j0 == N) return;
+  // The last, partial block of columns goes through the same vector code on a zero-padded copy
+  // of its columns, so every element of C is computed by the same instructions.
+  const int64_t tail = N - j0;
+  thread_local std::vector<T> padded;
+  padded.assign(K * NB, T(0));
+  for (int64_t k = 0; k < K; ++k) std::memcpy(padded.data() + k * NB, Bt + k * ldb + j0, tail * sizeof(T));
+  T block[R * NB];
+  int64_t i = 0;
+  for (; i + R <= M; i += R) {
+    gemm_micro<T, kBytes, R>(K, A + i * lda, lda, padded.data(), NB, block, NB);
+    for (int r = 0; r < R; ++r) std::memcpy(C + (i + r) * N + j0, block + r * NB, tail * sizeof(T));
+  }
+  for (; i < M; ++i) {
+    gemm_micro<T, kBytes, 1>(K, A + i * lda, lda, padded.data(), NB, block, NB);
+    std::memcpy(C + i * N + j0, block, tail * sizeof(T));
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PDDM_GEMM_VARIANT(T, NAME, TARGET, BYTES, ROWS)                                                         \
+  __attribute__((target(TARGET), flatten)) void NAME(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, \
+                                                     const T* Bt, int64_t ldb, T* C) {                          \
+    gemm_rows_impl<T, BYTES, ROWS>(M, N, K, A, lda, Bt, ldb, C);                                               \
+  }
+PDDM_GEMM_VARIANT(float, gemm_avx512, "arch=x86-64-v4", 64, 8)
+PDDM_GEMM_VARIANT(double, gemm_avx512, "arch=x86-64-v4", 64, 8)
+PDDM_GEMM_VARIANT(float, gemm_avx2, "arch=x86-64-v3", 32, 6)
+PDDM_GEMM_VARIANT(double, gemm_avx2, "arch=x86-64-v3", 32, 6)
+
+// 2: AVX-512 (x86-64-v4), 1: AVX2 + FMA (x86-64-v3), 0: baseline.
+int isa_level() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return 2;
+    if (__builtin_cpu_supports("x86-64-v3")) return 1;
+    return 0;
+  }();
+  return level;
+}
+#endif
+
+template <typename T>
+inline void gemm_rows_dispatch(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt, int64_t ldb,
+                               T* C) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const int level = isa_level();
+  if (level == 2) return gemm_avx512(M, N, K, A, lda, Bt, ldb, C);
+  if (level == 1) return gemm_avx2(M, N, K, A, lda, Bt, ldb, C);
+#endif
+  gemm_rows_impl<T, 16, 4>(M, N, K, A, lda, Bt, ldb, C);
+}
+
+}  // namespace
+
+void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C) {
+  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C);
+}
+void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
+               double* C) {
+  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C);
+}
+
+namespace {
+
+template <typename T>
+inline T dot_impl(const T* __restrict x, const T* __restrict y, int64_t d) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < d; ++k) s += x[k] * y[k];
+  return s;
+}
 
 template <typename T>
 inline void abs_diff_impl(const T* __restrict x, const T* __restrict y, T* __restrict u, int64_t d, T* sq_diff,
@@ -137,6 +254,7 @@ inline void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv,
 }  // namespace
 
 #define PDDM_DEFINE_VEC(T)                                                                                   \
+  PDDM_CPU_CLONES T dot(const T* x, const T* y, int64_t d) { return dot_impl(x, y, d); }                    \
   PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
     abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
   }                                                                                                          \

@@ -7,6 +7,19 @@
 
 namespace pddm_ext::cpu::vec {
 
+// C (M x N, row stride N) = A (M x K, row stride lda) * B, with B given as Bt (K x N, row stride ldb),
+// i.e. already transposed. Register-blocked for AVX-512 / AVX2 / SSE2, chosen at run time. Every
+// element is summed over k in order with the same instructions whatever its row, so identical
+// rows of A give bitwise identical rows of C: a pair's score does not depend on where it sits in
+// a tile, and exact ties between duplicate rows stay exact (SPEC §3 tie rule).
+void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C);
+void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
+               double* C);
+
+// sum_k x[k] y[k].
+float dot(const float* x, const float* y, int64_t d);
+double dot(const double* x, const double* y, int64_t d);
+
 // u[k] = |x[k] - y[k]|; *sq_diff = ||x - y||^2, *sq_sum = ||x + y||^2.
 void abs_diff(const float* x, const float* y, float* u, int64_t d, float* sq_diff, float* sq_sum);
 void abs_diff(const double* x, const double* y, double* u, int64_t d, double* sq_diff, double* sq_sum);

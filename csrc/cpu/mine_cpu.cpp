@@ -106,7 +106,7 @@ MineResult mine_tiles(const TileGrid& grid, const at::Tensor& x_labels, const at
   MiningState<scalar_t> total(m, grid.batch ? 0 : n, k);
   std::mutex total_mutex;
 
-  at::parallel_for(0, grid.count(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, grid.count(), kTilesPerTask, [&](int64_t begin, int64_t end) {
     auto score_tile = make_scorer();
     MiningState<scalar_t> state(m, grid.batch ? 0 : n, k);
     std::vector<scalar_t> S(grid.rows * grid.cols);
@@ -149,14 +149,11 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous();
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_mine_cpu", [&] {
-    const auto w = pddm_weights<scalar_t>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_s);
-    const auto Px = at::mm(x, W_vc.t()).contiguous();
-    const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+    const auto Px = w.project(x);
+    const auto Py = batch ? Px : w.project(y);
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
     const auto grid = make_grid(batch, x.size(0), y.size(0), pddm_tile_pairs(w.d, w.h, w.c, sizeof(scalar_t)));
@@ -176,18 +173,19 @@ MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
-  const int64_t d = x.size(1);
+  const int64_t d = x.size(1), n = y.size(0);
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "euclidean_mine_cpu", [&] {
-    const auto x_sq = (x * x).sum(1).contiguous();
-    const auto y_sq = batch ? x_sq : (y * y).sum(1).contiguous();
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+    const auto x_sq = row_squared_norms<scalar_t>(x);
+    const auto y_sq = batch ? x_sq : row_squared_norms<scalar_t>(y);
+    const auto y_t = y.t().contiguous();  // (d, n): the Gram GEMM's right operand, packed once
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y_t.data_ptr<scalar_t>();
     const scalar_t *xs = x_sq.data_ptr<scalar_t>(), *ys = y_sq.data_ptr<scalar_t>();
     // A Gram tile costs 2d flops a pair: larger tiles keep the GEMM efficient.
     const auto grid = make_grid(batch, x.size(0), y.size(0), 128 * 128);
     result = mine_tiles<scalar_t>(grid, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
       return [&](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) {
-        euclidean_tile(xp, xs, i0, ni, yp, ys, r0, nr, d, S);
+        euclidean_tile(xp, xs, i0, ni, yp, ys, r0, nr, d, n, S);
       };
     });
   });

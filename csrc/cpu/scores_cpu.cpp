@@ -20,20 +20,17 @@ at::Tensor scores_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& y
   const auto y = batch ? x : y_in->contiguous();
   const int64_t m = x.size(0), n = y.size(0);
   auto out = at::empty({m, n}, x.options());
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cpu", [&] {
-    const auto w = pddm_weights<scalar_t>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_s);
-    const auto Px = at::mm(x, W_vc.t()).contiguous();
-    const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+    const auto Px = w.project(x);
+    const auto Py = batch ? Px : w.project(y);
     const auto grid = make_grid(batch, m, n, pddm_tile_pairs(w.d, w.h, w.c, sizeof(scalar_t)));
     scalar_t* S = out.data_ptr<scalar_t>();
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
 
-    at::parallel_for(0, grid.count(), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, grid.count(), kTilesPerTask, [&](int64_t begin, int64_t end) {
       PddmTile<scalar_t> ws(grid.rows * grid.cols, w.d, w.h, w.c);
       std::vector<scalar_t> tile_scores(grid.rows * grid.cols);
       for (int64_t t = begin; t < end; ++t) {
@@ -140,9 +137,6 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
   const int64_t m = x.size(0), n = y.size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous();
   const auto opts = x.options();
   at::Tensor gx = at::zeros({m, d}, opts), gy = batch ? at::zeros({0}, opts) : at::zeros({n, d}, opts);
   at::Tensor gW_u = at::zeros_like(W_u), gb_u = at::zeros_like(b_u), gW_v = at::zeros_like(W_v);
@@ -150,9 +144,9 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
   at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cpu", [&] {
-    const auto w = pddm_weights<scalar_t>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_s);
-    const auto Px = at::mm(x, W_vc.t()).contiguous();
-    const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+    const auto Px = w.project(x);
+    const auto Py = batch ? Px : w.project(y);
     const auto grid = make_grid(batch, m, n, pddm_tile_pairs(d, h, c, sizeof(scalar_t)));
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
@@ -162,7 +156,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     PddmGrads<scalar_t> total(batch, m, n, d, h, c, need_inputs);
     std::mutex total_mutex;
 
-    at::parallel_for(0, grid.count(), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, grid.count(), kTilesPerTask, [&](int64_t begin, int64_t end) {
       const int64_t pairs = grid.rows * grid.cols;
       PddmTile<scalar_t> ws(pairs, d, h, c);
       PddmTileGrad<scalar_t> tg(pairs, d, h, c);
@@ -193,8 +187,8 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     };
     const auto dPx = vec(total.dPx, {m, h});
     if (need_inputs) {
-      gx.copy_(vec(total.dx, {m, d})).addmm_(dPx, W_vc);
-      if (!batch) gy.copy_(vec(total.dy, {n, d})).addmm_(vec(total.dPy, {n, h}), W_vc);
+      gx.copy_(vec(total.dx, {m, d})).addmm_(dPx, w.W_v_t);
+      if (!batch) gy.copy_(vec(total.dy, {n, d})).addmm_(vec(total.dPy, {n, h}), w.W_v_t);
     }
     if (need_params) {
       gW_v.copy_(at::mm(dPx.t(), x));
