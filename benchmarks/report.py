@@ -72,14 +72,18 @@ def gflops(entry):
     return useful_flops(Config(**entry["config"])) / entry["time_s"] / 1e9
 
 
-def gemm_reference(entry, run_gemm):
-    """The GEMM rate to compare with: measured in the same process if it was, else at run start."""
-    return entry.get("gemm_gflops_here") or run_gemm
+def gemm_peak(doc):
+    """The roofline denominator: the best torch.mm rate seen in the run (at its start and in every
+    fused configuration's process, right after its timed calls). On a shared machine a GEMM timed
+    at an unlucky moment would flatter the kernel; the best rate never does."""
+    rates = [doc.get("gemm", {}).get("gflops")] + [e.get("gemm_gflops_here") for e in doc["results"]]
+    rates = [r for r in rates if r]
+    return max(rates) if rates else None
 
 
 def check_targets(doc):
     """Each issue target as {issue, target, measured, result}."""
-    gemm = doc.get("gemm", {}).get("gflops")
+    gemm = gemm_peak(doc)
     checks = []
 
     def add(issue, target, result, measured):
@@ -115,10 +119,10 @@ def check_targets(doc):
 
     fused = find(doc, "mine_k1", "fused", 1024)
     target = "mine_k1 m=1024 d=h=c=128: fused >= 50% of the measured GEMM rate (useful FLOPs)"
-    if _ok(fused) and gemm_reference(fused, gemm):
-        rate, here = gflops(fused), gemm_reference(fused, gemm)
-        add("2, 5", target, "PASS" if rate >= 0.5 * here else "FAIL",
-            f"{rate:.0f} GFLOP/s = {100 * rate / here:.0f}% of torch.mm {here:.0f} GFLOP/s (same process)")
+    if _ok(fused) and gemm:
+        rate = gflops(fused)
+        add("2, 5", target, "PASS" if rate >= 0.5 * gemm else "FAIL",
+            f"{rate:.0f} GFLOP/s = {100 * rate / gemm:.0f}% of torch.mm {gemm:.0f} GFLOP/s")
     else:
         add("2, 5", target, "NOT MEASURED", _why_missing(fused, "fused") if not _ok(fused) else "no GEMM rate")
 
@@ -177,7 +181,7 @@ def _groups(doc):
 
 def results_table(doc):
     """One row per (workload, size, d); each variant's cell is "time · extra peak memory"."""
-    gemm = doc.get("gemm", {}).get("gflops")
+    gemm = gemm_peak(doc)
     variants = [v for v in VARIANT_TITLES if any(e["config"]["variant"] == v for e in doc["results"])]
     head = ["workload", "m × n", "d=h=c"] + [f"{VARIANT_TITLES[v]}: time · extra peak" for v in variants]
     head += ["fused is faster by", "fused GFLOP/s (% of GEMM)"]
@@ -197,8 +201,8 @@ def results_table(doc):
         ]
         row.append(", ".join(speedups))
         if _ok(fused):
-            rate, here = gflops(fused), gemm_reference(fused, gemm)
-            row.append(f"{rate:.0f}" + (f" ({100 * rate / here:.0f}%)" if here else ""))
+            rate = gflops(fused)
+            row.append(f"{rate:.0f}" + (f" ({100 * rate / gemm:.0f}%)" if gemm else ""))
         else:
             row.append("")
         lines.append("| " + " | ".join(row) + " |")
@@ -218,6 +222,15 @@ def phases_table(doc):
     return head + "\n" + "\n".join(rows)
 
 
+def _code_line(code):
+    if not code:
+        return ""
+    text = f"; code {code.get('git_commit', '?')}" + (" with modified csrc/" if code.get("csrc_modified") else "")
+    if code.get("extension_sha256"):
+        text += f", extension sha256 {code['extension_sha256']} built {code.get('extension_mtime_utc')}"
+    return text
+
+
 def markdown(doc):
     m = doc["machine"]
     gemm = doc.get("gemm", {})
@@ -226,19 +239,28 @@ def markdown(doc):
         f"# pddm_ext benchmarks: `{doc['command']}`",
         "",
         f"- Machine: {machine.one_line(m)}; load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end.",
-        f"- Run: {doc['started_utc']} → {doc['finished_utc']}, device `{doc['device']}`, float32.",
+        f"- Run: {doc['started_utc']} → {doc['finished_utc']}, device `{doc['device']}`, float32{_code_line(doc.get('code'))}.",
     ]
     if gemm.get("status") == "ok":
-        out.append(f"- GEMM roofline: `torch.mm` {gemm['size']}² {gemm['dtype']}: {gemm['gflops']:.0f} GFLOP/s at the start of the run; "
-                   "each fused configuration measures it again in its own process right after its timed calls, and its "
-                   "\"% of GEMM\" uses that rate (the machine may be shared).")
+        here = [e["gemm_gflops_here"] for e in doc["results"] if e.get("gemm_gflops_here")]
+        spread = f" ({min(here):.0f}–{max(here):.0f} in the fused configurations' processes)" if here else ""
+        out.append(f"- GEMM roofline: `torch.mm` {gemm['size']}² {gemm['dtype']}: {gemm['gflops']:.0f} GFLOP/s at the start of the run"
+                   f"{spread}; \"% of GEMM\" divides by the best of these, {gemm_peak(doc):.0f} GFLOP/s.")
     out += [
-        f"- Each configuration in a fresh process: 1 warm-up call, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls; "
+        f"- Each configuration in a fresh process: 1 warm-up call, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls "
+        f"(a first call slower than {s.get('slow_call_s', float('inf')):.0f} s is timed too and 2 calls suffice); "
         "extra peak memory = peak RSS of the calls after the warm-up minus RSS before them (CPU) or `torch.cuda.max_memory_allocated` "
         "minus allocated before them (CUDA). Compile time (cold TorchInductor cache, includes the first call) is excluded from "
         f"the per-call time. Configurations predicted above {fmt_bytes(s['memory_budget_bytes'])} are skipped (\"needs X GB\").",
         "- Useful FLOPs: PDDM batch mode m(m+1)/2 · 2(h·d + 2h·c), reference mode m·n · 2(h·d + 2h·c), ×3 for "
         "forward+backward; Euclidean m(m+1)/2 · 2d.",
+    ]
+    loads = [(m.get(key) or [0])[0] for key in ("load_average_start", "load_average_end")]
+    cores = m.get("usable_cores") or 1
+    if max(loads) > 1.5 * cores:
+        out.append(f"- **Warning**: the machine was shared during this run (1-minute load average up to {max(loads):.0f} "
+                   f"on {cores} cores): absolute times are inflated and ratios noisy. Re-run on an idle machine.")
+    out += [
         "",
         "## Targets",
         "",

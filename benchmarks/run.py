@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -67,6 +68,22 @@ def full_plan(device, workloads, variants, ms, ds):
                     if variant in variants:
                         configs.append(make_config(workload, variant, m, d, device=device))
     return configs
+
+
+def build_facts():
+    """Which code was measured: the git commit, whether csrc/ differs from it, the extension's hash."""
+    facts = {}
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()  # noqa: E731
+        facts["git_commit"] = git("rev-parse", "--short", "HEAD")
+        facts["csrc_modified"] = bool(git("status", "--porcelain", "--", "csrc"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for so in sorted((REPO_ROOT / "pddm_ext").glob("_C*.so")):
+        facts["extension"] = so.name
+        facts["extension_sha256"] = hashlib.sha256(so.read_bytes()).hexdigest()[:12]
+        facts["extension_mtime_utc"] = datetime.datetime.fromtimestamp(so.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return facts
 
 
 def run_child(spec, timeout_s, env):
@@ -189,6 +206,7 @@ def main(argv=None):
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": facts,
+        "code": build_facts(),
         "gemm": gemm,
         "settings": {"warmup": 1, "min_repeats": min_repeats, "max_repeats": max_repeats,
                      "repeat_budget_s": budget_s, "slow_call_s": slow_s, "timeout_s": timeout_s, "memory_budget_bytes": budget,
