@@ -18,25 +18,6 @@
 
 namespace pddm_ext::cpu {
 
-// C (M x N, contiguous) = op(A) op(B) (+ C when accumulate). A is stored row-major as (M x K),
-// or (K x M) when trans_a; B as (K x N), or (N x K) when trans_b.
-template <typename scalar_t>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
-          const scalar_t* B, scalar_t* C, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  auto a = trans_a ? at::from_blob(const_cast<scalar_t*>(A), {K, M}, opts).t()
-                   : at::from_blob(const_cast<scalar_t*>(A), {M, K}, opts);
-  auto b = trans_b ? at::from_blob(const_cast<scalar_t*>(B), {N, K}, opts).t()
-                   : at::from_blob(const_cast<scalar_t*>(B), {K, N}, opts);
-  auto c = at::from_blob(C, {M, N}, opts);
-  if (accumulate) {
-    c.addmm_(a, b);
-  } else {
-    at::mm_out(c, a, b);
-  }
-}
-
 // The parameters of a PDDM unit, contiguous, plus W_u^T and W_c^T packed for vec::gemm_rows.
 // The tensors are owned here, so the raw pointers stay valid as long as this object lives.
 template <typename scalar_t>

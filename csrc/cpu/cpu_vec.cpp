@@ -20,7 +20,7 @@ namespace pddm_ext::cpu::vec {
 namespace {
 
 // R rows x two vectors of columns of C, accumulated in registers over the whole of K.
-template <typename T, int kBytes, int R>
+template <typename T, int kBytes, int R, bool kAccumulate>
 inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __restrict A, int64_t lda,
                                                       const T* __restrict Bt, int64_t ldb, T* __restrict C,
                                                       int64_t ldc) {
@@ -28,7 +28,14 @@ inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __rest
   constexpr int L = kBytes / sizeof(T);
   V acc0[R], acc1[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = V{};
+  for (int r = 0; r < R; ++r) {
+    if (kAccumulate) {
+      std::memcpy(&acc0[r], C + r * ldc, sizeof(V));
+      std::memcpy(&acc1[r], C + r * ldc + L, sizeof(V));
+    } else {
+      acc0[r] = acc1[r] = V{};
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     V b0, b1;
     std::memcpy(&b0, Bt + k * ldb, sizeof(V));
@@ -47,15 +54,17 @@ inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __rest
   }
 }
 
-template <typename T, int kBytes, int R>
+template <typename T, int kBytes, int R, bool kAccumulate>
 inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                                                           const T* Bt, int64_t ldb, T* C) {
   constexpr int64_t NB = 2 * kBytes / sizeof(T);
   int64_t j0 = 0;
   for (; j0 + NB <= N; j0 += NB) {
     int64_t i = 0;
-    for (; i + R <= M; i += R) gemm_micro<T, kBytes, R>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
-    for (; i < M; ++i) gemm_micro<T, kBytes, 1>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
+    for (; i + R <= M; i += R) {
+      gemm_micro<T, kBytes, R, kAccumulate>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
+    }
+    for (; i < M; ++i) gemm_micro<T, kBytes, 1, kAccumulate>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
   }
   if (j0 == N) return;
   // The last, partial block of columns goes through the same vector code on a zero-padded copy
@@ -64,14 +73,16 @@ inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, 
   thread_local std::vector<T> padded;
   padded.assign(K * NB, T(0));
   for (int64_t k = 0; k < K; ++k) std::memcpy(padded.data() + k * NB, Bt + k * ldb + j0, tail * sizeof(T));
-  T block[R * NB];
+  T block[R * NB] = {};
   int64_t i = 0;
   for (; i + R <= M; i += R) {
-    gemm_micro<T, kBytes, R>(K, A + i * lda, lda, padded.data(), NB, block, NB);
+    for (int r = 0; r < R && kAccumulate; ++r) std::memcpy(block + r * NB, C + (i + r) * N + j0, tail * sizeof(T));
+    gemm_micro<T, kBytes, R, kAccumulate>(K, A + i * lda, lda, padded.data(), NB, block, NB);
     for (int r = 0; r < R; ++r) std::memcpy(C + (i + r) * N + j0, block + r * NB, tail * sizeof(T));
   }
   for (; i < M; ++i) {
-    gemm_micro<T, kBytes, 1>(K, A + i * lda, lda, padded.data(), NB, block, NB);
+    if (kAccumulate) std::memcpy(block, C + i * N + j0, tail * sizeof(T));
+    gemm_micro<T, kBytes, 1, kAccumulate>(K, A + i * lda, lda, padded.data(), NB, block, NB);
     std::memcpy(C + i * N + j0, block, tail * sizeof(T));
   }
 }
@@ -79,8 +90,9 @@ inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PDDM_GEMM_VARIANT(T, NAME, TARGET, BYTES, ROWS)                                                         \
   __attribute__((target(TARGET), flatten)) void NAME(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, \
-                                                     const T* Bt, int64_t ldb, T* C) {                          \
-    gemm_rows_impl<T, BYTES, ROWS>(M, N, K, A, lda, Bt, ldb, C);                                               \
+                                                     const T* Bt, int64_t ldb, T* C, bool accumulate) {         \
+    if (accumulate) return gemm_rows_impl<T, BYTES, ROWS, true>(M, N, K, A, lda, Bt, ldb, C);                  \
+    gemm_rows_impl<T, BYTES, ROWS, false>(M, N, K, A, lda, Bt, ldb, C);                                        \
   }
 PDDM_GEMM_VARIANT(float, gemm_avx512, "arch=x86-64-v4", 64, 8)
 PDDM_GEMM_VARIANT(double, gemm_avx512, "arch=x86-64-v4", 64, 8)
@@ -101,23 +113,25 @@ int isa_level() {
 
 template <typename T>
 inline void gemm_rows_dispatch(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt, int64_t ldb,
-                               T* C) {
+                               T* C, bool accumulate) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   const int level = isa_level();
-  if (level == 2) return gemm_avx512(M, N, K, A, lda, Bt, ldb, C);
-  if (level == 1) return gemm_avx2(M, N, K, A, lda, Bt, ldb, C);
+  if (level == 2) return gemm_avx512(M, N, K, A, lda, Bt, ldb, C, accumulate);
+  if (level == 1) return gemm_avx2(M, N, K, A, lda, Bt, ldb, C, accumulate);
 #endif
-  gemm_rows_impl<T, 16, 4>(M, N, K, A, lda, Bt, ldb, C);
+  if (accumulate) return gemm_rows_impl<T, 16, 4, true>(M, N, K, A, lda, Bt, ldb, C);
+  gemm_rows_impl<T, 16, 4, false>(M, N, K, A, lda, Bt, ldb, C);
 }
 
 }  // namespace
 
-void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C) {
-  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C);
+void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C,
+               bool accumulate) {
+  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C, accumulate);
 }
 void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
-               double* C) {
-  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C);
+               double* C, bool accumulate) {
+  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C, accumulate);
 }
 
 namespace {

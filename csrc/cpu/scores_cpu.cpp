@@ -79,10 +79,19 @@ struct PddmGrads {
 // Per-tile scratch of the backward.
 template <typename scalar_t>
 struct PddmTileGrad {
-  std::vector<scalar_t> dQ, dZ, dA, dU, coef_u, coef_v;
+  std::vector<scalar_t> dQ, dQ_t, dZ, dA, dA_t, dU, coef_u, coef_v;
   PddmTileGrad(int64_t pairs, int64_t d, int64_t h, int64_t c)
-      : dQ(pairs * c), dZ(pairs * 2 * h), dA(pairs * h), dU(pairs * d), coef_u(pairs), coef_v(pairs) {}
+      : dQ(pairs * c), dQ_t(pairs * c), dZ(pairs * 2 * h), dA(pairs * h), dA_t(pairs * h), dU(pairs * d),
+        coef_u(pairs), coef_v(pairs) {}
 };
+
+// out (cols x rows) = in (rows x cols)^T, both contiguous.
+template <typename scalar_t>
+void transpose(const scalar_t* in, int64_t rows, int64_t cols, scalar_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+  }
+}
 
 // Back-propagates g[p] = dL/dS(pair p) through one tile whose forward intermediates are in ws.
 template <typename scalar_t>
@@ -96,8 +105,11 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
                               acc.db_c.data(), c);
     acc.db_s += g[p];
   }
-  if (need_params) gemm<scalar_t>(true, false, c, 2 * h, T, tg.dQ.data(), ws.Z.data(), acc.dW_c.data(), true);
-  gemm<scalar_t>(false, false, T, 2 * h, c, tg.dQ.data(), w.W_c, tg.dZ.data(), false);
+  if (need_params) {  // dW_c += dQ^T Z
+    transpose(tg.dQ.data(), T, c, tg.dQ_t.data());
+    vec::gemm_rows(c, 2 * h, T, tg.dQ_t.data(), T, ws.Z.data(), 2 * h, acc.dW_c.data(), true);
+  }
+  vec::gemm_rows(T, 2 * h, c, tg.dQ.data(), c, w.W_c, 2 * h, tg.dZ.data());
 
   // Normalisations of u' and v', the branch ReLUs and the clamped input norms.
   for (int64_t p = 0; p < T; ++p) {
@@ -116,9 +128,12 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
     tg.coef_u[p] = nu > scalar_t(kNormEps) ? -dinv_u / (nu * nu * nu) : scalar_t(0);
     tg.coef_v[p] = nv > scalar_t(kNormEps) ? -dinv_v / (scalar_t(8) * nv * nv * nv) : scalar_t(0);
   }
-  if (need_params) gemm<scalar_t>(true, false, h, d, T, tg.dA.data(), ws.U.data(), acc.dW_u.data(), true);
+  if (need_params) {  // dW_u += dA^T U
+    transpose(tg.dA.data(), T, h, tg.dA_t.data());
+    vec::gemm_rows(h, d, T, tg.dA_t.data(), T, ws.U.data(), d, acc.dW_u.data(), true);
+  }
   if (!need_inputs) return;
-  gemm<scalar_t>(false, false, T, d, h, tg.dA.data(), w.W_u, tg.dU.data(), false);
+  vec::gemm_rows(T, d, h, tg.dA.data(), h, w.W_u, d, tg.dU.data());
   for (int64_t p = 0; p < T; ++p) {
     const int64_t i = t.i0 + p / t.nr, r = t.r0 + p % t.nr;
     vec::input_grad(t.x + i * d, t.y + r * d, tg.dU.data() + p * d, tg.coef_u[p], tg.coef_v[p],
