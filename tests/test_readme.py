@@ -1,0 +1,22 @@
+"""README.md's Python examples run as written (the README is part of the contract with users)."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_examples():
+    assert python_blocks(), "README.md lost its Python examples"
+
+
+def test_readme_python_examples_run():
+    namespace = {}
+    for block in python_blocks():
+        if "torchrun" in block or "pml" in block.lower():  # examples that need other processes or PML's trainer
+            continue
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
