@@ -96,7 +96,7 @@ pytest: $(VENV)/.package-stamp
 # The copy of the tree holds what git tracks plus untracked files it does not ignore (in CI: exactly
 # the commit). It is rewritten on every run; sources keep their times and the objects live outside
 # it (build/cuda-temp), so ninja recompiles only what changed. build_ext --inplace is what
-# `pip install -e` runs, minus pip's throw-away build directory.
+# `pip install -e` runs, minus pip's throw-away build directory (a full rebuild every time).
 cuda-build: $(CUDA_VENV)/.deps-stamp
 	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-build: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
 	rm -rf $(CUDA_TREE)
@@ -106,6 +106,10 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 	cd $(CUDA_TREE) && PATH="$(abspath $(CUDA_VENV))/bin:$$PATH" PDDM_EXT_CUDA=1 CUDA_HOME='$(CUDA_HOME)' \
 	  TORCH_CUDA_ARCH_LIST='$(TORCH_CUDA_ARCH_LIST)' PDDM_EXT_WERROR=1 MAX_JOBS=$(JOBS) \
 	  '$(abspath $(CUDA_VENV))/bin/python' setup.py -q build_ext --inplace --build-temp '$(abspath $(CUDA_TEMP))'
+	# The venv finds the package in the tree through a .pth entry (what `pip install -e` would add),
+	# so that subprocesses of the tests (torchrun, python -c) import this build too.
+	site=$$('$(abspath $(CUDA_VENV))/bin/python' -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  echo '$(abspath $(CUDA_TREE))' > "$$site/pddm_ext_cuda_tree.pth"
 	cd $(CUDA_TREE) && '$(abspath $(CUDA_VENV))/bin/python' .ci/check_cuda_build.py
 	cd $(CUDA_TREE) && { $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
 
