@@ -228,6 +228,8 @@ def _code_line(code):
     text = f"; code {code.get('git_commit', '?')}" + (" with modified csrc/" if code.get("csrc_modified") else "")
     if code.get("extension_sha256"):
         text += f", extension sha256 {code['extension_sha256']} built {code.get('extension_mtime_utc')}"
+    if code.get("rebuilt_during_run"):
+        text += f" (**rebuilt during the run, at {code['rebuilt_during_run']}: the results mix two builds**)"
     return text
 
 

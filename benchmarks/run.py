@@ -153,6 +153,7 @@ def main(argv=None):
         configs = full_plan(args.device, args.workloads, args.variants, args.m, args.d)
 
     facts = machine.describe()
+    code_at_start = build_facts()
     env = dict(os.environ)
     inductor_cache = tempfile.mkdtemp(prefix="pddm-bench-inductor-")
     env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # compile times are cold-cache, once per run
@@ -198,6 +199,10 @@ def main(argv=None):
         results.append(entry)
 
     facts["load_average_end"] = machine.load_average()
+    code_at_end = build_facts()
+    if code_at_end.get("extension_sha256") != code_at_start.get("extension_sha256"):
+        code_at_start["rebuilt_during_run"] = code_at_end.get("extension_mtime_utc") or "removed"
+        log("warning: the extension changed during the run; the results mix two builds")
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     doc = {
         "command": command.strip(),
@@ -206,7 +211,7 @@ def main(argv=None):
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": facts,
-        "code": build_facts(),
+        "code": code_at_start,
         "gemm": gemm,
         "settings": {"warmup": 1, "min_repeats": min_repeats, "max_repeats": max_repeats,
                      "repeat_budget_s": budget_s, "slow_call_s": slow_s, "timeout_s": timeout_s, "memory_budget_bytes": budget,
