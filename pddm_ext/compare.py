@@ -97,6 +97,8 @@ def markdown(summary):
         lines.append(f"| {loss} | " + " | ".join(cells) + f" | {r['train_time_mean'][-1]:.0f} |")
     floor = summary["floor"]
     lines.append("| raw pixels | " + " | ".join(f"{floor[m]:.3f}" for m in METRICS) + " | |")
+    lines += ["", "train s: mean cumulative training time (evaluation excluded) in seconds, wall clock on the "
+              "machine that ran it; on a shared machine it measures the load as much as the loss."]
     lines += ["", "Recall@1 (mean over seeds) after each epoch:", "",
               "| loss | " + " | ".join(str(e + 1) for e in range(cfg["epochs"])) + " |",
               "|---|" + "---|" * cfg["epochs"]]
@@ -118,6 +120,9 @@ def plot_convergence(summary, path):
         (line,) = ax_e.plot(epochs, mean, marker="o", label=loss)
         ax_e.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         ax_t.plot(r["train_time_mean"], mean, marker="o", color=line.get_color(), label=loss)
+    from matplotlib.ticker import MaxNLocator
+
+    ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_e, ax_t):
         ax.axhline(summary["floor"]["recall@1"], color="grey", linestyle="--", label="raw pixels")
         ax.grid(alpha=0.3)
