@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .train import CHECKPOINT, LOSSES, TrainConfig, prepare, train, write_text_atomic
+from .train import CHECKPOINT, LOSSES, prepare, train, write_text_atomic
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi")
 
