@@ -28,6 +28,8 @@ def _common(parser):
     parser.add_argument("--batches-per-epoch", type=int, default=None,
                         help="default: training images // (P K)")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--unit-lr", type=float, default=None,
+                        help="Adam lr of the PDDM unit (PDDM losses; default: --lr)")
     parser.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
     parser.add_argument("--mine-k", type=int, default=None,
                         help="hardest positive pairs mined per batch by the PDDM losses (default P K / 2; 1 = the paper's rule)")

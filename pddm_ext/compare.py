@@ -52,7 +52,9 @@ def _finished(cfg):
         return None
     with open(path) as f:
         result = json.load(f)
-    same = {k: v for k, v in result["config"].items() if k not in ("out", "device", "threads")} == {
+    # a key missing from an older result.json (an option added since) counts as its default
+    saved = {**dataclasses.asdict(type(cfg)()), **result["config"]}
+    same = {k: v for k, v in saved.items() if k not in ("out", "device", "threads")} == {
         k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "threads")}
     return result if same and len(result["history"]) == cfg.epochs else None
 
@@ -79,6 +81,10 @@ def summarise(runs, losses):
                 batch=first["batch"], model=first["model"], floor=first["floor"], losses=per_loss)
 
 
+def _unit_lr(cfg):
+    return f" (PDDM unit {cfg['unit_lr']})" if cfg.get("unit_lr") is not None else ""
+
+
 def markdown(summary):
     cfg, ds, batch = summary["config"], summary["dataset"], summary["batch"]
     lines = [f"# {ds['name']}: PDDM mining vs Euclidean mining", ""]
@@ -87,7 +93,8 @@ def markdown(summary):
                  f"{', '.join(ds['test_classes'])} (every test image queries all others).")
     lines.append(f"Budget per run: {cfg['epochs']} epochs x {batch['batches_per_epoch']} batches of "
                  f"P={batch['p']} x K={batch['k']}; {summary['model']}, embedding dim {cfg['embedding_dim']}, "
-                 f"Adam lr {cfg['lr']}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
+                 f"Adam lr {cfg['lr']}{_unit_lr(cfg)}; alpha {cfg['alpha']}, beta {cfg['beta']}, lam {cfg['lam']}, "
+                 f"mine k {cfg['mine_k'] or 'P K / 2'}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
     if "font_hash" in ds:
         lines.append(f"Fonts: {len(ds['font_files'])} files, list hash `{ds['font_hash'][:16]}` (full list in results.json).")
     lines += ["", "| loss | " + " | ".join(m.replace("recall", "R") for m in METRICS) + " | train s |",

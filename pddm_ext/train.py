@@ -17,7 +17,8 @@ Losses (``loss=``), all on L2-normalised embeddings f, with the triplet hinge
 - ``batch-hard``: Euclidean batch-hard mining (hardest positive and negative per anchor).
 - ``triplet-random``: one random positive and one random negative per anchor.
 
-The PDDM unit's parameters are in the same optimiser as the network's.
+The PDDM unit's parameters are in the same optimiser as the network's (Adam at ``lr``, or at
+``unit_lr`` in a second param group when that is set).
 
 Multi-process (``torchrun --nproc_per_node N pddm-ext train ...``, DDP on gloo or nccl): every rank
 draws the same P x K batch and takes its share (``pddm_ext.distributed.ShardedBatchSampler``); the
@@ -69,6 +70,7 @@ class TrainConfig:
     k: int = 8  # images per class in a batch
     batches_per_epoch: int | None = None  # default: training images // (P K)
     lr: float = 1e-3
+    unit_lr: float | None = None  # Adam lr of the PDDM unit (PDDM losses); default: lr (one param group)
     embedding_dim: int = 64
     mine_k: int | None = None  # hard positive pairs mined per batch (PDDM losses); default P K / 2
     alpha: float = 0.5  # PDDM metric-loss margin
@@ -121,6 +123,8 @@ def check_config(cfg):
         raise ConfigError(f"mine_k must be >= 1, got {cfg.mine_k}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.unit_lr is not None and not cfg.unit_lr > 0:
+        raise ConfigError(f"unit_lr must be > 0, got {cfg.unit_lr}")
     if cfg.backbone not in ("auto", "small", "resnet18"):
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
     if cfg.backbone == "resnet18" and not torchvision_available():
@@ -240,6 +244,15 @@ def build_loss(cfg, p):
     if cfg.loss == "pddm-triplet":
         return PDDMTripletLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k)
     return EuclideanTripletLoss(cfg.loss, beta=cfg.beta)
+
+
+def build_optimizer(cfg, model, loss_fn):
+    """Adam over the network and the loss's parameters (the PDDM unit). With ``cfg.unit_lr`` set, the
+    unit is a second param group with that learning rate; unset, one group at ``cfg.lr`` as before."""
+    if cfg.unit_lr is None or not list(loss_fn.parameters()):
+        return torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr)
+    return torch.optim.Adam([dict(params=list(model.parameters())),
+                             dict(params=list(loss_fn.parameters()), lr=cfg.unit_lr)], lr=cfg.lr)
 
 
 def batch_stats(loss_fn):
@@ -379,7 +392,7 @@ def train(cfg, *, resume=False, progress=True, split=None):
     loss_fn = build_loss(cfg, p)
     model.to(device)
     loss_fn.to(device)
-    optimizer = torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr)
+    optimizer = build_optimizer(cfg, model, loss_fn)
     sampler = data_mod.PKSampler(split.train_labels, p, cfg.k, num_batches=cfg.batches_per_epoch,
                                  seed=cfg.seed)
     train_model, train_loss, batch_sampler = _distribute(model, loss_fn, sampler, device, world)  # [ddp]

@@ -81,6 +81,7 @@ def test_seed_makes_runs_reproducible(digits, tmp_path):
     (["--dataset", "folder:/no/such/folder"], "folder '/no/such/folder' does not exist"),
     (["--dataset", "digits", "--loss", "contrastive"], "unknown loss 'contrastive'"),
     (["--dataset", "digits", "--epochs", "0"], "epochs must be >= 1"),
+    (["--dataset", "digits", "--unit-lr", "0"], "unit_lr must be > 0"),
 ])
 def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -88,6 +89,32 @@ def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pddm-ext: error: ") and message in err
     assert not out.exists()  # nothing was trained or written
+
+
+def test_unit_lr_puts_the_pddm_unit_in_its_own_param_group():
+    from pddm_ext.models import build_model
+    from pddm_ext.train import build_loss, build_optimizer
+
+    model, _ = build_model((1, 8, 8), 16)
+    loss_fn = build_loss(TrainConfig(dataset="digits", embedding_dim=16), 5)
+    (group,) = build_optimizer(TrainConfig(dataset="digits"), model, loss_fn).param_groups  # default: one group
+    assert group["lr"] == 1e-3 and len(group["params"]) == len(list(model.parameters()) + list(loss_fn.parameters()))
+    net, unit = build_optimizer(TrainConfig(dataset="digits", unit_lr=1e-4), model, loss_fn).param_groups
+    assert net["lr"] == 1e-3 and unit["lr"] == 1e-4
+    assert [id(p) for p in unit["params"]] == [id(p) for p in loss_fn.parameters()]
+    bh = build_loss(TrainConfig(dataset="digits", loss="batch-hard"), 5)  # no unit: unit_lr is moot
+    assert len(build_optimizer(TrainConfig(dataset="digits", unit_lr=1e-4), model, bh).param_groups) == 1
+
+
+def test_compare_reuses_runs_saved_before_an_option_existed(digits, tmp_path):
+    from pddm_ext.compare import _finished
+
+    cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1, out=str(tmp_path / "old"))
+    result = train(cfg, progress=False, split=digits)
+    saved = dict(result, config={k: v for k, v in result["config"].items() if k != "unit_lr"})
+    (tmp_path / "old" / "result.json").write_text(json.dumps(saved))  # as written before --unit-lr existed
+    assert _finished(cfg) is not None
+    assert _finished(dataclasses.replace(cfg, unit_lr=1e-4)) is None
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
