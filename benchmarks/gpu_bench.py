@@ -28,10 +28,11 @@ import time
 
 import torch
 
-import pddm_ext
-from pddm_ext import reference
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root: an in-place build is found first
+
+import pddm_ext  # noqa: E402
+from pddm_ext import reference  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -13,6 +13,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build below, ahead of any installed copy
+export PYTHONPATH
 PYTHON=${PYTHON:-python3}
 OUT_DIR=${OUT:-benchmarks/results/gpu}
 BUDGET_S=${CHECK_BUDGET_S:-460}

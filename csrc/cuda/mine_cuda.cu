@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
   __shared__ FoldShared<T, kPairs> fs;
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
-  T* sm_w = sm + kPairs * kChunk;
+  T* sm_w = sm + kStagingA;
   T* Z = block_workspace(sm, scratch, ws_elems);
   fold_begin(fs);
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "../pddm_common.h"
 
@@ -38,11 +39,40 @@ constexpr int kOutGroups = 16;         // ... times 16 groups of 8 outputs = 256
 static_assert(kPairGroups * 4 == kPairs && kPairGroups * kOutGroups == kThreads, "pair_gemm layout");
 static_assert(kOutGroups * 8 == kOutBlock, "pair_gemm layout");
 
-// Shared-memory staging of pair_gemm: an operand chunk (kPairs x kChunk) and a weight chunk
-// (kOutBlock x (kChunk + 1), padded against bank conflicts).
+// Shared-memory staging of pair_gemm, both chunks stored k-major so that each thread reads its 4
+// operands and its 8 weights of one k with 16-byte loads: the operand chunk (kChunk x kPairs) and
+// the weight chunk (kChunk x kOutBlock). Rows are padded by 4 elements (kept 16-byte aligned)
+// against bank conflicts when the chunks are filled.
+constexpr int kAStride = kPairs + 4;
+constexpr int kWStride = kOutBlock + 4;
+constexpr int kStagingA = kChunk * kAStride;  // elements of the operand chunk; the weight chunk follows
 template <typename T>
 constexpr size_t pair_gemm_staging_elems() {
-  return size_t(kPairs) * kChunk + size_t(kOutBlock) * (kChunk + 1);
+  return size_t(kStagingA) + size_t(kChunk) * kWStride;
+}
+
+template <typename T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  using type = float4;
+};
+template <>
+struct Vec16<double> {
+  using type = double2;
+};
+
+// dst = src[0, N) with 16-byte loads; src must be 16-byte aligned (shared memory).
+template <int N, typename T>
+__device__ __forceinline__ void load_aligned(T (&dst)[N], const T* src) {
+  using V = typename Vec16<T>::type;
+  constexpr int per = int(sizeof(V) / sizeof(T));
+  static_assert(N % per == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int j = 0; j < N; j += per) {
+    const V v = *reinterpret_cast<const V*>(src + j);
+    memcpy(&dst[j], &v, sizeof(V));
+  }
 }
 
 template <typename T>
@@ -128,7 +158,7 @@ template <typename T, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w) {
   const int tid = threadIdx.x;
-  const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;
+  const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;  // pairs 4 pg.., outputs 8 og..
   const bool w_rows_contiguous = w_red_stride == 1;
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
     T acc[4][8];
@@ -139,24 +169,22 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
     }
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       for (int e = tid; e < kPairs * kChunk; e += kThreads) {
-        const int p = e / kChunk, kk = e % kChunk;
-        sm_a[e] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
+        const int p = e / kChunk, kk = e % kChunk;  // consecutive threads: consecutive k of one pair
+        sm_a[kk * kAStride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
       }
       for (int e = tid; e < kOutBlock * kChunk; e += kThreads) {
         // Walk the weight chunk along whichever of its axes is contiguous in memory (coalescing).
         const int oo = w_rows_contiguous ? e / kChunk : e % kOutBlock;
         const int kk = w_rows_contiguous ? e % kChunk : e / kOutBlock;
         const int64_t o = o0 + oo, k = k0 + kk;
-        sm_w[oo * (kChunk + 1) + kk] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
+        sm_w[kk * kWStride + oo] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
       }
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < kChunk; ++kk) {
         T a[4], w[8];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = sm_a[(pair_group * 4 + q) * kChunk + kk];
-#pragma unroll
-        for (int t = 0; t < 8; ++t) w[t] = sm_w[(out_group + kOutGroups * t) * (kChunk + 1) + kk];
+        load_aligned(a, sm_a + kk * kAStride + pair_group * 4);
+        load_aligned(w, sm_w + kk * kWStride + out_group * 8);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
 #pragma unroll
@@ -169,7 +197,7 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int t = 0; t < 8; ++t) {
-        const int64_t o = o0 + out_group + kOutGroups * t;
+        const int64_t o = o0 + out_group * 8 + t;
         if (o < N) epilogue(pair_group * 4 + q, o, acc[q][t]);
       }
     }

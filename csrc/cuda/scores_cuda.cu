@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   __shared__ TileScalars<T> ts;
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
-  T* sm_w = sm + kPairs * kChunk;
+  T* sm_w = sm + kStagingA;
   T* Z = block_workspace(sm, scratch, ws_elems);
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
     int64_t i0, r0;
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   __shared__ BackwardScalars<T> bs;
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
-  T* sm_w = sm + kPairs * kChunk;
+  T* sm_w = sm + kStagingA;
   const int64_t d = w.d, h = w.h, c = w.c, ldz = 2 * h;
   T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
   T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
