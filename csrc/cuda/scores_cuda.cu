@@ -1,0 +1,412 @@
+// All-pairs PDDM scores on the GPU: the fused forward and its fused backward (SPEC §1, §5).
+//
+// Both are persistent tile kernels (pddm_tile.cuh). The backward recomputes each tile's forward,
+// then walks it back in the tile's workspace: gradients of the inputs and of the projections
+// P = x W_v^T go to global memory with atomics (O((m + n)(d + h))), parameter gradients to a
+// per-block slab that only its block touches, summed over blocks at the end. Nothing is
+// (m, n, d) or (m, n, h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "pddm_tile.cuh"
+
+namespace pddm_ext::cuda {
+namespace {
+
+template <typename T>
+PddmParams<T> device_params(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& b_v,
+                            const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s,
+                            const at::Tensor& b_s) {
+  return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
+          w_s.data_ptr<T>(), b_s.data_ptr<T>(), W_u.size(1),       W_u.size(0),       W_c.size(0)};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
+                                                           T* __restrict__ out, T* scratch, int64_t ws_elems) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ TileScalars<T> ts;
+  T* sm = reinterpret_cast<T*>(smem_raw);
+  T* sm_a = sm;
+  T* sm_w = sm + kStagingA;
+  T* Z = block_workspace(sm, scratch, ws_elems);
+  for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
+    int64_t i0, r0;
+    grid.tile(t, &i0, &r0);
+    __syncthreads();  // the previous tile's readers of shared memory are done
+    pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
+    pddm_tile_scores(w, Z, ts, sm_a, sm_w);
+    if (threadIdx.x < kPairs) {
+      const int p = threadIdx.x;
+      const int64_t i = i0 + p / kTile, r = r0 + p % kTile;
+      if (i < rows.m && r < rows.n && !(grid.batch && r < i)) {
+        out[i * rows.n + r] = ts.score[p];
+        if (grid.batch) out[r * rows.n + i] = ts.score[p];  // S is symmetric: one triangle computed
+      }
+    }
+  }
+}
+
+at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& W_u,
+                       const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
+                       const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool batch = !y_in.has_value();
+  const auto x = x_in.contiguous();
+  const auto y = batch ? x : y_in->contiguous();
+  const int64_t m = x.size(0), n = y.size(0), h = W_u.size(0);
+  auto out = at::empty({m, n}, x.options());
+  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
+  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
+  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
+  const auto Px = at::mm(x, W_vc.t()).contiguous();
+  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+  const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
+  if (grid.count == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
+    using T = scalar_t;
+    const auto w = device_params<T>(W_uc, b_uc, b_vc, W_cc, b_cc, w_sc, b_sc);
+    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const int64_t ws_elems = int64_t(kPairs) * 2 * h;
+    const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count,
+                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
+    at::Tensor scratch;
+    if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
+    scores_kernel<T><<<plan.blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        w, rows, grid, out.data_ptr<T>(), plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Layout of a block's parameter-gradient slab.
+struct SlabLayout {
+  int64_t W_u, W_c, b_u, b_v, b_c, w_s, b_s, size;
+  static SlabLayout make(int64_t d, int64_t h, int64_t c) {
+    SlabLayout s;
+    s.W_u = 0;
+    s.W_c = s.W_u + h * d;
+    s.b_u = s.W_c + c * 2 * h;
+    s.b_v = s.b_u + h;
+    s.b_c = s.b_v + h;
+    s.w_s = s.b_c + c;
+    s.b_s = s.w_s + c;
+    s.size = s.b_s + 1;
+    return s;
+  }
+};
+
+// Where the backward writes. dy/dPy alias dx/dPx in batch mode; dx == nullptr: no input gradients;
+// slab == nullptr: no parameter gradients.
+template <typename T>
+struct BackwardOut {
+  const T* grad;
+  int64_t grad_stride0, grad_stride1;
+  T *dx, *dy, *dPx, *dPy, *slab;
+  SlabLayout layout;
+};
+
+// Per-pair scalars of the backward (in addition to the forward's TileScalars).
+template <typename T>
+struct BackwardScalars {
+  T g[kPairs];       // dL/dS of the pair (batch mode: dS[i, r] + dS[r, i], once per unordered pair)
+  T s_u[kPairs], s_v[kPairs];  // z . dz of the two halves of Z
+  T coef_v[kPairs];  // d/d(x + y) of the mean branch's clamped norm, per unit of (x + y)
+  T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
+                                                                    BackwardOut<T> out, T* scratch, int64_t ws_elems) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ TileScalars<T> ts;
+  __shared__ BackwardScalars<T> bs;
+  T* sm = reinterpret_cast<T*>(smem_raw);
+  T* sm_a = sm;
+  T* sm_w = sm + kStagingA;
+  const int64_t d = w.d, h = w.h, c = w.c, ldz = 2 * h;
+  T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
+  T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
+  T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
+  T* dU = Q + kPairs * c;                          // (kPairs, d) dL/dnormalize(u)
+  T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool need_inputs = out.dx != nullptr;
+
+  for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
+    int64_t i0, r0;
+    grid.tile(t, &i0, &r0);
+    __syncthreads();
+    if (tid < kPairs) {
+      const int64_t i = i0 + tid / kTile, r = r0 + tid % kTile;
+      T g = 0;
+      if (i < rows.m && r < rows.n) {
+        g = out.grad[i * out.grad_stride0 + r * out.grad_stride1];
+        // Batch mode computes each unordered pair once: it carries dS[i, r] + dS[r, i].
+        if (grid.batch) g = r < i ? T(0) : (r == i ? g : g + out.grad[r * out.grad_stride0 + i * out.grad_stride1]);
+      }
+      bs.g[tid] = g;
+    }
+    pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
+
+    // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
+    pair_gemm<T>(
+        c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
+        [&](int p, int64_t j, T q) { Q[p * c + j] = relu(q + w.b_c[j]); }, sm_a, sm_w);
+    if (slab != nullptr) {
+      for (int64_t j = tid; j < c; j += kThreads) {
+        T dws = 0, dbc = 0;
+        for (int p = 0; p < kPairs; ++p) {
+          const T q = Q[p * c + j];
+          dws += bs.g[p] * q;
+          dbc += q > T(0) ? bs.g[p] * w.w_s[j] : T(0);
+        }
+        slab[out.layout.w_s + j] += dws;
+        slab[out.layout.b_c + j] += dbc;
+      }
+      if (tid == 0) {
+        T dbs = 0;
+        for (int p = 0; p < kPairs; ++p) dbs += bs.g[p];
+        slab[out.layout.b_s] += dbs;
+      }
+    }
+    __syncthreads();
+    for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads) {
+      const int p = int(e / c);
+      const int64_t j = e - int64_t(p) * c;
+      Q[e] = Q[e] > T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
+    }
+    __syncthreads();
+    if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's pairs
+      for (int64_t e = tid; e < c * 2 * h; e += kThreads) {
+        const int64_t j = e / (2 * h), k = e - j * 2 * h;
+        T acc = 0;
+        for (int p = 0; p < kPairs; ++p) acc += Q[p * c + j] * Z[p * ldz + k];
+        slab[out.layout.W_c + e] += acc;
+      }
+    }
+    // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k].
+    pair_gemm<T>(
+        2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * c + j]; },
+        [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w);
+
+    // Backward of the two normalisations and the branch ReLUs (z > 0 exactly where the ReLU was active).
+    for (int p = warp; p < kPairs; p += kWarps) {
+      T su = 0, sv = 0;
+      for (int64_t k = lane; k < h; k += 32) {
+        su += Z[p * ldz + k] * dZ[p * ldz + k];
+        sv += Z[p * ldz + h + k] * dZ[p * ldz + h + k];
+      }
+      su = warp_sum(su);
+      sv = warp_sum(sv);
+      if (lane == 0) {
+        bs.s_u[p] = su;
+        bs.s_v[p] = sv;
+      }
+    }
+    __syncthreads();
+    for (int64_t e = tid; e < int64_t(kPairs) * ldz; e += kThreads) {
+      const int p = int(e / ldz);
+      const bool u_half = e - int64_t(p) * ldz < h;
+      const T z = Z[e];
+      dZ[e] = z > T(0) ? normalize_backward(dZ[e], z, u_half ? bs.s_u[p] : bs.s_v[p],
+                                            u_half ? ts.norm_u1[p] : ts.norm_v1[p])
+                       : T(0);
+    }
+    __syncthreads();
+    // Now dZ holds dpre: (kPairs, h) for the difference branch, (kPairs, h) for the mean branch.
+    if (slab != nullptr) {
+      for (int64_t k = tid; k < h; k += kThreads) {
+        T dbu = 0, dbv = 0;
+        for (int p = 0; p < kPairs; ++p) {
+          dbu += dZ[p * ldz + k];
+          dbv += dZ[p * ldz + h + k];
+        }
+        slab[out.layout.b_u + k] += dbu;
+        slab[out.layout.b_v + k] += dbv;
+      }
+    }
+    // Mean branch: pre_v = (P_i + P_r) * inv_v + b_v with inv_v = 1 / (2 max(||v||, eps)).
+    for (int p = warp; p < kPairs; p += kWarps) {
+      const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
+      T dinv_v = 0;
+      for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * (rows.Px[i * h + k] + rows.Py[r * h + k]);
+      dinv_v = warp_sum(dinv_v);
+      if (lane == 0) {
+        // ||v|| = ||x + y|| / 2, so d inv_v / d(x + y) = -(x + y) / (8 ||v||^3); constant below eps.
+        const T nv = ts.norm_v[p];
+        bs.coef_v[p] = nv > T(kNormEps) ? -dinv_v / (T(8) * nv * nv * nv) : T(0);
+      }
+    }
+    for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
+      const int a = int(e / h);
+      const int64_t k = e - int64_t(a) * h;
+      if (i0 + a < rows.m) {  // dP_i += sum over the tile's columns
+        T acc = 0;
+        for (int b = 0; b < kTile; ++b) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
+        atomicAdd(out.dPx + (i0 + a) * h + k, acc);
+      }
+      const int b = a;
+      if (r0 + b < rows.n) {  // dP_r += sum over the tile's rows
+        T acc = 0;
+        for (int a2 = 0; a2 < kTile; ++a2) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
+        atomicAdd(out.dPy + (r0 + b) * h + k, acc);
+      }
+    }
+    if (need_inputs) {
+      // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j].
+      pair_gemm<T>(
+          d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ldz + k]; },
+          [&](int p, int64_t j, T v) { dU[p * d + j] = v; }, sm_a, sm_w);
+      for (int p = warp; p < kPairs; p += kWarps) {
+        const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
+        T s = 0;
+        for (int64_t j = lane; j < d; j += 32) s += abs_value(rows.x[i * d + j] - rows.y[r * d + j]) * dU[p * d + j];
+        s = warp_sum(s);
+        if (lane == 0) bs.s_hat[p] = s * ts.inv_u[p];
+      }
+      __syncthreads();
+      // u = |x - y| (d/dx = sign(x - y), sign(0) = 0) and x + y of the mean branch.
+      for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
+        const int a = int(e / d);
+        const int64_t j = e - int64_t(a) * d;
+        if (i0 + a < rows.m) {
+          const T xj = rows.x[(i0 + a) * d + j];
+          T acc = 0;
+          for (int b = 0; b < kTile && r0 + b < rows.n; ++b) {
+            const int p = a * kTile + b;
+            const T yj = rows.y[(r0 + b) * d + j], diff = xj - yj;
+            const T du = normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p]);
+            acc += sign_of(diff) * du + bs.coef_v[p] * (xj + yj);
+          }
+          atomicAdd(out.dx + (i0 + a) * d + j, acc);
+        }
+        const int b = a;
+        if (r0 + b < rows.n) {
+          const T yj = rows.y[(r0 + b) * d + j];
+          T acc = 0;
+          for (int a2 = 0; a2 < kTile && i0 + a2 < rows.m; ++a2) {
+            const int p = a2 * kTile + b;
+            const T xj = rows.x[(i0 + a2) * d + j], diff = xj - yj;
+            const T du = normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p]);
+            acc += bs.coef_v[p] * (xj + yj) - sign_of(diff) * du;
+          }
+          atomicAdd(out.dy + (r0 + b) * d + j, acc);
+        }
+      }
+    }
+    if (slab != nullptr) {
+      // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T.
+      for (int64_t e = tid; e < h * d; e += kThreads) {
+        const int64_t k = e / d, j = e - k * d;
+        T xa[kTile], yb[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) xa[a] = rows.x[pair_row(i0, a * kTile, rows.m) * d + j];
+#pragma unroll
+        for (int b = 0; b < kTile; ++b) yb[b] = rows.y[pair_col(r0, b, rows.n) * d + j];
+        T acc = 0;
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) {
+#pragma unroll
+          for (int b = 0; b < kTile; ++b) {
+            const int p = a * kTile + b;
+            acc += dZ[p * ldz + k] * ts.inv_u[p] * abs_value(xa[a] - yb[b]);
+          }
+        }
+        slab[out.layout.W_u + e] += acc;
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
+                     const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
+                     const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
+                     std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool batch = !y_in.has_value();
+  const bool need_inputs = output_mask[0] || output_mask[1], need_params = output_mask[2];
+  const auto x = x_in.contiguous();
+  const auto y = batch ? x : y_in->contiguous();
+  const int64_t m = x.size(0), n = y.size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
+  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
+  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
+  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
+  const auto opts = x.options();
+  at::Tensor gx = at::zeros({m, d}, opts), gy = batch ? at::zeros({0}, opts) : at::zeros({n, d}, opts);
+  at::Tensor gW_u = at::zeros_like(W_u), gb_u = at::zeros_like(b_u), gW_v = at::zeros_like(W_v);
+  at::Tensor gb_v = at::zeros_like(b_v), gW_c = at::zeros_like(W_c), gb_c = at::zeros_like(b_c);
+  at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
+  if (!need_inputs && !need_params) return {gx, gy, gW_u, gb_u, gW_v, gb_v, gW_c, gb_c, gw_s, gb_s};
+
+  const auto Px = at::mm(x, W_vc.t()).contiguous();
+  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+  const auto dPx = at::zeros({m, h}, opts);
+  const auto dPy = batch ? dPx : at::zeros({n, h}, opts);
+  const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
+  const auto layout = SlabLayout::make(d, h, c);
+  at::Tensor slab;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cuda", [&] {
+    using T = scalar_t;
+    const auto w = device_params<T>(W_uc, b_uc, b_vc, W_cc, b_cc, w_sc, b_sc);
+    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const int64_t ws_elems = int64_t(kPairs) * (4 * h + c + d);
+    // Keep the per-block parameter slabs within ~256 MB.
+    const int64_t slab_bytes = layout.size * int64_t(sizeof(T));
+    const int64_t max_blocks = need_params ? std::max<int64_t>(1, (int64_t(256) << 20) / slab_bytes) : int64_t(1) << 30;
+    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count,
+                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks);
+    at::Tensor scratch;
+    if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
+    if (need_params) slab = at::zeros({int64_t(plan.blocks), layout.size}, opts);
+    const BackwardOut<T> out{grad.data_ptr<T>(),
+                             grad.stride(0),
+                             grad.stride(1),
+                             need_inputs ? gx.data_ptr<T>() : nullptr,
+                             need_inputs ? (batch ? gx.data_ptr<T>() : gy.data_ptr<T>()) : nullptr,
+                             dPx.data_ptr<T>(),
+                             dPy.data_ptr<T>(),
+                             need_params ? slab.data_ptr<T>() : nullptr,
+                             layout};
+    scores_backward_kernel<T><<<plan.blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        w, rows, grid, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  if (need_inputs) {
+    gx.addmm_(dPx, W_vc);
+    if (!batch) gy.addmm_(dPy, W_vc);
+  }
+  if (need_params) {
+    gW_v.copy_(at::mm(dPx.t(), x));
+    if (!batch) gW_v.addmm_(dPy.t(), y);
+    const auto total = slab.sum(0);
+    gW_u.copy_(total.narrow(0, layout.W_u, h * d).view({h, d}));
+    gW_c.copy_(total.narrow(0, layout.W_c, c * 2 * h).view({c, 2 * h}));
+    gb_u.copy_(total.narrow(0, layout.b_u, h));
+    gb_v.copy_(total.narrow(0, layout.b_v, h));
+    gb_c.copy_(total.narrow(0, layout.b_c, c));
+    gw_s.copy_(total.narrow(0, layout.w_s, c));
+    gb_s.copy_(total.narrow(0, layout.b_s, 1).reshape(b_s.sizes()));
+  }
+  return {gx, gy, gW_u, gb_u, gW_v, gb_v, gW_c, gb_c, gw_s, gb_s};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pddm_ext, CUDA, m) {
+  m.impl("scores", &scores_cuda);
+  m.impl("scores_backward", &scores_backward_cuda);
+}
+
+}  // namespace pddm_ext::cuda

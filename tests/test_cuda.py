@@ -1,0 +1,384 @@
+"""The CUDA kernels against the reference and the CPU kernels (SPEC §1-§3, §5, §6).
+
+Everything but the registration check needs a visible GPU and is skipped otherwise. Tolerances:
+scores and gradients are compared relative to the largest reference magnitude (the fused kernels sum
+in another order); mined indices are correct when their reference score is within the SPEC §3
+tolerance of the reference optimum for that slot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pddm_ext
+from pddm_ext import ops, reference
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible (the CUDA kernels are only compile-checked here)")
+OPS = ("scores", "scores_backward", "mine_pddm", "mine_euclidean")
+TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    if not pddm_ext._C.with_cuda:
+        pytest.skip("pddm_ext was built without CUDA")
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pddm_ext::{op}", "CUDA"), op
+
+
+def make_unit(d, h=None, c=None, *, device="cuda", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return pddm_ext.PDDM(d, h, c).to(device=device, dtype=dtype)
+
+
+def params_of(unit):
+    return tuple(getattr(unit, name).detach() for name in reference.PARAM_NAMES)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
+
+
+# ---- scores and gradients ----------------------------------------------------------------------
+
+SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 3, 2), (9, 17, 20, 130, 7), (16, 8, 33, 17, 129), (65, 130, 64, 64, 64)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
+def test_scores_match_reference(m, n, d, h, c, batch, dtype):
+    unit = make_unit(d, h, c, dtype=dtype)
+    x = torch.randn(m, d, device="cuda", dtype=dtype)
+    y = None if batch else torch.randn(n, d, device="cuda", dtype=dtype)
+    if m > 2:
+        x[1] = x[0]  # a zero difference: normalize(0) = 0
+    with torch.no_grad():
+        got = pddm_ext.pddm_scores(x, y, *params_of(unit))
+        want = reference.pddm_scores(x.double(), None if y is None else y.double(), [p.double() for p in params_of(unit)])
+    assert got.dtype == dtype and got.shape == want.shape
+    assert rel_err(got, want) < TOL[dtype]
+    if batch:
+        assert torch.equal(got, got.T)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
+def test_gradients_match_reference(m, n, d, h, c, batch, dtype):
+    unit = make_unit(d, h, c, dtype=dtype)
+    x = torch.randn(m, d, device="cuda", dtype=dtype, requires_grad=True)
+    y = None if batch else torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+    S = unit(x) if batch else unit(x, y)
+    G = torch.randn_like(S)
+    got = torch.autograd.grad((S * G).sum(), [x] + ([] if batch else [y]) + list(unit.parameters()))
+    xd = x.detach().double().requires_grad_()
+    yd = None if batch else y.detach().double().requires_grad_()
+    pd = [p.detach().double().requires_grad_() for p in params_of(unit)]
+    R = reference.pddm_scores(xd, yd, pd)
+    want = torch.autograd.grad((R * G.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * TOL[dtype]
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_gradcheck_float64(batch):
+    unit = make_unit(5, 4, 3, dtype=torch.float64, seed=1)
+    x = torch.randn(6, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    y = None if batch else torch.randn(4, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in params_of(unit)]
+    inputs = (x,) + (() if batch else (y,)) + tuple(params)
+
+    def fn(*args):
+        if batch:
+            return pddm_ext.pddm_scores(args[0], None, *args[1:])
+        return pddm_ext.pddm_scores(*args)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@needs_cuda
+def test_backward_output_mask():
+    unit = make_unit(7, 6, 5)
+    x = torch.randn(10, 7, device="cuda")
+    y = torch.randn(12, 7, device="cuda")
+    grad = torch.randn(10, 12, device="cuda")
+    p = params_of(unit)
+    full = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+    params_only = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [False, False, True])
+    inputs_only = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, False])
+    assert params_only[0].abs().max() == 0 and inputs_only[2].abs().max() == 0
+    for a, b in zip(full[2:], params_only[2:]):
+        assert rel_err(a, b) < 1e-5
+    assert rel_err(full[0], inputs_only[0]) < 1e-5 and rel_err(full[1], inputs_only[1]) < 1e-5
+
+
+@needs_cuda
+def test_expanded_grad_and_non_contiguous_inputs():
+    unit = make_unit(8, 6, 5, dtype=torch.float64)
+    base = torch.randn(8, 22, device="cuda", dtype=torch.float64)
+    x = base.t()[::2]  # (11, 8) view with strides (2, 22)
+    assert not x.is_contiguous()
+    y = torch.randn(8, 13, device="cuda", dtype=torch.float64).t()  # (13, 8) transposed view
+    S = pddm_ext.pddm_scores(x, y, *params_of(unit))
+    want = reference.pddm_scores(x, y, params_of(unit))
+    assert rel_err(S, want) < 1e-9
+    xg = x.clone().requires_grad_()
+    pddm_ext.pddm_scores(xg, y, *params_of(unit)).sum().backward()  # grad is an expanded view
+    xr = x.clone().requires_grad_()
+    reference.pddm_scores(xr, y, params_of(unit)).sum().backward()
+    assert rel_err(xg.grad, xr.grad) < 1e-8
+
+
+@needs_cuda
+def test_half_inputs_compute_in_float32():
+    unit = make_unit(16, 8, 8)
+    x = torch.randn(20, 16, device="cuda", dtype=torch.float16)
+    S = pddm_ext.pddm_scores(x, None, *params_of(unit))
+    assert S.dtype == torch.float32
+    want = reference.pddm_scores(x.double(), None, [p.double() for p in params_of(unit)])
+    assert rel_err(S, want) < 1e-4
+
+
+@needs_cuda
+def test_opcheck():
+    unit = make_unit(6, 5, 4)
+    x = torch.randn(9, 6, device="cuda", requires_grad=True)
+    y = torch.randn(7, 6, device="cuda")
+    p = params_of(unit)
+    torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p)
+    lx = torch.randint(0, 3, (9,), device="cuda")
+    ly = torch.randint(0, 3, (7,), device="cuda")
+    torch.library.opcheck(torch.ops.pddm_ext.mine_euclidean.default, (x.detach(), lx, y, ly, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- mining ----------------------------------------------------------------------------------------
+
+
+def reference_slots(x, lx, y, ly, params, metric):
+    """Full score matrix (float64) and the masks of SPEC §3."""
+    batch = y is None
+    yy, lyy = (x, lx) if batch else (y, ly)
+    if metric == "euclidean":
+        S = reference.euclidean_scores(x.double(), yy.double())
+    else:
+        S = reference.pddm_scores(x.double(), None if batch else y.double(), [p.double() for p in params])
+    same = lx[:, None] == lyy[None, :]
+    positive, negative = same.clone(), ~same
+    if batch:
+        positive.fill_diagonal_(False)
+    return S, positive, negative
+
+
+def assert_slot(idx, S, mask, maximize, tol, what):
+    """idx[row] is -1 iff the row has no candidate, else a candidate within tol of the optimum."""
+    masked = torch.where(mask, S, torch.tensor(-float("inf") if maximize else float("inf"), dtype=S.dtype, device=S.device))
+    best = masked.max(1).values if maximize else masked.min(1).values
+    has = mask.any(1)
+    assert torch.equal(idx >= 0, has), f"{what}: -1 pattern differs"
+    rows = has.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    j = idx[rows]
+    assert bool(mask[rows, j].all()), f"{what}: index is not a candidate"
+    got = S[rows, j]
+    assert bool(((got - best[rows]).abs() <= tol * (1 + best[rows].abs())).all()), f"{what}: not optimal"
+
+
+def check_mining(x, lx, y, ly, unit, metric, k):
+    batch = y is None
+    params = None if metric == "euclidean" else params_of(unit)
+    dtype = x.dtype
+    tol = 1e-5 if dtype == torch.float64 else 1e-4
+    out = ops.mine(x, lx, y, ly, params, -1 if k is None else k)
+    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = out
+    S, positive, negative = reference_slots(x, lx, y, ly, params, metric)
+    assert_slot(hp, S, positive, False, tol, "hardest_positive")
+    assert_slot(hn, S, negative, True, tol, "hardest_negative")
+    assert_slot(hnr, S.T, negative.T, True, tol, "hardest_negative_of_ref")
+    for idx, s, M in ((hp, hp_s, S), (hn, hn_s, S), (hnr, hnr_s, S.T)):
+        rows = (idx >= 0).nonzero().flatten()
+        if rows.numel():
+            want = M[rows, idx[rows]]
+            assert bool(((s[rows].double() - want).abs() <= tol * (1 + want.abs())).all())
+    # The k lowest positive pairs: the right count, valid, distinct, in SPEC §3 order of their own
+    # scores, and none better than the reference's k-th.
+    pos = positive.triu(1) if batch else positive
+    n_pos = int(pos.sum())
+    want_q = 0 if k == 0 else (n_pos if k is None else min(k, n_pos))
+    assert pi.numel() == want_q
+    if want_q:
+        assert bool(pos[pi, pr].all())
+        assert len(set(zip(pi.tolist(), pr.tolist()))) == want_q
+        keys = list(zip(ps.tolist(), pi.tolist(), pr.tolist()))
+        assert keys == sorted(keys)
+        kth = torch.sort(S[pos]).values[want_q - 1]
+        assert bool((S[pi, pr] <= kth + tol * (1 + kth.abs())).all())
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_mining_matches_reference_and_cpu(seed, metric):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if seed % 2 else torch.float32
+    batch = seed % 3 != 0
+    m = int(torch.randint(1, 70, (1,), generator=g))
+    n = int(torch.randint(1, 90, (1,), generator=g))
+    d = int(torch.randint(1, 40, (1,), generator=g))
+    classes = int(torch.randint(1, 6, (1,), generator=g))
+    k = [None, 0, 1, 3, 1000][seed % 5]
+    x = torch.randn(m, d, generator=g, dtype=dtype)
+    if m > 3:
+        x[3] = x[2]  # exact ties: smallest index wins
+    y = None if batch else torch.randn(n, d, generator=g, dtype=dtype)
+    lx = torch.randint(0, classes, (m,), generator=g)
+    ly = None if batch else torch.randint(0, classes, (n,), generator=g)
+    unit = make_unit(d, dtype=dtype, device="cpu", seed=seed)
+    cpu = ops.mine(x, lx, y, ly, None if metric == "euclidean" else params_of(unit), -1 if k is None else k)
+    to = lambda t: None if t is None else t.cuda()  # noqa: E731
+    unit_cuda = unit.cuda()
+    out = check_mining(x.cuda(), lx.cuda(), to(y), to(ly), unit_cuda, metric, k)
+    # Same -1 pattern and, where the CPU's choice is unique up to tolerance, the same index.
+    for a, b in zip(out[:6:2], cpu[:6:2]):
+        assert torch.equal(a.cpu() >= 0, b >= 0)
+    assert out[6].numel() == cpu[6].numel()
+
+
+@needs_cuda
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_public_mining_api_on_cuda(metric):
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(48, 16, device="cuda"), dim=1)
+    labels = torch.arange(12, device="cuda").repeat_interleave(4)
+    unit = make_unit(16) if metric == "pddm" else None
+    q = pddm_ext.mine_hard(emb, labels, unit, k=5, metric=metric)
+    r = reference.mine_hard(emb, labels, unit, k=5, metric=metric)
+    assert q.anchor.device.type == "cuda" and q.anchor.dtype == torch.int64
+    assert q.anchor.numel() == r.anchor.numel()
+    assert rel_err(q.scores[:, 0], r.scores[:, 0]) < 1e-4
+    a, p, n = pddm_ext.batch_hard(emb, labels, unit, metric=metric)
+    ra, rp, rn = reference.batch_hard(emb, labels, unit, metric=metric)
+    assert torch.equal(a, ra)
+
+
+@needs_cuda
+def test_reference_mode_bank_much_larger_than_queries():
+    unit = make_unit(32, 32, 32, seed=3)
+    x = torch.randn(5, 32, device="cuda")
+    y = torch.randn(20000, 32, device="cuda")
+    lx = torch.arange(5, device="cuda")
+    ly = torch.randint(0, 50, (20000,), device="cuda")
+    check_mining(x, lx, y, ly, unit, "pddm", 7)
+    check_mining(x, lx, y, ly, unit, "euclidean", None)
+
+
+@needs_cuda
+def test_mining_with_more_than_2_pow_31_pairs():
+    """64 queries against a 34M-row bank: pair numbers and i * n + r exceed 2^31 (about 1.2 GB)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 << 30:
+        pytest.skip("needs about 4 GB of free GPU memory")
+    m, n, d = 64, 34_000_000, 4
+    assert m * n > 2**31
+    torch.manual_seed(0)
+    unit = make_unit(d, 4, 4)
+    x = torch.randn(m, d, device="cuda")
+    y = torch.randn(n, d, device="cuda")
+    lx = torch.randint(0, 1000, (m,), device="cuda")
+    ly = torch.randint(0, 1000, (n,), device="cuda")
+    ly[-1] = lx[0]  # a positive pair at the very end of the bank
+    params = params_of(unit)
+    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = ops.mine(x, lx, y, ly, params, 3)
+    # The per-row optima from chunked fused scores (each chunk's (m, chunk) matrix only).
+    best_pos = torch.full((m,), float("inf"), device="cuda")
+    best_neg = torch.full((m,), -float("inf"), device="cuda")
+    all_pos = []
+    for start in range(0, n, 1 << 22):
+        yc, lc = y[start:start + (1 << 22)], ly[start:start + (1 << 22)]
+        S = ops.scores(x, yc, *params)
+        same = lx[:, None] == lc[None, :]
+        best_pos = torch.minimum(best_pos, torch.where(same, S, float("inf")).min(1).values)
+        best_neg = torch.maximum(best_neg, torch.where(same, -float("inf"), S).max(1).values)
+        i, r = same.nonzero(as_tuple=True)
+        all_pos.append(S[i, r])
+        del S
+    tol = 1e-4
+    has_pos = torch.isfinite(best_pos)
+    assert torch.equal(hp >= 0, has_pos)
+    assert bool(((hp_s[has_pos] - best_pos[has_pos]).abs() <= tol * (1 + best_pos[has_pos].abs())).all())
+    assert bool(((hn_s - best_neg).abs() <= tol * (1 + best_neg.abs())).all())
+    assert bool((lx[hn] != ly[hn]).all())
+    assert int(hp.max()) < n and int(hnr.max()) < m
+    kth = torch.sort(torch.cat(all_pos)).values[2]
+    assert pi.numel() == 3 and bool((ps <= kth + tol * (1 + kth.abs())).all())
+    assert bool((lx[pi] == ly[pr]).all())
+
+
+@needs_cuda
+def test_second_device_if_present():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("only one CUDA device")
+    unit0 = make_unit(12, 10, 8)
+    unit1 = make_unit(12, 10, 8, device="cuda:1")
+    x = torch.randn(30, 12, device="cuda:0")
+    labels = torch.randint(0, 4, (30,), device="cuda:0")
+    S0 = pddm_ext.pddm_scores(x, None, *params_of(unit0))
+    with torch.cuda.device(0):  # the op must follow its inputs' device, not the current one
+        S1 = pddm_ext.pddm_scores(x.to("cuda:1"), None, *params_of(unit1))
+        out = ops.mine(x.to("cuda:1"), labels.to("cuda:1"), None, None, params_of(unit1), 2)
+    assert S1.device == torch.device("cuda:1") and out[0].device == torch.device("cuda:1")
+    assert rel_err(S1.cpu(), S0.cpu()) < 1e-5
+
+
+# ---- bad input (SPEC §6) ----------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_device_mismatch_errors():
+    unit = make_unit(8)
+    x = torch.randn(5, 8, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        pddm_ext.pddm_scores(x, torch.randn(4, 8), *params_of(unit))
+    with pytest.raises(ValueError, match="device"):
+        pddm_ext.pddm_scores(x.cpu(), None, *params_of(unit))
+    with pytest.raises(ValueError, match="device"):
+        pddm_ext.mine_hard(x, torch.arange(5, device="cuda"), unit, ref_emb=torch.randn(4, 8),
+                           ref_labels=torch.arange(4))
+
+
+@needs_cuda
+def test_bad_input_errors_on_cuda():
+    unit = make_unit(8)
+    p = params_of(unit)
+    x = torch.randn(5, 8, device="cuda")
+    with pytest.raises(ValueError):
+        pddm_ext.pddm_scores(torch.randn(5, 7, device="cuda"), None, *p)  # d mismatch
+    with pytest.raises(ValueError):
+        pddm_ext.pddm_scores(torch.empty(0, 8, device="cuda"), None, *p)  # empty
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pddm_ext.pddm_scores(bad, None, *p)
+    with pytest.raises(ValueError):
+        pddm_ext.mine_hard(x, torch.arange(4, device="cuda"), unit)  # labels length
+    with pytest.raises(ValueError):
+        pddm_ext.mine_hard(x, torch.arange(5, device="cuda"), unit, k=0)
+    with pytest.raises(ValueError):
+        pddm_ext.mine_hard(x, torch.rand(5, device="cuda"), unit)  # float labels
+
+
+@needs_cuda
+def test_no_positive_or_no_negative_is_empty_not_an_error():
+    unit = make_unit(8)
+    x = torch.randn(6, 8, device="cuda")
+    q = pddm_ext.mine_hard(x, torch.arange(6, device="cuda"), unit)  # no positive pair
+    assert q.anchor.numel() == 0
+    q = pddm_ext.mine_hard(x, torch.zeros(6, dtype=torch.long, device="cuda"), unit)  # no negative
+    assert q.anchor.numel() == 0
