@@ -40,7 +40,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts bench
+.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts bench gpu-check
 
 test: install cpp-test pytest
 
@@ -142,6 +142,11 @@ BENCH_ARGS ?= --quick
 
 bench: install
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
+
+# gpu-check: on a machine with a GPU and torch installed (no venv made here): builds the package with
+# CUDA, runs tests/test_cuda.py and the GPU benchmarks, results into $OUT or benchmarks/results/gpu/.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 # ---- Cleaning ---------------------------------------------------------------------------------
 clean:
