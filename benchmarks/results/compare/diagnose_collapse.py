@@ -13,6 +13,7 @@ under several configurations and prints, every few steps, on the current batch (
 - E_m, E_e: the metric and embedding parts of the loss.
 
 Usage (repo root):  .venv/bin/python benchmarks/results/compare/diagnose_collapse.py [--steps 60] [--every 10]
+                    [--dataset glyphs -K 4] [--configs default "mine_k all" ...]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pddm_ext.models import build_model
 from pddm_ext.train import TrainConfig, build_loss, build_optimizer, seed_everything
 
 CONFIGS = {  # name -> TrainConfig overrides (on top of the compare settings)
-    "default (lr 1e-3, k=P K/2=20, beta 1)": {},
+    "default (lr 1e-3, mine_k P K/2, beta 1)": {},
     "unit_lr 1e-4": dict(unit_lr=1e-4),
     "unit_lr 1e-2": dict(unit_lr=1e-2),
     "mine_k 1 (the paper's rule)": dict(mine_k=1),
@@ -38,6 +39,10 @@ CONFIGS = {  # name -> TrainConfig overrides (on top of the compare settings)
     "mine_k 140 (all positive pairs)": dict(mine_k=140),
     "beta 0.2": dict(beta=0.2),
     "unit_lr 1e-2, mine_k 140": dict(unit_lr=1e-2, mine_k=140),
+    # dataset-independent: k larger than any batch's positive pairs keeps them all
+    "mine_k all": dict(mine_k=10**6),
+    "mine_k all, unit_lr 1e-2": dict(mine_k=10**6, unit_lr=1e-2),
+    "mine_k all, unit_lr 3e-3": dict(mine_k=10**6, unit_lr=3e-3),
 }
 
 
@@ -66,9 +71,9 @@ def batch_probe(unit, f, labels):
                 tail=float(S[~same].max() - S[same].min()), w_s=float(unit.w_s.norm()))
 
 
-def run(name, overrides, split, steps, every):
-    cfg = dataclasses.replace(TrainConfig(dataset="mnist5k", loss="pddm", epochs=1, batches_per_epoch=steps,
-                                          seed=0, threads=1), **overrides)
+def run(name, overrides, split, steps, every, dataset="mnist5k", k=8):
+    cfg = dataclasses.replace(TrainConfig(dataset=dataset, loss="pddm", epochs=1, batches_per_epoch=steps,
+                                          seed=0, threads=1, k=k), **overrides)
     torch.set_num_threads(1)
     seed_everything(cfg.seed)
     p = min(8, split.num_train_classes)
@@ -106,12 +111,14 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--configs", nargs="*", default=None, help="substrings of the config names to run (default all)")
+    ap.add_argument("--dataset", default="mnist5k", help="mnist5k (compare: -K 8) or glyphs (compare: -K 4)")
+    ap.add_argument("-K", type=int, default=8, help="images per class in a batch (P = min(8, classes))")
     args = ap.parse_args()
-    split = data_mod.load_dataset("mnist5k")
+    split = data_mod.load_dataset(args.dataset)
     for name, overrides in CONFIGS.items():
-        if args.configs and not any(c in name for c in args.configs):
+        if args.configs and name not in args.configs and not any(name.startswith(c) for c in args.configs):
             continue
-        run(name, overrides, split, args.steps, args.every)
+        run(name, overrides, split, args.steps, args.every, args.dataset, args.K)
 
 
 if __name__ == "__main__":
