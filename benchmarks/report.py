@@ -271,6 +271,12 @@ def markdown(doc):
     ]
     for t in doc.get("targets", []):
         out.append(f"| {t['issue']} | {t['target']} | {t['measured']} | **{t['result']}** |")
+    gemm_rate = gemm_peak(doc)
+    above = [e for e in doc["results"] if _ok(e) and e["config"]["variant"] == "fused" and gemm_rate and gflops(e) > gemm_rate]
+    if above:
+        out += ["", f"Note: {len(above)} fused configuration(s) exceed the torch.mm rate (up to {max(gflops(e) for e in above):.0f} GFLOP/s): "
+                "torch.mm is not at this CPU's peak (its BLAS may not use the widest vector units here, e.g. AVX-512), "
+                "so the hardware roofline is higher than the column's denominator."]
     out += ["", "## Results", "", results_table(doc), ""]
     phases = phases_table(doc)
     if phases:
