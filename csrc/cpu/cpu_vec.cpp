@@ -21,7 +21,7 @@ namespace {
 
 // R rows x two vectors of columns of C, accumulated in registers over the whole of K.
 template <typename T, int kBytes, int R, bool kAccumulate>
-inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __restrict A, int64_t lda,
+inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __restrict A, int64_t lda, int64_t ldk,
                                                       const T* __restrict Bt, int64_t ldb, T* __restrict C,
                                                       int64_t ldc) {
   typedef T V __attribute__((vector_size(kBytes)));
@@ -42,7 +42,7 @@ inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __rest
     std::memcpy(&b1, Bt + k * ldb + L, sizeof(V));
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + k];
+      const T a = A[r * lda + k * ldk];
       acc0[r] += a * b0;
       acc1[r] += a * b1;
     }
@@ -56,15 +56,15 @@ inline __attribute__((always_inline)) void gemm_micro(int64_t K, const T* __rest
 
 template <typename T, int kBytes, int R, bool kAccumulate>
 inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
-                                                          const T* Bt, int64_t ldb, T* C) {
+                                                          int64_t ldk, const T* Bt, int64_t ldb, T* C) {
   constexpr int64_t NB = 2 * kBytes / sizeof(T);
   int64_t j0 = 0;
   for (; j0 + NB <= N; j0 += NB) {
     int64_t i = 0;
     for (; i + R <= M; i += R) {
-      gemm_micro<T, kBytes, R, kAccumulate>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
+      gemm_micro<T, kBytes, R, kAccumulate>(K, A + i * lda, lda, ldk, Bt + j0, ldb, C + i * N + j0, N);
     }
-    for (; i < M; ++i) gemm_micro<T, kBytes, 1, kAccumulate>(K, A + i * lda, lda, Bt + j0, ldb, C + i * N + j0, N);
+    for (; i < M; ++i) gemm_micro<T, kBytes, 1, kAccumulate>(K, A + i * lda, lda, ldk, Bt + j0, ldb, C + i * N + j0, N);
   }
   if (j0 == N) return;
   // The last, partial block of columns goes through the same vector code on a zero-padded copy
@@ -77,12 +77,12 @@ inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, 
   int64_t i = 0;
   for (; i + R <= M; i += R) {
     for (int r = 0; r < R && kAccumulate; ++r) std::memcpy(block + r * NB, C + (i + r) * N + j0, tail * sizeof(T));
-    gemm_micro<T, kBytes, R, kAccumulate>(K, A + i * lda, lda, padded.data(), NB, block, NB);
+    gemm_micro<T, kBytes, R, kAccumulate>(K, A + i * lda, lda, ldk, padded.data(), NB, block, NB);
     for (int r = 0; r < R; ++r) std::memcpy(C + (i + r) * N + j0, block + r * NB, tail * sizeof(T));
   }
   for (; i < M; ++i) {
     if (kAccumulate) std::memcpy(block, C + i * N + j0, tail * sizeof(T));
-    gemm_micro<T, kBytes, 1, kAccumulate>(K, A + i * lda, lda, padded.data(), NB, block, NB);
+    gemm_micro<T, kBytes, 1, kAccumulate>(K, A + i * lda, lda, ldk, padded.data(), NB, block, NB);
     std::memcpy(C + i * N + j0, block, tail * sizeof(T));
   }
 }
@@ -90,9 +90,10 @@ inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PDDM_GEMM_VARIANT(T, NAME, TARGET, BYTES, ROWS)                                                         \
   __attribute__((target(TARGET), flatten)) void NAME(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, \
-                                                     const T* Bt, int64_t ldb, T* C, bool accumulate) {         \
-    if (accumulate) return gemm_rows_impl<T, BYTES, ROWS, true>(M, N, K, A, lda, Bt, ldb, C);                  \
-    gemm_rows_impl<T, BYTES, ROWS, false>(M, N, K, A, lda, Bt, ldb, C);                                        \
+                                                     int64_t ldk, const T* Bt, int64_t ldb, T* C,               \
+                                                     bool accumulate) {                                         \
+    if (accumulate) return gemm_rows_impl<T, BYTES, ROWS, true>(M, N, K, A, lda, ldk, Bt, ldb, C);             \
+    gemm_rows_impl<T, BYTES, ROWS, false>(M, N, K, A, lda, ldk, Bt, ldb, C);                                   \
   }
 PDDM_GEMM_VARIANT(float, gemm_avx512, "arch=x86-64-v4", 64, 8)
 PDDM_GEMM_VARIANT(double, gemm_avx512, "arch=x86-64-v4", 64, 8)
@@ -111,27 +112,36 @@ int isa_level() {
 }
 #endif
 
+// A's element (row r, k) is A[r * lda + k * ldk].
 template <typename T>
-inline void gemm_rows_dispatch(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt, int64_t ldb,
-                               T* C, bool accumulate) {
+inline void gemm_rows_dispatch(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, int64_t ldk, const T* Bt,
+                               int64_t ldb, T* C, bool accumulate) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   const int level = isa_level();
-  if (level == 2) return gemm_avx512(M, N, K, A, lda, Bt, ldb, C, accumulate);
-  if (level == 1) return gemm_avx2(M, N, K, A, lda, Bt, ldb, C, accumulate);
+  if (level == 2) return gemm_avx512(M, N, K, A, lda, ldk, Bt, ldb, C, accumulate);
+  if (level == 1) return gemm_avx2(M, N, K, A, lda, ldk, Bt, ldb, C, accumulate);
 #endif
-  if (accumulate) return gemm_rows_impl<T, 16, 4, true>(M, N, K, A, lda, Bt, ldb, C);
-  gemm_rows_impl<T, 16, 4, false>(M, N, K, A, lda, Bt, ldb, C);
+  if (accumulate) return gemm_rows_impl<T, 16, 4, true>(M, N, K, A, lda, ldk, Bt, ldb, C);
+  gemm_rows_impl<T, 16, 4, false>(M, N, K, A, lda, ldk, Bt, ldb, C);
 }
 
 }  // namespace
 
 void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C,
                bool accumulate) {
-  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C, accumulate);
+  gemm_rows_dispatch(M, N, K, A, lda, 1, Bt, ldb, C, accumulate);
 }
 void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
                double* C, bool accumulate) {
-  gemm_rows_dispatch(M, N, K, A, lda, Bt, ldb, C, accumulate);
+  gemm_rows_dispatch(M, N, K, A, lda, 1, Bt, ldb, C, accumulate);
+}
+void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb,
+                        float* C) {
+  gemm_rows_dispatch(M, N, K, A, 1, lda, Bt, ldb, C, true);
+}
+void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
+                        double* C) {
+  gemm_rows_dispatch(M, N, K, A, 1, lda, Bt, ldb, C, true);
 }
 
 namespace {

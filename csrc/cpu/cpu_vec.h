@@ -21,6 +21,13 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, co
 float dot(const float* x, const float* y, int64_t d);
 double dot(const double* x, const double* y, int64_t d);
 
+// C (M x N) += A^T B, with A given as (K x M, row stride lda) and B as Bt (K x N, row stride ldb):
+// the parameter-gradient products of the backward (a sum over the pairs of a tile).
+void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb,
+                        float* C);
+void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
+                        double* C);
+
 // u[k] = |x[k] - y[k]|; *sq_diff = ||x - y||^2, *sq_sum = ||x + y||^2.
 void abs_diff(const float* x, const float* y, float* u, int64_t d, float* sq_diff, float* sq_sum);
 void abs_diff(const double* x, const double* y, double* u, int64_t d, double* sq_diff, double* sq_sum);

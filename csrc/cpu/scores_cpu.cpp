@@ -79,19 +79,10 @@ struct PddmGrads {
 // Per-tile scratch of the backward.
 template <typename scalar_t>
 struct PddmTileGrad {
-  std::vector<scalar_t> dQ, dQ_t, dZ, dA, dA_t, dU, coef_u, coef_v;
+  std::vector<scalar_t> dQ, dZ, dA, dU, coef_u, coef_v;
   PddmTileGrad(int64_t pairs, int64_t d, int64_t h, int64_t c)
-      : dQ(pairs * c), dQ_t(pairs * c), dZ(pairs * 2 * h), dA(pairs * h), dA_t(pairs * h), dU(pairs * d),
-        coef_u(pairs), coef_v(pairs) {}
+      : dQ(pairs * c), dZ(pairs * 2 * h), dA(pairs * h), dU(pairs * d), coef_u(pairs), coef_v(pairs) {}
 };
-
-// out (cols x rows) = in (rows x cols)^T, both contiguous.
-template <typename scalar_t>
-void transpose(const scalar_t* in, int64_t rows, int64_t cols, scalar_t* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
-  }
-}
 
 // Back-propagates g[p] = dL/dS(pair p) through one tile whose forward intermediates are in ws.
 template <typename scalar_t>
@@ -105,10 +96,7 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
                               acc.db_c.data(), c);
     acc.db_s += g[p];
   }
-  if (need_params) {  // dW_c += dQ^T Z
-    transpose(tg.dQ.data(), T, c, tg.dQ_t.data());
-    vec::gemm_rows(c, 2 * h, T, tg.dQ_t.data(), T, ws.Z.data(), 2 * h, acc.dW_c.data(), true);
-  }
+  if (need_params) vec::gemm_tn_accumulate(c, 2 * h, T, tg.dQ.data(), c, ws.Z.data(), 2 * h, acc.dW_c.data());
   vec::gemm_rows(T, 2 * h, c, tg.dQ.data(), c, w.W_c, 2 * h, tg.dZ.data());
 
   // Normalisations of u' and v', the branch ReLUs and the clamped input norms.
@@ -128,10 +116,7 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
     tg.coef_u[p] = nu > scalar_t(kNormEps) ? -dinv_u / (nu * nu * nu) : scalar_t(0);
     tg.coef_v[p] = nv > scalar_t(kNormEps) ? -dinv_v / (scalar_t(8) * nv * nv * nv) : scalar_t(0);
   }
-  if (need_params) {  // dW_u += dA^T U
-    transpose(tg.dA.data(), T, h, tg.dA_t.data());
-    vec::gemm_rows(h, d, T, tg.dA_t.data(), T, ws.U.data(), d, acc.dW_u.data(), true);
-  }
+  if (need_params) vec::gemm_tn_accumulate(h, d, T, tg.dA.data(), h, ws.U.data(), d, acc.dW_u.data());
   if (!need_inputs) return;
   vec::gemm_rows(T, d, h, tg.dA.data(), h, w.W_u, d, tg.dU.data());
   for (int64_t p = 0; p < T; ++p) {
