@@ -20,7 +20,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 REQUIREMENTS ?= requirements-test.txt
-PYTEST_ARGS ?= -ra
+PYTEST_ARGS ?= -ra --benchmark-disable
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # Warnings in our own sources are errors in CI (CI=true), plain warnings elsewhere.
 WERROR ?= $(if $(filter true 1,$(CI)),1,0)

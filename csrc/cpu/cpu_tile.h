@@ -82,7 +82,7 @@ struct PddmTile {
         norm_u1(pairs), norm_v1(pairs) {}
 };
 
-// Scores S[p] of every pair of the tile (SPEC §1), keeping the intermediates in ws.
+// Scores S[p] of every pair of the tile (SPEC §1), keeping the intermediates in ws (S may be null).
 template <typename scalar_t>
 void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, PddmTile<scalar_t>& ws,
                        scalar_t* S) {
@@ -112,6 +112,7 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
     vec::scale_in_place(zv, scalar_t(1) / clamped_norm(ws.norm_v1[p]), h);
   }
   vec::gemm_rows(T, c, 2 * h, ws.Z.data(), 2 * h, w.Wt_c, c, ws.Qm.data());
+  if (S == nullptr) return;  // the backward needs the intermediates only
   for (int64_t p = 0; p < T; ++p) S[p] = vec::score_layer(ws.Qm.data() + p * c, w.b_c, w.w_s, c) + w.b_s;
 }
 

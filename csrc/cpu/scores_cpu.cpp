@@ -161,7 +161,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
       PddmTile<scalar_t> ws(pairs, d, h, c);
       PddmTileGrad<scalar_t> tg(pairs, d, h, c);
       PddmGrads<scalar_t> acc(batch, m, n, d, h, c, need_inputs);
-      std::vector<scalar_t> scores(pairs), g(pairs);
+      std::vector<scalar_t> g(pairs);
       for (int64_t t = begin; t < end; ++t) {
         int64_t i0, ni, r0, nr;
         grid.tile(t, &i0, &ni, &r0, &nr);
@@ -175,7 +175,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
             g[a * nr + b] = gi;
           }
         }
-        pddm_tile_forward(w, rows, ws, scores.data());
+        pddm_tile_forward<scalar_t>(w, rows, ws, nullptr);
         pddm_tile_backward(w, rows, ws, g.data(), tg, acc, need_inputs, need_params);
       }
       std::lock_guard<std::mutex> lock(total_mutex);
