@@ -52,13 +52,22 @@ struct PddmWeights {
   }
 };
 
-// One tile's inputs: rows of x (and their projections P = x W_v^T) against rows of y.
+// One tile's inputs: rows of x (and their projections P = x W_v^T) against rows of y. The tile's
+// pairs are all ni * nr of them (pairs == nullptr, pair p = a * nr + b) or the `count` listed in
+// `pairs` by that same local index: the backward drops the pairs whose gradient is zero.
 template <typename scalar_t>
 struct TileRows {
   const scalar_t *x, *Px;
   int64_t i0, ni;
   const scalar_t *y, *Py;
   int64_t r0, nr;
+  const int32_t* pairs = nullptr;
+  int64_t count = 0;
+
+  int64_t size() const { return pairs == nullptr ? ni * nr : count; }
+  int64_t local(int64_t p) const { return pairs == nullptr ? p : pairs[p]; }
+  int64_t row(int64_t p) const { return i0 + local(p) / nr; }  // index into x of pair p
+  int64_t col(int64_t p) const { return r0 + local(p) % nr; }  // index into y of pair p
 };
 
 // Pairs per tile so that the tile's workspace (|x-y| block and the three activation blocks) stays
@@ -86,21 +95,17 @@ struct PddmTile {
 template <typename scalar_t>
 void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, PddmTile<scalar_t>& ws,
                        scalar_t* S) {
-  const int64_t d = w.d, h = w.h, c = w.c, T = t.ni * t.nr;
-  for (int64_t a = 0; a < t.ni; ++a) {
-    const scalar_t* xi = t.x + (t.i0 + a) * d;
-    for (int64_t b = 0; b < t.nr; ++b) {
-      const int64_t p = a * t.nr + b;
-      scalar_t sq_u, sq_s;
-      vec::abs_diff(xi, t.y + (t.r0 + b) * d, ws.U.data() + p * d, d, &sq_u, &sq_s);
-      ws.norm_u[p] = pddm_sqrt(sq_u);
-      ws.norm_v[p] = scalar_t(0.5) * pddm_sqrt(sq_s);  // ||(x + y) / 2||
-    }
+  const int64_t d = w.d, h = w.h, c = w.c, T = t.size();
+  for (int64_t p = 0; p < T; ++p) {
+    scalar_t sq_u, sq_s;
+    vec::abs_diff(t.x + t.row(p) * d, t.y + t.col(p) * d, ws.U.data() + p * d, d, &sq_u, &sq_s);
+    ws.norm_u[p] = pddm_sqrt(sq_u);
+    ws.norm_v[p] = scalar_t(0.5) * pddm_sqrt(sq_s);  // ||(x + y) / 2||
   }
   vec::gemm_rows(T, h, d, ws.U.data(), d, w.Wt_u, h, ws.A.data());
   for (int64_t p = 0; p < T; ++p) {
-    const scalar_t* Pi = t.Px + (t.i0 + p / t.nr) * h;
-    const scalar_t* Qr = t.Py + (t.r0 + p % t.nr) * h;
+    const scalar_t* Pi = t.Px + t.row(p) * h;
+    const scalar_t* Qr = t.Py + t.col(p) * h;
     scalar_t* zu = ws.Z.data() + p * 2 * h;
     scalar_t* zv = zu + h;
     // W_u normalize(u) = (W_u u) / max(||u||, eps); W_v normalize(v) = (P_i + P_r) / (2 max(||v||, eps)).

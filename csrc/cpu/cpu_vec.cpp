@@ -205,53 +205,62 @@ inline T score_layer_impl(const T* __restrict q, const T* __restrict bias, const
   return s;
 }
 
+// q and dq are the same array (in place): each j reads q[j] before it writes it.
 template <typename T>
-inline void score_layer_backward_impl(const T* __restrict q, const T* __restrict bias, const T* __restrict w, T g,
-                                      T* __restrict dq, T* __restrict dw, T* __restrict dbias, int64_t c) {
+inline void score_layer_backward_impl(T* q, const T* __restrict bias, const T* __restrict w, T g,
+                                      T* __restrict dw, T* __restrict dbias, int64_t c) {
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
     const T pre = q[j] + bias[j];
-    const T active = pre > T(0) ? T(1) : T(0);
-    dq[j] = active * g * w[j];
+    const T dq = pre > T(0) ? g * w[j] : T(0);
+    q[j] = dq;
     dw[j] += g * relu(pre);
-    dbias[j] += dq[j];
+    dbias[j] += dq;
   }
 }
 
-// kMode 0: pre = a scale + bias, out_a = g.  1: pre = (a + b) scale + bias, out_a += g, out_b += g.
-// 2: as 1 with out_b the same row as out_a (a diagonal pair), so out_a += 2 g.
-template <int kMode, typename T>
-inline T branch_backward_loop(const T* __restrict z, const T* __restrict dz, T s, T inv, const T* __restrict a,
-                              const T* __restrict b, T scale, T* __restrict dbias, T* __restrict out_a,
-                              T* __restrict out_b, int64_t h) {
-  T dscale = 0;
-#pragma omp simd reduction(+ : dscale)
+// Backward of both branches of one pair (see cpu_vec.h). The two dot products share one pass and
+// the two scale gradients another, so their reduction chains overlap. kSameRow: out_x and out_y
+// are the same row (a diagonal pair in batch mode), which then gets twice the mean branch's gradient.
+template <bool kSameRow, typename T>
+inline void branches_backward_impl(const T* __restrict z, const T* __restrict dz, T norm_u1, T norm_v1,
+                                   T* A, T scale_u, const T* __restrict Pa, const T* __restrict Pb, T scale_v,
+                                   T* __restrict db_u, T* __restrict db_v, T* out_x, T* out_y, int64_t h,
+                                   T* dscale_u, T* dscale_v) {
+  const T *zu = z, *zv = z + h, *dzu = dz, *dzv = dz + h;
+  T su = 0, sv = 0;
+#pragma omp simd reduction(+ : su, sv)
+  for (int64_t k = 0; k < h; ++k) {
+    su += zu[k] * dzu[k];
+    sv += zv[k] * dzv[k];
+  }
+  // normalize_backward with the norm test hoisted: dp = (dz - z s) / ||p||, or dz / eps when clamped.
+  const bool clamped_u = !(norm_u1 > T(kNormEps)), clamped_v = !(norm_v1 > T(kNormEps));
+  const T inv_u = T(1) / (clamped_u ? T(kNormEps) : norm_u1), inv_v = T(1) / (clamped_v ? T(kNormEps) : norm_v1);
+  if (clamped_u) su = 0;
+  if (clamped_v) sv = 0;
+  T gu = 0, gv = 0;
+#pragma omp simd reduction(+ : gu, gv)
   for (int64_t k = 0; k < h; ++k) {
     // z > 0 exactly where the ReLU was active (the normalisation only rescales).
-    const T dpre = z[k] > T(0) ? (dz[k] - z[k] * s) * inv : T(0);
-    dscale += dpre * (kMode == 0 ? a[k] : a[k] + b[k]);
-    dbias[k] += dpre;
-    const T g = dpre * scale;
-    if (kMode == 0) out_a[k] = g;
-    if (kMode == 1) out_a[k] += g, out_b[k] += g;
-    if (kMode == 2) out_a[k] += T(2) * g;
+    const T dpre_u = zu[k] > T(0) ? (dzu[k] - zu[k] * su) * inv_u : T(0);
+    const T dpre_v = zv[k] > T(0) ? (dzv[k] - zv[k] * sv) * inv_v : T(0);
+    const T p = Pa[k] + Pb[k];
+    gu += dpre_u * A[k];
+    gv += dpre_v * p;
+    db_u[k] += dpre_u;
+    db_v[k] += dpre_v;
+    A[k] = dpre_u * scale_u;  // in place: dA
+    const T g = dpre_v * scale_v;
+    if (kSameRow) {
+      out_x[k] += T(2) * g;
+    } else {
+      out_x[k] += g;
+      out_y[k] += g;
+    }
   }
-  return dscale;
-}
-
-template <typename T>
-inline T branch_backward_impl(const T* z, const T* dz, T norm, const T* a, const T* b, T scale, T* dbias, T* out_a,
-                              T* out_b, bool accumulate, int64_t h) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < h; ++k) s += z[k] * dz[k];
-  // normalize_backward with the norm test hoisted: dp = (dz - z s) / ||p||, or dz / eps when clamped.
-  const bool clamped = !(norm > T(kNormEps));
-  const T inv = T(1) / (clamped ? T(kNormEps) : norm);
-  const T s_used = clamped ? T(0) : s;
-  if (!accumulate) return branch_backward_loop<0>(z, dz, s_used, inv, a, b, scale, dbias, out_a, out_b, h);
-  if (out_a == out_b) return branch_backward_loop<2>(z, dz, s_used, inv, a, b, scale, dbias, out_a, out_b, h);
-  return branch_backward_loop<1>(z, dz, s_used, inv, a, b, scale, dbias, out_a, out_b, h);
+  *dscale_u = gu;
+  *dscale_v = gv;
 }
 
 template <typename T>
@@ -289,13 +298,18 @@ inline void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv,
   PDDM_CPU_CLONES T score_layer(const T* q, const T* bias, const T* w, int64_t c) {                         \
     return score_layer_impl(q, bias, w, c);                                                                  \
   }                                                                                                          \
-  PDDM_CPU_CLONES void score_layer_backward(const T* q, const T* bias, const T* w, T g, T* dq, T* dw, T* dbias,  \
-                                            int64_t c) {                                                    \
-    score_layer_backward_impl(q, bias, w, g, dq, dw, dbias, c);                                              \
+  PDDM_CPU_CLONES void score_layer_backward(T* q, const T* bias, const T* w, T g, T* dw, T* dbias, int64_t c) { \
+    score_layer_backward_impl(q, bias, w, g, dw, dbias, c);                                                  \
   }                                                                                                          \
-  PDDM_CPU_CLONES T branch_backward(const T* z, const T* dz, T norm, const T* a, const T* b, T scale, T* dbias, \
-                                    T* out_a, T* out_b, bool accumulate, int64_t h) {                        \
-    return branch_backward_impl(z, dz, norm, a, b, scale, dbias, out_a, out_b, accumulate, h);               \
+  PDDM_CPU_CLONES void branches_backward(const T* z, const T* dz, T norm_u1, T norm_v1, T* A, T scale_u,           \
+                                         const T* Pa, const T* Pb, T scale_v, T* db_u, T* db_v, T* out_x, T* out_y, \
+                                         int64_t h, T* dscale_u, T* dscale_v) {                                \
+    if (out_x == out_y) {                                                                                    \
+      return branches_backward_impl<true>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v,    \
+                                          out_x, out_y, h, dscale_u, dscale_v);                              \
+    }                                                                                                        \
+    branches_backward_impl<false>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v, out_x,     \
+                                  out_y, h, dscale_u, dscale_v);                                             \
   }                                                                                                          \
   PDDM_CPU_CLONES void input_grad(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) { \
     input_grad_dispatch(x, y, dU, cu, cv, dx, dy, d);                                                        \

@@ -49,20 +49,25 @@ double score_layer(const double* q, const double* bias, const double* w, int64_t
 
 namespace pddm_ext::cpu::vec {
 
-// Backward of the score layer for one pair with upstream gradient g:
-// dq[j] = g w[j] [q[j] + bias[j] > 0]; dw[j] += g relu(q[j] + bias[j]); dbias[j] += dq[j].
-void score_layer_backward(const float* q, const float* bias, const float* w, float g, float* dq, float* dw,
-                          float* dbias, int64_t c);
-void score_layer_backward(const double* q, const double* bias, const double* w, double g, double* dq, double* dw,
-                          double* dbias, int64_t c);
+// Backward of the score layer for one pair with upstream gradient g, in place: q (the pre-bias
+// activations) becomes dq[j] = g w[j] [q[j] + bias[j] > 0]; dw[j] += g relu(q[j] + bias[j]);
+// dbias[j] += dq[j].
+void score_layer_backward(float* q, const float* bias, const float* w, float g, float* dw, float* dbias, int64_t c);
+void score_layer_backward(double* q, const double* bias, const double* w, double g, double* dw, double* dbias,
+                          int64_t c);
 
-// Backward of z = normalize(relu(pre)) given dz, with pre = a * scale + bias when accumulate is false
-// (then out_a = dpre * scale), else pre = (a + b) * scale + bias (then out_a and out_b, which may be
-// the same row, each get dpre * scale added). Always dbias += dpre. Returns sum_k dpre[k] (a[k] + b[k]): the gradient with respect to scale.
-float branch_backward(const float* z, const float* dz, float norm, const float* a, const float* b, float scale,
-                      float* dbias, float* out_a, float* out_b, bool accumulate, int64_t h);
-double branch_backward(const double* z, const double* dz, double norm, const double* a, const double* b,
-                       double scale, double* dbias, double* out_a, double* out_b, bool accumulate, int64_t h);
+// Backward of the two branches of one pair, z = [z_u; z_v] = [normalize(relu(pre_u)); normalize(relu(pre_v))]
+// with pre_u = A scale_u + b_u and pre_v = (Pa + Pb) scale_v + b_v, given dz (2h) and the norms
+// ||relu(pre_u)||, ||relu(pre_v)||. Overwrites A with dA = dpre_u scale_u; adds dpre_v scale_v to out_x and to
+// out_y (which may be the same row: a diagonal pair in batch mode); db_u += dpre_u, db_v += dpre_v.
+// *dscale_u = sum_k dpre_u[k] A[k], *dscale_v = sum_k dpre_v[k] (Pa[k] + Pb[k]): the gradients with
+// respect to the scales.
+void branches_backward(const float* z, const float* dz, float norm_u1, float norm_v1, float* A, float scale_u,
+                       const float* Pa, const float* Pb, float scale_v, float* db_u, float* db_v, float* out_x,
+                       float* out_y, int64_t h, float* dscale_u, float* dscale_v);
+void branches_backward(const double* z, const double* dz, double norm_u1, double norm_v1, double* A,
+                       double scale_u, const double* Pa, const double* Pb, double scale_v, double* db_u,
+                       double* db_v, double* out_x, double* out_y, int64_t h, double* dscale_u, double* dscale_v);
 
 // dx[k] += sign(x - y) (dU[k] + cu |x - y|) + cv (x + y); dy[k] += -sign(x - y) (...) + cv (x + y).
 // dx and dy may be the same row (a diagonal pair in batch mode).

@@ -5,7 +5,8 @@
 #include <torch/library.h>
 
 #include <array>
-#include <mutex>
+#include <algorithm>
+#include <memory>
 
 #include "cpu_tile.h"
 
@@ -76,52 +77,55 @@ struct PddmGrads {
   }
 };
 
-// Per-tile scratch of the backward.
+// Per-tile scratch of the backward. The other gradients overwrite the intermediates they replace
+// in the tile's workspace (dQ over Qm, dA over A, dU over U), which keeps the backward's working
+// set near the forward's, inside L2.
 template <typename scalar_t>
 struct PddmTileGrad {
-  std::vector<scalar_t> dQ, dZ, dA, dU, coef_u, coef_v;
-  PddmTileGrad(int64_t pairs, int64_t d, int64_t h, int64_t c)
-      : dQ(pairs * c), dZ(pairs * 2 * h), dA(pairs * h), dU(pairs * d), coef_u(pairs), coef_v(pairs) {}
+  std::vector<scalar_t> dZ, coef_u, coef_v;
+  PddmTileGrad(int64_t pairs, int64_t h) : dZ(pairs * 2 * h), coef_u(pairs), coef_v(pairs) {}
 };
 
-// Back-propagates g[p] = dL/dS(pair p) through one tile whose forward intermediates are in ws.
+// Back-propagates g[p] = dL/dS(pair p) through one tile whose forward intermediates are in ws
+// (consumed: see PddmTileGrad).
 template <typename scalar_t>
-void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, const PddmTile<scalar_t>& ws,
+void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, PddmTile<scalar_t>& ws,
                         const scalar_t* g, PddmTileGrad<scalar_t>& tg, PddmGrads<scalar_t>& acc, bool need_inputs,
                         bool need_params) {
-  const int64_t d = w.d, h = w.h, c = w.c, T = t.ni * t.nr;
+  const int64_t d = w.d, h = w.h, c = w.c, T = t.size();
   // Score layer: S = w_s . relu(Qm + b_c) + b_s.
+  scalar_t* dQ = ws.Qm.data();
   for (int64_t p = 0; p < T; ++p) {
-    vec::score_layer_backward(ws.Qm.data() + p * c, w.b_c, w.w_s, g[p], tg.dQ.data() + p * c, acc.dw_s.data(),
-                              acc.db_c.data(), c);
+    vec::score_layer_backward(dQ + p * c, w.b_c, w.w_s, g[p], acc.dw_s.data(), acc.db_c.data(), c);
     acc.db_s += g[p];
   }
-  if (need_params) vec::gemm_tn_accumulate(c, 2 * h, T, tg.dQ.data(), c, ws.Z.data(), 2 * h, acc.dW_c.data());
-  vec::gemm_rows(T, 2 * h, c, tg.dQ.data(), c, w.W_c, 2 * h, tg.dZ.data());
+  if (need_params) vec::gemm_tn_accumulate(c, 2 * h, T, dQ, c, ws.Z.data(), 2 * h, acc.dW_c.data());
+  vec::gemm_rows(T, 2 * h, c, dQ, c, w.W_c, 2 * h, tg.dZ.data());
 
   // Normalisations of u' and v', the branch ReLUs and the clamped input norms.
+  scalar_t* dA = ws.A.data();
   for (int64_t p = 0; p < T; ++p) {
-    const int64_t i = t.i0 + p / t.nr, r = t.r0 + p % t.nr;
+    const int64_t i = t.row(p), r = t.col(p);
     const scalar_t* zu = ws.Z.data() + p * 2 * h;
     const scalar_t* dzu = tg.dZ.data() + p * 2 * h;
     const scalar_t nu = ws.norm_u[p], nv = ws.norm_v[p];
     const scalar_t inv_u = scalar_t(1) / clamped_norm(nu), inv_v = scalar_t(0.5) / clamped_norm(nv);
-    const scalar_t dinv_u = vec::branch_backward(zu, dzu, ws.norm_u1[p], ws.A.data() + p * h, nullptr, inv_u,
-                                                 acc.db_u.data(), tg.dA.data() + p * h, nullptr, false, h);
-    const scalar_t dinv_v = vec::branch_backward(zu + h, dzu + h, ws.norm_v1[p], t.Px + i * h, t.Py + r * h, inv_v,
-                                                 acc.db_v.data(), acc.dPx.data() + i * h, acc.dPy_rows() + r * h,
-                                                 true, h);
+    scalar_t dinv_u, dinv_v;
+    vec::branches_backward(zu, dzu, ws.norm_u1[p], ws.norm_v1[p], dA + p * h, inv_u, t.Px + i * h, t.Py + r * h,
+                           inv_v, acc.db_u.data(), acc.db_v.data(),
+                           acc.dPx.data() + i * h, acc.dPy_rows() + r * h, h, &dinv_u, &dinv_v);
     // inv_u = 1/||u||: d/du = -u/||u||^3.  inv_v = 1/(2||v||) with ||v|| = ||x+y||/2:
     // d/d(x+y) = -(x+y)/(8||v||^3). Below eps the clamp is constant.
     tg.coef_u[p] = nu > scalar_t(kNormEps) ? -dinv_u / (nu * nu * nu) : scalar_t(0);
     tg.coef_v[p] = nv > scalar_t(kNormEps) ? -dinv_v / (scalar_t(8) * nv * nv * nv) : scalar_t(0);
   }
-  if (need_params) vec::gemm_tn_accumulate(h, d, T, tg.dA.data(), h, ws.U.data(), d, acc.dW_u.data());
+  if (need_params) vec::gemm_tn_accumulate(h, d, T, dA, h, ws.U.data(), d, acc.dW_u.data());
   if (!need_inputs) return;
-  vec::gemm_rows(T, d, h, tg.dA.data(), h, w.W_u, d, tg.dU.data());
+  scalar_t* dU = ws.U.data();
+  vec::gemm_rows(T, d, h, dA, h, w.W_u, d, dU);
   for (int64_t p = 0; p < T; ++p) {
-    const int64_t i = t.i0 + p / t.nr, r = t.r0 + p % t.nr;
-    vec::input_grad(t.x + i * d, t.y + r * d, tg.dU.data() + p * d, tg.coef_u[p], tg.coef_v[p],
+    const int64_t i = t.row(p), r = t.col(p);
+    vec::input_grad(t.x + i * d, t.y + r * d, dU + p * d, tg.coef_u[p], tg.coef_v[p],
                     acc.dx.data() + i * d, acc.dy_rows() + r * d, d);
   }
 }
@@ -153,34 +157,54 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     // grad may be an expanded view (S.sum()): read it through its strides rather than copy it.
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
-    PddmGrads<scalar_t> total(batch, m, n, d, h, c, need_inputs);
-    std::mutex total_mutex;
+    // Tile t goes to worker t % workers, so every worker gets the same mix of cheap (diagonal) and
+    // full tiles, and each worker's partial sums, added up in worker order at the end, depend only
+    // on the thread count: the gradients are reproducible run to run.
+    const int64_t tiles = grid.count();
+    const int64_t workers =
+        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tiles + kTilesPerTask - 1) / kTilesPerTask));
+    std::vector<std::unique_ptr<PddmGrads<scalar_t>>> partial(workers);
 
-    at::parallel_for(0, grid.count(), kTilesPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
       const int64_t pairs = grid.rows * grid.cols;
       PddmTile<scalar_t> ws(pairs, d, h, c);
-      PddmTileGrad<scalar_t> tg(pairs, d, h, c);
-      PddmGrads<scalar_t> acc(batch, m, n, d, h, c, need_inputs);
+      PddmTileGrad<scalar_t> tg(pairs, h);
       std::vector<scalar_t> g(pairs);
-      for (int64_t t = begin; t < end; ++t) {
-        int64_t i0, ni, r0, nr;
-        grid.tile(t, &i0, &ni, &r0, &nr);
-        const TileRows<scalar_t> rows{xp, Pxp, i0, ni, yp, Pyp, r0, nr};
-        for (int64_t a = 0; a < ni; ++a) {
-          for (int64_t b = 0; b < nr; ++b) {
-            const int64_t i = i0 + a, r = r0 + b;
-            scalar_t gi = gp[i * gs0 + r * gs1];
-            // Batch mode computes each unordered pair once: it carries dS[i, r] + dS[r, i].
-            if (batch) gi = r < i ? scalar_t(0) : (r == i ? gi : gi + gp[r * gs0 + i * gs1]);
-            g[a * nr + b] = gi;
+      std::vector<int32_t> live(pairs);
+      for (int64_t worker = begin; worker < end; ++worker) {
+        auto acc = std::make_unique<PddmGrads<scalar_t>>(batch, m, n, d, h, c, need_inputs);
+        for (int64_t t = worker; t < tiles; t += workers) {
+          int64_t i0, ni, r0, nr;
+          grid.tile(t, &i0, &ni, &r0, &nr);
+          // The tile's pairs with a nonzero gradient, in order: the others add nothing, so a sparse
+          // dS (a margin loss, mined pairs) costs in proportion to its nonzeros. Batch mode computes
+          // each unordered pair once and carries dS[i, r] + dS[r, i].
+          int64_t count = 0;
+          for (int64_t a = 0; a < ni; ++a) {
+            for (int64_t b = 0; b < nr; ++b) {
+              const int64_t i = i0 + a, r = r0 + b;
+              if (batch && r < i) continue;
+              scalar_t gi = gp[i * gs0 + r * gs1];
+              if (batch && r != i) gi += gp[r * gs0 + i * gs1];
+              if (gi == scalar_t(0)) continue;
+              g[count] = gi;
+              live[count++] = static_cast<int32_t>(a * nr + b);
+            }
           }
+          if (count == 0) continue;
+          const TileRows<scalar_t> rows{xp, Pxp, i0, ni, yp, Pyp, r0, nr,
+                                        count == ni * nr ? nullptr : live.data(), count};
+          pddm_tile_forward<scalar_t>(w, rows, ws, nullptr);
+          pddm_tile_backward(w, rows, ws, g.data(), tg, *acc, need_inputs, need_params);
         }
-        pddm_tile_forward<scalar_t>(w, rows, ws, nullptr);
-        pddm_tile_backward(w, rows, ws, g.data(), tg, acc, need_inputs, need_params);
+        partial[worker] = std::move(acc);
       }
-      std::lock_guard<std::mutex> lock(total_mutex);
-      total.add(acc);
     });
+    PddmGrads<scalar_t>& total = *partial[0];
+    for (int64_t k = 1; k < workers; ++k) {
+      total.add(*partial[k]);
+      partial[k].reset();
+    }
 
     const auto vec = [&](std::vector<scalar_t>& v, at::IntArrayRef shape) {
       return at::from_blob(v.data(), shape, opts);
