@@ -151,6 +151,13 @@ def check_targets(doc):
         add("3", target, "PASS" if bwd <= 3 * fwd else "FAIL", f"{bwd / fwd:.2f}x ({fmt_time(bwd)} vs {fmt_time(fwd)})")
     else:
         add("3", target, "NOT MEASURED", _why_missing(fused, "fused"))
+    sparse = find(doc, "scores_bwd_positives", "fused", 1024)
+    target = "(unit(x) * same_class).sum().backward() m=1024: fused backward / forward (0.2% of dS nonzero)"
+    if _ok(sparse) and {"forward", "backward"} <= set(sparse.get("phases_s", {})):
+        fwd, bwd = sparse["phases_s"]["forward"], sparse["phases_s"]["backward"]
+        add("3", target, "INFO", f"{bwd / fwd:.2f}x ({fmt_time(bwd)} vs {fmt_time(fwd)})")
+    else:
+        add("3", target, "NOT MEASURED", _why_missing(sparse, "fused"))
     return checks
 
 

@@ -46,6 +46,7 @@ def quick_plan(device):
         ("mine_k64", ("fused",), 1024),
         ("scores_fwd", ("fused",), 1024),
         ("scores_fwd_bwd", ("fused", "reference"), 1024),
+        ("scores_bwd_positives", ("fused",), 1024),
         ("batch_hard", ("fused", "pml"), 1024),
         ("batch_hard", ("fused", "pml"), 4096),
         ("batch_hard", ("fused", "pml"), 8192),

@@ -30,6 +30,8 @@ CASES = [
     ("scores_fwd", "reference"),
     ("scores_fwd_bwd", "fused"),
     ("scores_fwd_bwd", "reference"),
+    ("scores_bwd_positives", "fused"),
+    ("scores_bwd_positives", "reference"),
     ("mine_k1", "fused"),
     ("mine_k1", "reference"),
     ("mine_k64", "fused"),

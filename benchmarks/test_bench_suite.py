@@ -45,6 +45,9 @@ def test_useful_flops_formulas():
     cfg = make_config("scores_fwd", "fused", 1024, 128)
     assert useful_flops(cfg) == 1024 * 1025 // 2 * 2 * (128 * 128 + 2 * 128 * 128)
     assert useful_flops(make_config("scores_fwd_bwd", "fused", 1024, 128)) == 3 * useful_flops(cfg)
+    # same-class loss: 256 classes of 4, each with 4 * 5 / 2 = 10 unordered pairs carrying a gradient
+    per_pair = 2 * (128 * 128 + 2 * 128 * 128)
+    assert useful_flops(make_config("scores_bwd_positives", "fused", 1024, 128)) == useful_flops(cfg) + 2 * 2560 * per_pair
     bank = make_config("bank_mine", "fused", None, 128)
     assert (bank.m, bank.n) == (256, 65536)
     assert useful_flops(bank) == 256 * 65536 * 2 * (128 * 128 + 2 * 128 * 128)

@@ -9,6 +9,9 @@ Workloads (d = h = c unless stated):
 - ``scores_fwd``      all-pairs scores of x (m, d) against itself, no autograd: S = unit(x).
 - ``scores_fwd_bwd``  unit(x).sum().backward() with x and every parameter requiring grad
                       (issue 3); the forward and backward phases are also timed apart.
+- ``scores_bwd_positives``  (unit(x) * same_class).sum().backward(): a loss that reaches only the
+                      same-class pairs (the positive term of a contrastive loss, 0.2% of the pairs
+                      at K = 4), to time the backward on a sparse dS; phases timed apart as above.
 - ``mine_k1``         mine_hard(x, labels, unit, k=1): the paper's single hardest quadruplet.
 - ``mine_k64``        mine_hard(..., k=64).
 - ``batch_hard``      batch_hard(x, labels) with the Euclidean metric (vs pytorch-metric-learning's
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 
-WORKLOADS = ("scores_fwd", "scores_fwd_bwd", "mine_k1", "mine_k64", "batch_hard", "bank_mine")
+WORKLOADS = ("scores_fwd", "scores_fwd_bwd", "scores_bwd_positives", "mine_k1", "mine_k64", "batch_hard", "bank_mine")
 VARIANTS = ("fused", "reference", "compiled", "pml")
 
 # Which variants make sense for which workload.
 WORKLOAD_VARIANTS = {
     "scores_fwd": ("fused", "reference", "compiled"),
     "scores_fwd_bwd": ("fused", "reference", "compiled"),
+    "scores_bwd_positives": ("fused", "reference", "compiled"),
     "mine_k1": ("fused", "reference", "compiled"),
     "mine_k64": ("fused", "reference", "compiled"),
     "batch_hard": ("fused", "reference", "compiled", "pml"),
@@ -92,12 +96,16 @@ def useful_flops(cfg):
 
     PDDM: 2(h d + 2 h c) per pair (the W_u |a - b| product and the W_c layer; the mean branch is
     O(h) per pair thanks to the per-row projections). Forward+backward counts 3x the forward
-    (the backward is two GEMMs per forward GEMM). Euclidean: 2d per pair (the Gram tile).
+    (the backward is two GEMMs per forward GEMM); with the same-class loss only the pairs that
+    carry a gradient (one triangle of each class block) count twice more. Euclidean: 2d per pair.
     """
     if METRIC[cfg.workload] == "euclidean":
         return pairs_scored(cfg) * 2 * cfg.d
     per_pair = 2 * (cfg.h * cfg.d + 2 * cfg.h * cfg.c)
     flops = pairs_scored(cfg) * per_pair
+    if cfg.workload == "scores_bwd_positives":
+        with_gradient = cfg.m * (SAMPLES_PER_CLASS + 1) // 2
+        return flops + 2 * with_gradient * per_pair
     return 3 * flops if cfg.workload == "scores_fwd_bwd" else flops
 
 
@@ -125,7 +133,7 @@ def _kind(cfg):
         return "euclidean"
     if cfg.workload == "scores_fwd":
         return "forward"
-    if cfg.workload == "scores_fwd_bwd":
+    if cfg.workload in ("scores_fwd_bwd", "scores_bwd_positives"):
         return "fwd_bwd"
     return "mine"
 
@@ -136,8 +144,9 @@ def predicted_bytes(cfg):
     pairs = cfg.m * cfg.n
     kind = _kind(cfg)
     if cfg.variant == "fused":
-        # Only outputs and O(m + n) per-row state: the score matrix for scores, its gradient too.
-        per_pair = {"forward": 1, "fwd_bwd": 3}.get(kind, 0)
+        # Only outputs and O(m + n) per-row state: the score matrix for scores, its gradient (and
+        # the loss's mask) too.
+        per_pair = {"forward": 1, "fwd_bwd": 4}.get(kind, 0)
         return pairs * per_pair * es + (cfg.m + cfg.n) * 64 + _FIXED_SLACK
     if cfg.variant == "pml":
         # A dense distance matrix plus (m, n) masks and masked copies (measured 7-9 elements/pair
@@ -203,12 +212,17 @@ def build_step(cfg, inputs, sync):
 
         return step
 
-    if w == "scores_fwd_bwd":
+    if w in ("scores_fwd_bwd", "scores_bwd_positives"):
         x.requires_grad_(True)
-        if v == "fused":
-            forward = lambda: unit(x).sum()  # noqa: E731
+        if w == "scores_fwd_bwd":
+            loss = lambda S: S.sum()  # noqa: E731
         else:
-            forward = maybe_compile(lambda: R.pddm_scores(x, None, unit).sum())
+            same_class = (labels[:, None] == labels[None, :]).to(x.dtype)
+            loss = lambda S: (S * same_class).sum()  # noqa: E731
+        if v == "fused":
+            forward = lambda: loss(unit(x))  # noqa: E731
+        else:
+            forward = maybe_compile(lambda: loss(R.pddm_scores(x, None, unit)))
 
         def step():
             t0 = time.perf_counter()

@@ -90,6 +90,71 @@ def test_gradient_with_duplicate_rows_in_batch_mode():
         torch.testing.assert_close(p.grad, pr.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def _sparse_upstream(pattern, m, n):
+    g = randn(m, n, seed=11)
+    if pattern == "random90":  # a margin loss: most pairs contribute nothing
+        g = g * (randn(m, n, seed=12) > 1.3)
+    elif pattern == "blocks":  # whole tiles of zeros (the tile side is 32 at these widths)
+        g[:40] = 0
+        g[:, 33:] = 0
+    elif pattern == "single":
+        g = torch.zeros(m, n, dtype=g.dtype)
+        g[m - 1, n // 2] = 0.75
+    elif pattern == "zero":
+        g = torch.zeros(m, n, dtype=g.dtype)
+    elif pattern == "antisymmetric":  # batch mode sums dS[i, r] + dS[r, i] = 0: no pair contributes
+        g = g - g.T
+    return g
+
+
+SPARSE_CASES = [(batch, p) for batch in (True, False) for p in ("random90", "blocks", "single", "zero")]
+SPARSE_CASES.append((True, "antisymmetric"))  # needs a square dS
+
+
+@pytest.mark.parametrize("batch,pattern", SPARSE_CASES, ids=[("batch-" if b else "ref-") + p for b, p in SPARSE_CASES])
+@pytest.mark.multithreaded
+def test_sparse_upstream_gradient_matches_reference(batch, pattern):
+    """The backward skips pairs (and whole tiles) whose upstream gradient is zero; what it returns must
+    not change: every gradient equals the reference's autograd, exact zeros included."""
+    unit = make_unit(6, 5, 4, seed=13)
+    m, n = 70, (70 if batch else 45)
+    x0, y0 = randn(m, 6, seed=14), None if batch else randn(n, 6, seed=15)
+    g = _sparse_upstream(pattern, m, n)
+
+    x, params = x0.clone().requires_grad_(), leaves(unit)
+    y = None if y0 is None else y0.clone().requires_grad_()
+    (pddm_ext.pddm_scores(x, y, *params) * g).sum().backward()
+    xr, params_r = x0.clone().requires_grad_(), leaves(unit)
+    yr = None if y0 is None else y0.clone().requires_grad_()
+    (reference.pddm_scores(xr, yr, params_r) * g).sum().backward()
+
+    pairs = [("x", x, xr)] + ([] if y is None else [("y", y, yr)]) + list(zip(PARAM_NAMES, params, params_r))
+    for name, got, want in pairs:
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-11, msg=name)
+        if pattern in ("zero", "antisymmetric"):
+            assert torch.count_nonzero(got.grad) == 0, name
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+@pytest.mark.multithreaded
+def test_backward_is_reproducible(batch):
+    """Each thread sums a fixed set of tiles and the partial sums are added in a fixed order, so two
+    runs give bitwise identical float32 gradients."""
+    unit = make_unit(16, 12, 8, dtype=torch.float32, seed=21)
+    x0 = randn(150, 16, dtype=torch.float32, seed=22)
+    y0 = None if batch else randn(90, 16, dtype=torch.float32, seed=23)
+    g = randn(150, 150 if batch else 90, dtype=torch.float32, seed=24)
+    runs = []
+    for _ in range(3):
+        x, params = x0.clone().requires_grad_(), leaves(unit, torch.float32)
+        y = None if y0 is None else y0.clone().requires_grad_()
+        (pddm_ext.pddm_scores(x, y, *params) * g).sum().backward()
+        runs.append([x.grad] + ([] if y is None else [y.grad]) + [p.grad for p in params])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- float32 vs float64
 
 

@@ -16,6 +16,10 @@
 #define PDDM_CPU_CLONES
 #endif
 
+// The per-pair loops below are written once and must be compiled into each target_clones clone
+// of their caller (else they run as the baseline SSE2 build), so they are always inlined.
+#define PDDM_INLINE inline __attribute__((always_inline))
+
 namespace pddm_ext::cpu::vec {
 namespace {
 
@@ -146,68 +150,94 @@ void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const double* A, int64_
 
 namespace {
 
+// Per-pair sums. An omp simd reduction ends with its lanes added one by one through the stack, a
+// long dependency chain that cost more than the loop itself at h = 128. Here each sum keeps one
+// partial per lane of a 64-byte vector (acc[l] for the elements k = l mod kLanes) and the lanes are
+// added as a tree at the end. The order is fixed, so equal inputs still give equal sums.
 template <typename T>
-inline T dot_impl(const T* __restrict x, const T* __restrict y, int64_t d) {
+constexpr int kLanes = 64 / sizeof(T);
+
+// body(k, l) for k in [0, n) with l = k mod kLanes, one vector of lanes at a time.
+template <typename T, typename F>
+PDDM_INLINE void for_lanes(int64_t n, F&& body) {
+  int64_t k0 = 0;
+  for (; k0 + kLanes<T> <= n; k0 += kLanes<T>) {
+#pragma omp simd
+    for (int l = 0; l < kLanes<T>; ++l) body(k0 + l, l);
+  }
+  for (int l = 0; k0 + l < n; ++l) body(k0 + l, l);
+}
+
+template <typename T>
+PDDM_INLINE T lane_sum(T* acc) {
+  for (int w = kLanes<T> / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  return acc[0];
+}
+
+// One multiply-add chain in k order, exactly as gemm_rows sums each element: the squared norm of a
+// row equals the Gram entry of that row with any copy of itself, so the squared distance of a
+// duplicate pair, ||x||^2 + ||x||^2 - 2 x.x, is exactly 0 (SPEC §3 exact ties).
+template <typename T>
+__attribute__((optimize("no-tree-vectorize"))) PDDM_INLINE T dot_impl(const T* __restrict x, const T* __restrict y,
+                                                                       int64_t d) {
   T s = 0;
-#pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < d; ++k) s += x[k] * y[k];
   return s;
 }
 
 template <typename T>
-inline void abs_diff_impl(const T* __restrict x, const T* __restrict y, T* __restrict u, int64_t d, T* sq_diff,
+PDDM_INLINE void abs_diff_impl(const T* __restrict x, const T* __restrict y, T* __restrict u, int64_t d, T* sq_diff,
                           T* sq_sum) {
-  T sd = 0, ss = 0;
-#pragma omp simd reduction(+ : sd, ss)
-  for (int64_t k = 0; k < d; ++k) {
+  T sd[kLanes<T>] = {}, ss[kLanes<T>] = {};
+  for_lanes<T>(d, [&](int64_t k, int l) {
     const T diff = x[k] - y[k], sum = x[k] + y[k];
     u[k] = std::abs(diff);
-    sd += diff * diff;
-    ss += sum * sum;
-  }
-  *sq_diff = sd;
-  *sq_sum = ss;
+    sd[l] += diff * diff;
+    ss[l] += sum * sum;
+  });
+  *sq_diff = lane_sum(sd);
+  *sq_sum = lane_sum(ss);
 }
 
 template <typename T>
-inline T branch_units_impl(const T* __restrict a, const T* __restrict b, T scale, const T* __restrict bias,
+PDDM_INLINE T branch_units_impl(const T* __restrict a, const T* __restrict b, T scale, const T* __restrict bias,
                            T* __restrict out, int64_t h) {
-  T sq = 0;
+  T sq[kLanes<T>] = {};
   if (b == nullptr) {
-#pragma omp simd reduction(+ : sq)
-    for (int64_t k = 0; k < h; ++k) {
+    for_lanes<T>(h, [&](int64_t k, int l) {
       const T z = branch_unit(a[k], scale, bias[k]);
       out[k] = z;
-      sq += z * z;
-    }
+      sq[l] += z * z;
+    });
   } else {
-#pragma omp simd reduction(+ : sq)
-    for (int64_t k = 0; k < h; ++k) {
+    for_lanes<T>(h, [&](int64_t k, int l) {
       const T z = branch_unit(a[k] + b[k], scale, bias[k]);
       out[k] = z;
-      sq += z * z;
-    }
+      sq[l] += z * z;
+    });
   }
-  return sq;
+  return lane_sum(sq);
 }
 
 template <typename T>
-inline void scale_impl(T* __restrict z, T scale, int64_t h) {
+PDDM_INLINE void scale_impl(T* __restrict z, T scale, int64_t h) {
 #pragma omp simd
   for (int64_t k = 0; k < h; ++k) z[k] *= scale;
 }
 
 template <typename T>
-inline T score_layer_impl(const T* __restrict q, const T* __restrict bias, const T* __restrict w, int64_t c) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < c; ++j) s += w[j] * relu(q[j] + bias[j]);
-  return s;
+PDDM_INLINE T score_layer_impl(const T* __restrict q, const T* __restrict bias, const T* __restrict w, int64_t c) {
+  T s[kLanes<T>] = {};
+  for_lanes<T>(c, [&](int64_t j, int l) { s[l] += w[j] * relu(q[j] + bias[j]); });
+  return lane_sum(s);
 }
 
 // q and dq are the same array (in place): each j reads q[j] before it writes it.
 template <typename T>
-inline void score_layer_backward_impl(T* q, const T* __restrict bias, const T* __restrict w, T g,
+PDDM_INLINE void score_layer_backward_impl(T* q, const T* __restrict bias, const T* __restrict w, T g,
                                       T* __restrict dw, T* __restrict dbias, int64_t c) {
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
@@ -220,34 +250,33 @@ inline void score_layer_backward_impl(T* q, const T* __restrict bias, const T* _
 }
 
 // Backward of both branches of one pair (see cpu_vec.h). The two dot products share one pass and
-// the two scale gradients another, so their reduction chains overlap. kSameRow: out_x and out_y
-// are the same row (a diagonal pair in batch mode), which then gets twice the mean branch's gradient.
+// the two scale gradients another. kSameRow: out_x and out_y are the same row (a diagonal pair in
+// batch mode), which then gets twice the mean branch's gradient through out_x alone (so the two
+// pointers may be restrict: no row is reached through both).
 template <bool kSameRow, typename T>
-inline void branches_backward_impl(const T* __restrict z, const T* __restrict dz, T norm_u1, T norm_v1,
-                                   T* A, T scale_u, const T* __restrict Pa, const T* __restrict Pb, T scale_v,
-                                   T* __restrict db_u, T* __restrict db_v, T* out_x, T* out_y, int64_t h,
-                                   T* dscale_u, T* dscale_v) {
+PDDM_INLINE void branches_backward_impl(const T* __restrict z, const T* __restrict dz, T norm_u1, T norm_v1,
+                                        T* __restrict A, T scale_u, const T* __restrict Pa, const T* __restrict Pb,
+                                        T scale_v, T* __restrict db_u, T* __restrict db_v, T* __restrict out_x,
+                                        T* __restrict out_y, int64_t h, T* dscale_u, T* dscale_v) {
   const T *zu = z, *zv = z + h, *dzu = dz, *dzv = dz + h;
-  T su = 0, sv = 0;
-#pragma omp simd reduction(+ : su, sv)
-  for (int64_t k = 0; k < h; ++k) {
-    su += zu[k] * dzu[k];
-    sv += zv[k] * dzv[k];
-  }
+  T su_l[kLanes<T>] = {}, sv_l[kLanes<T>] = {};
+  for_lanes<T>(h, [&](int64_t k, int l) {
+    su_l[l] += zu[k] * dzu[k];
+    sv_l[l] += zv[k] * dzv[k];
+  });
+  T su = lane_sum(su_l), sv = lane_sum(sv_l);
   // normalize_backward with the norm test hoisted: dp = (dz - z s) / ||p||, or dz / eps when clamped.
   const bool clamped_u = !(norm_u1 > T(kNormEps)), clamped_v = !(norm_v1 > T(kNormEps));
   const T inv_u = T(1) / (clamped_u ? T(kNormEps) : norm_u1), inv_v = T(1) / (clamped_v ? T(kNormEps) : norm_v1);
   if (clamped_u) su = 0;
   if (clamped_v) sv = 0;
-  T gu = 0, gv = 0;
-#pragma omp simd reduction(+ : gu, gv)
-  for (int64_t k = 0; k < h; ++k) {
+  T gu[kLanes<T>] = {}, gv[kLanes<T>] = {};
+  for_lanes<T>(h, [&](int64_t k, int l) {
     // z > 0 exactly where the ReLU was active (the normalisation only rescales).
     const T dpre_u = zu[k] > T(0) ? (dzu[k] - zu[k] * su) * inv_u : T(0);
     const T dpre_v = zv[k] > T(0) ? (dzv[k] - zv[k] * sv) * inv_v : T(0);
-    const T p = Pa[k] + Pb[k];
-    gu += dpre_u * A[k];
-    gv += dpre_v * p;
+    gu[l] += dpre_u * A[k];
+    gv[l] += dpre_v * (Pa[k] + Pb[k]);
     db_u[k] += dpre_u;
     db_v[k] += dpre_v;
     A[k] = dpre_u * scale_u;  // in place: dA
@@ -258,13 +287,13 @@ inline void branches_backward_impl(const T* __restrict z, const T* __restrict dz
       out_x[k] += g;
       out_y[k] += g;
     }
-  }
-  *dscale_u = gu;
-  *dscale_v = gv;
+  });
+  *dscale_u = lane_sum(gu);
+  *dscale_v = lane_sum(gv);
 }
 
 template <typename T>
-inline void input_grad_impl(const T* __restrict x, const T* __restrict y, const T* __restrict dU, T cu, T cv,
+PDDM_INLINE void input_grad_impl(const T* __restrict x, const T* __restrict y, const T* __restrict dU, T cu, T cv,
                             T* __restrict dx, T* __restrict dy, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) {
@@ -278,7 +307,7 @@ inline void input_grad_impl(const T* __restrict x, const T* __restrict y, const 
 }
 
 template <typename T>
-inline void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {
+PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {
   if (dx != dy) return input_grad_impl(x, y, dU, cu, cv, dx, dy, d);
   // A diagonal pair: x = y, so u = 0 contributes nothing and the mean branch counts twice.
   for (int64_t k = 0; k < d; ++k) dx[k] += T(2) * cv * (x[k] + y[k]);
@@ -287,7 +316,9 @@ inline void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv,
 }  // namespace
 
 #define PDDM_DEFINE_VEC(T)                                                                                   \
-  PDDM_CPU_CLONES T dot(const T* x, const T* y, int64_t d) { return dot_impl(x, y, d); }                    \
+  PDDM_CPU_CLONES __attribute__((optimize("no-tree-vectorize"))) T dot(const T* x, const T* y, int64_t d) {  \
+    return dot_impl(x, y, d);                                                                                \
+  }                    \
   PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
     abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
   }                                                                                                          \

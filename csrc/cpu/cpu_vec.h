@@ -17,7 +17,7 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
 void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
                double* C, bool accumulate = false);
 
-// sum_k x[k] y[k].
+// sum_k x[k] y[k], summed in k order as gemm_rows sums each element of C.
 float dot(const float* x, const float* y, int64_t d);
 double dot(const double* x, const double* y, int64_t d);
 
