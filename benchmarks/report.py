@@ -216,16 +216,20 @@ def results_table(doc):
     return "\n".join(lines)
 
 
+_PHASE_LOSSES = {"scores_fwd_bwd": "`S.sum()`", "scores_bwd_positives": "`(S * same_class).sum()`"}
+
+
 def phases_table(doc):
     rows = []
     for entry in doc["results"]:
         c = entry["config"]
         if _ok(entry) and entry.get("phases_s"):
             fwd, bwd = entry["phases_s"]["forward"], entry["phases_s"]["backward"]
-            rows.append(f"| {c['variant']} | {c['m']} | {c['d']} | {fmt_time(fwd)} | {fmt_time(bwd)} | {bwd / fwd:.2f} |")
+            loss = _PHASE_LOSSES.get(c["workload"], c["workload"])
+            rows.append(f"| {loss} | {c['variant']} | {c['m']} | {c['d']} | {fmt_time(fwd)} | {fmt_time(bwd)} | {bwd / fwd:.2f} |")
     if not rows:
         return ""
-    head = "| variant | m | d=h=c | forward | backward | backward ÷ forward |\n|---|---|---|---|---|---|"
+    head = "| loss | variant | m | d=h=c | forward | backward | backward ÷ forward |\n|---|---|---|---|---|---|---|"
     return head + "\n" + "\n".join(rows)
 
 
@@ -287,7 +291,7 @@ def markdown(doc):
     out += ["", "## Results", "", results_table(doc), ""]
     phases = phases_table(doc)
     if phases:
-        out += ["## Forward and backward of `unit(x).sum()`", "", phases, ""]
+        out += ["## Forward and backward of a loss on `S = unit(x)`", "", phases, ""]
     failures = [e for e in doc["results"] if e.get("status") not in ("ok", "skipped", "planned")]
     if failures:
         out += ["## Configurations that did not finish", ""]
