@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .report import VARIANT_TITLES
-from .workloads import WORKLOADS
+from .workloads import BANK_WORKLOADS, WORKLOADS
 
 STYLE = {"fused": ("tab:blue", "o"), "reference": ("tab:red", "s"), "compiled": ("tab:green", "^"), "pml": ("tab:purple", "D")}
 MEMORY_FLOOR_MB = 0.1  # a log axis cannot show 0: smaller extra peaks are drawn here
@@ -24,7 +24,7 @@ def _series(doc, d):
     data = {}
     for entry in doc["results"]:
         c = entry["config"]
-        if c["d"] != d or entry.get("status") != "ok" or c["workload"] == "bank_mine":
+        if c["d"] != d or entry.get("status") != "ok" or c["workload"] in BANK_WORKLOADS:
             continue
         point = (c["m"], entry["time_s"], max(entry["extra_peak_bytes"] / 2**20, MEMORY_FLOOR_MB))
         data.setdefault(c["workload"], {}).setdefault(c["variant"], []).append(point)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import machine, report
-from .workloads import WORKLOAD_VARIANTS, WORKLOADS, VARIANTS, make_config, predicted_bytes
+from .workloads import BANK_WORKLOADS, WORKLOAD_VARIANTS, WORKLOADS, VARIANTS, make_config, predicted_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,6 +51,7 @@ def quick_plan(device):
         ("batch_hard", ("fused", "pml"), 4096),
         ("batch_hard", ("fused", "pml"), 8192),
         ("bank_mine", ("fused", "reference"), None),
+        ("bank_fwd_bwd", ("fused",), None),
     ]
     return [make_config(w, v, m, d, device=device) for w, variants, m in plan for v in variants]
 
@@ -59,9 +60,9 @@ def full_plan(device, workloads, variants, ms, ds):
     configs = []
     for workload in workloads:
         for d in ds:
-            if workload == "bank_mine" and d != 128 and 128 in ds:
-                continue  # the bank workload is defined at d = 128
-            sizes = [None] if workload == "bank_mine" else list(ms)
+            if workload in BANK_WORKLOADS and d != 128 and 128 in ds:
+                continue  # the bank workloads are defined at d = 128
+            sizes = [None] if workload in BANK_WORKLOADS else list(ms)
             if workload == "batch_hard":
                 sizes += [m for m in BATCH_HARD_EXTRA_M if m not in sizes]
             for m in sizes:

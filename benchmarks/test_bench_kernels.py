@@ -58,16 +58,18 @@ def test_bench_batch(benchmark, workload, variant):
 
 
 @pytest.mark.parametrize("variant", ["fused", "reference"])
-def test_bench_bank_mining(benchmark, variant, monkeypatch):
+@pytest.mark.parametrize("workload", ["bank_mine", "bank_fwd_bwd"])
+def test_bench_bank(benchmark, workload, variant, monkeypatch):
     # The real bank (256 x 65,536) needs tens of GB in the reference: smoke it at a small size.
     import benchmarks.workloads as W
 
     monkeypatch.setattr(W, "BANK_QUERIES", 16)
+    monkeypatch.setattr(W, "BANK_GRAD_QUERIES", 16)
     monkeypatch.setattr(W, "BANK_ROWS", 16 * W.BANK_ROWS_PER_CLASS)
-    cfg = W.make_config("bank_mine", variant, None, D, device=DEVICE)
+    cfg = W.make_config(workload, variant, None, D, device=DEVICE)
     assert (cfg.m, cfg.n) == (16, 1024)
     step = build_step(cfg, make_inputs(cfg), _sync)
-    benchmark.group = f"bank_mine {cfg.m} x {cfg.n} d={D}"
+    benchmark.group = f"{workload} {cfg.m} x {cfg.n} d={D}"
     benchmark(step)
 
 

@@ -17,6 +17,9 @@ Workloads (d = h = c unless stated):
 - ``batch_hard``      batch_hard(x, labels) with the Euclidean metric (vs pytorch-metric-learning's
                       BatchHardMiner, the miner users run today).
 - ``bank_mine``       mine_hard in reference mode: 256 queries against a 65,536-row memory bank.
+- ``bank_fwd_bwd``    unit(x, bank).sum().backward() for 64 queries (requiring grad) against the
+                      65,536-row bank (not trained), parameters requiring grad: the backward's
+                      memory in reference mode; phases timed apart.
 
 Variants: ``fused`` (pddm_ext), ``reference`` (pddm_ext.reference, eager), ``compiled``
 (torch.compile of the reference; compile time reported apart), ``pml`` (BatchHardMiner).
@@ -27,7 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 
-WORKLOADS = ("scores_fwd", "scores_fwd_bwd", "scores_bwd_positives", "mine_k1", "mine_k64", "batch_hard", "bank_mine")
+WORKLOADS = (
+    "scores_fwd", "scores_fwd_bwd", "scores_bwd_positives", "mine_k1", "mine_k64", "batch_hard", "bank_mine",
+    "bank_fwd_bwd",
+)
 VARIANTS = ("fused", "reference", "compiled", "pml")
 
 # Which variants make sense for which workload.
@@ -39,11 +45,14 @@ WORKLOAD_VARIANTS = {
     "mine_k64": ("fused", "reference", "compiled"),
     "batch_hard": ("fused", "reference", "compiled", "pml"),
     "bank_mine": ("fused", "reference", "compiled"),
+    "bank_fwd_bwd": ("fused", "reference", "compiled"),
 }
+BANK_WORKLOADS = ("bank_mine", "bank_fwd_bwd")
 
 METRIC = {w: ("euclidean" if w == "batch_hard" else "pddm") for w in WORKLOADS}
 SAMPLES_PER_CLASS = 4
 BANK_ROWS, BANK_QUERIES, BANK_ROWS_PER_CLASS = 65_536, 256, 64
+BANK_GRAD_QUERIES = 64
 ELEMENT_SIZE = {"float32": 4, "float64": 8}
 
 
@@ -61,7 +70,7 @@ class Config:
 
     @property
     def batch_mode(self):
-        return self.workload != "bank_mine"
+        return self.workload not in BANK_WORKLOADS
 
     @property
     def k(self):
@@ -78,6 +87,8 @@ def make_config(workload, variant, m, d, *, dtype="float32", device="cpu"):
     """A configuration with h = c = d; the bank workload fixes m and n."""
     if workload == "bank_mine":
         m, n = BANK_QUERIES, BANK_ROWS
+    elif workload == "bank_fwd_bwd":
+        m, n = BANK_GRAD_QUERIES, BANK_ROWS
     else:
         n = m
     return Config(workload, variant, m, n, d, d, d, dtype, device)
@@ -106,7 +117,7 @@ def useful_flops(cfg):
     if cfg.workload == "scores_bwd_positives":
         with_gradient = cfg.m * (SAMPLES_PER_CLASS + 1) // 2
         return flops + 2 * with_gradient * per_pair
-    return 3 * flops if cfg.workload == "scores_fwd_bwd" else flops
+    return 3 * flops if cfg.workload in ("scores_fwd_bwd", "bank_fwd_bwd") else flops
 
 
 # --- predicted extra peak memory (to skip what cannot fit) -------------------------------------
@@ -133,7 +144,7 @@ def _kind(cfg):
         return "euclidean"
     if cfg.workload == "scores_fwd":
         return "forward"
-    if cfg.workload in ("scores_fwd_bwd", "scores_bwd_positives"):
+    if cfg.workload in ("scores_fwd_bwd", "scores_bwd_positives", "bank_fwd_bwd"):
         return "fwd_bwd"
     return "mine"
 
@@ -212,17 +223,18 @@ def build_step(cfg, inputs, sync):
 
         return step
 
-    if w in ("scores_fwd_bwd", "scores_bwd_positives"):
+    if w in ("scores_fwd_bwd", "scores_bwd_positives", "bank_fwd_bwd"):
         x.requires_grad_(True)
-        if w == "scores_fwd_bwd":
-            loss = lambda S: S.sum()  # noqa: E731
-        else:
+        y = inputs.get("y")  # the bank (not trained) in reference mode
+        if w == "scores_bwd_positives":
             same_class = (labels[:, None] == labels[None, :]).to(x.dtype)
             loss = lambda S: (S * same_class).sum()  # noqa: E731
-        if v == "fused":
-            forward = lambda: loss(unit(x))  # noqa: E731
         else:
-            forward = maybe_compile(lambda: loss(R.pddm_scores(x, None, unit)))
+            loss = lambda S: S.sum()  # noqa: E731
+        if v == "fused":
+            forward = lambda: loss(unit(x, y))  # noqa: E731
+        else:
+            forward = maybe_compile(lambda: loss(R.pddm_scores(x, y, unit)))
 
         def step():
             t0 = time.perf_counter()

@@ -42,9 +42,11 @@ def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
 
 @torch.library.register_fake("pddm_ext::scores_backward")
 def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask):
-    grad_y = x.new_empty((0,)) if y is None else torch.empty_like(y)
+    # An input that needs no gradient (output_mask) gets an empty (0,) tensor.
+    grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
+    grad_y = torch.empty_like(y) if y is not None and output_mask[1] else x.new_empty((0,))
     params = (W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)
-    return (torch.empty_like(x), grad_y, *(torch.empty_like(p) for p in params))
+    return (grad_x, grad_y, *(torch.empty_like(p) for p in params))
 
 
 def _mine_fake(x, x_labels, y, y_labels, k):

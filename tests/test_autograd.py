@@ -135,6 +135,23 @@ def test_sparse_upstream_gradient_matches_reference(batch, pattern):
             assert torch.count_nonzero(got.grad) == 0, name
 
 
+@pytest.mark.parametrize("m,n", [(5, 300), (300, 5), (70, 90)], ids=["wide", "tall", "square"])
+@pytest.mark.multithreaded
+def test_reference_mode_gradients_across_workers(m, n):
+    """Reference mode hands each worker whole blocks of the longer side and keeps that side's row
+    gradients once (shared, each row written by one worker); the shorter side's are per worker.
+    Both layouts, with several blocks per worker, must match the reference's autograd."""
+    unit = make_unit(6, 5, 4, seed=31)
+    x0, y0 = randn(m, 6, seed=32), randn(n, 6, seed=33)
+    g = randn(m, n, seed=34)
+    x, y, params = x0.clone().requires_grad_(), y0.clone().requires_grad_(), leaves(unit)
+    (pddm_ext.pddm_scores(x, y, *params) * g).sum().backward()
+    xr, yr, params_r = x0.clone().requires_grad_(), y0.clone().requires_grad_(), leaves(unit)
+    (reference.pddm_scores(xr, yr, params_r) * g).sum().backward()
+    for name, got, want in [("x", x, xr), ("y", y, yr)] + list(zip(PARAM_NAMES, params, params_r)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
 @pytest.mark.multithreaded
 def test_backward_is_reproducible(batch):

@@ -292,23 +292,26 @@ PDDM_INLINE void branches_backward_impl(const T* __restrict z, const T* __restri
   *dscale_v = lane_sum(gv);
 }
 
-template <typename T>
+// kRows: 3 = both rows, 1 = dx only, 2 = dy only (the other side needs no gradient).
+template <int kRows, typename T>
 PDDM_INLINE void input_grad_impl(const T* __restrict x, const T* __restrict y, const T* __restrict dU, T cu, T cv,
-                            T* __restrict dx, T* __restrict dy, int64_t d) {
+                                 T* __restrict dx, T* __restrict dy, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) {
     const T diff = x[k] - y[k];
     const T sign = T(diff > T(0)) - T(diff < T(0));
     const T via_u = sign * (dU[k] + cu * std::abs(diff));  // u = |x - y|
     const T via_v = cv * (x[k] + y[k]);
-    dx[k] += via_u + via_v;
-    dy[k] += via_v - via_u;
+    if (kRows & 1) dx[k] += via_u + via_v;
+    if (kRows & 2) dy[k] += via_v - via_u;
   }
 }
 
 template <typename T>
 PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {
-  if (dx != dy) return input_grad_impl(x, y, dU, cu, cv, dx, dy, d);
+  if (dy == nullptr) return input_grad_impl<1>(x, y, dU, cu, cv, dx, dy, d);
+  if (dx == nullptr) return input_grad_impl<2>(x, y, dU, cu, cv, dx, dy, d);
+  if (dx != dy) return input_grad_impl<3>(x, y, dU, cu, cv, dx, dy, d);
   // A diagonal pair: x = y, so u = 0 contributes nothing and the mean branch counts twice.
   for (int64_t k = 0; k < d; ++k) dx[k] += T(2) * cv * (x[k] + y[k]);
 }

@@ -70,7 +70,7 @@ void branches_backward(const double* z, const double* dz, double norm_u1, double
                        double* db_v, double* out_x, double* out_y, int64_t h, double* dscale_u, double* dscale_v);
 
 // dx[k] += sign(x - y) (dU[k] + cu |x - y|) + cv (x + y); dy[k] += -sign(x - y) (...) + cv (x + y).
-// dx and dy may be the same row (a diagonal pair in batch mode).
+// dx and dy may be the same row (a diagonal pair in batch mode); either may be null (not needed).
 void input_grad(const float* x, const float* y, const float* dU, float cu, float cv, float* dx, float* dy,
                 int64_t d);
 void input_grad(const double* x, const double* y, const double* dU, double cu, double cv, double* dx, double* dy,

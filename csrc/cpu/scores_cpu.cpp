@@ -52,27 +52,46 @@ at::Tensor scores_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& y
   return out;
 }
 
-// Gradient accumulators of one thread. In batch mode the x and y roles share dx and dP.
+// The gradients of one side's rows (x or y): dX (rows, d), kept when that input needs a gradient,
+// and dP (rows, h), the gradient of its projections P = X W_v^T (for W_v's gradient too).
+template <typename scalar_t>
+struct RowGrads {
+  std::vector<scalar_t> dX, dP;
+  RowGrads() = default;
+  RowGrads(int64_t rows, int64_t d, int64_t h, bool need_input) : dX(need_input ? rows * d : 0), dP(rows * h) {}
+  scalar_t* dX_or_null() { return dX.empty() ? nullptr : dX.data(); }
+};
+
+// The gradients one worker accumulates. The row gradients of each side are either the worker's own
+// (summed over the workers at the end) or shared ones whose rows only this worker touches (the
+// rows of the tile blocks it owns: see scores_backward_cpu). In batch mode x and y share rows.
 template <typename scalar_t>
 struct PddmGrads {
-  std::vector<scalar_t> dx, dy, dPx, dPy;  // (m, d), (n, d), (m, h), (n, h)
+  RowGrads<scalar_t> own_x, own_y;
+  scalar_t *dx, *dPx, *dy, *dPy;
   std::vector<scalar_t> dW_u, db_u, db_v, dW_c, db_c, dw_s;
   scalar_t db_s = 0;
-  bool batch;
 
-  PddmGrads(bool batch_mode, int64_t m, int64_t n, int64_t d, int64_t h, int64_t c, bool need_inputs)
-      : dx(need_inputs ? m * d : 0), dy(need_inputs && !batch_mode ? n * d : 0), dPx(m * h),
-        dPy(batch_mode ? 0 : n * h), dW_u(h * d), db_u(h), db_v(h), dW_c(c * 2 * h), db_c(c), dw_s(c),
-        batch(batch_mode) {}
-  scalar_t* dy_rows() { return batch ? dx.data() : dy.data(); }
-  scalar_t* dPy_rows() { return batch ? dPx.data() : dPy.data(); }
+  // shared_x / shared_y: the shared rows of that side, or nullptr for the worker's own. dx / dy are
+  // null when that input needs no gradient.
+  PddmGrads(bool batch, int64_t m, int64_t n, int64_t d, int64_t h, int64_t c, bool need_x, bool need_y,
+            RowGrads<scalar_t>* shared_x, RowGrads<scalar_t>* shared_y)
+      : dW_u(h * d), db_u(h), db_v(h), dW_c(c * 2 * h), db_c(c), dw_s(c) {
+    RowGrads<scalar_t>* x_rows = shared_x;
+    if (x_rows == nullptr) x_rows = &(own_x = RowGrads<scalar_t>(m, d, h, need_x));
+    RowGrads<scalar_t>* y_rows = batch ? x_rows : shared_y;
+    if (y_rows == nullptr) y_rows = &(own_y = RowGrads<scalar_t>(n, d, h, need_y));
+    dx = x_rows->dX_or_null(), dPx = x_rows->dP.data(), dy = y_rows->dX_or_null(), dPy = y_rows->dP.data();
+  }
 
+  // Adds o's parameter gradients and own rows (both workers keep own rows of the same sides).
   void add(const PddmGrads& o) {
     auto acc = [](std::vector<scalar_t>& a, const std::vector<scalar_t>& b) {
       for (size_t k = 0; k < a.size(); ++k) a[k] += b[k];
     };
-    acc(dx, o.dx), acc(dy, o.dy), acc(dPx, o.dPx), acc(dPy, o.dPy), acc(dW_u, o.dW_u), acc(db_u, o.db_u);
-    acc(db_v, o.db_v), acc(dW_c, o.dW_c), acc(db_c, o.db_c), acc(dw_s, o.dw_s);
+    acc(own_x.dX, o.own_x.dX), acc(own_x.dP, o.own_x.dP), acc(own_y.dX, o.own_y.dX), acc(own_y.dP, o.own_y.dP);
+    acc(dW_u, o.dW_u), acc(db_u, o.db_u), acc(db_v, o.db_v), acc(dW_c, o.dW_c), acc(db_c, o.db_c);
+    acc(dw_s, o.dw_s);
     db_s += o.db_s;
   }
 };
@@ -112,8 +131,8 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
     const scalar_t inv_u = scalar_t(1) / clamped_norm(nu), inv_v = scalar_t(0.5) / clamped_norm(nv);
     scalar_t dinv_u, dinv_v;
     vec::branches_backward(zu, dzu, ws.norm_u1[p], ws.norm_v1[p], dA + p * h, inv_u, t.Px + i * h, t.Py + r * h,
-                           inv_v, acc.db_u.data(), acc.db_v.data(),
-                           acc.dPx.data() + i * h, acc.dPy_rows() + r * h, h, &dinv_u, &dinv_v);
+                           inv_v, acc.db_u.data(), acc.db_v.data(), acc.dPx + i * h, acc.dPy + r * h, h, &dinv_u,
+                           &dinv_v);
     // inv_u = 1/||u||: d/du = -u/||u||^3.  inv_v = 1/(2||v||) with ||v|| = ||x+y||/2:
     // d/d(x+y) = -(x+y)/(8||v||^3). Below eps the clamp is constant.
     tg.coef_u[p] = nu > scalar_t(kNormEps) ? -dinv_u / (nu * nu * nu) : scalar_t(0);
@@ -126,7 +145,7 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
   for (int64_t p = 0; p < T; ++p) {
     const int64_t i = t.row(p), r = t.col(p);
     vec::input_grad(t.x + i * d, t.y + r * d, dU + p * d, tg.coef_u[p], tg.coef_v[p],
-                    acc.dx.data() + i * d, acc.dy_rows() + r * d, d);
+                    acc.dx == nullptr ? nullptr : acc.dx + i * d, acc.dy == nullptr ? nullptr : acc.dy + r * d, d);
   }
 }
 
@@ -137,12 +156,16 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
                     const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
                     std::array<bool, 3> output_mask) {
   const bool batch = !y_in.has_value();
-  const bool need_inputs = output_mask[0] || output_mask[1], need_params = output_mask[2];
+  // An input that needs no gradient gets an empty (0,) tensor back, and no row gradients are kept
+  // for it (a memory bank that is not trained costs no (n, d) gradient).
+  const bool need_x = output_mask[0], need_y = !batch && output_mask[1], need_params = output_mask[2];
+  const bool need_inputs = need_x || need_y;
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
   const int64_t m = x.size(0), n = y.size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
   const auto opts = x.options();
-  at::Tensor gx = at::zeros({m, d}, opts), gy = batch ? at::zeros({0}, opts) : at::zeros({n, d}, opts);
+  at::Tensor gx = need_x ? at::zeros({m, d}, opts) : at::zeros({0}, opts);
+  at::Tensor gy = need_y ? at::zeros({n, d}, opts) : at::zeros({0}, opts);
   at::Tensor gW_u = at::zeros_like(W_u), gb_u = at::zeros_like(b_u), gW_v = at::zeros_like(W_v);
   at::Tensor gb_v = at::zeros_like(b_v), gW_c = at::zeros_like(W_c), gb_c = at::zeros_like(b_c);
   at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
@@ -157,12 +180,34 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     // grad may be an expanded view (S.sum()): read it through its strides rather than copy it.
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
-    // Tile t goes to worker t % workers, so every worker gets the same mix of cheap (diagonal) and
-    // full tiles, and each worker's partial sums, added up in worker order at the end, depend only
-    // on the thread count: the gradients are reproducible run to run.
-    const int64_t tiles = grid.count();
-    const int64_t workers =
-        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tiles + kTilesPerTask - 1) / kTilesPerTask));
+    // Which worker sums which tiles, fixed for a given thread count, and the partial sums are added
+    // in worker order at the end: the gradients are reproducible run to run. Batch mode deals tile t
+    // to worker t % workers, so every worker gets the same mix of cheap (diagonal) and full tiles.
+    // Reference mode gives each worker whole blocks of the longer side (columns when n >= m): that
+    // side's row gradients are written by one worker each and kept once, so a large memory bank's
+    // (n, d) and (n, h) gradients are not copied per thread; the shorter side's are per worker.
+    enum class Owner { kTile, kRowBlock, kColBlock };
+    const Owner owner = batch ? Owner::kTile : (grid.col_blocks() >= grid.row_blocks() ? Owner::kColBlock : Owner::kRowBlock);
+    const int64_t tiles = grid.count(), rb = grid.row_blocks(), cb = grid.col_blocks();
+    const int64_t units = owner == Owner::kTile ? (tiles + kTilesPerTask - 1) / kTilesPerTask
+                                                : (owner == Owner::kColBlock ? cb : rb);
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+    RowGrads<scalar_t> shared;
+    if (owner == Owner::kRowBlock) shared = RowGrads<scalar_t>(m, d, h, need_x);
+    if (owner == Owner::kColBlock) shared = RowGrads<scalar_t>(n, d, h, need_y);
+    RowGrads<scalar_t>* shared_x = owner == Owner::kRowBlock ? &shared : nullptr;
+    RowGrads<scalar_t>* shared_y = owner == Owner::kColBlock ? &shared : nullptr;
+    const auto for_each_tile_of = [&](int64_t worker, auto&& f) {
+      if (owner == Owner::kTile) {
+        for (int64_t t = worker; t < tiles; t += workers) f(t);
+      } else if (owner == Owner::kColBlock) {
+        for (int64_t bj = worker; bj < cb; bj += workers)
+          for (int64_t bi = 0; bi < rb; ++bi) f(bi * cb + bj);
+      } else {
+        for (int64_t bi = worker; bi < rb; bi += workers)
+          for (int64_t bj = 0; bj < cb; ++bj) f(bi * cb + bj);
+      }
+    };
     std::vector<std::unique_ptr<PddmGrads<scalar_t>>> partial(workers);
 
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
@@ -172,8 +217,9 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
       std::vector<scalar_t> g(pairs);
       std::vector<int32_t> live(pairs);
       for (int64_t worker = begin; worker < end; ++worker) {
-        auto acc = std::make_unique<PddmGrads<scalar_t>>(batch, m, n, d, h, c, need_inputs);
-        for (int64_t t = worker; t < tiles; t += workers) {
+        auto acc = std::make_unique<PddmGrads<scalar_t>>(batch, m, n, d, h, c, need_x, need_y, shared_x,
+                                                                shared_y);
+        for_each_tile_of(worker, [&](int64_t t) {
           int64_t i0, ni, r0, nr;
           grid.tile(t, &i0, &ni, &r0, &nr);
           // The tile's pairs with a nonzero gradient, in order: the others add nothing, so a sparse
@@ -191,12 +237,12 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
               live[count++] = static_cast<int32_t>(a * nr + b);
             }
           }
-          if (count == 0) continue;
+          if (count == 0) return;
           const TileRows<scalar_t> rows{xp, Pxp, i0, ni, yp, Pyp, r0, nr,
                                         count == ni * nr ? nullptr : live.data(), count};
           pddm_tile_forward<scalar_t>(w, rows, ws, nullptr);
           pddm_tile_backward(w, rows, ws, g.data(), tg, *acc, need_inputs, need_params);
-        }
+        });
         partial[worker] = std::move(acc);
       }
     });
@@ -209,14 +255,15 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     const auto vec = [&](std::vector<scalar_t>& v, at::IntArrayRef shape) {
       return at::from_blob(v.data(), shape, opts);
     };
-    const auto dPx = vec(total.dPx, {m, h});
-    if (need_inputs) {
-      gx.copy_(vec(total.dx, {m, d})).addmm_(dPx, w.W_v_t);
-      if (!batch) gy.copy_(vec(total.dy, {n, d})).addmm_(vec(total.dPy, {n, h}), w.W_v_t);
-    }
+    const auto rows = [&](scalar_t* p, int64_t count, int64_t width) {
+      return at::from_blob(p, {count, width}, opts);
+    };
+    const auto dPx = rows(total.dPx, m, h);
+    if (need_x) gx.copy_(rows(total.dx, m, d)).addmm_(dPx, w.W_v_t);
+    if (need_y) gy.copy_(rows(total.dy, n, d)).addmm_(rows(total.dPy, n, h), w.W_v_t);
     if (need_params) {
       gW_v.copy_(at::mm(dPx.t(), x));
-      if (!batch) gW_v.addmm_(vec(total.dPy, {n, h}).t(), y);
+      if (!batch) gW_v.addmm_(rows(total.dPy, n, h).t(), y);
       gW_u.copy_(vec(total.dW_u, {h, d}));
       gb_u.copy_(vec(total.db_u, {h}));
       gb_v.copy_(vec(total.db_v, {h}));

@@ -346,7 +346,14 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   at::Tensor gW_u = at::zeros_like(W_u), gb_u = at::zeros_like(b_u), gW_v = at::zeros_like(W_v);
   at::Tensor gb_v = at::zeros_like(b_v), gW_c = at::zeros_like(W_c), gb_c = at::zeros_like(b_c);
   at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
-  if (!need_inputs && !need_params) return {gx, gy, gW_u, gb_u, gW_v, gb_v, gW_c, gb_c, gw_s, gb_s};
+  // As on the CPU: an input that needs no gradient gets an empty (0,) tensor back (the kernel may
+  // still have accumulated it, as the two inputs share its input-gradient path).
+  const auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                          at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    return {output_mask[0] ? gx : at::zeros({0}, opts), !batch && output_mask[1] ? gy : at::zeros({0}, opts),
+            gW_u, gb_u, gW_v, gb_v, gW_c, gb_c, gw_s, gb_s};
+  };
+  if (!need_inputs && !need_params) return result();
 
   const auto Px = at::mm(x, W_vc.t()).contiguous();
   const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
@@ -399,7 +406,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     gw_s.copy_(total.narrow(0, layout.w_s, c));
     gb_s.copy_(total.narrow(0, layout.b_s, 1).reshape(b_s.sizes()));
   }
-  return {gx, gy, gW_u, gb_u, gW_v, gb_v, gW_c, gb_c, gw_s, gb_s};
+  return result();
 }
 
 }  // namespace
