@@ -4,8 +4,8 @@
 // tile's intermediates in an L2-sized workspace and never hold (m, n, d) or (m, n, h).
 #include <torch/library.h>
 
-#include <array>
 #include <algorithm>
+#include <array>
 #include <memory>
 
 #include "cpu_tile.h"
@@ -187,7 +187,9 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     // side's row gradients are written by one worker each and kept once, so a large memory bank's
     // (n, d) and (n, h) gradients are not copied per thread; the shorter side's are per worker.
     enum class Owner { kTile, kRowBlock, kColBlock };
-    const Owner owner = batch ? Owner::kTile : (grid.col_blocks() >= grid.row_blocks() ? Owner::kColBlock : Owner::kRowBlock);
+    const Owner owner = batch                                        ? Owner::kTile
+                        : grid.col_blocks() >= grid.row_blocks() ? Owner::kColBlock
+                                                                 : Owner::kRowBlock;
     const int64_t tiles = grid.count(), rb = grid.row_blocks(), cb = grid.col_blocks();
     const int64_t units = owner == Owner::kTile ? (tiles + kTilesPerTask - 1) / kTilesPerTask
                                                 : (owner == Owner::kColBlock ? cb : rb);
