@@ -260,6 +260,31 @@ def test_only_needed_gradients_reference_mode(x_needs, y_needs, params_need):
     _grads_vs_reference(x_needs, y_needs, params_need, batch=False)
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+def test_backward_output_mask_contract(batch):
+    """scores_backward called directly: an input whose mask entry is False gets an empty (0,) tensor
+    (so a memory bank that is not trained costs no (n, d) gradient), parameters not asked for come
+    back as zeros, and what is asked for does not depend on what else is."""
+    unit = make_unit(7, 6, 5, seed=41)
+    x = randn(10, 7, seed=42)
+    y = None if batch else randn(12, 7, seed=43)
+    grad = randn(10, 10 if batch else 12, seed=44)
+    p = [t.detach() for t in unit.params()]
+    full = ops.scores_backward(grad, x, y, *p, [True, not batch, True])
+    x_only = ops.scores_backward(grad, x, y, *p, [True, False, False])
+    params_only = ops.scores_backward(grad, x, y, *p, [False, False, True])
+    assert full[0].shape == x.shape and full[1].shape == ((0,) if batch else y.shape)
+    assert x_only[1].shape == (0,) and params_only[0].shape == (0,) and params_only[1].shape == (0,)
+    assert all(torch.count_nonzero(g) == 0 for g in x_only[2:])
+    torch.testing.assert_close(x_only[0], full[0], rtol=1e-12, atol=0)
+    for a, b in zip(full[2:], params_only[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    if not batch:
+        y_only = ops.scores_backward(grad, x, y, *p, [False, True, False])
+        assert y_only[0].shape == (0,)
+        torch.testing.assert_close(y_only[1], full[1], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("x_needs,params_need", [(True, False), (False, True)], ids=["x", "params"])
 def test_only_needed_gradients_batch_mode(x_needs, params_need):
     _grads_vs_reference(x_needs, False, params_need, batch=True)
