@@ -1,7 +1,9 @@
 // The op schemas of pddm_ext (declared once here; each backend registers its kernels in its own
 // file with TORCH_LIBRARY_IMPL) and the Python module that `import pddm_ext._C` loads.
 //
-// Validation (SPEC §6) happens once, at the Python boundary; kernels assume valid input.
+// Validation (SPEC §6, with its messages and the NaN/Inf checks) happens at the Python boundary;
+// every kernel also runs the O(1) structural checks of op_checks.h first, so that calling
+// torch.ops.pddm_ext.* directly with bad shapes raises instead of reading out of bounds.
 #include <torch/library.h>
 #ifndef PDDM_EXT_NO_PYTHON  // CMakeLists.txt builds a plain libtorch library: schemas, no Python module
 #include <torch/extension.h>

@@ -414,3 +414,93 @@ def test_single_row_is_valid():
     unit = make_unit(D, H, C, dtype=torch.float32)
     assert unit(x).shape == (1, 1)
     assert pddm_ext.mine_hard(x, torch.zeros(1, dtype=torch.int64), unit).anchor.numel() == 0
+
+
+# --------------------------------------------------------------------------- the ops called directly
+
+# torch.ops.pddm_ext.* skip the Python validation above; their kernels still check structure, so a
+# wrong shape, dtype or label vector raises instead of reading or writing out of bounds (SPEC §6).
+_ops = torch.ops.pddm_ext
+
+
+def _raw_args():
+    unit = make_unit(8, 6, 5, dtype=torch.float32)
+    params = [p.detach() for p in unit.params()]
+    x, y = torch.randn(10, 8), torch.randn(7, 8)
+    return x, y, params, torch.arange(10) % 3, torch.arange(7) % 3
+
+
+def _with_param(params, name, value):
+    return [value if n == name else p for n, p in zip(PARAM_NAMES, params)]
+
+
+RAW_BAD = {
+    "x_rank": lambda x, y, p: (x[0], None, p),
+    "x_empty": lambda x, y, p: (x[:0], None, p),
+    "x_width": lambda x, y, p: (torch.randn(10, 7), None, p),
+    "y_width": lambda x, y, p: (x, torch.randn(7, 9), p),
+    "y_empty": lambda x, y, p: (x, y[:0], p),
+    "W_u_shape": lambda x, y, p: (x, y, _with_param(p, "W_u", torch.randn(6, 9))),
+    "W_v_rows": lambda x, y, p: (x, y, _with_param(p, "W_v", torch.randn(5, 8))),
+    "W_c_width": lambda x, y, p: (x, y, _with_param(p, "W_c", torch.randn(5, 11))),
+    "b_c_len": lambda x, y, p: (x, y, _with_param(p, "b_c", torch.randn(4))),
+    "w_s_len": lambda x, y, p: (x, y, _with_param(p, "w_s", torch.randn(6))),
+    "b_s_len": lambda x, y, p: (x, y, _with_param(p, "b_s", torch.randn(2))),
+}
+
+
+@pytest.mark.parametrize("bad", list(RAW_BAD))
+@pytest.mark.parametrize("op", ["scores", "scores_backward", "mine_pddm"])
+def test_raw_ops_reject_bad_shapes(op, bad):
+    x0, y0, params0, lx, ly = _raw_args()
+    x, y, params = RAW_BAD[bad](x0, y0, params0)
+    with pytest.raises(ValueError, match=f"pddm_ext::{op}"):
+        if op == "scores":
+            _ops.scores(x, y, *params)
+        elif op == "scores_backward":
+            n = x.shape[0] if y is None else y.shape[0]
+            _ops.scores_backward(torch.ones(x.shape[0] if x.dim() else 1, n), x, y, *params, [True, True, True])
+        else:
+            labels_x = torch.arange(x.shape[0] if x.dim() else 1) % 3
+            labels_y = None if y is None else torch.arange(y.shape[0]) % 3
+            _ops.mine_pddm(x, labels_x, y, labels_y, *params, 1)
+
+
+@pytest.mark.parametrize("grad_shape", [(3, 3), (10, 8), (7, 10), (10,)])
+def test_raw_scores_backward_rejects_a_grad_of_the_wrong_shape(grad_shape):
+    x, y, params, _, _ = _raw_args()
+    with pytest.raises(ValueError, match="grad must have shape"):
+        _ops.scores_backward(torch.ones(grad_shape), x, y, *params, [True, True, True])
+    with pytest.raises(ValueError, match="grad must have shape"):
+        _ops.scores_backward(torch.ones(grad_shape), x, None, *params, [True, False, True])
+
+
+def test_raw_ops_reject_mixed_or_unsupported_dtypes():
+    x, y, params, lx, _ = _raw_args()
+    with pytest.raises(TypeError, match="y has dtype"):
+        _ops.scores(x, y.double(), *params)
+    with pytest.raises(TypeError, match="W_c has dtype"):
+        _ops.scores(x, None, *_with_param(params, "W_c", params[4].double()))
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        _ops.mine_euclidean(x.half(), lx, None, None, 1)
+    with pytest.raises(TypeError, match="grad has dtype"):
+        _ops.scores_backward(torch.ones(10, 10, dtype=torch.float64), x, None, *params, [True, False, True])
+
+
+@pytest.mark.parametrize("op", ["mine_pddm", "mine_euclidean"])
+def test_raw_mining_ops_reject_bad_labels_and_k(op):
+    x, y, params, lx, ly = _raw_args()
+    unit_args = params if op == "mine_pddm" else []
+    mine = getattr(_ops, op)
+    with pytest.raises(ValueError, match="x_labels must have shape"):
+        mine(x, lx[:9], None, None, *unit_args, 1)
+    with pytest.raises(ValueError, match="y_labels must have shape"):
+        mine(x, lx, y, ly[:5], *unit_args, 1)
+    with pytest.raises(TypeError, match="x_labels must be int64"):
+        mine(x, lx.int(), None, None, *unit_args, 1)
+    with pytest.raises(ValueError, match="given together"):
+        mine(x, lx, y, None, *unit_args, 1)
+    with pytest.raises(ValueError, match="k must be"):
+        mine(x, lx, None, None, *unit_args, -2)
+    with pytest.raises(ValueError, match="y must be a non-empty"):
+        mine(x, lx, torch.randn(7, 3), ly, *unit_args, 1)

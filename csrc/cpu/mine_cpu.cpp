@@ -10,6 +10,7 @@
 #include <limits>
 #include <mutex>
 
+#include "../op_checks.h"
 #include "cpu_tile.h"
 
 namespace pddm_ext::cpu {
@@ -146,6 +147,8 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
                          const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                          const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k) {
+  check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -170,6 +173,8 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
 MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels,
                               const std::optional<at::Tensor>& y_in, const std::optional<at::Tensor>& y_labels,
                               int64_t k) {
+  check_embeddings("pddm_ext::mine_euclidean", x_in, y_in);
+  check_mine_args("pddm_ext::mine_euclidean", x_in, x_labels, y_in, y_labels, k);
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../op_checks.h"
 #include "pddm_tile.cuh"
 
 namespace pddm_ext::cuda {
@@ -490,6 +491,8 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
                           const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                           const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
                           const at::Tensor& w_s, const at::Tensor& b_s, int64_t k) {
+  check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
@@ -529,6 +532,8 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
 MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_labels,
                                const std::optional<at::Tensor>& y_in, const std::optional<at::Tensor>& y_labels,
                                int64_t k) {
+  check_embeddings("pddm_ext::mine_euclidean", x_in, y_in);
+  check_mine_args("pddm_ext::mine_euclidean", x_in, x_labels, y_in, y_labels, k);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();

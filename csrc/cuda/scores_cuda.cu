@@ -14,6 +14,7 @@
 #include <array>
 #include <tuple>
 
+#include "../op_checks.h"
 #include "pddm_tile.cuh"
 
 namespace pddm_ext::cuda {
@@ -56,6 +57,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
 at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& W_u,
                        const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
                        const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s) {
+  check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
@@ -332,6 +334,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
                      const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                      const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
                      std::array<bool, 3> output_mask) {
+  check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const bool need_inputs = output_mask[0] || output_mask[1], need_params = output_mask[2];
