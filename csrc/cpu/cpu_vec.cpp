@@ -150,10 +150,10 @@ void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const double* A, int64_
 
 namespace {
 
-// Per-pair sums. An omp simd reduction ends with its lanes added one by one through the stack, a
-// long dependency chain that cost more than the loop itself at h = 128. Here each sum keeps one
-// partial per lane of a 64-byte vector (acc[l] for the elements k = l mod kLanes) and the lanes are
-// added as a tree at the end. The order is fixed, so equal inputs still give equal sums.
+// Per-pair sums. GCC ends an omp simd reduction by storing the vector and adding its lanes one by
+// one (a serial chain of 16 scalar adds per sum, several sums per pair at h = 128). Here each sum
+// keeps one partial per lane of a 64-byte vector (acc[l] for the elements k = l mod kLanes) and the
+// lanes are added as a tree at the end. The order is fixed, so equal inputs still give equal sums.
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
 
@@ -321,7 +321,7 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
 #define PDDM_DEFINE_VEC(T)                                                                                   \
   PDDM_CPU_CLONES __attribute__((optimize("no-tree-vectorize"))) T dot(const T* x, const T* y, int64_t d) {  \
     return dot_impl(x, y, d);                                                                                \
-  }                    \
+  }                                                                                                          \
   PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
     abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
   }                                                                                                          \
