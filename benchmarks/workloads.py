@@ -48,6 +48,7 @@ WORKLOAD_VARIANTS = {
     "bank_fwd_bwd": ("fused", "reference", "compiled"),
 }
 BANK_WORKLOADS = ("bank_mine", "bank_fwd_bwd")
+BACKWARD_WORKLOADS = ("scores_fwd_bwd", "scores_bwd_positives", "bank_fwd_bwd")  # forward + backward of a loss on S
 
 METRIC = {w: ("euclidean" if w == "batch_hard" else "pddm") for w in WORKLOADS}
 SAMPLES_PER_CLASS = 4
@@ -117,7 +118,7 @@ def useful_flops(cfg):
     if cfg.workload == "scores_bwd_positives":
         with_gradient = cfg.m * (SAMPLES_PER_CLASS + 1) // 2
         return flops + 2 * with_gradient * per_pair
-    return 3 * flops if cfg.workload in ("scores_fwd_bwd", "bank_fwd_bwd") else flops
+    return 3 * flops if cfg.workload in BACKWARD_WORKLOADS else flops
 
 
 # --- predicted extra peak memory (to skip what cannot fit) -------------------------------------
@@ -144,7 +145,7 @@ def _kind(cfg):
         return "euclidean"
     if cfg.workload == "scores_fwd":
         return "forward"
-    if cfg.workload in ("scores_fwd_bwd", "scores_bwd_positives", "bank_fwd_bwd"):
+    if cfg.workload in BACKWARD_WORKLOADS:
         return "fwd_bwd"
     return "mine"
 
@@ -223,7 +224,7 @@ def build_step(cfg, inputs, sync):
 
         return step
 
-    if w in ("scores_fwd_bwd", "scores_bwd_positives", "bank_fwd_bwd"):
+    if w in BACKWARD_WORKLOADS:
         x.requires_grad_(True)
         y = inputs.get("y")  # the bank (not trained) in reference mode
         if w == "scores_bwd_positives":

@@ -23,23 +23,28 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t, a
   TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
 }
 
+// x (m, d) float32/float64 and y (n, d) like it, or None: mine_euclidean checks only these.
+inline void check_embeddings(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& y) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, op, ": x must be a non-empty (m, d) matrix, got ",
+                    x.sizes());
+  if (y.has_value()) {
+    check_same_kind(op, "y", *y, x);
+    TORCH_CHECK_VALUE(y->dim() == 2 && y->size(0) > 0 && y->size(1) == x.size(1), op,
+                      ": y must be a non-empty (n, ", x.size(1), ") matrix like x, got ", y->sizes());
+  }
+}
+
 // x (m, d), y (n, d) or None, and the unit's parameters for d, h = W_u.size(0), c = W_c.size(0).
 inline void check_pddm_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& y,
                             const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v,
                             const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
                             const at::Tensor& w_s, const at::Tensor& b_s) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, op, ": x must be a non-empty (m, d) matrix, got ",
-                    x.sizes());
+  check_embeddings(op, x, y);
   TORCH_CHECK_VALUE(W_u.dim() == 2 && W_u.size(0) > 0, op, ": W_u must be an (h, d) matrix, got ", W_u.sizes());
   TORCH_CHECK_VALUE(W_c.dim() == 2 && W_c.size(0) > 0, op, ": W_c must be a (c, 2h) matrix, got ", W_c.sizes());
   const int64_t d = x.size(1), h = W_u.size(0), c = W_c.size(0);
-  if (y.has_value()) {
-    check_same_kind(op, "y", *y, x);
-    TORCH_CHECK_VALUE(y->dim() == 2 && y->size(0) > 0 && y->size(1) == d, op, ": y must be a non-empty (n, ", d,
-                      ") matrix like x, got ", y->sizes());
-  }
   const std::pair<const char*, const at::Tensor*> params[] = {{"W_u", &W_u}, {"b_u", &b_u}, {"W_v", &W_v},
                                                               {"b_v", &b_v}, {"W_c", &W_c}, {"b_c", &b_c},
                                                               {"w_s", &w_s}, {"b_s", &b_s}};
@@ -76,19 +81,6 @@ inline void check_mine_args(const char* op, const at::Tensor& x, const at::Tenso
   check_labels("x_labels", x_labels, x.size(0));
   if (y_labels.has_value()) check_labels("y_labels", *y_labels, y->size(0));
   TORCH_CHECK_VALUE(k >= -1, op, ": k must be -1 (all pairs) or >= 0, got ", k);
-}
-
-// mine_euclidean has no unit: x and y alone.
-inline void check_embeddings(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& y) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, op, ": x must be a non-empty (m, d) matrix, got ",
-                    x.sizes());
-  if (y.has_value()) {
-    check_same_kind(op, "y", *y, x);
-    TORCH_CHECK_VALUE(y->dim() == 2 && y->size(0) > 0 && y->size(1) == x.size(1), op,
-                      ": y must be a non-empty (n, ", x.size(1), ") matrix like x, got ", y->sizes());
-  }
 }
 
 }  // namespace pddm_ext
