@@ -27,9 +27,10 @@ import time
 import torch
 
 import pddm_ext
-from pddm_ext.data import PKSampler, load_dataset
-from pddm_ext.evaluate import embed, recall_at_k
-from pddm_ext.models import SmallCNN
+from pddm_ext import PKSampler
+from pddm_ext.app.datasets import load_dataset
+from pddm_ext.app.evaluate import embed, recall_at_k
+from pddm_ext.app.models import SmallCNN
 
 EMBEDDING_DIM = 64
 STEPS_PER_EPOCH = 10  # batches drawn at random from the training classes

@@ -1,16 +1,27 @@
 """pddm_ext: fused PDDM scoring and hard-quadruplet mining for PyTorch.
 
-The contract is SPEC.md: ``PDDM``, ``pddm_scores``, ``mine_hard``, ``batch_hard``, ``PDDMLoss``;
-``pddm_ext.reference`` is the plain PyTorch oracle of every op. For existing trainers:
-``PDDMMiner`` (a pytorch-metric-learning miner), ``MemoryBank`` (mining against past batches) and
-``pddm_ext.distributed`` (mining over the global batch under torch.distributed).
+Three layers, each depending only on the ones before it:
+
+* the core library (this package's top level): the ops (``ops``), ``PDDM``, ``pddm_scores``,
+  ``mine_hard``, ``batch_hard``, ``PDDMLoss``, the ``PKSampler`` (``pddm_ext.sampler``) and
+  ``pddm_ext.reference``, the plain PyTorch oracle of every op;
+* trainer integrations (``pddm_ext.integrations``): ``PDDMMiner`` (a pytorch-metric-learning miner),
+  ``MemoryBank`` (mining against past batches) and ``distributed`` (mining over the global batch
+  under torch.distributed);
+* the training application (``pddm_ext.app``): ``pddm-ext train`` / ``compare``, its datasets,
+  models and retrieval evaluation.
+
+``import pddm_ext`` loads the core only; the other layers' public names (``pddm_ext.PDDMMiner``,
+``pddm_ext.MemoryBank``, ``pddm_ext.distributed``, ``pddm_ext.data``) are imported on first use.
 """
 
+import importlib
+
 from . import ops  # noqa: F401  (registers the ops, their fake kernels and autograd)
-from . import data, distributed, reference
+from . import reference
 from .functional import Quadruplets, batch_hard, mine_hard, pair_scores, pddm_scores
-from .memory import MemoryBank
 from .modules import PDDM, PDDMLoss
+from .sampler import PKSampler
 
 __version__ = "0.1.0"
 
@@ -19,6 +30,7 @@ __all__ = [
     "PDDM",
     "PDDMLoss",
     "PDDMMiner",
+    "PKSampler",
     "Quadruplets",
     "batch_hard",
     "data",
@@ -29,12 +41,22 @@ __all__ = [
     "reference",
 ]
 
+# name -> (module, attribute or None for the module itself), imported on first use: PDDMMiner
+# subclasses pytorch-metric-learning's BaseMiner (importing PML costs about half a second), and the
+# other layers must not load with the core.
+_LAZY = {
+    "PDDMMiner": ("pddm_ext.integrations.miners", "PDDMMiner"),
+    "MemoryBank": ("pddm_ext.integrations.memory", "MemoryBank"),
+    "distributed": ("pddm_ext.distributed", None),
+    "data": ("pddm_ext.data", None),
+    "integrations": ("pddm_ext.integrations", None),
+    "app": ("pddm_ext.app", None),
+}
+
 
 def __getattr__(name):
-    # PDDMMiner subclasses pytorch-metric-learning's BaseMiner when PML is installed: importing PML
-    # costs about half a second, so it happens on first use, not on `import pddm_ext`.
-    if name == "PDDMMiner":
-        from .miners import PDDMMiner
-
-        return PDDMMiner
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attribute is None else getattr(module, attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -120,7 +120,7 @@ class PDDMLoss(nn.Module):
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
                  lam=0.5, k=1, normalize=True, memory=None, distributed=False):
         super().__init__()
-        from .memory import MemoryBank
+        from .integrations.memory import MemoryBank
 
         self.unit = PDDM(embedding_dim, hidden_features, joint_features)
         self.alpha, self.beta, self.lam = float(alpha), float(beta), float(lam)
@@ -156,7 +156,7 @@ class PDDMLoss(nn.Module):
             f_ref = f if ref_emb is None else f_ref
             return self._triplet_loss(f, f_ref, indices_tuple, embeddings)
         if self.distributed:
-            from . import distributed as D
+            from .integrations import distributed as D
 
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
             # gradient by the world size makes DDP's average equal the single-process gradient.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pddm_ext import data
+from pddm_ext.app import datasets as data
 
 matplotlib = pytest.importorskip("matplotlib")
 pytest.importorskip("PIL")

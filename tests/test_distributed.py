@@ -96,7 +96,7 @@ def worker(out_dir):
 
     # The training loop inside a process group the caller made (it stays up), with a loss that has
     # no parameters (no DDP around it): rank 0 alone writes.
-    from pddm_ext.cli import main
+    from pddm_ext.app.cli import main
 
     assert main(["train", "--dataset", "digits", "--loss", "batch-hard", "--epochs", "1", "--batches-per-epoch", "2",
                  "--threads", "1", "--quiet", "--out", os.path.join(out_dir, "batch-hard")]) == 0

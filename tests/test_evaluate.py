@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pddm_ext import evaluate as ev
+from pddm_ext.app import evaluate as ev
 
 pytest.importorskip("sklearn")
 

@@ -215,7 +215,7 @@ def test_without_pml_the_miner_is_a_plain_callable(monkeypatch):
     for name in [m for m in sys.modules if m.startswith("pytorch_metric_learning")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "pytorch_metric_learning", None)  # import now raises ImportError
-    Miner = pddm_ext.miners._miner_class()
+    Miner = pddm_ext.integrations.miners._miner_class()
     assert not issubclass(Miner, torch.nn.Module)
     x, labels = pk_batch(seed=7)
     unit = unit_for(8, seed=7)

@@ -11,9 +11,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from pddm_ext import data  # noqa: E402
-from pddm_ext.cli import main  # noqa: E402
-from pddm_ext.train import LOSSES, ConfigError, TrainConfig, train  # noqa: E402
+from pddm_ext.app import datasets as data  # noqa: E402
+from pddm_ext.app.cli import main  # noqa: E402
+from pddm_ext.app.train import LOSSES, ConfigError, TrainConfig, train  # noqa: E402
 
 TIMING = ("epoch_time", "train_time")
 
@@ -92,8 +92,8 @@ def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path,
 
 
 def test_unit_lr_puts_the_pddm_unit_in_its_own_param_group():
-    from pddm_ext.models import build_model
-    from pddm_ext.train import build_loss, build_optimizer
+    from pddm_ext.app.models import build_model
+    from pddm_ext.app.train import build_loss, build_optimizer
 
     model, _ = build_model((1, 8, 8), 16)
     loss_fn = build_loss(TrainConfig(dataset="digits", embedding_dim=16), 5)
@@ -107,7 +107,7 @@ def test_unit_lr_puts_the_pddm_unit_in_its_own_param_group():
 
 
 def test_compare_reuses_runs_saved_before_an_option_existed(digits, tmp_path):
-    from pddm_ext.compare import _finished
+    from pddm_ext.app.compare import _finished
 
     cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1, out=str(tmp_path / "old"))
     result = train(cfg, progress=False, split=digits)
@@ -132,7 +132,7 @@ def test_cli_train_prints_the_table(tmp_path, capsys):
 
 
 def test_compare_writes_table_plot_and_json(digits, tmp_path):
-    from pddm_ext.compare import run_all
+    from pddm_ext.app.compare import run_all
 
     base = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=2, threads=1)
     out = tmp_path / "cmp"

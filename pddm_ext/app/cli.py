@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 
-from .data import DatasetError
+from .datasets import DatasetError
 from .train import LOSSES, ConfigError, TrainConfig
 
 DEFAULTS = TrainConfig()

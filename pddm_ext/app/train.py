@@ -42,12 +42,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as data_mod
-from . import distributed as dist_
+from ..functional import batch_hard, mine_hard
+from ..integrations import distributed as dist_
+from ..modules import PDDM, PDDMLoss
+from . import datasets as data_mod
 from . import evaluate as ev
-from .functional import batch_hard, mine_hard
 from .models import build_model, torchvision_available
-from .modules import PDDM, PDDMLoss
 
 LOSSES = ("pddm", "pddm-triplet", "batch-hard", "triplet-random")
 CHECKPOINT = "checkpoint.pt"

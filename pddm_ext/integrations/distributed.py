@@ -33,7 +33,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import _validate as V
+from .. import _validate as V
 
 
 def is_distributed():

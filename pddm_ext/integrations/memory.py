@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as V
+from .. import _validate as V
 
 
 class MemoryBank:

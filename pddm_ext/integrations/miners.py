@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _validate as V
-from .functional import batch_hard, mine_hard
+from .. import _validate as V
+from ..functional import batch_hard, mine_hard
 
 MODES = ("mine_hard", "batch_hard")
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pddm_ext import data as data_mod
-from pddm_ext import evaluate as ev
-from pddm_ext.functional import mine_hard
-from pddm_ext.models import build_model
-from pddm_ext.modules import PDDMLoss
-from pddm_ext.train import seed_everything
+from pddm_ext.app import datasets as data_mod
+from pddm_ext.app import evaluate as ev
+from pddm_ext import mine_hard
+from pddm_ext.app.models import build_model
+from pddm_ext import PDDMLoss
+from pddm_ext.app.train import seed_everything
 
 
 def run(split, seed, *, epochs=5, batches=50, k=8, mine_k=140, metric="euclidean"):

@@ -25,9 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pddm_ext import data as data_mod
-from pddm_ext.models import build_model
-from pddm_ext.train import TrainConfig, build_loss, build_optimizer, seed_everything
+from pddm_ext.app import datasets as data_mod
+from pddm_ext.app.models import build_model
+from pddm_ext.app.train import TrainConfig, build_loss, build_optimizer, seed_everything
 
 CONFIGS = {  # name -> TrainConfig overrides (on top of the compare settings)
     "default (lr 1e-3, mine_k P K/2, beta 1)": {},
