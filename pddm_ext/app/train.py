@@ -39,6 +39,7 @@ import torch.nn as nn
 from ..integrations import distributed as dist_
 from . import datasets as data_mod
 from . import evaluate as ev
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
 from .losses import LOSSES, EuclideanTripletLoss, PDDMTripletLoss, batch_stats, build_loss  # noqa: F401
 from .models import build_model, torchvision_available
 CHECKPOINT = "checkpoint.pt"
@@ -161,30 +162,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state(sampler):
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                 sampler=sampler.generator.get_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, sampler):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    sampler.generator.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -268,7 +245,7 @@ class Run:
     def _load_checkpoint(self, cfg):
         if not os.path.exists(self.ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}")
-        return torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        return load_checkpoint(self.ckpt_path)  # weights_only=True; CheckpointError naming the file
 
     def setup(self, split, checkpoint, progress):
         cfg = self.cfg
@@ -300,7 +277,7 @@ class Run:
             self.model.load_state_dict(checkpoint["model"])
             self.loss_fn.load_state_dict(checkpoint["loss"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            set_rng_state(checkpoint["rng"], self.sampler)
+            set_rng_state(checkpoint["rng"], self.sampler.generator)
             self.history, self.start_epoch = checkpoint["history"], checkpoint["epoch"]
             self.train_time, floor = checkpoint["train_time"], checkpoint["floor"]
         if floor is None:
@@ -370,7 +347,7 @@ class Run:
         if not self.is_main:
             return
         save_atomic(dict(model=self.model.state_dict(), loss=self.loss_fn.state_dict(),
-                         optimizer=self.optimizer.state_dict(), epoch=entry["epoch"], rng=rng_state(self.sampler),
+                         optimizer=self.optimizer.state_dict(), epoch=entry["epoch"], rng=rng_state(self.sampler.generator),
                          config=dataclasses.asdict(self.cfg), history=self.history, train_time=self.train_time,
                          floor=self.floor, dataset=self.info), self.ckpt_path)
         with open(os.path.join(self.out, LOG), "a") as f:
