@@ -36,6 +36,8 @@ def test_two_epochs_on_digits_learn(digits, tmp_path):
     assert last["recall@1"] > 0.6
     assert last["recall@8"] >= last["recall@4"] >= last["recall@2"] >= last["recall@1"]
     assert 0.0 < last["nmi"] <= 1.0
+    assert 0.0 < last["r_precision"] <= 1.0 and 0.0 < last["map@r"] <= last["r_precision"]  # MAP@R <= R-Precision
+    assert {"map@r", "r_precision"} <= set(result["floor"])
     assert first["mining"]["tuples"] > 0 and "s_pos" in first["mining"]
     out = tmp_path / "run"
     lines = (out / "log.jsonl").read_text().splitlines()
@@ -127,7 +129,7 @@ def test_cli_train_prints_the_table(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "2", "--threads", "1",
                  "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "R@1" in printed and "raw pixels" in printed
+    assert "R@1" in printed and "MAP@R" in printed and "RP" in printed and "raw pixels" in printed
     assert (out / "checkpoint.pt").exists()
 
 
@@ -141,6 +143,7 @@ def test_compare_writes_table_plot_and_json(digits, tmp_path):
     assert len(summary["losses"]["pddm"]["recall1_mean"]) == 2
     table = (out / "results.md").read_text()
     assert "| pddm |" in table and "| batch-hard |" in table and "±" in table
+    assert "| MAP@R | RP |" in table and set(summary["losses"]["pddm"]["final"]) >= {"map@r", "r_precision"}
     assert json.loads((out / "results.json").read_text())["dataset"]["name"] == "digits"
     assert (out / "convergence.png").stat().st_size > 0
     # a rerun reuses the finished runs

@@ -190,16 +190,33 @@ def plot_recall(history, floor, path, title):
     os.replace(tmp, path)
 
 
+# The retrieval metrics of the summary table and the per-epoch line: log key -> column title.
+METRIC_TITLES = {"recall@1": "R@1", "recall@2": "R@2", "recall@4": "R@4", "recall@8": "R@8",
+                 "map@r": "MAP@R", "r_precision": "RP", "nmi": "NMI"}
+
+
+def _cell(row, key, width=6):
+    value = row.get(key)
+    return f"{value:>{width}.3f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"  # a run from before the metric
+
+
 def format_table(history, floor):
-    """The final table: one row per epoch and the raw-pixel floor."""
-    cols = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi"]
-    head = f"{'epoch':>5} {'loss':>8} " + " ".join(f"{c.upper().replace('RECALL', 'R'):>6}" for c in cols) + f" {'time s':>7}"
+    """The final table: one row per epoch (loss, Recall@K, MAP@R, R-Precision, NMI, time) and the
+    raw-pixel floor."""
+    head = f"{'epoch':>5} {'loss':>8} " + " ".join(f"{t:>6}" for t in METRIC_TITLES.values()) + f" {'time s':>7}"
     lines = [head, "-" * len(head)]
     for h in history:
-        lines.append(f"{h['epoch']:>5} {h['loss']:>8.4f} " + " ".join(f"{h[c]:>6.3f}" for c in cols)
+        lines.append(f"{h['epoch']:>5} {h['loss']:>8.4f} " + " ".join(_cell(h, c) for c in METRIC_TITLES)
                      + f" {h['train_time']:>7.1f}")
-    lines.append(f"{'raw pixels':>14} " + " ".join(f"{floor[c]:>6.3f}" for c in cols))
+    lines.append(f"{'raw pixels':>14} " + " ".join(_cell(floor, c) for c in METRIC_TITLES))
     return "\n".join(lines)
+
+
+def format_epoch(entry):
+    """The per-epoch summary line (printed after every epoch, on a terminal or not)."""
+    metrics = "  ".join(f"{METRIC_TITLES[c]} {entry[c]:.3f}" for c in ("recall@1", "recall@8", "map@r", "r_precision", "nmi")
+                        if c in entry)
+    return f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {metrics}  ({entry['epoch_time']:.1f} s)"
 
 
 def prepare(cfg):
@@ -352,8 +369,7 @@ class Run:
                          floor=self.floor, dataset=self.info), self.ckpt_path)
         with open(os.path.join(self.out, LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
-        self.say(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  R@1 {entry['recall@1']:.3f}  "
-                 f"R@8 {entry['recall@8']:.3f}  NMI {entry['nmi']:.3f}  ({entry['epoch_time']:.1f} s)")
+        self.say(format_epoch(entry))
 
     def finish(self):
         """Rank 0 draws the plot and writes result.json; the process group started here is closed.
