@@ -1,8 +1,10 @@
 """The training loop end to end on scikit-learn's 8x8 digits: learning, exact resume, bad configs."""
 
 import dataclasses
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -232,3 +234,30 @@ def test_checkpoint_holds_only_tensors_and_plain_values(good_checkpoint, tmp_pat
     path.write_bytes(good_checkpoint)
     ckpt = torch.load(path, weights_only=True)  # raises if anything else were inside
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "sampler"}
+
+
+# --- logs off a terminal (issue 16 item 5) ---------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_summary_lines_always(digits, tmp_path, capsys, monkeypatch):
+    cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "a")), progress=True, split=digits)
+    err = capsys.readouterr().err  # pytest's capture: not a terminal
+    assert "\r" not in err and "it/s" not in err
+    assert [line.split(":")[0] for line in err.splitlines() if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    assert "MAP@R" in err
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=True, split=digits)
+    shown = terminal.getvalue()
+    assert "\r" in shown and "epoch 1/2" in shown  # tqdm's bar
+    assert [line for line in shown.replace("\r", "\n").splitlines() if line.startswith("epoch 2: loss")]
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "c")), progress=False, split=digits)  # --quiet
+    assert "\r" not in quiet.getvalue() and "epoch 2: loss" in quiet.getvalue()

@@ -45,7 +45,7 @@ def _common(parser):
     parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
     parser.add_argument("--image-size", type=int, default=None, help="folder: image side (default 224 or 64)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway; the per-epoch summary lines always are)")
 
 
 def _config(args, **extra):

@@ -2,10 +2,10 @@
 half of the classes, evaluated by retrieval on the other half after every epoch.
 
 ``train(TrainConfig(...))`` is what ``pddm-ext train`` runs: a :class:`Run` (setup, then per epoch
-``train_epoch`` / ``evaluate`` / ``save``, then ``finish``). Each epoch shows a progress bar with
-the loss and the mining statistics, appends a line to ``<out>/log.jsonl``, writes
-``<out>/checkpoint.pt`` atomically (model, PDDM unit, optimiser, epoch, every RNG state, config)
-and prints a summary line; at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
+``train_epoch`` / ``evaluate`` / ``save``, then ``finish``). Each epoch shows a progress bar (only
+when stderr is a terminal) with the loss and the mining statistics, prints a summary line (always), appends a line to ``<out>/log.jsonl``, writes
+``<out>/checkpoint.pt`` atomically (model, PDDM unit, optimiser, epoch, every RNG state, config);
+at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
 ``resume=True`` continues from the checkpoint and gives the same numbers as an uninterrupted run.
 
 The losses (``loss=``: pddm, pddm-triplet, batch-hard, triplet-random) are built in
@@ -274,7 +274,7 @@ class Run:
         self.split = split
         device, world = _distribute.init(resolve_device(cfg.device))
         self.device, self.world, self.is_main = device, world, dist_.rank() == 0
-        self.progress = progress and self.is_main
+        self.progress = progress and self.is_main  # progress bars (on a terminal only)
         self.p = cfg.p or min(8, split.num_train_classes)
         if device.type == "cpu" or cfg.threads:
             torch.set_num_threads(cfg.threads or 1)
@@ -313,7 +313,8 @@ class Run:
             self.say(f"resuming after epoch {self.start_epoch} of {cfg.epochs}")
 
     def say(self, msg):
-        if self.progress:
+        """A status line on stderr (rank 0; with or without progress bars, on a terminal or not)."""
+        if self.is_main:
             print(msg, file=sys.stderr, flush=True)
 
     def epochs(self):
@@ -331,7 +332,8 @@ class Run:
         self.model.train()
         losses, stats_sum, stats_n = [], {}, {}
         t0 = time.perf_counter()
-        bar = _progress_bar(self.batches(), len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
+        batches = self.batches()
+        bar = _progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device)
             loss = self.train_loss(self.train_model(x), y)
@@ -342,7 +344,7 @@ class Run:
             for key, value in batch_stats(self.loss_fn).items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value
                 stats_n[key] = stats_n.get(key, 0) + 1
-            if self.progress:
+            if bar is not batches:
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}",
                                 tuples=stats_sum.get("tuples", 0) / max(1, stats_n.get("tuples", 1)), refresh=False)
         epoch_time = time.perf_counter() - t0
@@ -432,9 +434,20 @@ class _distribute:
             dist_.close()
 
 
-def _progress_bar(iterable, total, desc, enabled):
-    if not enabled:
+def _progress_bar(iterable, total, desc, enabled, stream=None):
+    """A tqdm bar over ``iterable`` when ``enabled`` and ``stream`` (default stderr) is a terminal; else
+    ``iterable`` itself: off a terminal (CI logs, nohup, ``> log``) the per-epoch summary lines are the
+    whole progress report, instead of a carriage-return update per batch."""
+    stream = sys.stderr if stream is None else stream
+    if not enabled or not _is_terminal(stream):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=stream)
+
+
+def _is_terminal(stream):
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
