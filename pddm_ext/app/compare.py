@@ -54,8 +54,9 @@ def _finished(cfg):
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
     saved = {**dataclasses.asdict(type(cfg)()), **result["config"]}
-    same = {k: v for k, v in saved.items() if k not in ("out", "device", "threads")} == {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "threads")}
+    runtime = type(cfg).RUNTIME_FIELDS
+    same = {k: v for k, v in saved.items() if k not in runtime} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
     return result if same and len(result["history"]) == cfg.epochs else None
 
 

@@ -77,6 +77,11 @@ class TrainConfig:
     # CPU threads for torch. Default 1: the small CNN gains little from more, and on a shared
     # machine extra OpenMP threads spin-wait for busy cores (measured 10-20x slower epochs).
     threads: int | None = None
+    pretrained: bool = False  # resnet18: ImageNet weights (torchvision's download, or its local cache)
+    tensorboard: str | None = None  # a folder for TensorBoard event files of the per-epoch metrics (output only)
+
+    # fields that say where and how a run executes, not what it computes: a resume may change them
+    RUNTIME_FIELDS = ("out", "device", "threads", "tensorboard")
 
     def resolved_out(self):
         if self.out:
@@ -119,11 +124,40 @@ def check_config(cfg):
         raise ConfigError(f"unit_lr must be > 0, got {cfg.unit_lr}")
     if cfg.backbone not in ("auto", "small", "resnet18"):
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
+    if cfg.tensorboard is not None:
+        tensorboard_writer_class()  # ConfigError when tensorboard is not installed
+    if cfg.pretrained and cfg.backbone == "small":
+        raise ConfigError("--pretrained needs --backbone resnet18 (or auto with a folder: dataset); the small CNN has no pretrained weights")
     if cfg.backbone == "resnet18" and not torchvision_available():
         raise ConfigError("backbone resnet18 needs torchvision, which is not importable here (use --backbone small)")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
+
+
+TENSORBOARD_HINT = ("pip install tensorboard (from a checkout: pip install --no-build-isolation '.[tensorboard]'; "
+                    "the published package: pip install 'pddm-ext[tensorboard]')")
+
+
+def tensorboard_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or ConfigError saying how to install tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch.utils.tensorboard imports the tensorboard package
+        raise ConfigError(f"--tensorboard needs the tensorboard package, which is not importable here ({exc}); "
+                          f"{TENSORBOARD_HINT}") from None
+    return SummaryWriter
+
+
+def scalars(entry, prefix=""):
+    """(tag, value) for every number in a log entry, nested dicts as ``group/key`` (e.g. ``loss``,
+    ``recall@1``, ``mining/tuples``); the epoch and booleans are left out."""
+    for key, value in entry.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from scalars(value, f"{tag}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            yield tag, float(value)
 
 
 def resolve_device(name):
@@ -255,7 +289,7 @@ class Run:
         if checkpoint is not None:
             # a resumed run keeps its configuration; only the epoch budget, device and threads may change
             cfg = dataclasses.replace(TrainConfig(**checkpoint["config"]), epochs=cfg.epochs, device=cfg.device,
-                                      threads=cfg.threads, out=self.out)
+                                      threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
         self.cfg, self.resume = cfg, resume
         self.setup(split, checkpoint, progress)
 
@@ -280,7 +314,8 @@ class Run:
             torch.set_num_threads(cfg.threads or 1)
 
         seed_everything(cfg.seed)
-        self.model, self.model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone)
+        self.model, self.model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone,
+                                                  pretrained=cfg.pretrained)
         self.loss_fn = build_loss(cfg, self.p)
         self.model.to(device)
         self.loss_fn.to(device)
@@ -303,8 +338,11 @@ class Run:
             split.__dict__["_pixel_floor"] = floor
         self.floor = floor
         self.info = dict(split.info)
+        self.tensorboard = None
         if self.is_main:
             os.makedirs(self.out, exist_ok=True)
+            if cfg.tensorboard is not None:  # one scalar per number of the log line, step = epoch
+                self.tensorboard = tensorboard_writer_class()(log_dir=cfg.tensorboard, purge_step=self.start_epoch + 1)
             write_text_atomic(os.path.join(self.out, LOG), "".join(json.dumps(h) + "\n" for h in self.history))
         self.say(f"{cfg.dataset}: {len(split.train)} training images ({split.num_train_classes} classes), "
                  f"{len(split.test)} test images; model {self.model_desc}, loss {cfg.loss}, P={self.p} K={cfg.k}, "
@@ -371,6 +409,10 @@ class Run:
                          floor=self.floor, dataset=self.info), self.ckpt_path)
         with open(os.path.join(self.out, LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.tensorboard is not None:
+            for tag, value in scalars(entry):
+                self.tensorboard.add_scalar(tag, value, global_step=entry["epoch"])
+            self.tensorboard.flush()
         self.say(format_epoch(entry))
 
     def finish(self):
@@ -385,6 +427,8 @@ class Run:
                 plot_recall(self.history, self.floor, os.path.join(self.out, PLOT),
                             f"{cfg.dataset}, loss {cfg.loss}, seed {cfg.seed}")
             write_text_atomic(os.path.join(self.out, "result.json"), json.dumps(result, indent=1))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         _distribute.close(self.world)
         return result
 
