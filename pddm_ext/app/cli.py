@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 
+from . import extra_hint, missing_train_extra
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
 from .models import ModelError
@@ -79,6 +80,10 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
+        missing = missing_train_extra()
+        if missing:
+            raise ConfigError(f"pddm-ext {args.command} needs the train extra ({', '.join(missing)} missing); "
+                              f"{extra_hint('train')}")
         if args.command == "train":
             from .train import format_table, train
 

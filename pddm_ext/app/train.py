@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..integrations import distributed as dist_
+from . import extra_hint
 from . import datasets as data_mod
 from . import evaluate as ev
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
@@ -129,14 +130,15 @@ def check_config(cfg):
     if cfg.pretrained and cfg.backbone == "small":
         raise ConfigError("--pretrained needs --backbone resnet18 (or auto with a folder: dataset); the small CNN has no pretrained weights")
     if cfg.backbone == "resnet18" and not torchvision_available():
-        raise ConfigError("backbone resnet18 needs torchvision, which is not importable here (use --backbone small)")
+        raise ConfigError("backbone resnet18 needs torchvision built for this torch, which is not importable here: "
+                          "pip install the torchvision release that matches your torch (see pytorch.org), "
+                          "or use --backbone small")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
 
 
-TENSORBOARD_HINT = ("pip install tensorboard (from a checkout: pip install --no-build-isolation '.[tensorboard]'; "
-                    "the published package: pip install 'pddm-ext[tensorboard]')")
+TENSORBOARD_HINT = f"pip install tensorboard ({extra_hint('tensorboard')})"
 
 
 def tensorboard_writer_class():
