@@ -3,16 +3,75 @@
 One wrapper per op, plus what ``torch.compile`` and autograd need: a fake (meta) kernel for each
 op and the fused backward of ``scores`` registered with ``torch.library.register_autograd``.
 The wrappers take validated, contiguous-or-not tensors of one float dtype (float32/float64);
-public entry points (``functional.py``) validate first (SPEC §6).
+public entry points (``functional.py``) validate first (docs/design.md, "Errors").
+
+``METRICS`` is the one table of mining metrics: name -> fused op -> reference score function.
+A new metric touches the schema (csrc/pddm_ext.cpp), its kernels, a row of this table, its
+reference function (``pddm_ext.reference``) and its tests; everything else looks it up here.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and kernels)
+from . import reference
 
 _ops = torch.ops.pddm_ext
+
+
+class MineResult(NamedTuple):
+    """The fused mining op's outputs (docs/design.md, "Mining"), for m queries, n references and
+    q mined pairs. Indices are int64, -1 meaning "no candidate" (its score is then meaningless);
+    scores have the compute dtype.
+
+    - ``hardest_positive`` (m,), ``hardest_positive_score`` (m,): argmin / min of S over row i's
+      positive pairs;
+    - ``hardest_negative`` (m,), ``hardest_negative_score`` (m,): argmax / max of S over the
+      references whose label differs from the query's;
+    - ``hardest_negative_of_ref`` (n,), ``hardest_negative_of_ref_score`` (n,): argmax / max of S over
+      the queries whose label differs from reference r's;
+    - ``pair_query`` (q,), ``pair_ref`` (q,), ``pair_score`` (q,): the ``k`` lowest-scoring positive
+      pairs (i, r) by ascending S, ties by (i, r) ascending (batch mode: i < r).
+    """
+
+    hardest_positive: torch.Tensor
+    hardest_positive_score: torch.Tensor
+    hardest_negative: torch.Tensor
+    hardest_negative_score: torch.Tensor
+    hardest_negative_of_ref: torch.Tensor
+    hardest_negative_of_ref_score: torch.Tensor
+    pair_query: torch.Tensor
+    pair_ref: torch.Tensor
+    pair_score: torch.Tensor
+
+
+class Metric(NamedTuple):
+    """A row of ``METRICS``: how to mine with a metric and how the reference computes it.
+
+    ``mine(x, x_labels, y, y_labels, params, k)`` calls the fused op (``params`` is the unit's
+    parameter tuple, or None when ``uses_unit`` is false); ``reference_scores(x, y, params)`` is the
+    plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
+
+    mine: Callable
+    reference_scores: Callable
+    uses_unit: bool
+
+
+METRICS = {
+    "pddm": Metric(
+        mine=lambda x, lx, y, ly, params, k: _ops.mine_pddm(x, lx, y, ly, *params, k),
+        reference_scores=reference.SCORE_MATRICES["pddm"],
+        uses_unit=True,
+    ),
+    "euclidean": Metric(
+        mine=lambda x, lx, y, ly, params, k: _ops.mine_euclidean(x, lx, y, ly, k),
+        reference_scores=reference.SCORE_MATRICES["euclidean"],
+        uses_unit=False,
+    ),
+}
 
 
 def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
@@ -20,15 +79,16 @@ def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
     return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)
 
 
-def mine(x, x_labels, y, y_labels, params, k):
-    """Fused per-row/column reductions and the k lowest positive pairs (SPEC §3).
+def mine(x, x_labels, y, y_labels, params, k, metric=None):
+    """Fused per-row/column reductions and the k lowest positive pairs, as a :class:`MineResult`.
 
-    ``params=None`` selects the Euclidean metric. ``k``: -1 all pairs, 0 none.
-    Returns the 9 tensors documented in csrc/pddm_ext.cpp.
+    ``metric``: a name in ``METRICS`` (default: "pddm" when ``params`` is given, else "euclidean").
+    ``k``: -1 all pairs, 0 none. Inputs must be valid (no checks here beyond the kernels' own
+    structural ones): x (m, d), y (n, d) or None (batch mode), int64 labels, one float dtype.
     """
-    if params is None:
-        return _ops.mine_euclidean(x, x_labels, y, y_labels, k)
-    return _ops.mine_pddm(x, x_labels, y, y_labels, *params, k)
+    if metric is None:
+        metric = "euclidean" if params is None else "pddm"
+    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k))
 
 
 # --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------

@@ -1,8 +1,8 @@
-"""Plain PyTorch reference of every pddm_ext op (SPEC §1, §3, §4).
+"""Plain PyTorch reference of every pddm_ext op (docs/design.md), and the one home of its formulas.
 
 Everything here materialises all pairs and relies on ordinary autograd. It is the oracle
 for the tests and the "naive" side of the benchmarks, so it stays short enough to check by
-eye against the equations:
+eye against the equations (Huang, Loy, Tang, NIPS 2016, Sec. 3.1, Fig. 2):
 
     u  = |a - b|                  v  = (a + b) / 2
     u' = relu(W_u normalize(u) + b_u)
@@ -12,14 +12,26 @@ eye against the equations:
 
 Parameters are passed as a tuple ``(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)`` or as a
 ``PDDM`` module (anything with those attributes).
+
+The formulas are written once, here: ``pair_scores`` (the PDDM score S), ``hinge`` and
+``squared_distance`` (the loss terms, paper Eq. 5-7) are also what ``PDDMLoss`` differentiates. This
+module imports nothing from the code it checks: its results are plain tuples and tensors.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 
 PARAM_NAMES = ("W_u", "b_u", "W_v", "b_v", "W_c", "b_c", "w_s", "b_s")
+
+# mine_hard's result: the fields of pddm_ext.Quadruplets (a plain namedtuple, so the oracle stays
+# independent of the code it checks).
+ReferenceQuadruplets = namedtuple(
+    "ReferenceQuadruplets", ["anchor", "positive", "anchor_negative", "positive_negative", "scores", "batch_mode"]
+)
 
 
 def _params(unit):
@@ -29,7 +41,7 @@ def _params(unit):
 
 
 def pair_scores(a, b, unit):
-    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,)."""
+    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,); any p >= 0. Differentiable."""
     W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = _params(unit)
     u = (a - b).abs()
     v = (a + b) / 2
@@ -55,14 +67,26 @@ def euclidean_scores(x, y=None):
     return -((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
 
 
+def hinge(margin, s_positive, s_negative):
+    """[margin + s_negative - s_positive]_+, elementwise: the hinge of paper Eq. 5-6 (metric loss,
+    on PDDM scores) and Eq. 7 (embedding loss, on negated squared distances)."""
+    return torch.relu(margin + s_negative - s_positive)
+
+
+def squared_distance(a, b):
+    """|a[t] - b[t]|^2 for row-aligned pairs: (p, d), (p, d) -> (p,)."""
+    return ((a - b) ** 2).sum(-1)
+
+
+SCORE_MATRICES = {"pddm": pddm_scores, "euclidean": lambda x, y, unit: euclidean_scores(x, y)}
+
+
 def _score_matrix(x, y, unit, metric):
-    if metric == "euclidean":
-        return euclidean_scores(x, y)
-    return pddm_scores(x, y, unit)
+    return SCORE_MATRICES[metric](x, y, unit)
 
 
 def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
-    """Per-row reductions of SPEC §3 from the full score matrix.
+    """Per-row reductions (docs/design.md, "Mining") from the full score matrix.
 
     Returns ``(S, positive_mask, hardest_positive, hardest_negative, hardest_negative_of_ref)``;
     a row or column without a candidate gets -1. argmax/argmin return the first optimum,
@@ -89,9 +113,9 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
 
 
 def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None):
-    """Hard quadruplets of SPEC §3 from the full score matrix. Returns ``Quadruplets``."""
-    from .functional import Quadruplets
+    """Hard quadruplets (docs/design.md, "Mining") from the full score matrix.
 
+    Returns a ``ReferenceQuadruplets`` with the fields of ``pddm_ext.Quadruplets``."""
     with torch.no_grad():
         S, positive, _, neg, neg_ref = hardest(
             embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
@@ -108,11 +132,11 @@ def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=No
         i, r = i[keep], r[keep]
         a_neg, p_neg = neg[i], neg_ref[r]
         scores = torch.stack([S[i, r], S[i, a_neg], S[p_neg, r]], dim=1)
-    return Quadruplets(i, r, a_neg, p_neg, scores, batch_mode=batch_mode)
+    return ReferenceQuadruplets(i, r, a_neg, p_neg, scores, batch_mode)
 
 
 def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
-    """Per-query hardest triplets ``(i, hardest_positive[i], hardest_negative[i])`` (SPEC §3)."""
+    """Per-query hardest triplets ``(i, hardest_positive[i], hardest_negative[i])`` (docs/design.md)."""
     with torch.no_grad():
         _, _, pos, neg, _ = hardest(
             embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
@@ -122,7 +146,8 @@ def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, 
 
 
 def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, normalize=True):
-    """The loss of SPEC §4, written out: returns ``(loss, metric_loss, embedding_loss, quadruplets)``."""
+    """The PDDM loss (docs/design.md, "Loss"; paper Eq. 5-8) on the full score matrix: returns
+    ``(loss, metric_loss, embedding_loss, quadruplets)``."""
     f = F.normalize(embeddings, dim=1) if normalize else embeddings
     quads = mine_hard(f.detach(), labels, unit, k=k)
     i, j, k_, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
@@ -132,10 +157,8 @@ def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, no
     S_ij = pair_scores(f[i], f[j], unit)
     S_ik = pair_scores(f[i], f[k_], unit)
     S_jl = pair_scores(f[j], f[l_], unit)
-    E_m = torch.relu(alpha + S_ik - S_ij) + torch.relu(alpha + S_jl - S_ij)
-    d_ij = ((f[i] - f[j]) ** 2).sum(1)
-    E_e = torch.relu(beta + d_ij - ((f[i] - f[k_]) ** 2).sum(1)) + torch.relu(
-        beta + d_ij - ((f[j] - f[l_]) ** 2).sum(1)
-    )
+    E_m = hinge(alpha, S_ij, S_ik) + hinge(alpha, S_ij, S_jl)
+    d_ij = squared_distance(f[i], f[j])
+    E_e = hinge(beta, -d_ij, -squared_distance(f[i], f[k_])) + hinge(beta, -d_ij, -squared_distance(f[j], f[l_]))
     metric_loss, embedding_loss = E_m.mean(), E_e.mean()
     return metric_loss + lam * embedding_loss, metric_loss, embedding_loss, quads

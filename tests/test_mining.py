@@ -392,7 +392,8 @@ def test_k_beyond_pair_count_keeps_all():
     everything = pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs)
     assert everything.anchor.numel() == len(brute.sorted_positive_pairs) == 12
     big = pddm_ext.mine_hard(x, lx, unit, k=10_000, **kwargs)
-    for got, want in zip(big, everything):
+    assert big.batch_mode == everything.batch_mode
+    for got, want in zip(big[:5], everything[:5]):
         assert torch.equal(got, want)
 
 
@@ -401,10 +402,10 @@ def test_default_metric():
     x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "random", "f64")
     q_default = pddm_ext.mine_hard(x, lx, unit, k=None)
     q_pddm = pddm_ext.mine_hard(x, lx, unit, k=None, metric="pddm")
-    assert all(torch.equal(a, b) for a, b in zip(q_default, q_pddm))
+    assert all(torch.equal(a, b) for a, b in zip(q_default[:5], q_pddm[:5])) and q_default.batch_mode == q_pddm.batch_mode
     q_none = pddm_ext.mine_hard(x, lx, k=None)
     q_euc = pddm_ext.mine_hard(x, lx, unit, k=None, metric="euclidean")
-    assert all(torch.equal(a, b) for a, b in zip(q_none, q_euc))
+    assert all(torch.equal(a, b) for a, b in zip(q_none[:5], q_euc[:5])) and q_none.batch_mode == q_euc.batch_mode
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
@@ -413,7 +414,7 @@ def test_label_dtypes(dtype):
     ly = kwargs["ref_labels"]
     want = pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs)
     got = pddm_ext.mine_hard(x, lx.to(dtype), unit, k=None, ref_emb=kwargs["ref_emb"], ref_labels=ly.to(dtype))
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got[:5], want[:5])) and got.batch_mode == want.batch_mode
     bh = pddm_ext.batch_hard(x, lx.to(dtype), unit, ref_emb=kwargs["ref_emb"], ref_labels=ly.to(dtype))
     assert all(torch.equal(a, b) for a, b in zip(bh, pddm_ext.batch_hard(x, lx, unit, **kwargs)))
 
@@ -433,7 +434,7 @@ def test_half_embeddings_mine_like_float32():
     q = pddm_ext.mine_hard(xh, lx, unit, k=None)
     assert q.scores.dtype == torch.float32
     want = pddm_ext.mine_hard(xh.float(), lx, unit, k=None)
-    assert all(torch.equal(a, b) for a, b in zip(q, want))
+    assert all(torch.equal(a, b) for a, b in zip(q[:5], want[:5])) and q.batch_mode == want.batch_mode
 
 
 # --------------------------------------------------------------------------- pytorch-metric-learning
