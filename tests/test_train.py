@@ -36,12 +36,14 @@ def test_two_epochs_on_digits_learn(digits, tmp_path):
     assert last["recall@1"] > 0.6
     assert last["recall@8"] >= last["recall@4"] >= last["recall@2"] >= last["recall@1"]
     assert 0.0 < last["nmi"] <= 1.0
+    assert 0.0 < last["r_precision"] <= 1.0 and 0.0 < last["map@r"] <= last["r_precision"]  # MAP@R <= R-Precision
+    assert {"map@r", "r_precision"} <= set(result["floor"])
     assert first["mining"]["tuples"] > 0 and "s_pos" in first["mining"]
     out = tmp_path / "run"
     lines = (out / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert (out / "recall_at_1.png").stat().st_size > 0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"model", "loss", "optimizer", "epoch", "rng", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and any(k.startswith("unit.") for k in ckpt["loss"])  # the PDDM unit is saved
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temporary file
@@ -55,8 +57,8 @@ def test_resume_continues_exactly(loss, digits, tmp_path):
     train(interrupted, progress=False, split=digits)
     resumed = train(dataclasses.replace(base, out=str(tmp_path / "resumed")), resume=True, progress=False, split=digits)
     assert without_timing(resumed["history"]) == without_timing(straight["history"])
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["loss"]:
@@ -127,7 +129,7 @@ def test_cli_train_prints_the_table(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "2", "--threads", "1",
                  "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "R@1" in printed and "raw pixels" in printed
+    assert "R@1" in printed and "MAP@R" in printed and "RP" in printed and "raw pixels" in printed
     assert (out / "checkpoint.pt").exists()
 
 
@@ -141,9 +143,92 @@ def test_compare_writes_table_plot_and_json(digits, tmp_path):
     assert len(summary["losses"]["pddm"]["recall1_mean"]) == 2
     table = (out / "results.md").read_text()
     assert "| pddm |" in table and "| batch-hard |" in table and "±" in table
+    assert "| MAP@R | RP |" in table and set(summary["losses"]["pddm"]["final"]) >= {"map@r", "r_precision"}
     assert json.loads((out / "results.json").read_text())["dataset"]["name"] == "digits"
     assert (out / "convergence.png").stat().st_size > 0
     # a rerun reuses the finished runs
     mtime = os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt")
     run_all(base, ["pddm", "batch-hard"], [0, 1], str(out), progress=False)
     assert os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt") == mtime
+
+
+# --- checkpoints: loaded with weights_only=True, one clear error for a bad file (issue 14 item 8) ---
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this object calls open(marker, "w"): the file appears if the loader runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _resume(out, capsys):
+    rc = main(["train", "--dataset", "digits", "--epochs", "2", "--batches-per-epoch", "2", "--threads", "1",
+               "--quiet", "--out", str(out), "--resume"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_resume_from_a_crafted_checkpoint_runs_no_code(writer, tmp_path, capsys):
+    import pickle
+
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "marker"
+    evil = {"model": _RunsCodeWhenUnpickled(marker), "epoch": 1}
+    if writer == "torch.save":
+        torch.save(evil, out / "checkpoint.pt")
+    else:
+        (out / "checkpoint.pt").write_bytes(pickle.dumps(evil))
+    rc, err = _resume(out, capsys)
+    assert not marker.exists()  # nothing in the file ran
+    assert rc == 2 and err.count("\n") == 1, err
+    assert str(out / "checkpoint.pt") in err and "pddm-ext checkpoint" in err and "delete it" in err
+    if writer == "torch.save":  # the refused global is named
+        assert "holds Python objects (io.open)" in err
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    train(TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1, out=str(out)), progress=False,
+          split=digits)
+    return (out / "checkpoint.pt").read_bytes()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "not a readable pddm-ext checkpoint: corrupt, truncated or of another format"),
+    ("garbage", "not a readable pddm-ext checkpoint: corrupt, truncated or of another format"),
+    ("empty", "not a readable pddm-ext checkpoint: corrupt, truncated or of another format"),
+    ("foreign", "not a pddm-ext checkpoint (expected keys"),
+    ("not a dict", "not a pddm-ext checkpoint (expected keys"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(damage, message, good_checkpoint, tmp_path, capsys):
+    import io
+
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(good_checkpoint[: len(good_checkpoint) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {"w": torch.zeros(3)}} if damage == "foreign" else [torch.zeros(3)], buffer)
+        path.write_bytes(buffer.getvalue())
+    rc, err = _resume(out, capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("pddm-ext: error: "), err
+    assert str(path) in err and message in err and "start a new run" in err
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(good_checkpoint, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(good_checkpoint)
+    ckpt = torch.load(path, weights_only=True)  # raises if anything else were inside
+    assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "sampler"}
