@@ -73,8 +73,9 @@ def worker(out_dir):
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank = dist.get_rank()
-    result = {"errors": {}, "gather_errors": {}}
+    result = {"errors": {}, "gather_errors": {}, "wrapper_errors": {}}
     loss_fn = make_loss(True)
+    wrapped = pddm_ext.distributed.GlobalBatchLoss(make_loss(False))
 
     # an empty shard on either rank
     for empty_rank in (1, 0):
@@ -83,7 +84,8 @@ def worker(out_dir):
 
     for name, (x, labels) in _bad_cases(rank).items():
         for key, call in (("errors", lambda: loss_fn(x, labels)),
-                          ("gather_errors", lambda: pddm_ext.distributed.gather_embeddings_and_labels(x, labels))):
+                          ("gather_errors", lambda: pddm_ext.distributed.gather_embeddings_and_labels(x, labels)),
+                          ("wrapper_errors", lambda: wrapped(x, labels))):
             try:
                 call()
                 result[key][name] = None
@@ -133,13 +135,13 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("key", ["errors", "gather_errors"])
+@pytest.mark.parametrize("key", ["errors", "gather_errors", "wrapper_errors"])
 @pytest.mark.parametrize("case", list(EXPECTED))
 def test_a_bad_shard_raises_the_same_error_on_every_rank(ranks, key, case):
     import re
 
     kind, pattern = EXPECTED[case]
-    if key == "gather_errors" and case == "features":
+    if key in ("gather_errors", "wrapper_errors") and case == "features":
         pattern = r"different number of features"  # no expected width: the ranks disagree
     got = [res[key][case] for res in ranks]
     assert got[0] is not None and got[0] == got[1], got
