@@ -1,5 +1,5 @@
-// Math shared by the CPU and CUDA kernels: the per-pair pieces of SPEC §1, the tie rules of
-// SPEC §3 and the tile index arithmetic of batch mode. Everything here is host/device inline.
+// Math shared by the CPU and CUDA kernels: the per-pair pieces of docs/design.md#the-pddm-unit, the tie rules of
+// docs/design.md#ties-and-tolerance and the tile index arithmetic of batch mode. Everything here is host/device inline.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -9,7 +9,7 @@
 
 namespace pddm_ext {
 
-// SPEC §1: normalize(z) = z / max(||z||, eps), the semantics of torch.nn.functional.normalize.
+// docs/design.md#the-pddm-unit: normalize(z) = z / max(||z||, eps), the semantics of torch.nn.functional.normalize.
 constexpr double kNormEps = 1e-12;
 
 C10_HOST_DEVICE inline float pddm_sqrt(float z) { return sqrtf(z); }
@@ -39,7 +39,7 @@ C10_HOST_DEVICE inline T normalize_backward(T dz, T z, T s, T norm) {
   return norm > T(kNormEps) ? (dz - z * s) / norm : dz / T(kNormEps);
 }
 
-// Tie rules (SPEC §3): exact ties go to the smallest index. best_idx < 0 means "no candidate yet".
+// Tie rules (docs/design.md#ties-and-tolerance): exact ties go to the smallest index. best_idx < 0 means "no candidate yet".
 template <typename T>
 C10_HOST_DEVICE inline bool beats_max(T s, int64_t idx, T best_s, int64_t best_idx) {
   return best_idx < 0 || s > best_s || (s == best_s && idx < best_idx);

@@ -79,8 +79,9 @@ def check_finite(name, t):
         check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
 
 
-def check_embeddings(name, t, d=None, d_from=None):
-    """A (rows, d) float matrix with at least one row, finite; d_from names where d comes from."""
+def check_embeddings(name, t, d=None, d_from=None, *, finite=True):
+    """A (rows, d) float matrix with at least one row, finite (unless ``finite=False``: a caller
+    that checks finiteness later, once); d_from names where d comes from."""
     check_float(name, t)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
@@ -90,7 +91,8 @@ def check_embeddings(name, t, d=None, d_from=None):
         raise ValueError(f"{name} has no features: got shape {tuple(t.shape)}")
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has {t.shape[1]} features, expected {d} to match {d_from}")
-    check_finite(name, t)
+    if finite:
+        check_finite(name, t)
 
 
 def check_same_device(named):

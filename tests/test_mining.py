@@ -1,8 +1,8 @@
-"""Hard mining (SPEC §3): fused ``mine_hard`` / ``batch_hard`` against a brute-force loop.
+"""Hard mining (docs/design.md#mining): fused ``mine_hard`` / ``batch_hard`` against a brute-force loop.
 
-The brute force below scores every pair one at a time with the formula of SPEC §1 (or
+The brute force below scores every pair one at a time with the formula of docs/design.md#the-pddm-unit (or
 -||a - b||^2) in float64 and applies §3 literally with Python loops. A mined index is accepted when
-its brute-force score is within ``tol * (1 + |best|)`` of the optimum of its slot (SPEC §3:
+its brute-force score is within ``tol * (1 + |best|)`` of the optimum of its slot (docs/design.md#ties-and-tolerance:
 tol = 1e-5 for float64, 1e-4 for float32), except in the exact-tie tests, where duplicated rows make
 ties exact and the smallest index must win.
 """
@@ -29,7 +29,7 @@ def _normalize(z):
 
 
 def pair_score(a, b, params, metric):
-    """S(a, b) of one pair (1-D vectors), SPEC §1 / §3, written from the equations."""
+    """S(a, b) of one pair (1-D vectors), docs/design.md#the-pddm-unit / #mining, written from the equations."""
     if metric == "euclidean":
         return -((a - b) ** 2).sum().item()
     W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = params
@@ -46,7 +46,7 @@ def brute_scores(x, y, params, metric):
 
 
 class Brute:
-    """SPEC §3 applied literally to a score table S (lists of floats)."""
+    """docs/design.md#mining applied literally to a score table S (lists of floats)."""
 
     def __init__(self, S, lx, ly, batch):
         self.S, self.lx, self.ly, self.batch = S, lx, ly, batch
@@ -120,7 +120,7 @@ def close(value, best, tol):
 
 
 def check_quadruplets(q, brute, k, tol):
-    """Checks fused Quadruplets against the brute force, slot by slot, with SPEC §3's tolerance."""
+    """Checks fused Quadruplets against the brute force, slot by slot, with the tolerance of docs/design.md#ties-and-tolerance."""
     S = brute.S
     expected = brute.quadruplets(k)
     for t in (q.anchor, q.positive, q.anchor_negative, q.positive_negative):
@@ -301,7 +301,7 @@ def test_duplicate_rows_within_tolerance(metric, mode):
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
 def test_exact_ties_go_to_smallest_index(metric, mode):
-    """Duplicated rows make ties exact (the pairs are the same two vectors): SPEC §3 says the
+    """Duplicated rows make ties exact (the pairs are the same two vectors): docs/design.md#ties-and-tolerance says the
     smallest index wins and pairs are ordered by (i, r), so the brute force must be reproduced
     exactly, not just within tolerance."""
     x, lx, unit, kwargs, brute = duplicated_case(metric, mode)
@@ -444,7 +444,7 @@ def test_half_embeddings_mine_like_float32():
 @pytest.mark.parametrize("dtype_name", ["f64", "f32"])
 @pytest.mark.parametrize("layout", ["pairs", "unbalanced", "random"])
 def test_batch_hard_agrees_with_pml_batch_hard_miner(layout, dtype_name, mode):
-    """metric="euclidean" on L2-normalised embeddings is BatchHardMiner's rule (SPEC §3). The two
+    """metric="euclidean" on L2-normalised embeddings is BatchHardMiner's rule (docs/design.md#mining). The two
     may break near-ties differently, so the chosen positives/negatives are compared by distance."""
     miners = pytest.importorskip("pytorch_metric_learning.miners")
     dtype = DTYPES[dtype_name]
@@ -463,7 +463,7 @@ def test_batch_hard_agrees_with_pml_batch_hard_miner(layout, dtype_name, mode):
     assert a.tolist() == pa.tolist()
     sq = lambda i, r: ((x[i].double() - y[r].double()) ** 2).sum(-1)  # noqa: E731
     # hardest positive = farthest positive, hardest negative = nearest negative; on the unit sphere
-    # |S| = ||a - b||^2 <= 4, so SPEC §3's tol * (1 + |best|) is at most 5 * tol
+    # |S| = ||a - b||^2 <= 4, so the tol * (1 + |best|) of docs/design.md#ties-and-tolerance is at most 5 * tol
     torch.testing.assert_close(sq(a, p), sq(pa, pp), rtol=0, atol=tol * 5)
     torch.testing.assert_close(sq(a, n), sq(pa, pn), rtol=0, atol=tol * 5)
     assert (lx[a] == ly[p]).all() and (lx[a] != ly[n]).all()

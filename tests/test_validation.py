@@ -1,4 +1,4 @@
-"""SPEC §6: every public entry point rejects bad input with ValueError (TypeError for a wrong type)
+"""docs/design.md#errors: every public entry point rejects bad input with ValueError (TypeError for a wrong type)
 and a message that names the offending argument."""
 
 from __future__ import annotations
@@ -419,7 +419,7 @@ def test_single_row_is_valid():
 # --------------------------------------------------------------------------- the ops called directly
 
 # torch.ops.pddm_ext.* skip the Python validation above; their kernels still check structure, so a
-# wrong shape, dtype or label vector raises instead of reading or writing out of bounds (SPEC §6).
+# wrong shape, dtype or label vector raises instead of reading or writing out of bounds (docs/design.md#errors).
 _ops = torch.ops.pddm_ext
 
 

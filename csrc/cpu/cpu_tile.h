@@ -3,7 +3,7 @@
 // A tile is a block of rows [i0, i0 + ni) of x against rows [r0, r0 + nr) of y: ni * nr pairs,
 // numbered p = a * nr + b for the pair (i0 + a, r0 + b). Per tile the |x_i - y_r| block is built
 // in a workspace small enough to stay in L2 and multiplied by W_u with one GEMM; the mean branch
-// comes from per-row projections P = x W_v^T (SPEC §1); W_c is a second GEMM over the tile.
+// comes from per-row projections P = x W_v^T (docs/design.md#the-pddm-unit); W_c is a second GEMM over the tile.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -91,7 +91,7 @@ struct PddmTile {
         norm_u1(pairs), norm_v1(pairs) {}
 };
 
-// Scores S[p] of every pair of the tile (SPEC §1), keeping the intermediates in ws (S may be null).
+// Scores S[p] of every pair of the tile (docs/design.md#the-pddm-unit), keeping the intermediates in ws (S may be null).
 template <typename scalar_t>
 void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, PddmTile<scalar_t>& ws,
                        scalar_t* S) {
