@@ -1,8 +1,10 @@
 """The training loop end to end on scikit-learn's 8x8 digits: learning, exact resume, bad configs."""
 
 import dataclasses
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -232,3 +234,70 @@ def test_checkpoint_holds_only_tensors_and_plain_values(good_checkpoint, tmp_pat
     path.write_bytes(good_checkpoint)
     ckpt = torch.load(path, weights_only=True)  # raises if anything else were inside
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "sampler"}
+
+
+# --- logs off a terminal (issue 16 item 5) ---------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_summary_lines_always(digits, tmp_path, capsys, monkeypatch):
+    cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "a")), progress=True, split=digits)
+    err = capsys.readouterr().err  # pytest's capture: not a terminal
+    assert "\r" not in err and "it/s" not in err
+    assert [line.split(":")[0] for line in err.splitlines() if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    assert "MAP@R" in err
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=True, split=digits)
+    shown = terminal.getvalue()
+    assert "\r" in shown and "epoch 1/2" in shown  # tqdm's bar
+    assert [line for line in shown.replace("\r", "\n").splitlines() if line.startswith("epoch 2: loss")]
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "c")), progress=False, split=digits)  # --quiet
+    assert "\r" not in quiet.getvalue() and "epoch 2: loss" in quiet.getvalue()
+
+
+# --- TensorBoard (issue 16 item 6) ---------------------------------------------------------------
+
+
+def _require(module):
+    """Import ``module``; skip when it is missing, except in CI (CI=true), whose venv installs it
+    (requirements-test.txt): there a missing module fails the test."""
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def test_tensorboard_event_file_holds_the_per_epoch_metrics(digits, tmp_path):
+    _require("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=2, threads=1, out=str(tmp_path / "run"),
+                      tensorboard=str(tb))
+    history = train(cfg, progress=False, split=digits)["history"]
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "recall@1", "recall@8", "map@r", "r_precision", "nmi", "mining/tuples", "epoch_time"} <= tags
+    for tag in ("loss", "recall@1", "map@r", "r_precision", "nmi", "mining/tuples"):
+        group, _, key = tag.rpartition("/")
+        want = [h[group][key] if group else h[key] for h in history]
+        got = events.Scalars(tag)
+        assert [e.step for e in got] == [1, 2], tag
+        assert [e.value for e in got] == pytest.approx(want, rel=1e-6), tag  # stored as float32
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--tensorboard", str(tmp_path / "tb"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tensorboard needs the tensorboard package" in err and "pip install tensorboard" in err
+    assert not out.exists() and not (tmp_path / "tb").exists()

@@ -13,6 +13,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
+from .models import ModelError
 from .train import LOSSES, ConfigError, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -45,7 +46,10 @@ def _common(parser):
     parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
     parser.add_argument("--image-size", type=int, default=None, help="folder: image side (default 224 or 64)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="resnet18: start from torchvision's ImageNet weights (downloaded once, needs internet "
+                             "access, or already in torch hub's cache); default: random init")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway; the per-epoch summary lines always are)")
 
 
 def _config(args, **extra):
@@ -63,6 +67,9 @@ def main(argv=None):
     p_train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p_train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<loss>-seed<seed>)")
     p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p_train.add_argument("--tensorboard", metavar="DIR", default=None,
+                         help="also write the per-epoch metrics as TensorBoard scalars to DIR "
+                              "(needs tensorboard: pip install tensorboard)")
 
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
@@ -95,7 +102,7 @@ def main(argv=None):
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)
             print(markdown(summary))
             print(f"written to {out}/results.md, results.json, convergence.png")
-    except (ConfigError, DatasetError, CheckpointError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, ModelError) as exc:
         print(f"pddm-ext: error: {exc}", file=sys.stderr)
         return 2
     return 0

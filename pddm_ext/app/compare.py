@@ -34,7 +34,7 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
                 resume = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
                 t0 = time.perf_counter()
                 done = train(cfg, resume=resume, progress=progress, split=split)
-                if progress:
+                if True:  # a summary line per run, like train's per-epoch lines
                     print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
                           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             runs.append(done)
@@ -54,8 +54,9 @@ def _finished(cfg):
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
     saved = {**dataclasses.asdict(type(cfg)()), **result["config"]}
-    same = {k: v for k, v in saved.items() if k not in ("out", "device", "threads")} == {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "threads")}
+    runtime = type(cfg).RUNTIME_FIELDS
+    same = {k: v for k, v in saved.items() if k not in runtime} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
     return result if same and len(result["history"]) == cfg.epochs else None
 
 

@@ -2,10 +2,10 @@
 half of the classes, evaluated by retrieval on the other half after every epoch.
 
 ``train(TrainConfig(...))`` is what ``pddm-ext train`` runs: a :class:`Run` (setup, then per epoch
-``train_epoch`` / ``evaluate`` / ``save``, then ``finish``). Each epoch shows a progress bar with
-the loss and the mining statistics, appends a line to ``<out>/log.jsonl``, writes
-``<out>/checkpoint.pt`` atomically (model, PDDM unit, optimiser, epoch, every RNG state, config)
-and prints a summary line; at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
+``train_epoch`` / ``evaluate`` / ``save``, then ``finish``). Each epoch shows a progress bar (only
+when stderr is a terminal) with the loss and the mining statistics, prints a summary line (always), appends a line to ``<out>/log.jsonl``, writes
+``<out>/checkpoint.pt`` atomically (model, PDDM unit, optimiser, epoch, every RNG state, config);
+at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
 ``resume=True`` continues from the checkpoint and gives the same numbers as an uninterrupted run.
 
 The losses (``loss=``: pddm, pddm-triplet, batch-hard, triplet-random) are built in
@@ -77,6 +77,11 @@ class TrainConfig:
     # CPU threads for torch. Default 1: the small CNN gains little from more, and on a shared
     # machine extra OpenMP threads spin-wait for busy cores (measured 10-20x slower epochs).
     threads: int | None = None
+    pretrained: bool = False  # resnet18: ImageNet weights (torchvision's download, or its local cache)
+    tensorboard: str | None = None  # a folder for TensorBoard event files of the per-epoch metrics (output only)
+
+    # fields that say where and how a run executes, not what it computes: a resume may change them
+    RUNTIME_FIELDS = ("out", "device", "threads", "tensorboard")
 
     def resolved_out(self):
         if self.out:
@@ -119,11 +124,40 @@ def check_config(cfg):
         raise ConfigError(f"unit_lr must be > 0, got {cfg.unit_lr}")
     if cfg.backbone not in ("auto", "small", "resnet18"):
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
+    if cfg.tensorboard is not None:
+        tensorboard_writer_class()  # ConfigError when tensorboard is not installed
+    if cfg.pretrained and cfg.backbone == "small":
+        raise ConfigError("--pretrained needs --backbone resnet18 (or auto with a folder: dataset); the small CNN has no pretrained weights")
     if cfg.backbone == "resnet18" and not torchvision_available():
         raise ConfigError("backbone resnet18 needs torchvision, which is not importable here (use --backbone small)")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
+
+
+TENSORBOARD_HINT = ("pip install tensorboard (from a checkout: pip install --no-build-isolation '.[tensorboard]'; "
+                    "the published package: pip install 'pddm-ext[tensorboard]')")
+
+
+def tensorboard_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or ConfigError saying how to install tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch.utils.tensorboard imports the tensorboard package
+        raise ConfigError(f"--tensorboard needs the tensorboard package, which is not importable here ({exc}); "
+                          f"{TENSORBOARD_HINT}") from None
+    return SummaryWriter
+
+
+def scalars(entry, prefix=""):
+    """(tag, value) for every number in a log entry, nested dicts as ``group/key`` (e.g. ``loss``,
+    ``recall@1``, ``mining/tuples``); the epoch and booleans are left out."""
+    for key, value in entry.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from scalars(value, f"{tag}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            yield tag, float(value)
 
 
 def resolve_device(name):
@@ -255,7 +289,7 @@ class Run:
         if checkpoint is not None:
             # a resumed run keeps its configuration; only the epoch budget, device and threads may change
             cfg = dataclasses.replace(TrainConfig(**checkpoint["config"]), epochs=cfg.epochs, device=cfg.device,
-                                      threads=cfg.threads, out=self.out)
+                                      threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
         self.cfg, self.resume = cfg, resume
         self.setup(split, checkpoint, progress)
 
@@ -274,13 +308,14 @@ class Run:
         self.split = split
         device, world = _distribute.init(resolve_device(cfg.device))
         self.device, self.world, self.is_main = device, world, dist_.rank() == 0
-        self.progress = progress and self.is_main
+        self.progress = progress and self.is_main  # progress bars (on a terminal only)
         self.p = cfg.p or min(8, split.num_train_classes)
         if device.type == "cpu" or cfg.threads:
             torch.set_num_threads(cfg.threads or 1)
 
         seed_everything(cfg.seed)
-        self.model, self.model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone)
+        self.model, self.model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone,
+                                                  pretrained=cfg.pretrained)
         self.loss_fn = build_loss(cfg, self.p)
         self.model.to(device)
         self.loss_fn.to(device)
@@ -303,8 +338,11 @@ class Run:
             split.__dict__["_pixel_floor"] = floor
         self.floor = floor
         self.info = dict(split.info)
+        self.tensorboard = None
         if self.is_main:
             os.makedirs(self.out, exist_ok=True)
+            if cfg.tensorboard is not None:  # one scalar per number of the log line, step = epoch
+                self.tensorboard = tensorboard_writer_class()(log_dir=cfg.tensorboard, purge_step=self.start_epoch + 1)
             write_text_atomic(os.path.join(self.out, LOG), "".join(json.dumps(h) + "\n" for h in self.history))
         self.say(f"{cfg.dataset}: {len(split.train)} training images ({split.num_train_classes} classes), "
                  f"{len(split.test)} test images; model {self.model_desc}, loss {cfg.loss}, P={self.p} K={cfg.k}, "
@@ -313,7 +351,8 @@ class Run:
             self.say(f"resuming after epoch {self.start_epoch} of {cfg.epochs}")
 
     def say(self, msg):
-        if self.progress:
+        """A status line on stderr (rank 0; with or without progress bars, on a terminal or not)."""
+        if self.is_main:
             print(msg, file=sys.stderr, flush=True)
 
     def epochs(self):
@@ -331,7 +370,8 @@ class Run:
         self.model.train()
         losses, stats_sum, stats_n = [], {}, {}
         t0 = time.perf_counter()
-        bar = _progress_bar(self.batches(), len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
+        batches = self.batches()
+        bar = _progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device)
             loss = self.train_loss(self.train_model(x), y)
@@ -342,7 +382,7 @@ class Run:
             for key, value in batch_stats(self.loss_fn).items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value
                 stats_n[key] = stats_n.get(key, 0) + 1
-            if self.progress:
+            if bar is not batches:
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}",
                                 tuples=stats_sum.get("tuples", 0) / max(1, stats_n.get("tuples", 1)), refresh=False)
         epoch_time = time.perf_counter() - t0
@@ -369,6 +409,10 @@ class Run:
                          floor=self.floor, dataset=self.info), self.ckpt_path)
         with open(os.path.join(self.out, LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.tensorboard is not None:
+            for tag, value in scalars(entry):
+                self.tensorboard.add_scalar(tag, value, global_step=entry["epoch"])
+            self.tensorboard.flush()
         self.say(format_epoch(entry))
 
     def finish(self):
@@ -383,6 +427,8 @@ class Run:
                 plot_recall(self.history, self.floor, os.path.join(self.out, PLOT),
                             f"{cfg.dataset}, loss {cfg.loss}, seed {cfg.seed}")
             write_text_atomic(os.path.join(self.out, "result.json"), json.dumps(result, indent=1))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         _distribute.close(self.world)
         return result
 
@@ -432,9 +478,20 @@ class _distribute:
             dist_.close()
 
 
-def _progress_bar(iterable, total, desc, enabled):
-    if not enabled:
+def _progress_bar(iterable, total, desc, enabled, stream=None):
+    """A tqdm bar over ``iterable`` when ``enabled`` and ``stream`` (default stderr) is a terminal; else
+    ``iterable`` itself: off a terminal (CI logs, nohup, ``> log``) the per-epoch summary lines are the
+    whole progress report, instead of a carriage-return update per batch."""
+    stream = sys.stderr if stream is None else stream
+    if not enabled or not _is_terminal(stream):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=stream)
+
+
+def _is_terminal(stream):
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
