@@ -180,8 +180,8 @@ at::Tensor call_scores(const Args& a) {
       op("pddm_ext::scores")
           .typed<at::Tensor(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&)>();
-  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s);
+                            const at::Tensor&, const at::Tensor&, bool)>();
+  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, true);
 }
 
 ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
@@ -189,8 +189,9 @@ ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
       op("pddm_ext::scores_backward")
           .typed<ScoresGrads(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>)>();
-  return backward.call(grad, a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, {true, true, true});
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>, bool)>();
+  return backward.call(grad, a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, {true, true, true},
+                       true);
 }
 
 MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
@@ -198,9 +199,9 @@ MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
       op("pddm_ext::mine_pddm")
           .typed<MineOut(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const OptTensor ly = p.batch ? OptTensor() : OptTensor(labels(p.ly));
-  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k);
+  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k, true);
 }
 
 MineOut call_mine_euclidean(const Problem& p, const Args& a, int64_t k) {
