@@ -174,9 +174,9 @@ BIG_BANK_SCRIPT = textwrap.dedent(
     ops.scores = forbidden("ops.scores")
     mined_against = []
     fused_mine = ops.mine
-    def spy(x, lx, y, ly, params, k):
+    def spy(x, lx, y, ly, params, k, *form):
         mined_against.append((tuple(x.shape), None if y is None else tuple(y.shape)))
-        return fused_mine(x, lx, y, ly, params, k)
+        return fused_mine(x, lx, y, ly, params, k, *form)
     ops.mine = spy
 
     torch.manual_seed(0)
