@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from . import collectives
-from .functional import _mine_hard, _mining_inputs, _pair_scores, pair_scores, pddm_scores
+from .functional import _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
 from .reference import hinge, squared_distance
 
 
@@ -55,10 +55,25 @@ class PDDM(nn.Module):
     ``unit(x)`` gives the (m, m) scores of all rows of x, ``unit(x, y)`` the (m, n) scores of x
     against y (both fused, differentiable), ``unit.pair_scores(a, b)`` the scores of row-aligned
     pairs. Each layer is initialised like ``nn.Linear``.
+
+    ``normalize_inputs`` (bool, docs/design.md, "The two forms"): True is the form above (the paper as read:
+    S ignores how far apart a and b are along a family of pairs with fixed directions of |a - b|
+    and a + b); False is the distance-aware form u' = relu(W_u |a - b| + b_u),
+    v' = relu(W_v (a + b) / 2 + b_v). It is saved in the state_dict; a state_dict from before the
+    option loads as the input-normalised form it was trained with.
+
+    ``dropout`` (p in [0, 1), default 0): inverted dropout on q in training mode. ``pair_scores``
+    (the path the losses train through) draws one mask per pair, like ``nn.Dropout`` on a batch;
+    the fused all-pairs ``unit(x[, y])`` draws one mask over the c joint units per call, shared by
+    all its pairs, and applies it as a rescaled w_s (the kernels compute unchanged). Mining
+    (``mine_hard``, ``batch_hard``) and evaluation mode never drop.
     """
 
-    def __init__(self, in_features, hidden_features=None, joint_features=None, *, device=None, dtype=None):
+    def __init__(self, in_features, hidden_features=None, joint_features=None, *, normalize_inputs=True,
+                 dropout=0.0, device=None, dtype=None):
         super().__init__()
+        self.normalize_inputs = V.check_bool("normalize_inputs", normalize_inputs)
+        self.dropout = V.check_probability("dropout", dropout)
         if in_features is None:  # only the widths h and c have defaults
             raise TypeError("in_features must be an int, got NoneType")
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
@@ -97,13 +112,45 @@ class PDDM(nn.Module):
         return V.unit_params(self)
 
     def forward(self, x, y=None):
-        return pddm_scores(x, y, *self.params())
+        params = self.params()
+        p = self._active_dropout()
+        if p > 0:  # one mask over the joint units, shared by all pairs: q * mask / (1 - p) . w_s
+            keep = torch.bernoulli(torch.full_like(self.w_s, 1 - p, requires_grad=False))
+            params = params[:6] + (self.w_s * keep / (1 - p), self.b_s)
+        return pddm_scores(x, y, *params, normalize_inputs=self.normalize_inputs)
 
     def pair_scores(self, a, b):
-        return pair_scores(a, b, self.params())
+        """Scores of row-aligned pairs: (p, d), (p, d) -> (p,). Differentiable."""
+        _check_pair_inputs(a, b, self.params())
+        return self._pair_scores(a, b)
+
+    def _pair_scores(self, a, b):
+        # pair_scores without validation (the losses check their inputs once); accepts p = 0.
+        return _pair_scores(a, b, self.params(), self.normalize_inputs, self._active_dropout())
+
+    def _active_dropout(self):
+        return self.dropout if self.training else 0.0
+
+    # The form is state: a checkpoint must score the way it was trained.
+    def get_extra_state(self):
+        return {"normalize_inputs": self.normalize_inputs}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not isinstance(state.get("normalize_inputs"), bool):
+            raise ValueError(f"PDDM state_dict: _extra_state must be {{'normalize_inputs': bool}}, got {state!r}")
+        self.normalize_inputs = state["normalize_inputs"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before normalize_inputs existed: that unit was the input-normalised form.
+        if prefix + "W_u" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"normalize_inputs": True}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, hidden_features={self.hidden_features}, joint_features={self.joint_features}"
+        extra = f", normalize_inputs={self.normalize_inputs}"
+        extra += f", dropout={self.dropout}" if self.dropout > 0 else ""
+        return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+                f"joint_features={self.joint_features}{extra}")
 
 
 class PDDMLoss(nn.Module):
@@ -214,7 +261,7 @@ class PDDMLoss(nn.Module):
                 f_ref = bank_emb.to(device=f.device, dtype=f.dtype)
         x, y, mining_params = _mining_inputs(f, f_ref, params)
         ly = None if f_ref is None else ref_labels
-        quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm")
+        quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm", self.unit.normalize_inputs)
         loss = self._loss(f, f if f_ref is None else f_ref, quads)
         if self.memory is not None:
             self.memory.enqueue(f.detach(), labels)
@@ -222,7 +269,7 @@ class PDDMLoss(nn.Module):
 
     def _scores(self, a, b):
         # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return _pair_scores(a, b, self.unit.params())
+        return self.unit._pair_scores(a, b)
 
     def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""

@@ -10,6 +10,11 @@ eye against the equations (Huang, Loy, Tang, NIPS 2016, Sec. 3.1, Fig. 2):
     q  = relu(W_c [normalize(u'); normalize(v')] + b_c)
     S(a, b) = w_s . q + b_s
 
+That is the input-normalised form; the distance-aware form (``normalize_inputs=False``,
+docs/design.md, "The two forms") feeds u and v to W_u and W_v as they are. Here
+``normalize_inputs=None`` means the unit's own form (``PDDM.normalize_inputs``; True for a parameter
+tuple).
+
 Parameters are passed as a tuple ``(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)`` or as a
 ``PDDM`` module (anything with those attributes).
 
@@ -40,25 +45,35 @@ def _params(unit):
     return tuple(getattr(unit, name) for name in PARAM_NAMES)
 
 
-def pair_scores(a, b, unit):
-    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,); any p >= 0. Differentiable."""
+def _normalize_inputs(unit, normalize_inputs):
+    return getattr(unit, "normalize_inputs", True) if normalize_inputs is None else normalize_inputs
+
+
+def pair_scores(a, b, unit, normalize_inputs=None, dropout=0.0):
+    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,); any p >= 0. Differentiable.
+
+    ``dropout > 0``: inverted dropout on q, one mask per pair (the unit's training mode)."""
     W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = _params(unit)
     u = (a - b).abs()
     v = (a + b) / 2
-    u1 = torch.relu(F.normalize(u, dim=-1, eps=1e-12) @ W_u.T + b_u)
-    v1 = torch.relu(F.normalize(v, dim=-1, eps=1e-12) @ W_v.T + b_v)
+    if _normalize_inputs(unit, normalize_inputs):
+        u, v = F.normalize(u, dim=-1, eps=1e-12), F.normalize(v, dim=-1, eps=1e-12)
+    u1 = torch.relu(u @ W_u.T + b_u)
+    v1 = torch.relu(v @ W_v.T + b_v)
     joint = torch.cat([F.normalize(u1, dim=-1, eps=1e-12), F.normalize(v1, dim=-1, eps=1e-12)], dim=-1)
     q = torch.relu(joint @ W_c.T + b_c)
+    if dropout > 0:
+        q = F.dropout(q, dropout, training=True)
     return q @ w_s + b_s
 
 
-def pddm_scores(x, y, unit):
+def pddm_scores(x, y, unit, normalize_inputs=None):
     """All-pairs S(x_i, y_r) as an (m, n) matrix (y=None: y = x), through an (m, n, d) tensor."""
     y = x if y is None else y
     m, n = x.shape[0], y.shape[0]
     a = x[:, None, :].expand(m, n, x.shape[1]).reshape(m * n, -1)
     b = y[None, :, :].expand(m, n, y.shape[1]).reshape(m * n, -1)
-    return pair_scores(a, b, unit).reshape(m, n)
+    return pair_scores(a, b, unit, normalize_inputs).reshape(m, n)
 
 
 def euclidean_scores(x, y=None):
@@ -78,14 +93,17 @@ def squared_distance(a, b):
     return ((a - b) ** 2).sum(-1)
 
 
-SCORE_MATRICES = {"pddm": pddm_scores, "euclidean": lambda x, y, unit: euclidean_scores(x, y)}
+SCORE_MATRICES = {
+    "pddm": pddm_scores,
+    "euclidean": lambda x, y, unit, normalize_inputs=None: euclidean_scores(x, y),
+}
 
 
-def _score_matrix(x, y, unit, metric):
-    return SCORE_MATRICES[metric](x, y, unit)
+def _score_matrix(x, y, unit, metric, normalize_inputs=None):
+    return SCORE_MATRICES[metric](x, y, unit, normalize_inputs)
 
 
-def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
+def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None, normalize_inputs=None):
     """Per-row reductions (docs/design.md, "Mining") from the full score matrix.
 
     Returns ``(S, positive_mask, hardest_positive, hardest_negative, hardest_negative_of_ref)``;
@@ -95,7 +113,7 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
     metric = metric or ("euclidean" if unit is None else "pddm")
     batch_mode = ref_emb is None
     y, ly = (embeddings, labels) if batch_mode else (ref_emb, ref_labels)
-    S = _score_matrix(embeddings, None if batch_mode else y, unit, metric)
+    S = _score_matrix(embeddings, None if batch_mode else y, unit, metric, normalize_inputs)
     same = labels[:, None] == ly[None, :]
     positive, negative = same.clone(), ~same
     if batch_mode:
@@ -112,13 +130,15 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
     return S, positive, hardest_positive, hardest_negative, hardest_negative_of_ref
 
 
-def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None):
+def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None,
+              normalize_inputs=None):
     """Hard quadruplets (docs/design.md, "Mining") from the full score matrix.
 
     Returns a ``ReferenceQuadruplets`` with the fields of ``pddm_ext.Quadruplets``."""
     with torch.no_grad():
         S, positive, _, neg, neg_ref = hardest(
-            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
+            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric,
+            normalize_inputs=normalize_inputs,
         )
         batch_mode = ref_emb is None
         if batch_mode:  # unordered pairs {i, r}, reported with i < r
@@ -135,11 +155,13 @@ def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=No
     return ReferenceQuadruplets(i, r, a_neg, p_neg, scores, batch_mode)
 
 
-def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
+def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None,
+               normalize_inputs=None):
     """Per-query hardest triplets ``(i, hardest_positive[i], hardest_negative[i])`` (docs/design.md)."""
     with torch.no_grad():
         _, _, pos, neg, _ = hardest(
-            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
+            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric,
+            normalize_inputs=normalize_inputs,
         )
     a = ((pos >= 0) & (neg >= 0)).nonzero(as_tuple=True)[0]
     return a, pos[a], neg[a]
