@@ -136,7 +136,7 @@ def _prepare_mining(embeddings, labels, unit, ref_emb, ref_labels, metric, norma
     if params is not None:
         V.check_params(params, d, device)
     x, y, params = _mining_inputs(embeddings, ref_emb, params)
-    return x, lx, y, ly, params, metric
+    return x, lx, y, ly, params, metric, normalize_inputs
 
 
 def _mining_inputs(x, y, params):
