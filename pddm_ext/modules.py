@@ -217,7 +217,8 @@ class PDDMLoss(nn.Module):
         quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm")
         loss = self._loss(f, f if f_ref is None else f_ref, quads)
         if self.memory is not None:
-            self.memory.enqueue(f.detach(), labels)
+            with V.already_validated():  # f was checked on entry: the bank need not check it again
+                self.memory.enqueue(f.detach(), labels)
         return loss
 
     def _scores(self, a, b):
