@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from . import collectives
-from .functional import _mine_hard, _mining_inputs, _pair_scores, pair_scores, pddm_scores
-from .reference import hinge, squared_distance
+from .functional import _mine_hard, _mining_inputs, pair_scores, pddm_scores
+from .reference import quadruplet_losses, triplet_losses
 
 
 def _mean_or_zero(t):
@@ -122,8 +122,8 @@ class PDDMLoss(nn.Module):
     A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
     and both loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``.
     The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
-    The hinge and distance terms are ``pddm_ext.reference.hinge`` / ``squared_distance`` and the
-    scores ``pddm_ext.reference.pair_scores``: the formulas' one home.
+    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
+    ``indices_tuple``), differentiated here: the formulas' one home.
 
     Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
     tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers (``TypeError`` /
@@ -221,19 +221,18 @@ class PDDMLoss(nn.Module):
                 self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _scores(self, a, b):
-        # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return _pair_scores(a, b, self.unit.params())
+    def _terms(self, terms, *rows):
+        """A reference loss-terms function on validated rows, in the compute dtype (half rows are
+        computed in float32, like the scores)."""
+        dtype = V.compute_dtype(*rows)
+        params = tuple(p.to(dtype) for p in self.unit.params())
+        return terms(*(t.to(dtype) for t in rows), params, self.alpha, self.beta)
 
     def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        fi, fj, fk, fl = f[i], f_ref[j], f_ref[k], f[l_]
-        S_ij = self._scores(fi, fj)
-        E_m = hinge(self.alpha, S_ij, self._scores(fi, fk)) + hinge(self.alpha, S_ij, self._scores(fj, fl))
-        d_ij = squared_distance(fi, fj)
-        E_e = hinge(self.beta, -d_ij, -squared_distance(fi, fk)) + hinge(self.beta, -d_ij, -squared_distance(fj, fl))
+        E_m, E_e = self._terms(quadruplet_losses, f[i], f_ref[j], f_ref[k], f[l_])
         metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
@@ -242,9 +241,7 @@ class PDDMLoss(nn.Module):
         """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
         a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        fa, fp, fn = f[a], f_ref[p], f_ref[n]
-        E_m = hinge(self.alpha, self._scores(fa, fp), self._scores(fa, fn))
-        E_e = hinge(self.beta, -squared_distance(fa, fp), -squared_distance(fa, fn))
+        E_m, E_e = self._terms(triplet_losses, f[a], f_ref[p], f_ref[n])
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
