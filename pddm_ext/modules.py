@@ -54,7 +54,10 @@ class PDDM(nn.Module):
 
     ``unit(x)`` gives the (m, m) scores of all rows of x, ``unit(x, y)`` the (m, n) scores of x
     against y (both fused, differentiable), ``unit.pair_scores(a, b)`` the scores of row-aligned
-    pairs. Each layer is initialised like ``nn.Linear``.
+    pairs. Each layer is initialised like ``nn.Linear``. Paper Sec. 3.1, Fig. 2; docs/design.md#the-pddm-unit.
+
+    Raises ``TypeError`` for a width that is not an int (``in_features`` is required) and
+    ``ValueError`` for a width < 1.
     """
 
     def __init__(self, in_features, hidden_features=None, joint_features=None, *, device=None, dtype=None):
@@ -97,9 +100,13 @@ class PDDM(nn.Module):
         return V.unit_params(self)
 
     def forward(self, x, y=None):
+        """All-pairs scores: x (m, d) -> (m, m), or x (m, d), y (n, d) -> (m, n); fused and
+        differentiable; errors as ``pddm_ext.pddm_scores``."""
         return pddm_scores(x, y, *self.params())
 
     def pair_scores(self, a, b):
+        """Scores of row-aligned pairs: a, b (p, d) -> (p,); differentiable; errors as
+        ``pddm_ext.pair_scores``."""
         return pair_scores(a, b, self.params())
 
     def extra_repr(self):
