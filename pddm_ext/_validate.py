@@ -61,10 +61,26 @@ def asynchronous_checks():
         _force_async = previous
 
 
+_skip_data_checks = False  # set by already_validated()
+
+
+@contextlib.contextmanager
+def already_validated():
+    """Within this block, data-dependent checks are skipped (structural ones still run): for a
+    public entry point handing data it has just validated to another public entry point (PDDMLoss
+    enqueueing its validated batch into ``memory``), so each tensor is checked once per call."""
+    global _skip_data_checks
+    previous, _skip_data_checks = _skip_data_checks, True
+    try:
+        yield
+    finally:
+        _skip_data_checks = previous
+
+
 def check_condition(cond, message, device, exc=ValueError):
     """Raises ``exc(message)`` unless the 0-dim bool tensor ``cond`` is true, without a host sync
     where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped."""
-    if device.type == "meta":
+    if device.type == "meta" or _skip_data_checks:
         return
     if device.type == "cpu" and not (_force_async or _is_compiling()):
         if not bool(cond):
@@ -75,7 +91,7 @@ def check_condition(cond, message, device, exc=ValueError):
 
 def check_finite(name, t):
     """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile)."""
-    if t.numel() > 0:
+    if t.numel() > 0 and not _skip_data_checks:
         check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
 
 

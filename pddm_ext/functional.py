@@ -15,7 +15,7 @@ S(a, b) = -||a - b||^2 (metric="euclidean"): hard positives have low S, hard neg
 
 Every public function here validates its inputs once (``_validate``) and then calls an unchecked
 twin (``_mine_hard``, ``_batch_hard``, ``_pair_scores``) that the loss and the miner call directly
-with inputs they already validated.
+with inputs they already validated (docs/design.md#errors).
 """
 
 from __future__ import annotations

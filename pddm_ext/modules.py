@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import _validate as V
 from . import collectives
 from .functional import _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
-from .reference import hinge, squared_distance
+from .reference import quadruplet_losses, triplet_losses
 
 
 def _mean_or_zero(t):
@@ -54,7 +54,7 @@ class PDDM(nn.Module):
 
     ``unit(x)`` gives the (m, m) scores of all rows of x, ``unit(x, y)`` the (m, n) scores of x
     against y (both fused, differentiable), ``unit.pair_scores(a, b)`` the scores of row-aligned
-    pairs. Each layer is initialised like ``nn.Linear``.
+    pairs. Each layer is initialised like ``nn.Linear``. Paper Sec. 3.1, Fig. 2; docs/design.md#the-pddm-unit.
 
     ``normalize_inputs`` (bool, docs/design.md, "The two forms"): True is the form above (the paper as read:
     S ignores how far apart a and b are along a family of pairs with fixed directions of |a - b|
@@ -67,6 +67,9 @@ class PDDM(nn.Module):
     the fused all-pairs ``unit(x[, y])`` draws one mask over the c joint units per call, shared by
     all its pairs, and applies it as a rescaled w_s (the kernels compute unchanged). Mining
     (``mine_hard``, ``batch_hard``) and evaluation mode never drop.
+
+    Raises ``TypeError`` for a width that is not an int (``in_features`` is required) or a non-bool
+    ``normalize_inputs``, and ``ValueError`` for a width < 1 or a ``dropout`` outside [0, 1).
     """
 
     def __init__(self, in_features, hidden_features=None, joint_features=None, *, normalize_inputs=True,
@@ -112,6 +115,8 @@ class PDDM(nn.Module):
         return V.unit_params(self)
 
     def forward(self, x, y=None):
+        """All-pairs scores: x (m, d) -> (m, m), or x (m, d), y (n, d) -> (m, n); fused and
+        differentiable; errors as ``pddm_ext.pddm_scores``."""
         params = self.params()
         p = self._active_dropout()
         if p > 0:  # one mask over the joint units, shared by all pairs: q * mask / (1 - p) . w_s
@@ -120,7 +125,8 @@ class PDDM(nn.Module):
         return pddm_scores(x, y, *params, normalize_inputs=self.normalize_inputs)
 
     def pair_scores(self, a, b):
-        """Scores of row-aligned pairs: (p, d), (p, d) -> (p,). Differentiable."""
+        """Scores of row-aligned pairs: a, b (p, d) -> (p,); differentiable; errors as
+        ``pddm_ext.pair_scores``."""
         _check_pair_inputs(a, b, self.params())
         return self._pair_scores(a, b)
 
@@ -169,8 +175,8 @@ class PDDMLoss(nn.Module):
     A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
     and both loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``.
     The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
-    The hinge and distance terms are ``pddm_ext.reference.hinge`` / ``squared_distance`` and the
-    scores ``pddm_ext.reference.pair_scores``: the formulas' one home.
+    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
+    ``indices_tuple``), differentiated here: the formulas' one home.
 
     Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
     tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers (``TypeError`` /
@@ -264,22 +270,23 @@ class PDDMLoss(nn.Module):
         quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm", self.unit.normalize_inputs)
         loss = self._loss(f, f if f_ref is None else f_ref, quads)
         if self.memory is not None:
-            self.memory.enqueue(f.detach(), labels)
+            with V.already_validated():  # f was checked on entry: the bank need not check it again
+                self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _scores(self, a, b):
-        # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return self.unit._pair_scores(a, b)
+    def _terms(self, terms, *rows):
+        """A reference loss-terms function on validated rows, in the compute dtype (half rows are
+        computed in float32, like the scores), with the unit's form and (in training) dropout."""
+        dtype = V.compute_dtype(*rows)
+        params = tuple(p.to(dtype) for p in self.unit.params())
+        return terms(*(t.to(dtype) for t in rows), params, self.alpha, self.beta,
+                     self.unit.normalize_inputs, self.unit._active_dropout())
 
     def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        fi, fj, fk, fl = f[i], f_ref[j], f_ref[k], f[l_]
-        S_ij = self._scores(fi, fj)
-        E_m = hinge(self.alpha, S_ij, self._scores(fi, fk)) + hinge(self.alpha, S_ij, self._scores(fj, fl))
-        d_ij = squared_distance(fi, fj)
-        E_e = hinge(self.beta, -d_ij, -squared_distance(fi, fk)) + hinge(self.beta, -d_ij, -squared_distance(fj, fl))
+        E_m, E_e = self._terms(quadruplet_losses, f[i], f_ref[j], f_ref[k], f[l_])
         metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
@@ -288,9 +295,7 @@ class PDDMLoss(nn.Module):
         """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
         a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        fa, fp, fn = f[a], f_ref[p], f_ref[n]
-        E_m = hinge(self.alpha, self._scores(fa, fp), self._scores(fa, fn))
-        E_e = hinge(self.beta, -squared_distance(fa, fp), -squared_distance(fa, fn))
+        E_m, E_e = self._terms(triplet_losses, f[a], f_ref[p], f_ref[n])
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss

@@ -51,11 +51,13 @@ class MineResult(NamedTuple):
 class Metric(NamedTuple):
     """A row of ``METRICS``: how to mine with a metric and how the reference computes it.
 
-    ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls the fused op (``params`` is
+    ``op``: the fused op's name in ``torch.ops.pddm_ext`` (its fake kernel is registered from this
+    table); ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls it (``params`` is
     the unit's parameter tuple, or None when ``uses_unit`` is false; ``normalize_inputs`` selects the
     PDDM form and is ignored by metrics without a unit); ``reference_scores(x, y, params,
     normalize_inputs)`` is the plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
 
+    op: str
     mine: Callable
     reference_scores: Callable
     uses_unit: bool
@@ -63,11 +65,13 @@ class Metric(NamedTuple):
 
 METRICS = {
     "pddm": Metric(
+        op="mine_pddm",
         mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_pddm(x, lx, y, ly, *params, k, normalize_inputs),
         reference_scores=reference.SCORE_MATRICES["pddm"],
         uses_unit=True,
     ),
     "euclidean": Metric(
+        op="mine_euclidean",
         mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_euclidean(x, lx, y, ly, k),
         reference_scores=reference.SCORE_MATRICES["euclidean"],
         uses_unit=False,
@@ -114,7 +118,8 @@ def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, ou
     return (grad_x, grad_y, *(torch.empty_like(p) for p in params))
 
 
-def _mine_fake(x, x_labels, y, y_labels, k):
+def _mine_fake(x, x_labels, y, y_labels, *params_k_and_form):
+    """The outputs of every mining op (``MineResult``): only x, y and the data-dependent pair count matter."""
     m = x.shape[0]
     n = m if y is None else y.shape[0]
     ctx = torch.library.get_ctx()
@@ -126,14 +131,8 @@ def _mine_fake(x, x_labels, y, y_labels, k):
     )
 
 
-@torch.library.register_fake("pddm_ext::mine_pddm")
-def _mine_pddm_fake(x, x_labels, y, y_labels, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, k, normalize_inputs=True):
-    return _mine_fake(x, x_labels, y, y_labels, k)
-
-
-@torch.library.register_fake("pddm_ext::mine_euclidean")
-def _mine_euclidean_fake(x, x_labels, y, y_labels, k):
-    return _mine_fake(x, x_labels, y, y_labels, k)
+for _metric in METRICS.values():
+    torch.library.register_fake(f"pddm_ext::{_metric.op}")(_mine_fake)
 
 
 # --- autograd: the fused backward of scores ----------------------------------------------------

@@ -18,8 +18,9 @@ tuple).
 Parameters are passed as a tuple ``(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)`` or as a
 ``PDDM`` module (anything with those attributes).
 
-The formulas are written once, here: ``pair_scores`` (the PDDM score S), ``hinge`` and
-``squared_distance`` (the loss terms, paper Eq. 5-7) are also what ``PDDMLoss`` differentiates. This
+The formulas are written once, here: ``pair_scores`` (the PDDM score S) and ``quadruplet_losses`` /
+``triplet_losses`` (the loss terms, paper Eq. 5-7, from ``hinge`` and ``squared_distance``) are also
+what ``pddm_ext.pair_scores`` and ``PDDMLoss`` differentiate. This
 module imports nothing from the code it checks: its results are plain tuples and tensors.
 """
 
@@ -93,10 +94,33 @@ def squared_distance(a, b):
     return ((a - b) ** 2).sum(-1)
 
 
+def quadruplet_losses(f_i, f_j, f_k, f_l, unit, alpha, beta, normalize_inputs=None, dropout=0.0):
+    """Per-quadruplet loss terms (paper Eq. 5-7) for row-aligned (q, d) rows of (i, j, k, l):
+    ``E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+`` (the double-header hinge on PDDM
+    scores) and ``E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+``.
+    Returns ``(E_m, E_e)``, each (q,). ``normalize_inputs`` and ``dropout`` as in :func:`pair_scores`."""
+    S = lambda a, b: pair_scores(a, b, unit, normalize_inputs, dropout)  # noqa: E731
+    S_ij = S(f_i, f_j)
+    E_m = hinge(alpha, S_ij, S(f_i, f_k)) + hinge(alpha, S_ij, S(f_j, f_l))
+    d_ij = squared_distance(f_i, f_j)
+    E_e = hinge(beta, -d_ij, -squared_distance(f_i, f_k)) + hinge(beta, -d_ij, -squared_distance(f_j, f_l))
+    return E_m, E_e
+
+
+def triplet_losses(f_a, f_p, f_n, unit, alpha, beta, normalize_inputs=None, dropout=0.0):
+    """One header of each term of :func:`quadruplet_losses` per triplet (a, p, n): returns
+    ``([alpha + S_an - S_ap]_+, [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``, each (t,)."""
+    E_m = hinge(alpha, pair_scores(f_a, f_p, unit, normalize_inputs, dropout),
+                pair_scores(f_a, f_n, unit, normalize_inputs, dropout))
+    E_e = hinge(beta, -squared_distance(f_a, f_p), -squared_distance(f_a, f_n))
+    return E_m, E_e
+
+
 SCORE_MATRICES = {
     "pddm": pddm_scores,
     "euclidean": lambda x, y, unit, normalize_inputs=None: euclidean_scores(x, y),
 }
+
 
 
 def _score_matrix(x, y, unit, metric, normalize_inputs=None):
@@ -176,11 +200,6 @@ def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, no
     if i.numel() == 0:
         zero = embeddings.sum() * 0 + sum(p.sum() * 0 for p in _params(unit))
         return zero, zero.detach(), zero.detach(), quads
-    S_ij = pair_scores(f[i], f[j], unit)
-    S_ik = pair_scores(f[i], f[k_], unit)
-    S_jl = pair_scores(f[j], f[l_], unit)
-    E_m = hinge(alpha, S_ij, S_ik) + hinge(alpha, S_ij, S_jl)
-    d_ij = squared_distance(f[i], f[j])
-    E_e = hinge(beta, -d_ij, -squared_distance(f[i], f[k_])) + hinge(beta, -d_ij, -squared_distance(f[j], f[l_]))
+    E_m, E_e = quadruplet_losses(f[i], f[j], f[k_], f[l_], unit, alpha, beta)
     metric_loss, embedding_loss = E_m.mean(), E_e.mean()
     return metric_loss + lam * embedding_loss, metric_loss, embedding_loss, quads

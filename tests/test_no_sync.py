@@ -116,6 +116,24 @@ def test_asynchronous_checks_still_fail_on_bad_values(no_host_reads, where):
             loss_fn(x, labels, indices)
 
 
+def test_the_memory_path_checks_the_batch_once_and_the_bank_rows_once(monkeypatch):
+    checked = []  # the name of every tensor whose values were checked
+    original = V.check_condition
+    monkeypatch.setattr(V, "check_condition",
+                        lambda cond, message, *a, **k: (checked.append(message.split(" contains")[0]),
+                                                        original(cond, message, *a, **k))[1])
+    torch.manual_seed(0)
+    loss_fn = pddm_ext.PDDMLoss(6, k=3, memory=pddm_ext.MemoryBank(64, 6))
+    x, labels = _batch()
+    loss_fn(x, labels).backward()  # empty bank: batch mode
+    assert sorted(checked) == sorted(["embeddings", *V.PARAM_NAMES]), checked
+    checked.clear()
+    loss_fn(x, labels).backward()  # against the bank
+    assert sorted(checked) == sorted(["embeddings", "memory embeddings", *V.PARAM_NAMES]), checked
+    with pytest.raises(ValueError, match="embeddings contains NaN"):  # the bank's own entry still checks
+        loss_fn.memory.enqueue(torch.full((2, 6), float("nan")), torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize("call", ["loss", "loss_ref", "loss_indices", "mine_hard", "batch_hard", "miner"])
 def test_each_input_is_validated_once(monkeypatch, call):
     """Validation runs at the public entry only: each tensor's finiteness is checked exactly once."""

@@ -24,6 +24,12 @@ class MemoryBank:
     ``get()`` returns ``(embeddings, labels)`` of the filled slots in slot order: while filling,
     slots ``0 .. len(bank) - 1``; once full, all ``size`` slots, so a reference index r is slot r.
 
+    ``size`` and ``dim`` are positive ints (``TypeError`` / ``ValueError`` otherwise); ``dtype`` is
+    float32 or float64. ``enqueue`` validates like every entry point (docs/design.md#errors).
+
+    ``get`` and ``enqueue`` are the memory-bank protocol ``PDDMLoss(memory=...)`` relies on (checked by
+    duck typing, so the core does not import this class): any object with them works there too.
+
     Storage is allocated on the first ``enqueue`` with that batch's device and dtype unless
     ``device`` / ``dtype`` are given; later batches are converted to it. Not an ``nn.Module``: the
     bank is training state, not a parameter, and stays out of ``state_dict`` and DDP broadcasts.
