@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "../pddm_common.h"
@@ -143,9 +145,9 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
 }
 
 // Euclidean similarity S = -||x_i - y_r||^2 of a tile from one Gram GEMM and the squared norms,
-// on rows centred by one common vector (xc, yc_t = (y - centre)^T, (d, n); x_sq, y_sq their squared
-// norms): distances are translation invariant, and centring removes the common offset that
-// ||x||^2 + ||y||^2 - 2 x.y would cancel. The Gram form is off by at most about
+// on rows centred by one common vector (row_centre: xc, yc_t = (y - centre)^T, (d, n), and x_sq,
+// y_sq their squared norms): distances are translation invariant, and centring removes the common
+// offset that ||x||^2 + ||y||^2 - 2 x.y would cancel. The Gram form is off by at most about
 // 2 gamma_d (||x||^2 + ||y||^2) (gamma_d: the rounding bound of a d-term dot product), so pairs closer
 // than kEuclideanExactRatio * (||x||^2 + ||y||^2) are recomputed from the differences of the original
 // rows x, y: every other pair is then within 2 gamma_d / kEuclideanExactRatio = 8 gamma_d relative
@@ -163,15 +165,16 @@ void euclidean_tile(const scalar_t* xc, const scalar_t* x_sq, int64_t i0, int64_
   for (int64_t a = 0; a < ni; ++a) {
     const scalar_t xa = x_sq[i0 + a];
     scalar_t* row = S + a * nr;
-    int near = 0;
-#pragma omp simd reduction(| : near)
+    // margin < 0 exactly when some pair has dist < ratio * sq (ratio * sq is exact: a power of two)
+    scalar_t margin = std::numeric_limits<scalar_t>::max();
+#pragma omp simd reduction(min : margin)
     for (int64_t b = 0; b < nr; ++b) {
       const scalar_t sq = xa + y_sq[r0 + b];
       const scalar_t dist = sq - scalar_t(2) * row[b];
-      near |= dist < ratio * sq;
+      margin = std::min(margin, dist - ratio * sq);
       row[b] = dist > scalar_t(0) ? -dist : scalar_t(0);
     }
-    if (!near) continue;  // the common case: no pair of this row needs the exact sum
+    if (!(margin < scalar_t(0))) continue;  // the common case: no pair of this row needs the exact sum
     for (int64_t b = 0; b < nr; ++b) {
       if (-row[b] < ratio * (xa + y_sq[r0 + b])) {
         const scalar_t dist = vec::squared_distance(x + (i0 + a) * d, y + (r0 + b) * d, d);
@@ -181,24 +184,48 @@ void euclidean_tile(const scalar_t* xc, const scalar_t* x_sq, int64_t i0, int64_
   }
 }
 
-// The mean of the rows of x and y together (y may be undefined), summed serially in double: the
-// common vector euclidean_tile's rows are centred by, the same whatever the thread count.
+// The common vector euclidean_tile's rows are centred by, and whether to centre at all. It is the
+// mean of the rows of x and y together (y may be undefined; summed serially in double, so the same
+// whatever the thread count) rounded to a power-of-two grid q no coarser than the rows' spread:
+// rows near it subtract exactly, integer-valued rows stay integer-valued (their Gram sums, and so
+// their exact ties, stay exact), and a mean within q/2 of 0 (ordinary embeddings) gives 0. Rows
+// are centred only when the rounded centre holds over a quarter of their mean squared norm, the
+// scale of the Gram form's error: below that centring saves little, and the exact recomputation
+// of near pairs keeps the accuracy anyway.
 template <typename scalar_t>
-at::Tensor row_centre(const at::Tensor& x, const at::Tensor& y) {
+std::pair<at::Tensor, bool> row_centre(const at::Tensor& x, const at::Tensor& y) {
   const int64_t d = x.size(1);
-  std::vector<double> sum(d, 0.0);
+  std::vector<double> sum(d, 0.0), sum_sq(d, 0.0);
   int64_t rows = 0;
   for (const at::Tensor* t : {&x, &y}) {
     if (!t->defined()) continue;
     const scalar_t* p = t->data_ptr<scalar_t>();
-    for (int64_t i = 0; i < t->size(0); ++i)
-      for (int64_t j = 0; j < d; ++j) sum[j] += double(p[i * d + j]);
+    for (int64_t i = 0; i < t->size(0); ++i) {
+      for (int64_t j = 0; j < d; ++j) {
+        const double v = double(p[i * d + j]);
+        sum[j] += v;
+        sum_sq[j] += v * v;
+      }
+    }
     rows += t->size(0);
   }
+  double centre_sq = 0, mean_sq = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    sum[j] /= double(rows);  // now the mean
+    centre_sq += sum[j] * sum[j];
+    mean_sq += sum_sq[j] / double(rows);
+  }
+  const double spread = std::sqrt(std::max(mean_sq - centre_sq, 0.0) / double(d));  // per coordinate
+  const double q = spread > 0 ? std::exp2(std::floor(std::log2(spread))) : 1.0;
   auto centre = at::empty({d}, x.options());
   scalar_t* c = centre.data_ptr<scalar_t>();
-  for (int64_t j = 0; j < d; ++j) c[j] = scalar_t(sum[j] / double(rows));
-  return centre;
+  double rounded_sq = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double cj = std::nearbyint(sum[j] / q) * q;
+    c[j] = scalar_t(cj);
+    rounded_sq += cj * cj;
+  }
+  return {centre, 4 * rounded_sq > mean_sq};
 }
 
 // ||x_i||^2 of every row of a contiguous (rows, d) matrix, the same sum for every row.

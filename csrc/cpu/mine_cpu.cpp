@@ -181,11 +181,11 @@ MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels
   const int64_t d = x.size(1), n = y.size(0);
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "euclidean_mine_cpu", [&] {
-    // Both sides centred by one common vector (see euclidean_tile); x and y themselves serve the
-    // exact recomputation of near pairs.
-    const auto centre = row_centre<scalar_t>(x, batch ? at::Tensor() : y);
-    const auto xc = (x - centre).contiguous();
-    const auto yc = batch ? xc : (y - centre).contiguous();
+    // Both sides centred by one common vector when they share a large offset (see euclidean_tile,
+    // row_centre); x and y themselves serve the exact recomputation of near pairs.
+    const auto [centre, shift] = row_centre<scalar_t>(x, batch ? at::Tensor() : y);
+    const auto xc = shift ? (x - centre).contiguous() : x;
+    const auto yc = batch ? xc : (shift ? (y - centre).contiguous() : y);
     const auto x_sq = row_squared_norms<scalar_t>(xc);
     const auto y_sq = batch ? x_sq : row_squared_norms<scalar_t>(yc);
     const auto yc_t = yc.t().contiguous();  // (d, n): the Gram GEMM's right operand, packed once

@@ -49,6 +49,7 @@ struct Problem {
   Vec W_u, b_u, W_v, b_v, W_c, b_c, w_s;
   double b_s;
   std::vector<int64_t> lx, ly;
+  bool normalize_inputs = true;  // SPEC §1 "Two forms": false = the distance-aware form
 };
 
 Vec normalize(const Vec& z) {
@@ -77,8 +78,8 @@ double pddm_pair(const Problem& p, const double* a, const double* b) {
     u[k] = std::fabs(a[k] - b[k]);
     v[k] = (a[k] + b[k]) / 2;
   }
-  const Vec u1 = normalize(linear_relu(p.W_u, p.b_u, normalize(u)));
-  const Vec v1 = normalize(linear_relu(p.W_v, p.b_v, normalize(v)));
+  const Vec u1 = normalize(linear_relu(p.W_u, p.b_u, p.normalize_inputs ? normalize(u) : u));
+  const Vec v1 = normalize(linear_relu(p.W_v, p.b_v, p.normalize_inputs ? normalize(v) : v));
   Vec joint(u1);
   joint.insert(joint.end(), v1.begin(), v1.end());
   const Vec q = linear_relu(p.W_c, p.b_c, joint);
@@ -155,6 +156,7 @@ at::Tensor labels(const std::vector<int64_t>& l) {
 struct Args {
   at::Tensor x, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s;
   OptTensor y;
+  bool normalize_inputs = true;
 };
 
 Args args(const Problem& p, at::ScalarType dtype) {
@@ -165,6 +167,7 @@ Args args(const Problem& p, at::ScalarType dtype) {
   a.W_v = tensor(p.W_v, {p.h, p.d}, dtype), a.b_v = tensor(p.b_v, {p.h}, dtype);
   a.W_c = tensor(p.W_c, {p.c, 2 * p.h}, dtype), a.b_c = tensor(p.b_c, {p.c}, dtype);
   a.w_s = tensor(p.w_s, {p.c}, dtype), a.b_s = tensor({p.b_s}, {}, dtype);
+  a.normalize_inputs = p.normalize_inputs;
   return a;
 }
 
@@ -181,7 +184,7 @@ at::Tensor call_scores(const Args& a) {
           .typed<at::Tensor(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, bool)>();
-  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, true);
+  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, a.normalize_inputs);
 }
 
 ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
@@ -191,7 +194,7 @@ ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>, bool)>();
   return backward.call(grad, a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, {true, true, true},
-                       true);
+                       a.normalize_inputs);
 }
 
 MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
@@ -201,7 +204,7 @@ MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const OptTensor ly = p.batch ? OptTensor() : OptTensor(labels(p.ly));
-  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k, true);
+  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k, a.normalize_inputs);
 }
 
 MineOut call_mine_euclidean(const Problem& p, const Args& a, int64_t k) {
@@ -451,6 +454,30 @@ int main() {
   check_scores_backward(make_problem("backward batch", true, 5, 5, 3, 4, 2, at::kDouble, 11), 1e-6);
   check_scores_backward(make_problem("backward ref", false, 4, 3, 3, 5, 2, at::kDouble, 12), 1e-6);
   report("scores_backward vs finite differences", before);
+
+  // The distance-aware form: scores, gradients and mining with the per-pair input scales dropped.
+  before = failures;
+  for (auto dtype : {at::kDouble, at::kFloat}) {
+    const double tol = dtype == at::kDouble ? 1e-10 : 1e-4;
+    for (const auto& s : {Shape{true, 2, 2, 1, 3, 2}, Shape{true, 37, 37, 5, 7, 3}, Shape{false, 13, 70, 16, 8, 12}}) {
+      Problem p = make_problem(std::string("distance-aware ") + (s.batch ? "batch" : "ref") + " m=" + std::to_string(s.m) +
+                                   " " + dtype_name(dtype),
+                               s.batch, s.m, s.n, s.d, s.h, s.c, dtype, 31);
+      p.normalize_inputs = false;
+      check_scores(p, dtype, tol);
+      set_labels(p, Layout::unbalanced, 32);
+      const Vec S = all_pairs(p, pddm_pair);
+      for (int64_t k : {int64_t(1), int64_t(-1)})
+        check_mining(p, S, call_mine_pddm(p, args(p, dtype), k), k, dtype == at::kDouble ? 1e-9 : 1e-4, false);
+    }
+  }
+  for (bool batch : {true, false}) {
+    Problem p = make_problem(std::string("distance-aware backward ") + (batch ? "batch" : "ref"), batch, 5, 4, 3, 4, 2,
+                             at::kDouble, 33);
+    p.normalize_inputs = false;
+    check_scores_backward(p, 1e-6);
+  }
+  report("distance-aware form (normalize_inputs=false)", before);
 
   before = failures;
   const std::vector<Shape> mining_shapes = {
