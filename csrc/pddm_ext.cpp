@@ -11,14 +11,15 @@
 
 TORCH_LIBRARY(pddm_ext, m) {
   // S[i, r] = PDDM(x_i, y_r) (docs/design.md#the-pddm-unit); y = None means y = x (batch mode, one triangle computed).
+  // normalize_inputs: the input-normalised form (true) or the distance-aware form (false) of the unit.
   m.def(
       "scores(Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, Tensor W_c, Tensor b_c, "
-      "Tensor w_s, Tensor b_s) -> Tensor");
+      "Tensor w_s, Tensor b_s, bool normalize_inputs=True) -> Tensor");
   // Fused backward of scores: (grad_x, grad_y, grad_W_u, ..., grad_b_s). output_mask = which of
   // (x, y, parameters) need gradients; the others come back as zeros. grad_y is empty in batch mode.
   m.def(
       "scores_backward(Tensor grad, Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, "
-      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask) -> "
+      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask, bool normalize_inputs=True) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused mining (docs/design.md#mining) with the PDDM score. Labels are int64. k: how many of the lowest-scoring
   // positive pairs to return (-1: all, 0: none). Returns (hardest_positive, its score,
@@ -26,7 +27,7 @@ TORCH_LIBRARY(pddm_ext, m) {
   // an index of -1 means "no candidate" (its score is then meaningless).
   m.def(
       "mine_pddm(Tensor x, Tensor x_labels, Tensor? y, Tensor? y_labels, Tensor W_u, Tensor b_u, Tensor W_v, "
-      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k) -> "
+      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k, bool normalize_inputs=True) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same with S = -||x_i - y_r||^2.
   m.def(

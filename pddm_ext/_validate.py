@@ -245,3 +245,27 @@ def resolve_metric(metric, unit):
     if METRICS[metric].uses_unit and unit is None:
         raise ValueError(f"metric={metric!r} needs a PDDM unit: pass unit=")
     return metric
+
+
+def check_bool(name, value):
+    """A plain bool option (not a tensor, not an int)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return value
+
+
+def unit_form(unit, normalize_inputs):
+    """The form (docs/design.md, "The two forms") a call computes: ``normalize_inputs`` when given, else the
+    unit's own (``PDDM.normalize_inputs``; True for a unit without one, e.g. a parameter tuple)."""
+    if normalize_inputs is None:
+        normalize_inputs = getattr(unit, "normalize_inputs", True)
+    return check_bool("normalize_inputs", normalize_inputs)
+
+
+def check_probability(name, p):
+    """A dropout probability: a real number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    if not 0 <= p < 1:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)

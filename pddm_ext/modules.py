@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from . import collectives
-from .functional import _mine_hard, _mining_inputs, pair_scores, pddm_scores
+from .functional import _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
 from .reference import quadruplet_losses, triplet_losses
 
 
@@ -58,10 +58,25 @@ class PDDM(nn.Module):
 
     Raises ``TypeError`` for a width that is not an int (``in_features`` is required) and
     ``ValueError`` for a width < 1.
+
+    ``normalize_inputs`` (bool, docs/design.md, "The two forms"): True is the form above (the paper as read:
+    S ignores how far apart a and b are along a family of pairs with fixed directions of |a - b|
+    and a + b); False is the distance-aware form u' = relu(W_u |a - b| + b_u),
+    v' = relu(W_v (a + b) / 2 + b_v). It is saved in the state_dict; a state_dict from before the
+    option loads as the input-normalised form it was trained with.
+
+    ``dropout`` (p in [0, 1), default 0): inverted dropout on q in training mode. ``pair_scores``
+    (the path the losses train through) draws one mask per pair, like ``nn.Dropout`` on a batch;
+    the fused all-pairs ``unit(x[, y])`` draws one mask over the c joint units per call, shared by
+    all its pairs, and applies it as a rescaled w_s (the kernels compute unchanged). Mining
+    (``mine_hard``, ``batch_hard``) and evaluation mode never drop.
     """
 
-    def __init__(self, in_features, hidden_features=None, joint_features=None, *, device=None, dtype=None):
+    def __init__(self, in_features, hidden_features=None, joint_features=None, *, normalize_inputs=True,
+                 dropout=0.0, device=None, dtype=None):
         super().__init__()
+        self.normalize_inputs = V.check_bool("normalize_inputs", normalize_inputs)
+        self.dropout = V.check_probability("dropout", dropout)
         if in_features is None:  # only the widths h and c have defaults
             raise TypeError("in_features must be an int, got NoneType")
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
@@ -102,15 +117,46 @@ class PDDM(nn.Module):
     def forward(self, x, y=None):
         """All-pairs scores: x (m, d) -> (m, m), or x (m, d), y (n, d) -> (m, n); fused and
         differentiable; errors as ``pddm_ext.pddm_scores``."""
-        return pddm_scores(x, y, *self.params())
+        params = self.params()
+        p = self._active_dropout()
+        if p > 0:  # one mask over the joint units, shared by all pairs: q * mask / (1 - p) . w_s
+            keep = torch.bernoulli(torch.full_like(self.w_s, 1 - p, requires_grad=False))
+            params = params[:6] + (self.w_s * keep / (1 - p), self.b_s)
+        return pddm_scores(x, y, *params, normalize_inputs=self.normalize_inputs)
 
     def pair_scores(self, a, b):
         """Scores of row-aligned pairs: a, b (p, d) -> (p,); differentiable; errors as
         ``pddm_ext.pair_scores``."""
-        return pair_scores(a, b, self.params())
+        _check_pair_inputs(a, b, self.params())
+        return self._pair_scores(a, b)
+
+    def _pair_scores(self, a, b):
+        # pair_scores without validation (the losses check their inputs once); accepts p = 0.
+        return _pair_scores(a, b, self.params(), self.normalize_inputs, self._active_dropout())
+
+    def _active_dropout(self):
+        return self.dropout if self.training else 0.0
+
+    # The form is state: a checkpoint must score the way it was trained.
+    def get_extra_state(self):
+        return {"normalize_inputs": self.normalize_inputs}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not isinstance(state.get("normalize_inputs"), bool):
+            raise ValueError(f"PDDM state_dict: _extra_state must be {{'normalize_inputs': bool}}, got {state!r}")
+        self.normalize_inputs = state["normalize_inputs"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before normalize_inputs existed: that unit was the input-normalised form.
+        if prefix + "W_u" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"normalize_inputs": True}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, hidden_features={self.hidden_features}, joint_features={self.joint_features}"
+        extra = f", normalize_inputs={self.normalize_inputs}"
+        extra += f", dropout={self.dropout}" if self.dropout > 0 else ""
+        return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+                f"joint_features={self.joint_features}{extra}")
 
 
 class PDDMLoss(nn.Module):
@@ -221,25 +267,22 @@ class PDDMLoss(nn.Module):
                 f_ref = bank_emb.to(device=f.device, dtype=f.dtype)
         x, y, mining_params = _mining_inputs(f, f_ref, params)
         ly = None if f_ref is None else ref_labels
-        quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm")
+        quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm", self.unit.normalize_inputs)
         loss = self._loss(f, f if f_ref is None else f_ref, quads)
         if self.memory is not None:
             with V.already_validated():  # f was checked on entry: the bank need not check it again
                 self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _terms(self, terms, *rows):
-        """A reference loss-terms function on validated rows, in the compute dtype (half rows are
-        computed in float32, like the scores)."""
-        dtype = V.compute_dtype(*rows)
-        params = tuple(p.to(dtype) for p in self.unit.params())
-        return terms(*(t.to(dtype) for t in rows), params, self.alpha, self.beta)
+    def _scores(self, a, b):
+        # Inputs were validated on entry; the unchecked core also takes zero pairs.
+        return self.unit._pair_scores(a, b)
 
     def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        E_m, E_e = self._terms(quadruplet_losses, f[i], f_ref[j], f_ref[k], f[l_])
+        E_m, E_e = quadruplet_losses(f[i], f_ref[j], f_ref[k], f[l_], self._scores, self.alpha, self.beta)
         metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
@@ -248,7 +291,7 @@ class PDDMLoss(nn.Module):
         """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
         a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        E_m, E_e = self._terms(triplet_losses, f[a], f_ref[p], f_ref[n])
+        E_m, E_e = triplet_losses(f[a], f_ref[p], f_ref[n], self._scores, self.alpha, self.beta)
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss

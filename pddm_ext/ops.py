@@ -52,9 +52,10 @@ class Metric(NamedTuple):
     """A row of ``METRICS``: how to mine with a metric and how the reference computes it.
 
     ``op``: the fused op's name in ``torch.ops.pddm_ext`` (its fake kernel is registered from this
-    table); ``mine(x, x_labels, y, y_labels, params, k)`` calls it (``params`` is the unit's
-    parameter tuple, or None when ``uses_unit`` is false); ``reference_scores(x, y, params)`` is the
-    plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
+    table); ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls it (``params`` is
+    the unit's parameter tuple, or None when ``uses_unit`` is false; ``normalize_inputs`` selects the
+    PDDM form and is ignored by metrics without a unit); ``reference_scores(x, y, params,
+    normalize_inputs)`` is the plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
 
     op: str
     mine: Callable
@@ -65,25 +66,29 @@ class Metric(NamedTuple):
 METRICS = {
     "pddm": Metric(
         op="mine_pddm",
-        mine=lambda x, lx, y, ly, params, k: _ops.mine_pddm(x, lx, y, ly, *params, k),
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_pddm(x, lx, y, ly, *params, k, normalize_inputs),
         reference_scores=reference.SCORE_MATRICES["pddm"],
         uses_unit=True,
     ),
     "euclidean": Metric(
         op="mine_euclidean",
-        mine=lambda x, lx, y, ly, params, k: _ops.mine_euclidean(x, lx, y, ly, k),
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_euclidean(x, lx, y, ly, k),
         reference_scores=reference.SCORE_MATRICES["euclidean"],
         uses_unit=False,
     ),
 }
 
 
-def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
-    """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself."""
-    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)
+def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
+    """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself.
+
+    ``normalize_inputs``: the input-normalised (True) or distance-aware (False) form
+    (docs/design.md, "The two forms").
+    """
+    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs)
 
 
-def mine(x, x_labels, y, y_labels, params, k, metric=None):
+def mine(x, x_labels, y, y_labels, params, k, metric=None, normalize_inputs=True):
     """Fused per-row/column reductions and the k lowest positive pairs, as a :class:`MineResult`.
 
     ``metric``: a name in ``METRICS`` (default: "pddm" when ``params`` is given, else "euclidean").
@@ -92,20 +97,20 @@ def mine(x, x_labels, y, y_labels, params, k, metric=None):
     """
     if metric is None:
         metric = "euclidean" if params is None else "pddm"
-    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k))
+    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k, normalize_inputs))
 
 
 # --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------
 
 
 @torch.library.register_fake("pddm_ext::scores")
-def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
+def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
     n = x.shape[0] if y is None else y.shape[0]
     return x.new_empty((x.shape[0], n))
 
 
 @torch.library.register_fake("pddm_ext::scores_backward")
-def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask):
+def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask, normalize_inputs=True):
     # An input that needs no gradient (output_mask) gets an empty (0,) tensor.
     grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
     grad_y = torch.empty_like(y) if y is not None and output_mask[1] else x.new_empty((0,))
@@ -113,7 +118,7 @@ def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, ou
     return (grad_x, grad_y, *(torch.empty_like(p) for p in params))
 
 
-def _mine_fake(x, x_labels, y, y_labels, *params_and_k):
+def _mine_fake(x, x_labels, y, y_labels, *params_and_k, **options):
     """The outputs of every mining op (``MineResult``): only x, y and the data-dependent pair count matter."""
     m = x.shape[0]
     n = m if y is None else y.shape[0]
@@ -134,8 +139,10 @@ for _metric in METRICS.values():
 
 
 def _scores_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs if t is not None))
+    tensors, ctx.normalize_inputs = inputs[:10], (inputs[10] if len(inputs) > 10 else True)
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
     ctx.batch_mode = inputs[1] is None
+    ctx.num_inputs = len(inputs)
 
 
 def _scores_backward(ctx, grad):
@@ -145,12 +152,12 @@ def _scores_backward(ctx, grad):
     else:
         x, y, params = saved[0], saved[1], saved[2:]
     needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(needs[1]), any(needs[2:])]
-    grads = _ops.scores_backward(grad, x, y, *params, mask)
+    mask = [bool(needs[0]), bool(needs[1]), any(needs[2:10])]
+    grads = _ops.scores_backward(grad, x, y, *params, mask, ctx.normalize_inputs)
     grad_x = grads[0] if needs[0] else None
     grad_y = grads[1] if (y is not None and needs[1]) else None
-    grad_params = [g if need else None for g, need in zip(grads[2:], needs[2:])]
-    return (grad_x, grad_y, *grad_params)
+    grad_params = [g if need else None for g, need in zip(grads[2:], needs[2:10])]
+    return (grad_x, grad_y, *grad_params) + (None,) * (ctx.num_inputs - 10)
 
 
 torch.library.register_autograd("pddm_ext::scores", _scores_backward, setup_context=_scores_setup_context)

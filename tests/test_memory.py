@@ -174,9 +174,9 @@ BIG_BANK_SCRIPT = textwrap.dedent(
     ops.scores = forbidden("ops.scores")
     mined_against = []
     fused_mine = ops.mine
-    def spy(x, lx, y, ly, params, k, metric=None):
+    def spy(x, lx, y, ly, params, k, *args, **kwargs):
         mined_against.append((tuple(x.shape), None if y is None else tuple(y.shape)))
-        return fused_mine(x, lx, y, ly, params, k, metric)
+        return fused_mine(x, lx, y, ly, params, k, *args, **kwargs)
     ops.mine = spy
 
     torch.manual_seed(0)

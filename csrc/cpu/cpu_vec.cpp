@@ -203,6 +203,16 @@ PDDM_INLINE void abs_diff_impl(const T* __restrict x, const T* __restrict y, T* 
 }
 
 template <typename T>
+PDDM_INLINE T squared_distance_impl(const T* __restrict x, const T* __restrict y, int64_t d) {
+  T sq[kLanes<T>] = {};
+  for_lanes<T>(d, [&](int64_t k, int l) {
+    const T diff = x[k] - y[k];
+    sq[l] += diff * diff;
+  });
+  return lane_sum(sq);
+}
+
+template <typename T>
 PDDM_INLINE T branch_units_impl(const T* __restrict a, const T* __restrict b, T scale, const T* __restrict bias,
                            T* __restrict out, int64_t h) {
   T sq[kLanes<T>] = {};
@@ -322,6 +332,7 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
   PDDM_CPU_CLONES __attribute__((optimize("no-tree-vectorize"))) T dot(const T* x, const T* y, int64_t d) {  \
     return dot_impl(x, y, d);                                                                                \
   }                                                                                                          \
+  PDDM_CPU_CLONES T squared_distance(const T* x, const T* y, int64_t d) { return squared_distance_impl(x, y, d); } \
   PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
     abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
   }                                                                                                          \

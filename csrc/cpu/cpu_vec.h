@@ -28,6 +28,10 @@ void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
                         double* C);
 
+// sum_k (x[k] - y[k])^2, summed from the differences (no cancellation); bitwise the same for equal inputs.
+float squared_distance(const float* x, const float* y, int64_t d);
+double squared_distance(const double* x, const double* y, int64_t d);
+
 // u[k] = |x[k] - y[k]|; *sq_diff = ||x - y||^2, *sq_sum = ||x + y||^2.
 void abs_diff(const float* x, const float* y, float* u, int64_t d, float* sq_diff, float* sq_sum);
 void abs_diff(const double* x, const double* y, double* u, int64_t d, double* sq_diff, double* sq_sum);

@@ -490,7 +490,7 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
 MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, const std::optional<at::Tensor>& y_in,
                           const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                           const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k) {
+                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -511,7 +511,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     using T = scalar_t;
     const PddmParams<T> w{W_uc.data_ptr<T>(), b_uc.data_ptr<T>(), b_vc.data_ptr<T>(), W_cc.data_ptr<T>(),
                           b_cc.data_ptr<T>(), w_sc.data_ptr<T>(), b_sc.data_ptr<T>(), W_u.size(1),
-                          h,                  W_c.size(0)};
+                          h,                  W_c.size(0),        W_vc.data_ptr<T>(), normalize_inputs};
     const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count,

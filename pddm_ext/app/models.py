@@ -1,6 +1,6 @@
 """Embedding networks: a small CNN for the 8x8 / 28x28 / 32x32 sets, a torchvision backbone for
 ``folder:`` datasets when torchvision is importable. Every model returns L2-normalised embeddings
-(SPEC §4: features live on the unit hypersphere)."""
+(docs/design.md, "The loss": features live on the unit hypersphere)."""
 
 from __future__ import annotations
 

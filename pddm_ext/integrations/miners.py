@@ -63,11 +63,11 @@ class _PDDMMining:
         prep = (lambda t: F.normalize(t.detach(), dim=1)) if self.normalize else (lambda t: t.detach())  # noqa: E731
         x = prep(embeddings)
         y = None if batch_mode else prep(ref_emb)
-        x, lx, y, ly, params, metric = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
+        x, lx, y, ly, params, metric, form = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
         if self.mode == "batch_hard":
             self.last_quadruplets = None
-            return _batch_hard(x, lx, y, ly, params, metric)
-        quads = _mine_hard(x, lx, y, ly, params, self.k, metric)
+            return _batch_hard(x, lx, y, ly, params, metric, form)
+        quads = _mine_hard(x, lx, y, ly, params, self.k, metric, form)
         self.last_quadruplets = quads
         return quads.as_triplets()
 
