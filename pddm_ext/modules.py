@@ -56,6 +56,9 @@ class PDDM(nn.Module):
     against y (both fused, differentiable), ``unit.pair_scores(a, b)`` the scores of row-aligned
     pairs. Each layer is initialised like ``nn.Linear``. Paper Sec. 3.1, Fig. 2; docs/design.md#the-pddm-unit.
 
+    Raises ``TypeError`` for a width that is not an int (``in_features`` is required) and
+    ``ValueError`` for a width < 1.
+
     ``normalize_inputs`` (bool, docs/design.md, "The two forms"): True is the form above (the paper as read:
     S ignores how far apart a and b are along a family of pairs with fixed directions of |a - b|
     and a + b); False is the distance-aware form u' = relu(W_u |a - b| + b_u),
@@ -67,9 +70,6 @@ class PDDM(nn.Module):
     the fused all-pairs ``unit(x[, y])`` draws one mask over the c joint units per call, shared by
     all its pairs, and applies it as a rescaled w_s (the kernels compute unchanged). Mining
     (``mine_hard``, ``batch_hard``) and evaluation mode never drop.
-
-    Raises ``TypeError`` for a width that is not an int (``in_features`` is required) or a non-bool
-    ``normalize_inputs``, and ``ValueError`` for a width < 1 or a ``dropout`` outside [0, 1).
     """
 
     def __init__(self, in_features, hidden_features=None, joint_features=None, *, normalize_inputs=True,
@@ -274,19 +274,15 @@ class PDDMLoss(nn.Module):
                 self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _terms(self, terms, *rows):
-        """A reference loss-terms function on validated rows, in the compute dtype (half rows are
-        computed in float32, like the scores), with the unit's form and (in training) dropout."""
-        dtype = V.compute_dtype(*rows)
-        params = tuple(p.to(dtype) for p in self.unit.params())
-        return terms(*(t.to(dtype) for t in rows), params, self.alpha, self.beta,
-                     self.unit.normalize_inputs, self.unit._active_dropout())
+    def _scores(self, a, b):
+        # Inputs were validated on entry; the unchecked core also takes zero pairs.
+        return self.unit._pair_scores(a, b)
 
     def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        E_m, E_e = self._terms(quadruplet_losses, f[i], f_ref[j], f_ref[k], f[l_])
+        E_m, E_e = quadruplet_losses(f[i], f_ref[j], f_ref[k], f[l_], self._scores, self.alpha, self.beta)
         metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
@@ -295,7 +291,7 @@ class PDDMLoss(nn.Module):
         """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
         a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        E_m, E_e = self._terms(triplet_losses, f[a], f_ref[p], f_ref[n])
+        E_m, E_e = triplet_losses(f[a], f_ref[p], f_ref[n], self._scores, self.alpha, self.beta)
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss

@@ -118,7 +118,7 @@ def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, ou
     return (grad_x, grad_y, *(torch.empty_like(p) for p in params))
 
 
-def _mine_fake(x, x_labels, y, y_labels, *params_k_and_form):
+def _mine_fake(x, x_labels, y, y_labels, *params_and_k, **options):
     """The outputs of every mining op (``MineResult``): only x, y and the data-dependent pair count matter."""
     m = x.shape[0]
     n = m if y is None else y.shape[0]

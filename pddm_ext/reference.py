@@ -94,24 +94,23 @@ def squared_distance(a, b):
     return ((a - b) ** 2).sum(-1)
 
 
-def quadruplet_losses(f_i, f_j, f_k, f_l, unit, alpha, beta, normalize_inputs=None, dropout=0.0):
+def quadruplet_losses(f_i, f_j, f_k, f_l, score, alpha, beta):
     """Per-quadruplet loss terms (paper Eq. 5-7) for row-aligned (q, d) rows of (i, j, k, l):
     ``E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+`` (the double-header hinge on PDDM
     scores) and ``E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+``.
-    Returns ``(E_m, E_e)``, each (q,). ``normalize_inputs`` and ``dropout`` as in :func:`pair_scores`."""
-    S = lambda a, b: pair_scores(a, b, unit, normalize_inputs, dropout)  # noqa: E731
-    S_ij = S(f_i, f_j)
-    E_m = hinge(alpha, S_ij, S(f_i, f_k)) + hinge(alpha, S_ij, S(f_j, f_l))
+    ``score(a, b)`` gives the (q,) scores of row-aligned pairs (e.g. ``pair_scores`` with a unit).
+    Returns ``(E_m, E_e)``, each (q,)."""
+    S_ij = score(f_i, f_j)
+    E_m = hinge(alpha, S_ij, score(f_i, f_k)) + hinge(alpha, S_ij, score(f_j, f_l))
     d_ij = squared_distance(f_i, f_j)
     E_e = hinge(beta, -d_ij, -squared_distance(f_i, f_k)) + hinge(beta, -d_ij, -squared_distance(f_j, f_l))
     return E_m, E_e
 
 
-def triplet_losses(f_a, f_p, f_n, unit, alpha, beta, normalize_inputs=None, dropout=0.0):
+def triplet_losses(f_a, f_p, f_n, score, alpha, beta):
     """One header of each term of :func:`quadruplet_losses` per triplet (a, p, n): returns
     ``([alpha + S_an - S_ap]_+, [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``, each (t,)."""
-    E_m = hinge(alpha, pair_scores(f_a, f_p, unit, normalize_inputs, dropout),
-                pair_scores(f_a, f_n, unit, normalize_inputs, dropout))
+    E_m = hinge(alpha, score(f_a, f_p), score(f_a, f_n))
     E_e = hinge(beta, -squared_distance(f_a, f_p), -squared_distance(f_a, f_n))
     return E_m, E_e
 
@@ -120,7 +119,6 @@ SCORE_MATRICES = {
     "pddm": pddm_scores,
     "euclidean": lambda x, y, unit, normalize_inputs=None: euclidean_scores(x, y),
 }
-
 
 
 def _score_matrix(x, y, unit, metric, normalize_inputs=None):
@@ -200,6 +198,6 @@ def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, no
     if i.numel() == 0:
         zero = embeddings.sum() * 0 + sum(p.sum() * 0 for p in _params(unit))
         return zero, zero.detach(), zero.detach(), quads
-    E_m, E_e = quadruplet_losses(f[i], f[j], f[k_], f[l_], unit, alpha, beta)
+    E_m, E_e = quadruplet_losses(f[i], f[j], f[k_], f[l_], lambda a, b: pair_scores(a, b, unit), alpha, beta)
     metric_loss, embedding_loss = E_m.mean(), E_e.mean()
     return metric_loss + lam * embedding_loss, metric_loss, embedding_loss, quads
