@@ -172,20 +172,16 @@ wheel-check: wheel
 # oldest-torch: the smoke subset (tests/test_smoke.py) against the oldest torch pyproject.toml claims,
 # in its own venv. PyPI has only CUDA builds of old torch for Linux (they run on the CPU but import
 # only with their nvidia-* wheels: ~3 GB to download); the package is built CPU-only (PDDM_EXT_CUDA=0)
-# in a copy of the tree, as cuda-build does. numpy < 2: the numpy torch 2.4 was released with.
+# in a copy of the tree, as cuda-build does; the other packages: .ci/requirements-oldest.txt.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TORCH_SPEC ?= torch==2.4.1
-OLDEST_REQUIREMENTS := 'numpy<2' setuptools wheel ninja pytest scikit-learn matplotlib tqdm 'pytorch-metric-learning>=2.0'
+OLDEST_REQUIREMENTS ?= .ci/requirements-oldest.txt
 OLDEST_TREE := build/oldest-tree
 OLDEST_TEMP := build/oldest-temp
 
-$(OLDEST_VENV)/bin/python:
-	$(PYTHON) -m venv $(OLDEST_VENV)
-
-$(OLDEST_VENV)/.deps-stamp: FORCE | $(OLDEST_VENV)/bin/python
-	@want='$(OLDEST_TORCH_SPEC) $(OLDEST_REQUIREMENTS)'; \
-	  if [ "$$(cat $@ 2>/dev/null)" != "$$want" ]; then \
-	    $(OLDEST_VENV)/bin/python -m pip install $(PIP_FLAGS) '$(OLDEST_TORCH_SPEC)' $(OLDEST_REQUIREMENTS) && echo "$$want" > $@; fi
+$(eval $(call venv_rules,$(OLDEST_VENV),$(OLDEST_TORCH_SPEC)))
+$(OLDEST_VENV)/.deps-stamp: REQUIREMENTS = $(OLDEST_REQUIREMENTS)
+$(OLDEST_VENV)/.deps-stamp: $(OLDEST_REQUIREMENTS)
 
 oldest-torch: $(OLDEST_VENV)/.deps-stamp
 	rm -rf $(OLDEST_TREE)

@@ -226,3 +226,14 @@ def test_bad_k_and_block_rows():
 def test_map_at_r_without_any_class_of_two_rows_is_an_error():
     with pytest.raises(ValueError, match="no class has two or more rows"):
         ev.map_at_r(torch.randn(4, 2), [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_go_to_the_smaller_index_at_every_cutoff(dtype):
+    # small integer coordinates: many equal distances, inside the k nearest and across the k-th
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (30, 2), generator=g).to(dtype)
+    for k in (1, 3, 7, 29):
+        nn_idx = ev.nearest_neighbours(x, k, block_rows=8)
+        for i in range(len(x)):
+            assert nn_idx[i].tolist() == exact_ranking(x, i)[:k], (k, i)

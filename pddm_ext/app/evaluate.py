@@ -14,8 +14,9 @@ distances in index order). The metrics:
 Distances are exact to the precision of the input: float64 embeddings are ranked by
 ``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")`` (differences, never the expansion
 |a|^2 + |b|^2 - 2 a.b, which cancels for rows far from the origin); other floating dtypes are ranked in
-float64 after subtracting the mean row (the expansion in float64 then errs by about d * 2^-52 of the
-squared spread, far below float32's own rounding). Work is done in blocks of ``block_rows`` queries, so
+float64 after subtracting the coordinate-wise median (exact; it removes any common offset), where the
+expansion errs by about d * 2^-52 of the squared spread, far below float32's own rounding. Equal
+distances (as computed) rank in index order. Work is done in blocks of ``block_rows`` queries, so
 memory stays O(block_rows * n).
 
 Every function validates its inputs before computing: ``TypeError`` for a non-tensor or non-floating
@@ -97,8 +98,11 @@ def _distance_blocks(x, block_rows):
             stop = min(start + block_rows, x.shape[0])
             yield start, stop, torch.cdist(x[start:stop], x, compute_mode="donot_use_mm_for_euclid_dist")
         return
+    # Distances are translation invariant: remove the common offset, with the coordinate-wise median
+    # (a value of the data in every coordinate), so that x - centre is exact in float64 and small
+    # integer or dyadic data keep exactly equal distances equal.
     c = x.double()
-    c = c - c.mean(0, keepdim=True)  # distances are translation invariant: remove the common offset
+    c = c - c.median(0, keepdim=True).values
     sq = (c * c).sum(1)
     for start in range(0, x.shape[0], block_rows):
         stop = min(start + block_rows, x.shape[0])
@@ -111,8 +115,21 @@ def _ranked_neighbours(x, k, block_rows):
     for start, stop, dist in _distance_blocks(x, block_rows):
         rows = torch.arange(start, stop, device=x.device)
         dist[rows - start, rows] = float("inf")  # a row never retrieves itself
-        out[start:stop] = torch.sort(dist, dim=1, stable=True).indices[:, :k]  # ties: smaller index first
+        out[start:stop] = _k_smallest_in_index_order(dist, k)
     return out
+
+
+def _k_smallest_in_index_order(dist, k):
+    """Per row, the indices of the k smallest entries, ascending, equal values in index order: what a
+    stable sort would give, at the cost of a topk (a full sort of every row is many times slower)."""
+    kth = dist.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
+    less = dist < kth
+    equal = dist == kth
+    # all entries below the k-th value, then the first (k - #below) entries equal to it, by index
+    selected = less | (equal & (equal.cumsum(1) <= k - less.sum(1, keepdim=True)))
+    idx = selected.nonzero()[:, 1].view(dist.shape[0], k)  # ascending index within each row
+    order = dist.gather(1, idx).sort(dim=1, stable=True).indices
+    return idx.gather(1, order)
 
 
 def nearest_neighbours(embeddings, k, *, block_rows=1024):
