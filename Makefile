@@ -29,7 +29,8 @@ PIP_FLAGS ?= --progress-bar off
 CMAKE_DIR := build/cmake
 
 CUDA_VENV ?= .venv-cuda
-CUDA_TORCH_SPEC ?= torch==2.14.1
+# torchvision built for that torch: the resnet18 backbone tests run in this venv (on the CPU).
+CUDA_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CUDA_HOME ?= /usr/local/cuda-13.0
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 CUDA_TREE := build/cuda-tree
@@ -40,7 +41,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts bench gpu-check
+.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts bench gpu-check \
+  wheel wheel-check oldest-torch
 
 test: install cpp-test pytest
 
@@ -56,7 +58,7 @@ $(1)/.torch-spec: FORCE | $(1)/bin/python
 	@echo '$(2)' | cmp -s - $$@ || echo '$(2)' > $$@
 
 $(1)/.deps-stamp: $(1)/.torch-spec $$(REQUIREMENTS)
-	$(1)/bin/python -m pip install $$(PIP_FLAGS) -r $$(REQUIREMENTS) '$(2)'
+	$(1)/bin/python -m pip install $$(PIP_FLAGS) -r $$(REQUIREMENTS) $(foreach spec,$(2),'$(spec)')
 	touch $$@
 endef
 
@@ -111,7 +113,7 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 	site=$$('$(abspath $(CUDA_VENV))/bin/python' -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  echo '$(abspath $(CUDA_TREE))' > "$$site/pddm_ext_cuda_tree.pth"
 	cd $(CUDA_TREE) && '$(abspath $(CUDA_VENV))/bin/python' .ci/check_cuda_build.py
-	cd $(CUDA_TREE) && { $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
+	cd $(CUDA_TREE) && { export PDDM_EXT_REQUIRE_TORCHVISION=1; $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
 
 # ---- Targets of other parts of the project ----------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check
@@ -148,6 +150,54 @@ bench: install
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# ---- Packaging and the supported torch range (issue 16) ----------------------------------------
+# wheel: dist/pddm_ext-*.whl built against the venv's torch (CPU kernels; PDDM_EXT_CUDA as for pip).
+# wheel-check: that wheel installed into a fresh venv (no system site-packages) with the same torch,
+# imported and run from outside the checkout: one op against the reference and opcheck.
+WHEEL_VENV ?= build/wheel-venv
+
+wheel: $(VENV)/.deps-stamp
+	rm -rf dist
+	PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
+	  $(VENV)/bin/python -m pip wheel $(PIP_FLAGS) --no-build-isolation --no-deps -w dist .
+	ls -l dist
+
+wheel-check: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install $(PIP_FLAGS) '$(TORCH_SPEC)' dist/pddm_ext-*.whl
+	cp .ci/wheel_smoke.py $(WHEEL_VENV)/
+	cd $(WHEEL_VENV) && bin/python wheel_smoke.py
+
+# oldest-torch: the smoke subset (tests/test_smoke.py) against the oldest torch pyproject.toml claims,
+# in its own venv. PyPI has only CUDA builds of old torch for Linux (they run on the CPU but import
+# only with their nvidia-* wheels: ~3 GB to download); the package is built CPU-only (PDDM_EXT_CUDA=0)
+# in a copy of the tree, as cuda-build does. numpy < 2: the numpy torch 2.4 was released with.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TORCH_SPEC ?= torch==2.4.1
+OLDEST_REQUIREMENTS := 'numpy<2' setuptools wheel ninja pytest scikit-learn matplotlib tqdm 'pytorch-metric-learning>=2.0'
+OLDEST_TREE := build/oldest-tree
+OLDEST_TEMP := build/oldest-temp
+
+$(OLDEST_VENV)/bin/python:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+
+$(OLDEST_VENV)/.deps-stamp: FORCE | $(OLDEST_VENV)/bin/python
+	@want='$(OLDEST_TORCH_SPEC) $(OLDEST_REQUIREMENTS)'; \
+	  if [ "$$(cat $@ 2>/dev/null)" != "$$want" ]; then \
+	    $(OLDEST_VENV)/bin/python -m pip install $(PIP_FLAGS) '$(OLDEST_TORCH_SPEC)' $(OLDEST_REQUIREMENTS) && echo "$$want" > $@; fi
+
+oldest-torch: $(OLDEST_VENV)/.deps-stamp
+	rm -rf $(OLDEST_TREE)
+	mkdir -p $(OLDEST_TREE) $(OLDEST_TEMP)
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST_TREE)
+	cd $(OLDEST_TREE) && PATH="$(abspath $(OLDEST_VENV))/bin:$$PATH" PDDM_EXT_CUDA=0 PDDM_EXT_WERROR=$(WERROR) \
+	  MAX_JOBS=$(JOBS) '$(abspath $(OLDEST_VENV))/bin/python' setup.py -q build_ext --inplace \
+	  --build-temp '$(abspath $(OLDEST_TEMP))'
+	cd $(OLDEST_TREE) && '$(abspath $(OLDEST_VENV))/bin/python' -c 'import torch; print("oldest-torch: torch", torch.__version__)'
+	cd $(OLDEST_TREE) && '$(abspath $(OLDEST_VENV))/bin/python' -m pytest -q -ra -p no:cacheprovider tests/test_smoke.py
+
 # ---- Cleaning ---------------------------------------------------------------------------------
 clean:
 	rm -rf build dist *.egg-info pddm_ext/_C*.so .pytest_cache .hypothesis
@@ -155,6 +205,6 @@ clean:
 	find . -name __pycache__ -type d -not -path './.venv*' -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(CUDA_VENV)
+	rm -rf $(VENV) $(CUDA_VENV) $(OLDEST_VENV)
 
 FORCE:

@@ -1,5 +1,5 @@
-// Math shared by the CPU and CUDA kernels: the per-pair pieces of SPEC §1, the tie rules of
-// SPEC §3 and the tile index arithmetic of batch mode. Everything here is host/device inline.
+// Math shared by the CPU and CUDA kernels: the per-pair pieces of docs/design.md#the-pddm-unit, the tie rules of
+// docs/design.md#ties-and-tolerance and the tile index arithmetic of batch mode. Everything here is host/device inline.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -9,7 +9,7 @@
 
 namespace pddm_ext {
 
-// SPEC §1: normalize(z) = z / max(||z||, eps), the semantics of torch.nn.functional.normalize.
+// docs/design.md#the-pddm-unit: normalize(z) = z / max(||z||, eps), the semantics of torch.nn.functional.normalize.
 constexpr double kNormEps = 1e-12;
 
 C10_HOST_DEVICE inline float pddm_sqrt(float z) { return sqrtf(z); }
@@ -32,7 +32,7 @@ C10_HOST_DEVICE inline T branch_unit(T projection, T inv_norm, T bias) {
   return relu(projection * inv_norm + bias);
 }
 
-// Per-pair input scales of the two branches (SPEC §1 "Two forms"). The difference branch is
+// Per-pair input scales of the two branches (docs/design.md "The two forms"). The difference branch is
 // W_u u * diff_scale, the mean branch (W_v a + W_v b) * mean_scale = W_v v * 2 mean_scale:
 // normalize_inputs = true (the input-normalised form) gives 1 / max(||u||, eps) and
 // 1 / (2 max(||v||, eps)); false (the distance-aware form) gives 1 and 1/2.
@@ -68,7 +68,7 @@ C10_HOST_DEVICE inline T mean_scale_coef(T g, T norm_v, bool normalize_inputs) {
 // and normalize(v) divides by ||a + b||, so the error reaches the score undamped: ~ rho * gamma,
 // unbounded as b -> -a. Pairs with rho > kMeanDirectRatio take the direct product: everywhere else
 // the factorised branch is within 8x the direct bound (float32, d = 128: 8 * 128 * 6e-8 = 6e-5 worst
-// case, ~1e-6 typical, inside SPEC §3's 1e-4). rho > 8 means an angle above ~166 degrees between
+// case, ~1e-6 typical, inside docs/design.md "Ties and tolerance"'s 1e-4). rho > 8 means an angle above ~166 degrees between
 // rows of equal norm: rare in ordinary batches, and a direct pair costs O(h d), the order of its
 // difference branch. Both inputs of the test are the per-pair sums every kernel already forms.
 constexpr double kMeanDirectRatio = 8.0;
@@ -93,7 +93,7 @@ C10_HOST_DEVICE inline T normalize_backward(T dz, T z, T s, T norm) {
   return norm > T(kNormEps) ? (dz - z * s) / norm : dz / T(kNormEps);
 }
 
-// Tie rules (SPEC §3): exact ties go to the smallest index. best_idx < 0 means "no candidate yet".
+// Tie rules (docs/design.md#ties-and-tolerance): exact ties go to the smallest index. best_idx < 0 means "no candidate yet".
 template <typename T>
 C10_HOST_DEVICE inline bool beats_max(T s, int64_t idx, T best_s, int64_t best_idx) {
   return best_idx < 0 || s > best_s || (s == best_s && idx < best_idx);

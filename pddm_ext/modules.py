@@ -1,4 +1,9 @@
-"""``PDDM`` (the learned metric unit) and ``PDDMLoss`` (the paper's training loss), SPEC §1, §4."""
+"""``PDDM`` (the learned metric unit) and ``PDDMLoss`` (the paper's training loss); docs/design.md.
+
+The core: this module imports neither the trainer integrations nor the application. ``PDDMLoss``'s
+``memory=`` takes any object with the memory-bank protocol (``get()``, ``enqueue(embeddings, labels)``,
+e.g. ``pddm_ext.MemoryBank``) and ``distributed=True`` uses the core's ``pddm_ext.collectives``.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as V
-from .functional import _check_pair_inputs, _pair_scores, mine_hard, pddm_scores
+from . import collectives
+from .functional import _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
+from .reference import quadruplet_losses, triplet_losses
 
 
 def _mean_or_zero(t):
     """mean(t), or 0 for an empty t, still connected to the graph; no data-dependent branch, so
     torch.compile traces it as one graph."""
     return t.sum() / torch.ones_like(t).sum().clamp_min(1)
+
+
+def _check_indices_tuple(indices_tuple, rows, ref_rows, device):
+    """``indices_tuple = (a, p, n)``: three 1-D integer index vectors of one length, a into the
+    ``rows`` embeddings, p and n into the ``ref_rows`` references (the embeddings themselves unless
+    ``ref_emb`` is given). Returned as int64 on ``device``."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 3:
+        length = len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else "?"
+        raise ValueError("indices_tuple must be a triplet tuple (anchors, positives, negatives), "
+                         f"got {type(indices_tuple).__name__} of length {length}")
+    a = V.check_indices("indices_tuple[0] (anchors)", indices_tuple[0], rows, "embeddings", device)
+    p = V.check_indices("indices_tuple[1] (positives)", indices_tuple[1], ref_rows, "the references", device)
+    n = V.check_indices("indices_tuple[2] (negatives)", indices_tuple[2], ref_rows, "the references", device)
+    if not a.shape == p.shape == n.shape:
+        raise ValueError(f"indices_tuple tensors must have one length, got {a.shape[0]}, {p.shape[0]}, {n.shape[0]}")
+    return a, p, n
 
 
 class PDDM(nn.Module):
@@ -31,9 +54,9 @@ class PDDM(nn.Module):
 
     ``unit(x)`` gives the (m, m) scores of all rows of x, ``unit(x, y)`` the (m, n) scores of x
     against y (both fused, differentiable), ``unit.pair_scores(a, b)`` the scores of row-aligned
-    pairs. Each layer is initialised like ``nn.Linear``.
+    pairs. Each layer is initialised like ``nn.Linear``. Paper Sec. 3.1, Fig. 2; docs/design.md#the-pddm-unit.
 
-    ``normalize_inputs`` (bool, SPEC §1 "Two forms"): True is the form above (the paper as read:
+    ``normalize_inputs`` (bool, docs/design.md, "The two forms"): True is the form above (the paper as read:
     S ignores how far apart a and b are along a family of pairs with fixed directions of |a - b|
     and a + b); False is the distance-aware form u' = relu(W_u |a - b| + b_u),
     v' = relu(W_v (a + b) / 2 + b_v). It is saved in the state_dict; a state_dict from before the
@@ -44,6 +67,9 @@ class PDDM(nn.Module):
     the fused all-pairs ``unit(x[, y])`` draws one mask over the c joint units per call, shared by
     all its pairs, and applies it as a rescaled w_s (the kernels compute unchanged). Mining
     (``mine_hard``, ``batch_hard``) and evaluation mode never drop.
+
+    Raises ``TypeError`` for a width that is not an int (``in_features`` is required) or a non-bool
+    ``normalize_inputs``, and ``ValueError`` for a width < 1 or a ``dropout`` outside [0, 1).
     """
 
     def __init__(self, in_features, hidden_features=None, joint_features=None, *, normalize_inputs=True,
@@ -89,6 +115,8 @@ class PDDM(nn.Module):
         return V.unit_params(self)
 
     def forward(self, x, y=None):
+        """All-pairs scores: x (m, d) -> (m, m), or x (m, d), y (n, d) -> (m, n); fused and
+        differentiable; errors as ``pddm_ext.pddm_scores``."""
         params = self.params()
         p = self._active_dropout()
         if p > 0:  # one mask over the joint units, shared by all pairs: q * mask / (1 - p) . w_s
@@ -97,7 +125,8 @@ class PDDM(nn.Module):
         return pddm_scores(x, y, *params, normalize_inputs=self.normalize_inputs)
 
     def pair_scores(self, a, b):
-        """Scores of row-aligned pairs: (p, d), (p, d) -> (p,). Differentiable."""
+        """Scores of row-aligned pairs: a, b (p, d) -> (p,); differentiable; errors as
+        ``pddm_ext.pair_scores``."""
         _check_pair_inputs(a, b, self.params())
         return self._pair_scores(a, b)
 
@@ -132,7 +161,7 @@ class PDDM(nn.Module):
 
 class PDDMLoss(nn.Module):
     """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
-    a triplet-style embedding loss, trained end to end (SPEC §4).
+    a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss").
 
     ``forward(embeddings, labels)``:
 
@@ -146,116 +175,127 @@ class PDDMLoss(nn.Module):
     A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
     and both loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``.
     The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
+    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
+    ``indices_tuple``), differentiated here: the formulas' one home.
 
-    Beyond one batch (SPEC §3 reference mode: j, k index the references, i, l the queries):
+    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
+    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers (``TypeError`` /
+    ``ValueError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
+    naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
+    mining and scoring inside take unchecked paths.
 
-    - ``memory=MemoryBank(size, d)``: each batch is mined against the bank's rows (detached), then
+    Beyond one batch (reference mode of ``mine_hard``: j, k index the references, i, l the queries):
+
+    - ``memory=MemoryBank(size, d)`` (or any object with ``get() -> (embeddings, labels)`` or
+      ``(None, None)`` while empty, and ``enqueue(embeddings, labels)``; a ``dim`` attribute, if any,
+      must equal ``embedding_dim``): each batch is mined against the bank's rows (detached), then
       enqueued, so a row never meets itself; gradients reach only the current batch. While the bank
-      is empty the batch is mined against itself (batch mode).
+      is empty the batch is mined against itself (batch mode). ``TypeError`` for an object without
+      ``get``/``enqueue``.
     - ``distributed=True``: under ``torch.distributed``, mines over the global batch (every rank's
-      embeddings, ``pddm_ext.distributed.all_gather``) while each rank back-propagates through its
+      embeddings, ``pddm_ext.collectives.global_batch``) while each rank back-propagates through its
       own slice; with DDP averaging the gradients, every parameter's gradient equals single-process
-      training on the concatenated batch (see ``pddm_ext.distributed``). A no-op without a process group.
+      training on the concatenated batch (derivation: ``pddm_ext.integrations.distributed``). The
+      ranks first agree that every shard is valid (a bad shard raises the same error on every rank,
+      never a hang); a rank may hold an empty shard (0 rows) when another holds rows. A no-op without
+      a process group.
     - ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
       pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels`` mine against those
       references instead. ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``) skips mining and
       treats each triplet as one header of the double hinge:
       ``2 * (mean_t [alpha + S_an - S_ap]_+ + lam * mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``,
       so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss above.
+      Each index vector must be 1-D integer, of one length, with every entry in range of the rows it
+      indexes (a into the embeddings, p and n into the references); ``labels`` are validated too.
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
                  lam=0.5, k=1, normalize=True, memory=None, distributed=False):
         super().__init__()
-        from .integrations.memory import MemoryBank
-
         self.unit = PDDM(embedding_dim, hidden_features, joint_features)
-        self.alpha, self.beta, self.lam = float(alpha), float(beta), float(lam)
+        self.alpha, self.beta, self.lam = (V.check_number(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("lam", lam)))
         self.k = V.check_k(k)
         self.normalize = bool(normalize)
-        if memory is not None:
-            if not isinstance(memory, MemoryBank):
-                raise TypeError(f"memory must be a pddm_ext.MemoryBank, got {type(memory).__name__}")
-            if memory.dim != embedding_dim:
-                raise ValueError(f"memory has dim {memory.dim}, expected {embedding_dim} to match embedding_dim")
-        self.memory = memory
+        self.memory = V.check_memory(memory, embedding_dim)
         self.distributed = bool(distributed)
         self.last_quadruplets = None
         self.last_triplets = None
         self.last_metric_loss = None
         self.last_embedding_loss = None
 
+    def _normalized(self, t):
+        return F.normalize(t, dim=1) if self.normalize else t
+
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-        V.check_embeddings("embeddings", embeddings, d=self.unit.in_features, d_from="the loss's embedding_dim")
+        # Every input is validated here, once; the mining and scoring below take unchecked paths.
+        d, d_from = self.unit.in_features, "the loss's embedding_dim"
         if (ref_emb is None) != (ref_labels is None):
             raise ValueError("ref_emb and ref_labels must be given together (reference mode) or not at all")
         if ref_emb is not None and self.memory is not None:
             raise ValueError("ref_emb cannot be combined with memory=: the bank is the reference set")
         if indices_tuple is not None and (self.memory is not None or self.distributed):
             raise ValueError("indices_tuple cannot be combined with memory= or distributed=True: the loss mines itself")
-        normalize = (lambda t: F.normalize(t, dim=1)) if self.normalize else (lambda t: t)  # noqa: E731
-        f = normalize(embeddings)
-        if ref_emb is not None:
-            V.check_embeddings("ref_emb", ref_emb, d=self.unit.in_features, d_from="the loss's embedding_dim")
-            ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
-            f_ref = normalize(ref_emb)
-        if indices_tuple is not None:
-            f_ref = f if ref_emb is None else f_ref
-            return self._triplet_loss(f, f_ref, indices_tuple, embeddings)
-        if self.distributed:
-            from .integrations import distributed as D
-
-            # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
-            # gradient by the world size makes DDP's average equal the single-process gradient.
-            f, labels = D.global_batch(f, labels)
-            if ref_emb is not None:  # every rank's references too, by the same rule
-                f_ref, ref_labels = D.global_batch(f_ref, ref_labels)
-        if self.memory is not None:
-            ref_emb, ref_labels = self.memory.get()
-            f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)
-        if ref_emb is None:
-            quads = mine_hard(f.detach(), labels, self.unit, k=self.k)
-            loss = self._loss(f, f, quads, embeddings)
+        gather = self.distributed and collectives.world_size() > 1
+        if gather:  # collective checks: a bad shard raises on every rank alike; an empty shard is legal
+            labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from)
+            if ref_emb is not None:
+                ref_labels, ref_rows = collectives.agree_on_batch(ref_emb, ref_labels, d=d, d_from=d_from)
         else:
-            quads = mine_hard(f.detach(), labels, self.unit, k=self.k, ref_emb=f_ref.detach(), ref_labels=ref_labels)
-            loss = self._loss(f, f_ref, quads, embeddings)
+            V.check_embeddings("embeddings", embeddings, d=d, d_from=d_from)
+            labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+            if ref_emb is not None:
+                V.check_embeddings("ref_emb", ref_emb, d=d, d_from=d_from)
+                V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
+                ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
+        params = self.unit.params()
+        V.check_params(params, d, embeddings.device)
+        f = self._normalized(embeddings)
+        f_ref = None if ref_emb is None else self._normalized(ref_emb)
+        if indices_tuple is not None:
+            return self._triplet_loss(f, f if f_ref is None else f_ref, indices_tuple)
+        if gather:
+            # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
+            # slice's gradient by the world size, so DDP's average equals the single-process gradient.
+            f, labels = collectives.global_batch(f, labels, rows=rows)
+            if f_ref is not None:  # every rank's references too, by the same rule
+                f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=ref_rows)
         if self.memory is not None:
-            self.memory.enqueue(f.detach(), labels)
+            bank_emb, bank_labels = self.memory.get()
+            if bank_emb is not None:
+                V.check_embeddings("memory embeddings", bank_emb, d=d, d_from=d_from)
+                ref_labels = V.check_labels("memory labels", bank_labels, bank_emb.shape[0], f.device)
+                f_ref = bank_emb.to(device=f.device, dtype=f.dtype)
+        x, y, mining_params = _mining_inputs(f, f_ref, params)
+        ly = None if f_ref is None else ref_labels
+        quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm", self.unit.normalize_inputs)
+        loss = self._loss(f, f if f_ref is None else f_ref, quads)
+        if self.memory is not None:
+            with V.already_validated():  # f was checked on entry: the bank need not check it again
+                self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _scores(self, a, b):
-        # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return self.unit._pair_scores(a, b)
+    def _terms(self, terms, *rows):
+        """A reference loss-terms function on validated rows, in the compute dtype (half rows are
+        computed in float32, like the scores), with the unit's form and (in training) dropout."""
+        dtype = V.compute_dtype(*rows)
+        params = tuple(p.to(dtype) for p in self.unit.params())
+        return terms(*(t.to(dtype) for t in rows), params, self.alpha, self.beta,
+                     self.unit.normalize_inputs, self.unit._active_dropout())
 
-    def _loss(self, f, f_ref, quads, embeddings):
+    def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        fi, fj, fk, fl = f[i], f_ref[j], f_ref[k], f[l_]
-        S_ij = self._scores(fi, fj)
-        S_ik = self._scores(fi, fk)
-        S_jl = self._scores(fj, fl)
-        E_m = torch.relu(self.alpha + S_ik - S_ij) + torch.relu(self.alpha + S_jl - S_ij)
-        d_ij = ((fi - fj) ** 2).sum(1)
-        E_e = torch.relu(self.beta + d_ij - ((fi - fk) ** 2).sum(1)) + torch.relu(
-            self.beta + d_ij - ((fj - fl) ** 2).sum(1)
-        )
+        E_m, E_e = self._terms(quadruplet_losses, f[i], f_ref[j], f_ref[k], f[l_])
         metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
 
-    def _triplet_loss(self, f, f_ref, indices_tuple, embeddings):
+    def _triplet_loss(self, f, f_ref, indices_tuple):
         """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 3:
-            raise ValueError("indices_tuple must be a triplet tuple (anchors, positives, negatives), "
-                             f"got {type(indices_tuple).__name__} of length {len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else '?'}")
-        a, p, n = (torch.as_tensor(t, device=f.device).long() for t in indices_tuple)
-        if not a.shape == p.shape == n.shape or a.dim() != 1:
-            raise ValueError(f"indices_tuple tensors must be 1-D of one length, got shapes {a.shape}, {p.shape}, {n.shape}")
+        a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        fa, fp, fn = f[a], f_ref[p], f_ref[n]
-        E_m = torch.relu(self.alpha + self._scores(fa, fn) - self._scores(fa, fp))
-        E_e = torch.relu(self.beta + ((fa - fp) ** 2).sum(1) - ((fa - fn) ** 2).sum(1))
+        E_m, E_e = self._terms(triplet_losses, f[a], f_ref[p], f_ref[n])
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss

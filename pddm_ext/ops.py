@@ -3,35 +3,101 @@
 One wrapper per op, plus what ``torch.compile`` and autograd need: a fake (meta) kernel for each
 op and the fused backward of ``scores`` registered with ``torch.library.register_autograd``.
 The wrappers take validated, contiguous-or-not tensors of one float dtype (float32/float64);
-public entry points (``functional.py``) validate first (SPEC §6).
+public entry points (``functional.py``) validate first (docs/design.md, "Errors").
+
+``METRICS`` is the one table of mining metrics: name -> fused op -> reference score function.
+A new metric touches the schema (csrc/pddm_ext.cpp), its kernels, a row of this table, its
+reference function (``pddm_ext.reference``) and its tests; everything else looks it up here.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and kernels)
+from . import reference
 
 _ops = torch.ops.pddm_ext
+
+
+class MineResult(NamedTuple):
+    """The fused mining op's outputs (docs/design.md, "Mining"), for m queries, n references and
+    q mined pairs. Indices are int64, -1 meaning "no candidate" (its score is then meaningless);
+    scores have the compute dtype.
+
+    - ``hardest_positive`` (m,), ``hardest_positive_score`` (m,): argmin / min of S over row i's
+      positive pairs;
+    - ``hardest_negative`` (m,), ``hardest_negative_score`` (m,): argmax / max of S over the
+      references whose label differs from the query's;
+    - ``hardest_negative_of_ref`` (n,), ``hardest_negative_of_ref_score`` (n,): argmax / max of S over
+      the queries whose label differs from reference r's;
+    - ``pair_query`` (q,), ``pair_ref`` (q,), ``pair_score`` (q,): the ``k`` lowest-scoring positive
+      pairs (i, r) by ascending S, ties by (i, r) ascending (batch mode: i < r).
+    """
+
+    hardest_positive: torch.Tensor
+    hardest_positive_score: torch.Tensor
+    hardest_negative: torch.Tensor
+    hardest_negative_score: torch.Tensor
+    hardest_negative_of_ref: torch.Tensor
+    hardest_negative_of_ref_score: torch.Tensor
+    pair_query: torch.Tensor
+    pair_ref: torch.Tensor
+    pair_score: torch.Tensor
+
+
+class Metric(NamedTuple):
+    """A row of ``METRICS``: how to mine with a metric and how the reference computes it.
+
+    ``op``: the fused op's name in ``torch.ops.pddm_ext`` (its fake kernel is registered from this
+    table); ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls it (``params`` is
+    the unit's parameter tuple, or None when ``uses_unit`` is false; ``normalize_inputs`` selects the
+    PDDM form and is ignored by metrics without a unit); ``reference_scores(x, y, params,
+    normalize_inputs)`` is the plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
+
+    op: str
+    mine: Callable
+    reference_scores: Callable
+    uses_unit: bool
+
+
+METRICS = {
+    "pddm": Metric(
+        op="mine_pddm",
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_pddm(x, lx, y, ly, *params, k, normalize_inputs),
+        reference_scores=reference.SCORE_MATRICES["pddm"],
+        uses_unit=True,
+    ),
+    "euclidean": Metric(
+        op="mine_euclidean",
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_euclidean(x, lx, y, ly, k),
+        reference_scores=reference.SCORE_MATRICES["euclidean"],
+        uses_unit=False,
+    ),
+}
 
 
 def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
     """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself.
 
-    ``normalize_inputs``: the input-normalised (True) or distance-aware (False) form of SPEC §1.
+    ``normalize_inputs``: the input-normalised (True) or distance-aware (False) form
+    (docs/design.md, "The two forms").
     """
     return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs)
 
 
-def mine(x, x_labels, y, y_labels, params, k, normalize_inputs=True):
-    """Fused per-row/column reductions and the k lowest positive pairs (SPEC §3).
+def mine(x, x_labels, y, y_labels, params, k, metric=None, normalize_inputs=True):
+    """Fused per-row/column reductions and the k lowest positive pairs, as a :class:`MineResult`.
 
-    ``params=None`` selects the Euclidean metric (``normalize_inputs`` is then ignored).
-    ``k``: -1 all pairs, 0 none. Returns the 9 tensors documented in csrc/pddm_ext.cpp.
+    ``metric``: a name in ``METRICS`` (default: "pddm" when ``params`` is given, else "euclidean").
+    ``k``: -1 all pairs, 0 none. Inputs must be valid (no checks here beyond the kernels' own
+    structural ones): x (m, d), y (n, d) or None (batch mode), int64 labels, one float dtype.
     """
-    if params is None:
-        return _ops.mine_euclidean(x, x_labels, y, y_labels, k)
-    return _ops.mine_pddm(x, x_labels, y, y_labels, *params, k, normalize_inputs)
+    if metric is None:
+        metric = "euclidean" if params is None else "pddm"
+    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k, normalize_inputs))
 
 
 # --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------
@@ -52,7 +118,8 @@ def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, ou
     return (grad_x, grad_y, *(torch.empty_like(p) for p in params))
 
 
-def _mine_fake(x, x_labels, y, y_labels, k):
+def _mine_fake(x, x_labels, y, y_labels, *params_k_and_form):
+    """The outputs of every mining op (``MineResult``): only x, y and the data-dependent pair count matter."""
     m = x.shape[0]
     n = m if y is None else y.shape[0]
     ctx = torch.library.get_ctx()
@@ -64,14 +131,8 @@ def _mine_fake(x, x_labels, y, y_labels, k):
     )
 
 
-@torch.library.register_fake("pddm_ext::mine_pddm")
-def _mine_pddm_fake(x, x_labels, y, y_labels, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, k, normalize_inputs=True):
-    return _mine_fake(x, x_labels, y, y_labels, k)
-
-
-@torch.library.register_fake("pddm_ext::mine_euclidean")
-def _mine_euclidean_fake(x, x_labels, y, y_labels, k):
-    return _mine_fake(x, x_labels, y, y_labels, k)
+for _metric in METRICS.values():
+    torch.library.register_fake(f"pddm_ext::{_metric.op}")(_mine_fake)
 
 
 # --- autograd: the fused backward of scores ----------------------------------------------------

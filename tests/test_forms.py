@@ -1,4 +1,4 @@
-"""The two forms of the PDDM unit (SPEC §1 "Two forms", issue 13 item 1) and its dropout.
+"""The two forms of the PDDM unit (docs/design.md "The two forms", issue 13 item 1) and its dropout.
 
 ``normalize_inputs=True`` scales u and v by their inverse norms before W_u and W_v (the default and
 the form of every other test file); ``normalize_inputs=False`` feeds them as they are, so S sees the
@@ -133,7 +133,7 @@ def test_opcheck_distance_aware(batch):
 @pytest.mark.parametrize("layout", ["pairs", "random", "unbalanced"])
 def test_mining_distance_aware(layout, mode, dtype_name):
     """mine_hard / batch_hard with a distance-aware unit (its form is taken from the module) and with
-    the keyword on a normalised one, against SPEC §3 applied to the reference's score table."""
+    the keyword on a normalised one, against docs/design.md "Ties and tolerance" applied to the reference's score table."""
     dtype = {"f64": torch.float64, "f32": torch.float32}[dtype_name]
     m, n, d = 37, 41, 5
     unit = distance_aware_unit(d, 6, 4, dtype, seed=2)

@@ -7,7 +7,7 @@
   centres the rows by their mean and recomputes near pairs from the differences (cpu_tile.h).
 
 The oracle is float64 on the same input values (reference.py forms a + b and a - b directly), so
-what is measured is the kernels' own rounding. Tolerances: SPEC §3 for mined indices
+what is measured is the kernels' own rounding. Tolerances: docs/design.md "Ties and tolerance" for mined indices
 (conftest.MINING_TOL), test_scores' for scores.
 """
 

@@ -3,7 +3,7 @@
 // A tile is a block of rows [i0, i0 + ni) of x against rows [r0, r0 + nr) of y: ni * nr pairs,
 // numbered p = a * nr + b for the pair (i0 + a, r0 + b). Per tile the |x_i - y_r| block is built
 // in a workspace small enough to stay in L2 and multiplied by W_u with one GEMM; the mean branch
-// comes from per-row projections P = x W_v^T (SPEC §1); W_c is a second GEMM over the tile.
+// comes from per-row projections P = x W_v^T (docs/design.md#the-pddm-unit); W_c is a second GEMM over the tile.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,7 +28,7 @@ struct PddmWeights {
   const scalar_t *W_u, *b_u, *W_v, *b_v, *W_c, *b_c, *w_s, *Wt_u, *Wt_v, *Wt_c;
   scalar_t b_s;
   int64_t d, h, c;
-  bool normalize_inputs;  // SPEC §1 "Two forms": scale u and v by their inverse norms, or not
+  bool normalize_inputs;  // docs/design.md "The two forms": scale u and v by their inverse norms, or not
 
   PddmWeights(const at::Tensor& W_u_, const at::Tensor& b_u_, const at::Tensor& W_v_, const at::Tensor& b_v_,
               const at::Tensor& W_c_, const at::Tensor& b_c_, const at::Tensor& w_s_, const at::Tensor& b_s_,
@@ -102,7 +102,7 @@ struct PddmTile {
   const scalar_t* mean_a(int64_t p, const scalar_t* Pi) const { return direct[p] < 0 ? Pi : &mean_direct[direct[p]]; }
 };
 
-// Scores S[p] of every pair of the tile (SPEC §1), keeping the intermediates in ws (S may be null).
+// Scores S[p] of every pair of the tile (docs/design.md#the-pddm-unit), keeping the intermediates in ws (S may be null).
 template <typename scalar_t>
 void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>& t, PddmTile<scalar_t>& ws,
                        scalar_t* S) {
@@ -151,9 +151,9 @@ void pddm_tile_forward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>&
 // 2 gamma_d (||x||^2 + ||y||^2) (gamma_d: the rounding bound of a d-term dot product), so pairs closer
 // than kEuclideanExactRatio * (||x||^2 + ||y||^2) are recomputed from the differences of the original
 // rows x, y: every other pair is then within 2 gamma_d / kEuclideanExactRatio = 8 gamma_d relative
-// (float32, d = 128: 6e-5 worst case, ~5e-6 typical; SPEC §3 allows 1e-4). Duplicate rows have
+// (float32, d = 128: 6e-5 worst case, ~5e-6 typical; docs/design.md "Ties and tolerance" allows 1e-4). Duplicate rows have
 // equal Gram entries and norms (one FMA chain, see vec::dot), so they take the same branch and stay
-// exactly 0 apart: the tie rule of SPEC §3 holds.
+// exactly 0 apart: the tie rule of docs/design.md "Ties and tolerance" holds.
 constexpr double kEuclideanExactRatio = 0.25;
 
 template <typename scalar_t>

@@ -179,7 +179,7 @@ PDDM_INLINE T lane_sum(T* acc) {
 
 // One multiply-add chain in k order, exactly as gemm_rows sums each element: the squared norm of a
 // row equals the Gram entry of that row with any copy of itself, so the squared distance of a
-// duplicate pair, ||x||^2 + ||x||^2 - 2 x.x, is exactly 0 (SPEC §3 exact ties).
+// duplicate pair, ||x||^2 + ||x||^2 - 2 x.x, is exactly 0 (docs/design.md#ties-and-tolerance).
 template <typename T>
 __attribute__((optimize("no-tree-vectorize"))) PDDM_INLINE T dot_impl(const T* __restrict x, const T* __restrict y,
                                                                        int64_t d) {

@@ -11,7 +11,7 @@ namespace pddm_ext::cpu::vec {
 // i.e. already transposed. Register-blocked for AVX-512 / AVX2 / SSE2, chosen at run time. Every
 // element is summed over k in order with the same instructions whatever its row, so identical
 // rows of A give bitwise identical rows of C: a pair's score does not depend on where it sits in
-// a tile, and exact ties between duplicate rows stay exact (SPEC §3 tie rule). accumulate: C += A B.
+// a tile, and exact ties between duplicate rows stay exact (docs/design.md#ties-and-tolerance). accumulate: C += A B.
 void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C,
                bool accumulate = false);
 void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,

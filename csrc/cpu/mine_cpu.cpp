@@ -1,4 +1,4 @@
-// Hard mining on the CPU (SPEC §3), fused into the tiled scoring pass: no (m, n) score matrix.
+// Hard mining on the CPU (docs/design.md#mining), fused into the tiled scoring pass: no (m, n) score matrix.
 //
 // Each thread scores its share of tiles into a tile-sized buffer and folds every pair into its own
 // running reductions (per-row hardest positive/negative, per-column hardest negative, a bounded
@@ -23,7 +23,7 @@ struct PairCandidate {
   bool operator<(const PairCandidate& o) const { return pair_before(s, i, r, o.s, o.i, o.r); }
 };
 
-// Running reductions of SPEC §3 over the pairs one thread has seen.
+// Running reductions of docs/design.md#mining over the pairs one thread has seen.
 template <typename scalar_t>
 struct MiningState {
   std::vector<scalar_t> pos_s, neg_s, col_neg_s;
@@ -97,7 +97,7 @@ using MineResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 // Runs the tiled pass: make_scorer() gives each thread a callable (i0, ni, r0, nr, S) that scores a
 // tile into S, row-major. Returns (hardest_positive, its score, hardest_negative, its score,
-// hardest_negative_of_ref, its score, pair_i, pair_r, pair_score) with pairs in SPEC §3 order.
+// hardest_negative_of_ref, its score, pair_i, pair_r, pair_score) with pairs in docs/design.md#mining order.
 template <typename scalar_t, typename MakeScorer>
 MineResult mine_tiles(const TileGrid& grid, const at::Tensor& x_labels, const at::Tensor& y_labels, int64_t k,
                       const at::TensorOptions& opts, MakeScorer make_scorer) {

@@ -4,7 +4,7 @@
 // [i0, i0 + kTile) of x against rows [r0, r0 + kTile) of y, pair p = a * kTile + b for
 // (i0 + a, r0 + b). Blocks are persistent: each walks tiles t = blockIdx.x, + gridDim.x, ... so the
 // tile count may exceed any grid limit and per-block state (mining heaps, gradient partials) lives
-// across tiles. Per tile (SPEC §1):
+// across tiles. Per tile (docs/design.md#the-pddm-unit):
 //   phase 0  ||u|| and ||v|| of every pair (one warp per pair);
 //   phase 1  A = W_u |x_i - y_r|: |x_i - y_r| is built on the fly, chunk by chunk of d, into shared
 //            memory next to a chunk of W_u, and multiplied in registers (pair_gemm); the epilogue
@@ -93,7 +93,7 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Pointers into the (contiguous, device) parameters of a PDDM unit, and its form (SPEC §1 "Two
+// Pointers into the (contiguous, device) parameters of a PDDM unit, and its form (docs/design.md "The two
 // forms"). W_v serves only the near-antipodal pairs (mean_branch_direct); the others use P = x W_v^T.
 template <typename T>
 struct PddmParams {

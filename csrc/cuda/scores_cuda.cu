@@ -1,4 +1,4 @@
-// All-pairs PDDM scores on the GPU: the fused forward and its fused backward (SPEC §1, §5).
+// All-pairs PDDM scores on the GPU: the fused forward and its fused backward (docs/design.md#the-pddm-unit, #memory-and-speed).
 //
 // Both are persistent tile kernels (pddm_tile.cuh). The backward recomputes each tile's forward,
 // then walks it back in the tile's workspace: gradients of the inputs and of the projections

@@ -1,5 +1,31 @@
 """The training application behind ``pddm-ext train`` / ``pddm-ext compare``: the CLI (``cli``),
-the training loop (``train``), the loss comparison (``compare``), datasets (``datasets``), models
-(``models``) and retrieval evaluation (``evaluate``). Needs the ``train`` extra
-(``pip install --no-build-isolation '.[train]'`` from a checkout).
+the training loop (``train``), its losses (``losses``), checkpoints (``checkpoint``), the loss comparison
+(``compare``), datasets (``datasets``), models (``models``) and retrieval evaluation (``evaluate``).
+
+Needs the ``train`` extra: from a checkout, ``pip install --no-build-isolation '.[train]'`` (with torch
+already installed). ``pip install 'pddm-ext[train]'`` is the same for the published package name, once
+the package is on an index.
 """
+
+import importlib
+
+# The modules the train extra provides (import name -> distribution), checked before any work.
+TRAIN_EXTRA = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib",
+               "pytorch_metric_learning": "pytorch-metric-learning"}
+
+
+def extra_hint(extra="train"):
+    """The install command for an extra, as it works from a checkout (and the published form)."""
+    return (f"from a checkout: pip install --no-build-isolation '.[{extra}]' "
+            f"(the published package: pip install 'pddm-ext[{extra}]')")
+
+
+def missing_train_extra():
+    """Distribution names of the train extra whose modules cannot be imported (empty when complete)."""
+    missing = []
+    for module, dist in TRAIN_EXTRA.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    return missing

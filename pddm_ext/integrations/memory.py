@@ -1,4 +1,4 @@
-"""``MemoryBank``: an XBM-style ring buffer of past embeddings to mine against (SPEC §3 reference mode).
+"""``MemoryBank``: an XBM-style ring buffer of past embeddings to mine against (docs/design.md#mining reference mode).
 
 Cross-batch memory (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020): embeddings
 drift slowly once training settles, so the last few thousand batches' embeddings, detached, are good
@@ -23,6 +23,12 @@ class MemoryBank:
     the oldest rows once full (a batch longer than ``size`` keeps its last ``size`` rows).
     ``get()`` returns ``(embeddings, labels)`` of the filled slots in slot order: while filling,
     slots ``0 .. len(bank) - 1``; once full, all ``size`` slots, so a reference index r is slot r.
+
+    ``size`` and ``dim`` are positive ints (``TypeError`` / ``ValueError`` otherwise); ``dtype`` is
+    float32 or float64. ``enqueue`` validates like every entry point (docs/design.md#errors).
+
+    ``get`` and ``enqueue`` are the memory-bank protocol ``PDDMLoss(memory=...)`` relies on (checked by
+    duck typing, so the core does not import this class): any object with them works there too.
 
     Storage is allocated on the first ``enqueue`` with that batch's device and dtype unless
     ``device`` / ``dtype`` are given; later batches are converted to it. Not an ``nn.Module``: the

@@ -1,5 +1,5 @@
 // The CPU kernels, called through the dispatcher as any client of libtorch would, checked against
-// a naive double-precision loop over pairs that follows SPEC §1 (scores) and §3 (mining) line by
+// a naive double-precision loop over pairs that follows docs/design.md ("The PDDM unit" for scores, "Mining" for mining) line by
 // line. Built and run by CMakeLists.txt (`ctest`); exits non-zero on the first failing check group.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,7 +39,7 @@ int failures = 0;
   } while (0)
 
 // ---------------------------------------------------------------------------------------------
-// The naive model: SPEC §1 for one pair, in double, with no tiling and no shortcuts.
+// The naive model: docs/design.md "The PDDM unit" for one pair, in double, with no tiling and no shortcuts.
 
 struct Problem {
   std::string name;
@@ -49,7 +49,7 @@ struct Problem {
   Vec W_u, b_u, W_v, b_v, W_c, b_c, w_s;
   double b_s;
   std::vector<int64_t> lx, ly;
-  bool normalize_inputs = true;  // SPEC §1 "Two forms": false = the distance-aware form
+  bool normalize_inputs = true;  // docs/design.md "The two forms": false = the distance-aware form
 };
 
 Vec normalize(const Vec& z) {
@@ -285,7 +285,7 @@ void check_scores_backward(Problem p, double tol) {
   EXPECT(close(value(std::get<9>(grads), 0), (up - down) / (2 * eps), tol), "%s: db_s", p.name.c_str());
 }
 
-// SPEC §3 by brute force over S, then the kernel's answer slot by slot: a mined index must be a
+// docs/design.md "Ties and tolerance" by brute force over S, then the kernel's answer slot by slot: a mined index must be a
 // valid candidate whose naive score is within tol of the naive optimum (exact == true: the very
 // index the tie rule picks, for inputs whose scores are computed exactly).
 void check_mining(const Problem& p, const Vec& S, const MineOut& got, int64_t k, double tol, bool exact) {
