@@ -185,13 +185,17 @@ void euclidean_tile(const scalar_t* xc, const scalar_t* x_sq, int64_t i0, int64_
 }
 
 // The common vector euclidean_tile's rows are centred by, and whether to centre at all. It is the
-// mean of the rows of x and y together (y may be undefined; summed serially in double, so the same
-// whatever the thread count) rounded to a power-of-two grid q no coarser than the rows' spread:
+// mean of the rows of x and y together (y may be undefined; at most kCentreSample evenly spaced rows
+// of each, summed serially in double: a fixed cost, the same whatever the thread count; any common
+// vector is valid, the mean only makes it useful) rounded to a power-of-two grid q no coarser than
+// the rows' spread:
 // rows near it subtract exactly, integer-valued rows stay integer-valued (their Gram sums, and so
 // their exact ties, stay exact), and a mean within q/2 of 0 (ordinary embeddings) gives 0. Rows
 // are centred only when the rounded centre holds over a quarter of their mean squared norm, the
 // scale of the Gram form's error: below that centring saves little, and the exact recomputation
 // of near pairs keeps the accuracy anyway.
+constexpr int64_t kCentreSample = 256;
+
 template <typename scalar_t>
 std::pair<at::Tensor, bool> row_centre(const at::Tensor& x, const at::Tensor& y) {
   const int64_t d = x.size(1);
@@ -200,14 +204,14 @@ std::pair<at::Tensor, bool> row_centre(const at::Tensor& x, const at::Tensor& y)
   for (const at::Tensor* t : {&x, &y}) {
     if (!t->defined()) continue;
     const scalar_t* p = t->data_ptr<scalar_t>();
-    for (int64_t i = 0; i < t->size(0); ++i) {
+    const int64_t stride = (t->size(0) + kCentreSample - 1) / kCentreSample;
+    for (int64_t i = 0; i < t->size(0); i += stride, ++rows) {
       for (int64_t j = 0; j < d; ++j) {
         const double v = double(p[i * d + j]);
         sum[j] += v;
         sum_sq[j] += v * v;
       }
     }
-    rows += t->size(0);
   }
   double centre_sq = 0, mean_sq = 0;
   for (int64_t j = 0; j < d; ++j) {

@@ -49,7 +49,7 @@ struct Problem {
   Vec W_u, b_u, W_v, b_v, W_c, b_c, w_s;
   double b_s;
   std::vector<int64_t> lx, ly;
-  bool normalize_inputs = true;  // SPEC §1 "Two forms": false = the distance-aware form
+  bool normalize_inputs = true;  // docs/design.md "The two forms": false = the distance-aware form
 };
 
 Vec normalize(const Vec& z) {
