@@ -13,8 +13,6 @@
 //    to one buffer instead. The candidates are sorted on the device by (score, i, r).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -278,9 +276,10 @@ __device__ void fold_end(const MineArgs<T>& args, const FoldShared<T, P>& fs) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                               MineArgs<T> args, T* scratch, int64_t ws_elems) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ TileScalars<T> ts;
-  __shared__ FoldShared<T, kPairs> fs;
+  PDDM_DYNAMIC_SHARED(smem_raw);
+  PDDM_SHARED(ts, TileScalars<T>);
+  PDDM_SHARED(fs, FoldShared<T, kPairs>);
+  PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
@@ -302,9 +301,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __restrict__ x, const T* __restrict__ y,
                                                                    int64_t d, TileGrid grid, MineArgs<T> args) {
   constexpr int P = kEuclidTile * kEuclidTile;
-  __shared__ T xs[kEuclidTile][kEuclidChunk + 1], ys[kEuclidTile][kEuclidChunk + 1];
-  __shared__ T S[P];
-  __shared__ FoldShared<T, P> fs;
+  PDDM_SHARED(xs, T[kEuclidTile][kEuclidChunk + 1]);
+  PDDM_SHARED(ys, T[kEuclidTile][kEuclidChunk + 1]);
+  PDDM_SHARED(S, T[P]);
+  PDDM_SHARED(fs, FoldShared<T, P>);
+  PDDM_SHARED_DECLARED();
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;  // rows ty, ty + 16; columns tx, tx + 16
   fold_begin(fs);
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
@@ -348,6 +349,7 @@ __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __res
 // Unpacks float keys into (index, score); index -1 (score 0) where no candidate was offered.
 __global__ void decode_keys_kernel(const unsigned long long* __restrict__ keys, int64_t count, bool maximum,
                                    int64_t* __restrict__ idx, float* __restrict__ score) {
+  PDDM_SHARED_DECLARED();
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
     const unsigned long long key = keys[e];
     if (key == (maximum ? kNoMax : kNoMin)) {
@@ -449,7 +451,7 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
       const int threads = 256;
       const int64_t blocks_needed = (keys.size(0) + threads - 1) / threads;
       const int decode_blocks = int(std::min<int64_t>(blocks_needed, 4096));
-      decode_keys_kernel<<<decode_blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      PDDM_LAUNCH(decode_keys_kernel, decode_blocks, threads, 0, current_stream())(
           reinterpret_cast<const unsigned long long*>(keys.data_ptr<int64_t>()), keys.size(0), maximum,
           idx.data_ptr<int64_t>(), score.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -493,7 +495,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
                           const at::Tensor& w_s, const at::Tensor& b_s, int64_t k) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -521,7 +523,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     result = run_mining<T>(
         batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
-          mine_pddm_kernel<T><<<blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+          PDDM_LAUNCH(mine_pddm_kernel<T>, blocks, kThreads, plan.smem_bytes, current_stream())(
               w, rows, grid, args, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -534,7 +536,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
                                int64_t k) {
   check_embeddings("pddm_ext::mine_euclidean", x_in, y_in);
   check_mine_args("pddm_ext::mine_euclidean", x_in, x_labels, y_in, y_labels, k);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -549,7 +551,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
     result = run_mining<T>(
         batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
-          mine_euclidean_kernel<T><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          PDDM_LAUNCH(mine_euclidean_kernel<T>, blocks, kThreads, 0, current_stream())(
               x.data_ptr<T>(), y.data_ptr<T>(), d, grid, args);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -559,7 +561,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pddm_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pddm_ext, PDDM_CUDA_DISPATCH_KEY, m) {
   m.impl("mine_pddm", &mine_pddm_cuda);
   m.impl("mine_euclidean", &mine_euclidean_cuda);
 }

@@ -16,15 +16,14 @@
 // global scratch buffer: bounded by the grid, never (m, n, h). All row/pair index math is int64.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "../pddm_common.h"
+#include "cuda_compat.cuh"
 
 namespace pddm_ext::cuda {
 
@@ -259,7 +258,9 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
     const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
     Z[p * ldz + h + k] = branch_unit(rows.Px[i * h + k] + rows.Py[r * h + k], ts.inv_v[p], w.b_v[k]);
   }
+#ifndef PDDM_EXT_TEST_DROP_TILE_BARRIER  // compiled out only by the emulation's self-test (docs/emulation.md)
   __syncthreads();
+#endif
   // Phase 2: normalise both halves.
   for (int p = warp; p < kPairs; p += kWarps) {
     T sq_u1 = 0, sq_v1 = 0;

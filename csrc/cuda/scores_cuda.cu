@@ -7,8 +7,6 @@
 // (m, n, d) or (m, n, h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
@@ -31,8 +29,9 @@ PddmParams<T> device_params(const at::Tensor& W_u, const at::Tensor& b_u, const 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                            T* __restrict__ out, T* scratch, int64_t ws_elems) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ TileScalars<T> ts;
+  PDDM_DYNAMIC_SHARED(smem_raw);
+  PDDM_SHARED(ts, TileScalars<T>);
+  PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
@@ -58,7 +57,7 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
                        const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
                        const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -81,7 +80,7 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
-    scores_kernel<T><<<plan.blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+    PDDM_LAUNCH(scores_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
         w, rows, grid, out.data_ptr<T>(), plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -127,9 +126,10 @@ struct BackwardScalars {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                                     BackwardOut<T> out, T* scratch, int64_t ws_elems) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ TileScalars<T> ts;
-  __shared__ BackwardScalars<T> bs;
+  PDDM_DYNAMIC_SHARED(smem_raw);
+  PDDM_SHARED(ts, TileScalars<T>);
+  PDDM_SHARED(bs, BackwardScalars<T>);
+  PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
@@ -336,7 +336,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
                      std::array<bool, 3> output_mask) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const bool need_inputs = output_mask[0] || output_mask[1], need_params = output_mask[2];
   const auto x = x_in.contiguous();
@@ -389,7 +389,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
                              dPy.data_ptr<T>(),
                              need_params ? slab.data_ptr<T>() : nullptr,
                              layout};
-    scores_backward_kernel<T><<<plan.blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+    PDDM_LAUNCH(scores_backward_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
         w, rows, grid, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -415,7 +415,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pddm_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pddm_ext, PDDM_CUDA_DISPATCH_KEY, m) {
   m.impl("scores", &scores_cuda);
   m.impl("scores_backward", &scores_backward_cuda);
 }
