@@ -152,10 +152,25 @@ cuda-emulate: $(VENV)/.deps-stamp
 	cd $(EMU_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --build
 	for order in $(EMU_ORDERS); do \
 	  echo "::: emulated CUDA kernels, PDDM_EMU_ORDER=$$order"; \
-	  (cd $(EMU_TREE) && PDDM_EMU_ORDER=$$order '$(abspath $(VENV))/bin/python' -m pytest $(EMU_PYTEST_ARGS) tests/test_cuda.py) || exit 1; \
+	  (cd $(EMU_TREE) && PDDM_EMU_ORDER=$$order PYTHONPATH=. '$(abspath $(VENV))/bin/python' -m pytest $(EMU_PYTEST_ARGS) tests/test_cuda.py) || exit 1; \
 	done
 	$(call emu_build,$(EMU_BROKEN_TREE),$(EMU_BROKEN_TEMP),PDDM_EXT_TEST_DROP_TILE_BARRIER=1)
 	cd $(EMU_BROKEN_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --must-fail $(EMU_ORDERS)
+
+# ---- ptxas resource figures (issue 11) ------------------------------------------------------------
+# Registers, spills, stack and shared memory of every kernel for CUDA_RESOURCES_ARCH, from nvcc's
+# ptxas -v with the .venv's torch headers (no GPU, no CUDA torch). The committed output shows in
+# review when a change adds spills.
+CUDA_RESOURCES_ARCH ?= sm_90
+CUDA_RESOURCES_OUT ?= benchmarks/results/cuda_resources.txt
+
+cuda-resources: $(VENV)/.deps-stamp
+	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-resources: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
+	mkdir -p $(dir $(CUDA_RESOURCES_OUT))
+	$(VENV)/bin/python .ci/cuda_resources.py --nvcc '$(CUDA_HOME)/bin/nvcc' --arch $(CUDA_RESOURCES_ARCH) \
+	  > $(CUDA_RESOURCES_OUT).tmp
+	mv $(CUDA_RESOURCES_OUT).tmp $(CUDA_RESOURCES_OUT)
+	cat $(CUDA_RESOURCES_OUT)
 
 # ---- Targets of other parts of the project ----------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check

@@ -176,6 +176,93 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_projections_are_not_computed_by_matmul(device):
+    """P = x W_v^T runs in the kernels' own arithmetic (project_kernel), not at::mm / cuBLAS, which
+    computes float32 in TF32 under allow_tf32 or matmul precision "high" (issue 11)."""
+    unit = make_unit(12, 9, 7, device=device)
+    x = torch.randn(13, 12, device=device)
+    y = torch.randn(11, 12, device=device)
+    lx = torch.randint(0, 3, (13,), device=device)
+    ly = torch.randint(0, 3, (11,), device=device)
+    p = params_of(unit)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.pddm_ext.scores(x, y, *p)
+        torch.ops.pddm_ext.scores(x, None, *p)
+        torch.ops.pddm_ext.mine_pddm(x, lx, y, ly, *p, 3)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::mm", "aten::matmul", "aten::addmm"}, sorted(names)
+
+
+def test_scores_under_tf32_matmul_precision(device):
+    unit = make_unit(24, 16, 8, device=device)
+    x = torch.randn(19, 24, device=device)
+    x[3] = x[2]  # duplicate rows: their scores must tie exactly
+    y = torch.randn(10, 24, device=device)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = pddm_ext.pddm_scores(x, y, *params_of(unit))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    want = reference.pddm_scores(x.double(), y.double(), [p.double() for p in params_of(unit)])
+    assert rel_err(got, want) < TOL[torch.float32]
+    assert torch.equal(got[2], got[3])
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
+    """Reference mode with y needing no gradient (a frozen bank): no bank-side gradient buffers, the
+    same x and parameter gradients; tiles whose dS is all zero are skipped."""
+    dtype = torch.float64
+    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
+    m, n = 21, 30
+    x = torch.randn(m, 9, device=device, dtype=dtype)
+    y = None if batch else torch.randn(n, 9, device=device, dtype=dtype)
+    grad = torch.zeros(m, m if batch else n, device=device, dtype=dtype)
+    grad[2, 5] = 1.5  # most 8 x 8 tiles have no gradient at all
+    grad[17, -1] = -0.5
+    p = params_of(unit)
+    full = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+    frozen = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, False, True])
+    assert frozen[1].shape == (0,)
+    for a, b in zip((full[0],) + full[2:], (frozen[0],) + frozen[2:]):
+        assert rel_err(a, b) < 1e-12
+    xd = x.clone().requires_grad_()
+    yd = None if batch else y.clone().requires_grad_()
+    pd = [t.clone().requires_grad_() for t in p]
+    R = reference.pddm_scores(xd, yd, pd)
+    want = torch.autograd.grad((R * grad).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [full[0]] + ([] if batch else [full[1]]) + list(full[2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-9
+
+
+def test_concurrent_calls_with_different_hidden_sizes(device):
+    """Two host threads with different h on one device: the dynamic shared memory limit is set once
+    per device and kernel to the plan's maximum, so neither lowers it under the other's launch."""
+    import threading
+
+    units = [make_unit(8, h, 4, device=device, seed=h) for h in (12, 150)]
+    x = torch.randn(20, 8, device=device)
+    want = [reference.pddm_scores(x.double(), None, [p.double() for p in params_of(u)]) for u in units]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                got = torch.ops.pddm_ext.scores(x, None, *params_of(units[k]))
+                assert rel_err(got, want[k]) < TOL[torch.float32]
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 # ---- mining ----------------------------------------------------------------------------------------
 
 
@@ -297,6 +384,56 @@ def test_reference_mode_bank_much_larger_than_queries(device):
     check_mining(x, lx, y, ly, unit, "euclidean", None)
 
 
+def nan_rule_best(S, mask, maximize):
+    """The NaN rule of pddm_common.h by brute force: the best non-NaN candidate (ties: smallest
+    index); a NaN only when every candidate is NaN (then the smallest index); -1 without candidates."""
+    out = []
+    for row, cand in zip(S.tolist(), mask.tolist()):
+        idx = [j for j, c in enumerate(cand) if c]
+        finite = [j for j in idx if row[j] == row[j]]
+        if not idx:
+            out.append(-1)
+        elif not finite:
+            out.append(idx[0])
+        else:
+            best = (max if maximize else min)(row[j] for j in finite)
+            out.append(min(j for j in finite if row[j] == best))
+    return out
+
+
+def check_nan_rule(device, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(19, 6, generator=g, dtype=dtype)
+    y = torch.randn(23, 6, generator=g, dtype=dtype)
+    x[4] = float("nan")  # every pair of row 4 scores NaN
+    y[[0, 7, 8]] = float("nan")  # columns 0, 7, 8 score NaN
+    lx = torch.randint(0, 3, (19,), generator=g)
+    ly = torch.randint(0, 3, (23,), generator=g)
+    S = reference.euclidean_scores(x.double(), y.double())
+    same = lx[:, None] == ly[None, :]
+    out = torch.ops.pddm_ext.mine_euclidean(x.to(device), lx.to(device), y.to(device), ly.to(device), 4)
+    assert out[0].tolist() == nan_rule_best(S, same, False)
+    assert out[2].tolist() == nan_rule_best(S, ~same, True)
+    assert out[4].tolist() == nan_rule_best(S.T, ~same.T, True)
+    # the lowest positive pairs: NaN scores after all others
+    pairs = sorted((s if s == s else float("inf"), s != s, i, r) for (i, r), s in
+                   zip(same.nonzero().tolist(), S[same].tolist()))
+    want = [(i, r) for _, _, i, r in pairs[:4]]
+    assert list(zip(out[6].tolist(), out[7].tolist())) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_follow_the_rule_of_pddm_common(dtype, device):
+    check_nan_rule(device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_follow_the_rule_of_pddm_common_cpu_kernels(dtype):
+    if EMULATED:
+        pytest.skip("the emulation build has no CPU kernels")
+    check_nan_rule("cpu", dtype)
+
+
 @needs_gpu
 def test_mining_with_more_than_2_pow_31_pairs():
     """64 queries against a 34M-row bank: pair numbers and i * n + r exceed 2^31 (about 1.2 GB)."""
@@ -398,3 +535,70 @@ def test_no_positive_or_no_negative_is_empty_not_an_error(device):
     assert q.anchor.numel() == 0
     q = pddm_ext.mine_hard(x, torch.zeros(6, dtype=torch.long, device=device), unit)  # no negative
     assert q.anchor.numel() == 0
+
+
+# ---- the CUDA emulation itself (docs/emulation.md; the emulated backend only) -------------------------
+
+needs_emulation = pytest.mark.skipif(not EMULATED, reason="not the CUDA emulation build (make cuda-emulate)")
+
+
+def emu_order():
+    import os
+
+    return os.environ.get("PDDM_EMU_ORDER", "random")
+
+
+@needs_emulation
+def test_emulation_thread_order_is_the_selected_one():
+    order = torch.ops.pddm_emu_test.thread_order(64)
+    assert sorted(order.tolist()) == list(range(64))
+    forward, reverse = list(range(64)), list(range(63, -1, -1))
+    if emu_order() == "forward":
+        assert order.tolist() == forward
+    elif emu_order() == "reverse":
+        assert order.tolist() == reverse
+    else:
+        assert order.tolist() not in (forward, reverse)
+        assert not torch.equal(order, torch.ops.pddm_emu_test.thread_order(64))  # reshuffled per launch
+
+
+@needs_emulation
+def test_emulation_shared_memory_starts_as_nan():
+    out = torch.ops.pddm_emu_test.unwritten_shared(96)
+    assert bool(out.isnan().all())
+
+
+@needs_emulation
+@pytest.mark.parametrize("mode,what", [(0, "__syncthreads"), (1, "warp barrier"), (2, "__nanosleep")])
+def test_emulation_reports_a_deadlock_with_the_kernel_name(mode, what):
+    with pytest.raises(RuntimeError, match=f"deadlock in kernel 'divergent_barrier_kernel'.*{what}"):
+        torch.ops.pddm_emu_test.divergent_barrier(mode)
+    assert torch.ops.pddm_emu_test.launch_count(1, 1, 32, 0, -1) == 32  # the next launch is unaffected
+
+
+@needs_emulation
+def test_emulation_launch_limits_of_the_h200():
+    count = torch.ops.pddm_emu_test.launch_count
+    assert count(3, 2, 1024, 48 * 1024, -1) == 6 * 1024
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        count(1, 1, 1025, 0, -1)  # more than 1024 threads per block
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        count(1, 65536, 32, 0, -1)  # grid y above 65535
+    with pytest.raises(RuntimeError, match="MaxDynamicSharedMemorySize"):
+        count(1, 1, 32, 48 * 1024 + 16, -1)  # above 48 KB without opting in
+    assert count(1, 1, 32, 200 * 1024, 200 * 1024) == 32  # opted in
+    assert count(1, 1, 32, 227 * 1024, 227 * 1024) == 32  # the opt-in maximum
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        count(1, 1, 32, 200 * 1024, 100 * 1024)  # above the size it opted in to
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        count(1, 1, 32, 0, 227 * 1024 + 1)  # cudaFuncSetAttribute above the device's maximum
+
+
+@needs_emulation
+def test_emulation_warp_shuffle_and_atomics():
+    sums = torch.ops.pddm_emu_test.warp_sums(80)  # 2 full warps and a partial one
+    assert sums[:64].tolist() == [528.0] * 64 and sums[64:].tolist() == [136.0] * 16
+    blocks, threads = 3, 96
+    total = blocks * threads
+    got = torch.ops.pddm_emu_test.atomics(blocks, threads).tolist()
+    assert got == [0.5 * total, 0.25 * total, total, total, 1000, 1000 + total - 1, total, 7]

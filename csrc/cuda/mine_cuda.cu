@@ -31,21 +31,26 @@ constexpr int kEuclidChunk = 32;
 
 // ---- per-row / per-column best (score, index) --------------------------------------------------
 
-// Order-preserving map of a float to 32 unsigned bits (-0 is folded into +0: they compare equal).
+// Order-preserving map of a non-NaN float to 32 unsigned bits (-0 is folded into +0: they compare
+// equal). It never yields 0 or 0xffffffff (those would be NaN bit patterns), which encode NaN below.
 __device__ __forceinline__ uint32_t ordered_bits(float s) {
   const uint32_t b = __float_as_uint(s == 0.0f ? 0.0f : s);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
-__device__ __forceinline__ float from_ordered_bits(uint32_t o) {
+__device__ __forceinline__ float from_ordered_bits(uint32_t o) {  // 0 and 0xffffffff decode to NaN
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
-// Larger key = better for a maximum: higher score, then smaller index. Never 0 for a real candidate.
+// Larger key = better for a maximum: higher score, then smaller index; NaN below every score (the
+// rule of beats_max in pddm_common.h). Never 0 for a real candidate.
 __device__ __forceinline__ unsigned long long max_key(float s, int64_t idx) {
-  return (static_cast<unsigned long long>(ordered_bits(s)) << 32) | (0xffffffffu - static_cast<uint32_t>(idx));
+  const uint32_t o = is_nan_score(s) ? 0u : ordered_bits(s);
+  return (static_cast<unsigned long long>(o) << 32) | (0xffffffffu - static_cast<uint32_t>(idx));
 }
-// Smaller key = better for a minimum: lower score, then smaller index. Never ~0 for a real candidate.
+// Smaller key = better for a minimum: lower score, then smaller index; NaN above every score (the
+// rule of beats_min). Never ~0 for a real candidate.
 __device__ __forceinline__ unsigned long long min_key(float s, int64_t idx) {
-  return (static_cast<unsigned long long>(ordered_bits(s)) << 32) | static_cast<uint32_t>(idx);
+  const uint32_t o = is_nan_score(s) ? 0xffffffffu : ordered_bits(s);
+  return (static_cast<unsigned long long>(o) << 32) | static_cast<uint32_t>(idx);
 }
 constexpr unsigned long long kNoMax = 0ull, kNoMin = ~0ull;
 
@@ -497,24 +502,17 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
-  const auto x = x_in.contiguous();
-  const auto y = batch ? x : y_in->contiguous();
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto& x = in.x;
   const auto lx = x_labels.contiguous();
   const auto ly = batch ? lx : y_labels->contiguous();
-  const int64_t m = x.size(0), n = y.size(0), h = W_u.size(0);
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
-  const auto Px = at::mm(x, W_vc.t()).contiguous();
-  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+  const int64_t m = in.m, n = in.n, h = in.h;
   const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_mine_cuda", [&] {
     using T = scalar_t;
-    const PddmParams<T> w{W_uc.data_ptr<T>(), b_uc.data_ptr<T>(), b_vc.data_ptr<T>(), W_cc.data_ptr<T>(),
-                          b_cc.data_ptr<T>(), w_sc.data_ptr<T>(), b_sc.data_ptr<T>(), W_u.size(1),
-                          h,                  W_c.size(0)};
-    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const auto w = in.params<T>();
+    const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));

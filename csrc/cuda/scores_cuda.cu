@@ -19,14 +19,6 @@ namespace pddm_ext::cuda {
 namespace {
 
 template <typename T>
-PddmParams<T> device_params(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& b_v,
-                            const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s,
-                            const at::Tensor& b_s) {
-  return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
-          w_s.data_ptr<T>(), b_s.data_ptr<T>(), W_u.size(1),       W_u.size(0),       W_c.size(0)};
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                            T* __restrict__ out, T* scratch, int64_t ws_elems) {
   PDDM_DYNAMIC_SHARED(smem_raw);
@@ -58,23 +50,17 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
                        const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   const DeviceGuard guard(x_in.device());
-  const bool batch = !y_in.has_value();
-  const auto x = x_in.contiguous();
-  const auto y = batch ? x : y_in->contiguous();
-  const int64_t m = x.size(0), n = y.size(0), h = W_u.size(0);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto& x = in.x;
+  const int64_t m = in.m, n = in.n, h = in.h;
   auto out = at::empty({m, n}, x.options());
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
-  const auto Px = at::mm(x, W_vc.t()).contiguous();
-  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
-  const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
+  const auto grid = TileGrid::make(in.batch, m, n, kTile, kTile);
   if (grid.count == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
     using T = scalar_t;
-    const auto w = device_params<T>(W_uc, b_uc, b_vc, W_cc, b_cc, w_sc, b_sc);
-    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const auto w = in.params<T>();
+    const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
@@ -140,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   T* dU = Q + kPairs * c;                          // (kPairs, d) dL/dnormalize(u)
   T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool need_inputs = out.dx != nullptr;
+  const bool need_inputs = out.dx != nullptr || out.dy != nullptr;
 
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
     int64_t i0, r0;
@@ -156,6 +142,12 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
       bs.g[tid] = g;
     }
+    __syncthreads();
+    // A tile whose pairs all have a zero gradient contributes nothing: every thread reads the same
+    // bs.g, so the whole block skips it together (as the CPU path skips zero-gradient pairs).
+    bool tile_has_gradient = false;
+    for (int p = 0; p < kPairs; ++p) tile_has_gradient |= bs.g[p] != T(0);
+    if (!tile_has_gradient) continue;
     pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
 
     // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
@@ -250,13 +242,13 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
       const int a = int(e / h);
       const int64_t k = e - int64_t(a) * h;
-      if (i0 + a < rows.m) {  // dP_i += sum over the tile's columns
+      if (out.dPx != nullptr && i0 + a < rows.m) {  // dP_i += sum over the tile's columns
         T acc = 0;
         for (int b = 0; b < kTile; ++b) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
         atomicAdd(out.dPx + (i0 + a) * h + k, acc);
       }
       const int b = a;
-      if (r0 + b < rows.n) {  // dP_r += sum over the tile's rows
+      if (out.dPy != nullptr && r0 + b < rows.n) {  // dP_r += sum over the tile's rows
         T acc = 0;
         for (int a2 = 0; a2 < kTile; ++a2) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
         atomicAdd(out.dPy + (r0 + b) * h + k, acc);
@@ -279,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
         const int a = int(e / d);
         const int64_t j = e - int64_t(a) * d;
-        if (i0 + a < rows.m) {
+        if (out.dx != nullptr && i0 + a < rows.m) {
           const T xj = rows.x[(i0 + a) * d + j];
           T acc = 0;
           for (int b = 0; b < kTile && r0 + b < rows.n; ++b) {
@@ -291,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
           atomicAdd(out.dx + (i0 + a) * d + j, acc);
         }
         const int b = a;
-        if (r0 + b < rows.n) {
+        if (out.dy != nullptr && r0 + b < rows.n) {
           const T yj = rows.y[(r0 + b) * d + j];
           T acc = 0;
           for (int a2 = 0; a2 < kTile && i0 + a2 < rows.m; ++a2) {
@@ -338,20 +330,19 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
   const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
-  const bool need_inputs = output_mask[0] || output_mask[1], need_params = output_mask[2];
-  const auto x = x_in.contiguous();
-  const auto y = batch ? x : y_in->contiguous();
-  const int64_t m = x.size(0), n = y.size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
-  const auto opts = x.options();
-  at::Tensor gx = at::zeros({m, d}, opts), gy = batch ? at::zeros({0}, opts) : at::zeros({n, d}, opts);
+  // The two sides of the pair space: batch mode's column side is x again.
+  const bool need_x = output_mask[0], need_y = batch ? output_mask[0] : output_mask[1];
+  const bool need_inputs = need_x || need_y, need_params = output_mask[2];
+  const auto opts = x_in.options();
+  const int64_t m = x_in.size(0), n = batch ? m : y_in->size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
+  // Gradient buffers only for what is needed: a frozen bank (reference mode, y needs no gradient)
+  // gets no (n, d) buffer, and no (n, h) one unless the parameters (W_v) need it.
+  at::Tensor gx = need_x ? at::zeros({m, d}, opts) : at::zeros({0}, opts);
+  at::Tensor gy = !batch && need_y ? at::zeros({n, d}, opts) : at::zeros({0}, opts);
   at::Tensor gW_u = at::zeros_like(W_u), gb_u = at::zeros_like(b_u), gW_v = at::zeros_like(W_v);
   at::Tensor gb_v = at::zeros_like(b_v), gW_c = at::zeros_like(W_c), gb_c = at::zeros_like(b_c);
   at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
-  // As on the CPU: an input that needs no gradient gets an empty (0,) tensor back (the kernel may
-  // still have accumulated it, as the two inputs share its input-gradient path).
+  // As on the CPU: an input that needs no gradient gets an empty (0,) tensor back.
   const auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                           at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
     return {output_mask[0] ? gx : at::zeros({0}, opts), !batch && output_mask[1] ? gy : at::zeros({0}, opts),
@@ -359,18 +350,18 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   };
   if (!need_inputs && !need_params) return result();
 
-  const auto Px = at::mm(x, W_vc.t()).contiguous();
-  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
-  const auto dPx = at::zeros({m, h}, opts);
-  const auto dPy = batch ? dPx : at::zeros({n, h}, opts);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto &x = in.x, &y = in.y, &W_vc = in.W_v;
+  const auto dPx = need_x || need_params ? at::zeros({m, h}, opts) : at::Tensor();
+  const auto dPy = batch ? dPx : (need_y || need_params ? at::zeros({n, h}, opts) : at::Tensor());
   const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
   const auto layout = SlabLayout::make(d, h, c);
   at::Tensor slab;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cuda", [&] {
     using T = scalar_t;
-    const auto w = device_params<T>(W_uc, b_uc, b_vc, W_cc, b_cc, w_sc, b_sc);
-    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const auto w = in.params<T>();
+    const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * (4 * h + c + d);
     // Keep the per-block parameter slabs within ~256 MB.
     const int64_t slab_bytes = layout.size * int64_t(sizeof(T));
@@ -383,10 +374,10 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     const BackwardOut<T> out{grad.data_ptr<T>(),
                              grad.stride(0),
                              grad.stride(1),
-                             need_inputs ? gx.data_ptr<T>() : nullptr,
-                             need_inputs ? (batch ? gx.data_ptr<T>() : gy.data_ptr<T>()) : nullptr,
-                             dPx.data_ptr<T>(),
-                             dPy.data_ptr<T>(),
+                             need_x ? gx.data_ptr<T>() : nullptr,
+                             need_y ? (batch ? gx.data_ptr<T>() : gy.data_ptr<T>()) : nullptr,
+                             dPx.defined() ? dPx.data_ptr<T>() : nullptr,
+                             dPy.defined() ? dPy.data_ptr<T>() : nullptr,
                              need_params ? slab.data_ptr<T>() : nullptr,
                              layout};
     PDDM_LAUNCH(scores_backward_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
@@ -394,10 +385,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  if (need_inputs) {
-    gx.addmm_(dPx, W_vc);
-    if (!batch) gy.addmm_(dPy, W_vc);
-  }
+  if (need_x) gx.addmm_(dPx, W_vc);
+  if (!batch && need_y) gy.addmm_(dPy, W_vc);
   if (need_params) {
     gW_v.copy_(at::mm(dPx.t(), x));
     if (!batch) gW_v.addmm_(dPy.t(), y);

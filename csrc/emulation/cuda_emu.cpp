@@ -70,7 +70,7 @@ namespace {
 constexpr size_t kStackBytes = 256 * 1024;  // per emulated thread, plus one guard page below it
 constexpr int kShuffleSlot = 16;
 constexpr unsigned char kPoison = 0xff;  // 0xffffffff / 0xffff...ff: NaN as float and as double
-constexpr long kMaxIdleRounds = 1L << 20;  // rounds in which only __nanosleep spinners ran
+constexpr long kMaxIdleRounds = 1L << 16;  // rounds in which only __nanosleep spinners ran
 
 const char* wait_name(Wait w) {
   switch (w) {
