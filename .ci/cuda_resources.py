@@ -33,7 +33,7 @@ DYNAMIC = {
 
 
 def kernel_key(demangled):
-    name = demangled.split("(")[0]
+    name = demangled.replace("(anonymous namespace)::", "").split("(")[0]
     base = re.sub(r"<.*", "", name).split("::")[-1]
     dtype = "double" if "<double>" in name else ("float" if "<float>" in name else "")
     return base, dtype
@@ -59,6 +59,9 @@ def run(nvcc, arch, python_include, torch_includes, source):
     if res.returncode != 0:
         sys.stderr.write(res.stderr)
         raise SystemExit(f"nvcc failed on {source}")
+    for line in res.stderr.splitlines():  # compiler warnings go to the terminal, not into the figures
+        if "warning" in line.lower():
+            print(line, file=sys.stderr)
     return res.stderr
 
 
@@ -93,6 +96,8 @@ def main():
     from torch.utils import cpp_extension
 
     cufilt = os.path.join(os.path.dirname(args.nvcc), "cu++filt")
+    if not os.path.exists(cufilt):
+        cufilt = "c++filt"  # the host demangler reads the same (Itanium) names
     python_include = sysconfig.get_paths()["include"]
     version = subprocess.run([args.nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     print(f"# ptxas -v of csrc/cuda/*.cu for {args.arch} ({version}); `make cuda-resources` writes this file.")

@@ -237,6 +237,37 @@ def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
         assert rel_err(g, w) < 1e-9
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
+    """With torch.use_deterministic_algorithms(True) the backward's input gradients are summed in a
+    fixed order: bitwise equal run to run. (The emulation shows the difference under the random
+    order, which shuffles the blocks of every launch: float atomics from several blocks then add
+    in another order each run.)"""
+    unit = make_unit(11, 10, 6, device=device, seed=2)
+    m, n = 45, 38
+    x = torch.randn(m, 11, device=device)
+    y = None if batch else torch.randn(n, 11, device=device)
+    grad = torch.randn(m, m if batch else n, device=device)
+    p = params_of(unit)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS's addmm merely warns
+    try:
+        runs = [torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True]) for _ in range(4)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    xd = x.double().requires_grad_()
+    yd = None if batch else y.double().requires_grad_()
+    pd = [t.double().requires_grad_() for t in p]
+    R = reference.pddm_scores(xd, yd, pd)
+    want = torch.autograd.grad((R * grad.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [runs[0][0]] + ([] if batch else [runs[0][1]]) + list(runs[0][2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * TOL[torch.float32]
+
+
 def test_concurrent_calls_with_different_hidden_sizes(device):
     """Two host threads with different h on one device: the dynamic shared memory limit is set once
     per device and kernel to the plan's maximum, so neither lowers it under the other's launch."""
@@ -401,25 +432,37 @@ def nan_rule_best(S, mask, maximize):
     return out
 
 
-def check_nan_rule(device, dtype):
+def check_nan_rule(device, dtype, m=45, n=53):
+    """Mining where every PDDM score is NaN (b_s = NaN; only reachable through torch.ops: the API
+    rejects NaN): each slot gets its smallest candidate index, the pairs come in (i, r) order. The
+    packed float keys of the GPU, the locked float64 path and the CPU's merges of per-thread partial
+    results must all follow the rule of pddm_common.h, whatever order the candidates arrive in."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(19, 6, generator=g, dtype=dtype)
-    y = torch.randn(23, 6, generator=g, dtype=dtype)
-    x[4] = float("nan")  # every pair of row 4 scores NaN
-    y[[0, 7, 8]] = float("nan")  # columns 0, 7, 8 score NaN
-    lx = torch.randint(0, 3, (19,), generator=g)
-    ly = torch.randint(0, 3, (23,), generator=g)
-    S = reference.euclidean_scores(x.double(), y.double())
+    unit = make_unit(6, 5, 4, dtype=dtype, device="cpu", seed=5)
+    params = [t.clone() for t in params_of(unit)]
+    params[-1].fill_(float("nan"))  # b_s
+    x = torch.randn(m, 6, generator=g, dtype=dtype)
+    y = torch.randn(n, 6, generator=g, dtype=dtype)
+    lx = torch.randint(0, 3, (m,), generator=g)
+    ly = torch.randint(0, 3, (n,), generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    S = torch.full((m, n), float("nan"), dtype=torch.float64)
     same = lx[:, None] == ly[None, :]
-    out = torch.ops.pddm_ext.mine_euclidean(x.to(device), lx.to(device), y.to(device), ly.to(device), 4)
+    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), to(y), to(ly), *map(to, params), 4)
+    assert bool(out[1].isnan().all()) and bool(out[3].isnan().all())
     assert out[0].tolist() == nan_rule_best(S, same, False)
     assert out[2].tolist() == nan_rule_best(S, ~same, True)
     assert out[4].tolist() == nan_rule_best(S.T, ~same.T, True)
-    # the lowest positive pairs: NaN scores after all others
-    pairs = sorted((s if s == s else float("inf"), s != s, i, r) for (i, r), s in
-                   zip(same.nonzero().tolist(), S[same].tolist()))
-    want = [(i, r) for _, _, i, r in pairs[:4]]
-    assert list(zip(out[6].tolist(), out[7].tolist())) == want
+    want = same.nonzero().tolist()[:4]  # all NaN: (i, r) order
+    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == want
+    # batch mode: the pairs i < r
+    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), None, None, *map(to, params), 3)
+    same_b = lx[:, None] == lx[None, :]
+    pos_b = same_b & ~torch.eye(m, dtype=torch.bool)
+    Sb = torch.full((m, m), float("nan"), dtype=torch.float64)
+    assert out[0].tolist() == nan_rule_best(Sb, pos_b, False)
+    assert out[2].tolist() == nan_rule_best(Sb, ~same_b, True)
+    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == pos_b.triu(1).nonzero().tolist()[:3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -427,11 +470,12 @@ def test_nan_scores_follow_the_rule_of_pddm_common(dtype, device):
     check_nan_rule(device, dtype)
 
 
+@pytest.mark.multithreaded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nan_scores_follow_the_rule_of_pddm_common_cpu_kernels(dtype):
     if EMULATED:
         pytest.skip("the emulation build has no CPU kernels")
-    check_nan_rule("cpu", dtype)
+    check_nan_rule("cpu", dtype, m=300, n=280)  # many tiles: per-thread partial results merged
 
 
 @needs_gpu
@@ -596,8 +640,10 @@ def test_emulation_launch_limits_of_the_h200():
 
 @needs_emulation
 def test_emulation_warp_shuffle_and_atomics():
-    sums = torch.ops.pddm_emu_test.warp_sums(80)  # 2 full warps and a partial one
-    assert sums[:64].tolist() == [528.0] * 64 and sums[64:].tolist() == [136.0] * 16
+    sums = torch.ops.pddm_emu_test.warp_sums(96)
+    assert sums.tolist() == [528.0] * 96  # 1 + 2 + ... + 32 in every lane
+    with pytest.raises(RuntimeError, match="partial warp"):
+        torch.ops.pddm_emu_test.warp_sums(80)  # a full-mask shuffle in a 16-lane warp: undefined on a GPU
     blocks, threads = 3, 96
     total = blocks * threads
     got = torch.ops.pddm_emu_test.atomics(blocks, threads).tolist()

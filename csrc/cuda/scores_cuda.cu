@@ -2,9 +2,10 @@
 //
 // Both are persistent tile kernels (pddm_tile.cuh). The backward recomputes each tile's forward,
 // then walks it back in the tile's workspace: gradients of the inputs and of the projections
-// P = x W_v^T go to global memory with atomics (O((m + n)(d + h))), parameter gradients to a
-// per-block slab that only its block touches, summed over blocks at the end. Nothing is
-// (m, n, d) or (m, n, h).
+// P = x W_v^T go to global memory with atomics (O((m + n)(d + h))), or, under
+// torch.use_deterministic_algorithms(True), to per-block slices summed in a fixed order; parameter
+// gradients to a per-block slab that only its block touches, summed over blocks at the end.
+// Nothing is (m, n, d) or (m, n, h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -90,15 +91,32 @@ struct SlabLayout {
   }
 };
 
-// Where the backward writes. dy/dPy alias dx/dPx in batch mode; dx == nullptr: no input gradients;
-// slab == nullptr: no parameter gradients.
+// Where the backward writes. dy/dPy alias dx/dPx in batch mode; a null dx / dy / dPx / dPy: that
+// gradient is not needed; slab == nullptr: no parameter gradients. per_block: dx, dy, dPx, dPy are
+// (gridDim.x, rows, cols) buffers, one slice per block, which only that block writes (plain adds,
+// in its fixed tile order), summed over blocks afterwards: deterministic, for
+// torch.use_deterministic_algorithms(True). Otherwise one (rows, cols) buffer updated with atomics.
 template <typename T>
 struct BackwardOut {
   const T* grad;
   int64_t grad_stride0, grad_stride1;
   T *dx, *dy, *dPx, *dPy, *slab;
   SlabLayout layout;
+  bool per_block;
 };
+
+// Adds v to a gradient: a plain add into the block's own slice, or an atomic add into the shared
+// buffer. Within one tile no two threads of a block update the same element (each thread owns a
+// row of the tile and a column of features; in batch mode a diagonal tile's row and column are the
+// same thread's), so the plain add needs no atomics.
+template <typename T>
+__device__ __forceinline__ void add_gradient(T* p, T v, bool per_block) {
+  if (per_block) {
+    *p += v;
+  } else {
+    atomicAdd(p, v);
+  }
+}
 
 // Per-pair scalars of the backward (in addition to the forward's TileScalars).
 template <typename T>
@@ -125,8 +143,14 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
   T* dU = Q + kPairs * c;                          // (kPairs, d) dL/dnormalize(u)
   T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
+  // This block's slices of the input-side gradients (per_block), else the shared buffers.
+  const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
+  T* const g_dx = out.dx == nullptr ? nullptr : out.dx + slice * rows.m * w.d;
+  T* const g_dy = out.dy == nullptr ? nullptr : out.dy + slice * rows.n * w.d;
+  T* const g_dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
+  T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool need_inputs = out.dx != nullptr || out.dy != nullptr;
+  const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
 
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
     int64_t i0, r0;
@@ -242,16 +266,16 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
       const int a = int(e / h);
       const int64_t k = e - int64_t(a) * h;
-      if (out.dPx != nullptr && i0 + a < rows.m) {  // dP_i += sum over the tile's columns
+      if (g_dPx != nullptr && i0 + a < rows.m) {  // dP_i += sum over the tile's columns
         T acc = 0;
         for (int b = 0; b < kTile; ++b) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
-        atomicAdd(out.dPx + (i0 + a) * h + k, acc);
+        add_gradient(g_dPx + (i0 + a) * h + k, acc, out.per_block);
       }
       const int b = a;
-      if (out.dPy != nullptr && r0 + b < rows.n) {  // dP_r += sum over the tile's rows
+      if (g_dPy != nullptr && r0 + b < rows.n) {  // dP_r += sum over the tile's rows
         T acc = 0;
         for (int a2 = 0; a2 < kTile; ++a2) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
-        atomicAdd(out.dPy + (r0 + b) * h + k, acc);
+        add_gradient(g_dPy + (r0 + b) * h + k, acc, out.per_block);
       }
     }
     if (need_inputs) {
@@ -271,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
         const int a = int(e / d);
         const int64_t j = e - int64_t(a) * d;
-        if (out.dx != nullptr && i0 + a < rows.m) {
+        if (g_dx != nullptr && i0 + a < rows.m) {
           const T xj = rows.x[(i0 + a) * d + j];
           T acc = 0;
           for (int b = 0; b < kTile && r0 + b < rows.n; ++b) {
@@ -280,10 +304,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
             const T du = normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p]);
             acc += sign_of(diff) * du + bs.coef_v[p] * (xj + yj);
           }
-          atomicAdd(out.dx + (i0 + a) * d + j, acc);
+          add_gradient(g_dx + (i0 + a) * d + j, acc, out.per_block);
         }
         const int b = a;
-        if (out.dy != nullptr && r0 + b < rows.n) {
+        if (g_dy != nullptr && r0 + b < rows.n) {
           const T yj = rows.y[(r0 + b) * d + j];
           T acc = 0;
           for (int a2 = 0; a2 < kTile && i0 + a2 < rows.m; ++a2) {
@@ -292,7 +316,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
             const T du = normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p]);
             acc += bs.coef_v[p] * (xj + yj) - sign_of(diff) * du;
           }
-          atomicAdd(out.dy + (r0 + b) * d + j, acc);
+          add_gradient(g_dy + (r0 + b) * d + j, acc, out.per_block);
         }
       }
     }
@@ -333,6 +357,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   // The two sides of the pair space: batch mode's column side is x again.
   const bool need_x = output_mask[0], need_y = batch ? output_mask[0] : output_mask[1];
   const bool need_inputs = need_x || need_y, need_params = output_mask[2];
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto opts = x_in.options();
   const int64_t m = x_in.size(0), n = batch ? m : y_in->size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
   // Gradient buffers only for what is needed: a frozen bank (reference mode, y needs no gradient)
@@ -363,26 +388,39 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     const auto w = in.params<T>();
     const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * (4 * h + c + d);
-    // Keep the per-block parameter slabs within ~256 MB.
+    // Keep the per-block parameter slabs (and, deterministic, the per-block input gradients) within
+    // ~256 MB each.
     const int64_t slab_bytes = layout.size * int64_t(sizeof(T));
-    const int64_t max_blocks = need_params ? std::max<int64_t>(1, (int64_t(256) << 20) / slab_bytes) : int64_t(1) << 30;
+    int64_t max_blocks = need_params ? std::max<int64_t>(1, (int64_t(256) << 20) / slab_bytes) : int64_t(1) << 30;
+    const int64_t slice_elems = (need_x ? m * d : 0) + (!batch && need_y ? n * d : 0) + (dPx.defined() ? m * h : 0) +
+                                (!batch && dPy.defined() ? n * h : 0);
+    if (deterministic && slice_elems > 0) {
+      max_blocks = std::min(max_blocks, std::max<int64_t>(1, (int64_t(256) << 20) / (slice_elems * int64_t(sizeof(T)))));
+    }
     const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
     if (need_params) slab = at::zeros({int64_t(plan.blocks), layout.size}, opts);
-    const BackwardOut<T> out{grad.data_ptr<T>(),
-                             grad.stride(0),
-                             grad.stride(1),
-                             need_x ? gx.data_ptr<T>() : nullptr,
-                             need_y ? (batch ? gx.data_ptr<T>() : gy.data_ptr<T>()) : nullptr,
-                             dPx.defined() ? dPx.data_ptr<T>() : nullptr,
-                             dPy.defined() ? dPy.data_ptr<T>() : nullptr,
-                             need_params ? slab.data_ptr<T>() : nullptr,
-                             layout};
+    // The input-side gradient buffers: shared (atomics), or one slice per block (deterministic).
+    const int64_t blocks = plan.blocks;
+    auto buffer = [&](const at::Tensor& shared, bool needed, int64_t rows_, int64_t cols) {
+      return !needed ? at::Tensor() : deterministic ? at::zeros({blocks, rows_, cols}, opts) : shared;
+    };
+    const auto bx = buffer(gx, need_x, m, d), by = batch ? bx : buffer(gy, need_y, n, d);
+    const auto bPx = buffer(dPx, dPx.defined(), m, h), bPy = batch ? bPx : buffer(dPy, dPy.defined(), n, h);
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const BackwardOut<T> out{grad.data_ptr<T>(), grad.stride(0), grad.stride(1), ptr(bx), ptr(by), ptr(bPx),
+                             ptr(bPy), need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
     PDDM_LAUNCH(scores_backward_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
         w, rows, grid, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (deterministic) {  // the blocks' slices, summed in a fixed order
+      if (bx.defined()) gx.copy_(bx.sum(0));
+      if (!batch && by.defined()) gy.copy_(by.sum(0));
+      if (bPx.defined()) dPx.copy_(bPx.sum(0));
+      if (!batch && bPy.defined()) dPy.copy_(bPy.sum(0));
+    }
   });
 
   if (need_x) gx.addmm_(dPx, W_vc);
