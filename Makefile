@@ -7,6 +7,12 @@
 #                    built with CUDA forced in a copy of the tree (build/cuda-tree, so the CPU build in
 #                    pddm_ext/ is left alone), every op's CUDA kernel registered, the CPU tests run
 #                    against that build. Needs no GPU, only the toolkit in CUDA_HOME.
+#   make cuda-emulate  the CUDA kernels executed without a GPU (docs/emulation.md): csrc/cuda/*.cu compiled
+#                    as C++ against csrc/emulation/cuda_emu.h in a copy of the tree (build/emu-tree),
+#                    tests/test_cuda.py run against it under the three thread orders, then the
+#                    self-test: a build with one barrier of the forward tile compiled out must fail them
+#   make cuda-resources  ptxas -v figures (registers, spills, shared memory) of every kernel on sm_90
+#                    into benchmarks/results/cuda_resources.txt (needs only nvcc and the CPU torch)
 #   make clean       build outputs; `make distclean` also removes the virtual environments
 #
 # Re-running is cheap: every install step leaves a stamp in its venv and runs again only when its
@@ -41,8 +47,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build clean distclean FORCE demo compare fonts bench gpu-check \
-  wheel wheel-check oldest-torch
+.PHONY: test install cpp-test pytest cuda-build cuda-emulate cuda-resources clean distclean FORCE demo compare \
+  fonts bench gpu-check wheel wheel-check oldest-torch
 
 test: install cpp-test pytest
 
@@ -114,6 +120,59 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 	  echo '$(abspath $(CUDA_TREE))' > "$$site/pddm_ext_cuda_tree.pth"
 	cd $(CUDA_TREE) && '$(abspath $(CUDA_VENV))/bin/python' .ci/check_cuda_build.py
 	cd $(CUDA_TREE) && { export PDDM_EXT_REQUIRE_TORCHVISION=1; $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
+
+# ---- CUDA emulation (issue 11, CI) --------------------------------------------------------------
+# The kernels of csrc/cuda/ run on the CPU: one build (the .venv's CPU torch, no toolkit), the CUDA
+# tests under each thread order of EMU_ORDERS, then the self-test build with the barrier after
+# phase 1b of the forward tile compiled out (PDDM_EXT_TEST_DROP_TILE_BARRIER), whose run of the
+# scores tests must fail under at least one order (.ci/check_emulation.py).
+EMU_TREE := build/emu-tree
+EMU_TEMP := build/emu-temp
+EMU_BROKEN_TREE := build/emu-broken-tree
+EMU_BROKEN_TEMP := build/emu-broken-temp
+EMU_ORDERS ?= forward reverse random:1
+EMU_PYTEST_ARGS ?= -q -ra -p no:cacheprovider --benchmark-disable
+
+# $(call copy_tree,DIR): DIR holds what git tracks plus untracked files it does not ignore.
+define copy_tree
+rm -rf $(1)
+mkdir -p $(1)
+git ls-files -z --cached --others --exclude-standard \
+  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(1)
+endef
+
+# $(call emu_build,TREE,TEMP,EXTRA_ENV)
+define emu_build
+$(call copy_tree,$(1))
+mkdir -p $(2)
+cd $(1) && PDDM_EXT_CUDA_EMULATION=1 $(3) PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
+  '$(abspath $(VENV))/bin/python' setup.py -q build_ext --inplace --build-temp '$(abspath $(2))'
+endef
+
+cuda-emulate: $(VENV)/.deps-stamp
+	$(call emu_build,$(EMU_TREE),$(EMU_TEMP),)
+	cd $(EMU_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --build
+	for order in $(EMU_ORDERS); do \
+	  echo "::: emulated CUDA kernels, PDDM_EMU_ORDER=$$order"; \
+	  (cd $(EMU_TREE) && PDDM_EMU_ORDER=$$order PYTHONPATH=. '$(abspath $(VENV))/bin/python' -m pytest $(EMU_PYTEST_ARGS) tests/test_cuda.py) || exit 1; \
+	done
+	$(call emu_build,$(EMU_BROKEN_TREE),$(EMU_BROKEN_TEMP),PDDM_EXT_TEST_DROP_TILE_BARRIER=1)
+	cd $(EMU_BROKEN_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --must-fail $(EMU_ORDERS)
+
+# ---- ptxas resource figures (issue 11) ------------------------------------------------------------
+# Registers, spills, stack and shared memory of every kernel for CUDA_RESOURCES_ARCH, from nvcc's
+# ptxas -v with the .venv's torch headers (no GPU, no CUDA torch). The committed output shows in
+# review when a change adds spills.
+CUDA_RESOURCES_ARCH ?= sm_90
+CUDA_RESOURCES_OUT ?= benchmarks/results/cuda_resources.txt
+
+cuda-resources: $(VENV)/.deps-stamp
+	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-resources: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
+	mkdir -p $(dir $(CUDA_RESOURCES_OUT))
+	$(VENV)/bin/python .ci/cuda_resources.py --nvcc '$(CUDA_HOME)/bin/nvcc' --arch $(CUDA_RESOURCES_ARCH) \
+	  > $(CUDA_RESOURCES_OUT).tmp
+	mv $(CUDA_RESOURCES_OUT).tmp $(CUDA_RESOURCES_OUT)
+	cat $(CUDA_RESOURCES_OUT)
 
 # ---- Targets of other parts of the project ----------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check

@@ -94,20 +94,37 @@ C10_HOST_DEVICE inline T normalize_backward(T dz, T z, T s, T norm) {
 }
 
 // Tie rules (docs/design.md#ties-and-tolerance): exact ties go to the smallest index. best_idx < 0 means "no candidate yet".
+// NaN scores (only reachable by calling the ops directly: the API rejects NaN inputs) follow one
+// rule on CPU and GPU: a NaN is the worst score for a maximum and for a minimum alike, chosen only
+// when every candidate is NaN (then the smallest index). The GPU's packed float keys encode the same.
+template <typename T>
+C10_HOST_DEVICE inline bool is_nan_score(T s) {
+  return s != s;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline bool beats_max(T s, int64_t idx, T best_s, int64_t best_idx) {
-  return best_idx < 0 || s > best_s || (s == best_s && idx < best_idx);
+  if (best_idx < 0) return true;
+  if (is_nan_score(s)) return is_nan_score(best_s) && idx < best_idx;
+  if (is_nan_score(best_s)) return true;
+  return s > best_s || (s == best_s && idx < best_idx);
 }
 
 template <typename T>
 C10_HOST_DEVICE inline bool beats_min(T s, int64_t idx, T best_s, int64_t best_idx) {
-  return best_idx < 0 || s < best_s || (s == best_s && idx < best_idx);
+  if (best_idx < 0) return true;
+  if (is_nan_score(s)) return is_nan_score(best_s) && idx < best_idx;
+  if (is_nan_score(best_s)) return true;
+  return s < best_s || (s == best_s && idx < best_idx);
 }
 
-// Order of positive pairs in mine_hard: ascending score, ties by (i, r) ascending.
+// Order of positive pairs in mine_hard: ascending score, ties by (i, r) ascending; NaN scores
+// after all others (a strict weak order, as torch.sort orders NaN).
 template <typename T>
 C10_HOST_DEVICE inline bool pair_before(T s1, int64_t i1, int64_t r1, T s2, int64_t i2, int64_t r2) {
-  if (s1 != s2) return s1 < s2;
+  const bool nan1 = is_nan_score(s1), nan2 = is_nan_score(s2);
+  if (nan1 != nan2) return nan2;
+  if (!nan1 && s1 != s2) return s1 < s2;
   if (i1 != i2) return i1 < i2;
   return r1 < r2;
 }

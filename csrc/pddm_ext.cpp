@@ -43,6 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
   module.attr("with_cuda") = false;
 #endif
+#ifdef PDDM_EXT_CUDA_EMULATION  // make cuda-emulate: the CUDA kernels, run on the CPU (docs/emulation.md)
+  module.attr("cuda_emulation") = true;
+#else
+  module.attr("cuda_emulation") = false;
+#endif
 }
 #endif
 

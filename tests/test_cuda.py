@@ -1,9 +1,12 @@
-"""The CUDA kernels against the reference and the CPU kernels (SPEC §1-§3, §5, §6).
+"""The CUDA kernels against the reference (SPEC §1-§3, §5, §6), on every available device backend.
 
-Everything but the registration check needs a visible GPU and is skipped otherwise. Tolerances:
-scores and gradients are compared relative to the largest reference magnitude (the fused kernels sum
-in another order); mined indices are correct when their reference score is within the SPEC §3
-tolerance of the reference optimum for that slot.
+Backends (the ``device`` fixture): ``cuda``, a real GPU with a CUDA build of the package; ``emulated``,
+the CUDA emulation build (``make cuda-emulate``, docs/emulation.md), where the kernels of csrc/cuda/
+run on the CPU for CPU tensors (PDDM_EMU_ORDER selects the thread order). With neither (the normal
+CPU build) the backend tests skip. Tests marked ``needs_gpu`` need a real GPU (sizes, several
+devices). Tolerances: scores and gradients are compared relative to the largest reference magnitude
+(the fused kernels sum in another order); mined indices are correct when their reference score is
+within the SPEC §3 tolerance of the reference optimum for that slot.
 """
 
 from __future__ import annotations
@@ -14,10 +17,24 @@ import torch
 import pddm_ext
 from pddm_ext import ops, reference
 
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible (the CUDA kernels are only compile-checked here)")
+EMULATED = bool(getattr(pddm_ext._C, "cuda_emulation", False))
+HAS_CUDA = torch.cuda.is_available() and pddm_ext._C.with_cuda
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of pddm_ext")
+if EMULATED:
+    BACKENDS = [pytest.param("cpu", id="emulated")]
+elif HAS_CUDA:
+    BACKENDS = [pytest.param("cuda", id="cuda")]
+else:
+    BACKENDS = [pytest.param("cuda", id="cuda", marks=pytest.mark.skip(
+        reason="no CUDA device visible and not the emulation build (make cuda-emulate runs these on the CPU)"))]
 OPS = ("scores", "scores_backward", "mine_pddm", "mine_euclidean")
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request):
+    """The device of the tensors a backend's kernels take: "cuda", or "cpu" for the emulated kernels."""
+    return request.param
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():
@@ -25,6 +42,14 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip("pddm_ext was built without CUDA")
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pddm_ext::{op}", "CUDA"), op
+
+
+def test_emulation_build_registers_the_cuda_kernels_for_cpu_tensors():
+    if not EMULATED:
+        pytest.skip("not the CUDA emulation build")
+    assert not pddm_ext._C.with_cuda
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pddm_ext::{op}", "CPU"), op
 
 
 def make_unit(d, h=None, c=None, *, device="cuda", dtype=torch.float32, seed=0):
@@ -45,14 +70,13 @@ def rel_err(a, b):
 SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 3, 2), (9, 17, 20, 130, 7), (16, 8, 33, 17, 129), (65, 130, 64, 64, 64)]
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
 @pytest.mark.parametrize("m,n,d,h,c", SHAPES)
-def test_scores_match_reference(m, n, d, h, c, batch, dtype):
-    unit = make_unit(d, h, c, dtype=dtype)
-    x = torch.randn(m, d, device="cuda", dtype=dtype)
-    y = None if batch else torch.randn(n, d, device="cuda", dtype=dtype)
+def test_scores_match_reference(m, n, d, h, c, batch, dtype, device):
+    unit = make_unit(d, h, c, dtype=dtype, device=device)
+    x = torch.randn(m, d, device=device, dtype=dtype)
+    y = None if batch else torch.randn(n, d, device=device, dtype=dtype)
     if m > 2:
         x[1] = x[0]  # a zero difference: normalize(0) = 0
     with torch.no_grad():
@@ -64,14 +88,13 @@ def test_scores_match_reference(m, n, d, h, c, batch, dtype):
         assert torch.equal(got, got.T)
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
 @pytest.mark.parametrize("m,n,d,h,c", SHAPES)
-def test_gradients_match_reference(m, n, d, h, c, batch, dtype):
-    unit = make_unit(d, h, c, dtype=dtype)
-    x = torch.randn(m, d, device="cuda", dtype=dtype, requires_grad=True)
-    y = None if batch else torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+def test_gradients_match_reference(m, n, d, h, c, batch, dtype, device):
+    unit = make_unit(d, h, c, dtype=dtype, device=device)
+    x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
+    y = None if batch else torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     S = unit(x) if batch else unit(x, y)
     G = torch.randn_like(S)
     got = torch.autograd.grad((S * G).sum(), [x] + ([] if batch else [y]) + list(unit.parameters()))
@@ -84,12 +107,11 @@ def test_gradients_match_reference(m, n, d, h, c, batch, dtype):
         assert rel_err(g, w) < 10 * TOL[dtype]
 
 
-@needs_cuda
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-def test_gradcheck_float64(batch):
-    unit = make_unit(5, 4, 3, dtype=torch.float64, seed=1)
-    x = torch.randn(6, 5, device="cuda", dtype=torch.float64, requires_grad=True)
-    y = None if batch else torch.randn(4, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+def test_gradcheck_float64(batch, device):
+    unit = make_unit(5, 4, 3, dtype=torch.float64, seed=1, device=device)
+    x = torch.randn(6, 5, device=device, dtype=torch.float64, requires_grad=True)
+    y = None if batch else torch.randn(4, 5, device=device, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in params_of(unit)]
     inputs = (x,) + (() if batch else (y,)) + tuple(params)
 
@@ -101,12 +123,11 @@ def test_gradcheck_float64(batch):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@needs_cuda
-def test_backward_output_mask():
-    unit = make_unit(7, 6, 5)
-    x = torch.randn(10, 7, device="cuda")
-    y = torch.randn(12, 7, device="cuda")
-    grad = torch.randn(10, 12, device="cuda")
+def test_backward_output_mask(device):
+    unit = make_unit(7, 6, 5, device=device)
+    x = torch.randn(10, 7, device=device)
+    y = torch.randn(12, 7, device=device)
+    grad = torch.randn(10, 12, device=device)
     p = params_of(unit)
     full = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
     params_only = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [False, False, True])
@@ -118,13 +139,12 @@ def test_backward_output_mask():
     assert rel_err(full[0], inputs_only[0]) < 1e-5 and rel_err(full[1], inputs_only[1]) < 1e-5
 
 
-@needs_cuda
-def test_expanded_grad_and_non_contiguous_inputs():
-    unit = make_unit(8, 6, 5, dtype=torch.float64)
-    base = torch.randn(8, 22, device="cuda", dtype=torch.float64)
+def test_expanded_grad_and_non_contiguous_inputs(device):
+    unit = make_unit(8, 6, 5, dtype=torch.float64, device=device)
+    base = torch.randn(8, 22, device=device, dtype=torch.float64)
     x = base.t()[::2]  # (11, 8) view with strides (2, 22)
     assert not x.is_contiguous()
-    y = torch.randn(8, 13, device="cuda", dtype=torch.float64).t()  # (13, 8) transposed view
+    y = torch.randn(8, 13, device=device, dtype=torch.float64).t()  # (13, 8) transposed view
     S = pddm_ext.pddm_scores(x, y, *params_of(unit))
     want = reference.pddm_scores(x, y, params_of(unit))
     assert rel_err(S, want) < 1e-9
@@ -135,27 +155,143 @@ def test_expanded_grad_and_non_contiguous_inputs():
     assert rel_err(xg.grad, xr.grad) < 1e-8
 
 
-@needs_cuda
-def test_half_inputs_compute_in_float32():
-    unit = make_unit(16, 8, 8)
-    x = torch.randn(20, 16, device="cuda", dtype=torch.float16)
+def test_half_inputs_compute_in_float32(device):
+    unit = make_unit(16, 8, 8, device=device)
+    x = torch.randn(20, 16, device=device, dtype=torch.float16)
     S = pddm_ext.pddm_scores(x, None, *params_of(unit))
     assert S.dtype == torch.float32
     want = reference.pddm_scores(x.double(), None, [p.double() for p in params_of(unit)])
     assert rel_err(S, want) < 1e-4
 
 
-@needs_cuda
-def test_opcheck():
-    unit = make_unit(6, 5, 4)
-    x = torch.randn(9, 6, device="cuda", requires_grad=True)
-    y = torch.randn(7, 6, device="cuda")
+def test_opcheck(device):
+    unit = make_unit(6, 5, 4, device=device)
+    x = torch.randn(9, 6, device=device, requires_grad=True)
+    y = torch.randn(7, 6, device=device)
     p = params_of(unit)
     torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p)
-    lx = torch.randint(0, 3, (9,), device="cuda")
-    ly = torch.randint(0, 3, (7,), device="cuda")
+    lx = torch.randint(0, 3, (9,), device=device)
+    ly = torch.randint(0, 3, (7,), device=device)
     torch.library.opcheck(torch.ops.pddm_ext.mine_euclidean.default, (x.detach(), lx, y, ly, 2),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_projections_are_not_computed_by_matmul(device):
+    """P = x W_v^T runs in the kernels' own arithmetic (project_kernel), not at::mm / cuBLAS, which
+    computes float32 in TF32 under allow_tf32 or matmul precision "high" (issue 11)."""
+    unit = make_unit(12, 9, 7, device=device)
+    x = torch.randn(13, 12, device=device)
+    y = torch.randn(11, 12, device=device)
+    lx = torch.randint(0, 3, (13,), device=device)
+    ly = torch.randint(0, 3, (11,), device=device)
+    p = params_of(unit)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.pddm_ext.scores(x, y, *p)
+        torch.ops.pddm_ext.scores(x, None, *p)
+        torch.ops.pddm_ext.mine_pddm(x, lx, y, ly, *p, 3)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::mm", "aten::matmul", "aten::addmm"}, sorted(names)
+
+
+def test_scores_under_tf32_matmul_precision(device):
+    unit = make_unit(24, 16, 8, device=device)
+    x = torch.randn(19, 24, device=device)
+    x[3] = x[2]  # duplicate rows: their scores must tie exactly
+    y = torch.randn(10, 24, device=device)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = pddm_ext.pddm_scores(x, y, *params_of(unit))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    want = reference.pddm_scores(x.double(), y.double(), [p.double() for p in params_of(unit)])
+    assert rel_err(got, want) < TOL[torch.float32]
+    assert torch.equal(got[2], got[3])
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
+    """Reference mode with y needing no gradient (a frozen bank): no bank-side gradient buffers, the
+    same x and parameter gradients; tiles whose dS is all zero are skipped."""
+    dtype = torch.float64
+    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
+    m, n = 21, 30
+    x = torch.randn(m, 9, device=device, dtype=dtype)
+    y = None if batch else torch.randn(n, 9, device=device, dtype=dtype)
+    grad = torch.zeros(m, m if batch else n, device=device, dtype=dtype)
+    grad[2, 5] = 1.5  # most 8 x 8 tiles have no gradient at all
+    grad[17, -1] = -0.5
+    p = params_of(unit)
+    full = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+    frozen = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, False, True])
+    assert frozen[1].shape == (0,)
+    for a, b in zip((full[0],) + full[2:], (frozen[0],) + frozen[2:]):
+        assert rel_err(a, b) < 1e-12
+    xd = x.clone().requires_grad_()
+    yd = None if batch else y.clone().requires_grad_()
+    pd = [t.clone().requires_grad_() for t in p]
+    R = reference.pddm_scores(xd, yd, pd)
+    want = torch.autograd.grad((R * grad).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [full[0]] + ([] if batch else [full[1]]) + list(full[2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-9
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
+    """With torch.use_deterministic_algorithms(True) the backward's input gradients are summed in a
+    fixed order: bitwise equal run to run. (The emulation shows the difference under the random
+    order, which shuffles the blocks of every launch: float atomics from several blocks then add
+    in another order each run.)"""
+    unit = make_unit(11, 10, 6, device=device, seed=2)
+    m, n = 45, 38
+    x = torch.randn(m, 11, device=device)
+    y = None if batch else torch.randn(n, 11, device=device)
+    grad = torch.randn(m, m if batch else n, device=device)
+    p = params_of(unit)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS's addmm merely warns
+    try:
+        runs = [torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True]) for _ in range(4)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    xd = x.double().requires_grad_()
+    yd = None if batch else y.double().requires_grad_()
+    pd = [t.double().requires_grad_() for t in p]
+    R = reference.pddm_scores(xd, yd, pd)
+    want = torch.autograd.grad((R * grad.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [runs[0][0]] + ([] if batch else [runs[0][1]]) + list(runs[0][2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * TOL[torch.float32]
+
+
+def test_concurrent_calls_with_different_hidden_sizes(device):
+    """Two host threads with different h on one device: the dynamic shared memory limit is set once
+    per device and kernel to the plan's maximum, so neither lowers it under the other's launch."""
+    import threading
+
+    units = [make_unit(8, h, 4, device=device, seed=h) for h in (12, 150)]
+    x = torch.randn(20, 8, device=device)
+    want = [reference.pddm_scores(x.double(), None, [p.double() for p in params_of(u)]) for u in units]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                got = torch.ops.pddm_ext.scores(x, None, *params_of(units[k]))
+                assert rel_err(got, want[k]) < TOL[torch.float32]
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 # ---- mining ----------------------------------------------------------------------------------------
@@ -223,10 +359,9 @@ def check_mining(x, lx, y, ly, unit, metric, k):
     return out
 
 
-@needs_cuda
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_mining_matches_reference_and_cpu(seed, metric):
+def test_mining_matches_reference_and_cpu(seed, metric, device):
     g = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if seed % 2 else torch.float32
     batch = seed % 3 != 0
@@ -242,26 +377,26 @@ def test_mining_matches_reference_and_cpu(seed, metric):
     lx = torch.randint(0, classes, (m,), generator=g)
     ly = None if batch else torch.randint(0, classes, (n,), generator=g)
     unit = make_unit(d, dtype=dtype, device="cpu", seed=seed)
-    cpu = ops.mine(x, lx, y, ly, None if metric == "euclidean" else params_of(unit), -1 if k is None else k)
-    to = lambda t: None if t is None else t.cuda()  # noqa: E731
-    unit_cuda = unit.cuda()
-    out = check_mining(x.cuda(), lx.cuda(), to(y), to(ly), unit_cuda, metric, k)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = check_mining(to(x), to(lx), to(y), to(ly), unit.to(device), metric, k)
+    if EMULATED:
+        return  # the emulation build has no CPU kernels to compare with (check_mining used the reference)
+    cpu = ops.mine(x, lx, y, ly, None if metric == "euclidean" else params_of(unit.cpu()), -1 if k is None else k)
     # Same -1 pattern and, where the CPU's choice is unique up to tolerance, the same index.
     for a, b in zip(out[:6:2], cpu[:6:2]):
         assert torch.equal(a.cpu() >= 0, b >= 0)
     assert out[6].numel() == cpu[6].numel()
 
 
-@needs_cuda
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_public_mining_api_on_cuda(metric):
+def test_public_mining_api_on_cuda(metric, device):
     torch.manual_seed(0)
-    emb = torch.nn.functional.normalize(torch.randn(48, 16, device="cuda"), dim=1)
-    labels = torch.arange(12, device="cuda").repeat_interleave(4)
-    unit = make_unit(16) if metric == "pddm" else None
+    emb = torch.nn.functional.normalize(torch.randn(48, 16, device=device), dim=1)
+    labels = torch.arange(12, device=device).repeat_interleave(4)
+    unit = make_unit(16, device=device) if metric == "pddm" else None
     q = pddm_ext.mine_hard(emb, labels, unit, k=5, metric=metric)
     r = reference.mine_hard(emb, labels, unit, k=5, metric=metric)
-    assert q.anchor.device.type == "cuda" and q.anchor.dtype == torch.int64
+    assert q.anchor.device.type == torch.device(device).type and q.anchor.dtype == torch.int64
     assert q.anchor.numel() == r.anchor.numel()
     assert rel_err(q.scores[:, 0], r.scores[:, 0]) < 1e-4
     a, p, n = pddm_ext.batch_hard(emb, labels, unit, metric=metric)
@@ -269,18 +404,81 @@ def test_public_mining_api_on_cuda(metric):
     assert torch.equal(a, ra)
 
 
-@needs_cuda
-def test_reference_mode_bank_much_larger_than_queries():
-    unit = make_unit(32, 32, 32, seed=3)
-    x = torch.randn(5, 32, device="cuda")
-    y = torch.randn(20000, 32, device="cuda")
-    lx = torch.arange(5, device="cuda")
-    ly = torch.randint(0, 50, (20000,), device="cuda")
+def test_reference_mode_bank_much_larger_than_queries(device):
+    bank = 20000 if device == "cuda" else 2003  # the emulation runs one block at a time on one core
+    unit = make_unit(32, 32, 32, seed=3, device=device)
+    x = torch.randn(5, 32, device=device)
+    y = torch.randn(bank, 32, device=device)
+    lx = torch.arange(5, device=device)
+    ly = torch.randint(0, 50, (bank,), device=device)
     check_mining(x, lx, y, ly, unit, "pddm", 7)
     check_mining(x, lx, y, ly, unit, "euclidean", None)
 
 
-@needs_cuda
+def nan_rule_best(S, mask, maximize):
+    """The NaN rule of pddm_common.h by brute force: the best non-NaN candidate (ties: smallest
+    index); a NaN only when every candidate is NaN (then the smallest index); -1 without candidates."""
+    out = []
+    for row, cand in zip(S.tolist(), mask.tolist()):
+        idx = [j for j, c in enumerate(cand) if c]
+        finite = [j for j in idx if row[j] == row[j]]
+        if not idx:
+            out.append(-1)
+        elif not finite:
+            out.append(idx[0])
+        else:
+            best = (max if maximize else min)(row[j] for j in finite)
+            out.append(min(j for j in finite if row[j] == best))
+    return out
+
+
+def check_nan_rule(device, dtype, m=45, n=53):
+    """Mining where every PDDM score is NaN (b_s = NaN; only reachable through torch.ops: the API
+    rejects NaN): each slot gets its smallest candidate index, the pairs come in (i, r) order. The
+    packed float keys of the GPU, the locked float64 path and the CPU's merges of per-thread partial
+    results must all follow the rule of pddm_common.h, whatever order the candidates arrive in."""
+    g = torch.Generator().manual_seed(5)
+    unit = make_unit(6, 5, 4, dtype=dtype, device="cpu", seed=5)
+    params = [t.clone() for t in params_of(unit)]
+    params[-1].fill_(float("nan"))  # b_s
+    x = torch.randn(m, 6, generator=g, dtype=dtype)
+    y = torch.randn(n, 6, generator=g, dtype=dtype)
+    lx = torch.randint(0, 3, (m,), generator=g)
+    ly = torch.randint(0, 3, (n,), generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    S = torch.full((m, n), float("nan"), dtype=torch.float64)
+    same = lx[:, None] == ly[None, :]
+    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), to(y), to(ly), *map(to, params), 4)
+    assert bool(out[1].isnan().all()) and bool(out[3].isnan().all())
+    assert out[0].tolist() == nan_rule_best(S, same, False)
+    assert out[2].tolist() == nan_rule_best(S, ~same, True)
+    assert out[4].tolist() == nan_rule_best(S.T, ~same.T, True)
+    want = same.nonzero().tolist()[:4]  # all NaN: (i, r) order
+    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == want
+    # batch mode: the pairs i < r
+    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), None, None, *map(to, params), 3)
+    same_b = lx[:, None] == lx[None, :]
+    pos_b = same_b & ~torch.eye(m, dtype=torch.bool)
+    Sb = torch.full((m, m), float("nan"), dtype=torch.float64)
+    assert out[0].tolist() == nan_rule_best(Sb, pos_b, False)
+    assert out[2].tolist() == nan_rule_best(Sb, ~same_b, True)
+    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == pos_b.triu(1).nonzero().tolist()[:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_follow_the_rule_of_pddm_common(dtype, device):
+    check_nan_rule(device, dtype)
+
+
+@pytest.mark.multithreaded
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_follow_the_rule_of_pddm_common_cpu_kernels(dtype):
+    if EMULATED:
+        pytest.skip("the emulation build has no CPU kernels")
+    check_nan_rule("cpu", dtype, m=300, n=280)  # many tiles: per-thread partial results merged
+
+
+@needs_gpu
 def test_mining_with_more_than_2_pow_31_pairs():
     """64 queries against a 34M-row bank: pair numbers and i * n + r exceed 2^31 (about 1.2 GB)."""
     free, _ = torch.cuda.mem_get_info()
@@ -322,7 +520,7 @@ def test_mining_with_more_than_2_pow_31_pairs():
     assert bool((lx[pi] == ly[pr]).all())
 
 
-@needs_cuda
+@needs_gpu
 def test_second_device_if_present():
     if torch.cuda.device_count() < 2:
         pytest.skip("only one CUDA device")
@@ -341,7 +539,7 @@ def test_second_device_if_present():
 # ---- bad input (SPEC §6) ----------------------------------------------------------------------------
 
 
-@needs_cuda
+@needs_gpu
 def test_device_mismatch_errors():
     unit = make_unit(8)
     x = torch.randn(5, 8, device="cuda")
@@ -354,32 +552,99 @@ def test_device_mismatch_errors():
                            ref_labels=torch.arange(4))
 
 
-@needs_cuda
-def test_bad_input_errors_on_cuda():
-    unit = make_unit(8)
+def test_bad_input_errors_on_cuda(device):
+    unit = make_unit(8, device=device)
     p = params_of(unit)
-    x = torch.randn(5, 8, device="cuda")
+    x = torch.randn(5, 8, device=device)
     with pytest.raises(ValueError):
-        pddm_ext.pddm_scores(torch.randn(5, 7, device="cuda"), None, *p)  # d mismatch
+        pddm_ext.pddm_scores(torch.randn(5, 7, device=device), None, *p)  # d mismatch
     with pytest.raises(ValueError):
-        pddm_ext.pddm_scores(torch.empty(0, 8, device="cuda"), None, *p)  # empty
+        pddm_ext.pddm_scores(torch.empty(0, 8, device=device), None, *p)  # empty
     bad = x.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         pddm_ext.pddm_scores(bad, None, *p)
     with pytest.raises(ValueError):
-        pddm_ext.mine_hard(x, torch.arange(4, device="cuda"), unit)  # labels length
+        pddm_ext.mine_hard(x, torch.arange(4, device=device), unit)  # labels length
     with pytest.raises(ValueError):
-        pddm_ext.mine_hard(x, torch.arange(5, device="cuda"), unit, k=0)
+        pddm_ext.mine_hard(x, torch.arange(5, device=device), unit, k=0)
     with pytest.raises(ValueError):
-        pddm_ext.mine_hard(x, torch.rand(5, device="cuda"), unit)  # float labels
+        pddm_ext.mine_hard(x, torch.rand(5, device=device), unit)  # float labels
 
 
-@needs_cuda
-def test_no_positive_or_no_negative_is_empty_not_an_error():
-    unit = make_unit(8)
-    x = torch.randn(6, 8, device="cuda")
-    q = pddm_ext.mine_hard(x, torch.arange(6, device="cuda"), unit)  # no positive pair
+def test_no_positive_or_no_negative_is_empty_not_an_error(device):
+    unit = make_unit(8, device=device)
+    x = torch.randn(6, 8, device=device)
+    q = pddm_ext.mine_hard(x, torch.arange(6, device=device), unit)  # no positive pair
     assert q.anchor.numel() == 0
-    q = pddm_ext.mine_hard(x, torch.zeros(6, dtype=torch.long, device="cuda"), unit)  # no negative
+    q = pddm_ext.mine_hard(x, torch.zeros(6, dtype=torch.long, device=device), unit)  # no negative
     assert q.anchor.numel() == 0
+
+
+# ---- the CUDA emulation itself (docs/emulation.md; the emulated backend only) -------------------------
+
+needs_emulation = pytest.mark.skipif(not EMULATED, reason="not the CUDA emulation build (make cuda-emulate)")
+
+
+def emu_order():
+    import os
+
+    return os.environ.get("PDDM_EMU_ORDER", "random")
+
+
+@needs_emulation
+def test_emulation_thread_order_is_the_selected_one():
+    order = torch.ops.pddm_emu_test.thread_order(64)
+    assert sorted(order.tolist()) == list(range(64))
+    forward, reverse = list(range(64)), list(range(63, -1, -1))
+    if emu_order() == "forward":
+        assert order.tolist() == forward
+    elif emu_order() == "reverse":
+        assert order.tolist() == reverse
+    else:
+        assert order.tolist() not in (forward, reverse)
+        assert not torch.equal(order, torch.ops.pddm_emu_test.thread_order(64))  # reshuffled per launch
+
+
+@needs_emulation
+def test_emulation_shared_memory_starts_as_nan():
+    out = torch.ops.pddm_emu_test.unwritten_shared(96)
+    assert bool(out.isnan().all())
+
+
+@needs_emulation
+@pytest.mark.parametrize("mode,what", [(0, "__syncthreads"), (1, "warp barrier"), (2, "__nanosleep")])
+def test_emulation_reports_a_deadlock_with_the_kernel_name(mode, what):
+    with pytest.raises(RuntimeError, match=f"deadlock in kernel 'divergent_barrier_kernel'.*{what}"):
+        torch.ops.pddm_emu_test.divergent_barrier(mode)
+    assert torch.ops.pddm_emu_test.launch_count(1, 1, 32, 0, -1) == 32  # the next launch is unaffected
+
+
+@needs_emulation
+def test_emulation_launch_limits_of_the_h200():
+    count = torch.ops.pddm_emu_test.launch_count
+    assert count(3, 2, 1024, 48 * 1024, -1) == 6 * 1024
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        count(1, 1, 1025, 0, -1)  # more than 1024 threads per block
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        count(1, 65536, 32, 0, -1)  # grid y above 65535
+    with pytest.raises(RuntimeError, match="MaxDynamicSharedMemorySize"):
+        count(1, 1, 32, 48 * 1024 + 16, -1)  # above 48 KB without opting in
+    assert count(1, 1, 32, 200 * 1024, 200 * 1024) == 32  # opted in
+    assert count(1, 1, 32, 227 * 1024, 227 * 1024) == 32  # the opt-in maximum
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        count(1, 1, 32, 200 * 1024, 100 * 1024)  # above the size it opted in to
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        count(1, 1, 32, 0, 227 * 1024 + 1)  # cudaFuncSetAttribute above the device's maximum
+
+
+@needs_emulation
+def test_emulation_warp_shuffle_and_atomics():
+    sums = torch.ops.pddm_emu_test.warp_sums(96)
+    assert sums.tolist() == [528.0] * 96  # 1 + 2 + ... + 32 in every lane
+    with pytest.raises(RuntimeError, match="partial warp"):
+        torch.ops.pddm_emu_test.warp_sums(80)  # a full-mask shuffle in a 16-lane warp: undefined on a GPU
+    blocks, threads = 3, 96
+    total = blocks * threads
+    got = torch.ops.pddm_emu_test.atomics(blocks, threads).tolist()
+    assert got == [0.5 * total, 0.25 * total, total, total, 1000, 1000 + total - 1, total, 7]

@@ -13,8 +13,6 @@
 //    to one buffer instead. The candidates are sorted on the device by (score, i, r).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -33,21 +31,26 @@ constexpr int kEuclidChunk = 32;
 
 // ---- per-row / per-column best (score, index) --------------------------------------------------
 
-// Order-preserving map of a float to 32 unsigned bits (-0 is folded into +0: they compare equal).
+// Order-preserving map of a non-NaN float to 32 unsigned bits (-0 is folded into +0: they compare
+// equal). It never yields 0 or 0xffffffff (those would be NaN bit patterns), which encode NaN below.
 __device__ __forceinline__ uint32_t ordered_bits(float s) {
   const uint32_t b = __float_as_uint(s == 0.0f ? 0.0f : s);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
-__device__ __forceinline__ float from_ordered_bits(uint32_t o) {
+__device__ __forceinline__ float from_ordered_bits(uint32_t o) {  // 0 and 0xffffffff decode to NaN
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
-// Larger key = better for a maximum: higher score, then smaller index. Never 0 for a real candidate.
+// Larger key = better for a maximum: higher score, then smaller index; NaN below every score (the
+// rule of beats_max in pddm_common.h). Never 0 for a real candidate.
 __device__ __forceinline__ unsigned long long max_key(float s, int64_t idx) {
-  return (static_cast<unsigned long long>(ordered_bits(s)) << 32) | (0xffffffffu - static_cast<uint32_t>(idx));
+  const uint32_t o = is_nan_score(s) ? 0u : ordered_bits(s);
+  return (static_cast<unsigned long long>(o) << 32) | (0xffffffffu - static_cast<uint32_t>(idx));
 }
-// Smaller key = better for a minimum: lower score, then smaller index. Never ~0 for a real candidate.
+// Smaller key = better for a minimum: lower score, then smaller index; NaN above every score (the
+// rule of beats_min). Never ~0 for a real candidate.
 __device__ __forceinline__ unsigned long long min_key(float s, int64_t idx) {
-  return (static_cast<unsigned long long>(ordered_bits(s)) << 32) | static_cast<uint32_t>(idx);
+  const uint32_t o = is_nan_score(s) ? 0xffffffffu : ordered_bits(s);
+  return (static_cast<unsigned long long>(o) << 32) | static_cast<uint32_t>(idx);
 }
 constexpr unsigned long long kNoMax = 0ull, kNoMin = ~0ull;
 
@@ -278,9 +281,10 @@ __device__ void fold_end(const MineArgs<T>& args, const FoldShared<T, P>& fs) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                               MineArgs<T> args, T* scratch, int64_t ws_elems) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ TileScalars<T> ts;
-  __shared__ FoldShared<T, kPairs> fs;
+  PDDM_DYNAMIC_SHARED(smem_raw);
+  PDDM_SHARED(ts, TileScalars<T>);
+  PDDM_SHARED(fs, FoldShared<T, kPairs>);
+  PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
@@ -302,9 +306,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __restrict__ x, const T* __restrict__ y,
                                                                    int64_t d, TileGrid grid, MineArgs<T> args) {
   constexpr int P = kEuclidTile * kEuclidTile;
-  __shared__ T xs[kEuclidTile][kEuclidChunk + 1], ys[kEuclidTile][kEuclidChunk + 1];
-  __shared__ T S[P];
-  __shared__ FoldShared<T, P> fs;
+  PDDM_SHARED(xs, T[kEuclidTile][kEuclidChunk + 1]);
+  PDDM_SHARED(ys, T[kEuclidTile][kEuclidChunk + 1]);
+  PDDM_SHARED(S, T[P]);
+  PDDM_SHARED(fs, FoldShared<T, P>);
+  PDDM_SHARED_DECLARED();
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;  // rows ty, ty + 16; columns tx, tx + 16
   fold_begin(fs);
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
@@ -348,6 +354,7 @@ __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __res
 // Unpacks float keys into (index, score); index -1 (score 0) where no candidate was offered.
 __global__ void decode_keys_kernel(const unsigned long long* __restrict__ keys, int64_t count, bool maximum,
                                    int64_t* __restrict__ idx, float* __restrict__ score) {
+  PDDM_SHARED_DECLARED();
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
     const unsigned long long key = keys[e];
     if (key == (maximum ? kNoMax : kNoMin)) {
@@ -449,7 +456,7 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
       const int threads = 256;
       const int64_t blocks_needed = (keys.size(0) + threads - 1) / threads;
       const int decode_blocks = int(std::min<int64_t>(blocks_needed, 4096));
-      decode_keys_kernel<<<decode_blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      PDDM_LAUNCH(decode_keys_kernel, decode_blocks, threads, 0, current_stream())(
           reinterpret_cast<const unsigned long long*>(keys.data_ptr<int64_t>()), keys.size(0), maximum,
           idx.data_ptr<int64_t>(), score.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -493,26 +500,19 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
                           const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
-  const auto x = x_in.contiguous();
-  const auto y = batch ? x : y_in->contiguous();
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto& x = in.x;
   const auto lx = x_labels.contiguous();
   const auto ly = batch ? lx : y_labels->contiguous();
-  const int64_t m = x.size(0), n = y.size(0), h = W_u.size(0);
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
-  const auto Px = at::mm(x, W_vc.t()).contiguous();
-  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
+  const int64_t m = in.m, n = in.n, h = in.h;
   const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_mine_cuda", [&] {
     using T = scalar_t;
-    const PddmParams<T> w{W_uc.data_ptr<T>(), b_uc.data_ptr<T>(), b_vc.data_ptr<T>(), W_cc.data_ptr<T>(),
-                          b_cc.data_ptr<T>(), w_sc.data_ptr<T>(), b_sc.data_ptr<T>(), W_u.size(1),
-                          h,                  W_c.size(0),        W_vc.data_ptr<T>(), normalize_inputs};
-    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const auto w = in.params<T>(normalize_inputs);
+    const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
@@ -521,7 +521,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     result = run_mining<T>(
         batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
-          mine_pddm_kernel<T><<<blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+          PDDM_LAUNCH(mine_pddm_kernel<T>, blocks, kThreads, plan.smem_bytes, current_stream())(
               w, rows, grid, args, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -534,7 +534,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
                                int64_t k) {
   check_embeddings("pddm_ext::mine_euclidean", x_in, y_in);
   check_mine_args("pddm_ext::mine_euclidean", x_in, x_labels, y_in, y_labels, k);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -549,7 +549,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
     result = run_mining<T>(
         batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
-          mine_euclidean_kernel<T><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          PDDM_LAUNCH(mine_euclidean_kernel<T>, blocks, kThreads, 0, current_stream())(
               x.data_ptr<T>(), y.data_ptr<T>(), d, grid, args);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -559,7 +559,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pddm_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pddm_ext, PDDM_CUDA_DISPATCH_KEY, m) {
   m.impl("mine_pddm", &mine_pddm_cuda);
   m.impl("mine_euclidean", &mine_euclidean_cuda);
 }

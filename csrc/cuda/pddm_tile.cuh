@@ -16,15 +16,21 @@
 // global scratch buffer: bounded by the grid, never (m, n, h). All row/pair index math is int64.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <type_traits>
+#include <utility>
 
 #include "../pddm_common.h"
+#include "cuda_compat.cuh"
 
 namespace pddm_ext::cuda {
 
@@ -156,8 +162,12 @@ struct TileScalars {
 
 // out(p, o) = sum_k operand(p, k) * W(o, k) for the kPairs pairs of the tile and o < N, with
 // W(o, k) = W[o * w_out_stride + k * w_red_stride] (so W_c^T and W_u^T need no copy). Calls
-// epilogue(p, o, value) once for every (p, o), o < N. The reduction order over k is fixed, so the
-// result is deterministic. Must be called by all threads of the block; ends synchronised.
+// epilogue(p, o, value) once for every (p, o), o < N, or epilogue(p, o, value, q) when it takes a
+// fourth argument: q in [0, 4) is p's slot among the calling thread's 4 pairs, a compile-time
+// constant after unrolling (an epilogue that indexes its own per-pair registers with it keeps them
+// in registers; p - first_pair would be a dynamic index, i.e. local memory). The reduction order
+// over k is fixed, so the result is deterministic. Must be called by all threads of the block; ends
+// synchronised.
 template <typename T, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w) {
@@ -202,7 +212,13 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
 #pragma unroll
       for (int t = 0; t < 8; ++t) {
         const int64_t o = o0 + out_group * 8 + t;
-        if (o < N) epilogue(pair_group * 4 + q, o, acc[q][t]);
+        if (o < N) {
+          if constexpr (std::is_invocable_v<Epilogue, int, int64_t, T, int>) {
+            epilogue(pair_group * 4 + q, o, acc[q][t], q);
+          } else {
+            epilogue(pair_group * 4 + q, o, acc[q][t]);
+          }
+        }
       }
     }
   }
@@ -272,7 +288,9 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
     const int64_t k = e - int64_t(p) * h;
     Z[p * ldz + h + k] = branch_unit(mean_pre_projection(w, rows, ts, i0, r0, p, k), ts.inv_v[p], w.b_v[k]);
   }
+#ifndef PDDM_EXT_TEST_DROP_TILE_BARRIER  // compiled out only by the emulation's self-test (docs/emulation.md)
   __syncthreads();
+#endif
   // Phase 2: normalise both halves.
   for (int p = warp; p < kPairs; p += kWarps) {
     T sq_u1 = 0, sq_v1 = 0;
@@ -306,7 +324,7 @@ __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars
   const int first_pair = (threadIdx.x / kOutGroups) * 4;
   pair_gemm<T>(
       w.c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-      [&](int p, int64_t j, T q) { part[p - first_pair] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w);
+      [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w);
 #pragma unroll
   for (int q = 0; q < 4; ++q) ts.partial[first_pair + q][out_group] = part[q];
   __syncthreads();
@@ -325,6 +343,20 @@ template <typename T>
 __device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems) {
   return global_scratch == nullptr ? dynamic_smem + pair_gemm_staging_elems<T>()
                                    : global_scratch + int64_t(blockIdx.x) * ws_elems;
+}
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per device and kernel, to the largest size
+// any plan can ask for (the whole budget). Set per call to that call's size, two host threads with
+// different h could race: one lowers the limit between the other's set and its launch.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int device, size_t budget) {
+  static std::mutex mutex;
+  static std::set<std::pair<int, const void*>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const std::pair<int, const void*> key{device, reinterpret_cast<const void*>(kernel)};
+  if (done.count(key) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(budget)));
+  done.insert(key);
 }
 
 // Launch shape of a persistent tile kernel.
@@ -350,12 +382,78 @@ LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_
   plan.smem_bytes = staging_bytes + (plan.workspace_in_shared ? workspace_bytes : 0);
   TORCH_CHECK(plan.smem_bytes <= budget, "pddm_ext: tile staging needs ", plan.smem_bytes,
               " bytes of shared memory, the device allows ", budget);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes)));
+  allow_dynamic_smem(kernel, device, budget);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem_bytes));
   const int64_t resident = int64_t(sms) * std::max(per_sm, 1);
   plan.blocks = int(std::max<int64_t>(1, std::min({tiles, resident, max_blocks})));
   return plan;
+}
+
+// P[i, k] = sum_j rows[i, j] W_v[k, j], one output per thread, j in order: the kernels' own
+// arithmetic (as the CPU path, duplicate rows project identically) instead of cuBLAS, which runs
+// float32 in TF32 under allow_tf32 / set_float32_matmul_precision("high") (~1e-3 relative error).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) project_kernel(const T* __restrict__ rows, const T* __restrict__ W_v,
+                                                            int64_t count, int64_t d, int64_t h, T* __restrict__ P) {
+  PDDM_SHARED_DECLARED();
+  const int64_t total = count * h, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t i = e / h, k = e - i * h;
+    T acc = 0;
+    for (int64_t j = 0; j < d; ++j) acc += rows[i * d + j] * W_v[k * d + j];
+    P[e] = acc;
+  }
+}
+
+// P = rows W_v^T (rows (count, d) and W_v (h, d) contiguous, on the current device) by project_kernel.
+inline at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& W_v) {
+  auto P = at::empty({rows.size(0), W_v.size(0)}, rows.options());
+  const int64_t total = P.numel();
+  if (total == 0) return P;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "pddm_project_cuda", [&] {
+    const int blocks = int(std::min<int64_t>((total + kThreads - 1) / kThreads, 4096));
+    PDDM_LAUNCH(project_kernel<scalar_t>, blocks, kThreads, 0, current_stream())(
+        rows.data_ptr<scalar_t>(), W_v.data_ptr<scalar_t>(), rows.size(0), rows.size(1), W_v.size(0),
+        P.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return P;
+}
+
+// The inputs of the PDDM launchers (scores, its backward, mining), prepared once: contiguous rows
+// and parameters, the sizes, and the projections P = rows W_v^T (project_rows).
+struct PddmInputs {
+  bool batch = true;
+  int64_t m = 0, n = 0, d = 0, h = 0, c = 0;
+  at::Tensor x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, Px, Py;
+
+  template <typename T>
+  PddmParams<T> params(bool normalize_inputs) const {
+    return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
+            w_s.data_ptr<T>(), b_s.data_ptr<T>(), d,                  h,                  c,
+            W_v.data_ptr<T>(), normalize_inputs};
+  }
+  template <typename T>
+  PairRows<T> rows() const {
+    return {x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+  }
+};
+
+inline PddmInputs prepare_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& W_u,
+                                 const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
+                                 const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s,
+                                 const at::Tensor& b_s) {
+  PddmInputs in;
+  in.batch = !y.has_value();
+  in.x = x.contiguous();
+  in.y = in.batch ? in.x : y->contiguous();
+  in.W_u = W_u.contiguous(), in.b_u = b_u.contiguous(), in.W_v = W_v.contiguous(), in.b_v = b_v.contiguous();
+  in.W_c = W_c.contiguous(), in.b_c = b_c.contiguous(), in.w_s = w_s.contiguous(), in.b_s = b_s.contiguous();
+  in.m = in.x.size(0), in.n = in.y.size(0), in.d = W_u.size(1), in.h = W_u.size(0), in.c = W_c.size(0);
+  in.Px = project_rows(in.x, in.W_v);
+  in.Py = in.batch ? in.Px : project_rows(in.y, in.W_v);
+  return in;
 }
 
 }  // namespace pddm_ext::cuda

@@ -2,13 +2,12 @@
 //
 // Both are persistent tile kernels (pddm_tile.cuh). The backward recomputes each tile's forward,
 // then walks it back in the tile's workspace: gradients of the inputs and of the projections
-// P = x W_v^T go to global memory with atomics (O((m + n)(d + h))), parameter gradients to a
-// per-block slab that only its block touches, summed over blocks at the end. Nothing is
-// (m, n, d) or (m, n, h).
+// P = x W_v^T go to global memory with atomics (O((m + n)(d + h))), or, under
+// torch.use_deterministic_algorithms(True), to per-block slices summed in a fixed order; parameter
+// gradients to a per-block slab that only its block touches, summed over blocks at the end.
+// Nothing is (m, n, d) or (m, n, h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
@@ -21,19 +20,11 @@ namespace pddm_ext::cuda {
 namespace {
 
 template <typename T>
-PddmParams<T> device_params(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v,
-                            const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                            const at::Tensor& w_s, const at::Tensor& b_s, bool normalize_inputs) {
-  return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
-          w_s.data_ptr<T>(), b_s.data_ptr<T>(), W_u.size(1),       W_u.size(0),       W_c.size(0),
-          W_v.data_ptr<T>(), normalize_inputs};
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                            T* __restrict__ out, T* scratch, int64_t ws_elems) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ TileScalars<T> ts;
+  PDDM_DYNAMIC_SHARED(smem_raw);
+  PDDM_SHARED(ts, TileScalars<T>);
+  PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
@@ -60,30 +51,24 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
                        const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
                        bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const bool batch = !y_in.has_value();
-  const auto x = x_in.contiguous();
-  const auto y = batch ? x : y_in->contiguous();
-  const int64_t m = x.size(0), n = y.size(0), h = W_u.size(0);
+  const DeviceGuard guard(x_in.device());
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto& x = in.x;
+  const int64_t m = in.m, n = in.n, h = in.h;
   auto out = at::empty({m, n}, x.options());
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
-  const auto Px = at::mm(x, W_vc.t()).contiguous();
-  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
-  const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
+  const auto grid = TileGrid::make(in.batch, m, n, kTile, kTile);
   if (grid.count == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
     using T = scalar_t;
-    const auto w = device_params<T>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_sc, normalize_inputs);
-    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const auto w = in.params<T>(normalize_inputs);
+    const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
-    scores_kernel<T><<<plan.blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+    PDDM_LAUNCH(scores_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
         w, rows, grid, out.data_ptr<T>(), plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -109,14 +94,18 @@ struct SlabLayout {
   }
 };
 
-// Where the backward writes. dy/dPy alias dx/dPx in batch mode; dx == nullptr: no input gradients;
-// slab == nullptr: no parameter gradients.
+// Where the backward writes. dy/dPy alias dx/dPx in batch mode; a null dx / dy / dPx / dPy: that
+// gradient is not needed; slab == nullptr: no parameter gradients. per_block: dx, dy, dPx, dPy are
+// (gridDim.x, rows, cols) buffers, one slice per block, which only that block writes (plain adds,
+// in its fixed tile order), summed over blocks afterwards: deterministic, for
+// torch.use_deterministic_algorithms(True). Otherwise one (rows, cols) buffer updated with atomics.
 template <typename T>
 struct BackwardOut {
   const T* grad;
   int64_t grad_stride0, grad_stride1;
   T *dx, *dy, *dPx, *dPy, *slab;
   SlabLayout layout;
+  bool per_block;
 };
 
 // Component j of W_v^T g_v with g_v = dZ_v * inv_v (dZ_v: the pair's dL/dpre_v): a near-antipodal
@@ -126,6 +115,19 @@ __device__ __forceinline__ T mean_direct_input_grad(const PddmParams<T>& w, cons
   T s = 0;
   for (int64_t k = 0; k < w.h; ++k) s += w.W_v[k * w.d + j] * dZ_v[k];
   return s * inv_v;
+}
+
+// Adds v to a gradient: a plain add into the block's own slice, or an atomic add into the shared
+// buffer. Within one tile no two threads of a block update the same element (each thread owns a
+// row of the tile and a column of features; in batch mode a diagonal tile's row and column are the
+// same thread's), so the plain add needs no atomics.
+template <typename T>
+__device__ __forceinline__ void add_gradient(T* p, T v, bool per_block) {
+  if (per_block) {
+    *p += v;
+  } else {
+    atomicAdd(p, v);
+  }
 }
 
 // Per-pair scalars of the backward (in addition to the forward's TileScalars).
@@ -140,9 +142,10 @@ struct BackwardScalars {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                                     BackwardOut<T> out, T* scratch, int64_t ws_elems) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ TileScalars<T> ts;
-  __shared__ BackwardScalars<T> bs;
+  PDDM_DYNAMIC_SHARED(smem_raw);
+  PDDM_SHARED(ts, TileScalars<T>);
+  PDDM_SHARED(bs, BackwardScalars<T>);
+  PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
@@ -152,8 +155,14 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
   T* dU = Q + kPairs * c;                          // (kPairs, d) dL/dnormalize(u)
   T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
+  // This block's slices of the input-side gradients (per_block), else the shared buffers.
+  const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
+  T* const g_dx = out.dx == nullptr ? nullptr : out.dx + slice * rows.m * w.d;
+  T* const g_dy = out.dy == nullptr ? nullptr : out.dy + slice * rows.n * w.d;
+  T* const g_dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
+  T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool need_inputs = out.dx != nullptr;
+  const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
 
   for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
     int64_t i0, r0;
@@ -169,6 +178,12 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
       bs.g[tid] = g;
     }
+    __syncthreads();
+    // A tile whose pairs all have a zero gradient contributes nothing: every thread reads the same
+    // bs.g, so the whole block skips it together (as the CPU path skips zero-gradient pairs).
+    bool tile_has_gradient = false;
+    for (int p = 0; p < kPairs; ++p) tile_has_gradient |= bs.g[p] != T(0);
+    if (!tile_has_gradient) continue;
     pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
 
     // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
@@ -262,20 +277,20 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
       const int a = int(e / h);
       const int64_t k = e - int64_t(a) * h;
-      if (i0 + a < rows.m) {  // dP_i += sum over the tile's columns
+      if (g_dPx != nullptr && i0 + a < rows.m) {  // dP_i += sum over the tile's columns
         T acc = 0;
         for (int b = 0; b < kTile; ++b) {
           if (!ts.direct[a * kTile + b]) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
         }
-        atomicAdd(out.dPx + (i0 + a) * h + k, acc);
+        add_gradient(g_dPx + (i0 + a) * h + k, acc, out.per_block);
       }
       const int b = a;
-      if (r0 + b < rows.n) {  // dP_r += sum over the tile's rows
+      if (g_dPy != nullptr && r0 + b < rows.n) {  // dP_r += sum over the tile's rows
         T acc = 0;
         for (int a2 = 0; a2 < kTile; ++a2) {
           if (!ts.direct[a2 * kTile + b]) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
         }
-        atomicAdd(out.dPy + (r0 + b) * h + k, acc);
+        add_gradient(g_dPy + (r0 + b) * h + k, acc, out.per_block);
       }
     }
     if (need_inputs) {
@@ -295,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
         const int a = int(e / d);
         const int64_t j = e - int64_t(a) * d;
-        if (i0 + a < rows.m) {
+        if (g_dx != nullptr && i0 + a < rows.m) {
           const T xj = rows.x[(i0 + a) * d + j];
           T acc = 0;
           for (int b = 0; b < kTile && r0 + b < rows.n; ++b) {
@@ -307,10 +322,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
             acc += sign_of(diff) * du + bs.coef_v[p] * (xj + yj);
             if (any_direct && ts.direct[p]) acc += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
           }
-          atomicAdd(out.dx + (i0 + a) * d + j, acc);
+          add_gradient(g_dx + (i0 + a) * d + j, acc, out.per_block);
         }
         const int b = a;
-        if (r0 + b < rows.n) {
+        if (g_dy != nullptr && r0 + b < rows.n) {
           const T yj = rows.y[(r0 + b) * d + j];
           T acc = 0;
           for (int a2 = 0; a2 < kTile && i0 + a2 < rows.m; ++a2) {
@@ -322,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
             acc += bs.coef_v[p] * (xj + yj) - sign_of(diff) * du;
             if (any_direct && ts.direct[p]) acc += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
           }
-          atomicAdd(out.dy + (r0 + b) * d + j, acc);
+          add_gradient(g_dy + (r0 + b) * d + j, acc, out.per_block);
         }
       }
     }
@@ -370,22 +385,22 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
                      std::array<bool, 3> output_mask, bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
-  const bool need_inputs = output_mask[0] || output_mask[1], need_params = output_mask[2];
-  const auto x = x_in.contiguous();
-  const auto y = batch ? x : y_in->contiguous();
-  const int64_t m = x.size(0), n = y.size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
-  const auto W_uc = W_u.contiguous(), W_vc = W_v.contiguous(), W_cc = W_c.contiguous();
-  const auto b_uc = b_u.contiguous(), b_vc = b_v.contiguous(), b_cc = b_c.contiguous();
-  const auto w_sc = w_s.contiguous(), b_sc = b_s.contiguous();
-  const auto opts = x.options();
-  at::Tensor gx = at::zeros({m, d}, opts), gy = batch ? at::zeros({0}, opts) : at::zeros({n, d}, opts);
+  // The two sides of the pair space: batch mode's column side is x again.
+  const bool need_x = output_mask[0], need_y = batch ? output_mask[0] : output_mask[1];
+  const bool need_inputs = need_x || need_y, need_params = output_mask[2];
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto opts = x_in.options();
+  const int64_t m = x_in.size(0), n = batch ? m : y_in->size(0), d = W_u.size(1), h = W_u.size(0), c = W_c.size(0);
+  // Gradient buffers only for what is needed: a frozen bank (reference mode, y needs no gradient)
+  // gets no (n, d) buffer, and no (n, h) one unless the parameters (W_v) need it.
+  at::Tensor gx = need_x ? at::zeros({m, d}, opts) : at::zeros({0}, opts);
+  at::Tensor gy = !batch && need_y ? at::zeros({n, d}, opts) : at::zeros({0}, opts);
   at::Tensor gW_u = at::zeros_like(W_u), gb_u = at::zeros_like(b_u), gW_v = at::zeros_like(W_v);
   at::Tensor gb_v = at::zeros_like(b_v), gW_c = at::zeros_like(W_c), gb_c = at::zeros_like(b_c);
   at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
-  // As on the CPU: an input that needs no gradient gets an empty (0,) tensor back (the kernel may
-  // still have accumulated it, as the two inputs share its input-gradient path).
+  // As on the CPU: an input that needs no gradient gets an empty (0,) tensor back.
   const auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                           at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
     return {output_mask[0] ? gx : at::zeros({0}, opts), !batch && output_mask[1] ? gy : at::zeros({0}, opts),
@@ -393,45 +408,56 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   };
   if (!need_inputs && !need_params) return result();
 
-  const auto Px = at::mm(x, W_vc.t()).contiguous();
-  const auto Py = batch ? Px : at::mm(y, W_vc.t()).contiguous();
-  const auto dPx = at::zeros({m, h}, opts);
-  const auto dPy = batch ? dPx : at::zeros({n, h}, opts);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto &x = in.x, &y = in.y, &W_vc = in.W_v;
+  const auto dPx = need_x || need_params ? at::zeros({m, h}, opts) : at::Tensor();
+  const auto dPy = batch ? dPx : (need_y || need_params ? at::zeros({n, h}, opts) : at::Tensor());
   const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
   const auto layout = SlabLayout::make(d, h, c);
   at::Tensor slab;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cuda", [&] {
     using T = scalar_t;
-    const auto w = device_params<T>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_sc, normalize_inputs);
-    const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
+    const auto w = in.params<T>(normalize_inputs);
+    const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * (4 * h + c + d);
-    // Keep the per-block parameter slabs within ~256 MB.
+    // Keep the per-block parameter slabs (and, deterministic, the per-block input gradients) within
+    // ~256 MB each.
     const int64_t slab_bytes = layout.size * int64_t(sizeof(T));
-    const int64_t max_blocks = need_params ? std::max<int64_t>(1, (int64_t(256) << 20) / slab_bytes) : int64_t(1) << 30;
+    int64_t max_blocks = need_params ? std::max<int64_t>(1, (int64_t(256) << 20) / slab_bytes) : int64_t(1) << 30;
+    const int64_t slice_elems = (need_x ? m * d : 0) + (!batch && need_y ? n * d : 0) + (dPx.defined() ? m * h : 0) +
+                                (!batch && dPy.defined() ? n * h : 0);
+    if (deterministic && slice_elems > 0) {
+      max_blocks = std::min(max_blocks, std::max<int64_t>(1, (int64_t(256) << 20) / (slice_elems * int64_t(sizeof(T)))));
+    }
     const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
     if (need_params) slab = at::zeros({int64_t(plan.blocks), layout.size}, opts);
-    const BackwardOut<T> out{grad.data_ptr<T>(),
-                             grad.stride(0),
-                             grad.stride(1),
-                             need_inputs ? gx.data_ptr<T>() : nullptr,
-                             need_inputs ? (batch ? gx.data_ptr<T>() : gy.data_ptr<T>()) : nullptr,
-                             dPx.data_ptr<T>(),
-                             dPy.data_ptr<T>(),
-                             need_params ? slab.data_ptr<T>() : nullptr,
-                             layout};
-    scores_backward_kernel<T><<<plan.blocks, kThreads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+    // The input-side gradient buffers: shared (atomics), or one slice per block (deterministic).
+    const int64_t blocks = plan.blocks;
+    auto buffer = [&](const at::Tensor& shared, bool needed, int64_t rows_, int64_t cols) {
+      return !needed ? at::Tensor() : deterministic ? at::zeros({blocks, rows_, cols}, opts) : shared;
+    };
+    const auto bx = buffer(gx, need_x, m, d), by = batch ? bx : buffer(gy, need_y, n, d);
+    const auto bPx = buffer(dPx, dPx.defined(), m, h), bPy = batch ? bPx : buffer(dPy, dPy.defined(), n, h);
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const BackwardOut<T> out{grad.data_ptr<T>(), grad.stride(0), grad.stride(1), ptr(bx), ptr(by), ptr(bPx),
+                             ptr(bPy), need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
+    PDDM_LAUNCH(scores_backward_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
         w, rows, grid, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (deterministic) {  // the blocks' slices, summed in a fixed order
+      if (bx.defined()) gx.copy_(bx.sum(0));
+      if (!batch && by.defined()) gy.copy_(by.sum(0));
+      if (bPx.defined()) dPx.copy_(bPx.sum(0));
+      if (!batch && bPy.defined()) dPy.copy_(bPy.sum(0));
+    }
   });
 
-  if (need_inputs) {
-    gx.addmm_(dPx, W_vc);
-    if (!batch) gy.addmm_(dPy, W_vc);
-  }
+  if (need_x) gx.addmm_(dPx, W_vc);
+  if (!batch && need_y) gy.addmm_(dPy, W_vc);
   if (need_params) {
     const auto total = slab.sum(0);
     gW_v.copy_(at::mm(dPx.t(), x));
@@ -450,7 +476,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pddm_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(pddm_ext, PDDM_CUDA_DISPATCH_KEY, m) {
   m.impl("scores", &scores_cuda);
   m.impl("scores_backward", &scores_backward_cuda);
 }

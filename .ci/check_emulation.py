@@ -1,0 +1,81 @@
+"""Checks of the CUDA emulation build (`make cuda-emulate`, docs/emulation.md), run from the root of
+the tree that was just built with PDDM_EXT_CUDA_EMULATION=1.
+
+  --build                 the tree's pddm_ext is the emulation build and every op has its emulated kernel
+  --must-fail ORDER...    the self-test: this build has one barrier of the forward tile compiled out
+                          (PDDM_EXT_TEST_DROP_TILE_BARRIER); the scores tests of tests/test_cuda.py must
+                          fail (test failures, not errors) under at least one of the thread orders
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+OPS = ("scores", "scores_backward", "mine_pddm", "mine_euclidean")
+SELF_TEST = "tests/test_cuda.py::test_scores_match_reference"
+
+
+def check_build():
+    sys.path.insert(0, os.getcwd())
+    import torch
+
+    import pddm_ext
+    from pddm_ext import _C
+
+    problems = []
+    expected_dir = os.path.join(os.getcwd(), "pddm_ext")
+    if os.path.dirname(os.path.abspath(pddm_ext.__file__)) != expected_dir:
+        problems.append(f"imported pddm_ext from {pddm_ext.__file__}, not from the tree built here ({expected_dir})")
+    if not getattr(_C, "cuda_emulation", False):
+        problems.append("pddm_ext._C is not the emulation build (cuda_emulation is not True)")
+    for op in OPS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pddm_ext::{op}", "CPU"):
+            problems.append(f"pddm_ext::{op} has no emulated kernel (CPU dispatch key)")
+    print(f"extension: {_C.__file__} (CUDA emulation: {getattr(_C, 'cuda_emulation', False)})")
+    return problems
+
+
+def must_fail(orders):
+    problems = check_build()
+    if problems:
+        return problems
+    failed_in = []
+    for order in orders:
+        env = dict(os.environ, PDDM_EMU_ORDER=order, PYTHONPATH=os.getcwd())
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "--tb=no",
+               "-x", SELF_TEST]
+        print(f"::: self-test, PDDM_EMU_ORDER={order}: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.run(cmd, env=env).returncode
+        # pytest: 0 all passed, 1 some tests failed; anything else (errors, nothing collected) is no proof.
+        if rc == 1:
+            failed_in.append(order)
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests FAIL, as they must without the barrier")
+        elif rc == 0:
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests pass without the barrier")
+        else:
+            return [f"pytest exited with {rc} under PDDM_EMU_ORDER={order}: an error, not a test failure"]
+    if not failed_in:
+        return ["with a barrier of the forward tile compiled out, the CUDA tests passed under every order: "
+                "the emulation cannot show a missing barrier"]
+    print(f"emulation self-test passed: the barrier-less build fails under {', '.join(failed_in)}")
+    return []
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--build", action="store_true")
+    group.add_argument("--must-fail", nargs="+", metavar="ORDER")
+    args = parser.parse_args()
+    problems = check_build() if args.build else must_fail(args.must_fail)
+    if problems:
+        print("CUDA emulation check FAILED:", *problems, sep="\n  - ", file=sys.stderr)
+        return 1
+    if args.build:
+        print(f"CUDA emulation build check passed: {len(OPS)} ops have emulated kernels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

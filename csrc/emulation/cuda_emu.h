@@ -1,0 +1,300 @@
+// CUDA emulation: the CUDA built-ins and runtime calls that csrc/cuda/ uses, for host execution of
+// the real kernel sources (docs/emulation.md). Compiled only with PDDM_EXT_CUDA_EMULATION defined
+// (csrc/cuda/cuda_compat.cuh includes this header instead of the CUDA headers).
+//
+// Model: a launch runs its blocks one after another on the calling OS thread; the threads of a
+// block are cooperative fibers (csrc/emulation/cuda_emu.cpp) that run one at a time, each until it
+// reaches a barrier (__syncthreads, a warp shuffle, __syncwarp), yields (__nanosleep) or returns.
+// The order in which the runnable threads run between barriers is PDDM_EMU_ORDER (forward |
+// reverse | random[:seed], default random:0x5eed). Shared memory (dynamic and static) starts every
+// block filled with 0xff bytes, a NaN in float and double. The device model (limits of an H200,
+// sm_90) rejects launches the real runtime rejects; a barrier that some threads never reach is
+// reported as a deadlock naming the kernel instead of hanging.
+#pragma once
+
+#ifndef PDDM_EXT_CUDA_EMULATION
+#error "cuda_emu.h is the CUDA emulation: build with PDDM_EXT_CUDA_EMULATION=1 (make cuda-emulate)"
+#endif
+#if !defined(__x86_64__)
+#error "the CUDA emulation's fiber switch is written for x86-64"
+#endif
+
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+// ---- qualifiers and vector types ------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+
+struct dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+
+// ---- runtime types ------------------------------------------------------------------------------
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorLaunchFailure = 719,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
+  cudaErrorInvalidDeviceFunction = 98,
+};
+using cudaStream_t = struct CUstream_st*;
+enum cudaDeviceAttr {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMaxGridDimX = 5,
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+};
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0, constSizeBytes = 0, localSizeBytes = 0;
+  int maxThreadsPerBlock = 0, numRegs = 0, ptxVersion = 90, binaryVersion = 90, cacheModeCA = 0;
+  int maxDynamicSharedSizeBytes = 0, preferredShmemCarveout = -1;
+};
+
+namespace pddm_emu {
+
+// The H200 (sm_90) limits of the device model.
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxGridX = 2147483647u, kMaxGridYZ = 65535u;
+constexpr unsigned kMaxBlockXY = 1024u, kMaxBlockZ = 64u;
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // without cudaFuncSetAttribute
+constexpr size_t kMaxSmemPerBlockOptin = 227 * 1024;
+constexpr size_t kMaxStaticSmem = 48 * 1024;
+constexpr size_t kSmemPerSm = 228 * 1024;
+constexpr int kSmCount = 132;
+constexpr int kMaxThreadsPerSm = 2048, kMaxBlocksPerSm = 32;
+
+struct ThreadState;  // one emulated thread (cuda_emu.cpp)
+struct BlockState;   // the running block
+
+const dim3& thread_idx();
+const dim3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+
+// Synchronisation points; each may switch to another emulated thread.
+void syncthreads();
+int syncthreads_count(int predicate);  // a barrier; returns how many threads passed a nonzero predicate
+void syncwarp(unsigned mask);
+void yield_thread();
+// Warp exchange: the calling lane publishes `bytes` bytes, waits for its warp, then reads lane src's.
+void warp_exchange(const void* mine, void* theirs, size_t bytes, int src_lane, unsigned mask);
+int lane_id();
+
+// Shared memory of the running block: the dynamic buffer, and the next static variable of the
+// calling thread (every thread declares the same variables in the same order).
+unsigned char* dynamic_shared();
+void* static_shared(size_t bytes, size_t align, const char* name);
+// PDDM_SHARED_DECLARED(): true in the attribute probe, which stops the kernel there.
+bool probing();
+
+// ---- launches -----------------------------------------------------------------------------------
+struct Launch {
+  const char* name;
+  const void* func;
+  dim3 grid, block;
+  size_t smem;
+  void (*body)(void*);  // runs the kernel for the current emulated thread
+  void* ctx;
+  void (*probe)(const void*);  // probe_kernel<Params...>
+};
+
+// Calls the kernel func with value-initialised parameters in the attribute probe: the kernel
+// declares its shared memory and returns at PDDM_SHARED_DECLARED(), so the device model knows its
+// static shared memory before the first launch (what the compiler knows for a real kernel).
+template <typename... Params>
+void probe_kernel(const void* func) {
+  reinterpret_cast<void (*)(Params...)>(const_cast<void*>(func))(std::remove_cvref_t<Params>{}...);
+}
+// Checks the configuration against the device model, runs every block; returns the launch's error
+// (also kept for cudaGetLastError) with a message for check_launch.
+cudaError_t launch(const Launch& l);
+
+template <typename... Params>
+class Launcher {
+ public:
+  Launcher(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t)
+      : name_(name), kernel_(kernel), grid_(grid), block_(block), smem_(smem) {}
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    static_assert(sizeof...(Args) == sizeof...(Params), "kernel launch: wrong number of arguments");
+    auto call = [&]() { kernel_(args...); };  // each thread gets its own copies of the parameters
+    using Call = decltype(call);
+    launch(Launch{name_, reinterpret_cast<const void*>(kernel_), grid_, block_, smem_,
+                  [](void* c) { (*static_cast<Call*>(c))(); }, &call, &probe_kernel<Params...>});
+  }
+
+ private:
+  const char* name_;
+  void (*kernel_)(Params...);
+  dim3 grid_, block_;
+  size_t smem_;
+};
+
+template <typename... Params>
+Launcher<Params...> make_launcher(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                  cudaStream_t stream) {
+  return Launcher<Params...>(name, kernel, grid, block, smem, stream);
+}
+
+// cudaGetLastError with the message of the failed launch; throws c10::Error on an error.
+void check_launch(const char* file, int line);
+void check_call(cudaError_t err, const char* expr, const char* file, int line);
+
+// Per-kernel attributes of the device model.
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func, void (*probe)(const void*));
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value, void (*probe)(const void*));
+cudaError_t occupancy(int* blocks, const void* func, int threads, size_t smem, void (*probe)(const void*));
+
+// The device the emulated kernels accept: CPU tensors (an emulation build has no CUDA kernels).
+void check_device(const c10::Device& device);
+
+}  // namespace pddm_emu
+
+// ---- built-in variables -----------------------------------------------------------------------
+#define threadIdx (::pddm_emu::thread_idx())
+#define blockIdx (::pddm_emu::block_idx())
+#define blockDim (::pddm_emu::block_dim())
+#define gridDim (::pddm_emu::grid_dim())
+constexpr int warpSize = 32;
+
+inline void __syncthreads() { ::pddm_emu::syncthreads(); }
+inline int __syncthreads_count(int predicate) { return ::pddm_emu::syncthreads_count(predicate); }
+inline int __syncthreads_or(int predicate) { return ::pddm_emu::syncthreads_count(predicate) != 0; }
+inline int __syncthreads_and(int predicate) {
+  return ::pddm_emu::syncthreads_count(predicate) == int(blockDim.x * blockDim.y * blockDim.z);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::pddm_emu::syncwarp(mask); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __nanosleep(unsigned) { ::pddm_emu::yield_thread(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 16, "__shfl_xor_sync: 16-byte values at most");
+  const int lane = ::pddm_emu::lane_id();
+  int src = lane ^ lane_mask;
+  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;  // outside the lane's segment: own value
+  T out;
+  ::pddm_emu::warp_exchange(&v, &out, sizeof(T), src, mask);
+  return out;
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 16, "__shfl_sync: 16-byte values at most");
+  const int lane = ::pddm_emu::lane_id();
+  T out;
+  ::pddm_emu::warp_exchange(&v, &out, sizeof(T), (lane & ~(width - 1)) + (src_lane & (width - 1)), mask);
+  return out;
+}
+
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// ---- atomics (real atomics: launches from several host threads run concurrently) --------------
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+template <typename F, typename U>
+inline F pddm_emu_atomic_add_float(F* p, F v) {
+  static_assert(sizeof(F) == sizeof(U), "same width");
+  U* bits = reinterpret_cast<U*>(p);
+  U old = __atomic_load_n(bits, __ATOMIC_SEQ_CST);
+  while (true) {
+    F f;
+    std::memcpy(&f, &old, sizeof(F));
+    const F sum = f + v;
+    U next;
+    std::memcpy(&next, &sum, sizeof(F));
+    if (__atomic_compare_exchange_n(bits, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return f;
+  }
+}
+inline float atomicAdd(float* p, float v) { return pddm_emu_atomic_add_float<float, uint32_t>(p, v); }
+inline double atomicAdd(double* p, double v) { return pddm_emu_atomic_add_float<double, uint64_t>(p, v); }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  unsigned long long old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (v < old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  unsigned long long old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (v > old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+inline int atomicCAS(int* p, int compare, int value) {
+  __atomic_compare_exchange_n(p, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return compare;  // the old value, whether or not the exchange happened
+}
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare, unsigned long long value) {
+  __atomic_compare_exchange_n(p, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return compare;
+}
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+
+// ---- runtime calls ------------------------------------------------------------------------------
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = pddm_emu::kMaxThreadsPerBlock; return cudaSuccess;
+    case cudaDevAttrMaxGridDimX: *value = int(pddm_emu::kMaxGridX); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(pddm_emu::kDefaultDynamicSmem); return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = pddm_emu::kSmCount; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = int(pddm_emu::kSmemPerSm); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(pddm_emu::kMaxSmemPerBlockOptin); return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+template <typename... P>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*kernel)(P...)) {
+  return pddm_emu::func_get_attributes(attr, reinterpret_cast<const void*>(kernel), &pddm_emu::probe_kernel<P...>);
+}
+template <typename... P>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  return pddm_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value, &pddm_emu::probe_kernel<P...>);
+}
+template <typename... P>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*kernel)(P...), int threads,
+                                                                 size_t smem) {
+  return pddm_emu::occupancy(blocks, reinterpret_cast<const void*>(kernel), threads, smem,
+                             &pddm_emu::probe_kernel<P...>);
+}
+const char* cudaGetErrorString(cudaError_t err);
+cudaError_t cudaGetLastError();
+
+#define C10_CUDA_CHECK(EXPR) ::pddm_emu::check_call((EXPR), #EXPR, __FILE__, __LINE__)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ::pddm_emu::check_launch(__FILE__, __LINE__)
