@@ -9,13 +9,69 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as V
-from .functional import _pair_scores, mine_hard, pair_scores, pddm_scores
+from .functional import Quadruplets, _pair_scores, mine_hard, pair_scores, pddm_scores
+
+
+NEGATIVES = ("hardest", "semihard")
 
 
 def _mean_or_zero(t):
     """mean(t), or 0 for an empty t, still connected to the graph; no data-dependent branch, so
     torch.compile traces it as one graph."""
     return t.sum() / torch.ones_like(t).sum().clamp_min(1)
+
+
+@torch.no_grad()
+def semihard_negatives(scores, negative, i, r):
+    """Semi-hard negatives of the positive pairs (i[t], r[t]) under a similarity matrix (higher =
+    more similar), the rule of FaceNet (Schroff et al. 2015, Sec. 3.2) in similarity form.
+
+    ``scores`` (m, n): S of every query (rows) against every reference (columns); ``negative`` (m, n)
+    bool: the pair's labels differ; ``i``, ``r`` (q,) int64: query and reference of each positive pair.
+    Returns ``(anchor_negative, positive_negative)``, int64 (q,):
+
+    - anchor side: the reference c with ``negative[i, c]`` and ``S[i, c] < S[i, r]`` of highest S
+      (the most similar negative that still ranks below the positive pair);
+    - positive side: the query c with ``negative[c, r]`` and ``S[c, r] < S[i, r]`` of highest S;
+    - a side with no such candidate takes its least similar negative (the fallback of TensorFlow
+      Addons' ``triplet_semihard_loss``); -1 when the row/column has no negative at all.
+
+    Ties go to the smallest index. Builds (q, n) and (q, m) masks: memory O(q (m + n)).
+    """
+    def pick(s, neg, bound):  # s, neg: (q, c); bound: (q,)
+        inf = torch.tensor(float("inf"), dtype=s.dtype, device=s.device)
+        semi = neg & (s < bound[:, None])
+        best = torch.where(semi, s, -inf).argmax(1)
+        easiest = torch.where(neg, s, inf).argmin(1)
+        out = torch.where(semi.any(1), best, easiest)
+        return torch.where(neg.any(1), out, torch.full_like(out, -1))
+
+    bound = scores[i, r]
+    return pick(scores[i], negative[i], bound), pick(scores[:, r].T, negative[:, r].T, bound)
+
+
+def balanced_pair_bce(scores, labels):
+    """Balanced binary cross-entropy on pair scores used as logits (a pair-classification loss).
+
+    ``scores`` (m, m): S of every pair of a batch (differentiable); ``labels`` (m,) integer. Over the
+    unordered pairs i < j: ``0.5 * (mean_pos log(1 + exp(-S_ij)) + mean_neg log(1 + exp(S_ij)))``,
+    i.e. BCE with target 1 for same-label pairs and 0 otherwise, each class of pair weighted equally
+    (a batch of P x K has about P times more negative pairs than positive ones). A side without
+    pairs contributes 0 (still connected to the graph). Returns a 0-dim tensor.
+    """
+    m = scores.shape[0]
+    upper = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1)
+    same = labels[:, None] == labels[None, :]
+    s_pos, s_neg = scores[upper & same], scores[upper & ~same]
+    return 0.5 * (_mean_or_zero(F.softplus(-s_pos)) + _mean_or_zero(F.softplus(s_neg)))
+
+
+def _check_nonnegative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
 
 
 class PDDM(nn.Module):
@@ -118,13 +174,24 @@ class PDDMLoss(nn.Module):
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
-                 lam=0.5, k=1, normalize=True, memory=None, distributed=False):
+                 lam=0.5, k=1, negatives="hardest", bce_weight=0.0, warmup_steps=0, normalize=True,
+                 memory=None, distributed=False):
         super().__init__()
         from .integrations.memory import MemoryBank
 
         self.unit = PDDM(embedding_dim, hidden_features, joint_features)
         self.alpha, self.beta, self.lam = float(alpha), float(beta), float(lam)
         self.k = V.check_k(k)
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        self.negatives = negatives
+        self.bce_weight = _check_nonnegative("bce_weight", bce_weight)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
         self.normalize = bool(normalize)
         if memory is not None:
             if not isinstance(memory, MemoryBank):
@@ -137,6 +204,32 @@ class PDDMLoss(nn.Module):
         self.last_triplets = None
         self.last_metric_loss = None
         self.last_embedding_loss = None
+        self.last_pair_loss = None
+
+    @property
+    def warming_up(self):
+        """True while training batches are mined by Euclidean distance (the warm-up)."""
+        return self.training and self.warmup_done < self.warmup_steps
+
+    def end_warmup(self):
+        """Ends the warm-up now: from the next batch on, mining uses the PDDM unit."""
+        self.warmup_done = self.warmup_steps
+
+    # The warm-up's progress is state: a resumed run continues where it stopped.
+    def get_extra_state(self):
+        return {"warmup_done": self.warmup_done}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or isinstance(state.get("warmup_done"), bool) \
+                or not isinstance(state.get("warmup_done"), int):
+            raise ValueError(f"PDDMLoss state_dict: _extra_state must be {{'warmup_done': int}}, got {state!r}")
+        self.warmup_done = state["warmup_done"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before the warm-up existed: a run that never warmed up (or has finished).
+        if prefix + "unit.W_u" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
         V.check_embeddings("embeddings", embeddings, d=self.unit.in_features, d_from="the loss's embedding_dim")
@@ -154,7 +247,7 @@ class PDDMLoss(nn.Module):
             f_ref = normalize(ref_emb)
         if indices_tuple is not None:
             f_ref = f if ref_emb is None else f_ref
-            return self._triplet_loss(f, f_ref, indices_tuple, embeddings)
+            return self._triplet_loss(f, f_ref, indices_tuple, embeddings) + self._pair_term(f, labels)
         if self.distributed:
             from .integrations import distributed as D
 
@@ -167,14 +260,46 @@ class PDDMLoss(nn.Module):
             ref_emb, ref_labels = self.memory.get()
             f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)
         if ref_emb is None:
-            quads = mine_hard(f.detach(), labels, self.unit, k=self.k)
+            quads = self._mine(f.detach(), labels)
             loss = self._loss(f, f, quads, embeddings)
         else:
-            quads = mine_hard(f.detach(), labels, self.unit, k=self.k, ref_emb=f_ref.detach(), ref_labels=ref_labels)
+            quads = self._mine(f.detach(), labels, f_ref.detach(), ref_labels)
             loss = self._loss(f, f_ref, quads, embeddings)
+        if self.training and self.warming_up:
+            self.warmup_done += 1
+        loss = loss + self._pair_term(f, labels)
         if self.memory is not None:
             self.memory.enqueue(f.detach(), labels)
         return loss
+
+    def _mine(self, x, labels, y=None, y_labels=None):
+        """Quadruplets of the detached embeddings x (and references y): the k hardest positive pairs
+        under the mining score (the unit's S, or -||a - b||^2 while warming up), with hardest or
+        semi-hard negatives under the same score."""
+        metric = "euclidean" if self.warming_up else "pddm"
+        ref = {} if y is None else dict(ref_emb=y, ref_labels=y_labels)
+        quads = mine_hard(x, labels, self.unit, k=self.k, metric=metric, **ref)
+        if self.negatives == "hardest" or quads.anchor.numel() == 0:
+            return quads
+        y, y_labels = (x, labels) if y is None else (y, y_labels.to(labels.device))
+        with torch.no_grad():  # the batch's (m, n) score matrix: semi-hard needs every candidate's score
+            if metric == "euclidean":
+                S = -torch.cdist(x, y).pow(2)
+            else:
+                S = pddm_scores(x, y, *self.unit.params())
+        i, r = quads.anchor, quads.positive
+        k, l_ = semihard_negatives(S, labels[:, None] != y_labels[None, :], i, r)
+        scores = torch.stack([S[i, r], S[i, k], S[l_, r]], dim=1)
+        return Quadruplets(i, r, k, l_, scores, batch_mode=quads.batch_mode)
+
+    def _pair_term(self, f, labels):
+        """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
+        if self.bce_weight == 0:
+            self.last_pair_loss = None
+            return 0.0
+        pair_loss = balanced_pair_bce(pddm_scores(f, None, *self.unit.params()), labels.to(f.device))
+        self.last_pair_loss = pair_loss.detach()
+        return self.bce_weight * pair_loss
 
     def _scores(self, a, b):
         # Inputs were validated on entry; the unchecked core also takes zero pairs.
@@ -216,4 +341,5 @@ class PDDMLoss(nn.Module):
     def extra_repr(self):
         extra = f", memory={self.memory!r}" if self.memory is not None else ""
         extra += ", distributed=True" if self.distributed else ""
-        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, normalize={self.normalize}{extra}"
+        return (f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, negatives={self.negatives!r}, "
+                f"bce_weight={self.bce_weight}, warmup_steps={self.warmup_steps}, normalize={self.normalize}{extra}")
