@@ -243,3 +243,17 @@ def test_warmup_progress_survives_the_state_dict_and_old_state_dicts_load():
 def test_bad_options_raise_naming_the_option(kwargs, error, match):
     with pytest.raises(error, match=match):
         pddm_ext.PDDMLoss(4, **kwargs)
+
+
+def test_semihard_warmup_picks_negatives_by_euclidean_distance():
+    m, d = 14, 5
+    labels = torch.arange(m) % 4
+    x = randn(m, d, seed=11)
+    f = F.normalize(x, dim=1)
+    loss_fn = make_loss(d, **{**PAPER, "k": None, "negatives": "semihard", "warmup_steps": 1})
+    loss_fn(x, labels)
+    quads = loss_fn.last_quadruplets
+    hard = pddm_ext.mine_hard(f, labels, loss_fn.unit, k=None, metric="euclidean")
+    S = reference.euclidean_scores(f)
+    want_k, want_l = loop_semihard(S, labels[:, None] != labels[None, :], hard.anchor, hard.positive)
+    assert torch.equal(quads.anchor_negative, want_k) and torch.equal(quads.positive_negative, want_l)
