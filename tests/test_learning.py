@@ -257,3 +257,48 @@ def test_semihard_warmup_picks_negatives_by_euclidean_distance():
     S = reference.euclidean_scores(f)
     want_k, want_l = loop_semihard(S, labels[:, None] != labels[None, :], hard.anchor, hard.positive)
     assert torch.equal(quads.anchor_negative, want_k) and torch.equal(quads.positive_negative, want_l)
+
+
+# --------------------------------------------------------------------------------------------------
+# diagnostics (pddm_ext.app.diagnostics)
+
+
+def test_pair_diagnostics_match_loop_over_pairs():
+    from sklearn.metrics import roc_auc_score
+
+    from pddm_ext.app.diagnostics import pair_diagnostics
+
+    torch.manual_seed(0)
+    unit = pddm_ext.PDDM(5).double()
+    x = randn(13, 5, seed=4)
+    labels = torch.arange(13) % 3
+    got = pair_diagnostics(x, labels, unit)
+    f = F.normalize(x, dim=1)
+    params = tuple(p.detach() for p in unit.params())
+    s, d, same = [], [], []
+    for a in range(13):
+        for b in range(a + 1, 13):
+            s.append(float(reference.pair_scores(f[a:a + 1], f[b:b + 1], params)))
+            d.append(-float(((f[a] - f[b]) ** 2).sum()))
+            same.append(bool(labels[a] == labels[b]))
+    assert got["pairs"] == 78
+    assert got["spread"] == pytest.approx(float(torch.tensor(s, dtype=torch.float64).std()), rel=1e-9)
+    assert got["auc_S"] == pytest.approx(roc_auc_score(same, s), rel=1e-12)
+    assert got["auc_euclidean"] == pytest.approx(roc_auc_score(same, d), rel=1e-12)
+
+
+def test_pair_diagnostics_sample_rows_and_one_class():
+    from pddm_ext.app.diagnostics import COLLAPSE_SPREAD, collapsed, pair_diagnostics
+
+    unit = pddm_ext.PDDM(4)
+    x = torch.randn(30, 4)
+    got = pair_diagnostics(x, torch.arange(30) % 2, unit, max_rows=7)
+    assert got["pairs"] == 21
+    one = pair_diagnostics(x, torch.zeros(30, dtype=torch.long), unit)
+    assert one["auc_S"] is None and one["auc_euclidean"] is None
+    # a unit with w_s = 0 scores every pair alike: collapsed
+    with torch.no_grad():
+        unit.w_s.zero_()
+    flat = pair_diagnostics(x, torch.arange(30) % 2, unit)
+    assert flat["spread"] < COLLAPSE_SPREAD and collapsed(flat)
+    assert not collapsed(dict(flat, spread=0.5))
