@@ -1,6 +1,6 @@
 // Structural checks of the ops' arguments, run by every backend's kernel before it touches memory.
 //
-// The Python API validates everything SPEC §6 lists (including NaN/Inf) with its own messages;
+// The Python API validates everything docs/design.md#errors lists (including NaN/Inf) with its own messages;
 // these O(1) checks are for callers of torch.ops.pddm_ext.* directly, so that no argument can make
 // a kernel read or write out of bounds: ranks, matching sizes, one dtype, one device, int64 labels.
 // Shape errors raise ValueError in Python, dtype errors TypeError.

@@ -1,7 +1,7 @@
 // The op schemas of pddm_ext (declared once here; each backend registers its kernels in its own
 // file with TORCH_LIBRARY_IMPL) and the Python module that `import pddm_ext._C` loads.
 //
-// Validation (SPEC §6, with its messages and the NaN/Inf checks) happens at the Python boundary;
+// Validation (docs/design.md#errors, with its messages and the NaN/Inf checks) happens at the Python boundary;
 // every kernel also runs the O(1) structural checks of op_checks.h first, so that calling
 // torch.ops.pddm_ext.* directly with bad shapes raises instead of reading out of bounds.
 #include <torch/library.h>
@@ -10,23 +10,24 @@
 #endif
 
 TORCH_LIBRARY(pddm_ext, m) {
-  // S[i, r] = PDDM(x_i, y_r) (SPEC §1); y = None means y = x (batch mode, one triangle computed).
+  // S[i, r] = PDDM(x_i, y_r) (docs/design.md#the-pddm-unit); y = None means y = x (batch mode, one triangle computed).
+  // normalize_inputs: the input-normalised form (true) or the distance-aware form (false) of the unit.
   m.def(
       "scores(Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, Tensor W_c, Tensor b_c, "
-      "Tensor w_s, Tensor b_s) -> Tensor");
+      "Tensor w_s, Tensor b_s, bool normalize_inputs=True) -> Tensor");
   // Fused backward of scores: (grad_x, grad_y, grad_W_u, ..., grad_b_s). output_mask = which of
   // (x, y, parameters) need gradients; the others come back as zeros. grad_y is empty in batch mode.
   m.def(
       "scores_backward(Tensor grad, Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, "
-      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask) -> "
+      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask, bool normalize_inputs=True) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Fused mining (SPEC §3) with the PDDM score. Labels are int64. k: how many of the lowest-scoring
+  // Fused mining (docs/design.md#mining) with the PDDM score. Labels are int64. k: how many of the lowest-scoring
   // positive pairs to return (-1: all, 0: none). Returns (hardest_positive, its score,
   // hardest_negative, its score, hardest_negative_of_ref, its score, pair_i, pair_r, pair_score);
   // an index of -1 means "no candidate" (its score is then meaningless).
   m.def(
       "mine_pddm(Tensor x, Tensor x_labels, Tensor? y, Tensor? y_labels, Tensor W_u, Tensor b_u, Tensor W_v, "
-      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k) -> "
+      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k, bool normalize_inputs=True) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same with S = -||x_i - y_r||^2.
   m.def(
@@ -45,7 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 }
 #endif
 
-// Mining returns indices and is not differentiable (SPEC §3): the ops pass straight through the
+// Mining returns indices and is not differentiable (docs/design.md#mining): the ops pass straight through the
 // autograd layer, so their outputs never require grad, whatever their inputs do.
 TORCH_LIBRARY_IMPL(pddm_ext, Autograd, m) {
   m.impl("mine_pddm", torch::CppFunction::makeFallthrough());

@@ -3,8 +3,9 @@
 Three layers, each depending only on the ones before it:
 
 * the core library (this package's top level): the ops (``ops``), ``PDDM``, ``pddm_scores``,
-  ``mine_hard``, ``batch_hard``, ``PDDMLoss``, the ``PKSampler`` (``pddm_ext.sampler``) and
-  ``pddm_ext.reference``, the plain PyTorch oracle of every op;
+  ``mine_hard``, ``batch_hard``, ``PDDMLoss``, the ``PKSampler`` (``pddm_ext.sampler``),
+  ``pddm_ext.collectives`` (the torch.distributed primitives ``PDDMLoss(distributed=True)`` uses) and
+  ``pddm_ext.reference``, the plain PyTorch oracle of every op and the one home of its formulas;
 * trainer integrations (``pddm_ext.integrations``): ``PDDMMiner`` (a pytorch-metric-learning miner),
   ``MemoryBank`` (mining against past batches) and ``distributed`` (mining over the global batch
   under torch.distributed);
@@ -13,12 +14,13 @@ Three layers, each depending only on the ones before it:
 
 ``import pddm_ext`` loads the core only; the other layers' public names (``pddm_ext.PDDMMiner``,
 ``pddm_ext.MemoryBank``, ``pddm_ext.distributed``, ``pddm_ext.data``) are imported on first use.
+The design, contracts and errors: docs/design.md.
 """
 
 import importlib
 
 from . import ops  # noqa: F401  (registers the ops, their fake kernels and autograd)
-from . import reference
+from . import collectives, reference
 from .functional import Quadruplets, batch_hard, mine_hard, pair_scores, pddm_scores
 from .modules import PDDM, PDDMLoss
 from .sampler import PKSampler

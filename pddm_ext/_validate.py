@@ -1,19 +1,31 @@
-"""Input validation at the Python boundary (SPEC §6).
+"""Input validation at the Python boundary (docs/design.md, "Errors").
 
-Every public entry point checks its inputs here before any kernel runs, and raises
+Every public entry point checks its inputs here once, before any kernel runs, and raises
 ``TypeError`` for a wrong type or ``ValueError`` for a wrong value, naming the argument and
-what was expected. Kernels then assume valid input.
+what was expected. Internal calls (the loss calling the miner, the miner calling the op) take
+unchecked paths; kernels assume valid input.
+
+Structural checks (type, dtype, rank, shape, device) read only metadata and cost nothing.
+Data-dependent checks (NaN/Inf, index ranges) go through :func:`check_condition`:
+
+* eager, on CPU: the condition is read at once and a ``ValueError`` naming the argument is raised
+  (a CPU tensor's value is on the host: no synchronisation);
+* on CUDA, while ``torch.compile`` traces, or inside :func:`asynchronous_checks`: the condition becomes
+  ``torch._assert_async(cond, message)``, a device-side assert queued on the stream. The host never
+  waits for it; a failure surfaces as a ``RuntimeError`` (CUDA: at the next synchronisation; compiled
+  CPU code: when the graph runs, with the message). Results computed from the bad input are never
+  returned as if they were valid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAM_NAMES = ("W_u", "b_u", "W_v", "b_v", "W_c", "b_c", "w_s", "b_s")
-METRICS = ("pddm", "euclidean")
 
 
 def _is_compiling():
@@ -33,17 +45,43 @@ def check_float(name, t):
         )
 
 
-def check_finite(name, t):
-    # A data-dependent check: skipped while torch.compile traces (it would break the graph), and for
-    # meta tensors, which hold no data (a device mismatch is then reported by check_same_device).
-    if _is_compiling() or t.device.type == "meta":
+_force_async = False  # set by asynchronous_checks()
+
+
+@contextlib.contextmanager
+def asynchronous_checks():
+    """Within this block, data-dependent checks on CPU take the asynchronous path CUDA takes
+    (``torch._assert_async``), so CPU tests can prove that validation never reads a tensor's value
+    on the host (tests/test_layers.py). Not thread-safe; for tests and debugging."""
+    global _force_async
+    previous, _force_async = _force_async, True
+    try:
+        yield
+    finally:
+        _force_async = previous
+
+
+def check_condition(cond, message, device, exc=ValueError):
+    """Raises ``exc(message)`` unless the 0-dim bool tensor ``cond`` is true, without a host sync
+    where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped."""
+    if device.type == "meta":
         return
-    if t.numel() > 0 and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    if device.type == "cpu" and not (_force_async or _is_compiling()):
+        if not bool(cond):
+            raise exc(message)
+        return
+    torch._assert_async(cond, message)
 
 
-def check_embeddings(name, t, d=None, d_from=None):
-    """A (rows, d) float matrix with at least one row, finite; d_from names where d comes from."""
+def check_finite(name, t):
+    """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile)."""
+    if t.numel() > 0:
+        check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
+
+
+def check_embeddings(name, t, d=None, d_from=None, *, finite=True):
+    """A (rows, d) float matrix with at least one row, finite (unless ``finite=False``: a caller
+    that checks finiteness later, once); d_from names where d comes from."""
     check_float(name, t)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
@@ -53,7 +91,8 @@ def check_embeddings(name, t, d=None, d_from=None):
         raise ValueError(f"{name} has no features: got shape {tuple(t.shape)}")
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has {t.shape[1]} features, expected {d} to match {d_from}")
-    check_finite(name, t)
+    if finite:
+        check_finite(name, t)
 
 
 def check_same_device(named):
@@ -103,6 +142,53 @@ def check_params(params, d, device):
         check_finite(name, p)
 
 
+def check_indices(name, idx, rows, rows_from, device):
+    """A 1-D integer index vector into ``rows`` rows (named by ``rows_from``), every entry in
+    [0, rows): no negative index wraps around, no float is truncated. Returned as int64 on ``device``.
+    Lists and tuples of ints are accepted as by ``torch.as_tensor``."""
+    if not isinstance(idx, torch.Tensor):
+        if not isinstance(idx, (list, tuple)):
+            raise TypeError(f"{name} must be a torch.Tensor of indices, got {type(idx).__name__}")
+        idx = torch.as_tensor(idx, dtype=torch.int64 if len(idx) == 0 else None)
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"{name} must have an integer dtype, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
+    idx = idx.to(device=device, dtype=torch.int64)
+    if idx.numel() > 0:
+        in_range = ((idx >= 0) & (idx < rows)).all()
+        check_condition(in_range, f"{name} has an index outside [0, {rows}) (the rows of {rows_from})", device)
+    return idx
+
+
+def check_number(name, value):
+    """A finite real number (a loss margin or weight); returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_memory(memory, dim):
+    """The memory-bank protocol ``PDDMLoss(memory=...)`` relies on, checked by duck typing so that
+    the core never imports the integrations: ``get() -> (embeddings, labels) or (None, None)`` and
+    ``enqueue(embeddings, labels)``; a ``dim`` attribute, when present, must equal ``dim``."""
+    if memory is None:
+        return None
+    for method in ("get", "enqueue"):
+        if not callable(getattr(memory, method, None)):
+            raise TypeError(
+                "memory must be a pddm_ext.MemoryBank or another memory bank with get() and "
+                f"enqueue(embeddings, labels), got {type(memory).__name__}"
+            )
+    mem_dim = getattr(memory, "dim", dim)
+    if mem_dim != dim:
+        raise ValueError(f"memory has dim {mem_dim}, expected {dim} to match embedding_dim")
+    return memory
+
+
 def unit_params(unit):
     """The parameters of a PDDM unit (a module with attributes W_u ... b_s) as a tuple."""
     missing = [n for n in PARAM_NAMES if not hasattr(unit, n)]
@@ -130,12 +216,40 @@ def check_k(k):
 
 
 def resolve_metric(metric, unit):
+    """The metric's name in ``ops.METRICS``; None means "pddm" with a unit, else "euclidean"."""
+    from .ops import METRICS  # the one table of metrics
+
     if metric is None:
         return "euclidean" if unit is None else "pddm"
+    names = tuple(METRICS)
     if not isinstance(metric, str):
-        raise TypeError(f"metric must be a str ({' or '.join(METRICS)}), got {type(metric).__name__}")
+        raise TypeError(f"metric must be a str ({' or '.join(names)}), got {type(metric).__name__}")
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if metric == "pddm" and unit is None:
-        raise ValueError("metric='pddm' needs a PDDM unit: pass unit=")
+        raise ValueError(f"metric must be one of {names}, got {metric!r}")
+    if METRICS[metric].uses_unit and unit is None:
+        raise ValueError(f"metric={metric!r} needs a PDDM unit: pass unit=")
     return metric
+
+
+def check_bool(name, value):
+    """A plain bool option (not a tensor, not an int)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return value
+
+
+def unit_form(unit, normalize_inputs):
+    """The form (docs/design.md, "The two forms") a call computes: ``normalize_inputs`` when given, else the
+    unit's own (``PDDM.normalize_inputs``; True for a unit without one, e.g. a parameter tuple)."""
+    if normalize_inputs is None:
+        normalize_inputs = getattr(unit, "normalize_inputs", True)
+    return check_bool("normalize_inputs", normalize_inputs)
+
+
+def check_probability(name, p):
+    """A dropout probability: a real number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    if not 0 <= p < 1:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)

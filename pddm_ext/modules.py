@@ -1,4 +1,9 @@
-"""``PDDM`` (the learned metric unit) and ``PDDMLoss`` (the paper's training loss), SPEC §1, §4."""
+"""``PDDM`` (the learned metric unit) and ``PDDMLoss`` (the paper's training loss); docs/design.md.
+
+The core: this module imports neither the trainer integrations nor the application. ``PDDMLoss``'s
+``memory=`` takes any object with the memory-bank protocol (``get()``, ``enqueue(embeddings, labels)``,
+e.g. ``pddm_ext.MemoryBank``) and ``distributed=True`` uses the core's ``pddm_ext.collectives``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as V
-from .functional import Quadruplets, _pair_scores, mine_hard, pair_scores, pddm_scores
+from . import collectives
+from .functional import Quadruplets, _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
+from .reference import hinge, squared_distance
 
 
 NEGATIVES = ("hardest", "semihard")
@@ -19,6 +26,22 @@ def _mean_or_zero(t):
     """mean(t), or 0 for an empty t, still connected to the graph; no data-dependent branch, so
     torch.compile traces it as one graph."""
     return t.sum() / torch.ones_like(t).sum().clamp_min(1)
+
+
+def _check_indices_tuple(indices_tuple, rows, ref_rows, device):
+    """``indices_tuple = (a, p, n)``: three 1-D integer index vectors of one length, a into the
+    ``rows`` embeddings, p and n into the ``ref_rows`` references (the embeddings themselves unless
+    ``ref_emb`` is given). Returned as int64 on ``device``."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 3:
+        length = len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else "?"
+        raise ValueError("indices_tuple must be a triplet tuple (anchors, positives, negatives), "
+                         f"got {type(indices_tuple).__name__} of length {length}")
+    a = V.check_indices("indices_tuple[0] (anchors)", indices_tuple[0], rows, "embeddings", device)
+    p = V.check_indices("indices_tuple[1] (positives)", indices_tuple[1], ref_rows, "the references", device)
+    n = V.check_indices("indices_tuple[2] (negatives)", indices_tuple[2], ref_rows, "the references", device)
+    if not a.shape == p.shape == n.shape:
+        raise ValueError(f"indices_tuple tensors must have one length, got {a.shape[0]}, {p.shape[0]}, {n.shape[0]}")
+    return a, p, n
 
 
 @torch.no_grad()
@@ -67,11 +90,10 @@ def balanced_pair_bce(scores, labels):
 
 
 def _check_nonnegative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    value = V.check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 class PDDM(nn.Module):
@@ -88,10 +110,25 @@ class PDDM(nn.Module):
     ``unit(x)`` gives the (m, m) scores of all rows of x, ``unit(x, y)`` the (m, n) scores of x
     against y (both fused, differentiable), ``unit.pair_scores(a, b)`` the scores of row-aligned
     pairs. Each layer is initialised like ``nn.Linear``.
+
+    ``normalize_inputs`` (bool, docs/design.md, "The two forms"): True is the form above (the paper as read:
+    S ignores how far apart a and b are along a family of pairs with fixed directions of |a - b|
+    and a + b); False is the distance-aware form u' = relu(W_u |a - b| + b_u),
+    v' = relu(W_v (a + b) / 2 + b_v). It is saved in the state_dict; a state_dict from before the
+    option loads as the input-normalised form it was trained with.
+
+    ``dropout`` (p in [0, 1), default 0): inverted dropout on q in training mode. ``pair_scores``
+    (the path the losses train through) draws one mask per pair, like ``nn.Dropout`` on a batch;
+    the fused all-pairs ``unit(x[, y])`` draws one mask over the c joint units per call, shared by
+    all its pairs, and applies it as a rescaled w_s (the kernels compute unchanged). Mining
+    (``mine_hard``, ``batch_hard``) and evaluation mode never drop.
     """
 
-    def __init__(self, in_features, hidden_features=None, joint_features=None, *, device=None, dtype=None):
+    def __init__(self, in_features, hidden_features=None, joint_features=None, *, normalize_inputs=True,
+                 dropout=0.0, device=None, dtype=None):
         super().__init__()
+        self.normalize_inputs = V.check_bool("normalize_inputs", normalize_inputs)
+        self.dropout = V.check_probability("dropout", dropout)
         if in_features is None:  # only the widths h and c have defaults
             raise TypeError("in_features must be an int, got NoneType")
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
@@ -130,60 +167,134 @@ class PDDM(nn.Module):
         return V.unit_params(self)
 
     def forward(self, x, y=None):
-        return pddm_scores(x, y, *self.params())
+        params = self.params()
+        p = self._active_dropout()
+        if p > 0:  # one mask over the joint units, shared by all pairs: q * mask / (1 - p) . w_s
+            keep = torch.bernoulli(torch.full_like(self.w_s, 1 - p, requires_grad=False))
+            params = params[:6] + (self.w_s * keep / (1 - p), self.b_s)
+        return pddm_scores(x, y, *params, normalize_inputs=self.normalize_inputs)
 
     def pair_scores(self, a, b):
-        return pair_scores(a, b, self.params())
+        """Scores of row-aligned pairs: (p, d), (p, d) -> (p,). Differentiable."""
+        _check_pair_inputs(a, b, self.params())
+        return self._pair_scores(a, b)
+
+    def _pair_scores(self, a, b):
+        # pair_scores without validation (the losses check their inputs once); accepts p = 0.
+        return _pair_scores(a, b, self.params(), self.normalize_inputs, self._active_dropout())
+
+    def _active_dropout(self):
+        return self.dropout if self.training else 0.0
+
+    # The form is state: a checkpoint must score the way it was trained.
+    def get_extra_state(self):
+        return {"normalize_inputs": self.normalize_inputs}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not isinstance(state.get("normalize_inputs"), bool):
+            raise ValueError(f"PDDM state_dict: _extra_state must be {{'normalize_inputs': bool}}, got {state!r}")
+        self.normalize_inputs = state["normalize_inputs"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before normalize_inputs existed: that unit was the input-normalised form.
+        if prefix + "W_u" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"normalize_inputs": True}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, hidden_features={self.hidden_features}, joint_features={self.joint_features}"
+        extra = f", normalize_inputs={self.normalize_inputs}"
+        extra += f", dropout={self.dropout}" if self.dropout > 0 else ""
+        return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+                f"joint_features={self.joint_features}{extra}")
 
 
 class PDDMLoss(nn.Module):
     """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
-    a triplet-style embedding loss, trained end to end (SPEC §4).
+    a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
+    with a pair-classification term that keeps the unit from collapsing (issue 13).
 
     ``forward(embeddings, labels)``:
 
     1. f = normalize(embeddings) row-wise (unless ``normalize=False``);
-    2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)``;
+    2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)`` (with
+       ``negatives="semihard"``, k and l are replaced by :func:`semihard_negatives`);
     3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
     4. E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+;
     5. E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+;
-    6. loss = mean(E_m) + lam * mean(E_e).
+    6. loss = mean(E_m) + lam * mean(E_e) + bce_weight * E_p, with E_p the balanced BCE of the
+       scores of all pairs of the batch (:func:`balanced_pair_bce` on ``unit(f)``).
+
+    Options against the collapse of the unit (issue 13; evidence in ``benchmarks/results/learning/``):
+
+    - ``normalize_inputs`` (bool, default False): the unit's form (``PDDM(normalize_inputs=)``). The
+      default is the distance-aware form; True is the paper as read, blind to the distance between
+      a and b. ``unit_dropout`` (float in [0, 1), default 0): ``PDDM(dropout=)``.
+    - ``k`` (int >= 1 or None, default 1): positive pairs per batch in E_m, hardest first under the
+      unit's scores; 1 is the paper's rule, None keeps every positive pair.
+    - ``negatives`` ("hardest" (default) or "semihard"): the paper's hardest negatives, or per pair
+      the most similar negative that still scores below the positive pair (FaceNet's rule).
+      "semihard" builds the batch's (m, n) score matrix (n = m, or the references' rows).
+    - ``bce_weight`` (float >= 0, default 1.0): weight of E_p; 0 gives the paper's loss exactly.
+    - ``warmup_steps`` (int >= 0, default 0): the first ``warmup_steps`` training calls mine by
+      Euclidean distance (-||a - b||^2) instead of the unit; ``end_warmup()`` ends it early (e.g.
+      once the unit separates held-out pairs as well as Euclidean distance does). The progress
+      (``warmup_done``) is saved in the state_dict; a state_dict from before the option loads with
+      the warm-up over.
+
+    With every option at the paper's value (``normalize_inputs=True, bce_weight=0``, k=1,
+    "hardest", no warm-up) this is the paper's loss of docs/design.md, "Loss". A state_dict saved
+    before these options loads with the old behaviour of its unit (the input-normalised form);
+    the loss options are constructor arguments, not state. A bad option value raises ``ValueError``
+    (``TypeError`` for a wrong type) naming the option.
 
     A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
-    and both loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``.
+    and the loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``
+    and ``last_pair_loss`` (None when ``bce_weight=0``).
     The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
+    The hinge and distance terms are ``pddm_ext.reference.hinge`` / ``squared_distance`` and the
+    scores ``pddm_ext.reference.pair_scores``: the formulas' one home.
 
-    Beyond one batch (SPEC §3 reference mode: j, k index the references, i, l the queries):
+    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
+    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers (``TypeError`` /
+    ``ValueError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
+    naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
+    mining and scoring inside take unchecked paths.
 
-    - ``memory=MemoryBank(size, d)``: each batch is mined against the bank's rows (detached), then
+    Beyond one batch (reference mode of ``mine_hard``: j, k index the references, i, l the queries):
+
+    - ``memory=MemoryBank(size, d)`` (or any object with ``get() -> (embeddings, labels)`` or
+      ``(None, None)`` while empty, and ``enqueue(embeddings, labels)``; a ``dim`` attribute, if any,
+      must equal ``embedding_dim``): each batch is mined against the bank's rows (detached), then
       enqueued, so a row never meets itself; gradients reach only the current batch. While the bank
-      is empty the batch is mined against itself (batch mode).
+      is empty the batch is mined against itself (batch mode). ``TypeError`` for an object without
+      ``get``/``enqueue``.
     - ``distributed=True``: under ``torch.distributed``, mines over the global batch (every rank's
-      embeddings, ``pddm_ext.distributed.all_gather``) while each rank back-propagates through its
+      embeddings, ``pddm_ext.collectives.global_batch``) while each rank back-propagates through its
       own slice; with DDP averaging the gradients, every parameter's gradient equals single-process
-      training on the concatenated batch (see ``pddm_ext.distributed``). A no-op without a process group.
+      training on the concatenated batch (derivation: ``pddm_ext.integrations.distributed``). The
+      ranks first agree that every shard is valid (a bad shard raises the same error on every rank,
+      never a hang); a rank may hold an empty shard (0 rows) when another holds rows. A no-op without
+      a process group.
     - ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
       pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels`` mine against those
       references instead. ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``) skips mining and
       treats each triplet as one header of the double hinge:
       ``2 * (mean_t [alpha + S_an - S_ap]_+ + lam * mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``,
       so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss above.
+      Each index vector must be 1-D integer, of one length, with every entry in range of the rows it
+      indexes (a into the embeddings, p and n into the references); ``labels`` are validated too.
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
-                 lam=0.5, k=1, negatives="hardest", bce_weight=0.0, warmup_steps=0, normalize=True,
-                 memory=None, distributed=False):
+                 lam=0.5, k=1, negatives="hardest", bce_weight=1.0, warmup_steps=0, normalize_inputs=False,
+                 unit_dropout=0.0, normalize=True, memory=None, distributed=False):
         super().__init__()
-        from .integrations.memory import MemoryBank
-
-        self.unit = PDDM(embedding_dim, hidden_features, joint_features)
-        self.alpha, self.beta, self.lam = float(alpha), float(beta), float(lam)
+        self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
+                         dropout=unit_dropout)
+        self.alpha, self.beta, self.lam = (V.check_number(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("lam", lam)))
         self.k = V.check_k(k)
-        if negatives not in NEGATIVES:
-            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        if not isinstance(negatives, str) or negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
         self.negatives = negatives
         self.bce_weight = _check_nonnegative("bce_weight", bce_weight)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
@@ -193,12 +304,7 @@ class PDDMLoss(nn.Module):
         self.warmup_steps = warmup_steps
         self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
         self.normalize = bool(normalize)
-        if memory is not None:
-            if not isinstance(memory, MemoryBank):
-                raise TypeError(f"memory must be a pddm_ext.MemoryBank, got {type(memory).__name__}")
-            if memory.dim != embedding_dim:
-                raise ValueError(f"memory has dim {memory.dim}, expected {embedding_dim} to match embedding_dim")
-        self.memory = memory
+        self.memory = V.check_memory(memory, embedding_dim)
         self.distributed = bool(distributed)
         self.last_quadruplets = None
         self.last_triplets = None
@@ -220,120 +326,122 @@ class PDDMLoss(nn.Module):
         return {"warmup_done": self.warmup_done}
 
     def set_extra_state(self, state):
-        if not isinstance(state, dict) or isinstance(state.get("warmup_done"), bool) \
-                or not isinstance(state.get("warmup_done"), int):
+        done = state.get("warmup_done") if isinstance(state, dict) else None
+        if isinstance(done, bool) or not isinstance(done, int):
             raise ValueError(f"PDDMLoss state_dict: _extra_state must be {{'warmup_done': int}}, got {state!r}")
-        self.warmup_done = state["warmup_done"]
+        self.warmup_done = done
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A state_dict saved before the warm-up existed: a run that never warmed up (or has finished).
+        # A state_dict saved before the warm-up existed: a run with no warm-up left to do.
         if prefix + "unit.W_u" in state_dict and prefix + "_extra_state" not in state_dict:
             state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _normalized(self, t):
+        return F.normalize(t, dim=1) if self.normalize else t
+
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-        V.check_embeddings("embeddings", embeddings, d=self.unit.in_features, d_from="the loss's embedding_dim")
+        # Every input is validated here, once; the mining and scoring below take unchecked paths.
+        d, d_from = self.unit.in_features, "the loss's embedding_dim"
         if (ref_emb is None) != (ref_labels is None):
             raise ValueError("ref_emb and ref_labels must be given together (reference mode) or not at all")
         if ref_emb is not None and self.memory is not None:
             raise ValueError("ref_emb cannot be combined with memory=: the bank is the reference set")
         if indices_tuple is not None and (self.memory is not None or self.distributed):
             raise ValueError("indices_tuple cannot be combined with memory= or distributed=True: the loss mines itself")
-        normalize = (lambda t: F.normalize(t, dim=1)) if self.normalize else (lambda t: t)  # noqa: E731
-        f = normalize(embeddings)
-        if ref_emb is not None:
-            V.check_embeddings("ref_emb", ref_emb, d=self.unit.in_features, d_from="the loss's embedding_dim")
-            ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
-            f_ref = normalize(ref_emb)
-        if indices_tuple is not None:
-            f_ref = f if ref_emb is None else f_ref
-            return self._triplet_loss(f, f_ref, indices_tuple, embeddings) + self._pair_term(f, labels)
-        if self.distributed:
-            from .integrations import distributed as D
-
-            # Each rank holds the full dL/dtheta but only its own slice's dL/dx: scaling the slice's
-            # gradient by the world size makes DDP's average equal the single-process gradient.
-            f, labels = D.global_batch(f, labels)
-            if ref_emb is not None:  # every rank's references too, by the same rule
-                f_ref, ref_labels = D.global_batch(f_ref, ref_labels)
-        if self.memory is not None:
-            ref_emb, ref_labels = self.memory.get()
-            f_ref = None if ref_emb is None else ref_emb.to(device=f.device, dtype=f.dtype)
-        if ref_emb is None:
-            quads = self._mine(f.detach(), labels)
-            loss = self._loss(f, f, quads, embeddings)
+        gather = self.distributed and collectives.world_size() > 1
+        if gather:  # collective checks: a bad shard raises on every rank alike; an empty shard is legal
+            labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from)
+            if ref_emb is not None:
+                ref_labels, ref_rows = collectives.agree_on_batch(ref_emb, ref_labels, d=d, d_from=d_from)
         else:
-            quads = self._mine(f.detach(), labels, f_ref.detach(), ref_labels)
-            loss = self._loss(f, f_ref, quads, embeddings)
-        if self.training and self.warming_up:
+            V.check_embeddings("embeddings", embeddings, d=d, d_from=d_from)
+            labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+            if ref_emb is not None:
+                V.check_embeddings("ref_emb", ref_emb, d=d, d_from=d_from)
+                V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
+                ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
+        params = self.unit.params()
+        V.check_params(params, d, embeddings.device)
+        f = self._normalized(embeddings)
+        f_ref = None if ref_emb is None else self._normalized(ref_emb)
+        if indices_tuple is not None:
+            return self._triplet_loss(f, f if f_ref is None else f_ref, indices_tuple) + self._pair_term(f, labels)
+        if gather:
+            # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
+            # slice's gradient by the world size, so DDP's average equals the single-process gradient.
+            f, labels = collectives.global_batch(f, labels, rows=rows)
+            if f_ref is not None:  # every rank's references too, by the same rule
+                f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=ref_rows)
+        if self.memory is not None:
+            bank_emb, bank_labels = self.memory.get()
+            if bank_emb is not None:
+                V.check_embeddings("memory embeddings", bank_emb, d=d, d_from=d_from)
+                ref_labels = V.check_labels("memory labels", bank_labels, bank_emb.shape[0], f.device)
+                f_ref = bank_emb.to(device=f.device, dtype=f.dtype)
+        x, y, mining_params = _mining_inputs(f, f_ref, params)
+        ly = None if f_ref is None else ref_labels
+        quads = self._mine(x, labels, y, ly, mining_params)
+        if self.warming_up:
             self.warmup_done += 1
-        loss = loss + self._pair_term(f, labels)
+        loss = self._loss(f, f if f_ref is None else f_ref, quads) + self._pair_term(f, labels)
         if self.memory is not None:
             self.memory.enqueue(f.detach(), labels)
         return loss
 
-    def _mine(self, x, labels, y=None, y_labels=None):
-        """Quadruplets of the detached embeddings x (and references y): the k hardest positive pairs
-        under the mining score (the unit's S, or -||a - b||^2 while warming up), with hardest or
-        semi-hard negatives under the same score."""
+    def _mine(self, x, labels, y, y_labels, params):
+        """Quadruplets of the detached x (and references y): the k hardest positive pairs under the
+        mining score (the unit's S; -||a - b||^2 while warming up), with hardest or semi-hard
+        negatives under the same score."""
         metric = "euclidean" if self.warming_up else "pddm"
-        ref = {} if y is None else dict(ref_emb=y, ref_labels=y_labels)
-        quads = mine_hard(x, labels, self.unit, k=self.k, metric=metric, **ref)
+        form = self.unit.normalize_inputs
+        quads = _mine_hard(x, labels, y, y_labels, params if metric == "pddm" else None, self.k, metric, form)
         if self.negatives == "hardest" or quads.anchor.numel() == 0:
             return quads
-        y, y_labels = (x, labels) if y is None else (y, y_labels.to(labels.device))
-        with torch.no_grad():  # the batch's (m, n) score matrix: semi-hard needs every candidate's score
+        y, y_labels = (x, labels) if y is None else (y, y_labels)
+        with torch.no_grad():  # semi-hard needs every candidate's score: the (m, n) matrix of this batch
             if metric == "euclidean":
                 S = -torch.cdist(x, y).pow(2)
             else:
-                S = pddm_scores(x, y, *self.unit.params())
+                S = pddm_scores(x, y, *params, normalize_inputs=form)
         i, r = quads.anchor, quads.positive
         k, l_ = semihard_negatives(S, labels[:, None] != y_labels[None, :], i, r)
         scores = torch.stack([S[i, r], S[i, k], S[l_, r]], dim=1)
-        return Quadruplets(i, r, k, l_, scores, batch_mode=quads.batch_mode)
+        return Quadruplets(i, r, k, l_, scores, quads.batch_mode)
 
     def _pair_term(self, f, labels):
         """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
         if self.bce_weight == 0:
             self.last_pair_loss = None
             return 0.0
-        pair_loss = balanced_pair_bce(pddm_scores(f, None, *self.unit.params()), labels.to(f.device))
+        pair_loss = balanced_pair_bce(self.unit(f), labels)
         self.last_pair_loss = pair_loss.detach()
         return self.bce_weight * pair_loss
 
     def _scores(self, a, b):
         # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return _pair_scores(a, b, self.unit.params())
+        return self.unit._pair_scores(a, b)
 
-    def _loss(self, f, f_ref, quads, embeddings):
+    def _loss(self, f, f_ref, quads):
         """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
         fi, fj, fk, fl = f[i], f_ref[j], f_ref[k], f[l_]
         S_ij = self._scores(fi, fj)
-        S_ik = self._scores(fi, fk)
-        S_jl = self._scores(fj, fl)
-        E_m = torch.relu(self.alpha + S_ik - S_ij) + torch.relu(self.alpha + S_jl - S_ij)
-        d_ij = ((fi - fj) ** 2).sum(1)
-        E_e = torch.relu(self.beta + d_ij - ((fi - fk) ** 2).sum(1)) + torch.relu(
-            self.beta + d_ij - ((fj - fl) ** 2).sum(1)
-        )
+        E_m = hinge(self.alpha, S_ij, self._scores(fi, fk)) + hinge(self.alpha, S_ij, self._scores(fj, fl))
+        d_ij = squared_distance(fi, fj)
+        E_e = hinge(self.beta, -d_ij, -squared_distance(fi, fk)) + hinge(self.beta, -d_ij, -squared_distance(fj, fl))
         metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
 
-    def _triplet_loss(self, f, f_ref, indices_tuple, embeddings):
+    def _triplet_loss(self, f, f_ref, indices_tuple):
         """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 3:
-            raise ValueError("indices_tuple must be a triplet tuple (anchors, positives, negatives), "
-                             f"got {type(indices_tuple).__name__} of length {len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else '?'}")
-        a, p, n = (torch.as_tensor(t, device=f.device).long() for t in indices_tuple)
-        if not a.shape == p.shape == n.shape or a.dim() != 1:
-            raise ValueError(f"indices_tuple tensors must be 1-D of one length, got shapes {a.shape}, {p.shape}, {n.shape}")
+        a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
         fa, fp, fn = f[a], f_ref[p], f_ref[n]
-        E_m = torch.relu(self.alpha + self._scores(fa, fn) - self._scores(fa, fp))
-        E_e = torch.relu(self.beta + ((fa - fp) ** 2).sum(1) - ((fa - fn) ** 2).sum(1))
+        E_m = hinge(self.alpha, self._scores(fa, fp), self._scores(fa, fn))
+        E_e = hinge(self.beta, -squared_distance(fa, fp), -squared_distance(fa, fn))
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss

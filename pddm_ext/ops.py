@@ -3,45 +3,110 @@
 One wrapper per op, plus what ``torch.compile`` and autograd need: a fake (meta) kernel for each
 op and the fused backward of ``scores`` registered with ``torch.library.register_autograd``.
 The wrappers take validated, contiguous-or-not tensors of one float dtype (float32/float64);
-public entry points (``functional.py``) validate first (SPEC §6).
+public entry points (``functional.py``) validate first (docs/design.md, "Errors").
+
+``METRICS`` is the one table of mining metrics: name -> fused op -> reference score function.
+A new metric touches the schema (csrc/pddm_ext.cpp), its kernels, a row of this table, its
+reference function (``pddm_ext.reference``) and its tests; everything else looks it up here.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and kernels)
+from . import reference
 
 _ops = torch.ops.pddm_ext
 
 
-def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
-    """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself."""
-    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)
+class MineResult(NamedTuple):
+    """The fused mining op's outputs (docs/design.md, "Mining"), for m queries, n references and
+    q mined pairs. Indices are int64, -1 meaning "no candidate" (its score is then meaningless);
+    scores have the compute dtype.
 
-
-def mine(x, x_labels, y, y_labels, params, k):
-    """Fused per-row/column reductions and the k lowest positive pairs (SPEC §3).
-
-    ``params=None`` selects the Euclidean metric. ``k``: -1 all pairs, 0 none.
-    Returns the 9 tensors documented in csrc/pddm_ext.cpp.
+    - ``hardest_positive`` (m,), ``hardest_positive_score`` (m,): argmin / min of S over row i's
+      positive pairs;
+    - ``hardest_negative`` (m,), ``hardest_negative_score`` (m,): argmax / max of S over the
+      references whose label differs from the query's;
+    - ``hardest_negative_of_ref`` (n,), ``hardest_negative_of_ref_score`` (n,): argmax / max of S over
+      the queries whose label differs from reference r's;
+    - ``pair_query`` (q,), ``pair_ref`` (q,), ``pair_score`` (q,): the ``k`` lowest-scoring positive
+      pairs (i, r) by ascending S, ties by (i, r) ascending (batch mode: i < r).
     """
-    if params is None:
-        return _ops.mine_euclidean(x, x_labels, y, y_labels, k)
-    return _ops.mine_pddm(x, x_labels, y, y_labels, *params, k)
+
+    hardest_positive: torch.Tensor
+    hardest_positive_score: torch.Tensor
+    hardest_negative: torch.Tensor
+    hardest_negative_score: torch.Tensor
+    hardest_negative_of_ref: torch.Tensor
+    hardest_negative_of_ref_score: torch.Tensor
+    pair_query: torch.Tensor
+    pair_ref: torch.Tensor
+    pair_score: torch.Tensor
+
+
+class Metric(NamedTuple):
+    """A row of ``METRICS``: how to mine with a metric and how the reference computes it.
+
+    ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls the fused op (``params`` is
+    the unit's parameter tuple, or None when ``uses_unit`` is false; ``normalize_inputs`` selects the
+    PDDM form and is ignored by metrics without a unit); ``reference_scores(x, y, params,
+    normalize_inputs)`` is the plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
+
+    mine: Callable
+    reference_scores: Callable
+    uses_unit: bool
+
+
+METRICS = {
+    "pddm": Metric(
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_pddm(x, lx, y, ly, *params, k, normalize_inputs),
+        reference_scores=reference.SCORE_MATRICES["pddm"],
+        uses_unit=True,
+    ),
+    "euclidean": Metric(
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_euclidean(x, lx, y, ly, k),
+        reference_scores=reference.SCORE_MATRICES["euclidean"],
+        uses_unit=False,
+    ),
+}
+
+
+def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
+    """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself.
+
+    ``normalize_inputs``: the input-normalised (True) or distance-aware (False) form
+    (docs/design.md, "The two forms").
+    """
+    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs)
+
+
+def mine(x, x_labels, y, y_labels, params, k, metric=None, normalize_inputs=True):
+    """Fused per-row/column reductions and the k lowest positive pairs, as a :class:`MineResult`.
+
+    ``metric``: a name in ``METRICS`` (default: "pddm" when ``params`` is given, else "euclidean").
+    ``k``: -1 all pairs, 0 none. Inputs must be valid (no checks here beyond the kernels' own
+    structural ones): x (m, d), y (n, d) or None (batch mode), int64 labels, one float dtype.
+    """
+    if metric is None:
+        metric = "euclidean" if params is None else "pddm"
+    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k, normalize_inputs))
 
 
 # --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------
 
 
 @torch.library.register_fake("pddm_ext::scores")
-def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s):
+def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
     n = x.shape[0] if y is None else y.shape[0]
     return x.new_empty((x.shape[0], n))
 
 
 @torch.library.register_fake("pddm_ext::scores_backward")
-def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask):
+def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask, normalize_inputs=True):
     # An input that needs no gradient (output_mask) gets an empty (0,) tensor.
     grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
     grad_y = torch.empty_like(y) if y is not None and output_mask[1] else x.new_empty((0,))
@@ -62,7 +127,7 @@ def _mine_fake(x, x_labels, y, y_labels, k):
 
 
 @torch.library.register_fake("pddm_ext::mine_pddm")
-def _mine_pddm_fake(x, x_labels, y, y_labels, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, k):
+def _mine_pddm_fake(x, x_labels, y, y_labels, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, k, normalize_inputs=True):
     return _mine_fake(x, x_labels, y, y_labels, k)
 
 
@@ -75,8 +140,10 @@ def _mine_euclidean_fake(x, x_labels, y, y_labels, k):
 
 
 def _scores_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs if t is not None))
+    tensors, ctx.normalize_inputs = inputs[:10], (inputs[10] if len(inputs) > 10 else True)
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
     ctx.batch_mode = inputs[1] is None
+    ctx.num_inputs = len(inputs)
 
 
 def _scores_backward(ctx, grad):
@@ -86,12 +153,12 @@ def _scores_backward(ctx, grad):
     else:
         x, y, params = saved[0], saved[1], saved[2:]
     needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(needs[1]), any(needs[2:])]
-    grads = _ops.scores_backward(grad, x, y, *params, mask)
+    mask = [bool(needs[0]), bool(needs[1]), any(needs[2:10])]
+    grads = _ops.scores_backward(grad, x, y, *params, mask, ctx.normalize_inputs)
     grad_x = grads[0] if needs[0] else None
     grad_y = grads[1] if (y is not None and needs[1]) else None
-    grad_params = [g if need else None for g, need in zip(grads[2:], needs[2:])]
-    return (grad_x, grad_y, *grad_params)
+    grad_params = [g if need else None for g, need in zip(grads[2:], needs[2:10])]
+    return (grad_x, grad_y, *grad_params) + (None,) * (ctx.num_inputs - 10)
 
 
 torch.library.register_autograd("pddm_ext::scores", _scores_backward, setup_context=_scores_setup_context)

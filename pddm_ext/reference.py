@@ -1,8 +1,8 @@
-"""Plain PyTorch reference of every pddm_ext op (SPEC §1, §3, §4).
+"""Plain PyTorch reference of every pddm_ext op (docs/design.md), and the one home of its formulas.
 
 Everything here materialises all pairs and relies on ordinary autograd. It is the oracle
 for the tests and the "naive" side of the benchmarks, so it stays short enough to check by
-eye against the equations:
+eye against the equations (Huang, Loy, Tang, NIPS 2016, Sec. 3.1, Fig. 2):
 
     u  = |a - b|                  v  = (a + b) / 2
     u' = relu(W_u normalize(u) + b_u)
@@ -10,16 +10,33 @@ eye against the equations:
     q  = relu(W_c [normalize(u'); normalize(v')] + b_c)
     S(a, b) = w_s . q + b_s
 
+That is the input-normalised form; the distance-aware form (``normalize_inputs=False``,
+docs/design.md, "The two forms") feeds u and v to W_u and W_v as they are. Here
+``normalize_inputs=None`` means the unit's own form (``PDDM.normalize_inputs``; True for a parameter
+tuple).
+
 Parameters are passed as a tuple ``(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)`` or as a
 ``PDDM`` module (anything with those attributes).
+
+The formulas are written once, here: ``pair_scores`` (the PDDM score S), ``hinge`` and
+``squared_distance`` (the loss terms, paper Eq. 5-7) are also what ``PDDMLoss`` differentiates. This
+module imports nothing from the code it checks: its results are plain tuples and tensors.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 
 PARAM_NAMES = ("W_u", "b_u", "W_v", "b_v", "W_c", "b_c", "w_s", "b_s")
+
+# mine_hard's result: the fields of pddm_ext.Quadruplets (a plain namedtuple, so the oracle stays
+# independent of the code it checks).
+ReferenceQuadruplets = namedtuple(
+    "ReferenceQuadruplets", ["anchor", "positive", "anchor_negative", "positive_negative", "scores", "batch_mode"]
+)
 
 
 def _params(unit):
@@ -28,25 +45,35 @@ def _params(unit):
     return tuple(getattr(unit, name) for name in PARAM_NAMES)
 
 
-def pair_scores(a, b, unit):
-    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,)."""
+def _normalize_inputs(unit, normalize_inputs):
+    return getattr(unit, "normalize_inputs", True) if normalize_inputs is None else normalize_inputs
+
+
+def pair_scores(a, b, unit, normalize_inputs=None, dropout=0.0):
+    """S(a[t], b[t]) for row-aligned pairs: (p, d), (p, d) -> (p,); any p >= 0. Differentiable.
+
+    ``dropout > 0``: inverted dropout on q, one mask per pair (the unit's training mode)."""
     W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = _params(unit)
     u = (a - b).abs()
     v = (a + b) / 2
-    u1 = torch.relu(F.normalize(u, dim=-1, eps=1e-12) @ W_u.T + b_u)
-    v1 = torch.relu(F.normalize(v, dim=-1, eps=1e-12) @ W_v.T + b_v)
+    if _normalize_inputs(unit, normalize_inputs):
+        u, v = F.normalize(u, dim=-1, eps=1e-12), F.normalize(v, dim=-1, eps=1e-12)
+    u1 = torch.relu(u @ W_u.T + b_u)
+    v1 = torch.relu(v @ W_v.T + b_v)
     joint = torch.cat([F.normalize(u1, dim=-1, eps=1e-12), F.normalize(v1, dim=-1, eps=1e-12)], dim=-1)
     q = torch.relu(joint @ W_c.T + b_c)
+    if dropout > 0:
+        q = F.dropout(q, dropout, training=True)
     return q @ w_s + b_s
 
 
-def pddm_scores(x, y, unit):
+def pddm_scores(x, y, unit, normalize_inputs=None):
     """All-pairs S(x_i, y_r) as an (m, n) matrix (y=None: y = x), through an (m, n, d) tensor."""
     y = x if y is None else y
     m, n = x.shape[0], y.shape[0]
     a = x[:, None, :].expand(m, n, x.shape[1]).reshape(m * n, -1)
     b = y[None, :, :].expand(m, n, y.shape[1]).reshape(m * n, -1)
-    return pair_scores(a, b, unit).reshape(m, n)
+    return pair_scores(a, b, unit, normalize_inputs).reshape(m, n)
 
 
 def euclidean_scores(x, y=None):
@@ -55,14 +82,29 @@ def euclidean_scores(x, y=None):
     return -((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
 
 
-def _score_matrix(x, y, unit, metric):
-    if metric == "euclidean":
-        return euclidean_scores(x, y)
-    return pddm_scores(x, y, unit)
+def hinge(margin, s_positive, s_negative):
+    """[margin + s_negative - s_positive]_+, elementwise: the hinge of paper Eq. 5-6 (metric loss,
+    on PDDM scores) and Eq. 7 (embedding loss, on negated squared distances)."""
+    return torch.relu(margin + s_negative - s_positive)
 
 
-def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
-    """Per-row reductions of SPEC §3 from the full score matrix.
+def squared_distance(a, b):
+    """|a[t] - b[t]|^2 for row-aligned pairs: (p, d), (p, d) -> (p,)."""
+    return ((a - b) ** 2).sum(-1)
+
+
+SCORE_MATRICES = {
+    "pddm": pddm_scores,
+    "euclidean": lambda x, y, unit, normalize_inputs=None: euclidean_scores(x, y),
+}
+
+
+def _score_matrix(x, y, unit, metric, normalize_inputs=None):
+    return SCORE_MATRICES[metric](x, y, unit, normalize_inputs)
+
+
+def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None, normalize_inputs=None):
+    """Per-row reductions (docs/design.md, "Mining") from the full score matrix.
 
     Returns ``(S, positive_mask, hardest_positive, hardest_negative, hardest_negative_of_ref)``;
     a row or column without a candidate gets -1. argmax/argmin return the first optimum,
@@ -71,7 +113,7 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
     metric = metric or ("euclidean" if unit is None else "pddm")
     batch_mode = ref_emb is None
     y, ly = (embeddings, labels) if batch_mode else (ref_emb, ref_labels)
-    S = _score_matrix(embeddings, None if batch_mode else y, unit, metric)
+    S = _score_matrix(embeddings, None if batch_mode else y, unit, metric, normalize_inputs)
     same = labels[:, None] == ly[None, :]
     positive, negative = same.clone(), ~same
     if batch_mode:
@@ -88,13 +130,15 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
     return S, positive, hardest_positive, hardest_negative, hardest_negative_of_ref
 
 
-def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None):
-    """Hard quadruplets of SPEC §3 from the full score matrix. Returns ``Quadruplets``."""
-    from .functional import Quadruplets
+def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None,
+              normalize_inputs=None):
+    """Hard quadruplets (docs/design.md, "Mining") from the full score matrix.
 
+    Returns a ``ReferenceQuadruplets`` with the fields of ``pddm_ext.Quadruplets``."""
     with torch.no_grad():
         S, positive, _, neg, neg_ref = hardest(
-            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
+            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric,
+            normalize_inputs=normalize_inputs,
         )
         batch_mode = ref_emb is None
         if batch_mode:  # unordered pairs {i, r}, reported with i < r
@@ -108,21 +152,24 @@ def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=No
         i, r = i[keep], r[keep]
         a_neg, p_neg = neg[i], neg_ref[r]
         scores = torch.stack([S[i, r], S[i, a_neg], S[p_neg, r]], dim=1)
-    return Quadruplets(i, r, a_neg, p_neg, scores, batch_mode=batch_mode)
+    return ReferenceQuadruplets(i, r, a_neg, p_neg, scores, batch_mode)
 
 
-def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None):
-    """Per-query hardest triplets ``(i, hardest_positive[i], hardest_negative[i])`` (SPEC §3)."""
+def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, metric=None,
+               normalize_inputs=None):
+    """Per-query hardest triplets ``(i, hardest_positive[i], hardest_negative[i])`` (docs/design.md)."""
     with torch.no_grad():
         _, _, pos, neg, _ = hardest(
-            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric
+            embeddings, labels, unit, ref_emb=ref_emb, ref_labels=ref_labels, metric=metric,
+            normalize_inputs=normalize_inputs,
         )
     a = ((pos >= 0) & (neg >= 0)).nonzero(as_tuple=True)[0]
     return a, pos[a], neg[a]
 
 
 def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, normalize=True):
-    """The loss of SPEC §4, written out: returns ``(loss, metric_loss, embedding_loss, quadruplets)``."""
+    """The PDDM loss (docs/design.md, "Loss"; paper Eq. 5-8) on the full score matrix: returns
+    ``(loss, metric_loss, embedding_loss, quadruplets)``."""
     f = F.normalize(embeddings, dim=1) if normalize else embeddings
     quads = mine_hard(f.detach(), labels, unit, k=k)
     i, j, k_, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
@@ -132,10 +179,8 @@ def pddm_loss(embeddings, labels, unit, *, alpha=0.5, beta=1.0, lam=0.5, k=1, no
     S_ij = pair_scores(f[i], f[j], unit)
     S_ik = pair_scores(f[i], f[k_], unit)
     S_jl = pair_scores(f[j], f[l_], unit)
-    E_m = torch.relu(alpha + S_ik - S_ij) + torch.relu(alpha + S_jl - S_ij)
-    d_ij = ((f[i] - f[j]) ** 2).sum(1)
-    E_e = torch.relu(beta + d_ij - ((f[i] - f[k_]) ** 2).sum(1)) + torch.relu(
-        beta + d_ij - ((f[j] - f[l_]) ** 2).sum(1)
-    )
+    E_m = hinge(alpha, S_ij, S_ik) + hinge(alpha, S_ij, S_jl)
+    d_ij = squared_distance(f[i], f[j])
+    E_e = hinge(beta, -d_ij, -squared_distance(f[i], f[k_])) + hinge(beta, -d_ij, -squared_distance(f[j], f[l_]))
     metric_loss, embedding_loss = E_m.mean(), E_e.mean()
     return metric_loss + lam * embedding_loss, metric_loss, embedding_loss, quads

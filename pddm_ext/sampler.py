@@ -1,4 +1,4 @@
-"""The P x K batch sampler of SPEC §4: P classes, K samples of each per batch."""
+"""The P x K batch sampler: P classes per batch, K samples of each (paper Sec. 4; docs/design.md)."""
 
 from __future__ import annotations
 
@@ -8,44 +8,78 @@ import torch
 class PKSampler(torch.utils.data.Sampler):
     """Yields batches of P classes x K samples each (a ``batch_sampler`` for ``DataLoader``).
 
-    ``labels``: one integer label per dataset item. Each batch draws P distinct classes (without
-    replacement) and K items of each; a class with fewer than K items is sampled with replacement.
-    ``num_batches`` defaults to one epoch's worth, len(labels) // (P K). ``seed`` makes the
-    sequence reproducible; iterating again continues the random stream.
+    ``labels``: one integer label per dataset item (a 1-D tensor or sequence). Each batch draws
+    ``classes_per_batch`` (P) distinct classes, without replacement, and ``samples_per_class`` (K >= 2)
+    items of each; a class with fewer than K items is sampled with replacement. ``num_batches``
+    defaults to one epoch's worth, len(labels) // (P K). ``seed`` makes the sequence reproducible;
+    iterating again continues the random stream. Each batch is a list of P K item indices.
+
+    The old keywords ``p`` and ``k`` are still accepted for P and K (and ``.p`` / ``.k`` still read
+    them); positional calls ``PKSampler(labels, P, K)`` are unchanged. Raises ``TypeError`` for a
+    non-int P or K, ``ValueError`` for empty / non-1-D / non-integer labels, K < 2, or P outside
+    [1, number of classes].
     """
 
-    def __init__(self, labels, p, k, *, num_batches=None, seed=None):
+    def __init__(self, labels, classes_per_batch=None, samples_per_class=None, *, num_batches=None, seed=None,
+                 p=None, k=None):
+        classes_per_batch = _one_of("classes_per_batch", classes_per_batch, "p", p)
+        samples_per_class = _one_of("samples_per_class", samples_per_class, "k", k)
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.numel() == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
         if labels.dtype == torch.bool or labels.is_floating_point():
             raise ValueError(f"labels must be integers, got {labels.dtype}")
         classes, inverse = torch.unique(labels, return_inverse=True)
-        for name, value in (("p", p), ("k", k)):
+        for name, value in (("classes_per_batch", classes_per_batch), ("samples_per_class", samples_per_class)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if k < 2:
-            raise ValueError(f"k must be >= 2 (every class needs a positive pair), got {k}")
-        if not 1 <= p <= len(classes):
-            raise ValueError(f"p must be between 1 and the number of classes ({len(classes)}), got {p}")
-        self.p, self.k = p, k
+        if samples_per_class < 2:
+            raise ValueError(
+                f"samples_per_class (K) must be >= 2 (every class needs a positive pair), got {samples_per_class}"
+            )
+        if not 1 <= classes_per_batch <= len(classes):
+            raise ValueError(
+                f"classes_per_batch (P) must be between 1 and the number of classes ({len(classes)}), "
+                f"got {classes_per_batch}"
+            )
+        self.classes_per_batch, self.samples_per_class = classes_per_batch, samples_per_class
         self.by_class = [torch.nonzero(inverse == c).flatten() for c in range(len(classes))]
-        self.num_batches = num_batches if num_batches is not None else max(1, labels.numel() // (p * k))
+        batch_size = classes_per_batch * samples_per_class
+        self.num_batches = num_batches if num_batches is not None else max(1, labels.numel() // batch_size)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed) if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
+
+    @property
+    def p(self):
+        """P, the old name of ``classes_per_batch``."""
+        return self.classes_per_batch
+
+    @property
+    def k(self):
+        """K, the old name of ``samples_per_class``."""
+        return self.samples_per_class
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
-        g = self.generator
+        g, K = self.generator, self.samples_per_class
         for _ in range(self.num_batches):
             batch = []
-            for c in torch.randperm(len(self.by_class), generator=g)[: self.p].tolist():
+            for c in torch.randperm(len(self.by_class), generator=g)[: self.classes_per_batch].tolist():
                 items = self.by_class[c]
-                if len(items) >= self.k:
-                    pick = items[torch.randperm(len(items), generator=g)[: self.k]]
+                if len(items) >= K:
+                    pick = items[torch.randperm(len(items), generator=g)[:K]]
                 else:
-                    pick = items[torch.randint(len(items), (self.k,), generator=g)]
+                    pick = items[torch.randint(len(items), (K,), generator=g)]
                 batch.extend(pick.tolist())
             yield batch
+
+
+def _one_of(name, value, old_name, old_value):
+    """The value given under the new name or the old keyword (not both, not neither)."""
+    if value is not None and old_value is not None:
+        raise TypeError(f"give {name} or its old name {old_name}, not both")
+    if value is None and old_value is None:
+        raise TypeError(f"missing argument {name}")
+    return value if value is not None else old_value

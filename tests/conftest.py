@@ -7,7 +7,7 @@ import torch
 
 import pddm_ext
 
-# Tolerances of SPEC §3 for "a mined index is correct": its reference score is within
+# Tolerances of docs/design.md#ties-and-tolerance for "a mined index is correct": its reference score is within
 # tol * (1 + |best|) of the reference optimum of its slot.
 MINING_TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 

@@ -378,7 +378,7 @@ def test_opcheck_mine(metric, mode, k):
     """Both mine ops, with every default test_util. The number of mined pairs is data dependent: the
     fake kernel allocates it with ctx.new_dynamic_size(), which test_faketensor and
     test_aot_dispatch_dynamic exercise. Inputs do not require grad: mining is not differentiable
-    (SPEC §3), the public API always calls these ops on detached inputs under no_grad, and the ops
+    (docs/design.md#mining), the public API always calls these ops on detached inputs under no_grad, and the ops
     have no autograd formula by design."""
     x, y, _ = _opcheck_inputs(batch=True, requires_grad=False)
     y = randn(5, 4, seed=2)

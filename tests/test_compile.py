@@ -71,3 +71,42 @@ def test_compiled_training_step_fullgraph(backend):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     # the zero-loss batches are still connected: their step ran backward through the loss
     assert compiled.loss.last_quadruplets.anchor.numel() == 0
+
+
+def test_compiled_calls_raise_on_nan_instead_of_returning_plausible_results():
+    """Issue 14 item 5: inside a compiled graph the finiteness checks are asynchronous asserts
+    (torch._assert_async), so a NaN in any input or parameter raises (RuntimeError with the message
+    naming the argument) instead of giving indices in which the NaN row looks like a hard negative."""
+    torch.manual_seed(0)
+    loss_fn = pddm_ext.PDDMLoss(6, k=3)
+    unit = loss_fn.unit
+    labels = torch.arange(10) % 3
+
+    def step(a, b, c, d):
+        hardest = pddm_ext.batch_hard(a, labels)
+        quads = pddm_ext.mine_hard(b, labels, unit, k=4)
+        return hardest, quads.anchor, unit(c), loss_fn(d, labels)
+
+    inputs = [torch.randn(10, 6) for _ in range(4)]
+    torch.compiler.reset()
+    try:
+        compiled = torch.compile(step)
+        got, want = compiled(*inputs), step(*inputs)
+        for g, w in zip(got[0], want[0]):
+            assert torch.equal(g, w)
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2])
+        torch.testing.assert_close(got[3], want[3])
+        for position, name in enumerate(["embeddings", "embeddings", "x", "embeddings"]):
+            bad = [t.clone() for t in inputs]
+            bad[position][4, 2] = float("nan")
+            with pytest.raises(RuntimeError, match=f"{name} contains NaN or Inf"):
+                compiled(*bad)
+            with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):  # eager: unchanged
+                step(*bad)
+        with torch.no_grad():
+            unit.W_u[1, 1] = float("inf")
+        with pytest.raises(RuntimeError, match="W_u contains NaN or Inf"):
+            compiled(*inputs)
+    finally:
+        torch.compiler.reset()

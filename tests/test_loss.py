@@ -1,4 +1,4 @@
-"""SPEC §4: PDDMLoss's value and gradients against the loss written by hand from the reference."""
+"""docs/design.md#loss: PDDMLoss's value and gradients against the loss written by hand from the reference."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import randn
 
 
 def hand_loss(embeddings, quads, params, alpha, beta, lam, normalize=True):
-    """SPEC §4 steps 1, 3-6 on given quadruplets (i, j, k, l), with the reference's pair scores."""
+    """docs/design.md#loss steps 1, 3-6 on given quadruplets (i, j, k, l), with the reference's pair scores."""
     f = F.normalize(embeddings, dim=1) if normalize else embeddings
     i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
     S_ij = reference.pair_scores(f[i], f[j], params)

@@ -1,4 +1,4 @@
-"""``MemoryBank`` (an XBM-style ring buffer) and ``PDDMLoss(memory=bank)`` (SPEC §3 reference mode).
+"""``MemoryBank`` (an XBM-style ring buffer) and ``PDDMLoss(memory=bank)`` (docs/design.md#mining reference mode).
 
 The loss with a bank is checked against a hand-written loss on ``pddm_ext.reference.mine_hard`` in
 reference mode (float64, so mined indices agree exactly on these random inputs), and the 64k-row
@@ -88,7 +88,7 @@ def test_stores_detached_rows_in_its_own_dtype_and_validates():
 
 
 def reference_memory_loss(loss_fn, embeddings, labels, bank_emb, bank_labels):
-    """SPEC §4 written out for reference mode: queries f (grad), references = bank rows (constants)."""
+    """docs/design.md#loss written out for reference mode: queries f (grad), references = bank rows (constants)."""
     f = F.normalize(embeddings, dim=1)
     q = reference.mine_hard(f.detach(), labels, loss_fn.unit, k=loss_fn.k, ref_emb=bank_emb, ref_labels=bank_labels)
     i, j, k, l_ = q.anchor, q.positive, q.anchor_negative, q.positive_negative
@@ -174,9 +174,9 @@ BIG_BANK_SCRIPT = textwrap.dedent(
     ops.scores = forbidden("ops.scores")
     mined_against = []
     fused_mine = ops.mine
-    def spy(x, lx, y, ly, params, k):
+    def spy(x, lx, y, ly, params, k, *args, **kwargs):
         mined_against.append((tuple(x.shape), None if y is None else tuple(y.shape)))
-        return fused_mine(x, lx, y, ly, params, k)
+        return fused_mine(x, lx, y, ly, params, k, *args, **kwargs)
     ops.mine = spy
 
     torch.manual_seed(0)

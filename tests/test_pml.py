@@ -36,7 +36,7 @@ def unit_for(d, seed=0):
 
 def check_reference_triplets(a, p, n, f, labels, f_ref, ref_labels, unit, tol=1e-5):
     """(a, p, n) are reference-mode mine_hard(k=None) triplets: every positive pair (a, p) once, and
-    n an argmax of S(f_a, .) over negatives, within the tolerance of SPEC §3."""
+    n an argmax of S(f_a, .) over negatives, within the tolerance of docs/design.md#ties-and-tolerance."""
     S = reference.pddm_scores(f, f_ref, unit)
     positive = labels[:, None] == ref_labels[None, :]
     want_pairs = set(map(tuple, positive.nonzero().tolist()))

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) over random shapes, labels, modes and metrics: the fused scores
-and mining against ``pddm_ext.reference``, with the tolerances of test_scores / SPEC §3."""
+and mining against ``pddm_ext.reference``, with the tolerances of test_scores / docs/design.md#ties-and-tolerance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""All-pairs PDDM scores (SPEC §1-§2): the fused kernel against ``pddm_ext.reference``.
+"""All-pairs PDDM scores (docs/design.md#the-pddm-unit, #public-api): the fused kernel against ``pddm_ext.reference``.
 
 The reference always runs in float64 on the same input values (half and float32 inputs are upcast
 exactly), so the difference measured is the fused kernel's own rounding.
@@ -104,7 +104,7 @@ def test_batch_mode_equals_reference_mode_on_same_rows():
 
 
 def test_diagonal_pair_is_well_defined():
-    """S(a, a): u = 0 and normalize(0) = 0, so u' = relu(b_u) (SPEC §1)."""
+    """S(a, a): u = 0 and normalize(0) = 0, so u' = relu(b_u) (docs/design.md#the-pddm-unit)."""
     unit = make_unit(4, 3, 3)
     x = randn(5, 4, seed=1)
     S = unit(x)

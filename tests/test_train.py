@@ -1,8 +1,10 @@
 """The training loop end to end on scikit-learn's 8x8 digits: learning, exact resume, bad configs."""
 
 import dataclasses
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -36,12 +38,14 @@ def test_two_epochs_on_digits_learn(digits, tmp_path):
     assert last["recall@1"] > 0.6
     assert last["recall@8"] >= last["recall@4"] >= last["recall@2"] >= last["recall@1"]
     assert 0.0 < last["nmi"] <= 1.0
+    assert 0.0 < last["r_precision"] <= 1.0 and 0.0 < last["map@r"] <= last["r_precision"]  # MAP@R <= R-Precision
+    assert {"map@r", "r_precision"} <= set(result["floor"])
     assert first["mining"]["tuples"] > 0 and "s_pos" in first["mining"]
     out = tmp_path / "run"
     lines = (out / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert (out / "recall_at_1.png").stat().st_size > 0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"model", "loss", "optimizer", "epoch", "rng", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and any(k.startswith("unit.") for k in ckpt["loss"])  # the PDDM unit is saved
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temporary file
@@ -55,8 +59,8 @@ def test_resume_continues_exactly(loss, digits, tmp_path):
     train(interrupted, progress=False, split=digits)
     resumed = train(dataclasses.replace(base, out=str(tmp_path / "resumed")), resume=True, progress=False, split=digits)
     assert without_timing(resumed["history"]) == without_timing(straight["history"])
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["loss"]:
@@ -127,7 +131,7 @@ def test_cli_train_prints_the_table(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "2", "--threads", "1",
                  "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "R@1" in printed and "raw pixels" in printed
+    assert "R@1" in printed and "MAP@R" in printed and "RP" in printed and "raw pixels" in printed
     assert (out / "checkpoint.pt").exists()
 
 
@@ -141,9 +145,159 @@ def test_compare_writes_table_plot_and_json(digits, tmp_path):
     assert len(summary["losses"]["pddm"]["recall1_mean"]) == 2
     table = (out / "results.md").read_text()
     assert "| pddm |" in table and "| batch-hard |" in table and "±" in table
+    assert "| MAP@R | RP |" in table and set(summary["losses"]["pddm"]["final"]) >= {"map@r", "r_precision"}
     assert json.loads((out / "results.json").read_text())["dataset"]["name"] == "digits"
     assert (out / "convergence.png").stat().st_size > 0
     # a rerun reuses the finished runs
     mtime = os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt")
     run_all(base, ["pddm", "batch-hard"], [0, 1], str(out), progress=False)
     assert os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt") == mtime
+
+
+# --- checkpoints: loaded with weights_only=True, one clear error for a bad file (issue 14 item 8) ---
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this object calls open(marker, "w"): the file appears if the loader runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _resume(out, capsys):
+    rc = main(["train", "--dataset", "digits", "--epochs", "2", "--batches-per-epoch", "2", "--threads", "1",
+               "--quiet", "--out", str(out), "--resume"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_resume_from_a_crafted_checkpoint_runs_no_code(writer, tmp_path, capsys):
+    import pickle
+
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "marker"
+    evil = {"model": _RunsCodeWhenUnpickled(marker), "epoch": 1}
+    if writer == "torch.save":
+        torch.save(evil, out / "checkpoint.pt")
+    else:
+        (out / "checkpoint.pt").write_bytes(pickle.dumps(evil))
+    rc, err = _resume(out, capsys)
+    assert not marker.exists()  # nothing in the file ran
+    assert rc == 2 and err.count("\n") == 1, err
+    assert str(out / "checkpoint.pt") in err and "pddm-ext checkpoint" in err and "delete it" in err
+    if writer == "torch.save":  # the refused global is named
+        assert "holds Python objects (io.open)" in err
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    train(TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1, out=str(out)), progress=False,
+          split=digits)
+    return (out / "checkpoint.pt").read_bytes()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "not a readable pddm-ext checkpoint: corrupt, truncated or of another format"),
+    ("garbage", "not a readable pddm-ext checkpoint: corrupt, truncated or of another format"),
+    ("empty", "not a readable pddm-ext checkpoint: corrupt, truncated or of another format"),
+    ("foreign", "not a pddm-ext checkpoint (expected keys"),
+    ("not a dict", "not a pddm-ext checkpoint (expected keys"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(damage, message, good_checkpoint, tmp_path, capsys):
+    import io
+
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(good_checkpoint[: len(good_checkpoint) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {"w": torch.zeros(3)}} if damage == "foreign" else [torch.zeros(3)], buffer)
+        path.write_bytes(buffer.getvalue())
+    rc, err = _resume(out, capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("pddm-ext: error: "), err
+    assert str(path) in err and message in err and "start a new run" in err
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(good_checkpoint, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(good_checkpoint)
+    ckpt = torch.load(path, weights_only=True)  # raises if anything else were inside
+    assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "sampler"}
+
+
+# --- logs off a terminal (issue 16 item 5) ---------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_summary_lines_always(digits, tmp_path, capsys, monkeypatch):
+    cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "a")), progress=True, split=digits)
+    err = capsys.readouterr().err  # pytest's capture: not a terminal
+    assert "\r" not in err and "it/s" not in err
+    assert [line.split(":")[0] for line in err.splitlines() if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    assert "MAP@R" in err
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=True, split=digits)
+    shown = terminal.getvalue()
+    assert "\r" in shown and "epoch 1/2" in shown  # tqdm's bar
+    assert [line for line in shown.replace("\r", "\n").splitlines() if line.startswith("epoch 2: loss")]
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "c")), progress=False, split=digits)  # --quiet
+    assert "\r" not in quiet.getvalue() and "epoch 2: loss" in quiet.getvalue()
+
+
+# --- TensorBoard (issue 16 item 6) ---------------------------------------------------------------
+
+
+def _require(module):
+    """Import ``module``; skip when it is missing, except in CI (CI=true), whose venv installs it
+    (requirements-test.txt): there a missing module fails the test."""
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def test_tensorboard_event_file_holds_the_per_epoch_metrics(digits, tmp_path):
+    _require("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=2, threads=1, out=str(tmp_path / "run"),
+                      tensorboard=str(tb))
+    history = train(cfg, progress=False, split=digits)["history"]
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "recall@1", "recall@8", "map@r", "r_precision", "nmi", "mining/tuples", "epoch_time"} <= tags
+    for tag in ("loss", "recall@1", "map@r", "r_precision", "nmi", "mining/tuples"):
+        group, _, key = tag.rpartition("/")
+        want = [h[group][key] if group else h[key] for h in history]
+        got = events.Scalars(tag)
+        assert [e.step for e in got] == [1, 2], tag
+        assert [e.value for e in got] == pytest.approx(want, rel=1e-6), tag  # stored as float32
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--tensorboard", str(tmp_path / "tb"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tensorboard needs the tensorboard package" in err and "pip install tensorboard" in err
+    assert not out.exists() and not (tmp_path / "tb").exists()

@@ -1,4 +1,4 @@
-"""SPEC §6: every public entry point rejects bad input with ValueError (TypeError for a wrong type)
+"""docs/design.md#errors: every public entry point rejects bad input with ValueError (TypeError for a wrong type)
 and a message that names the offending argument."""
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def test_integer_label_dtypes_are_accepted(dtype):
     unit = make_unit(D, H, C, dtype=torch.float32)
     want = pddm_ext.mine_hard(x, lab.long(), unit, k=None)
     got = pddm_ext.mine_hard(x, lab, unit, k=None)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got[:5], want[:5])) and got.batch_mode == want.batch_mode
     assert got.anchor.dtype == torch.int64
     bh = pddm_ext.batch_hard(x, lab, unit, ref_emb=x[:4], ref_labels=lab[:4])
     assert all(t.dtype == torch.int64 for t in bh)
@@ -335,7 +335,7 @@ def test_k_accepts_python_and_numpy_integers():
     lab = labels_for(x)
     want = pddm_ext.mine_hard(x, lab, k=2)
     got = pddm_ext.mine_hard(x, lab, k=np.int64(2))
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got[:5], want[:5])) and got.batch_mode == want.batch_mode
 
 
 def test_unknown_metric():
@@ -419,7 +419,7 @@ def test_single_row_is_valid():
 # --------------------------------------------------------------------------- the ops called directly
 
 # torch.ops.pddm_ext.* skip the Python validation above; their kernels still check structure, so a
-# wrong shape, dtype or label vector raises instead of reading or writing out of bounds (SPEC §6).
+# wrong shape, dtype or label vector raises instead of reading or writing out of bounds (docs/design.md#errors).
 _ops = torch.ops.pddm_ext
 
 

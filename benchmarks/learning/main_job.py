@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -27,25 +26,8 @@ import torch.nn.functional as F
 import pddm_ext
 from pddm_ext.app import datasets as data_mod
 from pddm_ext.app import evaluate as ev
+from pddm_ext.app.augment import random_affine
 from pddm_ext.app.models import build_model
-
-
-def random_affine(x, generator, *, degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0):
-    """Per-image random affine transform of a batch (n, c, h, w) (rotation, shift as a fraction of the
-    size, scale, shear), bilinear, zero padding: torchvision's RandomAffine, drawn per image."""
-    n = x.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
-    rot = u(-degrees, degrees) * math.pi / 180
-    sh = u(-shear, shear) * math.pi / 180
-    s = u(*scale)
-    tx, ty = u(-translate, translate) * 2, u(-translate, translate) * 2  # grid units span [-1, 1]
-    cos, sin = torch.cos(rot), torch.sin(rot)
-    # rotation-and-shear matrix scaled by 1/s (affine_grid maps output to input coordinates)
-    a11, a12 = cos / s, (-sin + cos * torch.tan(sh)) / s
-    a21, a22 = sin / s, (cos + sin * torch.tan(sh)) / s
-    theta = torch.stack([torch.stack([a11, a12, tx], 1), torch.stack([a21, a22, ty], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def pk_batches(labels, p, k, generator):
@@ -62,33 +44,9 @@ def pk_batches(labels, p, k, generator):
         yield torch.cat(batch)
 
 
-def emulate_distance_aware():
-    """Until the fused kernels take ``normalize_inputs`` (branch ``kernel``): PDDMLoss scores and mines
-    with the plain PyTorch reference, its u and v fed to W_u and W_v unnormalised (SPEC §1 "Two
-    forms"). Slower (the reference materialises all pairs), same values up to rounding."""
-    from pddm_ext import modules, reference
-
-    def pair_scores(a, b, params):
-        W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s = params
-        u1 = torch.relu((a - b).abs() @ W_u.T + b_u)
-        v1 = torch.relu((a + b) / 2 @ W_v.T + b_v)
-        q = torch.relu(torch.cat([F.normalize(u1, dim=-1), F.normalize(v1, dim=-1)], -1) @ W_c.T + b_c)
-        return q @ w_s + b_s
-
-    reference.pair_scores = pair_scores
-    modules._pair_scores = pair_scores
-    modules.pddm_scores = lambda x, y, *params: reference.pddm_scores(x, y, params)
-    modules.mine_hard = reference.mine_hard
-
-
 def build_loss(cfg, dim):
     if cfg.loss == "pddm":
-        options = dict(cfg.options)
-        if options.get("normalize_inputs") is False and "normalize_inputs" not in \
-                pddm_ext.PDDMLoss.__init__.__code__.co_varnames:
-            emulate_distance_aware()
-            del options["normalize_inputs"]
-        return pddm_ext.PDDMLoss(dim, **options)
+        return pddm_ext.PDDMLoss(dim, **cfg.options)
     beta = cfg.beta
 
     def batch_hard_loss(emb, labels):
@@ -115,7 +73,7 @@ def run(cfg, seed, split, floor):
         idx = next(batches)
         x, y = images[idx], split.train_labels[idx]
         if cfg.augment:
-            x = random_affine(x, g)
+            x = random_affine(x, generator=g)
         model.train()
         loss = loss_fn(model(x), y)
         opt.zero_grad()

@@ -179,7 +179,7 @@ PDDM_INLINE T lane_sum(T* acc) {
 
 // One multiply-add chain in k order, exactly as gemm_rows sums each element: the squared norm of a
 // row equals the Gram entry of that row with any copy of itself, so the squared distance of a
-// duplicate pair, ||x||^2 + ||x||^2 - 2 x.x, is exactly 0 (SPEC §3 exact ties).
+// duplicate pair, ||x||^2 + ||x||^2 - 2 x.x, is exactly 0 (docs/design.md#ties-and-tolerance).
 template <typename T>
 __attribute__((optimize("no-tree-vectorize"))) PDDM_INLINE T dot_impl(const T* __restrict x, const T* __restrict y,
                                                                        int64_t d) {
@@ -200,6 +200,16 @@ PDDM_INLINE void abs_diff_impl(const T* __restrict x, const T* __restrict y, T* 
   });
   *sq_diff = lane_sum(sd);
   *sq_sum = lane_sum(ss);
+}
+
+template <typename T>
+PDDM_INLINE T squared_distance_impl(const T* __restrict x, const T* __restrict y, int64_t d) {
+  T sq[kLanes<T>] = {};
+  for_lanes<T>(d, [&](int64_t k, int l) {
+    const T diff = x[k] - y[k];
+    sq[l] += diff * diff;
+  });
+  return lane_sum(sq);
 }
 
 template <typename T>
@@ -322,6 +332,7 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
   PDDM_CPU_CLONES __attribute__((optimize("no-tree-vectorize"))) T dot(const T* x, const T* y, int64_t d) {  \
     return dot_impl(x, y, d);                                                                                \
   }                                                                                                          \
+  PDDM_CPU_CLONES T squared_distance(const T* x, const T* y, int64_t d) { return squared_distance_impl(x, y, d); } \
   PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
     abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
   }                                                                                                          \

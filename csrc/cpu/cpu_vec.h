@@ -11,7 +11,7 @@ namespace pddm_ext::cpu::vec {
 // i.e. already transposed. Register-blocked for AVX-512 / AVX2 / SSE2, chosen at run time. Every
 // element is summed over k in order with the same instructions whatever its row, so identical
 // rows of A give bitwise identical rows of C: a pair's score does not depend on where it sits in
-// a tile, and exact ties between duplicate rows stay exact (SPEC §3 tie rule). accumulate: C += A B.
+// a tile, and exact ties between duplicate rows stay exact (docs/design.md#ties-and-tolerance). accumulate: C += A B.
 void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C,
                bool accumulate = false);
 void gemm_rows(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
@@ -27,6 +27,10 @@ void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const float* A, int64_t
                         float* C);
 void gemm_tn_accumulate(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bt, int64_t ldb,
                         double* C);
+
+// sum_k (x[k] - y[k])^2, summed from the differences (no cancellation); bitwise the same for equal inputs.
+float squared_distance(const float* x, const float* y, int64_t d);
+double squared_distance(const double* x, const double* y, int64_t d);
 
 // u[k] = |x[k] - y[k]|; *sq_diff = ||x - y||^2, *sq_sum = ||x + y||^2.
 void abs_diff(const float* x, const float* y, float* u, int64_t d, float* sq_diff, float* sq_sum);

@@ -1,4 +1,4 @@
-// Hard mining on the CPU (SPEC §3), fused into the tiled scoring pass: no (m, n) score matrix.
+// Hard mining on the CPU (docs/design.md#mining), fused into the tiled scoring pass: no (m, n) score matrix.
 //
 // Each thread scores its share of tiles into a tile-sized buffer and folds every pair into its own
 // running reductions (per-row hardest positive/negative, per-column hardest negative, a bounded
@@ -23,7 +23,7 @@ struct PairCandidate {
   bool operator<(const PairCandidate& o) const { return pair_before(s, i, r, o.s, o.i, o.r); }
 };
 
-// Running reductions of SPEC §3 over the pairs one thread has seen.
+// Running reductions of docs/design.md#mining over the pairs one thread has seen.
 template <typename scalar_t>
 struct MiningState {
   std::vector<scalar_t> pos_s, neg_s, col_neg_s;
@@ -97,7 +97,7 @@ using MineResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 // Runs the tiled pass: make_scorer() gives each thread a callable (i0, ni, r0, nr, S) that scores a
 // tile into S, row-major. Returns (hardest_positive, its score, hardest_negative, its score,
-// hardest_negative_of_ref, its score, pair_i, pair_r, pair_score) with pairs in SPEC §3 order.
+// hardest_negative_of_ref, its score, pair_i, pair_r, pair_score) with pairs in docs/design.md#mining order.
 template <typename scalar_t, typename MakeScorer>
 MineResult mine_tiles(const TileGrid& grid, const at::Tensor& x_labels, const at::Tensor& y_labels, int64_t k,
                       const at::TensorOptions& opts, MakeScorer make_scorer) {
@@ -146,7 +146,7 @@ MineResult mine_tiles(const TileGrid& grid, const at::Tensor& x_labels, const at
 MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, const std::optional<at::Tensor>& y_in,
                          const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                          const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                         const at::Tensor& w_s, const at::Tensor& b_s, int64_t k) {
+                         const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   const bool batch = !y_in.has_value();
@@ -154,7 +154,7 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
   const auto y = batch ? x : y_in->contiguous();
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_mine_cpu", [&] {
-    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs);
     const auto Px = w.project(x);
     const auto Py = batch ? Px : w.project(y);
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
@@ -181,16 +181,22 @@ MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels
   const int64_t d = x.size(1), n = y.size(0);
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "euclidean_mine_cpu", [&] {
-    const auto x_sq = row_squared_norms<scalar_t>(x);
-    const auto y_sq = batch ? x_sq : row_squared_norms<scalar_t>(y);
-    const auto y_t = y.t().contiguous();  // (d, n): the Gram GEMM's right operand, packed once
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y_t.data_ptr<scalar_t>();
+    // Both sides centred by one common vector (see euclidean_tile); x and y themselves serve the
+    // exact recomputation of near pairs.
+    const auto centre = row_centre<scalar_t>(x, batch ? at::Tensor() : y);
+    const auto xc = (x - centre).contiguous();
+    const auto yc = batch ? xc : (y - centre).contiguous();
+    const auto x_sq = row_squared_norms<scalar_t>(xc);
+    const auto y_sq = batch ? x_sq : row_squared_norms<scalar_t>(yc);
+    const auto yc_t = yc.t().contiguous();  // (d, n): the Gram GEMM's right operand, packed once
+    const scalar_t *xcp = xc.data_ptr<scalar_t>(), *ycp = yc_t.data_ptr<scalar_t>();
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *xs = x_sq.data_ptr<scalar_t>(), *ys = y_sq.data_ptr<scalar_t>();
     // A Gram tile costs 2d flops a pair: larger tiles keep the GEMM efficient.
     const auto grid = make_grid(batch, x.size(0), y.size(0), 128 * 128);
     result = mine_tiles<scalar_t>(grid, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
       return [&](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) {
-        euclidean_tile(xp, xs, i0, ni, yp, ys, r0, nr, d, n, S);
+        euclidean_tile(xcp, xs, i0, ni, ycp, ys, r0, nr, d, n, xp, yp, S);
       };
     });
   });

@@ -16,7 +16,7 @@ namespace {
 
 at::Tensor scores_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& W_u,
                       const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
-                      const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s) {
+                      const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s, bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
@@ -25,7 +25,7 @@ at::Tensor scores_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& y
   auto out = at::empty({m, n}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cpu", [&] {
-    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs);
     const auto Px = w.project(x);
     const auto Py = batch ? Px : w.project(y);
     const auto grid = make_grid(batch, m, n, pddm_tile_pairs(w.d, w.h, w.c, sizeof(scalar_t)));
@@ -72,13 +72,14 @@ struct PddmGrads {
   RowGrads<scalar_t> own_x, own_y;
   scalar_t *dx, *dPx, *dy, *dPy;
   std::vector<scalar_t> dW_u, db_u, db_v, dW_c, db_c, dw_s;
+  std::vector<scalar_t> dW_v;  // the near-antipodal pairs' share of dW_v (the others go through dP)
   scalar_t db_s = 0;
 
   // shared_x / shared_y: the shared rows of that side, or nullptr for the worker's own. dx / dy are
   // null when that input needs no gradient.
   PddmGrads(bool batch, int64_t m, int64_t n, int64_t d, int64_t h, int64_t c, bool need_x, bool need_y,
             RowGrads<scalar_t>* shared_x, RowGrads<scalar_t>* shared_y)
-      : dW_u(h * d), db_u(h), db_v(h), dW_c(c * 2 * h), db_c(c), dw_s(c) {
+      : dW_u(h * d), db_u(h), db_v(h), dW_c(c * 2 * h), db_c(c), dw_s(c), dW_v(h * d) {
     RowGrads<scalar_t>* x_rows = shared_x;
     if (x_rows == nullptr) x_rows = &(own_x = RowGrads<scalar_t>(m, d, h, need_x));
     RowGrads<scalar_t>* y_rows = batch ? x_rows : shared_y;
@@ -93,7 +94,7 @@ struct PddmGrads {
     };
     acc(own_x.dX, o.own_x.dX), acc(own_x.dP, o.own_x.dP), acc(own_y.dX, o.own_y.dX), acc(own_y.dP, o.own_y.dP);
     acc(dW_u, o.dW_u), acc(db_u, o.db_u), acc(db_v, o.db_v), acc(dW_c, o.dW_c), acc(db_c, o.db_c);
-    acc(dw_s, o.dw_s);
+    acc(dw_s, o.dw_s), acc(dW_v, o.dW_v);
     db_s += o.db_s;
   }
 };
@@ -104,8 +105,31 @@ struct PddmGrads {
 template <typename scalar_t>
 struct PddmTileGrad {
   std::vector<scalar_t> dZ, coef_u, coef_v;
-  PddmTileGrad(int64_t pairs, int64_t h) : dZ(pairs * 2 * h), coef_u(pairs), coef_v(pairs) {}
+  std::vector<scalar_t> zeros, g_v, g_v_mirror, dx_v;  // near-antipodal pairs: (h,), (h,), (h,), (d,)
+  PddmTileGrad(int64_t pairs, int64_t d, int64_t h)
+      : dZ(pairs * 2 * h), coef_u(pairs), coef_v(pairs), zeros(h), g_v(h), g_v_mirror(h), dx_v(d) {}
 };
+
+// The mean branch's gradient g_v = dL/d(W_v (x + y)) of a near-antipodal pair, taken from x + y itself:
+// dW_v += g_v (x + y)^T and dx, dy += W_v^T g_v. Through dP_x and dP_y (dW_v = dP_x^T x + dP_y^T y)
+// the two large terms g_v x^T and g_v y^T would cancel.
+template <typename scalar_t>
+void mean_direct_backward(const PddmWeights<scalar_t>& w, const scalar_t* x, const scalar_t* y, const scalar_t* g_v,
+                          scalar_t* dW_v, scalar_t* dx, scalar_t* dy, scalar_t* dx_v, bool need_params) {
+  const int64_t d = w.d, h = w.h;
+  if (need_params) {
+    for (int64_t k = 0; k < h; ++k) {
+      if (g_v[k] == scalar_t(0)) continue;
+      for (int64_t j = 0; j < d; ++j) dW_v[k * d + j] += g_v[k] * (x[j] + y[j]);
+    }
+  }
+  if (dx == nullptr && dy == nullptr) return;
+  vec::gemm_rows(1, d, h, g_v, h, w.W_v, d, dx_v);  // W_v^T g_v: W_v (h, d) is the transposed operand
+  for (int64_t j = 0; j < d; ++j) {
+    if (dx != nullptr) dx[j] += dx_v[j];
+    if (dy != nullptr) dy[j] += dx_v[j];
+  }
+}
 
 // Back-propagates g[p] = dL/dS(pair p) through one tile whose forward intermediates are in ws
 // (consumed: see PddmTileGrad).
@@ -130,15 +154,24 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
     const scalar_t* zu = ws.Z.data() + p * 2 * h;
     const scalar_t* dzu = tg.dZ.data() + p * 2 * h;
     const scalar_t nu = ws.norm_u[p], nv = ws.norm_v[p];
-    const scalar_t inv_u = scalar_t(1) / clamped_norm(nu), inv_v = scalar_t(0.5) / clamped_norm(nv);
+    const scalar_t inv_u = diff_scale(nu, w.normalize_inputs), inv_v = mean_scale(nv, w.normalize_inputs);
     scalar_t dinv_u, dinv_v;
-    vec::branches_backward(zu, dzu, ws.norm_u1[p], ws.norm_v1[p], dA + p * h, inv_u, t.Px + i * h, t.Py + r * h,
-                           inv_v, acc.db_u.data(), acc.db_v.data(), acc.dPx + i * h, acc.dPy + r * h, h, &dinv_u,
-                           &dinv_v);
-    // inv_u = 1/||u||: d/du = -u/||u||^3.  inv_v = 1/(2||v||) with ||v|| = ||x+y||/2:
-    // d/d(x+y) = -(x+y)/(8||v||^3). Below eps the clamp is constant.
-    tg.coef_u[p] = nu > scalar_t(kNormEps) ? -dinv_u / (nu * nu * nu) : scalar_t(0);
-    tg.coef_v[p] = nv > scalar_t(kNormEps) ? -dinv_v / (scalar_t(8) * nv * nv * nv) : scalar_t(0);
+    if (ws.direct[p] < 0) {
+      vec::branches_backward(zu, dzu, ws.norm_u1[p], ws.norm_v1[p], dA + p * h, inv_u, t.Px + i * h, t.Py + r * h,
+                             inv_v, acc.db_u.data(), acc.db_v.data(), acc.dPx + i * h, acc.dPy + r * h, h, &dinv_u,
+                             &dinv_v);
+    } else {  // a near-antipodal pair: W_v (x + y) was formed directly, and so is its gradient
+      std::fill(tg.g_v.begin(), tg.g_v.end(), scalar_t(0));
+      vec::branches_backward(zu, dzu, ws.norm_u1[p], ws.norm_v1[p], dA + p * h, inv_u, ws.mean_a(p, nullptr),
+                             tg.zeros.data(), inv_v, acc.db_u.data(), acc.db_v.data(), tg.g_v.data(),
+                             tg.g_v_mirror.data(), h, &dinv_u, &dinv_v);
+      mean_direct_backward(w, t.x + i * d, t.y + r * d, tg.g_v.data(), acc.dW_v.data(),
+                           need_inputs ? acc.dx == nullptr ? nullptr : acc.dx + i * d : nullptr,
+                           need_inputs ? acc.dy == nullptr ? nullptr : acc.dy + r * d : nullptr, tg.dx_v.data(),
+                           need_params);
+    }
+    tg.coef_u[p] = diff_scale_coef(dinv_u, nu, w.normalize_inputs);
+    tg.coef_v[p] = mean_scale_coef(dinv_v, nv, w.normalize_inputs);
   }
   if (need_params) vec::gemm_tn_accumulate(h, d, T, dA, h, ws.U.data(), d, acc.dW_u.data());
   if (!need_inputs) return;
@@ -156,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                     const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                     const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                    std::array<bool, 3> output_mask) {
+                    std::array<bool, 3> output_mask, bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
   const bool batch = !y_in.has_value();
@@ -175,7 +208,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
   at::Tensor gw_s = at::zeros_like(w_s), gb_s = at::zeros_like(b_s);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cpu", [&] {
-    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+    const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs);
     const auto Px = w.project(x);
     const auto Py = batch ? Px : w.project(y);
     const auto grid = make_grid(batch, m, n, pddm_tile_pairs(d, h, c, sizeof(scalar_t)));
@@ -219,7 +252,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
       const int64_t pairs = grid.rows * grid.cols;
       PddmTile<scalar_t> ws(pairs, d, h, c);
-      PddmTileGrad<scalar_t> tg(pairs, h);
+      PddmTileGrad<scalar_t> tg(pairs, d, h);
       std::vector<scalar_t> g(pairs);
       std::vector<int32_t> live(pairs);
       for (int64_t worker = begin; worker < end; ++worker) {
@@ -270,6 +303,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     if (need_params) {
       gW_v.copy_(at::mm(dPx.t(), x));
       if (!batch) gW_v.addmm_(rows(total.dPy, n, h).t(), y);
+      gW_v.add_(vec(total.dW_v, {h, d}));
       gW_u.copy_(vec(total.dW_u, {h, d}));
       gb_u.copy_(vec(total.db_u, {h}));
       gb_v.copy_(vec(total.db_v, {h}));

@@ -1,4 +1,4 @@
-// Hard mining on the GPU (SPEC §3), fused into the tiled scoring pass: no (m, n) score matrix.
+// Hard mining on the GPU (docs/design.md#mining), fused into the tiled scoring pass: no (m, n) score matrix.
 //
 // Each block scores a tile into shared memory and folds it into the running reductions:
 //  - per-row hardest positive / negative and per-column hardest negative: the tile's best per row
@@ -7,7 +7,7 @@
 //    go to the smallest index by construction; double scores do not fit a 64-bit key and use a
 //    per-row spin lock around the (score, index) pair, skipped without locking when the candidate
 //    is strictly worse than the current best (the best only ever improves).
-//  - the k lowest positive pairs: each block keeps a max-heap of its k best pairs (SPEC §3 order)
+//  - the k lowest positive pairs: each block keeps a max-heap of its k best pairs (docs/design.md#mining order)
 //    in global memory, updated by one thread from the tile's pairs that beat the heap's top; when
 //    the heaps would hold more than all positive pairs (or k = -1) the positive pairs are appended
 //    to one buffer instead. The candidates are sorted on the device by (score, i, r).
@@ -51,7 +51,7 @@ __device__ __forceinline__ unsigned long long min_key(float s, int64_t idx) {
 }
 constexpr unsigned long long kNoMax = 0ull, kNoMin = ~0ull;
 
-// Running bests of SPEC §3 in global memory: row_pos (min), row_neg (max), col_neg (max, reference
+// Running bests of docs/design.md#mining in global memory: row_pos (min), row_neg (max), col_neg (max, reference
 // mode only). Specialised per score type.
 template <typename T>
 struct Bests;
@@ -117,7 +117,7 @@ __device__ __forceinline__ bool cand_before(T s1, int64_t i1, int64_t r1, T s2, 
   return pair_before(s1, i1, r1, s2, i2, r2);
 }
 
-// Max-heap (by SPEC §3 pair order) of one block: hs/hi/hr hold `size` entries, the top is the worst.
+// Max-heap (by docs/design.md#mining pair order) of one block: hs/hi/hr hold `size` entries, the top is the worst.
 template <typename T>
 __device__ void heap_offer(T* hs, int64_t* hi, int64_t* hr, int64_t& size, int64_t k, T s, int64_t i, int64_t r) {
   int64_t pos;
@@ -465,7 +465,7 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
   }
   if (batch) cneg_i = neg_i.clone(), cneg_s = neg_s.clone();
 
-  // The k lowest positive pairs in SPEC §3 order: ascending score, ties by (i, r).
+  // The k lowest positive pairs in docs/design.md#mining order: ascending score, ties by (i, r).
   at::Tensor pair_i = at::empty({0}, index_opts), pair_r = at::empty({0}, index_opts), pair_s = at::empty({0}, opts);
   if (keep > 0) {
     at::Tensor s = cand_s, i = cand_i, r = cand_r;
@@ -490,7 +490,7 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
 MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, const std::optional<at::Tensor>& y_in,
                           const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                           const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k) {
+                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -511,7 +511,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     using T = scalar_t;
     const PddmParams<T> w{W_uc.data_ptr<T>(), b_uc.data_ptr<T>(), b_vc.data_ptr<T>(), W_cc.data_ptr<T>(),
                           b_cc.data_ptr<T>(), w_sc.data_ptr<T>(), b_sc.data_ptr<T>(), W_u.size(1),
-                          h,                  W_c.size(0)};
+                          h,                  W_c.size(0),        W_vc.data_ptr<T>(), normalize_inputs};
     const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count,

@@ -4,7 +4,7 @@
 // [i0, i0 + kTile) of x against rows [r0, r0 + kTile) of y, pair p = a * kTile + b for
 // (i0 + a, r0 + b). Blocks are persistent: each walks tiles t = blockIdx.x, + gridDim.x, ... so the
 // tile count may exceed any grid limit and per-block state (mining heaps, gradient partials) lives
-// across tiles. Per tile (SPEC §1):
+// across tiles. Per tile (docs/design.md#the-pddm-unit):
 //   phase 0  ||u|| and ||v|| of every pair (one warp per pair);
 //   phase 1  A = W_u |x_i - y_r|: |x_i - y_r| is built on the fly, chunk by chunk of d, into shared
 //            memory next to a chunk of W_u, and multiplied in registers (pair_gemm); the epilogue
@@ -93,11 +93,14 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Pointers into the (contiguous, device) parameters of a PDDM unit.
+// Pointers into the (contiguous, device) parameters of a PDDM unit, and its form (docs/design.md "The two
+// forms"). W_v serves only the near-antipodal pairs (mean_branch_direct); the others use P = x W_v^T.
 template <typename T>
 struct PddmParams {
   const T *W_u, *b_u, *b_v, *W_c, *b_c, *w_s, *b_s;
   int64_t d, h, c;
+  const T* W_v;
+  bool normalize_inputs;
 };
 
 // The two sides of the pair space and their projections P = rows W_v^T.
@@ -144,7 +147,8 @@ struct TileGrid {
 template <typename T>
 struct TileScalars {
   T norm_u[kPairs], norm_v[kPairs];    // ||u||, ||v||
-  T inv_u[kPairs], inv_v[kPairs];      // 1 / max(||u||, eps), 1 / (2 max(||v||, eps))
+  T inv_u[kPairs], inv_v[kPairs];      // diff_scale, mean_scale (pddm_common.h)
+  bool direct[kPairs];                 // mean_branch_direct: W_v (x + y) from x + y, not P_i + P_r
   T norm_u1[kPairs], norm_v1[kPairs];  // ||u'||, ||v'||
   T score[kPairs];
   T partial[kPairs][kOutGroups];       // per-output-group partial scores (summed in a fixed order)
@@ -216,6 +220,15 @@ __device__ __forceinline__ int64_t pair_col(int64_t r0, int p, int64_t n) {
   return r < n ? r : n - 1;
 }
 
+// Row k of W_v (x_i + y_r) for pair p: P_i + P_r, or for a near-antipodal pair the direct product.
+template <typename T>
+__device__ __forceinline__ T mean_pre_projection(const PddmParams<T>& w, const PairRows<T>& rows,
+                                                 const TileScalars<T>& ts, int64_t i0, int64_t r0, int p, int64_t k) {
+  const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
+  if (ts.direct[p]) return mean_projection_direct(w.W_v + k * w.d, rows.x + i * w.d, rows.y + r * w.d, w.d);
+  return rows.Px[i * w.h + k] + rows.Py[r * w.h + k];
+}
+
 // Phases 0-2: leaves Z[p * 2h + k] = [normalize(u'); normalize(v')] of every pair of the tile and
 // the per-pair norms in ts. All threads call it; ends synchronised.
 template <typename T>
@@ -239,12 +252,13 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
       const T nu = pddm_sqrt(sq_u), nv = T(0.5) * pddm_sqrt(sq_s);
       ts.norm_u[p] = nu;
       ts.norm_v[p] = nv;
-      ts.inv_u[p] = T(1) / clamped_norm(nu);
-      ts.inv_v[p] = T(0.5) / clamped_norm(nv);
+      ts.inv_u[p] = diff_scale(nu, w.normalize_inputs);
+      ts.inv_v[p] = mean_scale(nv, w.normalize_inputs);
+      ts.direct[p] = mean_branch_direct(sq_u, sq_s);
     }
   }
   __syncthreads();
-  // Phase 1: u' = relu(W_u |x_i - y_r| / max(||u||, eps) + b_u).
+  // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u).
   pair_gemm<T>(
       h, d, w.W_u, d, 1,
       [&](int p, int64_t k) {
@@ -252,12 +266,11 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
         return abs_value(rows.x[i * d + k] - rows.y[r * d + k]);
       },
       [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w);
-  // Phase 1b: v' = relu((P_i + P_r) / (2 max(||v||, eps)) + b_v).
+  // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
   for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads) {
     const int p = int(e / h);
     const int64_t k = e - int64_t(p) * h;
-    const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
-    Z[p * ldz + h + k] = branch_unit(rows.Px[i * h + k] + rows.Py[r * h + k], ts.inv_v[p], w.b_v[k]);
+    Z[p * ldz + h + k] = branch_unit(mean_pre_projection(w, rows, ts, i0, r0, p, k), ts.inv_v[p], w.b_v[k]);
   }
   __syncthreads();
   // Phase 2: normalise both halves.

@@ -1,4 +1,4 @@
-// All-pairs PDDM scores on the GPU: the fused forward and its fused backward (SPEC §1, §5).
+// All-pairs PDDM scores on the GPU: the fused forward and its fused backward (docs/design.md#the-pddm-unit, #memory-and-speed).
 //
 // Both are persistent tile kernels (pddm_tile.cuh). The backward recomputes each tile's forward,
 // then walks it back in the tile's workspace: gradients of the inputs and of the projections
@@ -21,11 +21,12 @@ namespace pddm_ext::cuda {
 namespace {
 
 template <typename T>
-PddmParams<T> device_params(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& b_v,
-                            const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s,
-                            const at::Tensor& b_s) {
+PddmParams<T> device_params(const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v,
+                            const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
+                            const at::Tensor& w_s, const at::Tensor& b_s, bool normalize_inputs) {
   return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
-          w_s.data_ptr<T>(), b_s.data_ptr<T>(), W_u.size(1),       W_u.size(0),       W_c.size(0)};
+          w_s.data_ptr<T>(), b_s.data_ptr<T>(), W_u.size(1),       W_u.size(0),       W_c.size(0),
+          W_v.data_ptr<T>(), normalize_inputs};
 }
 
 template <typename T>
@@ -56,7 +57,8 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
 
 at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& W_u,
                        const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
-                       const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s) {
+                       const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
+                       bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
@@ -74,7 +76,7 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
     using T = scalar_t;
-    const auto w = device_params<T>(W_uc, b_uc, b_vc, W_cc, b_cc, w_sc, b_sc);
+    const auto w = device_params<T>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_sc, normalize_inputs);
     const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
     const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count,
@@ -88,9 +90,10 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   return out;
 }
 
-// Layout of a block's parameter-gradient slab.
+// Layout of a block's parameter-gradient slab. W_v: the near-antipodal pairs' share of dW_v (the
+// others reach it through dP).
 struct SlabLayout {
-  int64_t W_u, W_c, b_u, b_v, b_c, w_s, b_s, size;
+  int64_t W_u, W_c, b_u, b_v, b_c, w_s, b_s, W_v, size;
   static SlabLayout make(int64_t d, int64_t h, int64_t c) {
     SlabLayout s;
     s.W_u = 0;
@@ -100,7 +103,8 @@ struct SlabLayout {
     s.b_c = s.b_v + h;
     s.w_s = s.b_c + c;
     s.b_s = s.w_s + c;
-    s.size = s.b_s + 1;
+    s.W_v = s.b_s + 1;
+    s.size = s.W_v + h * d;
     return s;
   }
 };
@@ -114,6 +118,15 @@ struct BackwardOut {
   T *dx, *dy, *dPx, *dPy, *slab;
   SlabLayout layout;
 };
+
+// Component j of W_v^T g_v with g_v = dZ_v * inv_v (dZ_v: the pair's dL/dpre_v): a near-antipodal
+// pair's mean-branch gradient of x and of y.
+template <typename T>
+__device__ __forceinline__ T mean_direct_input_grad(const PddmParams<T>& w, const T* dZ_v, T inv_v, int64_t j) {
+  T s = 0;
+  for (int64_t k = 0; k < w.h; ++k) s += w.W_v[k * w.d + j] * dZ_v[k];
+  return s * inv_v;
+}
 
 // Per-pair scalars of the backward (in addition to the forward's TileScalars).
 template <typename T>
@@ -235,30 +248,33 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
         slab[out.layout.b_v + k] += dbv;
       }
     }
-    // Mean branch: pre_v = (P_i + P_r) * inv_v + b_v with inv_v = 1 / (2 max(||v||, eps)).
+    // Mean branch: pre_v = (P_i + P_r) * inv_v + b_v with inv_v = mean_scale (pddm_common.h).
     for (int p = warp; p < kPairs; p += kWarps) {
       const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
       T dinv_v = 0;
-      for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * (rows.Px[i * h + k] + rows.Py[r * h + k]);
+      for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * mean_pre_projection(w, rows, ts, i0, r0, p, k);
       dinv_v = warp_sum(dinv_v);
-      if (lane == 0) {
-        // ||v|| = ||x + y|| / 2, so d inv_v / d(x + y) = -(x + y) / (8 ||v||^3); constant below eps.
-        const T nv = ts.norm_v[p];
-        bs.coef_v[p] = nv > T(kNormEps) ? -dinv_v / (T(8) * nv * nv * nv) : T(0);
-      }
+      if (lane == 0) bs.coef_v[p] = mean_scale_coef(dinv_v, ts.norm_v[p], w.normalize_inputs);
     }
+    // Near-antipodal pairs take their mean-branch gradient g_v from x + y directly (below); through
+    // dP_x and dP_y, dW_v = dP_x^T x + dP_y^T y would cancel.
+    const bool any_direct = __syncthreads_or(tid < kPairs && ts.direct[tid]);
     for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
       const int a = int(e / h);
       const int64_t k = e - int64_t(a) * h;
       if (i0 + a < rows.m) {  // dP_i += sum over the tile's columns
         T acc = 0;
-        for (int b = 0; b < kTile; ++b) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
+        for (int b = 0; b < kTile; ++b) {
+          if (!ts.direct[a * kTile + b]) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
+        }
         atomicAdd(out.dPx + (i0 + a) * h + k, acc);
       }
       const int b = a;
       if (r0 + b < rows.n) {  // dP_r += sum over the tile's rows
         T acc = 0;
-        for (int a2 = 0; a2 < kTile; ++a2) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
+        for (int a2 = 0; a2 < kTile; ++a2) {
+          if (!ts.direct[a2 * kTile + b]) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
+        }
         atomicAdd(out.dPy + (r0 + b) * h + k, acc);
       }
     }
@@ -285,8 +301,11 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
           for (int b = 0; b < kTile && r0 + b < rows.n; ++b) {
             const int p = a * kTile + b;
             const T yj = rows.y[(r0 + b) * d + j], diff = xj - yj;
-            const T du = normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p]);
+            const T du = w.normalize_inputs ? normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p],
+                                                                 bs.s_hat[p], ts.norm_u[p])
+                                            : dU[p * d + j];
             acc += sign_of(diff) * du + bs.coef_v[p] * (xj + yj);
+            if (any_direct && ts.direct[p]) acc += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
           }
           atomicAdd(out.dx + (i0 + a) * d + j, acc);
         }
@@ -297,8 +316,11 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
           for (int a2 = 0; a2 < kTile && i0 + a2 < rows.m; ++a2) {
             const int p = a2 * kTile + b;
             const T xj = rows.x[(i0 + a2) * d + j], diff = xj - yj;
-            const T du = normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p]);
+            const T du = w.normalize_inputs ? normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p],
+                                                                 bs.s_hat[p], ts.norm_u[p])
+                                            : dU[p * d + j];
             acc += bs.coef_v[p] * (xj + yj) - sign_of(diff) * du;
+            if (any_direct && ts.direct[p]) acc += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
           }
           atomicAdd(out.dy + (r0 + b) * d + j, acc);
         }
@@ -324,6 +346,18 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
         }
         slab[out.layout.W_u + e] += acc;
       }
+      if (any_direct) {  // dW_v += g_v (x_i + y_r)^T over the tile's near-antipodal pairs
+        for (int64_t e = tid; e < h * d; e += kThreads) {
+          const int64_t k = e / d, j = e - k * d;
+          T acc = 0;
+          for (int p = 0; p < kPairs; ++p) {
+            if (!ts.direct[p]) continue;
+            const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
+            acc += dZ[p * ldz + h + k] * ts.inv_v[p] * (rows.x[i * d + j] + rows.y[r * d + j]);
+          }
+          slab[out.layout.W_v + e] += acc;
+        }
+      }
     }
   }
 }
@@ -333,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                      const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                      const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                     std::array<bool, 3> output_mask) {
+                     std::array<bool, 3> output_mask, bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -369,7 +403,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cuda", [&] {
     using T = scalar_t;
-    const auto w = device_params<T>(W_uc, b_uc, b_vc, W_cc, b_cc, w_sc, b_sc);
+    const auto w = device_params<T>(W_uc, b_uc, W_vc, b_vc, W_cc, b_cc, w_sc, b_sc, normalize_inputs);
     const PairRows<T> rows{x.data_ptr<T>(), Px.data_ptr<T>(), m, y.data_ptr<T>(), Py.data_ptr<T>(), n};
     const int64_t ws_elems = int64_t(kPairs) * (4 * h + c + d);
     // Keep the per-block parameter slabs within ~256 MB.
@@ -399,9 +433,10 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     if (!batch) gy.addmm_(dPy, W_vc);
   }
   if (need_params) {
+    const auto total = slab.sum(0);
     gW_v.copy_(at::mm(dPx.t(), x));
     if (!batch) gW_v.addmm_(dPy.t(), y);
-    const auto total = slab.sum(0);
+    gW_v.add_(total.narrow(0, layout.W_v, h * d).view({h, d}));
     gW_u.copy_(total.narrow(0, layout.W_u, h * d).view({h, d}));
     gW_c.copy_(total.narrow(0, layout.W_c, c * 2 * h).view({c, 2 * h}));
     gb_u.copy_(total.narrow(0, layout.b_u, h));

@@ -11,7 +11,9 @@ import dataclasses
 import os
 import sys
 
+from .checkpoint import CheckpointError
 from .datasets import DatasetError
+from .models import ModelError
 from .train import LOSSES, ConfigError, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -21,31 +23,53 @@ def _common(parser):
     parser.add_argument("--dataset", default=DEFAULTS.dataset,
                         help="mnist5k (default), digits, glyphs or folder:PATH (one subfolder per class)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
-    parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None,
-                        help="P classes per batch (default: min(8, training classes))")
-    parser.add_argument("-K", "--per-class", dest="k", type=int, default=DEFAULTS.k,
-                        help=f"K images per class in a batch (default {DEFAULTS.k})")
-    parser.add_argument("--batches-per-epoch", type=int, default=None,
-                        help="default: training images // (P K)")
+    parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None, metavar="P",
+                        help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
+    parser.add_argument("-K", "--samples-per-class", "--per-class", dest="k", type=int, default=DEFAULTS.k,
+                        metavar="K", help=f"K: samples (images) per class in a batch (default {DEFAULTS.k})")
+    parser.add_argument("--batches-per-epoch", type=int, default=DEFAULTS.batches_per_epoch,
+                        help=f"P x K batches per epoch (default {DEFAULTS.batches_per_epoch}; 0: training images // (P K))")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--unit-lr", type=float, default=None,
                         help="Adam lr of the PDDM unit (PDDM losses; default: --lr)")
     parser.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
     parser.add_argument("--mine-k", type=int, default=None,
-                        help="hardest positive pairs mined per batch by the PDDM losses (default P K / 2; 1 = the paper's rule)")
+                        metavar="TOP_K",
+                        help="top-k: the hardest positive pairs mined per batch by the PDDM losses "
+                             "(default P K / 2; 1 = the paper's rule)")
     parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="PDDM metric-loss margin")
     parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="triplet margin on squared distances")
     parser.add_argument("--lam", type=float, default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
+    parser.add_argument("--bce-weight", type=float, default=DEFAULTS.bce_weight,
+                        help=f"PDDM losses: weight of the balanced BCE pair term (default {DEFAULTS.bce_weight}; 0: the paper's loss)")
+    parser.add_argument("--normalize-inputs", action=argparse.BooleanOptionalAction, default=DEFAULTS.normalize_inputs,
+                        help="PDDM losses: the unit normalises u and v (the paper as read); default: the distance-aware form")
+    parser.add_argument("--negatives", default=DEFAULTS.negatives, choices=["hardest", "semihard"],
+                        help="PDDM losses: hardest (default, the paper) or semi-hard negatives")
+    parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps,
+                        help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
+                             "held-out AUC reaches Euclidean distance's; default 0)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS.augment,
+                        help="random affine augmentation of training batches (default on)")
+    parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
+                        help="learning-rate schedule (default onecycle, peak --lr)")
+    parser.add_argument("--holdout", type=float, default=DEFAULTS.holdout,
+                        help=f"fraction of training-class images held out for the unit's diagnostics (default {DEFAULTS.holdout})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
     parser.add_argument("--backbone", default=DEFAULTS.backbone, help="auto (default), small or resnet18")
     parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
     parser.add_argument("--image-size", type=int, default=None, help="folder: image side (default 224 or 64)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="resnet18: start from torchvision's ImageNet weights (downloaded once, needs internet "
+                             "access, or already in torch hub's cache); default: random init")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway; the per-epoch summary lines always are)")
 
 
 def _config(args, **extra):
+    if getattr(args, "batches_per_epoch", None) == 0:  # 0: one pass over the training images
+        args.batches_per_epoch = None
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, **extra)
 
@@ -60,10 +84,14 @@ def main(argv=None):
     p_train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p_train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<loss>-seed<seed>)")
     p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p_train.add_argument("--tensorboard", metavar="DIR", default=None,
+                         help="also write the per-epoch metrics as TensorBoard scalars to DIR "
+                              "(needs tensorboard: pip install tensorboard)")
 
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
-    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES), help=f"default: {' '.join(LOSSES)}")
+    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES),
+                       help=f"losses and PDDM variants (pddm-paper, pddm-semihard, pddm-warmup); default: {' '.join(LOSSES)}")
     p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p_cmp.add_argument("--out", default=None, help="results folder (default benchmarks/results/compare/<dataset>)")
 
@@ -84,15 +112,17 @@ def main(argv=None):
         else:
             from .compare import markdown, run_all
 
-            bad = [loss for loss in args.losses if loss not in LOSSES]
+            from .compare import ENTRIES
+
+            bad = [loss for loss in args.losses if loss not in ENTRIES]
             if bad:
-                raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(LOSSES)}")
+                raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(ENTRIES)}")
             name = args.dataset.replace("/", "_").replace(":", "-").strip("_")
             out = args.out or os.path.join("benchmarks", "results", "compare", name)
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)
             print(markdown(summary))
             print(f"written to {out}/results.md, results.json, convergence.png")
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, ModelError) as exc:
         print(f"pddm-ext: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,9 @@
 """Embedding networks: a small CNN for the 8x8 / 28x28 / 32x32 sets, a torchvision backbone for
 ``folder:`` datasets when torchvision is importable. Every model returns L2-normalised embeddings
-(SPEC §4: features live on the unit hypersphere)."""
+(docs/design.md, "The loss": features live on the unit hypersphere)."""
 
 from __future__ import annotations
 
-import glob
 import os
 
 import torch
@@ -39,20 +38,32 @@ class SmallCNN(nn.Module):
         return F.normalize(self.embed(self.features(x)), dim=1)
 
 
+class ModelError(ValueError):
+    """A model that cannot be built as asked (one-line message saying what to do)."""
+
+
 class TorchvisionEmbedder(nn.Module):
     """A torchvision ResNet-18 trunk with its classifier replaced by a linear layer to
-    ``embedding_dim``, L2-normalised. ImageNet weights are loaded only from a local file
-    (``weights_path``, or torch hub's checkpoint cache); nothing is downloaded."""
+    ``embedding_dim``, L2-normalised. Random init unless ``pretrained``: then torchvision's ImageNet
+    weights (``IMAGENET1K_V1``; the file in torch hub's cache, downloaded there once when missing, which
+    needs internet access) or the file ``weights_path`` (a state dict, read with ``weights_only=True``).
+    Raises :class:`ModelError` when the weights can be neither found nor downloaded, or do not load."""
 
-    def __init__(self, embedding_dim=64, weights_path=None):
+    def __init__(self, embedding_dim=64, *, pretrained=False, weights_path=None):
         super().__init__()
         import torchvision
 
         trunk = torchvision.models.resnet18(weights=None)
         self.pretrained = None
-        path = weights_path or _cached_resnet18_weights()
-        if path:
-            trunk.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if pretrained or weights_path:
+            path = weights_path or _download_resnet18_weights(torchvision)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                trunk.load_state_dict(state)
+            except Exception as exc:  # unreadable, truncated, foreign or mismatched file
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelError(f"resnet18 weights {path} do not load ({type(exc).__name__}: {first}); delete the "
+                                 "file so that --pretrained downloads it again, or train without --pretrained") from None
             self.pretrained = path
         trunk.fc = nn.Identity()
         self.trunk = trunk
@@ -63,9 +74,20 @@ class TorchvisionEmbedder(nn.Module):
         return F.normalize(self.embed(self.trunk(x)), dim=1)
 
 
-def _cached_resnet18_weights():
-    found = sorted(glob.glob(os.path.join(torch.hub.get_dir(), "checkpoints", "resnet18-*.pth")))
-    return found[0] if found else None
+def _download_resnet18_weights(torchvision):
+    """The path of torchvision's ImageNet ResNet-18 weights in torch hub's cache, downloading them once."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.exists(path):
+        return path
+    try:
+        torch.hub.download_url_to_file(weights.url, path, progress=False)
+    except Exception as exc:  # URLError, timeout, DNS failure: no internet access
+        raise ModelError(
+            f"--pretrained: cannot download the ImageNet weights of resnet18 from {weights.url} ({type(exc).__name__}: "
+            f"{exc}); on a machine with internet access, download that file and copy it to {path}, "
+            "or train without --pretrained (random init)") from None
+    return path
 
 
 def torchvision_available():
@@ -76,16 +98,17 @@ def torchvision_available():
     return True
 
 
-def build_model(image_shape, embedding_dim=64, *, backbone="auto"):
+def build_model(image_shape, embedding_dim=64, *, backbone="auto", pretrained=False):
     """The embedding network for images of ``image_shape`` (C, H, W).
 
     ``backbone``: ``"small"`` (SmallCNN), ``"resnet18"`` (torchvision; an error if missing) or
     ``"auto"``: resnet18 for 3-channel images of 64 px or more when torchvision is importable,
-    else SmallCNN. Returns (model, description).
+    else SmallCNN. ``pretrained``: the ResNet's ImageNet weights (see TorchvisionEmbedder). Returns
+    (model, description).
     """
     c, h, _ = image_shape
     if backbone == "resnet18" or (backbone == "auto" and c == 3 and h >= 64 and torchvision_available()):
-        model = TorchvisionEmbedder(embedding_dim)
+        model = TorchvisionEmbedder(embedding_dim, pretrained=pretrained)
         weights = f"ImageNet weights from {model.pretrained}" if model.pretrained else "random init"
         return model, f"resnet18 ({weights})"
     return SmallCNN(c, embedding_dim, h), "small-cnn"

@@ -1,21 +1,16 @@
 """The training loop: an embedding trained with PDDM hard mining (or a baseline) on the training
 half of the classes, evaluated by retrieval on the other half after every epoch.
 
-``train(TrainConfig(...))`` is what ``pddm-ext train`` runs. Each epoch it shows a tqdm bar with
-the loss and the mining statistics, appends a line to ``<out>/log.jsonl``, writes
+``train(TrainConfig(...))`` is what ``pddm-ext train`` runs: a :class:`Run` (setup, then per epoch
+``train_epoch`` / ``evaluate`` / ``save``, then ``finish``). Each epoch shows a progress bar (only
+when stderr is a terminal) with the loss and the mining statistics, prints a summary line (always), appends a line to ``<out>/log.jsonl``, writes
 ``<out>/checkpoint.pt`` atomically (model, PDDM unit, optimiser, epoch, every RNG state, config);
-at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``. ``resume=True`` continues from the checkpoint and gives the
-same numbers as an uninterrupted run.
+at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
+``resume=True`` continues from the checkpoint and gives the same numbers as an uninterrupted run.
 
-Losses (``loss=``), all on L2-normalised embeddings f, with the triplet hinge
-``[beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+`` as the Euclidean embedding loss:
-
-- ``pddm``: :class:`pddm_ext.PDDMLoss` (SPEC §4): PDDM mines hard quadruplets, the double-header
-  hinge trains the PDDM unit and (through its scores) the embedding, plus ``lam`` x the embedding loss.
-- ``pddm-triplet``: the same PDDM mining and the same metric loss for the unit, but the embedding
-  learns only from the Euclidean triplet loss on the mined triplets (the paper's "PDDM + triplet").
-- ``batch-hard``: Euclidean batch-hard mining (hardest positive and negative per anchor).
-- ``triplet-random``: one random positive and one random negative per anchor.
+The losses (``loss=``: pddm, pddm-triplet, batch-hard, triplet-random) are built in
+``pddm_ext.app.losses`` from the library's ``PDDMLoss`` and ``batch_hard`` and pytorch-metric-learning's
+``TripletMarginLoss``.
 
 The PDDM unit's parameters are in the same optimiser as the network's (Adam at ``lr``, or at
 ``unit_lr`` in a second param group when that is set).
@@ -40,16 +35,15 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..functional import batch_hard, mine_hard
 from ..integrations import distributed as dist_
-from ..modules import PDDM, PDDMLoss
 from . import datasets as data_mod
+from . import diagnostics as diag_mod
 from . import evaluate as ev
+from .augment import random_affine
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
+from .losses import LOSSES, EuclideanTripletLoss, PDDMTripletLoss, batch_stats, build_loss  # noqa: F401
 from .models import build_model, torchvision_available
-
-LOSSES = ("pddm", "pddm-triplet", "batch-hard", "triplet-random")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 PLOT = "recall_at_1.png"
@@ -63,12 +57,12 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint and result."""
 
-    dataset: str = "mnist5k"
+    dataset: str = "glyphs"  # issue 13: mnist5k's five training classes did not beat its raw pixels
     loss: str = "pddm"
     epochs: int = 8
     p: int | None = None  # classes per batch; default min(8, number of training classes)
     k: int = 8  # images per class in a batch
-    batches_per_epoch: int | None = None  # default: training images // (P K)
+    batches_per_epoch: int | None = 50  # None: training images // (P K)
     lr: float = 1e-3
     unit_lr: float | None = None  # Adam lr of the PDDM unit (PDDM losses); default: lr (one param group)
     embedding_dim: int = 64
@@ -76,6 +70,14 @@ class TrainConfig:
     alpha: float = 0.5  # PDDM metric-loss margin
     beta: float = 1.0  # embedding (triplet) margin on squared distances
     lam: float = 0.5  # weight of the embedding loss in the PDDM losses
+    # issue 13 (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS are the values before them)
+    bce_weight: float = 1.0  # PDDM losses: weight of the balanced BCE pair term (PDDMLoss(bce_weight=))
+    normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
+    negatives: str = "hardest"  # PDDM losses: hardest or semihard
+    warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
+    augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
+    schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
+    holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
     seed: int = 0
     device: str | None = None  # default: cuda when available, else cpu
     out: str | None = None  # default: runs/<dataset>-<loss>-seed<seed>
@@ -85,12 +87,28 @@ class TrainConfig:
     # CPU threads for torch. Default 1: the small CNN gains little from more, and on a shared
     # machine extra OpenMP threads spin-wait for busy cores (measured 10-20x slower epochs).
     threads: int | None = None
+    pretrained: bool = False  # resnet18: ImageNet weights (torchvision's download, or its local cache)
+    tensorboard: str | None = None  # a folder for TensorBoard event files of the per-epoch metrics (output only)
+
+    # fields that say where and how a run executes, not what it computes: a resume may change them
+    RUNTIME_FIELDS = ("out", "device", "threads", "tensorboard")
 
     def resolved_out(self):
         if self.out:
             return self.out
         name = self.dataset.replace("/", "_").replace(":", "-").strip("_")
         return os.path.join("runs", f"{name}-{self.loss}-seed{self.seed}")
+
+
+# The values of the fields added by issue 13 before it: a checkpoint or result.json without them
+# resumes or compares as the run it was.
+LEGACY_DEFAULTS = dict(bce_weight=0.0, normalize_inputs=True, negatives="hardest", warmup_steps=0, augment=False,
+                       schedule="constant", holdout=0.0)
+
+
+def saved_config(config):
+    """TrainConfig of a saved config dict (checkpoint, result.json); missing fields take LEGACY_DEFAULTS."""
+    return TrainConfig(**{**LEGACY_DEFAULTS, **config})
 
 
 # --- configuration checks ---------------------------------------------------------------------
@@ -121,17 +139,56 @@ def check_config(cfg):
         raise ConfigError(f"batches_per_epoch must be >= 1, got {cfg.batches_per_epoch}")
     if cfg.mine_k is not None and cfg.mine_k < 1:
         raise ConfigError(f"mine_k must be >= 1, got {cfg.mine_k}")
+    if not cfg.bce_weight >= 0:
+        raise ConfigError(f"bce_weight must be >= 0, got {cfg.bce_weight}")
+    if cfg.negatives not in ("hardest", "semihard"):
+        raise ConfigError(f"negatives must be hardest or semihard, got {cfg.negatives!r}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.schedule not in ("onecycle", "constant"):
+        raise ConfigError(f"schedule must be onecycle or constant, got {cfg.schedule!r}")
+    if not 0 <= cfg.holdout < 1:
+        raise ConfigError(f"holdout must be in [0, 1), got {cfg.holdout}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
     if cfg.unit_lr is not None and not cfg.unit_lr > 0:
         raise ConfigError(f"unit_lr must be > 0, got {cfg.unit_lr}")
     if cfg.backbone not in ("auto", "small", "resnet18"):
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
+    if cfg.tensorboard is not None:
+        tensorboard_writer_class()  # ConfigError when tensorboard is not installed
+    if cfg.pretrained and cfg.backbone == "small":
+        raise ConfigError("--pretrained needs --backbone resnet18 (or auto with a folder: dataset); the small CNN has no pretrained weights")
     if cfg.backbone == "resnet18" and not torchvision_available():
         raise ConfigError("backbone resnet18 needs torchvision, which is not importable here (use --backbone small)")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
+
+
+TENSORBOARD_HINT = ("pip install tensorboard (from a checkout: pip install --no-build-isolation '.[tensorboard]'; "
+                    "the published package: pip install 'pddm-ext[tensorboard]')")
+
+
+def tensorboard_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or ConfigError saying how to install tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch.utils.tensorboard imports the tensorboard package
+        raise ConfigError(f"--tensorboard needs the tensorboard package, which is not importable here ({exc}); "
+                          f"{TENSORBOARD_HINT}") from None
+    return SummaryWriter
+
+
+def scalars(entry, prefix=""):
+    """(tag, value) for every number in a log entry, nested dicts as ``group/key`` (e.g. ``loss``,
+    ``recall@1``, ``mining/tuples``); the epoch and booleans are left out."""
+    for key, value in entry.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from scalars(value, f"{tag}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            yield tag, float(value)
 
 
 def resolve_device(name):
@@ -152,122 +209,13 @@ def check_against_data(cfg, split):
         raise ConfigError(f"P = {cfg.p} classes per batch but dataset {cfg.dataset} has only {n} training classes")
 
 
-# --- losses -------------------------------------------------------------------------------------
-
-
-def triplet_hinge(f, a, p, n, beta):
-    """[beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+ per triplet, and the two squared distances."""
-    d_ap = ((f[a] - f[p]) ** 2).sum(1)
-    d_an = ((f[a] - f[n]) ** 2).sum(1)
-    return torch.relu(beta + d_ap - d_an), d_ap, d_an
-
-
-def _zero(embeddings, module):
-    zero = embeddings.sum() * 0
-    for param in module.parameters():
-        zero = zero + param.sum() * 0
-    return zero
-
-
-class EuclideanTripletLoss(nn.Module):
-    """Triplet loss on L2-normalised embeddings with Euclidean batch-hard or random triplets."""
-
-    def __init__(self, mining, beta=1.0):
-        super().__init__()
-        self.mining, self.beta = mining, beta
-        self.stats = {}
-
-    def _random_triplets(self, labels):
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        pos, neg = same & ~eye, ~same
-        anchors = (pos.any(1) & neg.any(1)).nonzero().flatten()
-        # multinomial draws from torch's global RNG, which checkpoints save and restore
-        p = torch.multinomial(pos[anchors].float(), 1).flatten()
-        n = torch.multinomial(neg[anchors].float(), 1).flatten()
-        return anchors, p, n
-
-    def forward(self, embeddings, labels):
-        f = F.normalize(embeddings, dim=1)
-        labels = labels.to(f.device)
-        if self.mining == "batch-hard":
-            a, p, n = batch_hard(f.detach(), labels, metric="euclidean")
-        else:
-            a, p, n = self._random_triplets(labels)
-        if a.numel() == 0:
-            self.stats = dict(tuples=0, active=0.0)
-            return _zero(embeddings, self)
-        hinge, d_ap, d_an = triplet_hinge(f, a, p, n, self.beta)
-        self.stats = dict(tuples=int(a.numel()), active=float((hinge > 0).float().mean()),
-                          d_ap=float(d_ap.detach().mean()), d_an=float(d_an.detach().mean()))
-        return hinge.mean()
-
-
-class PDDMTripletLoss(nn.Module):
-    """PDDM mining with a Euclidean embedding loss only (the paper's "PDDM + triplet").
-
-    The unit is trained by the double-header hinge on detached features (so it keeps learning what
-    to mine); the embedding learns only from the triplet hinge on the mined triplets
-    ``Quadruplets.as_triplets()`` (two per quadruplet).
-    """
-
-    def __init__(self, embedding_dim, *, alpha=0.5, beta=1.0, lam=0.5, k=1):
-        super().__init__()
-        self.unit = PDDM(embedding_dim)
-        self.alpha, self.beta, self.lam, self.k = alpha, beta, lam, k
-        self.last_quadruplets = self.last_metric_loss = self.last_embedding_loss = None
-
-    def forward(self, embeddings, labels):
-        f = F.normalize(embeddings, dim=1)
-        fd = f.detach()
-        quads = mine_hard(fd, labels, self.unit, k=self.k)
-        self.last_quadruplets = quads
-        if quads.anchor.numel() == 0:
-            self.last_metric_loss = self.last_embedding_loss = torch.zeros(())
-            return _zero(embeddings, self)
-        i, j, k_, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
-        s_ij = self.unit.pair_scores(fd[i], fd[j])
-        e_m = torch.relu(self.alpha + self.unit.pair_scores(fd[i], fd[k_]) - s_ij) + torch.relu(
-            self.alpha + self.unit.pair_scores(fd[j], fd[l_]) - s_ij)
-        a, p, n = quads.as_triplets()
-        hinge, _, _ = triplet_hinge(f, a, p, n, self.beta)
-        metric_loss, embedding_loss = e_m.mean(), hinge.mean()
-        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
-        return metric_loss + self.lam * embedding_loss
-
-
-def build_loss(cfg, p):
-    """The loss module for ``cfg.loss`` (P classes per batch fixes the default mining k)."""
-    mine_k = cfg.mine_k or max(1, p * cfg.k // 2)
-    if cfg.loss == "pddm":
-        return PDDMLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k)
-    if cfg.loss == "pddm-triplet":
-        return PDDMTripletLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k)
-    return EuclideanTripletLoss(cfg.loss, beta=cfg.beta)
-
-
 def build_optimizer(cfg, model, loss_fn):
     """Adam over the network and the loss's parameters (the PDDM unit). With ``cfg.unit_lr`` set, the
-    unit is a second param group with that learning rate; unset, one group at ``cfg.lr`` as before."""
+    unit is a second param group with that learning rate; unset, one group at ``cfg.lr``."""
     if cfg.unit_lr is None or not list(loss_fn.parameters()):
         return torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr)
     return torch.optim.Adam([dict(params=list(model.parameters())),
                              dict(params=list(loss_fn.parameters()), lr=cfg.unit_lr)], lr=cfg.lr)
-
-
-def batch_stats(loss_fn):
-    """Mining statistics of the last batch: tuples mined, fraction of active hinges, mean scores."""
-    if isinstance(loss_fn, EuclideanTripletLoss):
-        return dict(loss_fn.stats)
-    quads = loss_fn.last_quadruplets
-    out = dict(tuples=int(quads.anchor.numel()))
-    if quads.anchor.numel():
-        s = quads.scores
-        out.update(s_pos=float(s[:, 0].mean()), s_neg=float(s[:, 1:].mean()),
-                   # fraction of mined (pair, negative) where the negative scores above the positive
-                   violated=float((s[:, 1:] >= s[:, :1]).float().mean()),
-                   metric_loss=float(loss_fn.last_metric_loss), embedding_loss=float(loss_fn.last_embedding_loss))
-    return out
 
 
 # --- RNG, checkpoints, logs, plots ----------------------------------------------------------
@@ -277,30 +225,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state(sampler):
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                 sampler=sampler.generator.get_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, sampler):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    sampler.generator.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path, text):
@@ -331,24 +255,63 @@ def plot_recall(history, floor, path, title):
     os.replace(tmp, path)
 
 
+# The retrieval metrics of the summary table and the per-epoch line: log key -> column title.
+METRIC_TITLES = {"recall@1": "R@1", "recall@2": "R@2", "recall@4": "R@4", "recall@8": "R@8",
+                 "map@r": "MAP@R", "r_precision": "RP", "nmi": "NMI"}
+
+
+def _cell(row, key, width=6):
+    value = row.get(key)
+    return f"{value:>{width}.3f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"  # a run from before the metric
+
+
 def format_table(history, floor):
-    """The final table: one row per epoch and the raw-pixel floor."""
-    cols = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi"]
-    head = f"{'epoch':>5} {'loss':>8} " + " ".join(f"{c.upper().replace('RECALL', 'R'):>6}" for c in cols) + f" {'time s':>7}"
+    """The final table: one row per epoch (loss, Recall@K, MAP@R, R-Precision, NMI, time) and the
+    raw-pixel floor."""
+    head = f"{'epoch':>5} {'loss':>8} " + " ".join(f"{t:>6}" for t in METRIC_TITLES.values()) + f" {'time s':>7}"
     lines = [head, "-" * len(head)]
     for h in history:
-        lines.append(f"{h['epoch']:>5} {h['loss']:>8.4f} " + " ".join(f"{h[c]:>6.3f}" for c in cols)
+        lines.append(f"{h['epoch']:>5} {h['loss']:>8.4f} " + " ".join(_cell(h, c) for c in METRIC_TITLES)
                      + f" {h['train_time']:>7.1f}")
-    lines.append(f"{'raw pixels':>14} " + " ".join(f"{floor[c]:>6.3f}" for c in cols))
+    lines.append(f"{'raw pixels':>14} " + " ".join(_cell(floor, c) for c in METRIC_TITLES))
     return "\n".join(lines)
 
 
-# --- the loop ---------------------------------------------------------------------------------
+def format_epoch(entry):
+    """The per-epoch summary line (printed after every epoch, on a terminal or not), and for the PDDM
+    losses a second line with the unit's diagnostics (``pddm_ext.app.diagnostics``)."""
+    metrics = "  ".join(f"{METRIC_TITLES[c]} {entry[c]:.3f}" for c in ("recall@1", "recall@8", "map@r", "r_precision", "nmi")
+                        if c in entry)
+    line = f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {metrics}  ({entry['epoch_time']:.1f} s)"
+    if entry.get("unit"):
+        line += "\n  " + diag_mod.format_diagnostics(entry["unit"])
+    return line
 
 
-def _say(progress, msg):
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
+def holdout_split(split, fraction, seed):
+    """``split`` with ``fraction`` of each training class's images moved to ``split.heldout`` (a
+    seeded choice, at least 2 per class when a class has >= 4 images, so held-out positive pairs
+    exist; none when fraction is 0). Returns (split, heldout dataset or None)."""
+    if fraction == 0:
+        return split, None
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(split.train_labels):
+        items = torch.nonzero(split.train_labels == c).flatten()
+        n = max(2, round(fraction * len(items))) if len(items) >= 4 else 0
+        held.append(items[torch.randperm(len(items), generator=g)[:n]])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(split.train_labels), dtype=torch.bool)
+    keep[held] = False
+    kept = keep.nonzero().flatten()
+
+    def subset(ds, idx):
+        if isinstance(ds, data_mod.TensorImages):
+            return data_mod.TensorImages(ds.images[idx], ds.labels[idx])
+        return torch.utils.data.Subset(ds, idx.tolist())
+
+    new = dataclasses.replace(split, train=subset(split.train, kept), train_labels=split.train_labels[kept])
+    return new, subset(split.train, held)
 
 
 def prepare(cfg):
@@ -362,135 +325,272 @@ def prepare(cfg):
     return split
 
 
+# --- the run ----------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run. ``train()`` is the whole loop::
+
+        run = Run(cfg, resume=..., progress=..., split=...)   # setup: data, model, loss, optimiser, resume
+        for epoch in run.epochs():
+            entry = run.train_epoch(epoch)                     # one pass of P x K batches
+            entry.update(run.evaluate())                       # retrieval metrics on the test classes
+            run.save(entry)                                    # log line, checkpoint, summary line
+        return run.finish()                                    # plot and result.json
+
+    Under torchrun the distributed parts live in ``setup`` alone (``_distribute``): the process group,
+    DDP around the model and the loss, this rank's share of each batch; afterwards only ``is_main``
+    (rank 0 writes) tells the ranks apart.
+    """
+
+    def __init__(self, cfg, *, resume=False, progress=True, split=None):
+        self.out = cfg.resolved_out()
+        self.ckpt_path = os.path.join(self.out, CHECKPOINT)
+        checkpoint = self._load_checkpoint(cfg) if resume else None
+        if checkpoint is not None:
+            # a resumed run keeps its configuration; only the epoch budget, device and threads may change
+            cfg = dataclasses.replace(saved_config(checkpoint["config"]), epochs=cfg.epochs, device=cfg.device,
+                                      threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
+        self.cfg, self.resume = cfg, resume
+        self.setup(split, checkpoint, progress)
+
+    def _load_checkpoint(self, cfg):
+        if not os.path.exists(self.ckpt_path):
+            raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}")
+        return load_checkpoint(self.ckpt_path)  # weights_only=True; CheckpointError naming the file
+
+    def setup(self, split, checkpoint, progress):
+        cfg = self.cfg
+        if split is None:
+            split = prepare(cfg)
+        else:
+            check_config(cfg)
+            check_against_data(cfg, split)
+        self.split, self.heldout = holdout_split(split, cfg.holdout, cfg.seed)
+        split = self.split
+        device, world = _distribute.init(resolve_device(cfg.device))
+        self.device, self.world, self.is_main = device, world, dist_.rank() == 0
+        self.progress = progress and self.is_main  # progress bars (on a terminal only)
+        self.p = cfg.p or min(8, split.num_train_classes)
+        if device.type == "cpu" or cfg.threads:
+            torch.set_num_threads(cfg.threads or 1)
+
+        seed_everything(cfg.seed)
+        self.model, self.model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone,
+                                                  pretrained=cfg.pretrained)
+        self.loss_fn = build_loss(cfg, self.p)
+        self.model.to(device)
+        self.loss_fn.to(device)
+        self.optimizer = build_optimizer(cfg, self.model, self.loss_fn)
+        self.sampler = data_mod.PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
+                                          seed=cfg.seed)
+        self.scheduler = None
+        if cfg.schedule == "onecycle":  # one cycle over the whole run (Smith & Topin 2019), peak at lr
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
+                total_steps=cfg.epochs * len(self.sampler))
+        self.train_model, self.train_loss, self.batch_sampler = _distribute.wrap(
+            self.model, self.loss_fn, self.sampler, device, world)
+        self.history, self.start_epoch, self.train_time, floor = [], 0, 0.0, None
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.loss_fn.load_state_dict(checkpoint["loss"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(checkpoint["scheduler"])
+            set_rng_state(checkpoint["rng"], self.sampler.generator)
+            self.history, self.start_epoch = checkpoint["history"], checkpoint["epoch"]
+            self.train_time, floor = checkpoint["train_time"], checkpoint["floor"]
+        if floor is None:
+            # a property of the dataset (k-means seeded with 0), so computed once per split
+            floor = split.__dict__.get("_pixel_floor") or ev.pixel_floor(split.test, seed=0)
+            split.__dict__["_pixel_floor"] = floor
+        self.floor = floor
+        self.info = dict(split.info)
+        self.tensorboard = None
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            if cfg.tensorboard is not None:  # one scalar per number of the log line, step = epoch
+                self.tensorboard = tensorboard_writer_class()(log_dir=cfg.tensorboard, purge_step=self.start_epoch + 1)
+            write_text_atomic(os.path.join(self.out, LOG), "".join(json.dumps(h) + "\n" for h in self.history))
+        self.say(f"{cfg.dataset}: {len(split.train)} training images ({split.num_train_classes} classes), "
+                 f"{len(split.test)} test images; model {self.model_desc}, loss {cfg.loss}, P={self.p} K={cfg.k}, "
+                 f"{len(self.sampler)} batches/epoch, device {device}; writing {self.out}")
+        if self.resume:
+            self.say(f"resuming after epoch {self.start_epoch} of {cfg.epochs}")
+
+    def say(self, msg):
+        """A status line on stderr (rank 0; with or without progress bars, on a terminal or not)."""
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def epochs(self):
+        return range(self.start_epoch, self.cfg.epochs)
+
+    def batches(self):
+        """(images, labels) of this rank's share of each batch of the epoch."""
+        train = self.split.train
+        if isinstance(train, data_mod.TensorImages):  # in memory: index directly, no DataLoader
+            return ((train.images[b], train.labels[b]) for b in self.batch_sampler)
+        return iter(torch.utils.data.DataLoader(train, batch_sampler=self.batch_sampler))
+
+    def train_epoch(self, epoch):
+        """One epoch of training; returns {epoch, loss, mining, epoch_time, train_time}."""
+        self.model.train()
+        losses, stats_sum, stats_n = [], {}, {}
+        t0 = time.perf_counter()
+        batches = self.batches()
+        bar = _progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device)
+            if self.cfg.augment:
+                x = random_affine(x)
+            loss = self.train_loss(self.train_model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            losses.append(loss.item())
+            for key, value in batch_stats(self.loss_fn).items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value
+                stats_n[key] = stats_n.get(key, 0) + 1
+            if bar is not batches:
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}",
+                                tuples=stats_sum.get("tuples", 0) / max(1, stats_n.get("tuples", 1)), refresh=False)
+        epoch_time = time.perf_counter() - t0
+        self.train_time += epoch_time
+        return dict(epoch=epoch + 1, loss=float(np.mean(losses)),
+                    mining={k: stats_sum[k] / stats_n[k] for k in stats_sum},
+                    epoch_time=epoch_time, train_time=self.train_time)
+
+    def evaluate(self):
+        """Retrieval metrics of the current model on the test classes (``evaluate.retrieval_metrics``);
+        for the PDDM losses also ``unit``: the unit's diagnostics on held-out training-class pairs and
+        on unseen-class pairs, and the epoch's mean metric loss (``pddm_ext.app.diagnostics``).
+
+        The diagnostics also drive the warm-up (``warmup_steps``): it ends once the unit's AUC on
+        held-out pairs reaches that of Euclidean distance."""
+        emb, labels = ev.embed(self.model, self.split.test, device=self.device)
+        out = ev.retrieval_metrics(emb, labels, seed=self.cfg.seed)
+        unit = getattr(self.loss_fn, "unit", None)
+        if unit is not None:
+            diag = dict(unseen=diag_mod.pair_diagnostics(emb, labels, unit, seed=self.cfg.seed), heldout=None)
+            if self.heldout is not None:
+                h_emb, h_labels = ev.embed(self.model, self.heldout, device=self.device)
+                diag["heldout"] = diag_mod.pair_diagnostics(h_emb, h_labels, unit, seed=self.cfg.seed)
+                h = diag["heldout"]
+                warming = getattr(self.loss_fn, "warmup_done", 0) < getattr(self.loss_fn, "warmup_steps", 0)
+                if warming and h["auc_S"] is not None and h["auc_S"] >= h["auc_euclidean"]:
+                    self.loss_fn.end_warmup()
+            out["unit"] = diag
+        return out
+
+    def save(self, entry):
+        """Appends ``entry`` to the history; rank 0 writes the checkpoint, the log line and the summary line."""
+        metrics = {k: entry.pop(k) for k in ("epoch_time", "train_time")}
+        entry.update(metrics)  # key order of the log: epoch, loss, mining, metrics..., times
+        self.history.append(entry)
+        if not self.is_main:
+            return
+        if entry.get("unit"):
+            entry["unit"]["metric_loss"] = entry.get("mining", {}).get("metric_loss")
+            check = entry["unit"]["heldout"] or entry["unit"]["unseen"]
+            entry["unit"]["collapsed"] = diag_mod.collapsed(check)
+        save_atomic(dict(model=self.model.state_dict(), loss=self.loss_fn.state_dict(),
+                         scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                         optimizer=self.optimizer.state_dict(), epoch=entry["epoch"], rng=rng_state(self.sampler.generator),
+                         config=dataclasses.asdict(self.cfg), history=self.history, train_time=self.train_time,
+                         floor=self.floor, dataset=self.info), self.ckpt_path)
+        with open(os.path.join(self.out, LOG), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.tensorboard is not None:
+            for tag, value in scalars(entry):
+                self.tensorboard.add_scalar(tag, value, global_step=entry["epoch"])
+            self.tensorboard.flush()
+        self.say(format_epoch(entry))
+        if entry.get("unit", {}).get("collapsed"):
+            self.say(f"warning: the PDDM unit has collapsed: the spread of its scores is below "
+                     f"{diag_mod.COLLAPSE_SPREAD} (near-constant S; mining with it is close to arbitrary). "
+                     f"See README, 'Does the PDDM unit learn?'")
+
+    def finish(self):
+        """Rank 0 draws the plot and writes result.json; the process group started here is closed.
+        Returns the result dict (config, dataset, model, raw-pixel floor, history, out, batch)."""
+        cfg = self.cfg
+        result = dict(config=dataclasses.asdict(cfg), dataset=self.info, model=self.model_desc, floor=self.floor,
+                      history=self.history, out=self.out,
+                      batch=dict(p=self.p, k=cfg.k, batches_per_epoch=len(self.sampler)))
+        if self.is_main:
+            if self.history:
+                plot_recall(self.history, self.floor, os.path.join(self.out, PLOT),
+                            f"{cfg.dataset}, loss {cfg.loss}, seed {cfg.seed}")
+            write_text_atomic(os.path.join(self.out, "result.json"), json.dumps(result, indent=1))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        _distribute.close(self.world)
+        return result
+
+
 def train(cfg, *, resume=False, progress=True, split=None):
     """Runs (or with ``resume=True`` continues) a training run; returns the result dict
     (config, dataset info, raw-pixel floor, per-epoch history, output folder)."""
-    out = cfg.resolved_out()
-    ckpt_path = os.path.join(out, CHECKPOINT)
-    checkpoint = None
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig(**checkpoint["config"])
-        # a resumed run keeps its configuration; only the epoch budget, device and threads may change
-        cfg = dataclasses.replace(saved, epochs=cfg.epochs, device=cfg.device, threads=cfg.threads, out=out)
-    if split is None:
-        split = prepare(cfg)
-    else:
-        check_config(cfg)
-        check_against_data(cfg, split)
-    device = dist_.init_from_env(resolve_device(cfg.device))  # [ddp] joins torchrun's process group
-    world, is_main = dist_.world_size(), dist_.rank() == 0  # [ddp]
-    progress = progress and is_main  # [ddp]
-    p = cfg.p or min(8, split.num_train_classes)
-    if device.type == "cpu" or cfg.threads:
-        torch.set_num_threads(cfg.threads or 1)
-
-    seed_everything(cfg.seed)
-    model, model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone)
-    loss_fn = build_loss(cfg, p)
-    model.to(device)
-    loss_fn.to(device)
-    optimizer = build_optimizer(cfg, model, loss_fn)
-    sampler = data_mod.PKSampler(split.train_labels, p, cfg.k, num_batches=cfg.batches_per_epoch,
-                                 seed=cfg.seed)
-    train_model, train_loss, batch_sampler = _distribute(model, loss_fn, sampler, device, world)  # [ddp]
-    history, start_epoch, train_time = [], 0, 0.0
-    floor = None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        loss_fn.load_state_dict(checkpoint["loss"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"], sampler)
-        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
-        train_time, floor = checkpoint["train_time"], checkpoint["floor"]
-    if is_main:  # [ddp]
-        os.makedirs(out, exist_ok=True)
-    info = {k: v for k, v in split.info.items()}
-    if floor is None:
-        # a property of the dataset (k-means seeded with 0), so computed once per split
-        floor = split.__dict__.get("_pixel_floor") or ev.pixel_floor(split.test, seed=0)
-        split.__dict__["_pixel_floor"] = floor
-    result = dict(config=dataclasses.asdict(cfg), dataset=info, model=model_desc, floor=floor,
-                  history=history, out=out, batch=dict(p=p, k=cfg.k, batches_per_epoch=len(sampler)))
-    if is_main:  # [ddp]
-        write_text_atomic(os.path.join(out, LOG), "".join(json.dumps(h) + "\n" for h in history))
-    _say(progress, f"{cfg.dataset}: {len(split.train)} training images ({split.num_train_classes} classes), "
-                   f"{len(split.test)} test images; model {model_desc}, loss {cfg.loss}, P={p} K={cfg.k}, "
-                   f"{len(sampler)} batches/epoch, device {device}; writing {out}")
-    if resume:
-        _say(progress, f"resuming after epoch {start_epoch} of {cfg.epochs}")
-
-    tensor_data = isinstance(split.train, data_mod.TensorImages)
-    loader = None if tensor_data else torch.utils.data.DataLoader(split.train, batch_sampler=batch_sampler)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        losses, stats_sum, stats_n = [], {}, {}
-        t0 = time.perf_counter()
-        batches = ((split.train.images[b], split.train.labels[b]) for b in batch_sampler) if tensor_data else loader
-        bar = _progress_bar(batches, len(sampler), f"epoch {epoch + 1}/{cfg.epochs}", progress)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device)
-            loss = train_loss(train_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            for key, value in batch_stats(loss_fn).items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + value
-                stats_n[key] = stats_n.get(key, 0) + 1
-            if progress:
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}", tuples=stats_sum.get("tuples", 0) / max(1, stats_n.get("tuples", 1)),
-                                refresh=False)
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        emb, labels = ev.embed(model, split.test, device=device)
-        metrics = ev.retrieval_metrics(emb, labels, seed=cfg.seed)
-        entry = dict(epoch=epoch + 1, loss=float(np.mean(losses)),
-                     mining={k: stats_sum[k] / stats_n[k] for k in stats_sum}, **metrics,
-                     epoch_time=epoch_time, train_time=train_time)
-        history.append(entry)
-        if not is_main:  # [ddp] rank 0 writes
-            continue
-        save_atomic(dict(model=model.state_dict(), loss=loss_fn.state_dict(), optimizer=optimizer.state_dict(),
-                         epoch=epoch + 1, rng=rng_state(sampler), config=dataclasses.asdict(cfg),
-                         history=history, train_time=train_time, floor=floor, dataset=info), ckpt_path)
-        with open(os.path.join(out, LOG), "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        _say(progress, f"epoch {epoch + 1}: loss {entry['loss']:.4f}  R@1 {entry['recall@1']:.3f}  "
-                       f"R@8 {entry['recall@8']:.3f}  NMI {entry['nmi']:.3f}  ({epoch_time:.1f} s)")
-    if history and is_main:  # [ddp] rank 0 writes
-        plot_recall(history, floor, os.path.join(out, PLOT), f"{cfg.dataset}, loss {cfg.loss}, seed {cfg.seed}")
-    if is_main:  # [ddp]
-        write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
-    if world > 1:  # [ddp]
-        dist_.close()
-    return result
+    run = Run(cfg, resume=resume, progress=progress, split=split)
+    for epoch in run.epochs():
+        entry = run.train_epoch(epoch)
+        entry.update(run.evaluate())
+        run.save(entry)
+    return run.finish()
 
 
-def _distribute(model, loss_fn, sampler, device, world):
-    """Under torchrun (world > 1): DDP around the model and around the loss over the global batch
-    (when it has parameters: the PDDM unit), and this rank's share of every batch. Else unchanged.
+class _distribute:
+    """Everything DDP in one place (``torchrun --nproc_per_node N pddm-ext train ...``)."""
 
-    Exact equivalence with one process on the whole batch holds for everything but BatchNorm: on
-    CUDA it becomes SyncBatchNorm; on CPU (gloo) each rank normalises with its own share's statistics."""
-    if world == 1:
-        return model, loss_fn, sampler
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    @staticmethod
+    def init(device):
+        """Joins torchrun's process group (a no-op in one process); returns (device, world size)."""
+        device = dist_.init_from_env(device)
+        return device, dist_.world_size()
 
-    device_ids = [device.index] if device.type == "cuda" else None
-    if device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is CUDA-only)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    global_loss = dist_.GlobalBatchLoss(loss_fn)
-    if any(p.requires_grad for p in loss_fn.parameters()):
-        global_loss = DDP(global_loss, device_ids=device_ids)
-    return DDP(model, device_ids=device_ids), global_loss, dist_.ShardedBatchSampler(sampler)
+    @staticmethod
+    def wrap(model, loss_fn, sampler, device, world):
+        """Under torchrun (world > 1): DDP around the model and around the loss over the global batch
+        (when it has parameters: the PDDM unit), and this rank's share of every batch. Else unchanged.
+
+        Exact equivalence with one process on the whole batch holds for everything but BatchNorm: on
+        CUDA it becomes SyncBatchNorm; on CPU (gloo) each rank normalises with its own share's statistics."""
+        if world == 1:
+            return model, loss_fn, sampler
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        if device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is CUDA-only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        global_loss = dist_.GlobalBatchLoss(loss_fn)
+        if any(p.requires_grad for p in loss_fn.parameters()):
+            global_loss = DDP(global_loss, device_ids=device_ids)
+        return DDP(model, device_ids=device_ids), global_loss, dist_.ShardedBatchSampler(sampler)
+
+    @staticmethod
+    def close(world):
+        if world > 1:
+            dist_.close()
 
 
-def _progress_bar(iterable, total, desc, enabled):
-    if not enabled:
+def _progress_bar(iterable, total, desc, enabled, stream=None):
+    """A tqdm bar over ``iterable`` when ``enabled`` and ``stream`` (default stderr) is a terminal; else
+    ``iterable`` itself: off a terminal (CI logs, nohup, ``> log``) the per-epoch summary lines are the
+    whole progress report, instead of a carriage-return update per batch."""
+    stream = sys.stderr if stream is None else stream
+    if not enabled or not _is_terminal(stream):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=stream)
+
+
+def _is_terminal(stream):
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

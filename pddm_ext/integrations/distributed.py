@@ -6,6 +6,12 @@ other slices are detached copies. Mining on X therefore picks the same quadruple
 single process would on X, and back-propagating the global loss L(X) on rank r yields exactly dL/dx_r:
 each rank back-propagates through its own slice only.
 
+The primitives (``all_gather``, ``scale_grad``, ``global_batch``, ``agree_on_batch``) live in the core
+(``pddm_ext.collectives``, which ``PDDMLoss(distributed=True)`` uses) and are re-exported here; this
+module adds what a training script needs around them. Every collective first agrees on the validity
+of all ranks' inputs, so an input that is bad on one rank raises the same error on every rank instead
+of leaving the others blocked in ``all_gather``; an empty shard inside a non-empty global batch is legal.
+
 How this meets DDP's gradient averaging (``global_batch``, used by ``PDDMLoss(distributed=True)`` and
 ``GlobalBatchLoss(any_loss)``):
 
@@ -33,87 +39,29 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import _validate as V
-
-
-def is_distributed():
-    """True when torch.distributed is available and a process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size(group=None):
-    return dist.get_world_size(group) if is_distributed() else 1
-
-
-def rank(group=None):
-    return dist.get_rank(group) if is_distributed() else 0
-
-
-def all_gather(tensor, group=None):
-    """Concatenates every rank's ``tensor`` along dim 0, in rank order, on every rank.
-
-    The local slice is ``tensor`` itself, so autograd flows into it; the other ranks' slices are
-    detached. Ranks may hold different numbers of rows (other dims must match). Without an
-    initialised process group (or with one rank) returns ``tensor`` unchanged.
-    """
-    V.check_tensor("tensor", tensor)
-    if world_size(group) == 1:
-        return tensor
-    n_ranks, me = dist.get_world_size(group), dist.get_rank(group)
-    rows = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.int64)
-    all_rows = [torch.empty_like(rows) for _ in range(n_ranks)]
-    dist.all_gather(all_rows, rows, group=group)
-    all_rows = [int(r) for r in all_rows]
-    longest = max(all_rows)
-    padded = tensor.detach()
-    if padded.shape[0] < longest:  # all_gather needs equal shapes: pad, then trim
-        padded = torch.cat([padded, padded.new_zeros((longest - padded.shape[0],) + tuple(padded.shape[1:]))])
-    parts = [torch.empty_like(padded) for _ in range(n_ranks)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    parts = [p[:r] for p, r in zip(parts, all_rows)]
-    parts[me] = tensor
-    return torch.cat(parts)
+from .. import collectives as _collectives
+from ..collectives import (  # noqa: F401  (the core's primitives, re-exported here)
+    agree_on_batch,
+    all_gather,
+    global_batch,
+    is_distributed,
+    rank,
+    scale_grad,
+    world_size,
+)
 
 
 def gather_embeddings_and_labels(embeddings, labels, group=None):
     """``(all_gather(embeddings), all_gather(labels))``; labels become int64 on the embeddings' device.
 
-    Returns the global batch in rank order, the local slice keeping its autograd graph.
+    Collective: validated on every rank alike first (``agree_on_batch``: a bad shard raises the same
+    error on every rank; an empty shard in a non-empty global batch is legal). Returns the global
+    batch in rank order, the local slice keeping its autograd graph.
     """
-    V.check_embeddings("embeddings", embeddings)
-    labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
-    return all_gather(embeddings, group), all_gather(labels, group)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by ``factor``."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def scale_grad(x, factor):
-    """``x`` unchanged in value, its gradient multiplied by ``factor`` on the way back."""
-    if factor == 1:
-        return x
-    return _ScaleGrad.apply(x, float(factor))
-
-
-
-def global_batch(embeddings, labels, group=None):
-    """The global batch for a loss: ``(all_gather(scale_grad(embeddings, W)), all_gather(labels))``.
-
-    A loss of the global batch computed on every rank and back-propagated from each then gives
-    DDP-averaged gradients equal to single-process training on the concatenated batch (module
-    docstring). ``PDDMLoss(distributed=True)`` does exactly this after normalising.
-    """
-    return gather_embeddings_and_labels(scale_grad(embeddings, world_size(group)), labels, group)
+    labels, rows = agree_on_batch(embeddings, labels, group)
+    if world_size(group) == 1:
+        return embeddings, labels
+    return _collectives._gather_rows(embeddings, rows, group), _collectives._gather_rows(labels, rows, group)
 
 
 class GlobalBatchLoss(torch.nn.Module):

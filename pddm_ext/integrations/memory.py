@@ -1,4 +1,4 @@
-"""``MemoryBank``: an XBM-style ring buffer of past embeddings to mine against (SPEC §3 reference mode).
+"""``MemoryBank``: an XBM-style ring buffer of past embeddings to mine against (docs/design.md#mining reference mode).
 
 Cross-batch memory (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020): embeddings
 drift slowly once training settles, so the last few thousand batches' embeddings, detached, are good

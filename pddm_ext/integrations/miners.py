@@ -8,6 +8,11 @@
 When pytorch-metric-learning (PML) is installed, ``PDDMMiner`` subclasses its ``BaseMiner``, so PML's
 losses, ``CrossBatchMemory``, ``DistributedMinerWrapper`` and trainers accept it. Without PML it is a
 plain callable with the same signature and result.
+
+Labels: a ``torch.Tensor`` of integers, as everywhere in the package. A list or a numpy array raises
+the package's ``TypeError`` naming ``labels`` (or ``ref_labels``) before PML touches it, in both forms
+of the miner alike (convert with ``torch.as_tensor``): accepting array-likes here only would make the
+miner disagree with ``mine_hard``, ``batch_hard`` and ``PDDMLoss``, which take tensors.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from ..functional import batch_hard, mine_hard
+from ..functional import _batch_hard, _mine_hard, _prepare_mining
 
 MODES = ("mine_hard", "batch_hard")
 
@@ -44,20 +49,25 @@ class _PDDMMining:
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         """``(a, p, n)`` triplet indices. ``ref_emb is embeddings`` (or None) means batch mode, as in
-        PML (its ``BaseMiner.forward`` passes the embeddings themselves as references)."""
+        PML (its ``BaseMiner.forward`` passes the embeddings themselves as references). Validated
+        here, once (the structure first, so that normalising cannot fail; finiteness on the
+        normalised rows, which carry any NaN or Inf of the input), then mined unchecked."""
         batch_mode = ref_emb is None or ref_emb is embeddings
         if batch_mode:
             ref_emb = ref_labels = None
         elif ref_labels is None:
             raise ValueError("ref_labels must be given with ref_emb")
+        V.check_embeddings("embeddings", embeddings, finite=False)
+        if not batch_mode:
+            V.check_embeddings("ref_emb", ref_emb, d=embeddings.shape[1], d_from="embeddings", finite=False)
         prep = (lambda t: F.normalize(t.detach(), dim=1)) if self.normalize else (lambda t: t.detach())  # noqa: E731
-        V.check_embeddings("embeddings", embeddings)
         x = prep(embeddings)
         y = None if batch_mode else prep(ref_emb)
+        x, lx, y, ly, params, metric, form = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
         if self.mode == "batch_hard":
             self.last_quadruplets = None
-            return batch_hard(x, labels, self.unit, ref_emb=y, ref_labels=ref_labels, metric=self.metric)
-        quads = mine_hard(x, labels, self.unit, k=self.k, ref_emb=y, ref_labels=ref_labels, metric=self.metric)
+            return _batch_hard(x, lx, y, ly, params, metric, form)
+        quads = _mine_hard(x, lx, y, ly, params, self.k, metric, form)
         self.last_quadruplets = quads
         return quads.as_triplets()
 
@@ -65,7 +75,7 @@ class _PDDMMining:
         return f"k={self.k}, metric={self.metric!r}, mode={self.mode!r}, normalize={self.normalize}"
 
 
-_DOC = """PDDM hard mining as a pytorch-metric-learning miner (SPEC §3).
+_DOC = """PDDM hard mining as a pytorch-metric-learning miner (docs/design.md, "Mining").
 
     ``PDDMMiner(unit=None, k=None, metric=None, mode="mine_hard", normalize=True)``;
     ``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` returns ``(a, p, n)`` int64 indices:
@@ -80,7 +90,24 @@ _DOC = """PDDM hard mining as a pytorch-metric-learning miner (SPEC §3).
     it (it is not among the miner's parameters). ``metric`` defaults to "pddm" with a unit, else
     "euclidean". ``normalize``: mine on L2-normalised embeddings, as ``PDDMLoss`` and PML's default
     distance do. Mining is fused (no (m, n) matrix) and not differentiable.
+
+    ``embeddings`` (m, d) and ``ref_emb`` (n, d): floating tensors; ``labels`` (m,), ``ref_labels``
+    (n,): integer tensors (a list or numpy array raises ``TypeError`` naming ``labels``: convert with
+    ``torch.as_tensor``). Other bad input raises like ``mine_hard`` (docs/design.md, "Errors").
     """
+
+
+def _check_types(embeddings, labels, ref_emb, ref_labels):
+    """What must hold before PML's BaseMiner.forward reads the inputs (it reads .shape and moves
+    labels first): tensors, and ref_labels with ref_emb. Values are checked once, in ``mine``."""
+    V.check_tensor("embeddings", embeddings)
+    V.check_tensor("labels", labels)
+    if ref_emb is not None:
+        V.check_tensor("ref_emb", ref_emb)
+        if ref_labels is None and ref_emb is not embeddings:
+            raise ValueError("ref_labels must be given with ref_emb")
+    if ref_labels is not None:
+        V.check_tensor("ref_labels", ref_labels)
 
 
 def _miner_class():
@@ -101,6 +128,11 @@ def _miner_class():
                 super().__init__(**kwargs)
                 self._configure(unit, k, metric, mode, normalize)
 
+            def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+                # PML's BaseMiner.forward reads labels.shape first: the package's TypeError comes first.
+                _check_types(embeddings, labels, ref_emb, ref_labels)
+                return super().forward(embeddings, labels, ref_emb, ref_labels)
+
             def extra_repr(self):
                 return self._extra()
 
@@ -113,6 +145,7 @@ def _miner_class():
             self._configure(unit, k, metric, mode, normalize)
 
         def __call__(self, embeddings, labels, ref_emb=None, ref_labels=None):
+            _check_types(embeddings, labels, ref_emb, ref_labels)
             with torch.no_grad():
                 return self.mine(embeddings, labels, ref_emb, ref_labels)
 

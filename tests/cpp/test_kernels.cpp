@@ -1,5 +1,5 @@
 // The CPU kernels, called through the dispatcher as any client of libtorch would, checked against
-// a naive double-precision loop over pairs that follows SPEC §1 (scores) and §3 (mining) line by
+// a naive double-precision loop over pairs that follows docs/design.md ("The PDDM unit" for scores, "Mining" for mining) line by
 // line. Built and run by CMakeLists.txt (`ctest`); exits non-zero on the first failing check group.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,7 +39,7 @@ int failures = 0;
   } while (0)
 
 // ---------------------------------------------------------------------------------------------
-// The naive model: SPEC §1 for one pair, in double, with no tiling and no shortcuts.
+// The naive model: docs/design.md "The PDDM unit" for one pair, in double, with no tiling and no shortcuts.
 
 struct Problem {
   std::string name;
@@ -180,8 +180,8 @@ at::Tensor call_scores(const Args& a) {
       op("pddm_ext::scores")
           .typed<at::Tensor(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&)>();
-  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s);
+                            const at::Tensor&, const at::Tensor&, bool)>();
+  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, true);
 }
 
 ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
@@ -189,8 +189,9 @@ ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
       op("pddm_ext::scores_backward")
           .typed<ScoresGrads(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>)>();
-  return backward.call(grad, a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, {true, true, true});
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>, bool)>();
+  return backward.call(grad, a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, {true, true, true},
+                       true);
 }
 
 MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
@@ -198,9 +199,9 @@ MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
       op("pddm_ext::mine_pddm")
           .typed<MineOut(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const OptTensor ly = p.batch ? OptTensor() : OptTensor(labels(p.ly));
-  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k);
+  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k, true);
 }
 
 MineOut call_mine_euclidean(const Problem& p, const Args& a, int64_t k) {
@@ -281,7 +282,7 @@ void check_scores_backward(Problem p, double tol) {
   EXPECT(close(value(std::get<9>(grads), 0), (up - down) / (2 * eps), tol), "%s: db_s", p.name.c_str());
 }
 
-// SPEC §3 by brute force over S, then the kernel's answer slot by slot: a mined index must be a
+// docs/design.md "Ties and tolerance" by brute force over S, then the kernel's answer slot by slot: a mined index must be a
 // valid candidate whose naive score is within tol of the naive optimum (exact == true: the very
 // index the tie rule picks, for inputs whose scores are computed exactly).
 void check_mining(const Problem& p, const Vec& S, const MineOut& got, int64_t k, double tol, bool exact) {

@@ -3,8 +3,8 @@
 
 Same loop, data, seeds, network, optimiser and PDDMLoss (alpha 0.5, beta 1, lam 0.5; the unit is
 still trained by the double-header hinge and the embedding still learns through S and the embedding
-loss), but the quadruplets are mined with the Euclidean metric (SPEC §3 ``metric="euclidean"``, k=140)
-and handed to the loss as ``indices_tuple`` (which gives exactly the quadruplet loss, SPEC §4).
+loss), but the quadruplets are mined with the Euclidean metric (docs/design.md "Ties and tolerance" ``metric="euclidean"``, k=140)
+and handed to the loss as ``indices_tuple`` (which gives exactly the quadruplet loss, docs/design.md "Loss").
 
 Usage (repo root): .venv/bin/python benchmarks/results/compare/control_euclidean_mining.py [--seeds 0 1 2 3 4] [--metric pddm]
 """

@@ -47,7 +47,7 @@ CONFIGS = {  # name -> TrainConfig overrides (on top of the compare settings)
 
 
 def joint_q(unit, a, b):
-    """q = relu(W_c [normalize(u'); normalize(v')] + b_c) of SPEC §1 for row-aligned pairs."""
+    """q = relu(W_c [normalize(u'); normalize(v')] + b_c) of docs/design.md "The PDDM unit" for row-aligned pairs."""
     u1 = torch.relu(F.normalize((a - b).abs(), dim=1) @ unit.W_u.T + unit.b_u)
     v1 = torch.relu(F.normalize((a + b) / 2, dim=1) @ unit.W_v.T + unit.b_v)
     z = torch.cat([F.normalize(u1, dim=1), F.normalize(v1, dim=1)], 1)

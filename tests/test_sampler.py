@@ -1,0 +1,42 @@
+"""PKSampler (issue 15 item 7 names): classes_per_batch (P) and samples_per_class (K), the old
+keywords p / k still accepted, the same batches whatever the spelling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pddm_ext import PKSampler
+
+LABELS = torch.arange(6).repeat_interleave(5)[torch.randperm(30, generator=torch.Generator().manual_seed(0))]
+
+
+def test_batches_are_p_classes_times_k_samples():
+    sampler = PKSampler(LABELS, classes_per_batch=3, samples_per_class=4, seed=1)
+    assert len(sampler) == 30 // 12
+    for batch in sampler:
+        assert len(batch) == 12
+        labels = LABELS[batch]
+        classes, counts = labels.unique(return_counts=True)
+        assert len(classes) == 3 and counts.tolist() == [4, 4, 4]
+
+
+def test_old_and_new_spellings_give_the_same_batches():
+    new = list(PKSampler(LABELS, classes_per_batch=3, samples_per_class=4, seed=2))
+    assert list(PKSampler(LABELS, 3, 4, seed=2)) == new
+    old = PKSampler(LABELS, p=3, k=4, seed=2)
+    assert list(old) == new and (old.p, old.k) == (old.classes_per_batch, old.samples_per_class) == (3, 4)
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    (dict(classes_per_batch=3, samples_per_class=1), ValueError, r"samples_per_class \(K\) must be >= 2"),
+    (dict(classes_per_batch=7, samples_per_class=2), ValueError, r"classes_per_batch \(P\) must be between 1 and"),
+    (dict(classes_per_batch=0, samples_per_class=2), ValueError, r"classes_per_batch \(P\)"),
+    (dict(classes_per_batch=2.0, samples_per_class=2), TypeError, r"classes_per_batch must be an int"),
+    (dict(classes_per_batch=2, samples_per_class=True), TypeError, r"samples_per_class must be an int"),
+    (dict(classes_per_batch=2, p=2, samples_per_class=2), TypeError, r"classes_per_batch or its old name p"),
+    (dict(classes_per_batch=2), TypeError, r"missing argument samples_per_class"),
+])
+def test_bad_arguments_name_themselves(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        PKSampler(LABELS, **kwargs)
