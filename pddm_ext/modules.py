@@ -79,14 +79,16 @@ def balanced_pair_bce(scores, labels):
     ``scores`` (m, m): S of every pair of a batch (differentiable); ``labels`` (m,) integer. Over the
     unordered pairs i < j: ``0.5 * (mean_pos log(1 + exp(-S_ij)) + mean_neg log(1 + exp(S_ij)))``,
     i.e. BCE with target 1 for same-label pairs and 0 otherwise, each class of pair weighted equally
-    (a batch of P x K has about P times more negative pairs than positive ones). A side without
-    pairs contributes 0 (still connected to the graph). Returns a 0-dim tensor.
+    (a batch of P x K has about P times more negative pairs than positive ones). A batch without a
+    positive pair or without a negative pair gives 0, still connected to the graph (as the loss's
+    other terms do when nothing is mined). Returns a 0-dim tensor.
     """
     m = scores.shape[0]
     upper = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1)
     same = labels[:, None] == labels[None, :]
-    s_pos, s_neg = scores[upper & same], scores[upper & ~same]
-    return 0.5 * (_mean_or_zero(F.softplus(-s_pos)) + _mean_or_zero(F.softplus(s_neg)))
+    pos, neg = upper & same, upper & ~same
+    value = 0.5 * (_mean_or_zero(F.softplus(-scores[pos])) + _mean_or_zero(F.softplus(scores[neg])))
+    return value * (pos.any() & neg.any())  # no data-dependent branch (torch.compile)
 
 
 def _check_nonnegative(name, value):

@@ -27,6 +27,7 @@ import pddm_ext
 from pddm_ext.app import datasets as data_mod
 from pddm_ext.app import evaluate as ev
 from pddm_ext.app.augment import random_affine
+from pddm_ext.app.diagnostics import pair_diagnostics
 from pddm_ext.app.models import build_model
 
 
@@ -87,7 +88,10 @@ def run(cfg, seed, split, floor):
             curve.append(dict(step=step + 1, recall_at_1=r1, seconds=time.time() - t0, loss=float(loss.detach())))
             extra = ""
             if cfg.loss == "pddm":
-                extra = f"  E_m {float(loss_fn.last_metric_loss):.3f}"
+                unit = pair_diagnostics(emb, labels, loss_fn.unit)
+                curve[-1].update(unit_spread=unit["spread"], unit_auc=unit["auc_S"], metric_loss=float(loss_fn.last_metric_loss))
+                extra = (f"  E_m {float(loss_fn.last_metric_loss):.3f}  unit on unseen pairs: spread {unit['spread']:.4f} "
+                         f"AUC S {unit['auc_S']:.3f} / -d^2 {unit['auc_euclidean']:.3f}")
             print(f"    step {step + 1}: loss {float(loss):.4f}{extra}  test R@1 {r1:.3f}  "
                   f"(pixels {floor:.3f})  {time.time() - t0:.0f} s", flush=True)
     return dict(recall_at_1=curve[-1]["recall_at_1"], seconds=time.time() - t0, curve=curve)

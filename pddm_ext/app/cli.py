@@ -108,6 +108,10 @@ def main(argv=None):
                   f"(test classes {', '.join(result['dataset']['test_classes'][:12])}"
                   f"{', ...' if len(result['dataset']['test_classes']) > 12 else ''}):")
             print(format_table(result["history"], result["floor"]))
+            if result["history"]:
+                got, floor = result["history"][-1]["recall@1"], result["floor"]["recall@1"]
+                print(f"\nRecall@1 on the unseen classes: embedding {got:.3f}, raw pixels {floor:.3f} "
+                      f"({'the embedding beats raw pixels' if got > floor else 'raw pixels are not beaten'})")
             print(f"\nlog {os.path.join(result['out'], 'log.jsonl')}, plot {os.path.join(result['out'], 'recall_at_1.png')}")
         else:
             from .compare import markdown, run_all
