@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as V
-from . import collectives
+from . import collectives, ops
 from .functional import Quadruplets, _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
 from .reference import hinge, squared_distance
 
@@ -86,9 +86,12 @@ def balanced_pair_bce(scores, labels):
     m = scores.shape[0]
     upper = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1)
     same = labels[:, None] == labels[None, :]
-    pos, neg = upper & same, upper & ~same
-    value = 0.5 * (_mean_or_zero(F.softplus(-scores[pos])) + _mean_or_zero(F.softplus(scores[neg])))
-    return value * (pos.any() & neg.any())  # no data-dependent branch (torch.compile)
+    # weights instead of boolean-mask indexing: no data-dependent shape, no host sync on CUDA
+    pos, neg = (upper & same).to(scores.dtype), (upper & ~same).to(scores.dtype)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    value = 0.5 * ((F.softplus(-scores) * pos).sum() / n_pos.clamp_min(1)
+                   + (F.softplus(scores) * neg).sum() / n_neg.clamp_min(1))
+    return value * ((n_pos > 0) & (n_neg > 0))
 
 
 def _check_nonnegative(name, value):
@@ -405,7 +408,7 @@ class PDDMLoss(nn.Module):
             if metric == "euclidean":
                 S = -torch.cdist(x, y).pow(2)
             else:
-                S = pddm_scores(x, y, *params, normalize_inputs=form)
+                S = ops.scores(x, y, *params, form)
         i, r = quads.anchor, quads.positive
         k, l_ = semihard_negatives(S, labels[:, None] != y_labels[None, :], i, r)
         scores = torch.stack([S[i, r], S[i, k], S[l_, r]], dim=1)
@@ -416,9 +419,20 @@ class PDDMLoss(nn.Module):
         if self.bce_weight == 0:
             self.last_pair_loss = None
             return 0.0
-        pair_loss = balanced_pair_bce(self.unit(f), labels)
+        pair_loss = balanced_pair_bce(self._all_scores(f), labels)
         self.last_pair_loss = pair_loss.detach()
         return self.bce_weight * pair_loss
+
+    def _all_scores(self, f):
+        """``self.unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the
+        unit's dropout (one mask per call, as ``PDDM.forward``) in training mode."""
+        dtype = V.compute_dtype(f)
+        params = tuple(p.to(dtype) for p in self.unit.params())
+        p = self.unit._active_dropout()
+        if p > 0:
+            keep = torch.bernoulli(torch.full_like(params[6], 1 - p, requires_grad=False))
+            params = params[:6] + (params[6] * keep / (1 - p), params[7])
+        return ops.scores(f.to(dtype), None, *params, self.unit.normalize_inputs)
 
     def _scores(self, a, b):
         # Inputs were validated on entry; the unchecked core also takes zero pairs.
