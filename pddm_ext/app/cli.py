@@ -50,9 +50,9 @@ def _common(parser):
                         help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
                              "held-out AUC reaches Euclidean distance's; default 0)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS.augment,
-                        help="random affine augmentation of training batches (default on)")
+                        help=f"random affine augmentation of training batches (default {'on' if DEFAULTS.augment else 'off'})")
     parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
-                        help="learning-rate schedule (default onecycle, peak --lr)")
+                        help=f"learning-rate schedule (default {DEFAULTS.schedule}; onecycle peaks at --lr)")
     parser.add_argument("--holdout", type=float, default=DEFAULTS.holdout,
                         help=f"fraction of training-class images held out for the unit's diagnostics (default {DEFAULTS.holdout})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

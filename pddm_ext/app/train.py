@@ -75,8 +75,8 @@ class TrainConfig:
     normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
     negatives: str = "hardest"  # PDDM losses: hardest or semihard
     warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
-    augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
-    schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
+    augment: bool = False  # random affine augmentation of training batches (pddm_ext.app.augment); hurt here
+    schedule: str = "constant"  # learning rate: constant or onecycle (OneCycleLR to lr); one-cycle hurt here
     holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
     seed: int = 0
     device: str | None = None  # default: cuda when available, else cpu
