@@ -472,3 +472,22 @@ def test_compare_variants_and_paired_test(digits, tmp_path):
     b = summary["losses"]["pddm"]["final"]["recall@1"]["values"]
     assert t["against"] == "pddm" and t["mean_difference"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / 2)
     assert "Paired test" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_onecycle_resume_is_exact_for_an_unchanged_budget_and_runs_for_a_longer_one(digits, tmp_path):
+    from pddm_ext.app.train import TrainConfig, train
+
+    base = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, seed=1, threads=1, schedule="onecycle",
+                       augment=True)
+    straight = train(dataclasses_replace(base, out=str(tmp_path / "s")), progress=False, split=digits)
+    # a second run of the same budget, then resumed with one more epoch: the scheduler's state loads,
+    # the cycle stretches to the new total, and the first two epochs are those of the straight run
+    train(dataclasses_replace(base, out=str(tmp_path / "r")), progress=False, split=digits)
+    ckpt_dir = tmp_path / "r"
+    first = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)
+    assert first["scheduler"]["total_steps"] == 6
+    longer = train(dataclasses_replace(base, epochs=3, out=str(ckpt_dir)), resume=True, progress=False, split=digits)
+    assert len(longer["history"]) == 3
+    drop = ("epoch_time", "train_time")
+    assert [{k: v for k, v in h.items() if k not in drop} for h in longer["history"][:2]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in straight["history"]]

@@ -110,8 +110,8 @@ def main(argv=None):
             print(format_table(result["history"], result["floor"]))
             if result["history"]:
                 got, floor = result["history"][-1]["recall@1"], result["floor"]["recall@1"]
-                print(f"\nRecall@1 on the unseen classes: embedding {got:.3f}, raw pixels {floor:.3f} "
-                      f"({'the embedding beats raw pixels' if got > floor else 'raw pixels are not beaten'})")
+                print(f"\nRecall@1 on the unseen classes: embedding {got:.3f}, pixels {floor:.3f} "
+                      f"({'the embedding is better' if got > floor else 'the embedding is not better'})")
             print(f"\nlog {os.path.join(result['out'], 'log.jsonl')}, plot {os.path.join(result['out'], 'recall_at_1.png')}")
         else:
             from .compare import markdown, run_all

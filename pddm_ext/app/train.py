@@ -75,8 +75,8 @@ class TrainConfig:
     normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
     negatives: str = "hardest"  # PDDM losses: hardest or semihard
     warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
-    augment: bool = False  # random affine augmentation of training batches (pddm_ext.app.augment); hurt here
-    schedule: str = "constant"  # learning rate: constant or onecycle (OneCycleLR to lr); one-cycle hurt here
+    augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
+    schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
     holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
     seed: int = 0
     device: str | None = None  # default: cuda when available, else cpu
@@ -397,7 +397,11 @@ class Run:
             self.loss_fn.load_state_dict(checkpoint["loss"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.scheduler is not None:
+                total = self.scheduler.total_steps
                 self.scheduler.load_state_dict(checkpoint["scheduler"])
+                # a resume may change the epoch budget: the rest of the cycle stretches to the new total
+                # (exact continuation holds only for an unchanged budget)
+                self.scheduler.total_steps = max(total, self.scheduler.last_epoch + 1)
             set_rng_state(checkpoint["rng"], self.sampler.generator)
             self.history, self.start_epoch = checkpoint["history"], checkpoint["epoch"]
             self.train_time, floor = checkpoint["train_time"], checkpoint["floor"]
