@@ -14,9 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as V
-from . import collectives
-from .functional import _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
+from . import collectives, ops
+from .functional import Quadruplets, _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
 from .reference import quadruplet_losses, triplet_losses
+
+
+NEGATIVES = ("hardest", "semihard")
 
 
 def _mean_or_zero(t):
@@ -39,6 +42,63 @@ def _check_indices_tuple(indices_tuple, rows, ref_rows, device):
     if not a.shape == p.shape == n.shape:
         raise ValueError(f"indices_tuple tensors must have one length, got {a.shape[0]}, {p.shape[0]}, {n.shape[0]}")
     return a, p, n
+
+
+@torch.no_grad()
+def semihard_negatives(scores, negative, i, r):
+    """Semi-hard negatives of the positive pairs (i[t], r[t]) under a similarity matrix (higher =
+    more similar), the rule of FaceNet (Schroff et al. 2015, Sec. 3.2) in similarity form.
+
+    ``scores`` (m, n): S of every query (rows) against every reference (columns); ``negative`` (m, n)
+    bool: the pair's labels differ; ``i``, ``r`` (q,) int64: query and reference of each positive pair.
+    Returns ``(anchor_negative, positive_negative)``, int64 (q,):
+
+    - anchor side: the reference c with ``negative[i, c]`` and ``S[i, c] < S[i, r]`` of highest S
+      (the most similar negative that still ranks below the positive pair);
+    - positive side: the query c with ``negative[c, r]`` and ``S[c, r] < S[i, r]`` of highest S;
+    - a side with no such candidate takes its least similar negative (the fallback of TensorFlow
+      Addons' ``triplet_semihard_loss``); -1 when the row/column has no negative at all.
+
+    Ties go to the smallest index. Builds (q, n) and (q, m) masks: memory O(q (m + n)).
+    """
+    def pick(s, neg, bound):  # s, neg: (q, c); bound: (q,)
+        inf = torch.tensor(float("inf"), dtype=s.dtype, device=s.device)
+        semi = neg & (s < bound[:, None])
+        best = torch.where(semi, s, -inf).argmax(1)
+        easiest = torch.where(neg, s, inf).argmin(1)
+        out = torch.where(semi.any(1), best, easiest)
+        return torch.where(neg.any(1), out, torch.full_like(out, -1))
+
+    bound = scores[i, r]
+    return pick(scores[i], negative[i], bound), pick(scores[:, r].T, negative[:, r].T, bound)
+
+
+def balanced_pair_bce(scores, labels):
+    """Balanced binary cross-entropy on pair scores used as logits (a pair-classification loss).
+
+    ``scores`` (m, m): S of every pair of a batch (differentiable); ``labels`` (m,) integer. Over the
+    unordered pairs i < j: ``0.5 * (mean_pos log(1 + exp(-S_ij)) + mean_neg log(1 + exp(S_ij)))``,
+    i.e. BCE with target 1 for same-label pairs and 0 otherwise, each class of pair weighted equally
+    (a batch of P x K has about P times more negative pairs than positive ones). A batch without a
+    positive pair or without a negative pair gives 0, still connected to the graph (as the loss's
+    other terms do when nothing is mined). Returns a 0-dim tensor.
+    """
+    m = scores.shape[0]
+    upper = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1)
+    same = labels[:, None] == labels[None, :]
+    # weights instead of boolean-mask indexing: no data-dependent shape, no host sync on CUDA
+    pos, neg = (upper & same).to(scores.dtype), (upper & ~same).to(scores.dtype)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    value = 0.5 * ((F.softplus(-scores) * pos).sum() / n_pos.clamp_min(1)
+                   + (F.softplus(scores) * neg).sum() / n_neg.clamp_min(1))
+    return value * ((n_pos > 0) & (n_neg > 0))
+
+
+def _check_nonnegative(name, value):
+    value = V.check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 class PDDM(nn.Module):
@@ -161,19 +221,46 @@ class PDDM(nn.Module):
 
 class PDDMLoss(nn.Module):
     """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
-    a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss").
+    a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
+    with a pair-classification term that keeps the unit from collapsing (issue 13).
 
     ``forward(embeddings, labels)``:
 
     1. f = normalize(embeddings) row-wise (unless ``normalize=False``);
-    2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)``;
+    2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)`` (with
+       ``negatives="semihard"``, k and l are replaced by :func:`semihard_negatives`);
     3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
     4. E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+;
     5. E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+;
-    6. loss = mean(E_m) + lam * mean(E_e).
+    6. loss = mean(E_m) + lam * mean(E_e) + bce_weight * E_p, with E_p the balanced BCE of the
+       scores of all pairs of the batch (:func:`balanced_pair_bce` on ``unit(f)``).
+
+    Options against the collapse of the unit (issue 13; evidence in ``benchmarks/results/learning/``):
+
+    - ``normalize_inputs`` (bool, default False): the unit's form (``PDDM(normalize_inputs=)``). The
+      default is the distance-aware form; True is the paper as read, blind to the distance between
+      a and b. ``unit_dropout`` (float in [0, 1), default 0): ``PDDM(dropout=)``.
+    - ``k`` (int >= 1 or None, default 1): positive pairs per batch in E_m, hardest first under the
+      unit's scores; 1 is the paper's rule, None keeps every positive pair.
+    - ``negatives`` ("hardest" (default) or "semihard"): the paper's hardest negatives, or per pair
+      the most similar negative that still scores below the positive pair (FaceNet's rule).
+      "semihard" builds the batch's (m, n) score matrix (n = m, or the references' rows).
+    - ``bce_weight`` (float >= 0, default 1.0): weight of E_p; 0 gives the paper's loss exactly.
+    - ``warmup_steps`` (int >= 0, default 0): the first ``warmup_steps`` training calls mine by
+      Euclidean distance (-||a - b||^2) instead of the unit; ``end_warmup()`` ends it early (e.g.
+      once the unit separates held-out pairs as well as Euclidean distance does). The progress
+      (``warmup_done``) is saved in the state_dict; a state_dict from before the option loads with
+      the warm-up over.
+
+    With every option at the paper's value (``normalize_inputs=True, bce_weight=0``, k=1,
+    "hardest", no warm-up) this is the paper's loss of docs/design.md, "Loss". A state_dict saved
+    before these options loads with the old behaviour of its unit (the input-normalised form);
+    the loss options are constructor arguments, not state. A bad option value raises ``ValueError``
+    (``TypeError`` for a wrong type) naming the option.
 
     A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
-    and both loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``.
+    and the loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``
+    and ``last_pair_loss`` (None when ``bce_weight=0``).
     The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
     Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
     ``indices_tuple``), differentiated here: the formulas' one home.
@@ -210,11 +297,23 @@ class PDDMLoss(nn.Module):
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
-                 lam=0.5, k=1, normalize=True, memory=None, distributed=False):
+                 lam=0.5, k=1, negatives="hardest", bce_weight=1.0, warmup_steps=0, normalize_inputs=False,
+                 unit_dropout=0.0, normalize=True, memory=None, distributed=False):
         super().__init__()
-        self.unit = PDDM(embedding_dim, hidden_features, joint_features)
+        self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
+                         dropout=unit_dropout)
         self.alpha, self.beta, self.lam = (V.check_number(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("lam", lam)))
         self.k = V.check_k(k)
+        if not isinstance(negatives, str) or negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
+        self.negatives = negatives
+        self.bce_weight = _check_nonnegative("bce_weight", bce_weight)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
         self.normalize = bool(normalize)
         self.memory = V.check_memory(memory, embedding_dim)
         self.distributed = bool(distributed)
@@ -222,6 +321,32 @@ class PDDMLoss(nn.Module):
         self.last_triplets = None
         self.last_metric_loss = None
         self.last_embedding_loss = None
+        self.last_pair_loss = None
+
+    @property
+    def warming_up(self):
+        """True while training batches are mined by Euclidean distance (the warm-up)."""
+        return self.training and self.warmup_done < self.warmup_steps
+
+    def end_warmup(self):
+        """Ends the warm-up now: from the next batch on, mining uses the PDDM unit."""
+        self.warmup_done = self.warmup_steps
+
+    # The warm-up's progress is state: a resumed run continues where it stopped.
+    def get_extra_state(self):
+        return {"warmup_done": self.warmup_done}
+
+    def set_extra_state(self, state):
+        done = state.get("warmup_done") if isinstance(state, dict) else None
+        if isinstance(done, bool) or not isinstance(done, int):
+            raise ValueError(f"PDDMLoss state_dict: _extra_state must be {{'warmup_done': int}}, got {state!r}")
+        self.warmup_done = done
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before the warm-up existed: a run with no warm-up left to do.
+        if prefix + "unit.W_u" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _normalized(self, t):
         return F.normalize(t, dim=1) if self.normalize else t
@@ -252,7 +377,7 @@ class PDDMLoss(nn.Module):
         f = self._normalized(embeddings)
         f_ref = None if ref_emb is None else self._normalized(ref_emb)
         if indices_tuple is not None:
-            return self._triplet_loss(f, f if f_ref is None else f_ref, indices_tuple)
+            return self._triplet_loss(f, f if f_ref is None else f_ref, indices_tuple) + self._pair_term(f, labels)
         if gather:
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
             # slice's gradient by the world size, so DDP's average equals the single-process gradient.
@@ -267,12 +392,54 @@ class PDDMLoss(nn.Module):
                 f_ref = bank_emb.to(device=f.device, dtype=f.dtype)
         x, y, mining_params = _mining_inputs(f, f_ref, params)
         ly = None if f_ref is None else ref_labels
-        quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm", self.unit.normalize_inputs)
-        loss = self._loss(f, f if f_ref is None else f_ref, quads)
+        quads = self._mine(x, labels, y, ly, mining_params)
+        if self.warming_up:
+            self.warmup_done += 1
+        loss = self._loss(f, f if f_ref is None else f_ref, quads) + self._pair_term(f, labels)
         if self.memory is not None:
             with V.already_validated():  # f was checked on entry: the bank need not check it again
                 self.memory.enqueue(f.detach(), labels)
         return loss
+
+    def _mine(self, x, labels, y, y_labels, params):
+        """Quadruplets of the detached x (and references y): the k hardest positive pairs under the
+        mining score (the unit's S; -||a - b||^2 while warming up), with hardest or semi-hard
+        negatives under the same score."""
+        metric = "euclidean" if self.warming_up else "pddm"
+        form = self.unit.normalize_inputs
+        quads = _mine_hard(x, labels, y, y_labels, params if metric == "pddm" else None, self.k, metric, form)
+        if self.negatives == "hardest" or quads.anchor.numel() == 0:
+            return quads
+        y, y_labels = (x, labels) if y is None else (y, y_labels)
+        with torch.no_grad():  # semi-hard needs every candidate's score: the (m, n) matrix of this batch
+            if metric == "euclidean":
+                S = -torch.cdist(x, y).pow(2)
+            else:
+                S = ops.scores(x, y, *params, form)
+        i, r = quads.anchor, quads.positive
+        k, l_ = semihard_negatives(S, labels[:, None] != y_labels[None, :], i, r)
+        scores = torch.stack([S[i, r], S[i, k], S[l_, r]], dim=1)
+        return Quadruplets(i, r, k, l_, scores, quads.batch_mode)
+
+    def _pair_term(self, f, labels):
+        """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
+        if self.bce_weight == 0:
+            self.last_pair_loss = None
+            return 0.0
+        pair_loss = balanced_pair_bce(self._all_scores(f), labels)
+        self.last_pair_loss = pair_loss.detach()
+        return self.bce_weight * pair_loss
+
+    def _all_scores(self, f):
+        """``self.unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the
+        unit's dropout (one mask per call, as ``PDDM.forward``) in training mode."""
+        dtype = V.compute_dtype(f)
+        params = tuple(p.to(dtype) for p in self.unit.params())
+        p = self.unit._active_dropout()
+        if p > 0:
+            keep = torch.bernoulli(torch.full_like(params[6], 1 - p, requires_grad=False))
+            params = params[:6] + (params[6] * keep / (1 - p), params[7])
+        return ops.scores(f.to(dtype), None, *params, self.unit.normalize_inputs)
 
     def _scores(self, a, b):
         # Inputs were validated on entry; the unchecked core also takes zero pairs.
@@ -299,4 +466,5 @@ class PDDMLoss(nn.Module):
     def extra_repr(self):
         extra = f", memory={self.memory!r}" if self.memory is not None else ""
         extra += ", distributed=True" if self.distributed else ""
-        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, normalize={self.normalize}{extra}"
+        return (f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, negatives={self.negatives!r}, "
+                f"bce_weight={self.bce_weight}, warmup_steps={self.warmup_steps}, normalize={self.normalize}{extra}")

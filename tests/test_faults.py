@@ -33,7 +33,7 @@ def names(name):
 
 def _triplet_case():
     torch.manual_seed(0)
-    loss_fn = pddm_ext.PDDMLoss(D, k=None).double()
+    loss_fn = pddm_ext.PDDMLoss(D, k=None, normalize_inputs=True, bce_weight=0.0).double()  # the paper's loss
     x = randn(6, D, seed=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     good = (torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([4, 5]))

@@ -158,7 +158,7 @@ def test_mining_distance_aware(layout, mode, dtype_name):
 
 def test_loss_trains_through_the_units_form():
     """PDDMLoss mines and scores with its unit's form: its value equals the reference loss of that form."""
-    loss_fn = pddm_ext.PDDMLoss(6).double()
+    loss_fn = pddm_ext.PDDMLoss(6, bce_weight=0.0).double()  # the paper's loss, as the reference
     loss_fn.unit.normalize_inputs = False
     x = randn(16, 6, seed=3)
     labels = torch.arange(16) // 4

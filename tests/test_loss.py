@@ -27,9 +27,13 @@ def hand_loss(embeddings, quads, params, alpha, beta, lam, normalize=True):
     return E_m.mean() + lam * E_e.mean(), E_m.mean(), E_e.mean()
 
 
+# The paper's loss (docs/design.md, "Loss"): the input-normalised unit without issue 13's pair term
+PAPER = dict(normalize_inputs=True, bce_weight=0.0)
+
+
 def make_loss(d, h=None, c=None, seed=0, **kwargs):
     torch.manual_seed(seed)
-    return pddm_ext.PDDMLoss(d, h, c, **kwargs).double()
+    return pddm_ext.PDDMLoss(d, h, c, **{**PAPER, **kwargs}).double()
 
 
 CASES = [

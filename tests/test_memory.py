@@ -104,8 +104,9 @@ def test_loss_mines_each_batch_against_the_bank_then_enqueues_it():
     torch.manual_seed(0)
     d, P, K = 6, 4, 3
     bank = pddm_ext.MemoryBank(20, d)
-    loss_fn = pddm_ext.PDDMLoss(d, k=4, memory=bank).double()
-    plain = pddm_ext.PDDMLoss(d, k=4).double()
+    paper = dict(normalize_inputs=True, bce_weight=0.0)  # the loss reference_memory_loss writes out
+    loss_fn = pddm_ext.PDDMLoss(d, k=4, memory=bank, **paper).double()
+    plain = pddm_ext.PDDMLoss(d, k=4, **paper).double()
     plain.load_state_dict(loss_fn.state_dict())
     labels = torch.arange(P).repeat_interleave(K)
 
@@ -185,7 +186,7 @@ BIG_BANK_SCRIPT = textwrap.dedent(
     for start in range(0, n, 8192):
         bank.enqueue(torch.nn.functional.normalize(torch.randn(8192, d, dtype=torch.float64), dim=1),
                      torch.randint(0, 1000, (8192,)))
-    loss_fn = pddm_ext.PDDMLoss(d, memory=bank).double()
+    loss_fn = pddm_ext.PDDMLoss(d, memory=bank, normalize_inputs=True, bce_weight=0.0).double()
     # Warm up (thread pool, per-thread tiles) with a small batch against the full bank.
     loss_fn(torch.randn(4, d, dtype=torch.float64, requires_grad=True), torch.randint(0, 1000, (4,))).backward()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -218,7 +219,7 @@ def test_explicit_ref_emb_is_reference_mode_with_gradients_into_both():
     given references; unlike the bank's rows they keep their graph."""
     torch.manual_seed(2)
     d = 6
-    loss_fn = pddm_ext.PDDMLoss(d, k=3).double()
+    loss_fn = pddm_ext.PDDMLoss(d, k=3, normalize_inputs=True, bce_weight=0.0).double()  # the loss reference_memory_loss writes out
     x = torch.randn(8, d, dtype=torch.float64, requires_grad=True)
     y = torch.randn(20, d, dtype=torch.float64, requires_grad=True)
     labels, ref_labels = torch.arange(4).repeat(2), torch.arange(5).repeat(4)

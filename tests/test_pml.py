@@ -164,7 +164,7 @@ def test_metric_loss_only_trainer_runs_with_pddm_miner_and_loss():
     dataset = torch.utils.data.TensorDataset(data, labels)
     torch.manual_seed(0)
     trunk = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
-    loss_fn = pddm_ext.PDDMLoss(16, k=4)
+    loss_fn = pddm_ext.PDDMLoss(16, k=4, bce_weight=0.0)  # without the pair term b_s gets no gradient
     miner = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=4)
     # The loss has parameters (its PDDM unit): PML's trainer steps "<loss name>_optimizer" for them.
     optimizers = {

@@ -28,8 +28,8 @@ def _common(parser):
                         help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
     parser.add_argument("-K", "--samples-per-class", "--per-class", dest="k", type=int, default=DEFAULTS.k,
                         metavar="K", help=f"K: samples (images) per class in a batch (default {DEFAULTS.k})")
-    parser.add_argument("--batches-per-epoch", type=int, default=None,
-                        help="P x K batches per epoch (default: training images // (P K))")
+    parser.add_argument("--batches-per-epoch", type=int, default=DEFAULTS.batches_per_epoch,
+                        help=f"P x K batches per epoch (default {DEFAULTS.batches_per_epoch}; 0: training images // (P K))")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--unit-lr", type=float, default=None,
                         help="Adam lr of the PDDM unit (PDDM losses; default: --lr)")
@@ -41,6 +41,21 @@ def _common(parser):
     parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="PDDM metric-loss margin")
     parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="triplet margin on squared distances")
     parser.add_argument("--lam", type=float, default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
+    parser.add_argument("--bce-weight", type=float, default=DEFAULTS.bce_weight,
+                        help=f"PDDM losses: weight of the balanced BCE pair term (default {DEFAULTS.bce_weight}; 0: the paper's loss)")
+    parser.add_argument("--normalize-inputs", action=argparse.BooleanOptionalAction, default=DEFAULTS.normalize_inputs,
+                        help="PDDM losses: the unit normalises u and v (the paper as read); default: the distance-aware form")
+    parser.add_argument("--negatives", default=DEFAULTS.negatives, choices=["hardest", "semihard"],
+                        help="PDDM losses: hardest (default, the paper) or semi-hard negatives")
+    parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps,
+                        help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
+                             "held-out AUC reaches Euclidean distance's; default 0)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS.augment,
+                        help=f"random affine augmentation of training batches (default {'on' if DEFAULTS.augment else 'off'})")
+    parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
+                        help=f"learning-rate schedule (default {DEFAULTS.schedule}; onecycle peaks at --lr)")
+    parser.add_argument("--holdout", type=float, default=DEFAULTS.holdout,
+                        help=f"fraction of training-class images held out for the unit's diagnostics (default {DEFAULTS.holdout})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
     parser.add_argument("--backbone", default=DEFAULTS.backbone, help="auto (default), small or resnet18")
@@ -54,6 +69,8 @@ def _common(parser):
 
 
 def _config(args, **extra):
+    if getattr(args, "batches_per_epoch", None) == 0:  # 0: one pass over the training images
+        args.batches_per_epoch = None
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, **extra)
 
@@ -74,7 +91,8 @@ def main(argv=None):
 
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
-    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES), help=f"default: {' '.join(LOSSES)}")
+    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES),
+                       help=f"losses and PDDM variants (pddm-paper, pddm-semihard, pddm-warmup); default: {' '.join(LOSSES)}")
     p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p_cmp.add_argument("--out", default=None, help="results folder (default benchmarks/results/compare/<dataset>)")
 
@@ -95,13 +113,19 @@ def main(argv=None):
                   f"(test classes {', '.join(result['dataset']['test_classes'][:12])}"
                   f"{', ...' if len(result['dataset']['test_classes']) > 12 else ''}):")
             print(format_table(result["history"], result["floor"]))
+            if result["history"]:
+                got, floor = result["history"][-1]["recall@1"], result["floor"]["recall@1"]
+                print(f"\nRecall@1 on the unseen classes: embedding {got:.3f}, pixels {floor:.3f} "
+                      f"({'the embedding is better' if got > floor else 'the embedding is not better'})")
             print(f"\nlog {os.path.join(result['out'], 'log.jsonl')}, plot {os.path.join(result['out'], 'recall_at_1.png')}")
         else:
             from .compare import markdown, run_all
 
-            bad = [loss for loss in args.losses if loss not in LOSSES]
+            from .compare import ENTRIES
+
+            bad = [loss for loss in args.losses if loss not in ENTRIES]
             if bad:
-                raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(LOSSES)}")
+                raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(ENTRIES)}")
             name = args.dataset.replace("/", "_").replace(":", "-").strip("_")
             out = args.out or os.path.join("benchmarks", "results", "compare", name)
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)

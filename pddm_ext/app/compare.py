@@ -3,6 +3,12 @@ batches, same batch size, same network, same optimiser), summarised as a markdow
 (mean +- std of Recall@K, MAP@R, R-Precision and NMI on the test classes), a convergence plot (Recall@1 against
 epoch and against training time, one line per loss) and a JSON file with every epoch of every run.
 
+Besides the losses, ``VARIANTS`` name PDDM variants (issue 13): ``pddm-paper`` is the loss as the
+paper describes it (input-normalised unit, no pair term, as before issue 13); ``pddm-semihard`` and
+``pddm-warmup`` switch one option of the default ``pddm``. Every entry of ``--losses`` is a loss or a
+variant. The table adds a paired test of each entry against the first one on final Recall@1 over the
+same seeds (``scipy.stats.ttest_rel``; the runs of one seed share the batches and the initial network).
+
 Runs live in ``<out>/runs/<loss>-seed<seed>``; a finished run is not repeated and an interrupted
 one resumes from its checkpoint, so the command can be rerun after a crash.
 """
@@ -17,18 +23,32 @@ import time
 
 import numpy as np
 
-from .train import CHECKPOINT, LOSSES, METRIC_TITLES, prepare, train, write_text_atomic
+from .train import CHECKPOINT, LEGACY_DEFAULTS, LOSSES, METRIC_TITLES, prepare, train, write_text_atomic
+
+# name -> (loss, TrainConfig fields it sets); a plain loss name is its own entry with no overrides
+VARIANTS = {
+    "pddm-paper": ("pddm", dict(normalize_inputs=True, bce_weight=0.0)),
+    "pddm-semihard": ("pddm", dict(negatives="semihard")),
+    "pddm-warmup": ("pddm", dict(warmup_steps=100)),
+}
+ENTRIES = tuple(LOSSES) + tuple(VARIANTS)
+
+
+def entry_config(base, name):
+    """``base`` with the loss and overrides of entry ``name`` (a loss or a VARIANTS key)."""
+    loss, overrides = VARIANTS.get(name, (name, {}))
+    return dataclasses.replace(base, loss=loss, **overrides)
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
 
 
 def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *, progress=True):
     """Trains every (loss, seed) with ``base`` (a TrainConfig) and writes the summary files; returns the summary."""
-    split = prepare(dataclasses.replace(base, loss=losses[0]))  # every error before any training
+    split = prepare(entry_config(base, losses[0]))  # every error before any training
     runs = []
     for loss in losses:
         for seed in seeds:
-            cfg = dataclasses.replace(base, loss=loss, seed=seed, out=os.path.join(out, "runs", f"{loss}-seed{seed}"))
+            cfg = dataclasses.replace(entry_config(base, loss), seed=seed, out=os.path.join(out, "runs", f"{loss}-seed{seed}"))
             done = _finished(cfg)
             if done is None:
                 resume = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
@@ -37,7 +57,7 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
                 if True:  # a summary line per run, like train's per-epoch lines
                     print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
                           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-            runs.append(done)
+            runs.append(dict(done, entry=loss))
     summary = summarise(runs, losses)
     os.makedirs(out, exist_ok=True)
     write_text_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
@@ -53,7 +73,7 @@ def _finished(cfg):
     with open(path) as f:
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
-    saved = {**dataclasses.asdict(type(cfg)()), **result["config"]}
+    saved = {**dataclasses.asdict(type(cfg)()), **LEGACY_DEFAULTS, **result["config"]}
     runtime = type(cfg).RUNTIME_FIELDS
     same = {k: v for k, v in saved.items() if k not in runtime} == {
         k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
@@ -65,7 +85,7 @@ def summarise(runs, losses):
     first = runs[0]
     per_loss = {}
     for loss in losses:
-        rs = [r for r in runs if r["config"]["loss"] == loss]
+        rs = [r for r in runs if r.get("entry", r["config"]["loss"]) == loss]
         # a metric missing from a run saved before it existed counts as NaN (shown as "-")
         final = {m: [r["history"][-1].get(m, float("nan")) for r in rs] for m in METRICS}
         curve = np.array([[h["recall@1"] for h in r["history"]] for r in rs])
@@ -80,7 +100,32 @@ def summarise(runs, losses):
         )
     dataset = dict(first["dataset"])
     return dict(dataset=dataset, config={k: v for k, v in first["config"].items() if k not in ("loss", "seed", "out")},
-                batch=first["batch"], model=first["model"], floor=first["floor"], losses=per_loss)
+                batch=first["batch"], model=first["model"], floor=first["floor"], losses=per_loss,
+                paired=paired_tests(per_loss))
+
+
+def paired_tests(per_loss, metric="recall@1"):
+    """Each entry against the first on final ``metric``, paired by seed (``scipy.stats.ttest_rel``):
+    {entry: {"mean_difference", "t", "p", "seeds"}}; p is None with fewer than 2 common seeds or
+    identical differences."""
+    from scipy.stats import ttest_rel
+
+    names = list(per_loss)
+    first = per_loss[names[0]]
+    ref = dict(zip(first["seeds"], first["final"][metric]["values"]))
+    out = {}
+    for name in names[1:]:
+        other = dict(zip(per_loss[name]["seeds"], per_loss[name]["final"][metric]["values"]))
+        seeds = sorted(set(ref) & set(other))
+        a, b = np.array([other[s] for s in seeds]), np.array([ref[s] for s in seeds])
+        diff = a - b
+        t = p = None
+        if len(seeds) >= 2 and np.ptp(diff) > 0:
+            res = ttest_rel(a, b)
+            t, p = float(res.statistic), float(res.pvalue)
+        out[name] = dict(against=names[0], mean_difference=float(diff.mean()) if len(seeds) else None,
+                         t=t, p=p, seeds=seeds)
+    return out
 
 
 def _unit_lr(cfg):
@@ -107,6 +152,13 @@ def markdown(summary):
         lines.append(f"| {loss} | " + " | ".join(cells) + f" | {r['train_time_mean'][-1]:.0f} |")
     floor = summary["floor"]
     lines.append("| raw pixels | " + " | ".join(f"{floor[m]:.3f}" if m in floor else "-" for m in METRICS) + " | |")
+    if summary.get("paired"):
+        lines += ["", "Paired test on final Recall@1 against the first entry (same seeds; scipy.stats.ttest_rel):", "",
+                  "| entry | mean difference | t | p |", "|---|---|---|---|"]
+        for name, t in summary["paired"].items():
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            lines.append(f"| {name} - {t['against']} | {fmt(t['mean_difference'], '+.3f')} | {fmt(t['t'], '.2f')} "
+                         f"| {fmt(t['p'], '.3f')} |")
     lines += ["", "train s: mean cumulative training time (evaluation excluded) in seconds, wall clock on the "
               "machine that ran it; on a shared machine it measures the load as much as the loss."]
     lines += ["", "Recall@1 (mean over seeds) after each epoch:", "",

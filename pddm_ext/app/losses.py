@@ -99,8 +99,8 @@ class PDDMTripletLoss(PDDMLoss):
     ``self.unit`` as in ``PDDMLoss`` (same checkpoint keys). ``last_embedding_loss`` is the triplet loss.
     """
 
-    def __init__(self, embedding_dim, *, alpha=0.5, beta=1.0, lam=0.5, k=1):
-        super().__init__(embedding_dim, alpha=alpha, beta=beta, lam=0.0, k=k)
+    def __init__(self, embedding_dim, *, alpha=0.5, beta=1.0, lam=0.5, k=1, **options):
+        super().__init__(embedding_dim, alpha=alpha, beta=beta, lam=0.0, k=k, **options)
         self.triplet_weight = float(lam)
         self.triplet = euclidean_triplet_loss(beta)
 
@@ -116,10 +116,12 @@ def build_loss(cfg, p):
     """The loss module for ``cfg.loss`` (a TrainConfig); ``p`` classes per batch fixes the default number
     of mined pairs ``cfg.mine_k or P K / 2``."""
     mine_k = cfg.mine_k or max(1, p * cfg.k // 2)
+    options = dict(bce_weight=cfg.bce_weight, normalize_inputs=cfg.normalize_inputs, negatives=cfg.negatives,
+                   warmup_steps=cfg.warmup_steps)  # issue 13's options of PDDMLoss
     if cfg.loss == "pddm":
-        return PDDMLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k)
+        return PDDMLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k, **options)
     if cfg.loss == "pddm-triplet":
-        return PDDMTripletLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k)
+        return PDDMTripletLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k, **options)
     return EuclideanTripletLoss(cfg.loss, beta=cfg.beta)
 
 

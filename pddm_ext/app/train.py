@@ -39,7 +39,9 @@ import torch.nn as nn
 from ..integrations import distributed as dist_
 from . import extra_hint
 from . import datasets as data_mod
+from . import diagnostics as diag_mod
 from . import evaluate as ev
+from .augment import random_affine
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
 from .losses import LOSSES, EuclideanTripletLoss, PDDMTripletLoss, batch_stats, build_loss  # noqa: F401
 from .models import build_model, torchvision_available
@@ -56,12 +58,12 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint and result."""
 
-    dataset: str = "mnist5k"
+    dataset: str = "glyphs"  # issue 13: mnist5k's five training classes did not beat its raw pixels
     loss: str = "pddm"
     epochs: int = 8
     p: int | None = None  # classes per batch; default min(8, number of training classes)
     k: int = 8  # images per class in a batch
-    batches_per_epoch: int | None = None  # default: training images // (P K)
+    batches_per_epoch: int | None = 50  # None: training images // (P K)
     lr: float = 1e-3
     unit_lr: float | None = None  # Adam lr of the PDDM unit (PDDM losses); default: lr (one param group)
     embedding_dim: int = 64
@@ -69,6 +71,14 @@ class TrainConfig:
     alpha: float = 0.5  # PDDM metric-loss margin
     beta: float = 1.0  # embedding (triplet) margin on squared distances
     lam: float = 0.5  # weight of the embedding loss in the PDDM losses
+    # issue 13 (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS are the values before them)
+    bce_weight: float = 1.0  # PDDM losses: weight of the balanced BCE pair term (PDDMLoss(bce_weight=))
+    normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
+    negatives: str = "hardest"  # PDDM losses: hardest or semihard
+    warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
+    augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
+    schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
+    holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
     seed: int = 0
     device: str | None = None  # default: cuda when available, else cpu
     out: str | None = None  # default: runs/<dataset>-<loss>-seed<seed>
@@ -89,6 +99,17 @@ class TrainConfig:
             return self.out
         name = self.dataset.replace("/", "_").replace(":", "-").strip("_")
         return os.path.join("runs", f"{name}-{self.loss}-seed{self.seed}")
+
+
+# The values of the fields added by issue 13 before it: a checkpoint or result.json without them
+# resumes or compares as the run it was.
+LEGACY_DEFAULTS = dict(bce_weight=0.0, normalize_inputs=True, negatives="hardest", warmup_steps=0, augment=False,
+                       schedule="constant", holdout=0.0)
+
+
+def saved_config(config):
+    """TrainConfig of a saved config dict (checkpoint, result.json); missing fields take LEGACY_DEFAULTS."""
+    return TrainConfig(**{**LEGACY_DEFAULTS, **config})
 
 
 # --- configuration checks ---------------------------------------------------------------------
@@ -119,6 +140,16 @@ def check_config(cfg):
         raise ConfigError(f"batches_per_epoch must be >= 1, got {cfg.batches_per_epoch}")
     if cfg.mine_k is not None and cfg.mine_k < 1:
         raise ConfigError(f"mine_k must be >= 1, got {cfg.mine_k}")
+    if not cfg.bce_weight >= 0:
+        raise ConfigError(f"bce_weight must be >= 0, got {cfg.bce_weight}")
+    if cfg.negatives not in ("hardest", "semihard"):
+        raise ConfigError(f"negatives must be hardest or semihard, got {cfg.negatives!r}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.schedule not in ("onecycle", "constant"):
+        raise ConfigError(f"schedule must be onecycle or constant, got {cfg.schedule!r}")
+    if not 0 <= cfg.holdout < 1:
+        raise ConfigError(f"holdout must be in [0, 1), got {cfg.holdout}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
     if cfg.unit_lr is not None and not cfg.unit_lr > 0:
@@ -249,10 +280,40 @@ def format_table(history, floor):
 
 
 def format_epoch(entry):
-    """The per-epoch summary line (printed after every epoch, on a terminal or not)."""
+    """The per-epoch summary line (printed after every epoch, on a terminal or not), and for the PDDM
+    losses a second line with the unit's diagnostics (``pddm_ext.app.diagnostics``)."""
     metrics = "  ".join(f"{METRIC_TITLES[c]} {entry[c]:.3f}" for c in ("recall@1", "recall@8", "map@r", "r_precision", "nmi")
                         if c in entry)
-    return f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {metrics}  ({entry['epoch_time']:.1f} s)"
+    line = f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {metrics}  ({entry['epoch_time']:.1f} s)"
+    if entry.get("unit"):
+        line += "\n  " + diag_mod.format_diagnostics(entry["unit"])
+    return line
+
+
+def holdout_split(split, fraction, seed):
+    """``split`` with ``fraction`` of each training class's images moved to ``split.heldout`` (a
+    seeded choice, at least 2 per class when a class has >= 4 images, so held-out positive pairs
+    exist; none when fraction is 0). Returns (split, heldout dataset or None)."""
+    if fraction == 0:
+        return split, None
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(split.train_labels):
+        items = torch.nonzero(split.train_labels == c).flatten()
+        n = max(2, round(fraction * len(items))) if len(items) >= 4 else 0
+        held.append(items[torch.randperm(len(items), generator=g)[:n]])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(split.train_labels), dtype=torch.bool)
+    keep[held] = False
+    kept = keep.nonzero().flatten()
+
+    def subset(ds, idx):
+        if isinstance(ds, data_mod.TensorImages):
+            return data_mod.TensorImages(ds.images[idx], ds.labels[idx])
+        return torch.utils.data.Subset(ds, idx.tolist())
+
+    new = dataclasses.replace(split, train=subset(split.train, kept), train_labels=split.train_labels[kept])
+    return new, subset(split.train, held)
 
 
 def prepare(cfg):
@@ -290,7 +351,7 @@ class Run:
         checkpoint = self._load_checkpoint(cfg) if resume else None
         if checkpoint is not None:
             # a resumed run keeps its configuration; only the epoch budget, device and threads may change
-            cfg = dataclasses.replace(TrainConfig(**checkpoint["config"]), epochs=cfg.epochs, device=cfg.device,
+            cfg = dataclasses.replace(saved_config(checkpoint["config"]), epochs=cfg.epochs, device=cfg.device,
                                       threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
         self.cfg, self.resume = cfg, resume
         self.setup(split, checkpoint, progress)
@@ -307,7 +368,8 @@ class Run:
         else:
             check_config(cfg)
             check_against_data(cfg, split)
-        self.split = split
+        self.split, self.heldout = holdout_split(split, cfg.holdout, cfg.seed)
+        split = self.split
         device, world = _distribute.init(resolve_device(cfg.device))
         self.device, self.world, self.is_main = device, world, dist_.rank() == 0
         self.progress = progress and self.is_main  # progress bars (on a terminal only)
@@ -324,6 +386,11 @@ class Run:
         self.optimizer = build_optimizer(cfg, self.model, self.loss_fn)
         self.sampler = data_mod.PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
                                           seed=cfg.seed)
+        self.scheduler = None
+        if cfg.schedule == "onecycle":  # one cycle over the whole run (Smith & Topin 2019), peak at lr
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
+                total_steps=cfg.epochs * len(self.sampler))
         self.train_model, self.train_loss, self.batch_sampler = _distribute.wrap(
             self.model, self.loss_fn, self.sampler, device, world)
         self.history, self.start_epoch, self.train_time, floor = [], 0, 0.0, None
@@ -331,6 +398,12 @@ class Run:
             self.model.load_state_dict(checkpoint["model"])
             self.loss_fn.load_state_dict(checkpoint["loss"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scheduler is not None:
+                total = self.scheduler.total_steps
+                self.scheduler.load_state_dict(checkpoint["scheduler"])
+                # a resume may change the epoch budget: the rest of the cycle stretches to the new total
+                # (exact continuation holds only for an unchanged budget)
+                self.scheduler.total_steps = max(total, self.scheduler.last_epoch + 1)
             set_rng_state(checkpoint["rng"], self.sampler.generator)
             self.history, self.start_epoch = checkpoint["history"], checkpoint["epoch"]
             self.train_time, floor = checkpoint["train_time"], checkpoint["floor"]
@@ -376,10 +449,14 @@ class Run:
         bar = _progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device)
+            if self.cfg.augment:
+                x = random_affine(x)
             loss = self.train_loss(self.train_model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             losses.append(loss.item())
             for key, value in batch_stats(self.loss_fn).items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value
@@ -394,9 +471,26 @@ class Run:
                     epoch_time=epoch_time, train_time=self.train_time)
 
     def evaluate(self):
-        """Retrieval metrics of the current model on the test classes (``evaluate.retrieval_metrics``)."""
+        """Retrieval metrics of the current model on the test classes (``evaluate.retrieval_metrics``);
+        for the PDDM losses also ``unit``: the unit's diagnostics on held-out training-class pairs and
+        on unseen-class pairs, and the epoch's mean metric loss (``pddm_ext.app.diagnostics``).
+
+        The diagnostics also drive the warm-up (``warmup_steps``): it ends once the unit's AUC on
+        held-out pairs reaches that of Euclidean distance."""
         emb, labels = ev.embed(self.model, self.split.test, device=self.device)
-        return ev.retrieval_metrics(emb, labels, seed=self.cfg.seed)
+        out = ev.retrieval_metrics(emb, labels, seed=self.cfg.seed)
+        unit = getattr(self.loss_fn, "unit", None)
+        if unit is not None:
+            diag = dict(unseen=diag_mod.pair_diagnostics(emb, labels, unit, seed=self.cfg.seed), heldout=None)
+            if self.heldout is not None:
+                h_emb, h_labels = ev.embed(self.model, self.heldout, device=self.device)
+                diag["heldout"] = diag_mod.pair_diagnostics(h_emb, h_labels, unit, seed=self.cfg.seed)
+                h = diag["heldout"]
+                warming = getattr(self.loss_fn, "warmup_done", 0) < getattr(self.loss_fn, "warmup_steps", 0)
+                if warming and h["auc_S"] is not None and h["auc_S"] >= h["auc_euclidean"]:
+                    self.loss_fn.end_warmup()
+            out["unit"] = diag
+        return out
 
     def save(self, entry):
         """Appends ``entry`` to the history; rank 0 writes the checkpoint, the log line and the summary line."""
@@ -405,7 +499,12 @@ class Run:
         self.history.append(entry)
         if not self.is_main:
             return
+        if entry.get("unit"):
+            entry["unit"]["metric_loss"] = entry.get("mining", {}).get("metric_loss")
+            check = entry["unit"]["heldout"] or entry["unit"]["unseen"]
+            entry["unit"]["collapsed"] = diag_mod.collapsed(check)
         save_atomic(dict(model=self.model.state_dict(), loss=self.loss_fn.state_dict(),
+                         scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
                          optimizer=self.optimizer.state_dict(), epoch=entry["epoch"], rng=rng_state(self.sampler.generator),
                          config=dataclasses.asdict(self.cfg), history=self.history, train_time=self.train_time,
                          floor=self.floor, dataset=self.info), self.ckpt_path)
@@ -416,6 +515,10 @@ class Run:
                 self.tensorboard.add_scalar(tag, value, global_step=entry["epoch"])
             self.tensorboard.flush()
         self.say(format_epoch(entry))
+        if entry.get("unit", {}).get("collapsed"):
+            self.say(f"warning: the PDDM unit has collapsed: the spread of its scores is below "
+                     f"{diag_mod.COLLAPSE_SPREAD} (near-constant S; its hinge sits at 2 alpha and its ranking, "
+                     f"the AUC above, is all that mining uses). See README, 'Does the PDDM unit learn?'")
 
     def finish(self):
         """Rank 0 draws the plot and writes result.json; the process group started here is closed.
