@@ -10,8 +10,14 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace pddm_ext {
+
+// The mining ops' outputs, in the order of their schema (csrc/pddm_ext.cpp): hardest_positive, its
+// score, hardest_negative, its score, hardest_negative_of_ref, its score, pair_i, pair_r, pair_score.
+using MineResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor>;
 
 inline void check_same_kind(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),

@@ -148,4 +148,40 @@ C10_HOST_DEVICE inline void triangle_tile(int64_t t, int64_t nb, int64_t* bi, in
   *bj = row + (t - triangle_row_start(row, nb));
 }
 
+// The tiles of the pair space, rows x cols pairs each, for the CPU and CUDA kernels alike: batch mode
+// (y = x) visits the upper triangle of the square tile grid (tile rows bi <= tile columns bj),
+// numbered row by row; reference mode the whole (m, n) rectangle, row-major.
+struct TileGrid {
+  bool batch;
+  int64_t m, n, rows, cols;  // rows, cols: tile height and width
+
+  // Batch mode: square tiles over (m, m), whatever n and cols say.
+  static TileGrid make(bool batch, int64_t m, int64_t n, int64_t rows, int64_t cols) {
+    return batch ? TileGrid{true, m, m, rows, rows} : TileGrid{false, m, n, rows, cols};
+  }
+  C10_HOST_DEVICE int64_t row_blocks() const { return (m + rows - 1) / rows; }
+  C10_HOST_DEVICE int64_t col_blocks() const { return (n + cols - 1) / cols; }
+  C10_HOST_DEVICE int64_t count() const {
+    return batch ? triangle_tile_count(row_blocks()) : row_blocks() * col_blocks();
+  }
+  // The first row i0 and column r0 of tile t.
+  C10_HOST_DEVICE void tile(int64_t t, int64_t* i0, int64_t* r0) const {
+    int64_t bi, bj;
+    if (batch) {
+      triangle_tile(t, row_blocks(), &bi, &bj);
+    } else {
+      bi = t / col_blocks();
+      bj = t - bi * col_blocks();
+    }
+    *i0 = bi * rows;
+    *r0 = bj * cols;
+  }
+  // Rows [i0, i0 + ni) against columns [r0, r0 + nr) of tile t.
+  C10_HOST_DEVICE void tile(int64_t t, int64_t* i0, int64_t* ni, int64_t* r0, int64_t* nr) const {
+    tile(t, i0, r0);
+    *ni = m - *i0 < rows ? m - *i0 : rows;
+    *nr = n - *r0 < cols ? n - *r0 : cols;
+  }
+};
+
 }  // namespace pddm_ext

@@ -248,40 +248,14 @@ at::Tensor row_squared_norms(const at::Tensor& x) {
 // at::parallel_for grain: a problem of one tile runs inline rather than waking the thread team.
 constexpr int64_t kTilesPerTask = 2;
 
-// The tiles of the pair space. Batch mode (y = x) visits the upper triangle of square tiles only;
-// reference mode the whole (m, n) rectangle.
-struct TileGrid {
-  bool batch;
-  int64_t m, n, rows, cols;  // rows/cols: tile height/width
-  int64_t row_blocks() const { return (m + rows - 1) / rows; }
-  int64_t col_blocks() const { return (n + cols - 1) / cols; }
-  int64_t count() const {
-    return batch ? triangle_tile_count(row_blocks()) : row_blocks() * col_blocks();
-  }
-  // Rows [i0, i0 + ni) against columns [r0, r0 + nr) of tile t.
-  void tile(int64_t t, int64_t* i0, int64_t* ni, int64_t* r0, int64_t* nr) const {
-    int64_t bi, bj;
-    if (batch) {
-      triangle_tile(t, row_blocks(), &bi, &bj);
-    } else {
-      bi = t / col_blocks();
-      bj = t % col_blocks();
-    }
-    *i0 = bi * rows;
-    *ni = std::min(rows, m - *i0);
-    *r0 = bj * cols;
-    *nr = std::min(cols, n - *r0);
-  }
-};
-
 // Square tiles in batch mode (so the triangle is exact); in reference mode, tiles that keep about
 // `pairs` pairs even when there are few queries.
 inline TileGrid make_grid(bool batch, int64_t m, int64_t n, int64_t pairs) {
   int64_t side = std::max<int64_t>(1, static_cast<int64_t>(std::sqrt(static_cast<double>(pairs))));
-  if (batch) return {true, m, m, side, side};
+  if (batch) return TileGrid::make(true, m, m, side, side);
   const int64_t rows = std::min(side, m);
   const int64_t cols = std::max<int64_t>(1, std::min(pairs / rows, n));
-  return {false, m, n, rows, cols};
+  return TileGrid::make(false, m, n, rows, cols);
 }
 
 }  // namespace pddm_ext::cpu

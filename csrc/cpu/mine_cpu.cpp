@@ -92,9 +92,6 @@ struct MiningState {
   }
 };
 
-using MineResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor, at::Tensor>;
-
 // Runs the tiled pass: make_scorer() gives each thread a callable (i0, ni, r0, nr, S) that scores a
 // tile into S, row-major. Returns (hardest_positive, its score, hardest_negative, its score,
 // hardest_negative_of_ref, its score, pair_i, pair_r, pair_score) with pairs in docs/design.md#mining order.

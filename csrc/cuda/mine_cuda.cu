@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
   T* sm_w = sm + kStagingA;
   T* Z = block_workspace(sm, scratch, ws_elems);
   fold_begin(fs);
-  for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __res
   PDDM_SHARED_DECLARED();
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;  // rows ty, ty + 16; columns tx, tx + 16
   fold_begin(fs);
-  for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
@@ -367,9 +367,6 @@ __global__ void decode_keys_kernel(const unsigned long long* __restrict__ keys, 
     score[e] = from_ordered_bits(static_cast<uint32_t>(key >> 32));
   }
 }
-
-using MineResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor, at::Tensor>;
 
 // Number of positive pairs (batch mode: unordered, i < r) from the label counts.
 int64_t count_positive_pairs(const at::Tensor& lx, const at::Tensor& ly, bool batch) {
@@ -514,7 +511,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
-    const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count,
+    const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
@@ -545,7 +542,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "euclidean_mine_cuda", [&] {
     using T = scalar_t;
-    const auto plan = plan_launch(mine_euclidean_kernel<T>, x.get_device(), grid.count, 0, 0);
+    const auto plan = plan_launch(mine_euclidean_kernel<T>, x.get_device(), grid.count(), 0, 0);
     result = run_mining<T>(
         batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {

@@ -118,36 +118,7 @@ struct PairRows {
   int64_t n;
 };
 
-// The tiles of the pair space: batch mode (y = x) visits the upper triangle of the square tile grid
-// (tile rows bi <= tile columns bj), reference mode the whole rectangle.
-struct TileGrid {
-  bool batch;
-  int64_t row_blocks, col_blocks, count;
-  int tile_rows, tile_cols;
-
-  static TileGrid make(bool batch, int64_t m, int64_t n, int tile_rows, int tile_cols) {
-    TileGrid g;
-    g.batch = batch;
-    g.tile_rows = tile_rows;
-    g.tile_cols = batch ? tile_rows : tile_cols;
-    g.row_blocks = (m + tile_rows - 1) / tile_rows;
-    g.col_blocks = batch ? g.row_blocks : (n + g.tile_cols - 1) / g.tile_cols;
-    g.count = batch ? triangle_tile_count(g.row_blocks) : g.row_blocks * g.col_blocks;
-    return g;
-  }
-
-  __device__ void tile(int64_t t, int64_t* i0, int64_t* r0) const {
-    int64_t bi, bj;
-    if (batch) {
-      triangle_tile(t, row_blocks, &bi, &bj);
-    } else {
-      bi = t / col_blocks;
-      bj = t - bi * col_blocks;
-    }
-    *i0 = bi * tile_rows;
-    *r0 = bj * tile_cols;
-  }
-};
+// TileGrid (the tiles of the pair space) is in pddm_common.h, shared with the CPU kernels.
 
 // Per-pair scalars of the current tile (static shared memory).
 template <typename T>

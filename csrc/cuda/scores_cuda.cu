@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   T* sm_a = sm;
   T* sm_w = sm + kStagingA;
   T* Z = block_workspace(sm, scratch, ws_elems);
-  for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();  // the previous tile's readers of shared memory are done
@@ -57,14 +57,14 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   const int64_t m = in.m, n = in.n, h = in.h;
   auto out = at::empty({m, n}, x.options());
   const auto grid = TileGrid::make(in.batch, m, n, kTile, kTile);
-  if (grid.count == 0) return out;
+  if (grid.count() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
     using T = scalar_t;
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = int64_t(kPairs) * 2 * h;
-    const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count,
+    const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
 
-  for (int64_t t = blockIdx.x; t < grid.count; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();
@@ -430,7 +430,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     if (deterministic && slice_elems > 0) {
       max_blocks = std::min(max_blocks, std::max<int64_t>(1, (int64_t(256) << 20) / (slice_elems * int64_t(sizeof(T)))));
     }
-    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count,
+    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
