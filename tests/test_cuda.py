@@ -1,4 +1,4 @@
-"""The CUDA kernels against the reference (SPEC §1-§3, §5, §6), on every available device backend.
+"""The CUDA kernels against the reference (docs/design.md), on every available device backend.
 
 Backends (the ``device`` fixture): ``cuda``, a real GPU with a CUDA build of the package; ``emulated``,
 the CUDA emulation build (``make cuda-emulate``, docs/emulation.md), where the kernels of csrc/cuda/
@@ -6,7 +6,7 @@ run on the CPU for CPU tensors (PDDM_EMU_ORDER selects the thread order). With n
 CPU build) the backend tests skip. Tests marked ``needs_gpu`` need a real GPU (sizes, several
 devices). Tolerances: scores and gradients are compared relative to the largest reference magnitude
 (the fused kernels sum in another order); mined indices are correct when their reference score is
-within the SPEC §3 tolerance of the reference optimum for that slot.
+within the tolerance of docs/design.md#ties-and-tolerance of the reference optimum for that slot.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def test_concurrent_calls_with_different_hidden_sizes(device):
 
 
 def reference_slots(x, lx, y, ly, params, metric):
-    """Full score matrix (float64) and the masks of SPEC §3."""
+    """Full score matrix (float64) and the masks of docs/design.md#mining."""
     batch = y is None
     yy, lyy = (x, lx) if batch else (y, ly)
     if metric == "euclidean":
@@ -343,7 +343,7 @@ def check_mining(x, lx, y, ly, unit, metric, k):
         if rows.numel():
             want = M[rows, idx[rows]]
             assert bool(((s[rows].double() - want).abs() <= tol * (1 + want.abs())).all())
-    # The k lowest positive pairs: the right count, valid, distinct, in SPEC §3 order of their own
+    # The k lowest positive pairs: the right count, valid, distinct, in the order of docs/design.md#mining, of their own
     # scores, and none better than the reference's k-th.
     pos = positive.triu(1) if batch else positive
     n_pos = int(pos.sum())
@@ -536,7 +536,7 @@ def test_second_device_if_present():
     assert rel_err(S1.cpu(), S0.cpu()) < 1e-5
 
 
-# ---- bad input (SPEC §6) ----------------------------------------------------------------------------
+# ---- bad input (docs/design.md#errors) --------------------------------------------------------------
 
 
 @needs_gpu

@@ -20,7 +20,7 @@ Two ways to run a configuration:
   a balanced BCE pair-classification term on S (``--bce``), a warm-up that mines by Euclidean
   distance until the unit separates held-out training-class pairs as well as Euclidean distance
   does (``--warmup``), and the unit form (``--distance-aware``: u, v fed to W_u, W_v unnormalised,
-  SPEC §1 "Two forms").
+  docs/design.md, "The two forms").
 
 Usage (each prints one line per seed and the mean; ``--json`` appends results to a file):
 
@@ -78,7 +78,7 @@ def pk_batches(labels, p, k, generator):
 
 
 # ---------------------------------------------------------------------------------------------
-# The unit's score in plain PyTorch, in both forms (SPEC §1): only the normalisation of u, v differs.
+# The unit's score in plain PyTorch, in both forms (docs/design.md, "The two forms"): only the normalisation of u, v differs.
 
 def unit_pair_scores(a, b, unit, normalize_inputs):
     u = (a - b).abs()
