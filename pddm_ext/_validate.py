@@ -20,6 +20,7 @@ Data-dependent checks (NaN/Inf, index ranges) go through :func:`check_condition`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import numbers
 
 import torch
@@ -45,44 +46,47 @@ def check_float(name, t):
         )
 
 
-_force_async = False  # set by asynchronous_checks()
+# Both switches are per thread and per asyncio task (contextvars): entering one in a thread never
+# changes what another thread checks (the default context of a new thread starts with both unset).
+_force_async = contextvars.ContextVar("pddm_ext_force_async", default=False)  # asynchronous_checks()
+_validated = contextvars.ContextVar("pddm_ext_validated", default=())  # already_validated(*tensors)
 
 
 @contextlib.contextmanager
 def asynchronous_checks():
     """Within this block, data-dependent checks on CPU take the asynchronous path CUDA takes
     (``torch._assert_async``), so CPU tests can prove that validation never reads a tensor's value
-    on the host (tests/test_layers.py). Not thread-safe; for tests and debugging."""
-    global _force_async
-    previous, _force_async = _force_async, True
+    on the host (tests/test_layers.py). The switch is held in a ``contextvars.ContextVar``: it applies
+    to the calling thread (or asyncio task) only; other threads keep the eager ``ValueError``."""
+    token = _force_async.set(True)
     try:
         yield
     finally:
-        _force_async = previous
-
-
-_skip_data_checks = False  # set by already_validated()
+        _force_async.reset(token)
 
 
 @contextlib.contextmanager
-def already_validated():
-    """Within this block, data-dependent checks are skipped (structural ones still run): for a
-    public entry point handing data it has just validated to another public entry point (PDDMLoss
-    enqueueing its validated batch into ``memory``), so each tensor is checked once per call."""
-    global _skip_data_checks
-    previous, _skip_data_checks = _skip_data_checks, True
+def already_validated(*tensors):
+    """Within this block, the NaN/Inf check is skipped for exactly the given tensor objects
+    (compared by identity, ``is``), which the caller has just checked: for a public entry point
+    handing data it validated to another public entry point (PDDMLoss enqueueing its validated
+    batch into ``memory``), so each tensor is checked once per call. Every other tensor is still
+    checked, so a user's code called from inside (a custom memory's ``enqueue`` calling pddm_ext on
+    its own tensors) keeps its checks; structural checks always run. The set is held in a
+    ``contextvars.ContextVar``: it applies to the calling thread (or asyncio task) only."""
+    token = _validated.set(_validated.get() + tuple(tensors))
     try:
         yield
     finally:
-        _skip_data_checks = previous
+        _validated.reset(token)
 
 
 def check_condition(cond, message, device, exc=ValueError):
     """Raises ``exc(message)`` unless the 0-dim bool tensor ``cond`` is true, without a host sync
     where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped."""
-    if device.type == "meta" or _skip_data_checks:
+    if device.type == "meta":
         return
-    if device.type == "cpu" and not (_force_async or _is_compiling()):
+    if device.type == "cpu" and not (_force_async.get() or _is_compiling()):
         if not bool(cond):
             raise exc(message)
         return
@@ -90,8 +94,9 @@ def check_condition(cond, message, device, exc=ValueError):
 
 
 def check_finite(name, t):
-    """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile)."""
-    if t.numel() > 0 and not _skip_data_checks:
+    """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile).
+    Skipped for a tensor object the caller declared checked with :func:`already_validated`."""
+    if t.numel() > 0 and not any(t is v for v in _validated.get()):
         check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
 
 

@@ -270,8 +270,9 @@ class PDDMLoss(nn.Module):
         quads = _mine_hard(x, labels, y, ly, mining_params, self.k, "pddm", self.unit.normalize_inputs)
         loss = self._loss(f, f if f_ref is None else f_ref, quads)
         if self.memory is not None:
-            with V.already_validated():  # f was checked on entry: the bank need not check it again
-                self.memory.enqueue(f.detach(), labels)
+            rows = f.detach()
+            with V.already_validated(rows):  # f was checked on entry: the bank need not check it again
+                self.memory.enqueue(rows, labels)
         return loss
 
     def _scores(self, a, b):

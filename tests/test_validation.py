@@ -504,3 +504,85 @@ def test_raw_mining_ops_reject_bad_labels_and_k(op):
         mine(x, lx, None, None, *unit_args, -2)
     with pytest.raises(ValueError, match="y must be a non-empty"):
         mine(x, lx, torch.randn(7, 3), ly, *unit_args, 1)
+
+
+# -- F1: the "already validated" and "asynchronous checks" switches are per thread / per context ------------
+
+
+def _nan_batch():
+    bad = torch.randn(6, 4)
+    bad[0, 0] = float("nan")
+    return bad, torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def test_a_memory_enqueue_in_another_thread_does_not_switch_off_nan_checks():
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowBank:  # any object with get()/enqueue() is a valid memory=
+        def get(self):
+            return None, None
+
+        def enqueue(self, emb, labels):  # PDDMLoss calls this inside _validate.already_validated()
+            inside.set()
+            release.wait(30)
+
+    loss_fn = pddm_ext.PDDMLoss(4, memory=SlowBank())
+    x, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    t = threading.Thread(target=lambda: loss_fn(x, labels))
+    t.start()
+    try:
+        assert inside.wait(30)
+        bad, _ = _nan_batch()
+        unit = pddm_ext.PDDM(4)
+        with pytest.raises(ValueError, match="embeddings contains NaN or Inf"):
+            pddm_ext.mine_hard(bad, labels, unit, k=None)
+        with pytest.raises(ValueError, match="contains NaN or Inf"):
+            unit(bad)
+        with pytest.raises(ValueError, match="embeddings contains NaN or Inf"):
+            pddm_ext.batch_hard(bad, labels)
+    finally:
+        release.set()
+        t.join()
+
+
+def test_a_users_enqueue_calling_pddm_ext_keeps_its_checks():
+    seen = []
+
+    class CheckingBank:
+        def get(self):
+            return None, None
+
+        def enqueue(self, emb, labels):
+            bad, _ = _nan_batch()
+            with pytest.raises(ValueError, match="contains NaN or Inf"):
+                pddm_ext.PDDM(4)(bad)
+            seen.append(pddm_ext.PDDM(4)(emb).shape)  # the batch the loss validated is fine to use
+
+    pddm_ext.PDDMLoss(4, memory=CheckingBank())(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert seen == [(6, 6)]
+
+
+def test_asynchronous_checks_in_another_thread_keep_the_eager_value_error():
+    import threading
+
+    from pddm_ext import _validate as V
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with V.asynchronous_checks():
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert inside.wait(30)
+        bad, _ = _nan_batch()
+        with pytest.raises(ValueError, match="contains NaN or Inf"):
+            pddm_ext.PDDM(4)(bad)
+    finally:
+        release.set()
+        t.join()
