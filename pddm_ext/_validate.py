@@ -86,7 +86,7 @@ def check_condition(cond, message, device, exc=ValueError):
     where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped."""
     if device.type == "meta":
         return
-    if device.type == "cpu" and not (_force_async.get() or _is_compiling()):
+    if device.type == "cpu" and not (_is_compiling() or _force_async.get()):  # Dynamo cannot trace ContextVar.get
         if not bool(cond):
             raise exc(message)
         return
@@ -95,8 +95,9 @@ def check_condition(cond, message, device, exc=ValueError):
 
 def check_finite(name, t):
     """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile).
-    Skipped for a tensor object the caller declared checked with :func:`already_validated`."""
-    if t.numel() > 0 and not any(t is v for v in _validated.get()):
+    Skipped for a tensor object the caller declared checked with :func:`already_validated` (not while
+    torch.compile traces, which cannot read a ContextVar: there the check is an asynchronous assert)."""
+    if t.numel() > 0 and (_is_compiling() or not any(t is v for v in _validated.get())):
         check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
 
 
