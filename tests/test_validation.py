@@ -586,3 +586,41 @@ def test_asynchronous_checks_in_another_thread_keep_the_eager_value_error():
     finally:
         release.set()
         t.join()
+
+
+# -- F2: raw ops with one argument on meta reach the fake kernels, which must check devices ---------------
+
+
+def _raw_cases():
+    u = make_unit(D, H, C)
+    params = [p.detach() for p in u.params()]
+    x, lab = torch.randn(5, D), torch.tensor([0, 0, 1, 1, 2])
+
+    def moved(i):
+        return [p.to("meta") if j == i else p for j, p in enumerate(params)]
+
+    ops = torch.ops.pddm_ext
+    return [
+        ("y", lambda: ops.scores(x, x.to("meta"), *params)),
+        ("W_u", lambda: ops.scores(x, None, *moved(0))),
+        ("y", lambda: ops.scores(x.to("meta"), x, *params)),  # x on meta, the rest on cpu
+        ("b_s", lambda: ops.scores_backward(torch.randn(5, 5), x, None, *moved(7), [True, True, True])),
+        ("grad", lambda: ops.scores_backward(torch.randn(5, 5, device="meta"), x, None, *params, [True, True, True])),
+        ("w_s", lambda: ops.mine_pddm(x, lab, None, None, *moved(6), 2, True)),
+        ("x_labels", lambda: ops.mine_euclidean(x, lab.to("meta"), None, None, 2)),
+        ("y_labels", lambda: ops.mine_euclidean(x, lab, x, lab.to("meta"), 2)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_raw_ops_with_one_argument_on_meta_raise(case):
+    name, call = _raw_cases()[case]
+    with pytest.raises(ValueError, match=rf"pddm_ext::\w+: .*{names(name)}.* is on (meta|cpu) but x is on"):
+        call()
+
+
+def test_raw_scores_on_all_meta_inputs_still_give_shapes():
+    u = make_unit(D, H, C)
+    params = [p.detach().to("meta") for p in u.params()]
+    out = torch.ops.pddm_ext.scores(torch.randn(5, D, device="meta"), torch.randn(3, D, device="meta"), *params)
+    assert out.shape == (5, 3) and out.device.type == "meta"
