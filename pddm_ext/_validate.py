@@ -227,13 +227,20 @@ def compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32
 
 
+INT64_MAX = 2**63 - 1
+
+
 def check_k(k):
+    """The number of positive pairs to mine: None (all) or an int in [1, 2**63 - 1] (the kernels' int64);
+    TypeError for a non-int, ValueError naming ``k`` outside that range."""
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a positive int or None, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1 (or None for all positive pairs), got {k}")
+    if k > INT64_MAX:
+        raise ValueError(f"k must be at most 2**63 - 1 (or None for all positive pairs), got {k}")
     return int(k)
 
 

@@ -624,3 +624,27 @@ def test_raw_scores_on_all_meta_inputs_still_give_shapes():
     params = [p.detach().to("meta") for p in u.params()]
     out = torch.ops.pddm_ext.scores(torch.randn(5, D, device="meta"), torch.randn(3, D, device="meta"), *params)
     assert out.shape == (5, 3) and out.device.type == "meta"
+
+
+# -- F4: k beyond int64 is a ValueError naming k, at every entry point -------------------------------------
+
+
+@pytest.mark.parametrize("k", [2**63, 2**64 + 5, 10**30])
+@pytest.mark.parametrize("entry", ["mine_hard", "loss", "miner"])
+def test_k_beyond_int64_is_rejected(entry, k):
+    x, lab, u = torch.randn(6, D), torch.tensor([0, 0, 1, 1, 2, 2]), make_unit(D, H, C)
+    with pytest.raises(ValueError, match=r"k must be at most 2\*\*63 - 1"):
+        if entry == "mine_hard":
+            pddm_ext.mine_hard(x, lab, u, k=k)
+        elif entry == "loss":
+            pddm_ext.PDDMLoss(D, k=k)
+        else:
+            pddm_ext.PDDMMiner(unit=u, k=k)
+
+
+def test_the_largest_int64_k_means_all_pairs():
+    x, lab, u = torch.randn(6, D), torch.tensor([0, 0, 1, 1, 2, 2]), make_unit(D, H, C)
+    every = pddm_ext.mine_hard(x, lab, u, k=None)
+    top = pddm_ext.mine_hard(x, lab, u, k=2**63 - 1)
+    assert all(torch.equal(a, b) for a, b in zip(every, top) if isinstance(a, torch.Tensor))
+    assert torch.equal(every.anchor, top.anchor) and every.anchor.numel() > 0
