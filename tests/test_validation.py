@@ -648,3 +648,19 @@ def test_the_largest_int64_k_means_all_pairs():
     top = pddm_ext.mine_hard(x, lab, u, k=2**63 - 1)
     assert all(torch.equal(a, b) for a, b in zip(every, top) if isinstance(a, torch.Tensor))
     assert torch.equal(every.anchor, top.anchor) and every.anchor.numel() > 0
+
+
+# -- F11: Quadruplets.as_triplets checks that its fields have one length ----------------------------------
+
+
+@pytest.mark.parametrize("field", ["anchor", "positive", "anchor_negative", "positive_negative"])
+@pytest.mark.parametrize("ref", [False, True])
+def test_as_triplets_rejects_fields_of_different_lengths(field, ref):
+    x, lab, u = torch.randn(6, D), torch.tensor([0, 0, 1, 1, 2, 2]), make_unit(D, H, C)
+    kwargs = dict(ref_emb=torch.randn(5, D), ref_labels=torch.tensor([0, 1, 2, 0, 1])) if ref else {}
+    q = pddm_ext.mine_hard(x, lab, u, k=None, **kwargs)
+    assert len(q.anchor) > 1
+    short = q._replace(**{field: getattr(q, field)[:1]})
+    with pytest.raises(ValueError, match=rf"Quadruplets fields must all have one length, .*{field} 1"):
+        short.as_triplets()
+    assert all(len(t) == len(q.as_triplets()[0]) for t in q.as_triplets())  # the unmodified one still works
