@@ -138,7 +138,12 @@ def check_labels(name, labels, length, device):
 
 
 def check_params(params, d, device):
-    """The eight PDDM parameters, in PARAM_NAMES order, with consistent shapes for input dim d."""
+    """The eight PDDM parameters, in PARAM_NAMES order, with consistent shapes for input dim d.
+    ``params`` must be a tuple or list (``TypeError`` naming params otherwise, e.g. for a PDDM module)."""
+    if not isinstance(params, (tuple, list)):
+        hint = ": pass unit.params()" if hasattr(params, "params") else ""
+        raise TypeError(f"params must be a tuple of the {len(PARAM_NAMES)} parameters {PARAM_NAMES}{hint}, "
+                        f"got {type(params).__name__}")
     if len(params) != len(PARAM_NAMES):
         raise ValueError(f"expected {len(PARAM_NAMES)} parameters {PARAM_NAMES}, got {len(params)}")
     for name, p in zip(PARAM_NAMES, params):
@@ -261,9 +266,12 @@ def resolve_metric(metric, unit):
 
 
 def check_bool(name, value):
-    """A plain bool option (not a tensor, not an int)."""
+    """A plain bool option (not a tensor, not an int); NumPy's bool scalar is accepted and returned as bool."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+        kind = type(value).__name__ if type(value).__module__ == "builtins" else f"{type(value).__module__}.{type(value).__name__}"
+        raise TypeError(f"{name} must be a bool (True or False), got {kind}")
     return value
 
 

@@ -179,8 +179,8 @@ class PDDMLoss(nn.Module):
     ``indices_tuple``), differentiated here: the formulas' one home.
 
     Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
-    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers (``TypeError`` /
-    ``ValueError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
+    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` /
+    ``ValueError`` otherwise); ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
     naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
     mining and scoring inside take unchecked paths.
 
@@ -214,10 +214,12 @@ class PDDMLoss(nn.Module):
         super().__init__()
         self.unit = PDDM(embedding_dim, hidden_features, joint_features)
         self.alpha, self.beta, self.lam = (V.check_number(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("lam", lam)))
+        if self.lam < 0:  # a negative weight would reward embedding-loss violations
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
         self.k = V.check_k(k)
-        self.normalize = bool(normalize)
+        self.normalize = V.check_bool("normalize", normalize)
         self.memory = V.check_memory(memory, embedding_dim)
-        self.distributed = bool(distributed)
+        self.distributed = V.check_bool("distributed", distributed)
         self.last_quadruplets = None
         self.last_triplets = None
         self.last_metric_loss = None

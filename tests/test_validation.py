@@ -664,3 +664,40 @@ def test_as_triplets_rejects_fields_of_different_lengths(field, ref):
     with pytest.raises(ValueError, match=rf"Quadruplets fields must all have one length, .*{field} 1"):
         short.as_triplets()
     assert all(len(t) == len(q.as_triplets()[0]) for t in q.as_triplets())  # the unmodified one still works
+
+
+# -- F8: messages that name the argument and its real type; bool options; lam >= 0 ---------------------------
+
+
+def test_pair_scores_with_a_module_as_params_names_params():
+    u = make_unit(D, H, C)
+    x = torch.randn(6, D)
+    with pytest.raises(TypeError, match=r"params must be a tuple of the 8 parameters .*: pass unit.params\(\), got PDDM"):
+        pddm_ext.pair_scores(x, x, u)
+    with pytest.raises(TypeError, match=r"params must be a tuple .*got Tensor"):
+        pddm_ext.pair_scores(x, x, u.W_u.detach())
+    assert pddm_ext.pair_scores(x, x, u.params()).shape == (6,)
+    assert pddm_ext.pair_scores(x, x, list(u.params())).shape == (6,)
+
+
+def test_numpy_bool_is_accepted_as_a_bool_option():
+    np = pytest.importorskip("numpy")
+    u = pddm_ext.PDDM(D, normalize_inputs=np.bool_(False))
+    assert u.normalize_inputs is False
+    loss = pddm_ext.PDDMLoss(D, normalize=np.bool_(False), distributed=np.bool_(False))
+    assert loss.normalize is False and loss.distributed is False
+    with pytest.raises(TypeError, match="normalize_inputs must be a bool .*got numpy.int64"):
+        pddm_ext.PDDM(D, normalize_inputs=np.int64(1))
+
+
+@pytest.mark.parametrize("option", ["normalize", "distributed"])
+@pytest.mark.parametrize("value", ["no", 1, None, torch.tensor(True)])
+def test_pddm_loss_bool_options_must_be_bools(option, value):
+    with pytest.raises(TypeError, match=rf"{option} must be a bool \(True or False\), got"):
+        pddm_ext.PDDMLoss(D, **{option: value})
+
+
+def test_pddm_loss_rejects_a_negative_lam():
+    with pytest.raises(ValueError, match=r"lam must be >= 0, got -1.0"):
+        pddm_ext.PDDMLoss(D, lam=-1.0)
+    assert pddm_ext.PDDMLoss(D, lam=0.0).lam == 0.0
