@@ -20,6 +20,7 @@ Data-dependent checks (NaN/Inf, index ranges) go through :func:`check_condition`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import numbers
 
 import torch
@@ -45,44 +46,47 @@ def check_float(name, t):
         )
 
 
-_force_async = False  # set by asynchronous_checks()
+# Both switches are per thread and per asyncio task (contextvars): entering one in a thread never
+# changes what another thread checks (the default context of a new thread starts with both unset).
+_force_async = contextvars.ContextVar("pddm_ext_force_async", default=False)  # asynchronous_checks()
+_validated = contextvars.ContextVar("pddm_ext_validated", default=())  # already_validated(*tensors)
 
 
 @contextlib.contextmanager
 def asynchronous_checks():
     """Within this block, data-dependent checks on CPU take the asynchronous path CUDA takes
     (``torch._assert_async``), so CPU tests can prove that validation never reads a tensor's value
-    on the host (tests/test_layers.py). Not thread-safe; for tests and debugging."""
-    global _force_async
-    previous, _force_async = _force_async, True
+    on the host (tests/test_layers.py). The switch is held in a ``contextvars.ContextVar``: it applies
+    to the calling thread (or asyncio task) only; other threads keep the eager ``ValueError``."""
+    token = _force_async.set(True)
     try:
         yield
     finally:
-        _force_async = previous
-
-
-_skip_data_checks = False  # set by already_validated()
+        _force_async.reset(token)
 
 
 @contextlib.contextmanager
-def already_validated():
-    """Within this block, data-dependent checks are skipped (structural ones still run): for a
-    public entry point handing data it has just validated to another public entry point (PDDMLoss
-    enqueueing its validated batch into ``memory``), so each tensor is checked once per call."""
-    global _skip_data_checks
-    previous, _skip_data_checks = _skip_data_checks, True
+def already_validated(*tensors):
+    """Within this block, the NaN/Inf check is skipped for exactly the given tensor objects
+    (compared by identity, ``is``), which the caller has just checked: for a public entry point
+    handing data it validated to another public entry point (PDDMLoss enqueueing its validated
+    batch into ``memory``), so each tensor is checked once per call. Every other tensor is still
+    checked, so a user's code called from inside (a custom memory's ``enqueue`` calling pddm_ext on
+    its own tensors) keeps its checks; structural checks always run. The set is held in a
+    ``contextvars.ContextVar``: it applies to the calling thread (or asyncio task) only."""
+    token = _validated.set(_validated.get() + tuple(tensors))
     try:
         yield
     finally:
-        _skip_data_checks = previous
+        _validated.reset(token)
 
 
 def check_condition(cond, message, device, exc=ValueError):
     """Raises ``exc(message)`` unless the 0-dim bool tensor ``cond`` is true, without a host sync
     where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped."""
-    if device.type == "meta" or _skip_data_checks:
+    if device.type == "meta":
         return
-    if device.type == "cpu" and not (_force_async or _is_compiling()):
+    if device.type == "cpu" and not (_is_compiling() or _force_async.get()):  # Dynamo cannot trace ContextVar.get
         if not bool(cond):
             raise exc(message)
         return
@@ -90,8 +94,10 @@ def check_condition(cond, message, device, exc=ValueError):
 
 
 def check_finite(name, t):
-    """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile)."""
-    if t.numel() > 0 and not _skip_data_checks:
+    """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile).
+    Skipped for a tensor object the caller declared checked with :func:`already_validated` (not while
+    torch.compile traces, which cannot read a ContextVar: there the check is an asynchronous assert)."""
+    if t.numel() > 0 and (_is_compiling() or not any(t is v for v in _validated.get())):
         check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
 
 
@@ -132,7 +138,12 @@ def check_labels(name, labels, length, device):
 
 
 def check_params(params, d, device):
-    """The eight PDDM parameters, in PARAM_NAMES order, with consistent shapes for input dim d."""
+    """The eight PDDM parameters, in PARAM_NAMES order, with consistent shapes for input dim d.
+    ``params`` must be a tuple or list (``TypeError`` naming params otherwise, e.g. for a PDDM module)."""
+    if not isinstance(params, (tuple, list)):
+        hint = ": pass unit.params()" if hasattr(params, "params") else ""
+        raise TypeError(f"params must be a tuple of the {len(PARAM_NAMES)} parameters {PARAM_NAMES}{hint}, "
+                        f"got {type(params).__name__}")
     if len(params) != len(PARAM_NAMES):
         raise ValueError(f"expected {len(PARAM_NAMES)} parameters {PARAM_NAMES}, got {len(params)}")
     for name, p in zip(PARAM_NAMES, params):
@@ -221,13 +232,20 @@ def compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32
 
 
+INT64_MAX = 2**63 - 1
+
+
 def check_k(k):
+    """The number of positive pairs to mine: None (all) or an int in [1, 2**63 - 1] (the kernels' int64);
+    TypeError for a non-int, ValueError naming ``k`` outside that range."""
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a positive int or None, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1 (or None for all positive pairs), got {k}")
+    if k > INT64_MAX:
+        raise ValueError(f"k must be at most 2**63 - 1 (or None for all positive pairs), got {k}")
     return int(k)
 
 
@@ -248,9 +266,12 @@ def resolve_metric(metric, unit):
 
 
 def check_bool(name, value):
-    """A plain bool option (not a tensor, not an int)."""
+    """A plain bool option (not a tensor, not an int); NumPy's bool scalar is accepted and returned as bool."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+        kind = type(value).__name__ if type(value).__module__ == "builtins" else f"{type(value).__module__}.{type(value).__name__}"
+        raise TypeError(f"{name} must be a bool (True or False), got {kind}")
     return value
 
 

@@ -51,8 +51,13 @@ class Quadruplets(NamedTuple):
 
         Batch mode: 2q triplets, ``(i, r, k)`` then ``(r, i, l)``. Reference mode: the q triplets
         ``(i, r, k)``, anchors indexing the embeddings, positives and negatives ``ref_emb``.
+        Raises ``ValueError`` when the four index fields do not all have one length (e.g. after ``_replace``).
         """
         i, r, k, l_ = self.anchor, self.positive, self.anchor_negative, self.positive_negative
+        lengths = {name: len(t) for name, t in zip(self._fields[:4], (i, r, k, l_))}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"Quadruplets fields must all have one length, got "
+                             f"{', '.join(f'{n} {q}' for n, q in lengths.items())}")
         if not self.batch_mode:
             return i, r, k
         return torch.cat([i, r]), torch.cat([r, i]), torch.cat([k, l_])

@@ -266,8 +266,8 @@ class PDDMLoss(nn.Module):
     ``indices_tuple``), differentiated here: the formulas' one home.
 
     Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
-    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers (``TypeError`` /
-    ``ValueError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
+    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` /
+    ``ValueError`` otherwise); ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
     naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
     mining and scoring inside take unchecked paths.
 
@@ -303,6 +303,8 @@ class PDDMLoss(nn.Module):
         self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
                          dropout=unit_dropout)
         self.alpha, self.beta, self.lam = (V.check_number(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("lam", lam)))
+        if self.lam < 0:  # a negative weight would reward embedding-loss violations
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
         self.k = V.check_k(k)
         if not isinstance(negatives, str) or negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
@@ -314,9 +316,9 @@ class PDDMLoss(nn.Module):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = warmup_steps
         self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
-        self.normalize = bool(normalize)
+        self.normalize = V.check_bool("normalize", normalize)
         self.memory = V.check_memory(memory, embedding_dim)
-        self.distributed = bool(distributed)
+        self.distributed = V.check_bool("distributed", distributed)
         self.last_quadruplets = None
         self.last_triplets = None
         self.last_metric_loss = None
@@ -397,8 +399,9 @@ class PDDMLoss(nn.Module):
             self.warmup_done += 1
         loss = self._loss(f, f if f_ref is None else f_ref, quads) + self._pair_term(f, labels)
         if self.memory is not None:
-            with V.already_validated():  # f was checked on entry: the bank need not check it again
-                self.memory.enqueue(f.detach(), labels)
+            rows = f.detach()
+            with V.already_validated(rows):  # f was checked on entry: the bank need not check it again
+                self.memory.enqueue(rows, labels)
         return loss
 
     def _mine(self, x, labels, y, y_labels, params):

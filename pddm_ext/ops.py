@@ -103,14 +103,29 @@ def mine(x, x_labels, y, y_labels, params, k, metric=None, normalize_inputs=True
 # --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------
 
 
+_PARAM_NAMES = ("W_u", "b_u", "W_v", "b_v", "W_c", "b_c", "w_s", "b_s")
+
+
+def _check_one_device(op, x, named):
+    """Every tensor argument of a fake kernel on x's device (``ValueError`` naming the argument, as the
+    C++ op_checks say): a call with one argument on ``meta`` dispatches here, and must raise rather
+    than return uninitialised memory. Fake tensors under torch.compile / opcheck share one device."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"pddm_ext::{op}: {name} is on {t.device} but x is on {x.device}")
+
+
 @torch.library.register_fake("pddm_ext::scores")
 def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
+    _check_one_device("scores", x, zip(("y", *_PARAM_NAMES), (y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)))
     n = x.shape[0] if y is None else y.shape[0]
     return x.new_empty((x.shape[0], n))
 
 
 @torch.library.register_fake("pddm_ext::scores_backward")
 def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask, normalize_inputs=True):
+    _check_one_device("scores_backward", x,
+                      zip(("grad", "y", *_PARAM_NAMES), (grad, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)))
     # An input that needs no gradient (output_mask) gets an empty (0,) tensor.
     grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
     grad_y = torch.empty_like(y) if y is not None and output_mask[1] else x.new_empty((0,))
@@ -120,6 +135,9 @@ def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, ou
 
 def _mine_fake(x, x_labels, y, y_labels, *params_and_k, **options):
     """The outputs of every mining op (``MineResult``): only x, y and the data-dependent pair count matter."""
+    op = options.pop("_op", "mine")
+    params = [t for t in params_and_k if isinstance(t, torch.Tensor)]
+    _check_one_device(op, x, zip(("x_labels", "y", "y_labels", *_PARAM_NAMES), (x_labels, y, y_labels, *params)))
     m = x.shape[0]
     n = m if y is None else y.shape[0]
     ctx = torch.library.get_ctx()
@@ -132,7 +150,8 @@ def _mine_fake(x, x_labels, y, y_labels, *params_and_k, **options):
 
 
 for _metric in METRICS.values():
-    torch.library.register_fake(f"pddm_ext::{_metric.op}")(_mine_fake)
+    torch.library.register_fake(f"pddm_ext::{_metric.op}")(
+        lambda *args, _op=_metric.op, **options: _mine_fake(*args, _op=_op, **options))
 
 
 # --- autograd: the fused backward of scores ----------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -16,8 +18,8 @@ class PKSampler(torch.utils.data.Sampler):
 
     The old keywords ``p`` and ``k`` are still accepted for P and K (and ``.p`` / ``.k`` still read
     them); positional calls ``PKSampler(labels, P, K)`` are unchanged. Raises ``TypeError`` for a
-    non-int P or K, ``ValueError`` for empty / non-1-D / non-integer labels, K < 2, or P outside
-    [1, number of classes].
+    non-int P, K, ``num_batches`` or ``seed``, ``ValueError`` for empty / non-1-D / non-integer labels, K < 2,
+    P outside [1, number of classes], ``num_batches`` < 1 or a seed outside [-2**63, 2**64 - 1].
     """
 
     def __init__(self, labels, classes_per_batch=None, samples_per_class=None, *, num_batches=None, seed=None,
@@ -45,9 +47,19 @@ class PKSampler(torch.utils.data.Sampler):
         self.classes_per_batch, self.samples_per_class = classes_per_batch, samples_per_class
         self.by_class = [torch.nonzero(inverse == c).flatten() for c in range(len(classes))]
         batch_size = classes_per_batch * samples_per_class
-        self.num_batches = num_batches if num_batches is not None else max(1, labels.numel() // batch_size)
+        if num_batches is not None:
+            if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
+                raise TypeError(f"num_batches must be an int or None, got {type(num_batches).__name__}")
+            if num_batches < 1:
+                raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.num_batches = int(num_batches) if num_batches is not None else max(1, labels.numel() // batch_size)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         self.generator = torch.Generator()
-        self.generator.manual_seed(int(seed) if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
+        try:
+            self.generator.manual_seed(int(seed) if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
+        except (RuntimeError, ValueError, OverflowError) as exc:  # outside torch's seed range [-2**63, 2**64)
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {seed}") from exc
 
     @property
     def p(self):

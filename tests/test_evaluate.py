@@ -237,3 +237,25 @@ def test_ties_go_to_the_smaller_index_at_every_cutoff(dtype):
         nn_idx = ev.nearest_neighbours(x, k, block_rows=8)
         for i in range(len(x)):
             assert nn_idx[i].tolist() == exact_ranking(x, i)[:k], (k, i)
+
+
+# --- F3: float32 ties are exact ties, as in float64 ----------------------------------------------
+
+
+def test_float32_exact_ties_rank_in_index_order_as_float64_does():
+    # row 4 = (0, 2) is at squared distance exactly 4 from row 0 (-2, 2) and from row 2 (2, 2)
+    x = torch.tensor([[-2.0, 2.0], [2.0, 1.0], [2.0, 2.0], [2.0, -2.0], [0.0, 2.0]])
+    assert ev.nearest_neighbours(x, 3)[4].tolist() == [0, 2, 1]
+    assert ev.nearest_neighbours(x.double(), 3)[4].tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", range(6))
+def test_integer_grid_recall_matches_brute_force_in_every_dtype(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (30, 3), generator=g).to(dtype)
+    labels = torch.randint(0, 4, (30,), generator=g)
+    got = ev.recall_at_k(x, labels, (1, 2, 4), block_rows=7)
+    for k in (1, 2, 4):
+        assert got[k] == pytest.approx(brute_force_recall(x, labels, k), abs=1e-12)
+    assert torch.equal(ev.nearest_neighbours(x, 29, block_rows=7), ev.nearest_neighbours(x.double(), 29))

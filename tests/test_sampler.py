@@ -40,3 +40,26 @@ def test_old_and_new_spellings_give_the_same_batches():
 def test_bad_arguments_name_themselves(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         PKSampler(LABELS, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    (dict(num_batches=1.5), TypeError, "num_batches must be an int or None, got float"),
+    (dict(num_batches="3"), TypeError, "num_batches must be an int or None, got str"),
+    (dict(num_batches=True), TypeError, "num_batches must be an int or None, got bool"),
+    (dict(num_batches=0), ValueError, "num_batches must be >= 1, got 0"),
+    (dict(num_batches=-1), ValueError, "num_batches must be >= 1, got -1"),
+    (dict(seed="x"), TypeError, "seed must be an int or None, got str"),
+    (dict(seed=1.9), TypeError, "seed must be an int or None, got float"),
+    (dict(seed=2**64), ValueError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616"),
+])
+def test_num_batches_and_seed_are_checked_at_construction(kwargs, exc, pattern):
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with pytest.raises(exc, match=pattern):
+        PKSampler(labels, 2, 2, **kwargs)
+
+
+def test_numpy_ints_are_accepted_for_num_batches_and_seed():
+    np = pytest.importorskip("numpy")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    s = PKSampler(labels, 2, 2, num_batches=np.int64(3), seed=np.int64(7))
+    assert len(s) == 3 and list(s) == list(PKSampler(labels, 2, 2, num_batches=3, seed=7))

@@ -88,6 +88,16 @@ def test_seed_makes_runs_reproducible(digits, tmp_path):
     (["--dataset", "digits", "--loss", "contrastive"], "unknown loss 'contrastive'"),
     (["--dataset", "digits", "--epochs", "0"], "epochs must be >= 1"),
     (["--dataset", "digits", "--unit-lr", "0"], "unit_lr must be > 0"),
+    # F5: non-finite numbers and seeds outside numpy's range stop before training
+    (["--dataset", "digits", "--alpha", "inf"], "alpha must be finite, got inf"),
+    (["--dataset", "digits", "--alpha", "inf", "--loss", "batch-hard"], "alpha must be finite, got inf"),
+    (["--dataset", "digits", "--beta", "nan"], "beta must be finite, got nan"),
+    (["--dataset", "digits", "--lam", "inf"], "lam must be finite, got inf"),
+    (["--dataset", "digits", "--lam", "-1"], "lam (the embedding-loss weight) must be >= 0, got -1.0"),
+    (["--dataset", "digits", "--lr", "inf"], "lr must be > 0 and finite, got inf"),
+    (["--dataset", "digits", "--unit-lr", "inf"], "unit_lr must be > 0 and finite, got inf"),
+    (["--dataset", "digits", "--seed", "-5"], "seed must be in [0, 2**32 - 1], got -5"),
+    (["--dataset", "digits", "--seed", str(2**32)], "seed must be in [0, 2**32 - 1], got 4294967296"),
 ])
 def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -366,3 +376,35 @@ def test_pretrained_offline_fails_with_what_to_do(tmp_path, capsys, monkeypatch)
     assert err.count("\n") == 1 and "cannot download the ImageNet weights of resnet18" in err
     assert "on a machine with internet access" in err and str(tmp_path / "torch-home") in err
     assert "train without --pretrained" in err
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a run")
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pddm-ext: error: ") and "is not a folder" in err
+    assert afile.read_text() == "not a run"
+
+
+def test_compare_rejects_a_bad_seed_before_the_first_run(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--dataset", "digits", "--epochs", "1", "--quiet", "--seeds", "0", "-5",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed must be in [0, 2**32 - 1], got -5" in err
+    assert not out.exists()
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "2", "--threads", "1",
+            "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pddm-ext: error: ") and "--resume" in err and "another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing rewritten
+    assert main([*args, "--resume"]) == 0  # the suggested way still works

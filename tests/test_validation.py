@@ -504,3 +504,200 @@ def test_raw_mining_ops_reject_bad_labels_and_k(op):
         mine(x, lx, None, None, *unit_args, -2)
     with pytest.raises(ValueError, match="y must be a non-empty"):
         mine(x, lx, torch.randn(7, 3), ly, *unit_args, 1)
+
+
+# -- F1: the "already validated" and "asynchronous checks" switches are per thread / per context ------------
+
+
+def _nan_batch():
+    bad = torch.randn(6, 4)
+    bad[0, 0] = float("nan")
+    return bad, torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def test_a_memory_enqueue_in_another_thread_does_not_switch_off_nan_checks():
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowBank:  # any object with get()/enqueue() is a valid memory=
+        def get(self):
+            return None, None
+
+        def enqueue(self, emb, labels):  # PDDMLoss calls this inside _validate.already_validated()
+            inside.set()
+            release.wait(30)
+
+    loss_fn = pddm_ext.PDDMLoss(4, memory=SlowBank())
+    x, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    t = threading.Thread(target=lambda: loss_fn(x, labels))
+    t.start()
+    try:
+        assert inside.wait(30)
+        bad, _ = _nan_batch()
+        unit = pddm_ext.PDDM(4)
+        with pytest.raises(ValueError, match="embeddings contains NaN or Inf"):
+            pddm_ext.mine_hard(bad, labels, unit, k=None)
+        with pytest.raises(ValueError, match="contains NaN or Inf"):
+            unit(bad)
+        with pytest.raises(ValueError, match="embeddings contains NaN or Inf"):
+            pddm_ext.batch_hard(bad, labels)
+    finally:
+        release.set()
+        t.join()
+
+
+def test_a_users_enqueue_calling_pddm_ext_keeps_its_checks():
+    seen = []
+
+    class CheckingBank:
+        def get(self):
+            return None, None
+
+        def enqueue(self, emb, labels):
+            bad, _ = _nan_batch()
+            with pytest.raises(ValueError, match="contains NaN or Inf"):
+                pddm_ext.PDDM(4)(bad)
+            seen.append(pddm_ext.PDDM(4)(emb).shape)  # the batch the loss validated is fine to use
+
+    pddm_ext.PDDMLoss(4, memory=CheckingBank())(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert seen == [(6, 6)]
+
+
+def test_asynchronous_checks_in_another_thread_keep_the_eager_value_error():
+    import threading
+
+    from pddm_ext import _validate as V
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with V.asynchronous_checks():
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert inside.wait(30)
+        bad, _ = _nan_batch()
+        with pytest.raises(ValueError, match="contains NaN or Inf"):
+            pddm_ext.PDDM(4)(bad)
+    finally:
+        release.set()
+        t.join()
+
+
+# -- F2: raw ops with one argument on meta reach the fake kernels, which must check devices ---------------
+
+
+def _raw_cases():
+    u = make_unit(D, H, C)
+    params = [p.detach() for p in u.params()]
+    x, lab = torch.randn(5, D), torch.tensor([0, 0, 1, 1, 2])
+
+    def moved(i):
+        return [p.to("meta") if j == i else p for j, p in enumerate(params)]
+
+    ops = torch.ops.pddm_ext
+    return [
+        ("y", lambda: ops.scores(x, x.to("meta"), *params)),
+        ("W_u", lambda: ops.scores(x, None, *moved(0))),
+        ("y", lambda: ops.scores(x.to("meta"), x, *params)),  # x on meta, the rest on cpu
+        ("b_s", lambda: ops.scores_backward(torch.randn(5, 5), x, None, *moved(7), [True, True, True])),
+        ("grad", lambda: ops.scores_backward(torch.randn(5, 5, device="meta"), x, None, *params, [True, True, True])),
+        ("w_s", lambda: ops.mine_pddm(x, lab, None, None, *moved(6), 2, True)),
+        ("x_labels", lambda: ops.mine_euclidean(x, lab.to("meta"), None, None, 2)),
+        ("y_labels", lambda: ops.mine_euclidean(x, lab, x, lab.to("meta"), 2)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_raw_ops_with_one_argument_on_meta_raise(case):
+    name, call = _raw_cases()[case]
+    with pytest.raises(ValueError, match=rf"pddm_ext::\w+: .*{names(name)}.* is on (meta|cpu) but x is on"):
+        call()
+
+
+def test_raw_scores_on_all_meta_inputs_still_give_shapes():
+    u = make_unit(D, H, C)
+    params = [p.detach().to("meta") for p in u.params()]
+    out = torch.ops.pddm_ext.scores(torch.randn(5, D, device="meta"), torch.randn(3, D, device="meta"), *params)
+    assert out.shape == (5, 3) and out.device.type == "meta"
+
+
+# -- F4: k beyond int64 is a ValueError naming k, at every entry point -------------------------------------
+
+
+@pytest.mark.parametrize("k", [2**63, 2**64 + 5, 10**30])
+@pytest.mark.parametrize("entry", ["mine_hard", "loss", "miner"])
+def test_k_beyond_int64_is_rejected(entry, k):
+    x, lab, u = torch.randn(6, D), torch.tensor([0, 0, 1, 1, 2, 2]), make_unit(D, H, C)
+    with pytest.raises(ValueError, match=r"k must be at most 2\*\*63 - 1"):
+        if entry == "mine_hard":
+            pddm_ext.mine_hard(x, lab, u, k=k)
+        elif entry == "loss":
+            pddm_ext.PDDMLoss(D, k=k)
+        else:
+            pddm_ext.PDDMMiner(unit=u, k=k)
+
+
+def test_the_largest_int64_k_means_all_pairs():
+    x, lab, u = torch.randn(6, D), torch.tensor([0, 0, 1, 1, 2, 2]), make_unit(D, H, C)
+    every = pddm_ext.mine_hard(x, lab, u, k=None)
+    top = pddm_ext.mine_hard(x, lab, u, k=2**63 - 1)
+    assert all(torch.equal(a, b) for a, b in zip(every, top) if isinstance(a, torch.Tensor))
+    assert torch.equal(every.anchor, top.anchor) and every.anchor.numel() > 0
+
+
+# -- F11: Quadruplets.as_triplets checks that its fields have one length ----------------------------------
+
+
+@pytest.mark.parametrize("field", ["anchor", "positive", "anchor_negative", "positive_negative"])
+@pytest.mark.parametrize("ref", [False, True])
+def test_as_triplets_rejects_fields_of_different_lengths(field, ref):
+    x, lab, u = torch.randn(6, D), torch.tensor([0, 0, 1, 1, 2, 2]), make_unit(D, H, C)
+    kwargs = dict(ref_emb=torch.randn(5, D), ref_labels=torch.tensor([0, 1, 2, 0, 1])) if ref else {}
+    q = pddm_ext.mine_hard(x, lab, u, k=None, **kwargs)
+    assert len(q.anchor) > 1
+    short = q._replace(**{field: getattr(q, field)[:1]})
+    with pytest.raises(ValueError, match=rf"Quadruplets fields must all have one length, .*{field} 1"):
+        short.as_triplets()
+    assert all(len(t) == len(q.as_triplets()[0]) for t in q.as_triplets())  # the unmodified one still works
+
+
+# -- F8: messages that name the argument and its real type; bool options; lam >= 0 ---------------------------
+
+
+def test_pair_scores_with_a_module_as_params_names_params():
+    u = make_unit(D, H, C)
+    x = torch.randn(6, D)
+    with pytest.raises(TypeError, match=r"params must be a tuple of the 8 parameters .*: pass unit.params\(\), got PDDM"):
+        pddm_ext.pair_scores(x, x, u)
+    with pytest.raises(TypeError, match=r"params must be a tuple .*got Tensor"):
+        pddm_ext.pair_scores(x, x, u.W_u.detach())
+    assert pddm_ext.pair_scores(x, x, u.params()).shape == (6,)
+    assert pddm_ext.pair_scores(x, x, list(u.params())).shape == (6,)
+
+
+def test_numpy_bool_is_accepted_as_a_bool_option():
+    np = pytest.importorskip("numpy")
+    u = pddm_ext.PDDM(D, normalize_inputs=np.bool_(False))
+    assert u.normalize_inputs is False
+    loss = pddm_ext.PDDMLoss(D, normalize=np.bool_(False), distributed=np.bool_(False))
+    assert loss.normalize is False and loss.distributed is False
+    with pytest.raises(TypeError, match="normalize_inputs must be a bool .*got numpy.int64"):
+        pddm_ext.PDDM(D, normalize_inputs=np.int64(1))
+
+
+@pytest.mark.parametrize("option", ["normalize", "distributed"])
+@pytest.mark.parametrize("value", ["no", 1, None, torch.tensor(True)])
+def test_pddm_loss_bool_options_must_be_bools(option, value):
+    with pytest.raises(TypeError, match=rf"{option} must be a bool \(True or False\), got"):
+        pddm_ext.PDDMLoss(D, **{option: value})
+
+
+def test_pddm_loss_rejects_a_negative_lam():
+    with pytest.raises(ValueError, match=r"lam must be >= 0, got -1.0"):
+        pddm_ext.PDDMLoss(D, lam=-1.0)
+    assert pddm_ext.PDDMLoss(D, lam=0.0).lam == 0.0

@@ -126,6 +126,9 @@ def main(argv=None):
             bad = [loss for loss in args.losses if loss not in ENTRIES]
             if bad:
                 raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(ENTRIES)}")
+            for seed in args.seeds:  # each run's config is checked when it starts: check every seed before the first
+                if not 0 <= seed < 2**32:
+                    raise ConfigError(f"seed must be in [0, 2**32 - 1], got {seed}")
             name = args.dataset.replace("/", "_").replace(":", "-").strip("_")
             out = args.out or os.path.join("benchmarks", "results", "compare", name)
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)

@@ -11,12 +11,11 @@ distances in index order). The metrics:
   precision among the i nearest. Queries whose class has no other image (R = 0) are left out of both.
 - NMI: normalised mutual information between the labels and k-means (k = number of classes).
 
-Distances are exact to the precision of the input: float64 embeddings are ranked by
-``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")`` (differences, never the expansion
-|a|^2 + |b|^2 - 2 a.b, which cancels for rows far from the origin); other floating dtypes are ranked in
-float64 after subtracting the coordinate-wise median (exact; it removes any common offset), where the
-expansion errs by about d * 2^-52 of the squared spread, far below float32's own rounding. Equal
-distances (as computed) rank in index order. Work is done in blocks of ``block_rows`` queries, so
+Distances are exact to the precision of the input: embeddings of every floating dtype are cast to
+float64 (exact) and ranked by ``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")``
+(differences, never the expansion |a|^2 + |b|^2 - 2 a.b, which cancels for rows far from the origin and
+whose rounding makes exactly equal distances unequal). Equal distances (as computed) rank in index order;
+every dtype takes the same computation, so float32 and float64 copies of the same values rank alike. Work is done in blocks of ``block_rows`` queries, so
 memory stays O(block_rows * n).
 
 Every function validates its inputs before computing: ``TypeError`` for a non-tensor or non-floating
@@ -93,20 +92,12 @@ def _check_block_rows(block_rows):
 def _distance_blocks(x, block_rows):
     """Yields (start, stop, squared-or-plain distances of rows start:stop to all rows), exact as the
     module docstring says; ranks equal those of the Euclidean distance."""
-    if x.dtype == torch.float64:
-        for start in range(0, x.shape[0], block_rows):
-            stop = min(start + block_rows, x.shape[0])
-            yield start, stop, torch.cdist(x[start:stop], x, compute_mode="donot_use_mm_for_euclid_dist")
-        return
-    # Distances are translation invariant: remove the common offset, with the coordinate-wise median
-    # (a value of the data in every coordinate), so that x - centre is exact in float64 and small
-    # integer or dyadic data keep exactly equal distances equal.
-    c = x.double()
-    c = c - c.median(0, keepdim=True).values
-    sq = (c * c).sum(1)
+    # Every dtype is ranked in float64 by differences (never |a|^2 + |b|^2 - 2 a.b, whose rounding
+    # splits exactly equal distances): the same computation for every input, so ties stay ties.
+    x = x.double()
     for start in range(0, x.shape[0], block_rows):
         stop = min(start + block_rows, x.shape[0])
-        yield start, stop, (sq[start:stop, None] + sq[None, :] - 2 * (c[start:stop] @ c.T)).clamp_min_(0)
+        yield start, stop, torch.cdist(x[start:stop], x, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def _ranked_neighbours(x, k, block_rows):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -150,10 +151,20 @@ def check_config(cfg):
         raise ConfigError(f"schedule must be onecycle or constant, got {cfg.schedule!r}")
     if not 0 <= cfg.holdout < 1:
         raise ConfigError(f"holdout must be in [0, 1), got {cfg.holdout}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"lr must be > 0, got {cfg.lr}")
-    if cfg.unit_lr is not None and not cfg.unit_lr > 0:
-        raise ConfigError(f"unit_lr must be > 0, got {cfg.unit_lr}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"lr must be > 0 and finite, got {cfg.lr}")
+    if cfg.unit_lr is not None and not (cfg.unit_lr > 0 and math.isfinite(cfg.unit_lr)):
+        raise ConfigError(f"unit_lr must be > 0 and finite, got {cfg.unit_lr}")
+    for name in ("alpha", "beta", "lam"):  # checked for every loss, used or not: a typo is caught either way
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"{name} must be finite, got {getattr(cfg, name)}")
+    if cfg.lam < 0:
+        raise ConfigError(f"lam (the embedding-loss weight) must be >= 0, got {cfg.lam}")
+    if not 0 <= cfg.seed < 2**32:  # numpy / scikit-learn seeds
+        raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    out = cfg.resolved_out()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"out {out!r} exists and is not a folder: choose another --out")
     if cfg.backbone not in ("auto", "small", "resnet18"):
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
     if cfg.tensorboard is not None:
@@ -348,6 +359,9 @@ class Run:
     def __init__(self, cfg, *, resume=False, progress=True, split=None):
         self.out = cfg.resolved_out()
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
+        if not resume and os.path.exists(self.ckpt_path):
+            raise ConfigError(f"{self.out} already holds a run ({CHECKPOINT}): use --resume to continue it, "
+                              "or another --out (or delete the folder) to start a new one")
         checkpoint = self._load_checkpoint(cfg) if resume else None
         if checkpoint is not None:
             # a resumed run keeps its configuration; only the epoch budget, device and threads may change
