@@ -59,7 +59,7 @@ def test_mining_matches_the_reference(metric):
 
 def test_loss_matches_the_reference():
     x, labels = _data(n=16)
-    loss_fn = pddm_ext.PDDMLoss(5, 7, 3, k=2).double()
+    loss_fn = pddm_ext.PDDMLoss(5, 7, 3, k=2, bce_weight=0.0).double()  # the paper's loss (no pair term): reference.pddm_loss
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = loss_fn(xa, labels)
     want = reference.pddm_loss(xb, labels, loss_fn.unit, k=2)[0]
