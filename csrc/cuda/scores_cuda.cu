@@ -265,7 +265,6 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     }
     // Mean branch: pre_v = (P_i + P_r) * inv_v + b_v with inv_v = mean_scale (pddm_common.h).
     for (int p = warp; p < kPairs; p += kWarps) {
-      const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
       T dinv_v = 0;
       for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * mean_pre_projection(w, rows, ts, i0, r0, p, k);
       dinv_v = warp_sum(dinv_v);
