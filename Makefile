@@ -182,14 +182,18 @@ cuda-resources: $(VENV)/.deps-stamp
 # (gpu-check: benchmarks/gpu_check.sh, issue 4). Add them below this line and to .PHONY.
 
 # demo: on a fresh machine, the venv, the package (built) and one training run with the defaults
-# (mnist5k, PDDMLoss; a few minutes on 2 CPU cores). compare: the four losses x 5 seeds on mnist5k
+# (glyphs, PDDMLoss) into runs/demo, which each `make demo` starts afresh (pddm-ext train itself
+# refuses to overwrite a run without --resume). compare: the four losses x 5 seeds on mnist5k
 # and glyphs at the budget of the committed results (benchmarks/results/compare/); finished runs
 # are reused. fonts: the pinned Debian font packages the glyphs dataset renders (fonts/debian-packages.txt).
 COMPARE_ARGS ?= --epochs 5 --batches-per-epoch 50
 SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 
+DEMO_OUT ?= runs/demo
+
 demo: install
-	$(VENV)/bin/pddm-ext train
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/pddm-ext train --out $(DEMO_OUT)
 
 compare: install
 	$(VENV)/bin/pddm-ext compare --dataset mnist5k $(COMPARE_ARGS)
