@@ -177,12 +177,16 @@ class PDDM(nn.Module):
     def forward(self, x, y=None):
         """All-pairs scores: x (m, d) -> (m, m), or x (m, d), y (n, d) -> (m, n); fused and
         differentiable; errors as ``pddm_ext.pddm_scores``."""
-        params = self.params()
+        return pddm_scores(x, y, *self._with_dropout(self.params()), normalize_inputs=self.normalize_inputs)
+
+    def _with_dropout(self, params):
+        """The parameter tuple for the fused all-pairs scores, with the training-mode dropout of q folded
+        into w_s: one mask over the c joint units per call, shared by all pairs (q * mask / (1 - p) . w_s)."""
         p = self._active_dropout()
-        if p > 0:  # one mask over the joint units, shared by all pairs: q * mask / (1 - p) . w_s
-            keep = torch.bernoulli(torch.full_like(self.w_s, 1 - p, requires_grad=False))
-            params = params[:6] + (self.w_s * keep / (1 - p), self.b_s)
-        return pddm_scores(x, y, *params, normalize_inputs=self.normalize_inputs)
+        if p == 0:
+            return params
+        keep = torch.bernoulli(torch.full_like(params[6], 1 - p, requires_grad=False))
+        return params[:6] + (params[6] * keep / (1 - p), params[7])
 
     def pair_scores(self, a, b):
         """Scores of row-aligned pairs: a, b (p, d) -> (p,); differentiable; errors as
@@ -437,11 +441,7 @@ class PDDMLoss(nn.Module):
         """``self.unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the
         unit's dropout (one mask per call, as ``PDDM.forward``) in training mode."""
         dtype = V.compute_dtype(f)
-        params = tuple(p.to(dtype) for p in self.unit.params())
-        p = self.unit._active_dropout()
-        if p > 0:
-            keep = torch.bernoulli(torch.full_like(params[6], 1 - p, requires_grad=False))
-            params = params[:6] + (params[6] * keep / (1 - p), params[7])
+        params = self.unit._with_dropout(tuple(p.to(dtype) for p in self.unit.params()))
         return ops.scores(f.to(dtype), None, *params, self.unit.normalize_inputs)
 
     def _scores(self, a, b):
