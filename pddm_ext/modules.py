@@ -306,9 +306,8 @@ class PDDMLoss(nn.Module):
         super().__init__()
         self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
                          dropout=unit_dropout)
-        self.alpha, self.beta, self.lam = (V.check_number(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("lam", lam)))
-        if self.lam < 0:  # a negative weight would reward embedding-loss violations
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        self.alpha, self.beta = V.check_number("alpha", alpha), V.check_number("beta", beta)
+        self.lam = _check_nonnegative("lam", lam)  # a negative weight would reward embedding-loss violations
         self.k = V.check_k(k)
         if not isinstance(negatives, str) or negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
