@@ -50,6 +50,9 @@ def _common(parser):
     parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps,
                         help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
                              "held-out AUC reaches Euclidean distance's; default 0)")
+    parser.add_argument("--mining", default=DEFAULTS.mining, choices=["pddm", "euclidean"],
+                        help="PDDM losses: who mines the quadruplets: the unit (pddm, default) or Euclidean distance "
+                             "on every batch (euclidean: the control that tells PDDM mining from the PDDM loss)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS.augment,
                         help=f"random affine augmentation of training batches (default {'on' if DEFAULTS.augment else 'off'})")
     parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
@@ -92,7 +95,7 @@ def main(argv=None):
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
     p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES),
-                       help=f"losses and PDDM variants (pddm-paper, pddm-semihard, pddm-warmup); default: {' '.join(LOSSES)}")
+                       help=f"losses and PDDM variants (pddm-paper, pddm-semihard, pddm-warmup, pddm-euclidean); default: {' '.join(LOSSES)}")
     p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p_cmp.add_argument("--out", default=None, help="results folder (default benchmarks/results/compare/<dataset>)")
 

@@ -5,7 +5,8 @@ epoch and against training time, one line per loss) and a JSON file with every e
 
 Besides the losses, ``VARIANTS`` name PDDM variants (issue 13): ``pddm-paper`` is the loss as the
 paper describes it (input-normalised unit, no pair term, as before issue 13); ``pddm-semihard`` and
-``pddm-warmup`` switch one option of the default ``pddm``. Every entry of ``--losses`` is a loss or a
+``pddm-warmup`` switch one option of the default ``pddm``; ``pddm-euclidean`` is the control: the same
+loss with every batch's quadruplets mined by Euclidean distance instead of by the unit. Every entry of ``--losses`` is a loss or a
 variant. The table adds a paired test of each entry against the first one on final Recall@1 over the
 same seeds (``scipy.stats.ttest_rel``; the runs of one seed share the batches and the initial network).
 
@@ -30,6 +31,7 @@ VARIANTS = {
     "pddm-paper": ("pddm", dict(normalize_inputs=True, bce_weight=0.0)),
     "pddm-semihard": ("pddm", dict(negatives="semihard")),
     "pddm-warmup": ("pddm", dict(warmup_steps=100)),
+    "pddm-euclidean": ("pddm", dict(mining="euclidean")),  # the control: PDDMLoss, quadruplets mined by distance
 }
 ENTRIES = tuple(LOSSES) + tuple(VARIANTS)
 

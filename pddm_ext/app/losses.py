@@ -112,12 +112,18 @@ class PDDMTripletLoss(PDDMLoss):
         return metric_loss + self.triplet_weight * embedding_loss
 
 
+EUCLIDEAN_MINING_STEPS = 2**62  # warm-up length of mining="euclidean": longer than any run
+
+
 def build_loss(cfg, p):
     """The loss module for ``cfg.loss`` (a TrainConfig); ``p`` classes per batch fixes the default number
     of mined pairs ``cfg.mine_k or P K / 2``."""
     mine_k = cfg.mine_k or max(1, p * cfg.k // 2)
+    # mining="euclidean" (the control): PDDMLoss's warm-up, which mines by Euclidean distance, never ends
+    # (train's Run.evaluate ends it early only for mining="pddm")
+    warmup_steps = cfg.warmup_steps if cfg.mining == "pddm" else EUCLIDEAN_MINING_STEPS
     options = dict(bce_weight=cfg.bce_weight, normalize_inputs=cfg.normalize_inputs, negatives=cfg.negatives,
-                   warmup_steps=cfg.warmup_steps)  # issue 13's options of PDDMLoss
+                   warmup_steps=warmup_steps)  # issue 13's options of PDDMLoss
     if cfg.loss == "pddm":
         return PDDMLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k, **options)
     if cfg.loss == "pddm-triplet":

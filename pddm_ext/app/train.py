@@ -77,6 +77,7 @@ class TrainConfig:
     normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
     negatives: str = "hardest"  # PDDM losses: hardest or semihard
     warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
+    mining: str = "pddm"  # PDDM losses: "pddm" (the unit mines) or "euclidean" (every batch: the control)
     augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
     schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
     holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
@@ -105,7 +106,7 @@ class TrainConfig:
 # The values of the fields added by issue 13 before it: a checkpoint or result.json without them
 # resumes or compares as the run it was.
 LEGACY_DEFAULTS = dict(bce_weight=0.0, normalize_inputs=True, negatives="hardest", warmup_steps=0, augment=False,
-                       schedule="constant", holdout=0.0)
+                       schedule="constant", holdout=0.0, mining="pddm")
 
 
 def saved_config(config):
@@ -147,6 +148,8 @@ def check_config(cfg):
         raise ConfigError(f"negatives must be hardest or semihard, got {cfg.negatives!r}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.mining not in ("pddm", "euclidean"):
+        raise ConfigError(f"mining must be pddm or euclidean, got {cfg.mining!r}")
     if cfg.schedule not in ("onecycle", "constant"):
         raise ConfigError(f"schedule must be onecycle or constant, got {cfg.schedule!r}")
     if not 0 <= cfg.holdout < 1:
@@ -501,7 +504,7 @@ class Run:
                 diag["heldout"] = diag_mod.pair_diagnostics(h_emb, h_labels, unit, seed=self.cfg.seed)
                 h = diag["heldout"]
                 warming = getattr(self.loss_fn, "warmup_done", 0) < getattr(self.loss_fn, "warmup_steps", 0)
-                if warming and h["auc_S"] is not None and h["auc_S"] >= h["auc_euclidean"]:
+                if warming and self.cfg.mining == "pddm" and h["auc_S"] is not None and h["auc_S"] >= h["auc_euclidean"]:
                     self.loss_fn.end_warmup()
             out["unit"] = diag
         return out
