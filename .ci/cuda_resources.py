@@ -19,17 +19,22 @@ import sysconfig
 import tempfile
 
 # Dynamic shared memory each launcher requests (plan_launch): the pair_gemm staging
-# (kChunk x (kPairs + 4) + kChunk x (kOutBlock + 4) elements) plus, when it fits in the block's
-# budget, the tile workspace; T is the element size in bytes.
-STAGING = (16 * (64 + 4) + 16 * (128 + 4))
+# (kChunk x (kPairs + V) + kChunk x (kOutBlock + V) elements, V = 16 / T: smem_layout.h) plus, when it
+# fits in the block's budget, the tile workspace, whose rows are padded to ws(n) = round_up(n, 32) + 8
+# elements; T is the element size in bytes.
 DYNAMIC = {
-    "scores_kernel": "staging {s} B + workspace 64*2h*{t} B when it fits (else global scratch)",
-    "scores_backward_kernel": "staging {s} B + workspace 64*(4h+c+d)*{t} B when it fits (else global scratch)",
-    "mine_pddm_kernel": "staging {s} B + workspace 64*2h*{t} B when it fits (else global scratch)",
+    "scores_kernel": "staging {s} B + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
+    "scores_backward_kernel": "staging {s} B + workspace 64*(2ws(2h)+ws(c)+ws(d))*{t} B when it fits (else global scratch)",
+    "mine_pddm_kernel": "staging {s} B + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
     "mine_euclidean_kernel": "none",
     "decode_keys_kernel": "none",
-    "project_kernel": "none",
+    "gemm_kernel": "none",
 }
+
+
+def staging_bytes(t):
+    v = 16 // t
+    return (16 * (64 + v) + 16 * (128 + v)) * t
 
 
 def kernel_key(demangled):
@@ -112,7 +117,7 @@ def main():
         for demangled, k in sorted(rows, key=lambda r: kernel_key(r[0])):
             base, dtype = kernel_key(demangled)
             t = 8 if dtype == "double" else 4
-            dyn = DYNAMIC.get(base, "?").format(s=STAGING * t, t=t)
+            dyn = DYNAMIC.get(base, "?").format(s=staging_bytes(t), t=t)
             spill = f"{k.get('spill_st', 0)}/{k.get('spill_ld', 0)}"
             print(f"{base:<32} {dtype or '-':<7} {k.get('regs', 0):>5} {spill:>12} {k.get('stack', 0):>6} "
                   f"{k.get('smem', 0):>12}  {dyn}")

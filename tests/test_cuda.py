@@ -176,9 +176,10 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_projections_are_not_computed_by_matmul(device):
-    """P = x W_v^T runs in the kernels' own arithmetic (project_kernel), not at::mm / cuBLAS, which
-    computes float32 in TF32 under allow_tf32 or matmul precision "high" (issue 11)."""
+def test_dense_products_are_not_computed_by_matmul(device):
+    """P = x W_v^T, and the backward's dx += dP W_v and dW_v = dP_x^T x + dP_y^T y, run in the kernels'
+    own arithmetic (gemm_kernel), not at::mm / cuBLAS, which computes float32 in TF32 under allow_tf32
+    or matmul precision "high" (issue 11)."""
     unit = make_unit(12, 9, 7, device=device)
     x = torch.randn(13, 12, device=device)
     y = torch.randn(11, 12, device=device)
@@ -189,8 +190,34 @@ def test_projections_are_not_computed_by_matmul(device):
         torch.ops.pddm_ext.scores(x, y, *p)
         torch.ops.pddm_ext.scores(x, None, *p)
         torch.ops.pddm_ext.mine_pddm(x, lx, y, ly, *p, 3)
+        for other in (y, None):
+            torch.ops.pddm_ext.scores_backward(torch.randn(13, 13 if other is None else 11, device=device),
+                                               x, other, *p, [True, True, True])
     names = {e.name for e in prof.events()}
-    assert not names & {"aten::mm", "aten::matmul", "aten::addmm"}, sorted(names)
+    assert "pddm_ext::scores_backward" in names
+    assert not names & {"aten::mm", "aten::matmul", "aten::addmm", "aten::addmm_", "aten::bmm"}, sorted(names)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_under_tf32_matmul_precision_is_unchanged(batch, device):
+    """The gradients do not depend on the float32 matmul precision (no TF32 anywhere in the backward).
+    Compared bitwise, under deterministic algorithms (else float atomics add in any order)."""
+    unit = make_unit(24, 16, 8, device=device)
+    x = torch.randn(19, 24, device=device)
+    y = None if batch else torch.randn(10, 24, device=device)
+    grad = torch.randn(19, 19 if batch else 10, device=device)
+    args = (grad, x, y, *params_of(unit), [True, True, True])
+    previous, deterministic = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        want = torch.ops.pddm_ext.scores_backward(*args)
+        torch.set_float32_matmul_precision("medium")
+        got = torch.ops.pddm_ext.scores_backward(*args)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_scores_under_tf32_matmul_precision(device):
@@ -235,6 +262,60 @@ def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
     got = [full[0]] + ([] if batch else [full[1]]) + list(full[2:])
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-9
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_skips_zero_gradient_pairs(batch, sparse, device):
+    """Pairs with a zero gradient contribute nothing, as on the CPU path: the pair of a row x_i = 1e308
+    and a row -1e308, whose difference overflows (its activations are NaN), has a zero gradient, as
+    has every other pair of those rows, and every gradient is still the reference's, the rows' own 0.
+    A sparse dS (live pairs filling at most a quarter of the tiles that hold any) is walked as a list
+    of its live pairs (one aten::nonzero), a dense one by tiles."""
+    dtype = torch.float64
+    unit = make_unit(9, 7, 5, dtype=dtype, device=device, seed=3)
+    m, n, dead, dead_col = 43, 37, 10, 17
+    torch.manual_seed(5)
+    x = torch.randn(m, 9, device=device, dtype=dtype)
+    y = None if batch else torch.randn(n, 9, device=device, dtype=dtype)
+    cols = m if batch else n
+    if sparse:  # 12 live pairs, scattered over the tiles
+        grad = torch.zeros(m, cols, device=device, dtype=dtype)
+        for i, r in [(0, 3), (9, 1), (11, 30), (14, 14), (20, 5), (23, 36), (27, 19), (31, 8), (35, 2), (38, 27),
+                     (41, 33), (42, 12)]:
+            grad[i, r] = float(i - r) / 7 + 0.5
+    else:
+        grad = torch.randn(m, cols, device=device, dtype=dtype)
+    grad[dead] = 0  # every pair of x_dead and of the column dead_col has a zero gradient ...
+    grad[:, dead_col] = 0
+    if batch:
+        grad[:, dead] = 0
+        grad[dead_col] = 0
+    x_finite, y_finite = x.clone(), None if batch else y.clone()
+    x[dead] = 1e308  # ... so the NaN activations of their pair (dead, dead_col) never reach a gradient
+    (x if batch else y)[dead_col] = -1e308
+    p = params_of(unit)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+    assert ("aten::nonzero" in {e.name for e in prof.events()}) == sparse
+    xd = x_finite.clone().requires_grad_()
+    yd = None if batch else y_finite.clone().requires_grad_()
+    pd = [t.clone().requires_grad_() for t in p]
+    want = torch.autograd.grad((reference.pddm_scores(xd, yd, pd) * grad).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got_list = [got[0]] + ([] if batch else [got[1]]) + list(got[2:])
+    assert torch.all(got[0][dead] == 0) and torch.all((got[0] if batch else got[1])[dead_col] == 0)
+    for g, w in zip(got_list, want):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, w) < 1e-9
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True]) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])

@@ -287,14 +287,14 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
-  T* sm_w = sm + kStagingA;
+  T* sm_w = sm + staging_a_elems<T>();
   T* Z = block_workspace(sm, scratch, ws_elems);
   fold_begin(fs);
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();
-    pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
+    pddm_tile_activations(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
     pddm_tile_scores(w, Z, ts, sm_a, sm_w);
     fold_tile<T, kTile, kTile>(args, grid.batch, i0, r0, ts.score, fs);
   }
@@ -510,7 +510,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     using T = scalar_t;
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
-    const int64_t ws_elems = int64_t(kPairs) * 2 * h;
+    const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;

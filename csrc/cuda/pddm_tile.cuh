@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -31,30 +32,31 @@
 
 #include "../pddm_common.h"
 #include "cuda_compat.cuh"
+#include "smem_layout.h"
 
 namespace pddm_ext::cuda {
 
-constexpr int kThreads = 256;          // threads per block (8 warps)
+// The block shape and the shared-memory layout (which thread touches which staged element) are in
+// smem_layout.h, where tests/cpp/test_smem_banks.cpp checks them for bank conflicts.
+using layout::kChunk;
+using layout::kOutBlock;
+using layout::kOutGroups;
+using layout::kPairGroups;
+using layout::kPairs;
+using layout::kThreads;
+using layout::kTile;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 8;               // PDDM tiles are kTile x kTile pairs
-constexpr int kPairs = kTile * kTile;  // 64
-constexpr int kChunk = 16;             // reduction chunk staged in shared memory (pair_gemm)
-constexpr int kOutBlock = 128;         // outputs per pass of pair_gemm (16 groups x 8)
-constexpr int kPairGroups = 16;        // pair_gemm: 16 groups of 4 pairs ...
-constexpr int kOutGroups = 16;         // ... times 16 groups of 8 outputs = 256 threads
-static_assert(kPairGroups * 4 == kPairs && kPairGroups * kOutGroups == kThreads, "pair_gemm layout");
-static_assert(kOutGroups * 8 == kOutBlock, "pair_gemm layout");
 
 // Shared-memory staging of pair_gemm, both chunks stored k-major so that each thread reads its 4
-// operands and its 8 weights of one k with 16-byte loads: the operand chunk (kChunk x kPairs) and
-// the weight chunk (kChunk x kOutBlock). Rows are padded by 4 elements (kept 16-byte aligned)
-// against bank conflicts when the chunks are filled.
-constexpr int kAStride = kPairs + 4;
-constexpr int kWStride = kOutBlock + 4;
-constexpr int kStagingA = kChunk * kAStride;  // elements of the operand chunk; the weight chunk follows
+// operands and its 8 weights of one k with 16-byte loads: the operand chunk (kChunk x kPairs) and,
+// after it, the weight chunk (kChunk x kOutBlock), rows padded to layout::a_stride / w_stride.
+template <typename T>
+constexpr size_t staging_a_elems() {
+  return size_t(kChunk) * layout::a_stride<T>();
+}
 template <typename T>
 constexpr size_t pair_gemm_staging_elems() {
-  return size_t(kStagingA) + size_t(kChunk) * kWStride;
+  return staging_a_elems<T>() + size_t(kChunk) * layout::w_stride<T>();
 }
 
 template <typename T>
@@ -79,6 +81,14 @@ __device__ __forceinline__ void load_aligned(T (&dst)[N], const T* src) {
     const V v = *reinterpret_cast<const V*>(src + j);
     memcpy(&dst[j], &v, sizeof(V));
   }
+}
+
+// dst[0, 16 bytes) = src[0, 16 bytes) with one 16-byte load; src 16-byte aligned (shared memory).
+template <typename T>
+__device__ __forceinline__ void load_vector(T* dst, const T* src) {
+  using V = typename Vec16<T>::type;
+  const V v = *reinterpret_cast<const V*>(src);
+  memcpy(dst, &v, sizeof(V));
 }
 
 template <typename T>
@@ -123,6 +133,7 @@ struct PairRows {
 // Per-pair scalars of the current tile (static shared memory).
 template <typename T>
 struct TileScalars {
+  int64_t row[kPairs], col[kPairs];    // pair p is (x row[p], y row col[p]) (TilePairs)
   T norm_u[kPairs], norm_v[kPairs];    // ||u||, ||v||
   T inv_u[kPairs], inv_v[kPairs];      // diff_scale, mean_scale (pddm_common.h)
   bool direct[kPairs];                 // mean_branch_direct: W_v (x + y) from x + y, not P_i + P_r
@@ -143,7 +154,9 @@ template <typename T, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w) {
   const int tid = threadIdx.x;
-  const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;  // pairs 4 pg.., outputs 8 og..
+  const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;  // pairs 4 pg.., outputs (out_column)
+  constexpr int per = layout::vec_elems<T>(), a_stride = layout::a_stride<T>(), w_stride = layout::w_stride<T>();
+  const int flip = layout::epilogue_flip<T>(pair_group, out_group);
   const bool w_rows_contiguous = w_red_stride == 1;
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
     T acc[4][8];
@@ -154,22 +167,25 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
     }
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       for (int e = tid; e < kPairs * kChunk; e += kThreads) {
-        const int p = e / kChunk, kk = e % kChunk;  // consecutive threads: consecutive k of one pair
-        sm_a[kk * kAStride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
+        const int p = layout::fill_col(e), kk = layout::fill_k(e);  // runs of consecutive k (smem_layout.h)
+        sm_a[kk * a_stride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
       }
       for (int e = tid; e < kOutBlock * kChunk; e += kThreads) {
         // Walk the weight chunk along whichever of its axes is contiguous in memory (coalescing).
-        const int oo = w_rows_contiguous ? e / kChunk : e % kOutBlock;
-        const int kk = w_rows_contiguous ? e % kChunk : e / kOutBlock;
+        const int oo = w_rows_contiguous ? layout::fill_col(e) : e % kOutBlock;
+        const int kk = w_rows_contiguous ? layout::fill_k(e) : e / kOutBlock;
         const int64_t o = o0 + oo, k = k0 + kk;
-        sm_w[kk * kWStride + oo] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
+        sm_w[kk * w_stride + oo] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
       }
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < kChunk; ++kk) {
         T a[4], w[8];
-        load_aligned(a, sm_a + kk * kAStride + pair_group * 4);
-        load_aligned(w, sm_w + kk * kWStride + out_group * 8);
+        load_aligned(a, sm_a + kk * a_stride + pair_group * 4);
+#pragma unroll
+        for (int v = 0; v < 8 / per; ++v) {  // w[t] = column out_column(out_group, t)
+          load_vector(w + v * per, sm_w + kk * w_stride + layout::out_column<T>(out_group, v * per));
+        }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
 #pragma unroll
@@ -178,16 +194,26 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
       }
       __syncthreads();
     }
+    // Step t takes output epilogue_slot(t) (a lane-dependent order that spreads the epilogues' shared
+    // stores over the banks); the value is selected among compile-time indices of acc, so acc stays
+    // in registers.
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int t = 0; t < 8; ++t) {
-        const int64_t o = o0 + out_group * 8 + t;
+        const int base = (t / per) * per, lane_t = t % per;
+        T value = acc[q][t];
+#pragma unroll
+        for (int f = 1; f < per; ++f) {
+          if (flip == f) value = acc[q][base + (lane_t ^ f)];
+        }
+        const int slot = base + (lane_t ^ flip);
+        const int64_t o = o0 + layout::out_column<T>(out_group, slot);
         if (o < N) {
           if constexpr (std::is_invocable_v<Epilogue, int, int64_t, T, int>) {
-            epilogue(pair_group * 4 + q, o, acc[q][t], q);
+            epilogue(pair_group * 4 + q, o, value, q);
           } else {
-            epilogue(pair_group * 4 + q, o, acc[q][t]);
+            epilogue(pair_group * 4 + q, o, value);
           }
         }
       }
@@ -196,37 +222,52 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   __syncthreads();
 }
 
-// Row of pair p's x side / y side, clamped into range so padded pairs of edge tiles read valid
-// memory (their results are never used).
-__device__ __forceinline__ int64_t pair_row(int64_t i0, int p, int64_t m) {
-  const int64_t i = i0 + p / kTile;
-  return i < m ? i : m - 1;
-}
-__device__ __forceinline__ int64_t pair_col(int64_t r0, int p, int64_t n) {
-  const int64_t r = r0 + p % kTile;
-  return r < n ? r : n - 1;
-}
+// The kPairs pairs of one tile. A dense tile: pair p = a * kTile + b is (i0 + a, r0 + b), clamped
+// into range so that the padded pairs of edge tiles read valid rows (their results are never used).
+// A list tile (list != nullptr): pairs [begin, begin + kPairs) of a (count, 2) row-major list of
+// (i, r), the live pairs of a sparse backward; slots past its end repeat its last pair (the backward
+// gives them a zero gradient).
+struct TilePairs {
+  int64_t i0 = 0, r0 = 0;
+  const int64_t* list = nullptr;
+  int64_t begin = 0, count = 0;
+
+  __device__ __forceinline__ void pair(int p, int64_t m, int64_t n, int64_t* i, int64_t* r) const {
+    if (list != nullptr) {
+      const int64_t e = begin + p < count ? begin + p : count - 1;
+      *i = list[2 * e];
+      *r = list[2 * e + 1];
+    } else {
+      *i = i0 + p / kTile < m ? i0 + p / kTile : m - 1;
+      *r = r0 + p % kTile < n ? r0 + p % kTile : n - 1;
+    }
+  }
+};
 
 // Row k of W_v (x_i + y_r) for pair p: P_i + P_r, or for a near-antipodal pair the direct product.
 template <typename T>
 __device__ __forceinline__ T mean_pre_projection(const PddmParams<T>& w, const PairRows<T>& rows,
-                                                 const TileScalars<T>& ts, int64_t i0, int64_t r0, int p, int64_t k) {
-  const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
+                                                 const TileScalars<T>& ts, int p, int64_t k) {
+  const int64_t i = ts.row[p], r = ts.col[p];
   if (ts.direct[p]) return mean_projection_direct(w.W_v + k * w.d, rows.x + i * w.d, rows.y + r * w.d, w.d);
   return rows.Px[i * w.h + k] + rows.Py[r * w.h + k];
 }
 
-// Phases 0-2: leaves Z[p * 2h + k] = [normalize(u'); normalize(v')] of every pair of the tile and
-// the per-pair norms in ts. All threads call it; ends synchronised.
+// Phases 0-2: leaves Z[p * ldz + k] = [normalize(u'); normalize(v')] (k < 2h, ldz =
+// layout::workspace_stride(2h), tile_workspace_elems) of every pair of the tile and
+// the per-pair norms and the pairs' rows (ts.row, ts.col) in ts. All threads call it, after a
+// barrier that ends the previous tile's reads of ts and Z; ends synchronised.
 template <typename T>
-__device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>& rows, int64_t i0, int64_t r0,
+__device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>& rows, const TilePairs& pairs,
                                       T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
-  const int64_t d = w.d, h = w.h, ldz = 2 * h;
+  const int64_t d = w.d, h = w.h, ldz = layout::workspace_stride(2 * h);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (threadIdx.x < kPairs) pairs.pair(threadIdx.x, rows.m, rows.n, &ts.row[threadIdx.x], &ts.col[threadIdx.x]);
+  __syncthreads();
   // Phase 0: ||x_i - y_r|| and ||(x_i + y_r) / 2||.
   for (int p = warp; p < kPairs; p += kWarps) {
-    const T* xi = rows.x + pair_row(i0, p, rows.m) * d;
-    const T* yr = rows.y + pair_col(r0, p, rows.n) * d;
+    const T* xi = rows.x + ts.row[p] * d;
+    const T* yr = rows.y + ts.col[p] * d;
     T sq_u = 0, sq_s = 0;
     for (int64_t k = lane; k < d; k += 32) {
       const T diff = xi[k] - yr[k], sum = xi[k] + yr[k];
@@ -248,16 +289,13 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
   // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u).
   pair_gemm<T>(
       h, d, w.W_u, d, 1,
-      [&](int p, int64_t k) {
-        const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
-        return abs_value(rows.x[i * d + k] - rows.y[r * d + k]);
-      },
+      [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
       [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w);
   // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
   for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads) {
     const int p = int(e / h);
     const int64_t k = e - int64_t(p) * h;
-    Z[p * ldz + h + k] = branch_unit(mean_pre_projection(w, rows, ts, i0, r0, p, k), ts.inv_v[p], w.b_v[k]);
+    Z[p * ldz + h + k] = branch_unit(mean_pre_projection(w, rows, ts, p, k), ts.inv_v[p], w.b_v[k]);
   }
 #ifndef PDDM_EXT_TEST_DROP_TILE_BARRIER  // compiled out only by the emulation's self-test (docs/emulation.md)
   __syncthreads();
@@ -289,7 +327,7 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
 // Phase 3 after pddm_tile_activations: ts.score[p] = w_s . relu(W_c Z_p + b_c) + b_s. Ends synchronised.
 template <typename T>
 __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
-  const int64_t h = w.h, ldz = 2 * h;
+  const int64_t h = w.h, ldz = layout::workspace_stride(2 * h);
   const int out_group = threadIdx.x % kOutGroups;
   T part[4] = {T(0), T(0), T(0), T(0)};  // this thread's partial scores of its 4 pairs
   const int first_pair = (threadIdx.x / kOutGroups) * 4;
@@ -306,6 +344,14 @@ __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars
     ts.score[threadIdx.x] = s + w.b_s[0];
   }
   __syncthreads();
+}
+
+// Elements of a tile workspace of kPairs rows for matrices of the given column counts (each row
+// padded to layout::workspace_stride).
+inline int64_t tile_workspace_elems(std::initializer_list<int64_t> columns) {
+  int64_t rows = 0;
+  for (const int64_t n : columns) rows += layout::workspace_stride(n);
+  return int64_t(kPairs) * rows;
 }
 
 // Where a block's tile workspace lives: in dynamic shared memory after the pair_gemm staging when
@@ -361,34 +407,85 @@ LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_
   return plan;
 }
 
-// P[i, k] = sum_j rows[i, j] W_v[k, j], one output per thread, j in order: the kernels' own
-// arithmetic (as the CPU path, duplicate rows project identically) instead of cuBLAS, which runs
-// float32 in TF32 under allow_tf32 / set_float32_matmul_precision("high") (~1e-3 relative error).
+// The dense products around the tile kernels (P = x W_v^T before them; dx += dP W_v and
+// dW_v = dP_x^T x + dP_y^T y after the backward) in the kernels' own arithmetic instead of at::mm /
+// cuBLAS, which runs float32 in TF32 under allow_tf32 / set_float32_matmul_precision("high") (~1e-3
+// relative error) and may pick a split-K algorithm: every output C[i, j] is one accumulator summed
+// over k in increasing order, as the CPU path's loops do (duplicate rows project identically, and
+// the result is deterministic). One block per 16 x 16 output tile (persistent: tiles t = blockIdx.x,
+// + gridDim.x, ...), the reduction staged 16 at a time in shared memory along whichever axis of
+// each operand is contiguous in global memory.
+constexpr int kGemmTile = 16;
+static_assert(kGemmTile * kGemmTile == kThreads, "gemm_kernel: one output per thread");
+
+// A (M, K) and B (K, N) as strided views: element (r, k) of A is A[r * row + k * red].
 template <typename T>
-__global__ void __launch_bounds__(kThreads) project_kernel(const T* __restrict__ rows, const T* __restrict__ W_v,
-                                                            int64_t count, int64_t d, int64_t h, T* __restrict__ P) {
+struct StridedMatrix {
+  const T* data;
+  int64_t row, red;
+  __device__ __forceinline__ T at(int64_t r, int64_t k) const { return data[r * row + k * red]; }
+};
+
+template <typename T>
+struct GemmStage {
+  T a[kGemmTile][kGemmTile + 1];  // a[r][kk] = A(i0 + r, k0 + kk)
+  T b[kGemmTile][kGemmTile + 1];  // b[c][kk] = B(k0 + kk, j0 + c)
+};
+
+// C(i, j) = (accumulate ? C(i, j) : 0) + sum_k A(i, k) B(k, j), C (M, N) at C[i * c_row + j * c_col].
+// B is passed as B^T: element (c, k) = B(k, c).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(StridedMatrix<T> A, StridedMatrix<T> Bt, T* __restrict__ C,
+                                                         int64_t c_row, int64_t c_col, int64_t M, int64_t N,
+                                                         int64_t K, bool accumulate) {
+  PDDM_SHARED(st, GemmStage<T>);
   PDDM_SHARED_DECLARED();
-  const int64_t total = count * h, stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t i = e / h, k = e - i * h;
+  const int tid = threadIdx.x, tx = tid % kGemmTile, ty = tid / kGemmTile;
+  const int64_t tiles_n = (N + kGemmTile - 1) / kGemmTile, tiles = ((M + kGemmTile - 1) / kGemmTile) * tiles_n;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t i0 = (t / tiles_n) * kGemmTile, j0 = (t % tiles_n) * kGemmTile;
     T acc = 0;
-    for (int64_t j = 0; j < d; ++j) acc += rows[i * d + j] * W_v[k * d + j];
-    P[e] = acc;
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmTile) {
+      // Consecutive threads walk the contiguous axis of each operand (coalesced loads).
+      const int ar = A.red == 1 ? ty : tx, ak = A.red == 1 ? tx : ty;
+      const int bc = Bt.red == 1 ? ty : tx, bk = Bt.red == 1 ? tx : ty;
+      st.a[ar][ak] = i0 + ar < M && k0 + ak < K ? A.at(i0 + ar, k0 + ak) : T(0);
+      st.b[bc][bk] = j0 + bc < N && k0 + bk < K ? Bt.at(j0 + bc, k0 + bk) : T(0);
+      __syncthreads();
+      const int kn = K - k0 < kGemmTile ? int(K - k0) : kGemmTile;  // no padded terms: exactly the k < K sum
+      for (int kk = 0; kk < kn; ++kk) acc += st.a[ty][kk] * st.b[tx][kk];
+      __syncthreads();
+    }
+    const int64_t i = i0 + ty, j = j0 + tx;
+    if (i < M && j < N) {
+      T* out = C + i * c_row + j * c_col;
+      *out = accumulate ? *out + acc : acc;
+    }
   }
 }
 
-// P = rows W_v^T (rows (count, d) and W_v (h, d) contiguous, on the current device) by project_kernel.
-inline at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& W_v) {
-  auto P = at::empty({rows.size(0), W_v.size(0)}, rows.options());
-  const int64_t total = P.numel();
-  if (total == 0) return P;
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "pddm_project_cuda", [&] {
-    const int blocks = int(std::min<int64_t>((total + kThreads - 1) / kThreads, 4096));
-    PDDM_LAUNCH(project_kernel<scalar_t>, blocks, kThreads, 0, current_stream())(
-        rows.data_ptr<scalar_t>(), W_v.data_ptr<scalar_t>(), rows.size(0), rows.size(1), W_v.size(0),
-        P.data_ptr<scalar_t>());
+// C = A B, or C += A B with accumulate (A (M, K), B (K, N), C (M, N): any strides, one device,
+// one floating dtype), by gemm_kernel.
+inline void matmul_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  TORCH_CHECK(B.size(0) == K && C.size(0) == M && C.size(1) == N, "pddm_ext: matmul_into: shapes do not match");
+  if (M == 0 || N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pddm_matmul_cuda", [&] {
+    using T = scalar_t;
+    const int64_t tiles = ((M + kGemmTile - 1) / kGemmTile) * ((N + kGemmTile - 1) / kGemmTile);
+    const int blocks = int(std::min<int64_t>(tiles, 65535));
+    PDDM_LAUNCH(gemm_kernel<T>, blocks, kThreads, 0, current_stream())(
+        StridedMatrix<T>{A.data_ptr<T>(), A.stride(0), A.stride(1)},
+        StridedMatrix<T>{B.data_ptr<T>(), B.stride(1), B.stride(0)}, C.data_ptr<T>(), C.stride(0), C.stride(1), M, N,
+        K, accumulate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// P = rows W_v^T (rows (count, d), W_v (h, d)).
+inline at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& W_v) {
+  auto P = at::empty({rows.size(0), W_v.size(0)}, rows.options());
+  matmul_into(P, rows, W_v.t(), false);
   return P;
 }
 

@@ -27,13 +27,13 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
-  T* sm_w = sm + kStagingA;
+  T* sm_w = sm + staging_a_elems<T>();
   T* Z = block_workspace(sm, scratch, ws_elems);
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();  // the previous tile's readers of shared memory are done
-    pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
+    pddm_tile_activations(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
     pddm_tile_scores(w, Z, ts, sm_a, sm_w);
     if (threadIdx.x < kPairs) {
       const int p = threadIdx.x;
@@ -63,7 +63,7 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     using T = scalar_t;
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
-    const int64_t ws_elems = int64_t(kPairs) * 2 * h;
+    const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;
@@ -139,8 +139,52 @@ struct BackwardScalars {
   T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
 };
 
+// The pairs the backward walks: the dense tiles of grid, or (list != nullptr) the live pairs of a
+// sparse dS, kPairs at a time (pairs_list in scores_backward_cuda).
+struct BackwardPairs {
+  TileGrid grid;
+  const int64_t* list;  // (count, 2) row-major (i, r), batch mode r >= i
+  int64_t count;
+  __device__ __forceinline__ int64_t tiles() const { return list != nullptr ? (count + kPairs - 1) / kPairs : grid.count(); }
+  __device__ __forceinline__ TilePairs tile(int64_t t) const {
+    TilePairs tp;
+    if (list != nullptr) {
+      tp.list = list, tp.begin = t * kPairs, tp.count = count;
+    } else {
+      grid.tile(t, &tp.i0, &tp.r0);
+    }
+    return tp;
+  }
+};
+
+// The live pairs of dS (a nonzero gradient; batch mode: dS[i, r] + dS[r, i] for r > i, dS[i, i] on
+// the diagonal, the upper triangle only) as a (count, 2) row-major list of (i, r), when walking them
+// kPairs at a time beats walking the dense tiles: when they fill at most a quarter of the tiles that
+// hold any (a sparse dS, e.g. a margin loss over mined pairs). Else an undefined tensor (dense
+// tiles). Costs elementwise passes over dS and one device-to-host copy of two counts.
+inline at::Tensor live_pair_list(const at::Tensor& grad, bool batch) {
+  at::Tensor live;
+  if (batch) {
+    auto g = grad + grad.t();
+    g.diagonal().copy_(grad.diagonal());
+    live = (g != 0).triu();
+  } else {
+    live = grad != 0;
+  }
+  const int64_t rows = live.size(0), cols = live.size(1);
+  if (rows == 0 || cols == 0) return {};
+  const int64_t tile_rows = (rows + kTile - 1) / kTile, tile_cols = (cols + kTile - 1) / kTile;
+  auto padded = at::zeros({tile_rows * kTile, tile_cols * kTile}, live.options());
+  padded.narrow(0, 0, rows).narrow(1, 0, cols).copy_(live);
+  const auto counts = at::stack({live.sum(), padded.view({tile_rows, kTile, tile_cols, kTile}).any(3).any(1).sum()})
+                          .cpu();
+  const int64_t count = counts[0].item<int64_t>(), live_tiles = counts[1].item<int64_t>();
+  if (count == 0 || 4 * count > live_tiles * int64_t(kPairs)) return {};
+  return at::nonzero(live).contiguous();  // row-major order of (i, r)
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
+__global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, BackwardPairs pairs,
                                                                     BackwardOut<T> out, T* scratch, int64_t ws_elems) {
   PDDM_DYNAMIC_SHARED(smem_raw);
   PDDM_SHARED(ts, TileScalars<T>);
@@ -148,12 +192,14 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
-  T* sm_w = sm + kStagingA;
-  const int64_t d = w.d, h = w.h, c = w.c, ldz = 2 * h;
+  T* sm_w = sm + staging_a_elems<T>();
+  const int64_t d = w.d, h = w.h, c = w.c;
+  // Row strides of the workspace matrices (tile_workspace_elems, smem_layout.h).
+  const int64_t ldz = layout::workspace_stride(2 * h), ldq = layout::workspace_stride(c), ldu = layout::workspace_stride(d);
   T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
   T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
   T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
-  T* dU = Q + kPairs * c;                          // (kPairs, d) dL/dnormalize(u)
+  T* dU = Q + kPairs * ldq;                        // (kPairs, d) dL/dnormalize(u)
   T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
   // This block's slices of the input-side gradients (per_block), else the shared buffers.
   const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
@@ -163,38 +209,46 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
+  const bool batch = pairs.grid.batch, listed = pairs.list != nullptr;
 
-  for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
-    int64_t i0, r0;
-    grid.tile(t, &i0, &r0);
+  for (int64_t t = blockIdx.x; t < pairs.tiles(); t += gridDim.x) {
+    const TilePairs tp = pairs.tile(t);
     __syncthreads();
     if (tid < kPairs) {
-      const int64_t i = i0 + tid / kTile, r = r0 + tid % kTile;
+      int64_t i = tp.i0 + tid / kTile, r = tp.r0 + tid % kTile;
+      bool live = i < rows.m && r < rows.n;
+      if (listed) {
+        live = tp.begin + tid < tp.count;
+        tp.pair(tid, rows.m, rows.n, &i, &r);
+      }
       T g = 0;
-      if (i < rows.m && r < rows.n) {
+      if (live) {
         g = out.grad[i * out.grad_stride0 + r * out.grad_stride1];
         // Batch mode computes each unordered pair once: it carries dS[i, r] + dS[r, i].
-        if (grid.batch) g = r < i ? T(0) : (r == i ? g : g + out.grad[r * out.grad_stride0 + i * out.grad_stride1]);
+        if (batch) g = r < i ? T(0) : (r == i ? g : g + out.grad[r * out.grad_stride0 + i * out.grad_stride1]);
       }
       bs.g[tid] = g;
     }
     __syncthreads();
-    // A tile whose pairs all have a zero gradient contributes nothing: every thread reads the same
-    // bs.g, so the whole block skips it together (as the CPU path skips zero-gradient pairs).
+    // Pairs with a zero gradient contribute nothing (as on the CPU path): a tile without any is
+    // skipped (every thread reads the same bs.g, so the whole block skips it together), and within a
+    // tile every sum over pairs below skips them, so that their activations (which may be inf or
+    // NaN, say for a row of x that only such pairs touch) never reach a gradient.
     bool tile_has_gradient = false;
     for (int p = 0; p < kPairs; ++p) tile_has_gradient |= bs.g[p] != T(0);
     if (!tile_has_gradient) continue;
-    pddm_tile_activations(w, rows, i0, r0, Z, ts, sm_a, sm_w);
+    pddm_tile_activations(w, rows, tp, Z, ts, sm_a, sm_w);
 
     // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
     pair_gemm<T>(
         c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-        [&](int p, int64_t j, T q) { Q[p * c + j] = relu(q + w.b_c[j]); }, sm_a, sm_w);
+        [&](int p, int64_t j, T q) { Q[p * ldq + j] = relu(q + w.b_c[j]); }, sm_a, sm_w);
     if (slab != nullptr) {
       for (int64_t j = tid; j < c; j += kThreads) {
         T dws = 0, dbc = 0;
         for (int p = 0; p < kPairs; ++p) {
-          const T q = Q[p * c + j];
+          if (bs.g[p] == T(0)) continue;
+          const T q = Q[p * ldq + j];
           dws += bs.g[p] * q;
           dbc += q > T(0) ? bs.g[p] * w.w_s[j] : T(0);
         }
@@ -211,20 +265,23 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads) {
       const int p = int(e / c);
       const int64_t j = e - int64_t(p) * c;
-      Q[e] = Q[e] > T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
+      T& q = Q[p * ldq + j];
+      q = q > T(0) && bs.g[p] != T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
     }
     __syncthreads();
-    if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's pairs
+    if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's live pairs
       for (int64_t e = tid; e < c * 2 * h; e += kThreads) {
         const int64_t j = e / (2 * h), k = e - j * 2 * h;
         T acc = 0;
-        for (int p = 0; p < kPairs; ++p) acc += Q[p * c + j] * Z[p * ldz + k];
+        for (int p = 0; p < kPairs; ++p) {
+          if (bs.g[p] != T(0)) acc += Q[p * ldq + j] * Z[p * ldz + k];
+        }
         slab[out.layout.W_c + e] += acc;
       }
     }
     // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k].
     pair_gemm<T>(
-        2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * c + j]; },
+        2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * ldq + j]; },
         [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w);
 
     // Backward of the two normalisations and the branch ReLUs (z > 0 exactly where the ReLU was active).
@@ -242,16 +299,19 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
     }
     __syncthreads();
-    for (int64_t e = tid; e < int64_t(kPairs) * ldz; e += kThreads) {
-      const int p = int(e / ldz);
-      const bool u_half = e - int64_t(p) * ldz < h;
-      const T z = Z[e];
-      dZ[e] = z > T(0) ? normalize_backward(dZ[e], z, u_half ? bs.s_u[p] : bs.s_v[p],
-                                            u_half ? ts.norm_u1[p] : ts.norm_v1[p])
-                       : T(0);
+    for (int64_t e = tid; e < int64_t(kPairs) * 2 * h; e += kThreads) {
+      const int p = int(e / (2 * h));
+      const int64_t k = e - int64_t(p) * 2 * h;
+      const bool u_half = k < h;
+      const T z = Z[p * ldz + k];
+      T& dz = dZ[p * ldz + k];
+      dz = z > T(0) && bs.g[p] != T(0)
+               ? normalize_backward(dz, z, u_half ? bs.s_u[p] : bs.s_v[p], u_half ? ts.norm_u1[p] : ts.norm_v1[p])
+               : T(0);
     }
     __syncthreads();
-    // Now dZ holds dpre: (kPairs, h) for the difference branch, (kPairs, h) for the mean branch.
+    // Now dZ holds dpre: (kPairs, h) for the difference branch, (kPairs, h) for the mean branch; 0 for
+    // the pairs without gradient.
     if (slab != nullptr) {
       for (int64_t k = tid; k < h; k += kThreads) {
         T dbu = 0, dbv = 0;
@@ -266,108 +326,130 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     // Mean branch: pre_v = (P_i + P_r) * inv_v + b_v with inv_v = mean_scale (pddm_common.h).
     for (int p = warp; p < kPairs; p += kWarps) {
       T dinv_v = 0;
-      for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * mean_pre_projection(w, rows, ts, i0, r0, p, k);
+      for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * mean_pre_projection(w, rows, ts, p, k);
       dinv_v = warp_sum(dinv_v);
       if (lane == 0) bs.coef_v[p] = mean_scale_coef(dinv_v, ts.norm_v[p], w.normalize_inputs);
     }
     // Near-antipodal pairs take their mean-branch gradient g_v from x + y directly (below); through
     // dP_x and dP_y, dW_v = dP_x^T x + dP_y^T y would cancel.
-    const bool any_direct = __syncthreads_or(tid < kPairs && ts.direct[tid]);
-    for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
-      const int a = int(e / h);
-      const int64_t k = e - int64_t(a) * h;
-      if (g_dPx != nullptr && i0 + a < rows.m) {  // dP_i += sum over the tile's columns
-        T acc = 0;
-        for (int b = 0; b < kTile; ++b) {
-          if (!ts.direct[a * kTile + b]) acc += dZ[(a * kTile + b) * ldz + h + k] * ts.inv_v[a * kTile + b];
+    const bool any_direct = __syncthreads_or(tid < kPairs && ts.direct[tid] && bs.g[tid] != T(0));
+    const auto dP_of = [&](int p, int64_t k) {  // pair p's share of dP_i and dP_r (0: none)
+      return ts.direct[p] || bs.g[p] == T(0) ? T(0) : dZ[p * ldz + h + k] * ts.inv_v[p];
+    };
+    if (!listed) {
+      for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
+        const int a = int(e / h);
+        const int64_t k = e - int64_t(a) * h;
+        if (g_dPx != nullptr && tp.i0 + a < rows.m) {  // dP_i += sum over the tile's columns
+          T acc = 0;
+          for (int b = 0; b < kTile; ++b) acc += dP_of(a * kTile + b, k);
+          add_gradient(g_dPx + (tp.i0 + a) * h + k, acc, out.per_block);
         }
-        add_gradient(g_dPx + (i0 + a) * h + k, acc, out.per_block);
+        const int b = a;
+        if (g_dPy != nullptr && tp.r0 + b < rows.n) {  // dP_r += sum over the tile's rows
+          T acc = 0;
+          for (int a2 = 0; a2 < kTile; ++a2) acc += dP_of(a2 * kTile + b, k);
+          add_gradient(g_dPy + (tp.r0 + b) * h + k, acc, out.per_block);
+        }
       }
-      const int b = a;
-      if (g_dPy != nullptr && r0 + b < rows.n) {  // dP_r += sum over the tile's rows
-        T acc = 0;
-        for (int a2 = 0; a2 < kTile; ++a2) {
-          if (!ts.direct[a2 * kTile + b]) acc += dZ[(a2 * kTile + b) * ldz + h + k] * ts.inv_v[a2 * kTile + b];
+    } else {
+      // A list tile: each thread owns features k and walks the pairs in order (no two threads of the
+      // block touch one element, so per_block needs no atomics; the order is fixed).
+      for (int64_t k = tid; k < h; k += kThreads) {
+        for (int p = 0; p < kPairs; ++p) {
+          if (bs.g[p] == T(0) || ts.direct[p]) continue;
+          const T v = dP_of(p, k);
+          if (g_dPx != nullptr) add_gradient(g_dPx + ts.row[p] * h + k, v, out.per_block);
+          if (g_dPy != nullptr) add_gradient(g_dPy + ts.col[p] * h + k, v, out.per_block);
         }
-        add_gradient(g_dPy + (r0 + b) * h + k, acc, out.per_block);
       }
     }
     if (need_inputs) {
       // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j].
       pair_gemm<T>(
           d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ldz + k]; },
-          [&](int p, int64_t j, T v) { dU[p * d + j] = v; }, sm_a, sm_w);
+          [&](int p, int64_t j, T v) { dU[p * ldu + j] = v; }, sm_a, sm_w);
       for (int p = warp; p < kPairs; p += kWarps) {
-        const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
+        const int64_t i = ts.row[p], r = ts.col[p];
         T s = 0;
-        for (int64_t j = lane; j < d; j += 32) s += abs_value(rows.x[i * d + j] - rows.y[r * d + j]) * dU[p * d + j];
+        for (int64_t j = lane; j < d; j += 32) s += abs_value(rows.x[i * d + j] - rows.y[r * d + j]) * dU[p * ldu + j];
         s = warp_sum(s);
         if (lane == 0) bs.s_hat[p] = s * ts.inv_u[p];
       }
       __syncthreads();
-      // u = |x - y| (d/dx = sign(x - y), sign(0) = 0) and x + y of the mean branch.
-      for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
-        const int a = int(e / d);
-        const int64_t j = e - int64_t(a) * d;
-        if (g_dx != nullptr && i0 + a < rows.m) {
-          const T xj = rows.x[(i0 + a) * d + j];
-          T acc = 0;
-          for (int b = 0; b < kTile && r0 + b < rows.n; ++b) {
-            const int p = a * kTile + b;
-            const T yj = rows.y[(r0 + b) * d + j], diff = xj - yj;
-            const T du = w.normalize_inputs ? normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p],
-                                                                 bs.s_hat[p], ts.norm_u[p])
-                                            : dU[p * d + j];
-            acc += sign_of(diff) * du + bs.coef_v[p] * (xj + yj);
-            if (any_direct && ts.direct[p]) acc += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
+      // Pair p's gradient of x_i (x_side) or of y_r at feature j: u = |x - y| (d/dx = sign(x - y),
+      // sign(0) = 0) and x + y of the mean branch; 0 for a pair without gradient.
+      const auto input_grad = [&](int p, int64_t j, bool x_side) {
+        if (bs.g[p] == T(0)) return T(0);
+        const T xj = rows.x[ts.row[p] * d + j], yj = rows.y[ts.col[p] * d + j], diff = xj - yj;
+        const T du = w.normalize_inputs
+                         ? normalize_backward(dU[p * ldu + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p])
+                         : dU[p * ldu + j];
+        T v = (x_side ? sign_of(diff) : -sign_of(diff)) * du + bs.coef_v[p] * (xj + yj);
+        if (any_direct && ts.direct[p]) v += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
+        return v;
+      };
+      if (!listed) {
+        for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
+          const int a = int(e / d);
+          const int64_t j = e - int64_t(a) * d;
+          if (g_dx != nullptr && tp.i0 + a < rows.m) {
+            T acc = 0;
+            for (int b = 0; b < kTile && tp.r0 + b < rows.n; ++b) acc += input_grad(a * kTile + b, j, true);
+            add_gradient(g_dx + (tp.i0 + a) * d + j, acc, out.per_block);
           }
-          add_gradient(g_dx + (i0 + a) * d + j, acc, out.per_block);
+          const int b = a;
+          if (g_dy != nullptr && tp.r0 + b < rows.n) {
+            T acc = 0;
+            for (int a2 = 0; a2 < kTile && tp.i0 + a2 < rows.m; ++a2) acc += input_grad(a2 * kTile + b, j, false);
+            add_gradient(g_dy + (tp.r0 + b) * d + j, acc, out.per_block);
+          }
         }
-        const int b = a;
-        if (g_dy != nullptr && r0 + b < rows.n) {
-          const T yj = rows.y[(r0 + b) * d + j];
-          T acc = 0;
-          for (int a2 = 0; a2 < kTile && i0 + a2 < rows.m; ++a2) {
-            const int p = a2 * kTile + b;
-            const T xj = rows.x[(i0 + a2) * d + j], diff = xj - yj;
-            const T du = w.normalize_inputs ? normalize_backward(dU[p * d + j], abs_value(diff) * ts.inv_u[p],
-                                                                 bs.s_hat[p], ts.norm_u[p])
-                                            : dU[p * d + j];
-            acc += bs.coef_v[p] * (xj + yj) - sign_of(diff) * du;
-            if (any_direct && ts.direct[p]) acc += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
+      } else {
+        for (int64_t j = tid; j < d; j += kThreads) {
+          for (int p = 0; p < kPairs; ++p) {
+            if (bs.g[p] == T(0)) continue;
+            if (g_dx != nullptr) add_gradient(g_dx + ts.row[p] * d + j, input_grad(p, j, true), out.per_block);
+            if (g_dy != nullptr) add_gradient(g_dy + ts.col[p] * d + j, input_grad(p, j, false), out.per_block);
           }
-          add_gradient(g_dy + (r0 + b) * d + j, acc, out.per_block);
         }
       }
     }
     if (slab != nullptr) {
-      // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T.
+      // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T over the live pairs.
       for (int64_t e = tid; e < h * d; e += kThreads) {
         const int64_t k = e / d, j = e - k * d;
-        T xa[kTile], yb[kTile];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a) xa[a] = rows.x[pair_row(i0, a * kTile, rows.m) * d + j];
-#pragma unroll
-        for (int b = 0; b < kTile; ++b) yb[b] = rows.y[pair_col(r0, b, rows.n) * d + j];
         T acc = 0;
+        if (!listed) {  // a dense tile: its 8 rows and 8 columns read once
+          T xa[kTile], yb[kTile];
 #pragma unroll
-        for (int a = 0; a < kTile; ++a) {
+          for (int a = 0; a < kTile; ++a) xa[a] = rows.x[ts.row[a * kTile] * d + j];
 #pragma unroll
-          for (int b = 0; b < kTile; ++b) {
-            const int p = a * kTile + b;
-            acc += dZ[p * ldz + k] * ts.inv_u[p] * abs_value(xa[a] - yb[b]);
+          for (int b = 0; b < kTile; ++b) yb[b] = rows.y[ts.col[b] * d + j];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) {
+#pragma unroll
+            for (int b = 0; b < kTile; ++b) {
+              const int p = a * kTile + b;
+              if (bs.g[p] != T(0)) acc += dZ[p * ldz + k] * ts.inv_u[p] * abs_value(xa[a] - yb[b]);
+            }
+          }
+        } else {
+          for (int p = 0; p < kPairs; ++p) {
+            if (bs.g[p] != T(0)) {
+              acc += dZ[p * ldz + k] * ts.inv_u[p] * abs_value(rows.x[ts.row[p] * d + j] - rows.y[ts.col[p] * d + j]);
+            }
           }
         }
         slab[out.layout.W_u + e] += acc;
       }
-      if (any_direct) {  // dW_v += g_v (x_i + y_r)^T over the tile's near-antipodal pairs
+      if (any_direct) {  // dW_v += g_v (x_i + y_r)^T over the tile's near-antipodal live pairs
         for (int64_t e = tid; e < h * d; e += kThreads) {
           const int64_t k = e / d, j = e - k * d;
           T acc = 0;
           for (int p = 0; p < kPairs; ++p) {
-            if (!ts.direct[p]) continue;
-            const int64_t i = pair_row(i0, p, rows.m), r = pair_col(r0, p, rows.n);
-            acc += dZ[p * ldz + h + k] * ts.inv_v[p] * (rows.x[i * d + j] + rows.y[r * d + j]);
+            if (!ts.direct[p] || bs.g[p] == T(0)) continue;
+            acc += dZ[p * ldz + h + k] * ts.inv_v[p] * (rows.x[ts.row[p] * d + j] + rows.y[ts.col[p] * d + j]);
           }
           slab[out.layout.W_v + e] += acc;
         }
@@ -412,6 +494,10 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   const auto dPx = need_x || need_params ? at::zeros({m, h}, opts) : at::Tensor();
   const auto dPy = batch ? dPx : (need_y || need_params ? at::zeros({n, h}, opts) : at::Tensor());
   const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
+  const auto pair_list = live_pair_list(grad, batch);
+  const BackwardPairs pairs{grid, pair_list.defined() ? pair_list.data_ptr<int64_t>() : nullptr,
+                            pair_list.defined() ? pair_list.size(0) : 0};
+  const int64_t tiles = pair_list.defined() ? (pairs.count + kPairs - 1) / kPairs : grid.count();
   const auto layout = SlabLayout::make(d, h, c);
   at::Tensor slab;
 
@@ -419,7 +505,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     using T = scalar_t;
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
-    const int64_t ws_elems = int64_t(kPairs) * (4 * h + c + d);
+    const int64_t ws_elems = tile_workspace_elems({2 * h, 2 * h, c, d});  // Z, dZ, Q, dU
     // Keep the per-block parameter slabs (and, deterministic, the per-block input gradients) within
     // ~256 MB each.
     const int64_t slab_bytes = layout.size * int64_t(sizeof(T));
@@ -429,7 +515,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     if (deterministic && slice_elems > 0) {
       max_blocks = std::min(max_blocks, std::max<int64_t>(1, (int64_t(256) << 20) / (slice_elems * int64_t(sizeof(T)))));
     }
-    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count(),
+    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), tiles,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
@@ -445,7 +531,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     const BackwardOut<T> out{grad.data_ptr<T>(), grad.stride(0), grad.stride(1), ptr(bx), ptr(by), ptr(bPx),
                              ptr(bPy), need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
     PDDM_LAUNCH(scores_backward_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
-        w, rows, grid, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
+        w, rows, pairs, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (deterministic) {  // the blocks' slices, summed in a fixed order
       if (bx.defined()) gx.copy_(bx.sum(0));
@@ -455,12 +541,13 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     }
   });
 
-  if (need_x) gx.addmm_(dPx, W_vc);
-  if (!batch && need_y) gy.addmm_(dPy, W_vc);
+  // The dense products in the kernels' own arithmetic (matmul_into), not cuBLAS: no TF32, fixed order.
+  if (need_x) matmul_into(gx, dPx, W_vc, true);
+  if (!batch && need_y) matmul_into(gy, dPy, W_vc, true);
   if (need_params) {
     const auto total = slab.sum(0);
-    gW_v.copy_(at::mm(dPx.t(), x));
-    if (!batch) gW_v.addmm_(dPy.t(), y);
+    matmul_into(gW_v, dPx.t(), x, false);
+    if (!batch) matmul_into(gW_v, dPy.t(), y, true);
     gW_v.add_(total.narrow(0, layout.W_v, h * d).view({h, d}));
     gW_u.copy_(total.narrow(0, layout.W_u, h * d).view({h, d}));
     gW_c.copy_(total.narrow(0, layout.W_c, c * 2 * h).view({c, 2 * h}));
