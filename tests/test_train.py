@@ -155,6 +155,24 @@ def test_compare_reuses_runs_saved_before_an_option_existed(digits, tmp_path):
     assert _finished(dataclasses.replace(cfg, unit_lr=1e-4)) is None
 
 
+def test_resume_refuses_changed_options_and_accepts_a_new_budget(tmp_path, capsys):
+    """pddm-ext train --resume keeps the run's saved configuration: an option on the command line
+    that differs from it is an error naming it (it used to be ignored); --epochs may grow."""
+    out = str(tmp_path / "run")
+    common = ["train", "--dataset", "digits", "--batches-per-epoch", "2", "--threads", "1", "--quiet", "--out", out]
+    assert main([*common, "--epochs", "1", "--lr", "0.002"]) == 0
+    capsys.readouterr()
+    for changed, message in [(["--lr", "0.01"], "lr 0.01 (the run has 0.002)"),
+                             (["--mine=3"], "mine_k 3 (the run has None)"),
+                             (["--no-augment"], "augment False (the run has True)")]:
+        assert main([*common, "--epochs", "2", "--resume", *changed]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "start a new run" in err, err
+    # the saved value given again, and a longer budget, resume
+    assert main([*common, "--epochs", "2", "--resume", "--lr", "0.002"]) == 0
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(TrainConfig(dataset="digits", out=str(tmp_path / "none")), resume=True, progress=False)

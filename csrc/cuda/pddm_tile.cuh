@@ -207,7 +207,7 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
         for (int f = 1; f < per; ++f) {
           if (flip == f) value = acc[q][base + (lane_t ^ f)];
         }
-        const int slot = base + (lane_t ^ flip);
+        const int slot = layout::epilogue_slot<T>(pair_group, out_group, t);  // = base + (lane_t ^ flip)
         const int64_t o = o0 + layout::out_column<T>(out_group, slot);
         if (o < N) {
           if constexpr (std::is_invocable_v<Epilogue, int, int64_t, T, int>) {

@@ -78,6 +78,19 @@ def _config(args, **extra):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, **extra)
 
 
+def _explicit_fields(parser, argv):
+    """The TrainConfig fields whose options appear in argv (``--lr 0.1``, ``--lr=0.1``, an abbreviation
+    argparse accepts such as ``--mine 3``, and the ``--no-`` form of a boolean option)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--") or (a.startswith("-") and len(a) == 2)}
+
+    def named(option):
+        return option in given or any(len(g) > 3 and option.startswith(g) for g in given if g.startswith("--"))
+
+    return {action.dest for action in parser._actions
+            if action.dest in fields and any(named(o) for o in action.option_strings)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pddm-ext", description="Train and compare embeddings with PDDM hard mining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,7 +122,8 @@ def main(argv=None):
             from .train import format_table, train
 
             cfg = _config(args)
-            result = train(cfg, resume=args.resume, progress=not args.quiet)
+            result = train(cfg, resume=args.resume, progress=not args.quiet,
+                           explicit=_explicit_fields(p_train, argv if argv is not None else sys.argv[1:]))
             if os.environ.get("RANK", "0") != "0":  # [ddp] under torchrun, rank 0 reports
                 return 0
             print(f"\n{result['dataset']['name']}, loss {result['config']['loss']}, seed {result['config']['seed']} "

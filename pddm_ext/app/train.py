@@ -359,7 +359,7 @@ class Run:
     (rank 0 writes) tells the ranks apart.
     """
 
-    def __init__(self, cfg, *, resume=False, progress=True, split=None):
+    def __init__(self, cfg, *, resume=False, progress=True, split=None, explicit=()):
         self.out = cfg.resolved_out()
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
         if not resume and os.path.exists(self.ckpt_path):
@@ -368,7 +368,14 @@ class Run:
         checkpoint = self._load_checkpoint(cfg) if resume else None
         if checkpoint is not None:
             # a resumed run keeps its configuration; only the epoch budget, device and threads may change
-            cfg = dataclasses.replace(saved_config(checkpoint["config"]), epochs=cfg.epochs, device=cfg.device,
+            saved = saved_config(checkpoint["config"])
+            changed = [f"{name} {getattr(cfg, name)!r} (the run has {getattr(saved, name)!r})" for name in explicit
+                       if name not in ("epochs", *TrainConfig.RUNTIME_FIELDS)
+                       and getattr(cfg, name) != getattr(saved, name)]
+            if changed:
+                raise ConfigError(f"--resume continues the run in {self.out} with its own configuration; it cannot "
+                                  f"change {', '.join(changed)}: start a new run (another --out) instead")
+            cfg = dataclasses.replace(saved, epochs=cfg.epochs, device=cfg.device,
                                       threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
         self.cfg, self.resume = cfg, resume
         self.setup(split, checkpoint, progress)
@@ -555,10 +562,14 @@ class Run:
         return result
 
 
-def train(cfg, *, resume=False, progress=True, split=None):
+def train(cfg, *, resume=False, progress=True, split=None, explicit=()):
     """Runs (or with ``resume=True`` continues) a training run; returns the result dict
-    (config, dataset info, raw-pixel floor, per-epoch history, output folder)."""
-    run = Run(cfg, resume=resume, progress=progress, split=split)
+    (config, dataset info, raw-pixel floor, per-epoch history, output folder).
+
+    ``explicit``: the TrainConfig fields the caller set on purpose (the command line's options). A
+    resumed run keeps its saved configuration except the epoch budget and the runtime fields, so an
+    explicit field that differs from the saved one raises ConfigError instead of being ignored."""
+    run = Run(cfg, resume=resume, progress=progress, split=split, explicit=explicit)
     for epoch in run.epochs():
         entry = run.train_epoch(epoch)
         entry.update(run.evaluate())
