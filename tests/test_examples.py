@@ -21,7 +21,7 @@ def _load(name):
 def test_full_matrix_loss_example_runs(capsys):
     ns = _load("full_matrix_loss.py")
     ns["main"].__globals__["STEPS_PER_EPOCH"] = 2
-    ns["main"](["--epochs", "1", "--metric", "both"])
+    ns["main"](["--dataset", "digits", "--epochs", "1", "--metric", "both"])
     out = capsys.readouterr().out
     assert "== pddm, seed 0" in out and "== cosine, seed 0" in out
     assert "by PDDM score" in out and "final test R@1, pddm" in out and "final test R@1, cosine" in out
