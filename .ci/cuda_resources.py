@@ -107,7 +107,8 @@ def main():
     version = subprocess.run([args.nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     print(f"# ptxas -v of csrc/cuda/*.cu for {args.arch} ({version}); `make cuda-resources` writes this file.")
     print("# regs: registers per thread; spill: bytes of spill stores/loads; stack: stack frame bytes;")
-    print("# static smem: __shared__ bytes (ptxas); dynamic smem: what the launcher requests (T = element bytes).")
+    print("# static smem: __shared__ bytes (ptxas); dynamic smem: what the launcher requests (T = element bytes;")
+    print("# ws(n) = round_up(n, 32) + 8, a workspace row padded as in csrc/cuda/smem_layout.h).")
     header = f"{'kernel':<32} {'dtype':<7} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'static smem':>12}  dynamic smem"
     tmp = tempfile.mkdtemp(prefix="pddm_ptxas_")
     includes = cpp_extension.include_paths() + cuda_config_shim(cpp_extension.include_paths(), tmp)
