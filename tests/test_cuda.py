@@ -264,6 +264,21 @@ def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
         assert rel_err(g, w) < 1e-9
 
 
+def deterministic_backward(*args, runs):
+    """scores_backward(*args) `runs` times under torch.use_deterministic_algorithms(True); asserts the
+    results bitwise equal and returns the first."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: report, do not raise, elsewhere
+    try:
+        results = [torch.ops.pddm_ext.scores_backward(*args) for _ in range(runs)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    return results[0]
+
+
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
 def test_backward_skips_zero_gradient_pairs(batch, sparse, device):
@@ -307,15 +322,7 @@ def test_backward_skips_zero_gradient_pairs(batch, sparse, device):
     for g, w in zip(got_list, want):
         assert torch.isfinite(g).all()
         assert rel_err(g, w) < 1e-9
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True]) for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    deterministic_backward(grad, x, y, *p, [True, True, True], runs=3)
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
@@ -330,21 +337,13 @@ def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
     y = None if batch else torch.randn(n, 11, device=device)
     grad = torch.randn(m, m if batch else n, device=device)
     p = params_of(unit)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS's addmm merely warns
-    try:
-        runs = [torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True]) for _ in range(4)]
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    result = deterministic_backward(grad, x, y, *p, [True, True, True], runs=4)
     xd = x.double().requires_grad_()
     yd = None if batch else y.double().requires_grad_()
     pd = [t.double().requires_grad_() for t in p]
     R = reference.pddm_scores(xd, yd, pd)
     want = torch.autograd.grad((R * grad.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
-    got = [runs[0][0]] + ([] if batch else [runs[0][1]]) + list(runs[0][2:])
+    got = [result[0]] + ([] if batch else [result[1]]) + list(result[2:])
     for g, w in zip(got, want):
         assert rel_err(g, w) < 10 * TOL[torch.float32]
 
