@@ -279,50 +279,81 @@ def deterministic_backward(*args, runs):
     return results[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-def test_backward_skips_zero_gradient_pairs(batch, sparse, device):
-    """Pairs with a zero gradient contribute nothing, as on the CPU path: the pair of a row x_i = 1e308
-    and a row -1e308, whose difference overflows (its activations are NaN), has a zero gradient, as
-    has every other pair of those rows, and every gradient is still the reference's, the rows' own 0.
-    A sparse dS (live pairs filling at most a quarter of the tiles that hold any) is walked as a list
-    of its live pairs (one aten::nonzero), a dense one by tiles."""
-    dtype = torch.float64
+def test_backward_skips_zero_gradient_pairs(batch, sparse, dtype, device):
+    """Pairs with a zero gradient contribute nothing, as on the CPU path: the pair of a row of x at
+    +0.9 max and a row at -0.9 max (of the dtype), whose difference overflows (its activations are
+    NaN), has a zero gradient, as has every other pair of those rows, and every gradient is still the
+    reference's, the rows' own 0. A sparse dS (here ~10% of the pairs: they fill at most a quarter of
+    the tiles that hold any) is walked as a list of its live pairs (one aten::nonzero; several list
+    tiles, the last one partial), a dense one by tiles."""
     unit = make_unit(9, 7, 5, dtype=dtype, device=device, seed=3)
     m, n, dead, dead_col = 43, 37, 10, 17
     torch.manual_seed(5)
     x = torch.randn(m, 9, device=device, dtype=dtype)
     y = None if batch else torch.randn(n, 9, device=device, dtype=dtype)
-    cols = m if batch else n
-    if sparse:  # 12 live pairs, scattered over the tiles
-        grad = torch.zeros(m, cols, device=device, dtype=dtype)
-        for i, r in [(0, 3), (9, 1), (11, 30), (14, 14), (20, 5), (23, 36), (27, 19), (31, 8), (35, 2), (38, 27),
-                     (41, 33), (42, 12)]:
-            grad[i, r] = float(i - r) / 7 + 0.5
-    else:
-        grad = torch.randn(m, cols, device=device, dtype=dtype)
+    grad = torch.randn(m, m if batch else n, device=device, dtype=dtype)
+    if sparse:
+        grad *= torch.rand(grad.shape, device=device) < 0.1
     grad[dead] = 0  # every pair of x_dead and of the column dead_col has a zero gradient ...
     grad[:, dead_col] = 0
     if batch:
         grad[:, dead] = 0
         grad[dead_col] = 0
     x_finite, y_finite = x.clone(), None if batch else y.clone()
-    x[dead] = 1e308  # ... so the NaN activations of their pair (dead, dead_col) never reach a gradient
-    (x if batch else y)[dead_col] = -1e308
+    big = 0.9 * torch.finfo(dtype).max
+    x[dead] = big  # ... so the NaN activations of their pair (dead, dead_col) never reach a gradient
+    (x if batch else y)[dead_col] = -big
     p = params_of(unit)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         got = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
     assert ("aten::nonzero" in {e.name for e in prof.events()}) == sparse
-    xd = x_finite.clone().requires_grad_()
-    yd = None if batch else y_finite.clone().requires_grad_()
-    pd = [t.clone().requires_grad_() for t in p]
-    want = torch.autograd.grad((reference.pddm_scores(xd, yd, pd) * grad).sum(), [xd] + ([] if batch else [yd]) + pd)
+    xd = x_finite.double().requires_grad_()
+    yd = None if batch else y_finite.double().requires_grad_()
+    pd = [t.double().requires_grad_() for t in p]
+    want = torch.autograd.grad((reference.pddm_scores(xd, yd, pd) * grad.double()).sum(),
+                               [xd] + ([] if batch else [yd]) + pd)
     got_list = [got[0]] + ([] if batch else [got[1]]) + list(got[2:])
     assert torch.all(got[0][dead] == 0) and torch.all((got[0] if batch else got[1])[dead_col] == 0)
     for g, w in zip(got_list, want):
         assert torch.isfinite(g).all()
-        assert rel_err(g, w) < 1e-9
+        assert rel_err(g, w) < (1e-9 if dtype == torch.float64 else 10 * TOL[dtype])
     deterministic_backward(grad, x, y, *p, [True, True, True], runs=3)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_duplicate_columns_score_identically_wherever_they_sit_in_a_tile(batch, device):
+    """float32 scores of duplicate rows are bitwise equal whatever their place in an 8 x 8 tile (column
+    2 and column 6 of a tile are summed by different thread groups; exact ties must stay exact)."""
+    unit = make_unit(24, 16, 40, device=device)
+    x = torch.randn(19, 24, device=device)
+    y = None if batch else torch.randn(21, 24, device=device)
+    rows = x if batch else y
+    rows[6] = rows[2]
+    rows[13] = rows[2]
+    rows[15] = rows[4]
+    S = pddm_ext.pddm_scores(x, y, *params_of(unit))
+    assert torch.equal(S[:, 6], S[:, 2]) and torch.equal(S[:, 13], S[:, 2]) and torch.equal(S[:, 15], S[:, 4])
+
+
+def test_backward_with_non_contiguous_parameters(device):
+    """A transposed view as W_v (and W_u): the gradient buffers take its strides (zeros_like) and the
+    dense products write through them."""
+    dtype = torch.float64
+    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
+    p = list(params_of(unit))
+    p[0] = p[0].t().contiguous().t()  # W_u
+    p[2] = p[2].t().contiguous().t()  # W_v
+    assert not p[0].is_contiguous() and not p[2].is_contiguous()
+    x = torch.randn(20, 9, device=device, dtype=dtype)
+    y = torch.randn(13, 9, device=device, dtype=dtype)
+    grad = torch.randn(20, 13, device=device, dtype=dtype)
+    got = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+    want = torch.ops.pddm_ext.scores_backward(grad, x, y, *[t.contiguous() for t in p], [True, True, True])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])

@@ -139,7 +139,8 @@ struct TileScalars {
   bool direct[kPairs];                 // mean_branch_direct: W_v (x + y) from x + y, not P_i + P_r
   T norm_u1[kPairs], norm_v1[kPairs];  // ||u'||, ||v'||
   T score[kPairs];
-  T partial[kPairs][kOutGroups];       // per-output-group partial scores (summed in a fixed order)
+  T partial[kPairs][kOutGroups + 1];   // per-output-group partial scores (summed in a fixed order;
+                                       // the odd row stride keeps the 64 summing threads conflict-free)
 };
 
 // out(p, o) = sum_k operand(p, k) * W(o, k) for the kPairs pairs of the tile and o < N, with
@@ -156,7 +157,11 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   const int tid = threadIdx.x;
   const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;  // pairs 4 pg.., outputs (out_column)
   constexpr int per = layout::vec_elems<T>(), a_stride = layout::a_stride<T>(), w_stride = layout::w_stride<T>();
-  const int flip = layout::epilogue_flip<T>(pair_group, out_group);
+  // An epilogue that takes the pair's slot accumulates in registers (no shared stores to spread):
+  // it visits the outputs in one order for every pair, so that a pair's result does not depend on
+  // its place in the tile (duplicate rows and columns score identically).
+  constexpr bool accumulates = std::is_invocable_v<Epilogue, int, int64_t, T, int>;
+  const int flip = accumulates ? 0 : layout::epilogue_flip<T>(pair_group, out_group);
   const bool w_rows_contiguous = w_red_stride == 1;
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
     T acc[4][8];
@@ -207,10 +212,10 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
         for (int f = 1; f < per; ++f) {
           if (flip == f) value = acc[q][base + (lane_t ^ f)];
         }
-        const int slot = layout::epilogue_slot<T>(pair_group, out_group, t);  // = base + (lane_t ^ flip)
+        const int slot = accumulates ? t : layout::epilogue_slot<T>(pair_group, out_group, t);  // base + (lane_t ^ flip)
         const int64_t o = o0 + layout::out_column<T>(out_group, slot);
         if (o < N) {
-          if constexpr (std::is_invocable_v<Epilogue, int, int64_t, T, int>) {
+          if constexpr (accumulates) {
             epilogue(pair_group * 4 + q, o, value, q);
           } else {
             epilogue(pair_group * 4 + q, o, value);
@@ -411,8 +416,8 @@ LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_
 // dW_v = dP_x^T x + dP_y^T y after the backward) in the kernels' own arithmetic instead of at::mm /
 // cuBLAS, which runs float32 in TF32 under allow_tf32 / set_float32_matmul_precision("high") (~1e-3
 // relative error) and may pick a split-K algorithm: every output C[i, j] is one accumulator summed
-// over k in increasing order, as the CPU path's loops do (duplicate rows project identically, and
-// the result is deterministic). One block per 16 x 16 output tile (persistent: tiles t = blockIdx.x,
+// over k in increasing order (as the CPU path computes P: duplicate rows project identically), and
+// the result is deterministic. One block per 16 x 16 output tile (persistent: tiles t = blockIdx.x,
 // + gridDim.x, ...), the reduction staged 16 at a time in shared memory along whichever axis of
 // each operand is contiguous in global memory.
 constexpr int kGemmTile = 16;

@@ -157,22 +157,19 @@ struct BackwardPairs {
   }
 };
 
-// The live pairs of dS (a nonzero gradient; batch mode: dS[i, r] + dS[r, i] for r > i, dS[i, i] on
-// the diagonal, the upper triangle only) as a (count, 2) row-major list of (i, r), when walking them
-// kPairs at a time beats walking the dense tiles: when they fill at most a quarter of the tiles that
-// hold any (a sparse dS, e.g. a margin loss over mined pairs). Else an undefined tensor (dense
-// tiles). Costs elementwise passes over dS and one device-to-host copy of two counts.
+// The live pairs of dS (a nonzero gradient; batch mode: dS[i, r] or dS[r, i] nonzero, upper
+// triangle, diagonal included) as a (count, 2) row-major list of (i, r), when walking them kPairs at
+// a time beats walking the dense tiles: when they fill at most a quarter of the tiles that hold any
+// (a sparse dS, e.g. a margin loss over mined pairs). Else an undefined tensor (dense tiles). A pair
+// whose dS[i, r] + dS[r, i] cancels is listed and gets g = 0 in the kernel, which skips it. Costs
+// (m, n) bool temporaries, elementwise passes over dS and one device-to-host copy of two counts (a
+// synchronisation); an expanded dS (a zero stride, e.g. the gradient of S.sum()) is dense and skips
+// the probe.
 inline at::Tensor live_pair_list(const at::Tensor& grad, bool batch) {
-  at::Tensor live;
-  if (batch) {
-    auto g = grad + grad.t();
-    g.diagonal().copy_(grad.diagonal());
-    live = (g != 0).triu();
-  } else {
-    live = grad != 0;
-  }
-  const int64_t rows = live.size(0), cols = live.size(1);
-  if (rows == 0 || cols == 0) return {};
+  const int64_t rows = grad.size(0), cols = grad.size(1);
+  if (rows == 0 || cols == 0 || grad.stride(0) == 0 || grad.stride(1) == 0) return {};
+  auto live = grad != 0;
+  if (batch) live = live.logical_or(live.t()).triu();
   const int64_t tile_rows = (rows + kTile - 1) / kTile, tile_cols = (cols + kTile - 1) / kTile;
   auto padded = at::zeros({tile_rows * kTile, tile_cols * kTile}, live.options());
   padded.narrow(0, 0, rows).narrow(1, 0, cols).copy_(live);

@@ -1,9 +1,12 @@
-// Shared-memory layout of the tile kernels (pddm_tile.cuh): which thread touches which element of
-// pair_gemm's staging and of the tile workspace, as constexpr functions of thread and element
-// indices. The kernels index shared memory only through these, and tests/cpp/test_smem_banks.cpp
-// evaluates the same functions on the host for every lane of a warp and checks that each access
-// pattern is free of bank conflicts under the hardware's rule (32 banks of 4 bytes; a warp's 4-,
-// 8- and 16-byte accesses are served per 32, 16 and 8 lanes; lanes reading one address share it).
+// Shared-memory layout of the tile kernels' GEMMs (pair_gemm in pddm_tile.cuh): which thread touches
+// which element of pair_gemm's staging and of the tile workspace it reads and writes, as constexpr
+// functions of thread and element indices. pair_gemm indexes shared memory only through these, and
+// tests/cpp/test_smem_banks.cpp evaluates the same functions on the host for every lane of a warp and
+// checks that each of its access patterns is free of bank conflicts under the hardware's rule (32
+// banks of 4 bytes; a warp's 4-, 8- and 16-byte accesses are served per 32, 16 and 8 lanes; lanes
+// reading one address share it). The per-tile reductions outside pair_gemm (norms, the score sum,
+// the backward's dP/dx sums) are not modelled: they run once per tile, not once per reduction step,
+// and may conflict 2-way for h or d below 32 or not a multiple of it.
 //
 // Plain C++ (no CUDA headers), so that the host test needs neither nvcc nor torch.
 #pragma once

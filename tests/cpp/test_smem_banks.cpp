@@ -6,6 +6,7 @@
 // (degree 1). The layout before issue 11 is modelled too, and must show its known conflicts (2-way
 // weight loads, 8-way workspace stores): the check can fail. Built and run by CMakeLists.txt
 // (ctest); no GPU, nvcc or torch needed.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
