@@ -174,6 +174,29 @@ def test_backward_is_reproducible(batch):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
+def test_gradients_do_not_follow_the_float32_matmul_precision(batch):
+    """The backward's dense products (dx += dP W_v, dW_v = dP^T x) are the kernels' own arithmetic: on
+    the CPU, at::mm follows torch.set_float32_matmul_precision, whose "medium" runs float32 matmuls in
+    bfloat16 where oneDNN supports it; the gradients must be bitwise the same under every setting."""
+    unit = make_unit(64, 48, 32, dtype=torch.float32, seed=31)
+    x = randn(70, 64, dtype=torch.float32, seed=32)
+    y = None if batch else randn(50, 64, dtype=torch.float32, seed=33)
+    g = randn(70, 70 if batch else 50, dtype=torch.float32, seed=34)
+    p = [getattr(unit, name).detach() for name in PARAM_NAMES]
+    previous = torch.get_float32_matmul_precision()
+    results = []
+    try:
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            results.append(torch.ops.pddm_ext.scores_backward(g, x, y, *p, [True, True, True]))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- float32 vs float64
 
 

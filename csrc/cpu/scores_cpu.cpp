@@ -184,6 +184,16 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
   }
 }
 
+// C (M x N, contiguous) += A (M x K, row stride lda) B (K x N, contiguous), by vec::gemm_rows over
+// blocks of rows in parallel: every element summed over k in order, whatever the thread count.
+template <typename scalar_t>
+void gemm_add(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, scalar_t* C) {
+  if (M == 0 || N == 0 || K == 0) return;
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    vec::gemm_rows(end - begin, N, K, A + begin * lda, lda, B, N, C + begin * N, /*accumulate=*/true);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
 scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
@@ -297,13 +307,26 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     const auto rows = [&](scalar_t* p, int64_t count, int64_t width) {
       return at::from_blob(p, {count, width}, opts);
     };
-    const auto dPx = rows(total.dPx, m, h);
-    if (need_x) gx.copy_(rows(total.dx, m, d)).addmm_(dPx, w.W_v_t);
-    if (need_y) gy.copy_(rows(total.dy, n, d)).addmm_(rows(total.dPy, n, h), w.W_v_t);
+    // The dense products through P (dx += dP W_v, dW_v = dP_x^T x + dP_y^T y) in the kernels' own
+    // arithmetic (gemm_add), not at::mm: on the CPU too, at::mm follows
+    // torch.set_float32_matmul_precision, and "medium" runs float32 in bfloat16 there.
+    if (need_x) {
+      gx.copy_(rows(total.dx, m, d));
+      gemm_add(m, d, h, total.dPx, h, w.W_v, gx.data_ptr<scalar_t>());
+    }
+    if (need_y) {
+      gy.copy_(rows(total.dy, n, d));
+      gemm_add(n, d, h, total.dPy, h, w.W_v, gy.data_ptr<scalar_t>());
+    }
     if (need_params) {
-      gW_v.copy_(at::mm(dPx.t(), x));
-      if (!batch) gW_v.addmm_(rows(total.dPy, n, h).t(), y);
-      gW_v.add_(vec(total.dW_v, {h, d}));
+      auto dW_v = vec(total.dW_v, {h, d}).clone();  // the near-antipodal pairs' direct share, then + dP^T X
+      const auto dPx_t = rows(total.dPx, m, h).t().contiguous();
+      gemm_add(h, d, m, dPx_t.data_ptr<scalar_t>(), m, x.data_ptr<scalar_t>(), dW_v.data_ptr<scalar_t>());
+      if (!batch) {
+        const auto dPy_t = rows(total.dPy, n, h).t().contiguous();
+        gemm_add(h, d, n, dPy_t.data_ptr<scalar_t>(), n, y.data_ptr<scalar_t>(), dW_v.data_ptr<scalar_t>());
+      }
+      gW_v.copy_(dW_v);
       gW_u.copy_(vec(total.dW_u, {h, d}));
       gb_u.copy_(vec(total.db_u, {h}));
       gb_v.copy_(vec(total.db_v, {h}));
