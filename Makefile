@@ -131,9 +131,12 @@ EMU_TEMP := build/emu-temp
 EMU_BROKEN_TREE := build/emu-broken-tree
 EMU_BROKEN_TEMP := build/emu-broken-temp
 EMU_ORDERS ?= forward reverse random:1
-# Run on the emulated kernels: the CUDA tests, and the CPU-tensor tests of the per-pair numerics
-# (near-antipodal pairs, Euclidean offsets) and of the two unit forms, which this build routes to them.
-EMU_TESTS ?= tests/test_cuda.py tests/test_numerics.py tests/test_forms.py
+# Run on the emulated kernels: the CUDA tests under every order; once, under the first order, the
+# CPU-tensor tests of the per-pair numerics (near-antipodal pairs, Euclidean offsets) and of the two
+# unit forms, which this build routes to them (their arithmetic does not depend on the thread order;
+# running them once keeps CI's time down).
+EMU_TESTS ?= tests/test_cuda.py
+EMU_ONCE_TESTS ?= tests/test_numerics.py tests/test_forms.py
 EMU_PYTEST_ARGS ?= -q -ra -p no:cacheprovider --benchmark-disable
 
 # $(call copy_tree,DIR): DIR holds what git tracks plus untracked files it does not ignore.
@@ -155,9 +158,10 @@ endef
 cuda-emulate: $(VENV)/.deps-stamp
 	$(call emu_build,$(EMU_TREE),$(EMU_TEMP),)
 	cd $(EMU_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --build
-	for order in $(EMU_ORDERS); do \
+	once='$(EMU_ONCE_TESTS)'; for order in $(EMU_ORDERS); do \
 	  echo "::: emulated CUDA kernels, PDDM_EMU_ORDER=$$order"; \
-	  (cd $(EMU_TREE) && PDDM_EMU_ORDER=$$order PYTHONPATH=. '$(abspath $(VENV))/bin/python' -m pytest $(EMU_PYTEST_ARGS) $(EMU_TESTS)) || exit 1; \
+	  (cd $(EMU_TREE) && PDDM_EMU_ORDER=$$order PYTHONPATH=. '$(abspath $(VENV))/bin/python' -m pytest $(EMU_PYTEST_ARGS) $(EMU_TESTS) $$once) || exit 1; \
+	  once=; \
 	done
 	$(call emu_build,$(EMU_BROKEN_TREE),$(EMU_BROKEN_TEMP),PDDM_EXT_TEST_DROP_TILE_BARRIER=1)
 	cd $(EMU_BROKEN_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --must-fail $(EMU_ORDERS)
