@@ -304,6 +304,10 @@ class PDDMLoss(nn.Module):
                  lam=0.5, k=1, negatives="hardest", bce_weight=1.0, warmup_steps=0, normalize_inputs=False,
                  unit_dropout=0.0, normalize=True, memory=None, distributed=False):
         super().__init__()
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int):
+            raise TypeError(f"embedding_dim must be an int, got {type(embedding_dim).__name__}")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
                          dropout=unit_dropout)
         self.alpha, self.beta = V.check_number("alpha", alpha), V.check_number("beta", beta)

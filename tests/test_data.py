@@ -79,8 +79,11 @@ def test_glyphs_dataset_from_dejavu_fonts():
 
 
 def test_glyphs_without_fonts_is_a_one_line_error(tmp_path):
-    with pytest.raises(data.DatasetError, match="no .ttf/.otf font files"):
+    with pytest.raises(data.DatasetError, match="no .ttf/.otf font files") as info:
         data.load_glyphs([tmp_path])
+    assert "make fonts" not in str(info.value)  # a folder of the user's own: the pinned packages do not help
+    with pytest.raises(data.DatasetError, match="font folder .*nope does not exist"):
+        data.load_glyphs([tmp_path / "nope"])
 
 
 def test_folder_dataset(tmp_path):

@@ -471,7 +471,28 @@ def test_compare_variants_and_paired_test(digits, tmp_path):
     a = summary["losses"]["pddm-paper"]["final"]["recall@1"]["values"]
     b = summary["losses"]["pddm"]["final"]["recall@1"]["values"]
     assert t["against"] == "pddm" and t["mean_difference"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / 2)
-    assert "Paired test" in (tmp_path / "cmp" / "results.md").read_text()
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "Paired test" in md
+    assert "PDDM options of the first entry (pddm): negatives semihard" in md
+    assert "pddm-paper: normalize_inputs True, bce_weight 0.0, negatives hardest" in md
+
+
+def test_compare_reuses_a_baseline_run_whatever_the_pddm_options(digits, tmp_path):
+    """A baseline (batch-hard) does not read the PDDM options: its finished run is reused when only
+    they changed (e.g. a new default of negatives), and rerun when an option it reads changes."""
+    import dataclasses
+
+    from pddm_ext.app.compare import _finished
+    from pddm_ext.app.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="digits", loss="batch-hard", epochs=1, batches_per_epoch=2, threads=1,
+                      out=str(tmp_path / "bh"))
+    train(cfg, progress=False, split=digits)
+    assert _finished(dataclasses.replace(cfg, negatives="hardest", bce_weight=0.0, mining="euclidean")) is not None
+    assert _finished(dataclasses.replace(cfg, beta=0.2)) is None
+    pddm = dataclasses.replace(cfg, loss="pddm", out=str(tmp_path / "p"))
+    train(pddm, progress=False, split=digits)
+    assert _finished(dataclasses.replace(pddm, negatives="hardest")) is None  # a PDDM run does read them
 
 
 def test_onecycle_resume_is_exact_for_an_unchanged_budget_and_runs_for_a_longer_one(digits, tmp_path):

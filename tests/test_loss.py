@@ -160,3 +160,9 @@ def test_parameters_are_the_units():
     loss_fn = pddm_ext.PDDMLoss(4)
     assert isinstance(loss_fn.unit, pddm_ext.PDDM)
     assert {n for n, _ in loss_fn.named_parameters()} == {f"unit.{n}" for n in PARAM_NAMES}
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_embedding_dim_is_validated_by_its_name(value, error):
+    with pytest.raises(error, match="embedding_dim"):
+        pddm_ext.PDDMLoss(value)

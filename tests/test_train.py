@@ -171,6 +171,43 @@ def test_resume_refuses_changed_options_and_accepts_a_new_budget(tmp_path, capsy
     # the saved value given again, and a longer budget, resume
     assert main([*common, "--epochs", "2", "--resume", "--lr", "0.002"]) == 0
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    # without --epochs the saved budget stands (not the option's default of 8) ...
+    capsys.readouterr()
+    assert main([*common, "--resume"]) == 0
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    # ... and a budget below the epochs already trained is an error, not a silent no-op
+    capsys.readouterr()
+    assert main([*common, "--epochs", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has trained 2 epochs, more than --epochs 1" in err, err
+
+
+def test_compare_refuses_to_resume_a_run_of_other_options(digits, tmp_path):
+    """A compare folder holding an interrupted run of other options (here 3 batches per epoch where 4 are
+    asked for) is a one-line error naming them, not a silent resume of the old run."""
+    from pddm_ext.app.compare import run_all
+
+    out = tmp_path / "cmp"
+    old = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1, out=str(out / "runs" / "pddm-seed0"))
+    train(dataclasses.replace(old, epochs=1), progress=False, split=digits)  # "interrupted" after epoch 1 of 2
+    new = dataclasses.replace(old, batches_per_epoch=4, out=None)
+    with pytest.raises(ConfigError, match="batches_per_epoch 4 \\(the run has 3\\)"):
+        run_all(new, ["pddm"], [0], str(out), progress=False)
+
+
+def test_out_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    bad = str(tmp_path / "file" / "run")  # below a file
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "1", "--threads", "1",
+                 "--quiet", "--out", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create the folder" in err, err
+
+
+def test_help_names_the_default_dataset(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"{TrainConfig().dataset} (default)" in capsys.readouterr().out
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

@@ -1,6 +1,6 @@
 """The ``pddm-ext`` command: ``pddm-ext train`` (one run) and ``pddm-ext compare`` (four losses x seeds).
 
-``pddm-ext train`` with no arguments trains on mnist5k with the PDDM loss and prints a table.
+``pddm-ext train`` with no arguments trains on glyphs with the PDDM loss and prints a table.
 A bad configuration stops with a one-line error (exit status 2) before any training.
 """
 
@@ -22,7 +22,8 @@ DEFAULTS = TrainConfig()
 
 def _common(parser):
     parser.add_argument("--dataset", default=DEFAULTS.dataset,
-                        help="mnist5k (default), digits, glyphs or folder:PATH (one subfolder per class)")
+                        help=f"{DEFAULTS.dataset} (default), mnist5k, digits or folder:PATH (one subfolder per class)"
+                        if DEFAULTS.dataset == "glyphs" else "glyphs, mnist5k, digits or folder:PATH")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
     parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None, metavar="P",
                         help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
@@ -46,7 +47,7 @@ def _common(parser):
     parser.add_argument("--normalize-inputs", action=argparse.BooleanOptionalAction, default=DEFAULTS.normalize_inputs,
                         help="PDDM losses: the unit normalises u and v (the paper as read); default: the distance-aware form")
     parser.add_argument("--negatives", default=DEFAULTS.negatives, choices=["hardest", "semihard"],
-                        help="PDDM losses: hardest (default, the paper) or semi-hard negatives")
+                        help=f"PDDM losses: semi-hard or hardest (the paper's rule) negatives (default {DEFAULTS.negatives})")
     parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps,
                         help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
                              "held-out AUC reaches Euclidean distance's; default 0)")
@@ -108,9 +109,11 @@ def main(argv=None):
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
     p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES),
-                       help=f"losses and PDDM variants (pddm-paper, pddm-semihard, pddm-warmup, pddm-euclidean); default: {' '.join(LOSSES)}")
+                       help=f"losses and PDDM variants (pddm-paper, pddm-hardest, pddm-semihard, pddm-warmup, pddm-euclidean, pddm-hardest-euclidean); default: {' '.join(LOSSES)}")
     p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p_cmp.add_argument("--out", default=None, help="results folder (default benchmarks/results/compare/<dataset>)")
+    p_cmp.add_argument("--out", default=None,
+                       help="results folder (default runs/compare-<dataset>; `make compare` writes the committed "
+                            "benchmarks/results/compare/<dataset>)")
 
     args = parser.parse_args(argv)
     try:
@@ -147,7 +150,7 @@ def main(argv=None):
                 if not 0 <= seed < 2**32:
                     raise ConfigError(f"seed must be in [0, 2**32 - 1], got {seed}")
             name = args.dataset.replace("/", "_").replace(":", "-").strip("_")
-            out = args.out or os.path.join("benchmarks", "results", "compare", name)
+            out = args.out or os.path.join("runs", f"compare-{name}")
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)
             print(markdown(summary))
             print(f"written to {out}/results.md, results.json, convergence.png")

@@ -4,9 +4,10 @@ batches, same batch size, same network, same optimiser), summarised as a markdow
 epoch and against training time, one line per loss) and a JSON file with every epoch of every run.
 
 Besides the losses, ``VARIANTS`` name PDDM variants (issue 13): ``pddm-paper`` is the loss as the
-paper describes it (input-normalised unit, no pair term, as before issue 13); ``pddm-semihard`` and
-``pddm-warmup`` switch one option of the default ``pddm``; ``pddm-euclidean`` is the control: the same
-loss with every batch's quadruplets mined by Euclidean distance instead of by the unit. Every entry of ``--losses`` is a loss or a
+paper describes it (input-normalised unit, no pair term, hardest negatives: as before issue 13);
+``pddm-hardest``, ``pddm-semihard`` and ``pddm-warmup`` set one option of the default ``pddm``;
+``pddm-euclidean`` is the control: the same loss with every batch's quadruplets mined by Euclidean
+distance instead of by the unit (``pddm-hardest-euclidean``: the control of ``pddm-hardest``). Every entry of ``--losses`` is a loss or a
 variant. The table adds a paired test of each entry against the first one on final Recall@1 over the
 same seeds (``scipy.stats.ttest_rel``; the runs of one seed share the batches and the initial network).
 
@@ -28,12 +29,19 @@ from .train import CHECKPOINT, LEGACY_DEFAULTS, LOSSES, METRIC_TITLES, prepare, 
 
 # name -> (loss, TrainConfig fields it sets); a plain loss name is its own entry with no overrides
 VARIANTS = {
-    "pddm-paper": ("pddm", dict(normalize_inputs=True, bce_weight=0.0)),
+    "pddm-paper": ("pddm", dict(normalize_inputs=True, bce_weight=0.0, negatives="hardest")),
+    "pddm-hardest": ("pddm", dict(negatives="hardest")),
     "pddm-semihard": ("pddm", dict(negatives="semihard")),
     "pddm-warmup": ("pddm", dict(warmup_steps=100)),
     "pddm-euclidean": ("pddm", dict(mining="euclidean")),  # the control: PDDMLoss, quadruplets mined by distance
+    "pddm-hardest-euclidean": ("pddm", dict(negatives="hardest", mining="euclidean")),
 }
 ENTRIES = tuple(LOSSES) + tuple(VARIANTS)
+PDDM_LOSSES = ("pddm", "pddm-triplet")
+# TrainConfig fields only the PDDM losses read (build_loss, build_optimizer): a baseline's finished run
+# is reused whatever they are
+PDDM_ONLY_FIELDS = ("unit_lr", "mine_k", "alpha", "lam", "bce_weight", "normalize_inputs", "negatives",
+                    "warmup_steps", "mining")
 
 
 def entry_config(base, name):
@@ -55,7 +63,10 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
             if done is None:
                 resume = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
                 t0 = time.perf_counter()
-                done = train(cfg, resume=resume, progress=progress, split=split)
+                # an interrupted run resumes only with the same options (else a one-line ConfigError
+                # naming them: the folder holds runs of another configuration)
+                explicit = {f.name for f in dataclasses.fields(cfg)} - {"epochs"}
+                done = train(cfg, resume=resume, progress=progress, split=split, explicit=explicit)
                 if True:  # a summary line per run, like train's per-epoch lines
                     print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
                           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -76,9 +87,11 @@ def _finished(cfg):
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
     saved = {**dataclasses.asdict(type(cfg)()), **LEGACY_DEFAULTS, **result["config"]}
-    runtime = type(cfg).RUNTIME_FIELDS
-    same = {k: v for k, v in saved.items() if k not in runtime} == {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
+    ignored = set(type(cfg).RUNTIME_FIELDS)
+    if cfg.loss not in PDDM_LOSSES:  # a baseline's run does not depend on the PDDM options
+        ignored |= set(PDDM_ONLY_FIELDS)
+    same = {k: v for k, v in saved.items() if k not in ignored} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     return result if same and len(result["history"]) == cfg.epochs else None
 
 
@@ -144,6 +157,14 @@ def markdown(summary):
                  f"P={batch['p']} x K={batch['k']}; {summary['model']}, embedding dim {cfg['embedding_dim']}, "
                  f"Adam lr {cfg['lr']}{_unit_lr(cfg)}; alpha {cfg['alpha']}, beta {cfg['beta']}, lam {cfg['lam']}, "
                  f"mine k {cfg['mine_k'] or 'P K / 2'}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
+    variants = [name for name in summary["losses"] if name in VARIANTS]
+    if variants:  # what the PDDM entries are (the first entry's options, and what each variant sets)
+        first = next(iter(summary["losses"]))
+        lines.append(f"PDDM options of the first entry ({first}): negatives {cfg.get('negatives', 'hardest')}, "
+                     f"bce_weight {cfg.get('bce_weight', 0.0)}, normalize_inputs {cfg.get('normalize_inputs', True)}, "
+                     f"mining {cfg.get('mining', 'pddm')}, warmup_steps {cfg.get('warmup_steps', 0)}; the variants set "
+                     + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in VARIANTS[name][1].items())
+                                 for name in variants) + ".")
     if "font_hash" in ds:
         lines.append(f"Fonts: {len(ds['font_files'])} files, list hash `{ds['font_hash'][:16]}` (full list in results.json).")
     lines += ["", "| loss | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | train s |",

@@ -227,10 +227,14 @@ def load_glyphs(font_dirs=None, *, font_files=None, size=32):
         import PIL  # noqa: F401
     except ImportError as exc:
         raise DatasetError(f"dataset glyphs needs Pillow and fontTools; {extra_hint()}") from exc
+    missing = [str(d) for d in (font_dirs or ()) if not os.path.isdir(os.path.expanduser(str(d)))]
+    if missing:
+        raise DatasetError(f"dataset glyphs: font folder {', '.join(missing)} does not exist")
     files = sorted(font_files) if font_files is not None else find_font_files(font_dirs)
     if not files:
         where = ", ".join(DEFAULT_FONT_DIRS if font_dirs is None else map(str, font_dirs))
-        raise DatasetError(f"dataset glyphs found no .ttf/.otf font files under {where} (run `make fonts`)")
+        hint = " (run `make fonts`)" if font_dirs is None else ""
+        raise DatasetError(f"dataset glyphs found no .ttf/.otf font files under {where}{hint}")
     key = (tuple(files), size)
     if key not in _GLYPH_CACHE:
         images, labels, used = [], [], []

@@ -75,7 +75,9 @@ class TrainConfig:
     # issue 13 (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS are the values before them)
     bce_weight: float = 1.0  # PDDM losses: weight of the balanced BCE pair term (PDDMLoss(bce_weight=))
     normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
-    negatives: str = "hardest"  # PDDM losses: hardest or semihard
+    # PDDM losses: semihard (default here: glyphs 0.985 vs 0.957 with hardest, 5 seeds,
+    # benchmarks/results/compare/glyphs_issue13) or hardest (the paper's rule, PDDMLoss's default)
+    negatives: str = "semihard"
     warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
     mining: str = "pddm"  # PDDM losses: "pddm" (the unit mines) or "euclidean" (every batch: the control)
     augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
@@ -359,7 +361,7 @@ class Run:
     (rank 0 writes) tells the ranks apart.
     """
 
-    def __init__(self, cfg, *, resume=False, progress=True, split=None, explicit=()):
+    def __init__(self, cfg, *, resume=False, progress=True, split=None, explicit=None):
         self.out = cfg.resolved_out()
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
         if not resume and os.path.exists(self.ckpt_path):
@@ -369,13 +371,18 @@ class Run:
         if checkpoint is not None:
             # a resumed run keeps its configuration; only the epoch budget, device and threads may change
             saved = saved_config(checkpoint["config"])
-            changed = [f"{name} {getattr(cfg, name)!r} (the run has {getattr(saved, name)!r})" for name in explicit
+            changed = [f"{name} {getattr(cfg, name)!r} (the run has {getattr(saved, name)!r})"
+                       for name in sorted(explicit or ())
                        if name not in ("epochs", *TrainConfig.RUNTIME_FIELDS)
                        and getattr(cfg, name) != getattr(saved, name)]
             if changed:
                 raise ConfigError(f"--resume continues the run in {self.out} with its own configuration; it cannot "
                                   f"change {', '.join(changed)}: start a new run (another --out) instead")
-            cfg = dataclasses.replace(saved, epochs=cfg.epochs, device=cfg.device,
+            epochs = cfg.epochs if explicit is None or "epochs" in explicit else saved.epochs
+            if epochs < checkpoint["epoch"]:
+                raise ConfigError(f"--resume: the run in {self.out} has trained {checkpoint['epoch']} epochs, more "
+                                  f"than --epochs {epochs}")
+            cfg = dataclasses.replace(saved, epochs=epochs, device=cfg.device,
                                       threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
         self.cfg, self.resume = cfg, resume
         self.setup(split, checkpoint, progress)
@@ -439,7 +446,10 @@ class Run:
         self.info = dict(split.info)
         self.tensorboard = None
         if self.is_main:
-            os.makedirs(self.out, exist_ok=True)
+            try:
+                os.makedirs(self.out, exist_ok=True)
+            except OSError as e:  # e.g. under /proc, or below a file
+                raise ConfigError(f"--out {self.out}: cannot create the folder ({e.strerror})") from None
             if cfg.tensorboard is not None:  # one scalar per number of the log line, step = epoch
                 self.tensorboard = tensorboard_writer_class()(log_dir=cfg.tensorboard, purge_step=self.start_epoch + 1)
             write_text_atomic(os.path.join(self.out, LOG), "".join(json.dumps(h) + "\n" for h in self.history))
@@ -562,13 +572,15 @@ class Run:
         return result
 
 
-def train(cfg, *, resume=False, progress=True, split=None, explicit=()):
+def train(cfg, *, resume=False, progress=True, split=None, explicit=None):
     """Runs (or with ``resume=True`` continues) a training run; returns the result dict
     (config, dataset info, raw-pixel floor, per-epoch history, output folder).
 
-    ``explicit``: the TrainConfig fields the caller set on purpose (the command line's options). A
-    resumed run keeps its saved configuration except the epoch budget and the runtime fields, so an
-    explicit field that differs from the saved one raises ConfigError instead of being ignored."""
+    ``explicit``: None (the API: ``cfg.epochs`` is the budget of a resumed run), or the TrainConfig
+    fields the caller set on purpose (the command line's options). A resumed run keeps its saved
+    configuration except the epoch budget (given in ``explicit``, else the saved one) and the runtime
+    fields, so an explicit field that differs from the saved one raises ConfigError instead of being
+    ignored. A budget below the epochs already trained raises ConfigError too."""
     run = Run(cfg, resume=resume, progress=progress, split=split, explicit=explicit)
     for epoch in run.epochs():
         entry = run.train_epoch(epoch)
