@@ -200,8 +200,8 @@ demo: install
 	$(VENV)/bin/pddm-ext train --out $(DEMO_OUT)
 
 compare: install
-	$(VENV)/bin/pddm-ext compare --dataset mnist5k $(COMPARE_ARGS)
-	$(VENV)/bin/pddm-ext compare --dataset glyphs -K 4 $(COMPARE_ARGS)
+	$(VENV)/bin/pddm-ext compare --dataset mnist5k $(COMPARE_ARGS) --out benchmarks/results/compare/mnist5k
+	$(VENV)/bin/pddm-ext compare --dataset glyphs -K 4 $(COMPARE_ARGS) --out benchmarks/results/compare/glyphs
 
 fonts:
 	$(SUDO) apt-get update
