@@ -66,6 +66,8 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
                 # an interrupted run resumes only with the same options (else a one-line ConfigError
                 # naming them: the folder holds runs of another configuration)
                 explicit = {f.name for f in dataclasses.fields(cfg)} - {"epochs"}
+                if cfg.loss not in PDDM_LOSSES:  # as in _finished: a baseline does not read them
+                    explicit -= set(PDDM_ONLY_FIELDS)
                 done = train(cfg, resume=resume, progress=progress, split=split, explicit=explicit)
                 if True:  # a summary line per run, like train's per-epoch lines
                     print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
