@@ -24,25 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import pddm_ext
+from pk import pk_batches  # the scripts' folder is on sys.path when run as a script
 from pddm_ext.app import datasets as data_mod
 from pddm_ext.app import evaluate as ev
 from pddm_ext.app.augment import random_affine
 from pddm_ext.app.diagnostics import pair_diagnostics
 from pddm_ext.app.models import build_model
-
-
-def pk_batches(labels, p, k, generator):
-    classes = labels.unique()
-    by_class = [torch.nonzero(labels == c).flatten() for c in classes]
-    while True:
-        batch = []
-        for c in torch.randperm(len(classes), generator=generator)[:p].tolist():
-            items = by_class[c]
-            if len(items) >= k:
-                batch.append(items[torch.randperm(len(items), generator=generator)[:k]])
-            else:
-                batch.append(items[torch.randint(len(items), (k,), generator=generator)])
-        yield torch.cat(batch)
 
 
 def build_loss(cfg, dim):

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pddm_ext
+from pk import pk_batches  # the scripts' folder is on sys.path when run as a script
 
 D = 32  # embedding dimension
 
@@ -63,18 +64,6 @@ def load_digits():
 
 def make_model():
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, D))
-
-
-def pk_batches(labels, p, k, generator):
-    """Endless P x K index batches (P classes, K items each, without replacement within a class)."""
-    classes = labels.unique()
-    by_class = [torch.nonzero(labels == c).flatten() for c in classes]
-    while True:
-        batch = []
-        for c in torch.randperm(len(classes), generator=generator)[:p].tolist():
-            items = by_class[c]
-            batch.append(items[torch.randperm(len(items), generator=generator)[:k]])
-        yield torch.cat(batch)
 
 
 # ---------------------------------------------------------------------------------------------
