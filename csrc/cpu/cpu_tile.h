@@ -20,6 +20,18 @@
 
 namespace pddm_ext::cpu {
 
+// C (M x N, row stride N) = A (M x K, row stride lda) Bt (K x N, row stride ldb), or += with
+// accumulate, by vec::gemm_rows over blocks of `grain` rows in parallel: every element is summed over
+// k in order, whatever the thread count (duplicate rows of A give identical rows of C).
+template <typename scalar_t>
+void parallel_gemm_rows(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Bt,
+                        int64_t ldb, scalar_t* C, bool accumulate, int64_t grain) {
+  if (M == 0 || N == 0 || (K == 0 && accumulate)) return;
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    vec::gemm_rows(end - begin, N, K, A + begin * lda, lda, Bt, ldb, C + begin * N, accumulate);
+  });
+}
+
 // The parameters of a PDDM unit, contiguous, plus W_u^T and W_c^T packed for vec::gemm_rows.
 // The tensors are owned here, so the raw pointers stay valid as long as this object lives.
 template <typename scalar_t>
@@ -49,9 +61,7 @@ struct PddmWeights {
     auto P = at::empty({x.size(0), h}, x.options());
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* Pp = P.data_ptr<scalar_t>();
-    at::parallel_for(0, x.size(0), 256, [&](int64_t begin, int64_t end) {
-      vec::gemm_rows(end - begin, h, d, xp + begin * d, d, Wt_v, h, Pp + begin * h);
-    });
+    parallel_gemm_rows(x.size(0), h, d, xp, d, Wt_v, h, Pp, /*accumulate=*/false, /*grain=*/256);
     return P;
   }
 };

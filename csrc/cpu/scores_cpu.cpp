@@ -184,16 +184,6 @@ void pddm_tile_backward(const PddmWeights<scalar_t>& w, const TileRows<scalar_t>
   }
 }
 
-// C (M x N, contiguous) += A (M x K, row stride lda) B (K x N, contiguous), by vec::gemm_rows over
-// blocks of rows in parallel: every element summed over k in order, whatever the thread count.
-template <typename scalar_t>
-void gemm_add(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, scalar_t* C) {
-  if (M == 0 || N == 0 || K == 0) return;
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    vec::gemm_rows(end - begin, N, K, A + begin * lda, lda, B, N, C + begin * N, /*accumulate=*/true);
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
 scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
@@ -308,23 +298,26 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
       return at::from_blob(p, {count, width}, opts);
     };
     // The dense products through P (dx += dP W_v, dW_v = dP_x^T x + dP_y^T y) in the kernels' own
-    // arithmetic (gemm_add), not at::mm: on the CPU too, at::mm follows
+    // arithmetic (parallel_gemm_rows), not at::mm: on the CPU too, at::mm follows
     // torch.set_float32_matmul_precision, and "medium" runs float32 in bfloat16 there.
+    constexpr int64_t kRowsPerTask = 16;
     if (need_x) {
       gx.copy_(rows(total.dx, m, d));
-      gemm_add(m, d, h, total.dPx, h, w.W_v, gx.data_ptr<scalar_t>());
+      parallel_gemm_rows(m, d, h, total.dPx, h, w.W_v, d, gx.data_ptr<scalar_t>(), true, kRowsPerTask);
     }
     if (need_y) {
       gy.copy_(rows(total.dy, n, d));
-      gemm_add(n, d, h, total.dPy, h, w.W_v, gy.data_ptr<scalar_t>());
+      parallel_gemm_rows(n, d, h, total.dPy, h, w.W_v, d, gy.data_ptr<scalar_t>(), true, kRowsPerTask);
     }
     if (need_params) {
       auto dW_v = vec(total.dW_v, {h, d}).clone();  // the near-antipodal pairs' direct share, then + dP^T X
       const auto dPx_t = rows(total.dPx, m, h).t().contiguous();
-      gemm_add(h, d, m, dPx_t.data_ptr<scalar_t>(), m, x.data_ptr<scalar_t>(), dW_v.data_ptr<scalar_t>());
+      parallel_gemm_rows(h, d, m, dPx_t.data_ptr<scalar_t>(), m, x.data_ptr<scalar_t>(), d, dW_v.data_ptr<scalar_t>(),
+                         true, kRowsPerTask);
       if (!batch) {
         const auto dPy_t = rows(total.dPy, n, h).t().contiguous();
-        gemm_add(h, d, n, dPy_t.data_ptr<scalar_t>(), n, y.data_ptr<scalar_t>(), dW_v.data_ptr<scalar_t>());
+        parallel_gemm_rows(h, d, n, dPy_t.data_ptr<scalar_t>(), n, y.data_ptr<scalar_t>(), d, dW_v.data_ptr<scalar_t>(),
+                           true, kRowsPerTask);
       }
       gW_v.copy_(dW_v);
       gW_u.copy_(vec(total.dW_u, {h, d}));
