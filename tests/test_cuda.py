@@ -198,42 +198,129 @@ def test_dense_products_are_not_computed_by_matmul(device):
     assert not names & {"aten::mm", "aten::matmul", "aten::addmm", "aten::addmm_", "aten::bmm"}, sorted(names)
 
 
+# ---- float32 precision: torch.get_float32_matmul_precision() (docs/design.md#precision) --------------
+
+PRECISIONS = ("highest", "high", "medium")
+# Largest relative error (rel_err) against the float64 reference of float32 scores, gradients and mined
+# scores per precision: FP32 and 3xTF32 are float32-level; TF32 operands carry 2**-11 relative rounding.
+PRECISION_TOL = {"highest": TOL[torch.float32], "high": TOL[torch.float32], "medium": 1e-2}
+
+
+class matmul_precision:
+    """with matmul_precision("medium"): ... sets torch's float32 matmul precision and restores it."""
+
+    def __init__(self, precision):
+        self.precision = precision
+
+    def __enter__(self):
+        self.previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.precision)
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.previous)
+
+
+def precision_case(batch, device, m=19, n=13, d=24, h=40, c=20):
+    """A unit and float32 inputs with duplicate rows (x[3] = x[2]; y[5] = y[4]) sized over several tiles,
+    odd c and h > 32 (two output passes of the tensor-core block need h or c above 128: see the
+    backward test)."""
+    unit = make_unit(d, h, c, device=device)
+    x = torch.randn(m, d, device=device)
+    x[3] = x[2]
+    y = None if batch else torch.randn(n, d, device=device)
+    if y is not None:
+        y[5] = y[4]
+    return unit, x, y
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-def test_backward_under_tf32_matmul_precision_is_unchanged(batch, device):
-    """The gradients do not depend on the float32 matmul precision (no TF32 anywhere in the backward).
-    Compared bitwise, under deterministic algorithms (else float atomics add in any order)."""
-    unit = make_unit(24, 16, 8, device=device)
-    x = torch.randn(19, 24, device=device)
-    y = None if batch else torch.randn(10, 24, device=device)
-    grad = torch.randn(19, 19 if batch else 10, device=device)
-    args = (grad, x, y, *params_of(unit), [True, True, True])
-    previous, deterministic = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+def test_scores_follow_the_float32_matmul_precision(batch, device):
+    """highest: FP32 (the default; bitwise what no setting gives); high: 3xTF32, float32-level error;
+    medium: TF32, an error above FP32's (so the tensor-core path ran) within its bound. Duplicate rows
+    score identically under every precision, and every precision is deterministic."""
+    unit, x, y = precision_case(batch, device)
+    p = params_of(unit)
+    want = reference.pddm_scores(x.double(), None if y is None else y.double(), [q.double() for q in p])
+    default = pddm_ext.pddm_scores(x, y, *p)
+    errors = {}
+    for precision in PRECISIONS:
+        with matmul_precision(precision):
+            got = pddm_ext.pddm_scores(x, y, *p)
+            assert torch.equal(got, pddm_ext.pddm_scores(x, y, *p))
+        errors[precision] = rel_err(got, want)
+        assert errors[precision] < PRECISION_TOL[precision], (precision, errors)
+        assert torch.equal(got[2], got[3])
+        if batch:
+            assert torch.equal(got, got.T)
+        else:
+            assert torch.equal(got[:, 4], got[:, 5])
+        if precision == "highest":
+            assert torch.equal(got, default)
+    assert errors["medium"] > 10 * errors["highest"], errors
+    assert errors["high"] < 10 * errors["highest"] + 1e-7, errors
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_gradients_follow_the_float32_matmul_precision(precision, batch, device):
+    """Every gradient within the precision's bound of the float64 reference; c = 130 > 128 so that the
+    tensor-core block makes two output passes. Each of the backward's tile products (W_c Z, dQ W_c,
+    W_u^T dpre_u) uses the precision: under medium the gradients move off the FP32 ones."""
+    unit, x, y = precision_case(batch, device, m=17, n=11, d=12, h=24, c=130)
+    p = params_of(unit)
+    G = torch.randn(17, 17 if batch else 11, device=device)
+
+    def grads(x, y, params):
+        x = x.detach().clone().requires_grad_()
+        y = None if y is None else y.detach().clone().requires_grad_()
+        params = [q.detach().clone().requires_grad_() for q in params]
+        S = (reference.pddm_scores if x.dtype == torch.float64 else pddm_ext.pddm_scores)(x, y, *(
+            [params] if x.dtype == torch.float64 else params))
+        return torch.autograd.grad((S * G.to(x.dtype)).sum(), [x] + ([] if y is None else [y]) + params)
+
+    want = grads(x.double(), None if y is None else y.double(), [q.double() for q in p])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # bitwise comparable runs (no float atomics)
     try:
-        want = torch.ops.pddm_ext.scores_backward(*args)
-        torch.set_float32_matmul_precision("medium")
-        got = torch.ops.pddm_ext.scores_backward(*args)
+        fp32 = grads(x, y, p)
+        with matmul_precision(precision):
+            got = grads(x, y, p)
     finally:
-        torch.set_float32_matmul_precision(previous)
         torch.use_deterministic_algorithms(deterministic)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * PRECISION_TOL[precision]
+    changed = [not torch.equal(a, b) for a, b in zip(got, fp32)]
+    assert any(changed) == (precision != "highest"), changed
 
 
-def test_scores_under_tf32_matmul_precision(device):
-    unit = make_unit(24, 16, 8, device=device)
-    x = torch.randn(19, 24, device=device)
-    x[3] = x[2]  # duplicate rows: their scores must tie exactly
-    y = torch.randn(10, 24, device=device)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        got = pddm_ext.pddm_scores(x, y, *params_of(unit))
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    want = reference.pddm_scores(x.double(), y.double(), [p.double() for p in params_of(unit)])
-    assert rel_err(got, want) < TOL[torch.float32]
-    assert torch.equal(got[2], got[3])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_mining_follows_the_float32_matmul_precision(precision, device):
+    """batch_hard under each precision picks, for every slot, a pair whose float64 reference
+    score is within the precision's tolerance of the slot's reference optimum (docs/design.md
+    #ties-and-tolerance, widened for TF32), and the mined scores are those of pddm_scores under the
+    same precision (one arithmetic for scoring and mining)."""
+    torch.manual_seed(3)
+    unit = make_unit(24, 40, 20, device=device)
+    x = torch.randn(40, 24, device=device)
+    labels = torch.randint(0, 4, (40,), device=device)
+    p = params_of(unit)
+    R = reference.pddm_scores(x.double(), None, [q.double() for q in p])
+    scale = 1 + R.abs().max().item()
+    same = labels[:, None] == labels[None, :]
+    with matmul_precision(precision):
+        S = pddm_ext.pddm_scores(x, None, *p)
+        a, pos, neg = pddm_ext.batch_hard(x, labels, unit)
+    eye = torch.eye(40, dtype=torch.bool, device=device)
+    assert a.numel() == 40
+    tol = PRECISION_TOL[precision] * scale
+    for i, j, k in zip(a.tolist(), pos.tolist(), neg.tolist()):
+        positives, negatives = same[i] & ~eye[i], ~same[i]
+        assert positives[j] and negatives[k]
+        # the hardest positive is the lowest score, the hardest negative the highest
+        assert R[i, j].item() <= R[i][positives].min().item() + tol
+        assert R[i, k].item() >= R[i][negatives].max().item() - tol
+        assert S[i, j].item() == S[i][positives].min().item()
+        assert S[i, k].item() == S[i][negatives].max().item()
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
@@ -759,3 +846,62 @@ def test_emulation_warp_shuffle_and_atomics():
     total = blocks * threads
     got = torch.ops.pddm_emu_test.atomics(blocks, threads).tolist()
     assert got == [0.5 * total, 0.25 * total, total, total, 1000, 1000 + total - 1, total, 7]
+
+
+def tf32_round(t):
+    """float32 -> TF32 (10 explicit mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32)."""
+    bits = t.contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(finite, rounded, t)
+
+
+@needs_emulation
+def test_emulation_wmma_tf32_product():
+    """The emulated WMMA: TF32-rounded operands, exact products, one rounding; the stores of every lane
+    visible after the warp's barrier; the hardware's requirements enforced."""
+    a = torch.randn(16, 8)
+    b = torch.randn(8, 16)
+    a[0, 0] = 1 + 2**-11  # a tie: rounds away from zero, to 1 + 2**-10
+    b[0, 0] = -(1 + 2**-11)
+    out = torch.ops.pddm_emu_test.wmma_tf32(a, b, 0)
+    assert tf32_round(a)[0, 0] == 1 + 2**-10 and tf32_round(b)[0, 0] == -(1 + 2**-10)
+    want = (tf32_round(a).double() @ tf32_round(b).double()).float()
+    assert torch.equal(out, want.expand(32, 16, 16))  # every lane reads the whole product
+    assert not torch.equal(want, (a.double() @ b.double()).float())  # the rounding is there
+    with pytest.raises(RuntimeError, match="not a TF32 value"):
+        torch.ops.pddm_emu_test.wmma_tf32(a, b, 1)  # operands not converted by __float_to_tf32
+    assert bool(torch.ops.pddm_emu_test.wmma_tf32(a, b, 2).isnan().any())  # read before the barrier
+    with pytest.raises(RuntimeError, match="256-bit"):
+        torch.ops.pddm_emu_test.wmma_tf32(a, b, 3)
+    with pytest.raises(RuntimeError, match="warp-collective"):
+        torch.ops.pddm_emu_test.wmma_tf32(a, b, 4)  # half the warp skips mma_sync
+
+
+def test_precision_set_with_the_newer_fp32_precision_api(device, tmp_path):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (torch's newer API, after which its legacy
+    getter refuses to answer) gives the TF32 products, "ieee" FP32. In a subprocess: the setting cannot
+    be undone for the rest of a process."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, pddm_ext
+from pddm_ext import reference
+torch.manual_seed(0)
+unit = pddm_ext.PDDM(24, 40, 20).to({device!r})
+p = [getattr(unit, n).detach() for n in reference.PARAM_NAMES]
+x = torch.randn(19, 24, device={device!r})
+want = pddm_ext.pddm_scores(x, None, *p)
+torch.set_float32_matmul_precision("medium")
+tf32 = pddm_ext.pddm_scores(x, None, *p)
+torch.set_float32_matmul_precision("highest")
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+assert torch.equal(pddm_ext.pddm_scores(x, None, *p), tf32)
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+assert torch.equal(pddm_ext.pddm_scores(x, None, *p), want)
+assert not torch.equal(tf32, want)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -4,7 +4,7 @@
 // runs the same kernel bodies on the CPU.
 //
 //   PDDM_LAUNCH(kernel, grid, block, smem, stream)(args...)   kernel<<<grid, block, smem, stream>>>(args...)
-//   PDDM_DYNAMIC_SHARED(name);                                extern __shared__ __align__(16) unsigned char name[];
+//   PDDM_DYNAMIC_SHARED(name);                                extern __shared__ __align__(128) unsigned char name[];
 //   PDDM_SHARED(name, type);                                  __shared__ type name;  (type may be an array type)
 //   PDDM_SHARED_DECLARED();                                   after a kernel's shared declarations, before anything else
 //   DeviceGuard, current_stream()                             c10::cuda::CUDAGuard, the current CUDA stream
@@ -46,6 +46,7 @@ inline cudaStream_t current_stream() { return nullptr; }
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 namespace pddm_ext::cuda {
 using DeviceGuard = c10::cuda::CUDAGuard;
@@ -54,7 +55,7 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream();
 
 #define PDDM_CUDA_DISPATCH_KEY CUDA
 #define PDDM_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
-#define PDDM_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define PDDM_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define PDDM_SHARED(name, ...) __shared__ ::pddm_ext::cuda::shared_type_t<__VA_ARGS__> name
 #define PDDM_SHARED_DECLARED() \
   do {                         \

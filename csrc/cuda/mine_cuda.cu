@@ -222,16 +222,27 @@ __device__ void fold_tile(const MineArgs<T>& args, bool batch, int64_t i0, int64
   }
   constexpr int P = TM * TN;
   if (!sink.heap) {
-    for (int p = tid; p < P; p += kThreads) {
+    // Warp-aggregated append: whole warps walk the tile's pairs; per round one lane of the warp (the
+    // lowest appending one) reserves the warp's slots with one atomicAdd, and each appending lane
+    // takes the reserved base plus the number of appending lanes below it.
+    const int lane = tid % 32;
+    for (int p0 = tid - lane; p0 < P; p0 += kThreads) {
+      const int p = p0 + lane;
       const int64_t i = i0 + p / TN, r = r0 + p % TN;
-      if (i < m && r < n && !(batch && r <= i) && args.lx[i] == args.ly[r]) {
-        const unsigned long long slot = atomicAdd(sink.count, 1ull);
-        if (slot < static_cast<unsigned long long>(sink.capacity)) {
-          const T s = S[p];
-          sink.s[slot] = s == T(0) ? T(0) : s;  // -0 -> +0 so the sort sees them equal
-          sink.i[slot] = i;
-          sink.r[slot] = r;
-        }
+      const bool take = p < P && i < m && r < n && !(batch && r <= i) && args.lx[i] == args.ly[r];
+      const unsigned ballot = __ballot_sync(0xffffffffu, take);
+      if (ballot == 0u) continue;
+      const int leader = __ffs(int(ballot)) - 1;
+      unsigned long long base = 0;
+      if (lane == leader) base = atomicAdd(sink.count, static_cast<unsigned long long>(__popc(ballot)));
+      base = __shfl_sync(0xffffffffu, base, leader);
+      if (!take) continue;
+      const unsigned long long slot = base + static_cast<unsigned long long>(__popc(ballot & ((1u << lane) - 1u)));
+      if (slot < static_cast<unsigned long long>(sink.capacity)) {
+        const T s = S[p];
+        sink.s[slot] = s == T(0) ? T(0) : s;  // -0 -> +0 so the sort sees them equal
+        sink.i[slot] = i;
+        sink.r[slot] = r;
       }
     }
     __syncthreads();
@@ -288,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
-  T* Z = block_workspace(sm, scratch, ws_elems);
+  T* Z = block_workspace(sm, scratch, ws_elems, w.math);
   fold_begin(fs);
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
@@ -512,7 +523,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count(),
-                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T));
+                                  pair_gemm_staging_elems<T>(w.math) * sizeof(T), size_t(ws_elems) * sizeof(T));
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
     result = run_mining<T>(

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
@@ -29,6 +30,15 @@
 #include <set>
 #include <type_traits>
 #include <utility>
+
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+// at::Context::float32Precision(Float32Backend, Float32Op), the getter of
+// torch.backends.cuda.matmul.fp32_precision, as torch 2.13 declares it.
+#define PDDM_TORCH_FP32_PRECISION_API (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13))
+#else
+#define PDDM_TORCH_FP32_PRECISION_API 0
+#endif
 
 #include "../pddm_common.h"
 #include "cuda_compat.cuh"
@@ -54,9 +64,30 @@ template <typename T>
 constexpr size_t staging_a_elems() {
   return size_t(kChunk) * layout::a_stride<T>();
 }
+// How pair_gemm multiplies float32 tiles (docs/design.md#precision): FP32 FMAs on CUDA cores, or
+// tensor cores with TF32 operands: three products per step (a_hi b_hi + a_hi b_lo + a_lo b_hi with
+// a = a_hi + a_lo split into two TF32 values, float32-level accuracy) or one (TF32, 10 explicit
+// mantissa bits). float64 tiles always use FP64 FMAs. Chosen per call by tile_math().
+enum class TileMath : int { kFp32 = 0, kTf32x3 = 1, kTf32 = 2 };
+
+// The tensor-core path exists where the device code can use TF32 WMMA (sm_80 and later) and in the
+// emulation (csrc/emulation/cuda_emu.h models it); tile_math() never selects it elsewhere.
+#if defined(PDDM_EXT_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define PDDM_TENSOR_CORES 1
+#else
+#define PDDM_TENSOR_CORES 0
+#endif
+
+// The tensor-core epilogue stores the (kPairs x kOutBlock) output block into the staging buffer,
+// rows layout::w_stride apart, before every thread reads its outputs back (tensor_core_outputs).
 template <typename T>
-constexpr size_t pair_gemm_staging_elems() {
-  return staging_a_elems<T>() + size_t(kChunk) * layout::w_stride<T>();
+constexpr size_t tensor_core_output_elems() {
+  return size_t(kPairs) * layout::w_stride<T>();
+}
+template <typename T>
+constexpr size_t pair_gemm_staging_elems(TileMath math = TileMath::kFp32) {
+  const size_t chunks = staging_a_elems<T>() + size_t(kChunk) * layout::w_stride<T>();
+  return math == TileMath::kFp32 ? chunks : std::max(chunks, tensor_core_output_elems<T>());
 }
 
 template <typename T>
@@ -117,6 +148,7 @@ struct PddmParams {
   int64_t d, h, c;
   const T* W_v;
   bool normalize_inputs;
+  TileMath math;  // how pair_gemm multiplies (tile_math)
 };
 
 // The two sides of the pair space and their projections P = rows W_v^T.
@@ -143,17 +175,101 @@ struct TileScalars {
                                        // the odd row stride keeps the 64 summing threads conflict-free)
 };
 
+#if PDDM_TENSOR_CORES
+// pair_gemm's tensor-core product of one kOutBlock-wide output block: warp w owns pairs
+// [16 (w % 4), + 16) x outputs [64 (w / 4), + 64) as four 16 x 16 float accumulators (WMMA
+// m16n16k8, TF32 operands). The staged chunks are the FP32 loop's: the operand chunk is the
+// column-major matrix_a (pairs x k, ldm a_stride), the weight chunk the row-major matrix_b
+// (k x outputs, ldm w_stride). Only float has it; the double instantiation is empty.
+template <typename T>
+struct TensorCoreBlock {
+  __device__ __forceinline__ void zero() {}
+  __device__ __forceinline__ void chunk(const T*, const T*, bool) {}
+  __device__ __forceinline__ void outputs(T (&)[4][8], T*, int, int) {}
+};
+
+template <>
+struct TensorCoreBlock<float> {
+  using Tf32 = nvcuda::wmma::precision::tf32;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[4];
+
+  // v = hi + lo with hi = tf32(v) and lo = tf32(v - hi) (lo = 0 for a non-finite v, so that an
+  // infinite operand gives an infinite product as in FP32 instead of inf - inf).
+  template <typename Fragment>
+  __device__ __forceinline__ static void split(Fragment& hi, Fragment& lo, bool three) {
+#pragma unroll
+    for (int t = 0; t < hi.num_elements; ++t) {
+      const float v = hi.x[t], big = nvcuda::wmma::__float_to_tf32(v);
+      hi.x[t] = big;
+      if (three) lo.x[t] = (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u ? nvcuda::wmma::__float_to_tf32(v - big) : 0.0f;
+    }
+  }
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (auto& f : acc) nvcuda::wmma::fill_fragment(f, 0.0f);
+  }
+
+  // acc += this chunk's kChunk reduction steps; three: 3xTF32 (the two small cross terms first).
+  __device__ __forceinline__ void chunk(const float* sm_a, const float* sm_w, bool three) {
+    using namespace nvcuda::wmma;
+    constexpr int a_stride = layout::a_stride<float>(), w_stride = layout::w_stride<float>();
+    const int warp = threadIdx.x / 32, pairs0 = 16 * (warp % 4), outs0 = 64 * (warp / 4);
+#pragma unroll 1
+    for (int ks = 0; ks < kChunk; ks += 8) {
+      fragment<matrix_a, 16, 16, 8, Tf32, col_major> a_hi, a_lo;
+      load_matrix_sync(a_hi, sm_a + ks * a_stride + pairs0, a_stride);
+      split(a_hi, a_lo, three);
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {
+        fragment<matrix_b, 16, 16, 8, Tf32, row_major> b_hi, b_lo;
+        load_matrix_sync(b_hi, sm_w + ks * w_stride + outs0 + 16 * f, w_stride);
+        split(b_hi, b_lo, three);
+        if (three) {
+          mma_sync(acc[f], a_lo, b_hi, acc[f]);
+          mma_sync(acc[f], a_hi, b_lo, acc[f]);
+        }
+        mma_sync(acc[f], a_hi, b_hi, acc[f]);
+      }
+    }
+  }
+
+  // After the last chunk (staging free): out[q][t] = output (4 pg + q, out_column(og, t)), the
+  // values the FP32 loop leaves in the same thread's registers, through the staging buffer
+  // (tensor_core_output_elems); ends synchronised.
+  __device__ __forceinline__ void outputs(float (&out)[4][8], float* staging, int pair_group, int out_group) {
+    constexpr int ld = layout::w_stride<float>();
+    const int warp = threadIdx.x / 32, pairs0 = 16 * (warp % 4), outs0 = 64 * (warp / 4);
+#pragma unroll
+    for (int f = 0; f < 4; ++f) {
+      nvcuda::wmma::store_matrix_sync(staging + pairs0 * ld + outs0 + 16 * f, acc[f], ld, nvcuda::wmma::mem_row_major);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+      for (int v = 0; v < 8 / 4; ++v) {
+        load_vector(&out[q][4 * v], staging + (pair_group * 4 + q) * ld + layout::out_column<float>(out_group, 4 * v));
+      }
+    }
+    __syncthreads();
+  }
+};
+#endif
+
 // out(p, o) = sum_k operand(p, k) * W(o, k) for the kPairs pairs of the tile and o < N, with
 // W(o, k) = W[o * w_out_stride + k * w_red_stride] (so W_c^T and W_u^T need no copy). Calls
 // epilogue(p, o, value) once for every (p, o), o < N, or epilogue(p, o, value, q) when it takes a
 // fourth argument: q in [0, 4) is p's slot among the calling thread's 4 pairs, a compile-time
 // constant after unrolling (an epilogue that indexes its own per-pair registers with it keeps them
 // in registers; p - first_pair would be a dynamic index, i.e. local memory). The reduction order
-// over k is fixed, so the result is deterministic. Must be called by all threads of the block; ends
-// synchronised.
+// over k is fixed, so the result is deterministic. math (tile_math) chooses FP32 FMAs or tensor
+// cores (TensorCoreBlock, float only); the staging then needs pair_gemm_staging_elems<T>(math)
+// elements. Must be called by all threads of the block; ends synchronised.
 template <typename T, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
-                          int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w) {
+                          int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w,
+                          TileMath math) {
   const int tid = threadIdx.x;
   const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;  // pairs 4 pg.., outputs (out_column)
   constexpr int per = layout::vec_elems<T>(), a_stride = layout::a_stride<T>(), w_stride = layout::w_stride<T>();
@@ -163,14 +279,10 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   constexpr bool accumulates = std::is_invocable_v<Epilogue, int, int64_t, T, int>;
   const int flip = accumulates ? 0 : layout::epilogue_flip<T>(pair_group, out_group);
   const bool w_rows_contiguous = w_red_stride == 1;
+  const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32;
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
-    T acc[4][8];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-#pragma unroll
-      for (int t = 0; t < 8; ++t) acc[q][t] = T(0);
-    }
-    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    // Stages reduction chunk k0 of the operand and of this output block's weights, then a barrier.
+    const auto stage = [&](int64_t k0) {
       for (int e = tid; e < kPairs * kChunk; e += kThreads) {
         const int p = layout::fill_col(e), kk = layout::fill_k(e);  // runs of consecutive k (smem_layout.h)
         sm_a[kk * a_stride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
@@ -183,21 +295,44 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
         sm_w[kk * w_stride + oo] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
       }
       __syncthreads();
-#pragma unroll 4
-      for (int kk = 0; kk < kChunk; ++kk) {
-        T a[4], w[8];
-        load_aligned(a, sm_a + kk * a_stride + pair_group * 4);
-#pragma unroll
-        for (int v = 0; v < 8 / per; ++v) {  // w[t] = column out_column(out_group, t)
-          load_vector(w + v * per, sm_w + kk * w_stride + layout::out_column<T>(out_group, v * per));
-        }
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-#pragma unroll
-          for (int t = 0; t < 8; ++t) acc[q][t] += a[q] * w[t];
-        }
+    };
+    T acc[4][8];
+#if PDDM_TENSOR_CORES
+    if (tensor) {  // a separate loop, so that the fragments and the FP32 accumulators never live together
+      TensorCoreBlock<T> tc;
+      tc.zero();
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        stage(k0);
+        tc.chunk(sm_a, sm_w, math == TileMath::kTf32x3);
+        __syncthreads();
       }
-      __syncthreads();
+      tc.outputs(acc, sm_a, pair_group, out_group);  // the same acc[q][t] as the FP32 loop's
+    } else
+#endif
+    {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) acc[q][t] = T(0);
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        stage(k0);
+#pragma unroll 4
+        for (int kk = 0; kk < kChunk; ++kk) {
+          T a[4], w[8];
+          load_aligned(a, sm_a + kk * a_stride + pair_group * 4);
+#pragma unroll
+          for (int v = 0; v < 8 / per; ++v) {  // w[t] = column out_column(out_group, t)
+            load_vector(w + v * per, sm_w + kk * w_stride + layout::out_column<T>(out_group, v * per));
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) acc[q][t] += a[q] * w[t];
+          }
+        }
+        __syncthreads();
+      }
     }
     // Step t takes output epilogue_slot(t) (a lane-dependent order that spreads the epilogues' shared
     // stores over the banks); the value is selected among compile-time indices of acc, so acc stays
@@ -295,7 +430,7 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
   pair_gemm<T>(
       h, d, w.W_u, d, 1,
       [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
-      [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w);
+      [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math);
   // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
   for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads) {
     const int p = int(e / h);
@@ -338,7 +473,7 @@ __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars
   const int first_pair = (threadIdx.x / kOutGroups) * 4;
   pair_gemm<T>(
       w.c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-      [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w);
+      [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w, w.math);
 #pragma unroll
   for (int q = 0; q < 4; ++q) ts.partial[first_pair + q][out_group] = part[q];
   __syncthreads();
@@ -362,8 +497,8 @@ inline int64_t tile_workspace_elems(std::initializer_list<int64_t> columns) {
 // Where a block's tile workspace lives: in dynamic shared memory after the pair_gemm staging when
 // it fits, else in the block's slice of a global scratch buffer.
 template <typename T>
-__device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems) {
-  return global_scratch == nullptr ? dynamic_smem + pair_gemm_staging_elems<T>()
+__device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems, TileMath math) {
+  return global_scratch == nullptr ? dynamic_smem + pair_gemm_staging_elems<T>(math)
                                    : global_scratch + int64_t(blockIdx.x) * ws_elems;
 }
 
@@ -494,6 +629,48 @@ inline at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& W_v) {
   return P;
 }
 
+// The arithmetic of the tile products for inputs of dtype T on device (docs/design.md#precision):
+// float64 always FP64; float32 follows torch.get_float32_matmul_precision() as PyTorch's own float32
+// matmuls do: "highest" FP32 (the default), "high" 3xTF32 (float32-level accuracy), "medium" TF32.
+// A GPU before sm_80 has no TF32 tensor cores: FP32 there under every setting (as cuBLAS).
+template <typename T>
+inline TileMath tile_math(const c10::Device& device) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return TileMath::kFp32;
+  } else {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, int(device.index())));
+    if (major < 8) return TileMath::kFp32;
+    at::Float32MatmulPrecision precision;
+    try {
+      precision = at::globalContext().float32MatmulPrecision();
+    } catch (const c10::Error&) {
+      // torch refuses the legacy getter once torch.backends.cuda.matmul.fp32_precision (the newer
+      // API) has been set: read that one, whose "tf32" is one TF32 pass and "ieee" FP32.
+#if PDDM_TORCH_FP32_PRECISION_API
+      switch (at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
+        case at::Float32Precision::TF32: return TileMath::kTf32;
+        case at::Float32Precision::BF16:
+          TORCH_CHECK(false, "pddm_ext: torch.backends.cuda.matmul.fp32_precision = 'bf16' is not supported by the "
+                             "fused kernels (docs/design.md#precision): use 'tf32' or 'ieee', or "
+                             "torch.set_float32_matmul_precision('highest' | 'high' | 'medium')");
+        default: return TileMath::kFp32;
+      }
+#else
+      TORCH_CHECK(false, "pddm_ext: the float32 matmul precision was set with "
+                         "torch.backends.cuda.matmul.fp32_precision, which this torch's C++ API does not let the "
+                         "fused kernels read: set it with torch.set_float32_matmul_precision() instead");
+#endif
+    }
+    switch (precision) {
+      case at::Float32MatmulPrecision::HIGHEST: return TileMath::kFp32;
+      case at::Float32MatmulPrecision::HIGH: return TileMath::kTf32x3;
+      case at::Float32MatmulPrecision::MEDIUM: return TileMath::kTf32;
+    }
+    TORCH_CHECK(false, "pddm_ext: unknown float32 matmul precision");
+  }
+}
+
 // The inputs of the PDDM launchers (scores, its backward, mining), prepared once: contiguous rows
 // and parameters, the sizes, and the projections P = rows W_v^T (project_rows).
 struct PddmInputs {
@@ -505,7 +682,7 @@ struct PddmInputs {
   PddmParams<T> params(bool normalize_inputs) const {
     return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
             w_s.data_ptr<T>(), b_s.data_ptr<T>(), d,                  h,                  c,
-            W_v.data_ptr<T>(), normalize_inputs};
+            W_v.data_ptr<T>(), normalize_inputs,  tile_math<T>(x.device())};
   }
   template <typename T>
   PairRows<T> rows() const {

@@ -473,8 +473,9 @@ cudaError_t launch(const Launch& l) {
   static const OrderSetting order = read_order();
   std::mt19937_64 rng(order.seed * 0x9e3779b97f4a7c15ull + g_launches.fetch_add(1));
   Arena& arena = tl_arena;
-  // Dynamic shared memory 16-byte aligned (the kernels' __align__(16)), both buffers poisoned per block.
-  arena.dynamic.resize(l.smem + 16);
+  // Dynamic shared memory 128-byte aligned (the kernels' __align__(128)), static 16-byte; both
+  // buffers poisoned per block.
+  arena.dynamic.resize(l.smem + 128);
   arena.statics.resize(kMaxStaticSmem + 16);
   auto align16 = [](unsigned char* p) {
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 15) & ~uintptr_t(15));
@@ -488,7 +489,8 @@ cudaError_t launch(const Launch& l) {
   b.dim = l.block;
   b.grid = l.grid;
   b.threads = int(threads);
-  b.dynamic = align16(arena.dynamic.data());
+  b.dynamic = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(arena.dynamic.data()) + 127) &
+                                               ~uintptr_t(127));
   b.statics = align16(arena.statics.data());
   b.static_capacity = kMaxStaticSmem;
   b.static_limit = kMaxSmemPerBlockOptin - l.smem;

@@ -65,6 +65,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrComputeCapabilityMajor = 75,
 };
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
@@ -212,6 +213,15 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
   return out;
 }
 
+// The lanes of mask whose predicate is nonzero, as a bit mask (a warp barrier: butterfly shuffles).
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  unsigned bits = predicate != 0 ? 1u << ::pddm_emu::lane_id() : 0u;
+  for (int offset = 16; offset > 0; offset >>= 1) bits |= __shfl_xor_sync(mask, bits, offset);
+  return bits & mask;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 inline unsigned int __float_as_uint(float f) {
   unsigned int u;
   std::memcpy(&u, &f, sizeof(u));
@@ -276,6 +286,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /
     case cudaDevAttrMultiProcessorCount: *value = pddm_emu::kSmCount; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = int(pddm_emu::kSmemPerSm); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(pddm_emu::kMaxSmemPerBlockOptin); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -298,3 +309,149 @@ cudaError_t cudaGetLastError();
 
 #define C10_CUDA_CHECK(EXPR) ::pddm_emu::check_call((EXPR), #EXPR, __FILE__, __LINE__)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ::pddm_emu::check_launch(__FILE__, __LINE__)
+
+// ---- warp matrix functions (nvcuda::wmma) ------------------------------------------------------------
+// The subset of <mma.h> the tile kernels use: TF32 m16n16k8 fragments (matrix_a, matrix_b with
+// precision::tf32, float accumulators), fill_fragment, load_matrix_sync, mma_sync, store_matrix_sync
+// and __float_to_tf32. Model:
+// - every call is warp-collective: a warp barrier of all 32 lanes at which all must be in the same
+//   function (divergent .sync.aligned code is undefined on a GPU; here an error or a deadlock);
+// - load/store check the hardware's requirements: a 256-bit aligned pointer and ldm a multiple of
+//   16 bytes;
+// - an operand fragment holds its whole matrix in every lane (num_elements = rows * cols; on a GPU
+//   each lane holds a share of unspecified layout); an accumulator fragment holds elements
+//   lane + 32 t of its row-major matrix (8 per lane, as on a GPU, whose layout is also unspecified):
+//   code may only apply element-wise operations to x[], as on a GPU;
+// - store_matrix_sync writes only the calling lane's accumulator elements, so a lane that reads
+//   another lane's stored elements without a barrier in between reads poison (NaN);
+// - __float_to_tf32 rounds to 10 explicit mantissa bits, to nearest with ties away from zero
+//   (cvt.rna.tf32.f32); mma_sync requires its TF32 operands to be such values (an unconverted
+//   operand is undefined behaviour in CUDA's documentation: here an error) and computes each
+//   d = c + sum_k a_k b_k with the products exact (11-bit significands) and one rounding to float at
+//   the end (the hardware's internal alignment may differ from this by about one float32 ulp per
+//   call; the dominant error, TF32 rounding of the operands, is reproduced exactly).
+namespace nvcuda::wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+namespace detail {
+template <typename Use, int M, int N, int K>
+struct Shape;
+template <int M, int N, int K>
+struct Shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct Shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct Shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+template <typename T>
+struct Storage {
+  using type = T;
+};
+template <>
+struct Storage<precision::tf32> {
+  using type = float;
+};
+// A warp barrier at which every lane must have called the same function (.sync.aligned).
+inline void collective(const char* what) {
+  const char* lane0 = nullptr;
+  ::pddm_emu::warp_exchange(&what, &lane0, sizeof(what), 0, 0xffffffffu);
+  TORCH_CHECK(std::strcmp(lane0, what) == 0, "CUDA emulation: ", what, " is warp-collective: lane ",
+              ::pddm_emu::lane_id(), " reached it while lane 0 was at ", lane0);
+}
+inline void check_pointer(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0, "CUDA emulation: ", what,
+              ": the pointer must be 256-bit (32-byte) aligned");
+  TORCH_CHECK((size_t(ldm) * elem_bytes) % 16 == 0, "CUDA emulation: ", what, ": ldm (", ldm,
+              " elements) must be a multiple of 16 bytes");
+}
+inline bool is_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x1fffu) == 0 || (u & 0x7f800000u) == 0x7f800000u;
+}
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  using element_type = typename detail::Storage<T>::type;
+  static constexpr int rows = detail::Shape<Use, M, N, K>::rows, cols = detail::Shape<Use, M, N, K>::cols;
+  static constexpr bool is_accumulator = std::is_same_v<Use, accumulator>;
+  static constexpr int num_elements = is_accumulator ? rows * cols / 32 : rows * cols;
+  element_type x[num_elements];
+};
+
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;  // magnitude rounds half away from zero
+  std::memcpy(&v, &u, sizeof(u));
+  return v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const V& v) {
+  detail::collective("fill_fragment");
+  for (auto& e : f.x) e = static_cast<typename fragment<Use, M, N, K, T, Layout>::element_type>(v);
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
+                             const typename fragment<Use, M, N, K, T, Layout>::element_type* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  static_assert(!F::is_accumulator, "load_matrix_sync of an accumulator takes a layout_t");
+  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>, "an operand layout");
+  detail::check_pointer(p, ldm, sizeof(typename F::element_type), "load_matrix_sync");
+  detail::collective("load_matrix_sync");
+  for (int r = 0; r < F::rows; ++r) {
+    for (int c = 0; c < F::cols; ++c) {
+      f.x[r * F::cols + c] = std::is_same_v<Layout, row_major> ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r];
+    }
+  }
+}
+
+template <int M, int N, int K, typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  using F = fragment<accumulator, M, N, K, T>;
+  detail::check_pointer(p, ldm, sizeof(T), "store_matrix_sync");
+  detail::collective("store_matrix_sync");
+  const int lane = ::pddm_emu::lane_id();
+  for (int t = 0; t < F::num_elements; ++t) {
+    const int e = lane + 32 * t, r = e / F::cols, c = e % F::cols;
+    p[layout == mem_row_major ? size_t(r) * ldm + c : size_t(c) * ldm + r] = f.x[t];
+  }
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+  static_assert(std::is_same_v<TA, precision::tf32> && std::is_same_v<TB, precision::tf32> &&
+                    std::is_same_v<TC, float>,
+                "the emulation models TF32 operands with float accumulators");
+  detail::collective("mma_sync");
+  for (const float v : a.x) TORCH_CHECK(detail::is_tf32(v), "CUDA emulation: mma_sync: a matrix_a element is not a TF32 value (convert it with __float_to_tf32)");
+  for (const float v : b.x) TORCH_CHECK(detail::is_tf32(v), "CUDA emulation: mma_sync: a matrix_b element is not a TF32 value (convert it with __float_to_tf32)");
+  const int lane = ::pddm_emu::lane_id();
+  using D = fragment<accumulator, M, N, K, TC>;
+  float out[D::num_elements];
+  for (int t = 0; t < D::num_elements; ++t) {
+    const int e = lane + 32 * t, r = e / N, col = e % N;
+    double s = c.x[t];
+    for (int k = 0; k < K; ++k) s += double(a.x[r * K + k]) * double(b.x[k * N + col]);
+    out[t] = float(s);
+  }
+  for (int t = 0; t < D::num_elements; ++t) d.x[t] = out[t];
+}
+}  // namespace nvcuda::wmma

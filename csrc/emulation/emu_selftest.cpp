@@ -1,7 +1,7 @@
 // Small kernels that test the CUDA emulation itself (tests/test_cuda.py, emulated backend only):
 // the thread orders, the NaN-poisoned shared memory, the deadlock report, the launch limits of the
-// device model, the warp shuffle and the atomics. Registered as torch.ops.pddm_emu_test.* in the
-// emulation build only (setup.py compiles csrc/emulation/ only there).
+// device model, the warp shuffle, the atomics and the warp matrix functions (WMMA). Registered as
+// torch.ops.pddm_emu_test.* in the emulation build only (setup.py compiles csrc/emulation/ only there).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -75,6 +75,40 @@ __global__ void atomics_kernel(float* f, double* d, int* i, unsigned long long* 
   atomicExch(exch, 7);
 }
 
+// One warp multiplies a (16 x 8, row-major) by b (8 x 16, row-major) with a TF32 WMMA staged in
+// shared memory; out[lane] = the 16 x 16 product as lane read it back. mode 0: as the tile kernels
+// do it (operands converted by __float_to_tf32, a __syncwarp between the store and the reads);
+// 1: operands not converted; 2: no __syncwarp before the reads; 3: a misaligned operand pointer;
+// 4: lanes 16-31 skip the mma.
+__global__ void wmma_kernel(const float* a, const float* b, float* out, int mode) {
+  PDDM_DYNAMIC_SHARED(smem);
+  PDDM_SHARED_DECLARED();
+  using namespace nvcuda::wmma;
+  float* sa = reinterpret_cast<float*>(smem) + (mode == 3 ? 4 : 0);
+  float* sb = reinterpret_cast<float*>(smem) + 256;
+  float* sc = reinterpret_cast<float*>(smem) + 512;
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 128; e += 32) {
+    sa[e] = a[e];
+    sb[e] = b[e];
+  }
+  __syncwarp();
+  fragment<matrix_a, 16, 16, 8, precision::tf32, row_major> fa;
+  fragment<matrix_b, 16, 16, 8, precision::tf32, row_major> fb;
+  fragment<accumulator, 16, 16, 8, float> fc;
+  fill_fragment(fc, 0.0f);
+  load_matrix_sync(fa, sa, 8);
+  load_matrix_sync(fb, sb, 16);
+  if (mode != 1) {
+    for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = __float_to_tf32(fa.x[t]);
+    for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = __float_to_tf32(fb.x[t]);
+  }
+  if (mode != 4 || lane < 16) mma_sync(fc, fa, fb, fc);
+  store_matrix_sync(sc, fc, 16, mem_row_major);
+  if (mode != 2) __syncwarp();
+  for (int e = 0; e < 256; ++e) out[lane * 256 + e] = sc[e];
+}
+
 at::Tensor thread_order(int64_t threads) {
   auto order = at::full({threads}, -1, at::kLong);
   auto count = at::zeros({1}, at::kInt);
@@ -135,9 +169,21 @@ at::Tensor atomics(int64_t blocks, int64_t threads) {
                     u.to(at::kDouble)[2], lock.to(at::kDouble)[1], exch.to(at::kDouble)[0]});
 }
 
+at::Tensor wmma_tf32(const at::Tensor& a, const at::Tensor& b, int64_t mode) {
+  TORCH_CHECK(a.dtype() == at::kFloat && b.dtype() == at::kFloat && a.numel() == 128 && b.numel() == 128,
+              "wmma_tf32: a (16, 8) and b (8, 16) float32");
+  auto out = at::empty({32, 16, 16}, at::kFloat);
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  PDDM_LAUNCH(wmma_kernel, 1, 32, 768 * sizeof(float), nullptr)(ac.data_ptr<float>(), bc.data_ptr<float>(),
+                                                                 out.data_ptr<float>(), int(mode));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pddm_emu_test, m) {
+  m.def("wmma_tf32(Tensor a, Tensor b, int mode) -> Tensor", &wmma_tf32);
   m.def("thread_order(int threads) -> Tensor", &thread_order);
   m.def("unwritten_shared(int threads) -> Tensor", &unwritten_shared);
   m.def("divergent_barrier(int mode) -> ()", &divergent_barrier);

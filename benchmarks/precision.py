@@ -1,0 +1,156 @@
+"""The error of the fused ops under each float32 matmul precision (docs/design.md#precision).
+
+For torch.set_float32_matmul_precision("highest" / "high" / "medium") this measures, against the
+float64 reference (pddm_ext.reference) on the same float32 inputs and parameters:
+
+  scores     max |S - S_ref| / max |S_ref| and the median of |S - S_ref| / max |S_ref|
+             (batch mode, and reference mode against a bank);
+  gradients  the same relative error for dL/dx and each parameter gradient (L = sum(S * G), G random),
+             the worst over them;
+  mining     batch_hard's hardest positive and negative per anchor: the fraction of slots whose index
+             differs from the float64 reference's choice, and the largest reference-score gap
+             (best - chosen) / max |S_ref| among them: a differing slot with a gap at rounding level is
+             a near-tie decided by the rounding, not a wrong choice.
+
+Run it on a GPU (`make gpu-check` runs it) or on the CUDA emulation build (`make precision-emulated`),
+whose tensor-core model rounds operands as the hardware does; on the CPU kernels every precision
+computes FP32.
+Writes a Markdown table to stdout and, with --out DIR, precision.json and precision.md there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())  # an in-place build in the working directory comes first
+
+import pddm_ext  # noqa: E402
+from pddm_ext import reference  # noqa: E402
+
+PRECISIONS = ("highest", "high", "medium")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda, or cpu (default: cuda when available, else cpu)")
+    ap.add_argument("--m", type=int, default=96, help="batch rows (default 96)")
+    ap.add_argument("--n", type=int, default=80, help="bank rows of reference mode (default 80)")
+    ap.add_argument("--dim", type=int, default=128, help="d = h = c (default 128)")
+    ap.add_argument("--classes", type=int, default=8, help="labels for mining (default 8)")
+    ap.add_argument("--seeds", type=int, default=3, help="independent draws, errors are the worst (default 3)")
+    ap.add_argument("--out", default=None, help="folder for precision.json and precision.md")
+    ap.add_argument("--command", default=None, help="the command to record in precision.md (default: this script's)")
+    return ap.parse_args(argv)
+
+
+def rel(a, b):
+    """(max, median) of |a - b| / max |b|."""
+    diff = (a.double() - b.double()).abs() / b.double().abs().max().clamp_min(1e-300)
+    return diff.max().item(), diff.median().item()
+
+
+def backend(device):
+    if getattr(pddm_ext._C, "cuda_emulation", False):
+        return "CUDA emulation (tensor-core model of csrc/emulation/cuda_emu.h)"
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return "CPU kernels (FP32 under every precision)"
+
+
+def measure(args, device, precision, seed):
+    torch.manual_seed(seed)
+    d = args.dim
+    unit = pddm_ext.PDDM(d, d, d).to(device)
+    params = [getattr(unit, name).detach() for name in reference.PARAM_NAMES]
+    params64 = [p.double() for p in params]
+    x = torch.nn.functional.normalize(torch.randn(args.m, d, device=device), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(args.n, d, device=device), dim=1)
+    labels = torch.randint(0, args.classes, (args.m,), device=device)
+    out = {}
+    with torch.no_grad():
+        ref_batch = reference.pddm_scores(x.double(), None, params64)
+        ref_bank = reference.pddm_scores(x.double(), bank.double(), params64)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with torch.no_grad():
+            out["scores_batch"] = rel(pddm_ext.pddm_scores(x, None, *params), ref_batch)
+            out["scores_bank"] = rel(pddm_ext.pddm_scores(x, bank, *params), ref_bank)
+            a, pos, neg = pddm_ext.batch_hard(x, labels, unit)
+        xg = x.clone().requires_grad_()
+        pg = [p.clone().requires_grad_() for p in params]
+        G = torch.randn(args.m, args.m, device=device)
+        got = torch.autograd.grad((pddm_ext.pddm_scores(xg, None, *pg) * G).sum(), [xg] + pg)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    x64 = x.double().requires_grad_()
+    p64 = [p.clone().requires_grad_() for p in params64]
+    want = torch.autograd.grad((reference.pddm_scores(x64, None, p64) * G.double()).sum(), [x64] + p64)
+    out["gradients"] = max((rel(g, w) for g, w in zip(got, want)), key=lambda e: e[0])
+    # mining against the float64 reference's choices
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(args.m, dtype=torch.bool, device=device)
+    R = ref_batch
+    scale = R.abs().max().item()
+    differ, gaps, slots = 0, [0.0], 0
+    for i, j, k in zip(a.tolist(), pos.tolist(), neg.tolist()):
+        positives, negatives = (same[i] & ~eye[i]), ~same[i]
+        best_j = torch.where(positives, R[i], torch.full_like(R[i], float("inf"))).argmin().item()
+        best_k = torch.where(negatives, R[i], torch.full_like(R[i], float("-inf"))).argmax().item()
+        slots += 2
+        if j != best_j:
+            differ += 1
+            gaps.append((R[i, j] - R[i, best_j]).item() / scale)
+        if k != best_k:
+            differ += 1
+            gaps.append((R[i, best_k] - R[i, k]).item() / scale)
+    out["mining"] = (differ / max(slots, 1), max(gaps))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and pddm_ext._C.with_cuda else "cpu"))
+    rows = {}
+    for precision in PRECISIONS:
+        worst = {}
+        for seed in range(args.seeds):
+            for key, value in measure(args, device, precision, seed).items():
+                worst[key] = tuple(max(a, b) for a, b in zip(worst.get(key, value), value))
+        rows[precision] = worst
+    lines = [
+        f"Backend: {backend(device)}; torch {torch.__version__}; float32 inputs, d = h = c = {args.dim}, "
+        f"m = {args.m}, bank n = {args.n}, {args.classes} classes, worst of {args.seeds} seeds.",
+        "Errors relative to max |reference| (float64): max (median).",
+        "",
+        "| precision | scores, batch | scores, bank | gradients (worst) | batch_hard slots off the float64 choice | largest score gap of those |",
+        "|---|---|---|---|---|---|",
+    ]
+    for precision, r in rows.items():
+        lines.append(
+            f"| {precision} | {r['scores_batch'][0]:.1e} ({r['scores_batch'][1]:.1e}) "
+            f"| {r['scores_bank'][0]:.1e} ({r['scores_bank'][1]:.1e}) "
+            f"| {r['gradients'][0]:.1e} ({r['gradients'][1]:.1e}) "
+            f"| {100 * r['mining'][0]:.1f}% | {r['mining'][1]:.1e} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "precision.md"), "w") as f:
+            command = args.command or "python benchmarks/precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            f.write(f"Command: `{command}`\n\n" + text)
+        with open(os.path.join(args.out, "precision.json"), "w") as f:
+            json.dump({"backend": backend(device), "torch": torch.__version__, "args": vars(args), "rows": rows}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

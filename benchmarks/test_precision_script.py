@@ -1,0 +1,23 @@
+"""benchmarks/precision.py runs (on the CPU kernels here: every precision computes FP32 there, so the
+rows agree exactly); on a GPU or the emulation build `make gpu-check` / `make precision-emulated` run it."""
+
+import json
+
+import pddm_ext
+
+from benchmarks import precision
+
+
+def test_precision_script_writes_every_row(tmp_path):
+    assert precision.main(["--device", "cpu", "--m", "12", "--n", "9", "--dim", "8", "--classes", "3", "--seeds", "1",
+                           "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "precision.json").read_text())
+    assert list(data["rows"]) == ["highest", "high", "medium"]
+    for row in data["rows"].values():
+        assert set(row) == {"scores_batch", "scores_bank", "gradients", "mining"}
+        assert row["scores_batch"][0] < 1e-5 and row["gradients"][0] < 1e-4
+    if not getattr(pddm_ext._C, "cuda_emulation", False) and not pddm_ext._C.with_cuda:
+        assert data["rows"]["highest"] == data["rows"]["medium"]  # the CPU kernels ignore the setting
+    text = (tmp_path / "precision.md").read_text()
+    assert text.startswith("Command: `python benchmarks/precision.py --device cpu --m 12")
+    assert "| medium |" in text
