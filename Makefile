@@ -11,6 +11,8 @@
 #                    as C++ against csrc/emulation/cuda_emu.h in a copy of the tree (build/emu-tree),
 #                    tests/test_cuda.py run against it under the three thread orders, then the
 #                    self-test: a build with one barrier of the forward tile compiled out must fail them
+#   make precision-emulated  benchmarks/precision.py on the emulated kernels (the error of each float32
+#                    matmul precision) into benchmarks/results/precision_emulated/
 #   make cuda-resources  ptxas -v figures (registers, spills, shared memory) of every kernel on sm_90
 #                    into benchmarks/results/cuda_resources.txt (needs only nvcc and the CPU torch)
 #   make clean       build outputs; `make distclean` also removes the virtual environments
@@ -47,8 +49,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build cuda-emulate cuda-resources clean distclean FORCE demo compare \
-  fonts bench gpu-check wheel wheel-check oldest-torch
+.PHONY: test install cpp-test pytest cuda-build cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
+  fonts bench gpu-check gpu-wheels wheel wheel-check oldest-torch
 
 test: install cpp-test pytest
 
@@ -166,6 +168,15 @@ cuda-emulate: $(VENV)/.deps-stamp
 	$(call emu_build,$(EMU_BROKEN_TREE),$(EMU_BROKEN_TEMP),PDDM_EXT_TEST_DROP_TILE_BARRIER=1)
 	cd $(EMU_BROKEN_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --must-fail $(EMU_ORDERS)
 
+# precision-emulated: benchmarks/precision.py (the error of each float32 matmul precision against the
+# float64 reference, and its effect on mining) on the emulated kernels, whose tensor-core model rounds
+# operands as the hardware does, into $(PRECISION_OUT) (docs/design.md#precision). ~10 min here.
+PRECISION_OUT ?= benchmarks/results/precision_emulated
+precision-emulated: $(VENV)/.deps-stamp
+	$(call emu_build,$(EMU_TREE),$(EMU_TEMP),)
+	cd $(EMU_TREE) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' benchmarks/precision.py \
+	  --out '$(abspath $(PRECISION_OUT))' --command 'make precision-emulated'
+
 # ---- ptxas resource figures (issue 11) ------------------------------------------------------------
 # Registers, spills, stack and shared memory of every kernel for CUDA_RESOURCES_ARCH, from nvcc's
 # ptxas -v with the .venv's torch headers (no GPU, no CUDA torch). The committed output shows in
@@ -217,8 +228,23 @@ bench: install
 
 # gpu-check: on a machine with a GPU and torch installed (no venv made here): builds the package with
 # CUDA, runs tests/test_cuda.py and the GPU benchmarks, results into $OUT or benchmarks/results/gpu/.
+# gpu-wheels: the wheels gpu-check installs (pip --no-index, into build/gpu-site) on a GPU machine
+# without registry access, downloaded here into GPU_WHEELS (.whl, ignored by git) for the tree to
+# carry: pytorch-metric-learning alone, --no-deps so that no torch comes with it (its other needs,
+# numpy, scikit-learn and tqdm, are on such machines; name any that is not in GPU_WHEEL_SPECS).
+GPU_WHEELS ?= .whl
+GPU_WHEEL_SPECS ?= pytorch-metric-learning==2.9.0
+GPU_WHEEL_PYTHON ?= 3.12
+GPU_WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download $(PIP_FLAGS) --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) \
+	  --implementation cp $(foreach p,$(GPU_WHEEL_PLATFORMS),--platform $(p)) -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	ls -l $(GPU_WHEELS)
 
 # ---- Packaging and the supported torch range (issue 16) ----------------------------------------
 # wheel: dist/pddm_ext-*.whl built against the venv's torch (CPU kernels; PDDM_EXT_CUDA as for pip).

@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 4, for a machine with a GPU and torch already installed:
 #   1. build pddm_ext in place with the CUDA kernels (only the visible GPU's architecture),
-#   2. run tests/test_cuda.py,
-#   3. run benchmarks/gpu_bench.py (fused vs reference) within what is left of an 8-minute budget.
+#   2. run tests/test_cuda.py and benchmarks/precision.py (the error of each float32 matmul precision),
+#   3. run benchmarks/gpu_bench.py (the fused ops at each float32 matmul precision against the
+#      reference, torch.compile of it, BatchHardMiner and the torch.mm roofline) within what is left
+#      of an 8-minute budget.
+# Wheels in $GPU_WHEELS (default .whl; `make gpu-wheels` downloads them where a registry is reachable)
+# are installed first, without an index and without their dependencies (torch is never touched), into
+# build/gpu-site, which goes on PYTHONPATH after the checkout; a peer whose package is still missing is
+# skipped by the benchmark with a line saying so.
 # Results (build/test logs, results.json, results.md, nvidia-smi) go to $OUT when set, else
 # benchmarks/results/gpu/. Exits non-zero if the build or a test failed (the benchmark still runs
 # after a test failure, so one session on a GPU yields everything).
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda if present),
 # TORCH_CUDA_ARCH_LIST (default: the visible GPU's), MAX_JOBS (default: all cores),
-# CHECK_BUDGET_S (default 460: seconds for the whole script).
+# CHECK_BUDGET_S (default 460: seconds for the whole script), GPU_WHEELS (default .whl).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build below, ahead of any installed copy
+PYTHONPATH_BEFORE=${PYTHONPATH:-}
+PYTHONPATH="$PWD${PYTHONPATH_BEFORE:+:$PYTHONPATH_BEFORE}"  # the in-place build below, ahead of any installed copy
 export PYTHONPATH
 PYTHON=${PYTHON:-python3}
 OUT_DIR=${OUT:-benchmarks/results/gpu}
@@ -30,6 +37,25 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 fi
+wheels_dir=${GPU_WHEELS:-.whl}
+shopt -s nullglob
+wheels=("$wheels_dir"/*.whl)
+shopt -u nullglob
+if (( ${#wheels[@]} )); then
+  site="$PWD/build/gpu-site"
+  rm -rf "$site"
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "${wheels[@]}" > "$OUT_DIR/wheels.log" 2>&1; then
+    PYTHONPATH="$PWD:$site${PYTHONPATH_BEFORE:+:$PYTHONPATH_BEFORE}"
+    log "installed ${wheels[*]##*/} into $site"
+  else
+    tail -n 5 "$OUT_DIR/wheels.log"
+    log "installing the wheels of $wheels_dir failed (log: $OUT_DIR/wheels.log): peers without their package are skipped"
+  fi
+else
+  log "no wheels in $wheels_dir (make gpu-wheels): peers whose package is missing here are skipped"
+fi
+
 if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then
   export CUDA_HOME=/usr/local/cuda
 fi
@@ -55,6 +81,11 @@ log "running tests/test_cuda.py"
 test_status=0
 "$PYTHON" -m pytest -q -rs tests/test_cuda.py 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -n 25 || test_status=$?
 
+log "measuring the error of each float32 matmul precision (benchmarks/precision.py)"
+precision_status=0
+timeout 120 "$PYTHON" benchmarks/precision.py --out "$OUT_DIR" --command "make gpu-check" 2>&1 \
+  | tee "$OUT_DIR/precision.log" | tail -n 8 || precision_status=$?
+
 elapsed=$(( $(date +%s) - start ))
 bench_budget=$(( BUDGET_S - elapsed - 30 ))
 if (( bench_budget < 60 )); then
@@ -64,7 +95,7 @@ log "benchmarking (budget ${bench_budget}s for starting configurations)"
 bench_status=0
 "$PYTHON" benchmarks/gpu_bench.py --out "$OUT_DIR" --budget-s "$bench_budget" 2>&1 | tee "$OUT_DIR/bench.log" || bench_status=$?
 
-log "done: tests exit $test_status, benchmark exit $bench_status; results in $OUT_DIR"
-if (( test_status != 0 || bench_status != 0 )); then
+log "done: tests exit $test_status, precision exit $precision_status, benchmark exit $bench_status; results in $OUT_DIR"
+if (( test_status != 0 || precision_status != 0 || bench_status != 0 )); then
   exit 1
 fi

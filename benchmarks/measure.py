@@ -14,7 +14,11 @@ Timing: the first call of a compiled variant is reported as ``compile_s`` (compi
 call) and excluded; then ``warmup`` untimed calls, then at least ``min_repeats`` timed calls, more
 while the time budget lasts (up to ``max_repeats``). The median is the reported time. A
 configuration whose warm-up call takes longer than ``slow_s`` counts that call as timed and stops
-at two calls (a warm-up changes nothing at that scale, and the quick run must stay quick).
+at ``max_slow_calls`` calls (default two: a warm-up changes nothing at that scale, and the quick
+run must stay quick).
+
+``float32_matmul_precision`` in the spec ("highest", "high", "medium") is set with
+``torch.set_float32_matmul_precision`` before anything runs (the GPU benchmark's precision rows).
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ def measure_config(spec):
     from benchmarks.workloads import Config, build_step, make_inputs
 
     cfg = Config(**spec["config"])
+    if spec.get("float32_matmul_precision"):
+        torch.set_float32_matmul_precision(spec["float32_matmul_precision"])
     on_cuda = cfg.device == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     result = {"threads": torch.get_num_threads()}
@@ -119,10 +125,12 @@ def measure_config(spec):
     for _ in range(spec.get("warmup", 1)):
         timed_call()
     # A call slower than slow_s gains nothing from a warm-up: its first call counts, and fewer
-    # repeats are taken (still at least two calls in all).
+    # repeats are taken (max_slow_calls in all, default two).
+    max_repeats = spec.get("max_repeats", 10)
     if times and times[0] >= spec.get("slow_s", float("inf")):
         result["first_call_timed"] = True
-        min_repeats = min(min_repeats, 2)
+        max_repeats = min(max_repeats, spec.get("max_slow_calls", 2))
+        min_repeats = min(min_repeats, max_repeats)
     else:
         times.clear()
         phases.clear()
@@ -132,7 +140,8 @@ def measure_config(spec):
     probe = MemoryProbe(cfg.device)
     probe.start()
     started = time.perf_counter()
-    while len(times) < spec.get("max_repeats", 10):
+    calls_before = len(times)
+    while len(times) < max_repeats:
         if len(times) >= min_repeats and time.perf_counter() - started >= spec.get("budget_s", 3.0):
             break
         timed_call()
@@ -141,7 +150,8 @@ def measure_config(spec):
         time_s=statistics.median(times),
         times_s=times,
         phases_s={name: statistics.median(values) for name, values in phases.items()},
-        extra_peak_bytes=probe.extra(),
+        # None when the one slow call allowed was the warm-up (max_slow_calls=1): nothing was probed.
+        extra_peak_bytes=probe.extra() if len(times) > calls_before else None,
         memory_method=probe.method,
     )
     if cfg.variant == "fused" and spec.get("gemm_size"):
