@@ -33,15 +33,8 @@ DYNAMIC = {
 
 
 def staging_bytes(t):
-    """The FP32/FP64 staging; float32 under tensor cores (matmul precision high or medium) needs
-    max(this, 64 x (128 + V)) elements (the output block the fragments are stored into)."""
     v = 16 // t
     return (16 * (64 + v) + 16 * (128 + v)) * t
-
-
-def tensor_core_staging_bytes(t):
-    v = 16 // t
-    return max(staging_bytes(t), 64 * (128 + v) * t)
 
 
 def kernel_key(demangled):
@@ -125,8 +118,7 @@ def main():
         for demangled, k in sorted(rows, key=lambda r: kernel_key(r[0])):
             base, dtype = kernel_key(demangled)
             t = 8 if dtype == "double" else 4
-            staging = f"{staging_bytes(t)}" if t == 8 else f"{staging_bytes(t)} (tensor cores {tensor_core_staging_bytes(t)})"
-            dyn = DYNAMIC.get(base, "?").format(s=staging, t=t)
+            dyn = DYNAMIC.get(base, "?").format(s=staging_bytes(t), t=t)
             spill = f"{k.get('spill_st', 0)}/{k.get('spill_ld', 0)}"
             print(f"{base:<32} {dtype or '-':<7} {k.get('regs', 0):>5} {spill:>12} {k.get('stack', 0):>6} "
                   f"{k.get('smem', 0):>12}  {dyn}")

@@ -14,10 +14,12 @@ def test_precision_script_writes_every_row(tmp_path):
     data = json.loads((tmp_path / "precision.json").read_text())
     assert list(data["rows"]) == ["highest", "high", "medium"]
     for row in data["rows"].values():
-        assert set(row) == {"scores_batch", "scores_bank", "gradients", "mining"}
+        assert set(row) == {"scores_batch", "scores_bank", "gradients", "sensitivity", "mining"}
         assert row["scores_batch"][0] < 1e-5 and row["gradients"][0] < 1e-4
     if not getattr(pddm_ext._C, "cuda_emulation", False) and not pddm_ext._C.with_cuda:
-        assert data["rows"]["highest"] == data["rows"]["medium"]  # the CPU kernels ignore the setting
+        measured = ("scores_batch", "scores_bank", "gradients", "mining")  # the CPU kernels ignore the setting
+        assert [data["rows"]["highest"][k] for k in measured] == [data["rows"]["medium"][k] for k in measured]
+        assert data["rows"]["medium"]["sensitivity"] > data["rows"]["highest"]["sensitivity"]
     text = (tmp_path / "precision.md").read_text()
     assert text.startswith("Command: `python benchmarks/precision.py --device cpu --m 12")
     assert "| medium |" in text

@@ -78,17 +78,13 @@ enum class TileMath : int { kFp32 = 0, kTf32x3 = 1, kTf32 = 2 };
 #define PDDM_TENSOR_CORES 0
 #endif
 
-// The tensor-core epilogue stores the (kPairs x kOutBlock) output block into the staging buffer,
-// rows layout::w_stride apart, before every thread reads its outputs back (tensor_core_outputs).
 template <typename T>
-constexpr size_t tensor_core_output_elems() {
-  return size_t(kPairs) * layout::w_stride<T>();
+constexpr size_t pair_gemm_staging_elems() {
+  return staging_a_elems<T>() + size_t(kChunk) * layout::w_stride<T>();
 }
-template <typename T>
-constexpr size_t pair_gemm_staging_elems(TileMath math = TileMath::kFp32) {
-  const size_t chunks = staging_a_elems<T>() + size_t(kChunk) * layout::w_stride<T>();
-  return math == TileMath::kFp32 ? chunks : std::max(chunks, tensor_core_output_elems<T>());
-}
+// The tensor-core path's output passes (TensorCoreBlock::outputs) reuse the staging buffer.
+static_assert(size_t(kPairs) * layout::tensor_output_stride() <= pair_gemm_staging_elems<float>(),
+              "a tensor-core output pass fits in the pair_gemm staging");
 
 template <typename T>
 struct Vec16;
@@ -193,13 +189,16 @@ struct TensorCoreBlock<float> {
   using Tf32 = nvcuda::wmma::precision::tf32;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[4];
 
-  // v = hi + lo with hi = tf32(v) and lo = tf32(v - hi) (lo = 0 for a non-finite v, so that an
-  // infinite operand gives an infinite product as in FP32 instead of inf - inf).
+  // v = hi + lo with hi = tf32(v) and lo = tf32(v - hi); the low 13 bits of hi are cleared (the
+  // tensor cores ignore them, so that v - hi is exactly the part they do not see). lo = 0 for a
+  // non-finite v, where v - hi is NaN. Non-finite operands are not otherwise handled: a product of an
+  // infinite operand and a TF32-exact one is NaN under 3xTF32 (0 * inf in a cross term) where FP32
+  // gives inf. The public ops reject non-finite inputs and parameters before any kernel runs.
   template <typename Fragment>
   __device__ __forceinline__ static void split(Fragment& hi, Fragment& lo, bool three) {
 #pragma unroll
     for (int t = 0; t < hi.num_elements; ++t) {
-      const float v = hi.x[t], big = nvcuda::wmma::__float_to_tf32(v);
+      const float v = hi.x[t], big = __uint_as_float(__float_as_uint(nvcuda::wmma::__float_to_tf32(v)) & 0xffffe000u);
       hi.x[t] = big;
       if (three) lo.x[t] = (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u ? nvcuda::wmma::__float_to_tf32(v - big) : 0.0f;
     }
@@ -235,24 +234,29 @@ struct TensorCoreBlock<float> {
   }
 
   // After the last chunk (staging free): out[q][t] = output (4 pg + q, out_column(og, t)), the
-  // values the FP32 loop leaves in the same thread's registers, through the staging buffer
-  // (tensor_core_output_elems); ends synchronised.
+  // values the FP32 loop leaves in the same thread's registers, through the staging buffer in four
+  // passes: in pass f every warp stores its accumulator f (16 pairs x 16 outputs), which together hold
+  // the outputs of the threads with out_group / 4 == f (smem_layout.h tensor_output_index), and those
+  // threads read theirs. The staging buffer needs no more room than the FP32 path's. Ends synchronised.
   __device__ __forceinline__ void outputs(float (&out)[4][8], float* staging, int pair_group, int out_group) {
-    constexpr int ld = layout::w_stride<float>();
-    const int warp = threadIdx.x / 32, pairs0 = 16 * (warp % 4), outs0 = 64 * (warp / 4);
+    constexpr int ld = layout::tensor_output_stride();
+    const int warp = threadIdx.x / 32;
 #pragma unroll
     for (int f = 0; f < 4; ++f) {
-      nvcuda::wmma::store_matrix_sync(staging + pairs0 * ld + outs0 + 16 * f, acc[f], ld, nvcuda::wmma::mem_row_major);
-    }
-    __syncthreads();
+      nvcuda::wmma::store_matrix_sync(staging + layout::tensor_output_offset(warp), acc[f], ld,
+                                      nvcuda::wmma::mem_row_major);
+      __syncthreads();
+      if (layout::tensor_output_pass(out_group) == f) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < 4; ++q) {
 #pragma unroll
-      for (int v = 0; v < 8 / 4; ++v) {
-        load_vector(&out[q][4 * v], staging + (pair_group * 4 + q) * ld + layout::out_column<float>(out_group, 4 * v));
+          for (int v = 0; v < 8 / 4; ++v) {
+            load_vector(&out[q][4 * v], staging + layout::tensor_output_index(pair_group, out_group, q, v));
+          }
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
   }
 };
 #endif
@@ -264,8 +268,7 @@ struct TensorCoreBlock<float> {
 // constant after unrolling (an epilogue that indexes its own per-pair registers with it keeps them
 // in registers; p - first_pair would be a dynamic index, i.e. local memory). The reduction order
 // over k is fixed, so the result is deterministic. math (tile_math) chooses FP32 FMAs or tensor
-// cores (TensorCoreBlock, float only); the staging then needs pair_gemm_staging_elems<T>(math)
-// elements. Must be called by all threads of the block; ends synchronised.
+// cores (TensorCoreBlock, float only). Must be called by all threads of the block; ends synchronised.
 template <typename T, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w,
@@ -497,8 +500,8 @@ inline int64_t tile_workspace_elems(std::initializer_list<int64_t> columns) {
 // Where a block's tile workspace lives: in dynamic shared memory after the pair_gemm staging when
 // it fits, else in the block's slice of a global scratch buffer.
 template <typename T>
-__device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems, TileMath math) {
-  return global_scratch == nullptr ? dynamic_smem + pair_gemm_staging_elems<T>(math)
+__device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems) {
+  return global_scratch == nullptr ? dynamic_smem + pair_gemm_staging_elems<T>()
                                    : global_scratch + int64_t(blockIdx.x) * ws_elems;
 }
 
@@ -527,12 +530,19 @@ struct LaunchPlan {
 // the device at once (at most one per tile). max_blocks caps the grid where per-block state is big.
 template <typename Kernel>
 LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_bytes, size_t workspace_bytes,
-                       int64_t max_blocks = int64_t(1) << 30) {
+                       int64_t max_blocks = int64_t(1) << 30, TileMath math = TileMath::kFp32) {
   int optin = 0, sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // The device code has tensor cores only where it was compiled for compute_80 or later: a build for
+  // older architectures JIT-compiled for this GPU would compute FP32 under "high" / "medium".
+  TORCH_CHECK(math == TileMath::kFp32 || attr.ptxVersion >= 80,
+              "pddm_ext: the float32 matmul precision asks for TF32 tensor cores, but this build's kernels "
+              "for this GPU were compiled for compute_", attr.ptxVersion,
+              ", which has none: rebuild with TORCH_CUDA_ARCH_LIST including 8.0 or later, or use "
+              "torch.set_float32_matmul_precision('highest')");
   const size_t budget = size_t(optin) > attr.sharedSizeBytes ? size_t(optin) - attr.sharedSizeBytes : 0;
   LaunchPlan plan;
   plan.workspace_in_shared = staging_bytes + workspace_bytes <= budget;
@@ -631,7 +641,8 @@ inline at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& W_v) {
 
 // The arithmetic of the tile products for inputs of dtype T on device (docs/design.md#precision):
 // float64 always FP64; float32 follows torch.get_float32_matmul_precision() as PyTorch's own float32
-// matmuls do: "highest" FP32 (the default), "high" 3xTF32 (float32-level accuracy), "medium" TF32.
+// matmuls do: "highest" FP32 (the default), "high" 3xTF32 (float32-level accuracy), "medium" TF32;
+// torch.backends.cuda.matmul.fp32_precision "ieee" FP32, "tf32" TF32 (3xTF32 under "high").
 // A GPU before sm_80 has no TF32 tensor cores: FP32 there under every setting (as cuBLAS).
 template <typename T>
 inline TileMath tile_math(const c10::Device& device) {
@@ -641,26 +652,34 @@ inline TileMath tile_math(const c10::Device& device) {
     int major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, int(device.index())));
     if (major < 8) return TileMath::kFp32;
+#if PDDM_TORCH_FP32_PRECISION_API
+    // torch.backends.cuda.matmul.fp32_precision (the newer API) first: "ieee" is FP32 whatever the
+    // legacy setting says, "tf32" is tensor cores; which of them (3xTF32 for "high", one TF32 pass for
+    // "medium") the legacy setting tells, and one TF32 pass when only the newer API was used.
+    switch (at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
+      case at::Float32Precision::IEEE: return TileMath::kFp32;
+      case at::Float32Precision::BF16:
+        TORCH_CHECK(false, "pddm_ext: torch.backends.cuda.matmul.fp32_precision = 'bf16' is not supported by the "
+                           "fused kernels (docs/design.md#precision): use 'tf32' or 'ieee', or "
+                           "torch.set_float32_matmul_precision('highest' | 'high' | 'medium')");
+      case at::Float32Precision::TF32: {
+        std::optional<at::Float32MatmulPrecision> legacy;
+        try {
+          legacy = at::globalContext().float32MatmulPrecision();
+        } catch (const c10::Error&) {  // torch refuses the legacy getter once the newer API was used
+        }
+        return legacy == at::Float32MatmulPrecision::HIGH ? TileMath::kTf32x3 : TileMath::kTf32;
+      }
+      default: break;  // NONE / DEFAULT: the legacy setting decides
+    }
+#endif
     at::Float32MatmulPrecision precision;
     try {
       precision = at::globalContext().float32MatmulPrecision();
     } catch (const c10::Error&) {
-      // torch refuses the legacy getter once torch.backends.cuda.matmul.fp32_precision (the newer
-      // API) has been set: read that one, whose "tf32" is one TF32 pass and "ieee" FP32.
-#if PDDM_TORCH_FP32_PRECISION_API
-      switch (at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
-        case at::Float32Precision::TF32: return TileMath::kTf32;
-        case at::Float32Precision::BF16:
-          TORCH_CHECK(false, "pddm_ext: torch.backends.cuda.matmul.fp32_precision = 'bf16' is not supported by the "
-                             "fused kernels (docs/design.md#precision): use 'tf32' or 'ieee', or "
-                             "torch.set_float32_matmul_precision('highest' | 'high' | 'medium')");
-        default: return TileMath::kFp32;
-      }
-#else
       TORCH_CHECK(false, "pddm_ext: the float32 matmul precision was set with "
-                         "torch.backends.cuda.matmul.fp32_precision, which this torch's C++ API does not let the "
-                         "fused kernels read: set it with torch.set_float32_matmul_precision() instead");
-#endif
+                         "torch.backends.cuda.matmul.fp32_precision, which the fused kernels read only with "
+                         "torch 2.13 or later: set it with torch.set_float32_matmul_precision() instead");
     }
     switch (precision) {
       case at::Float32MatmulPrecision::HIGHEST: return TileMath::kFp32;

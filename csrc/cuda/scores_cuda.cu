@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
-  T* Z = block_workspace(sm, scratch, ws_elems, w.math);
+  T* Z = block_workspace(sm, scratch, ws_elems);
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
@@ -65,7 +65,8 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count(),
-                                  pair_gemm_staging_elems<T>(w.math) * sizeof(T), size_t(ws_elems) * sizeof(T));
+                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
+                                  int64_t(1) << 30, w.math);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
     PDDM_LAUNCH(scores_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   const int64_t d = w.d, h = w.h, c = w.c;
   // Row strides of the workspace matrices (tile_workspace_elems, smem_layout.h).
   const int64_t ldz = layout::workspace_stride(2 * h), ldq = layout::workspace_stride(c), ldu = layout::workspace_stride(d);
-  T* Z = block_workspace(sm, scratch, ws_elems, w.math);  // (kPairs, 2h) activations, then kept for dW_c
+  T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
   T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
   T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
   T* dU = Q + kPairs * ldq;                        // (kPairs, d) dL/dnormalize(u)
@@ -513,7 +514,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
       max_blocks = std::min(max_blocks, std::max<int64_t>(1, (int64_t(256) << 20) / (slice_elems * int64_t(sizeof(T)))));
     }
     const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), tiles,
-                                  pair_gemm_staging_elems<T>(w.math) * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks);
+                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks,
+                                  w.math);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
     if (need_params) slab = at::zeros({int64_t(plan.blocks), layout.size}, opts);

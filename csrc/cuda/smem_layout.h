@@ -81,6 +81,26 @@ PDDM_HOST_DEVICE constexpr int epilogue_slot(int pg, int og, int t) {
   return (t / vec_elems<T>()) * vec_elems<T>() + ((t % vec_elems<T>()) ^ epilogue_flip<T>(pg, og));
 }
 
+// The tensor-core path of pair_gemm (TensorCoreBlock in pddm_tile.cuh, float only) hands its outputs
+// to the FP32 path's epilogue through the staging buffer in four passes f: every warp w stores its
+// accumulator f (pairs 16 (w % 4) .. + 16, outputs 64 (w / 4) + 16 f .. + 16) row-major at
+// tensor_output_offset(w) with rows tensor_output_stride() apart (store_matrix_sync, whose per-lane
+// pattern NVIDIA does not document, so it is not modelled), and the threads of out_group og with
+// tensor_output_pass(og) == f read their outputs of pair 4 pg + q, out_column(og, 4 v) .. + 4, as
+// 16-byte vectors at element tensor_output_index(pg, og, q, v).
+PDDM_HOST_DEVICE constexpr int tensor_output_stride() {
+  return 32 + 4;  // two 16-wide fragments side by side, padded by 16 bytes
+}
+PDDM_HOST_DEVICE constexpr int tensor_output_offset(int warp) {
+  return 16 * (warp % 4) * tensor_output_stride() + 16 * (warp / 4);
+}
+PDDM_HOST_DEVICE constexpr int tensor_output_pass(int og) {
+  return og / 4;
+}
+PDDM_HOST_DEVICE constexpr int tensor_output_index(int pg, int og, int q, int v) {
+  return (pg * 4 + q) * tensor_output_stride() + 16 * v + 4 * (og % 4);
+}
+
 // Row stride (elements) of a tile-workspace matrix with n columns (Z, dZ, Q, dU): a multiple of 32
 // plus 8, so that rows start 8 elements apart modulo 32 and the staging fill above reads 4 rows x 8
 // consecutive columns from 32 distinct banks (8-byte elements: 2 rows x 8 per half-warp).

@@ -525,6 +525,16 @@ void check_call(cudaError_t err, const char* expr, const char* file, int line) {
   }
 }
 
+// The architecture the emulated kernels count as compiled for (cudaFuncAttributes::ptxVersion):
+// PDDM_EMU_PTX_VERSION, default 90 (sm_90, the H200 of the device model).
+int ptx_version() {
+  static const int version = [] {
+    const char* env = std::getenv("PDDM_EMU_PTX_VERSION");
+    return env != nullptr && *env != '\0' ? std::atoi(env) : 90;
+  }();
+  return version;
+}
+
 cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func, void (*probe)(const void*)) {
   std::lock_guard<std::mutex> lock(g_funcs_mutex);
   FuncInfo* info;
@@ -534,6 +544,7 @@ cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func, void
     return fail(cudaErrorInvalidDeviceFunction, e.what_without_backtrace());
   }
   *attr = cudaFuncAttributes{};
+  attr->ptxVersion = attr->binaryVersion = ptx_version();
   attr->sharedSizeBytes = info->static_bytes;
   attr->maxThreadsPerBlock = kMaxThreadsPerBlock;
   attr->maxDynamicSharedSizeBytes = info->max_dynamic;

@@ -22,6 +22,7 @@
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -327,9 +328,11 @@ cudaError_t cudaGetLastError();
 // - __float_to_tf32 rounds to 10 explicit mantissa bits, to nearest with ties away from zero
 //   (cvt.rna.tf32.f32); mma_sync requires its TF32 operands to be such values (an unconverted
 //   operand is undefined behaviour in CUDA's documentation: here an error) and computes each
-//   d = c + sum_k a_k b_k with the products exact (11-bit significands) and one rounding to float at
-//   the end (the hardware's internal alignment may differ from this by about one float32 ulp per
-//   call; the dominant error, TF32 rounding of the operands, is reproduced exactly).
+//   d = c + sum_k a_k b_k with the products exact (11-bit significands) and one rounding toward zero
+//   to float (Ampere/Hopper tensor cores truncate rather than round: Fasi et al., "Numerical behavior
+//   of NVIDIA tensor cores", 2021; they also truncate while aligning the terms, which this model does
+//   not, so the hardware's error per call can exceed this one's by about a float32 ulp). The dominant
+//   error, the TF32 rounding of the operands, is the hardware's exactly.
 namespace nvcuda::wmma {
 struct row_major {};
 struct col_major {};
@@ -450,7 +453,9 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
     const int e = lane + 32 * t, r = e / N, col = e % N;
     double s = c.x[t];
     for (int k = 0; k < K; ++k) s += double(a.x[r * K + k]) * double(b.x[k * N + col]);
-    out[t] = float(s);
+    float rounded = float(s);
+    if (std::fabs(double(rounded)) > std::fabs(s)) rounded = std::nextafter(rounded, 0.0f);  // toward zero
+    out[t] = rounded;
   }
   for (int t = 0; t < D::num_elements; ++t) d.x[t] = out[t];
 }

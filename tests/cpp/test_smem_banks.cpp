@@ -1,5 +1,6 @@
 // Bank conflicts of the tile kernels' shared-memory accesses (csrc/cuda/smem_layout.h), checked on the
-// host: every access pattern of pair_gemm and of the workspace epilogues is evaluated for the 32 lanes
+// host: every access pattern of pair_gemm (but the WMMA loads and stores of its tensor-core path, whose
+// per-lane pattern is not documented) and of the workspace epilogues is evaluated for the 32 lanes
 // of each warp with the same layout functions the kernels call, and its conflict degree computed
 // under the hardware's rule (32 banks of 4 bytes; 4-, 8- and 16-byte accesses served per 32, 16
 // and 8 lanes; lanes touching the same 4-byte word share it). Every pattern must be conflict-free
@@ -99,6 +100,46 @@ void check_current_layout(const char* type) {
       }, 16, 1);
     }
   }
+  // The tensor-core path's read-back of its outputs, pass by pass (float only; not its WMMA loads and
+  // stores, whose per-lane pattern is not documented). Also: the passes hand every thread exactly the
+  // outputs out_column gives it in the FP32 path.
+  if (sizeof(T) == 4) {
+    for (int f = 0; f < 4; ++f) {
+      for (int q = 0; q < 4; ++q) {
+        for (int v = 0; v < 2; ++v) {
+          expect_degree("tensor-core output read pass " + std::to_string(f) + " q=" + std::to_string(q) + " vector " +
+                            std::to_string(v) + t,
+                        [&](int w, int l) {
+                          const int tid = tid_of(w, l), pg = tid / L::kOutGroups, og = tid % L::kOutGroups;
+                          if (L::tensor_output_pass(og) != f) return int64_t(-1);
+                          return int64_t(L::tensor_output_index(pg, og, q, v)) * S;
+                        },
+                        16, 1);
+        }
+      }
+    }
+    for (int tid = 0; tid < L::kThreads; ++tid) {
+      const int pg = tid / L::kOutGroups, og = tid % L::kOutGroups, f = L::tensor_output_pass(og);
+      for (int q = 0; q < 4; ++q) {
+        for (int t8 = 0; t8 < 8; ++t8) {
+          // the output (pair, column) stored at the element this thread reads
+          const int e = L::tensor_output_index(pg, og, q, t8 / 4) + t8 % 4;
+          int pair = -1, column = -1;
+          for (int w = 0; w < L::kThreads / 32 && pair < 0; ++w) {
+            const int local = e - L::tensor_output_offset(w), r = local / L::tensor_output_stride(),
+                      c = local % L::tensor_output_stride();
+            if (local >= 0 && r < 16 && c < 16) pair = 16 * (w % 4) + r, column = 64 * (w / 4) + 16 * f + c;
+          }
+          ++checks;
+          if (pair != pg * 4 + q || column != L::out_column<T>(og, t8)) {
+            std::printf("FAIL tensor-core pass %d: thread %d reads (%d, %d) for output (%d, %d)\n", f, tid, pair,
+                        column, pg * 4 + q, L::out_column<T>(og, t8));
+            ++failures;
+          }
+        }
+      }
+    }
+  }
   // The workspace matrices (Z, dZ, Q, dU) for several column counts: the epilogues' stores (each
   // step (q, t) of pair_gemm's epilogue) and the staging fill's reads of them as operands.
   for (const int64_t n : {1, 7, 13, 26, 64, 100, 128, 130, 256, 257}) {
@@ -175,7 +216,9 @@ int main() {
     std::printf("%d of %d check(s) failed\n", failures, checks);
     return 1;
   }
-  std::printf("%d access patterns checked: the current layout is free of bank conflicts, the old one's are caught\n",
+  std::printf("%d checks (access patterns, and where the tensor-core passes hand each output): the current layout "
+              "is free of bank conflicts and hands every output to its FP32-path thread; the old one's conflicts are "
+              "caught\n",
               checks);
   return 0;
 }
