@@ -188,6 +188,16 @@ def check_indices(name, idx, rows, rows_from, device):
     return idx
 
 
+def check_int(name, value, minimum):
+    """``value`` as an int >= ``minimum``: TypeError naming ``name`` for anything but an int (bool
+    included), ValueError naming it below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_number(name, value):
     """A finite real number (a loss margin or weight); returned as float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

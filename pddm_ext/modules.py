@@ -141,10 +141,8 @@ class PDDM(nn.Module):
             raise TypeError("in_features must be an int, got NoneType")
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
                             ("joint_features", joint_features)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if value is not None:
+                V.check_int(name, value, 1)
         d = in_features
         h = d if hidden_features is None else hidden_features
         c = h if joint_features is None else joint_features
@@ -304,10 +302,7 @@ class PDDMLoss(nn.Module):
                  lam=0.5, k=1, negatives="hardest", bce_weight=1.0, warmup_steps=0, normalize_inputs=False,
                  unit_dropout=0.0, normalize=True, memory=None, distributed=False):
         super().__init__()
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int):
-            raise TypeError(f"embedding_dim must be an int, got {type(embedding_dim).__name__}")
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        V.check_int("embedding_dim", embedding_dim, 1)
         self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
                          dropout=unit_dropout)
         self.alpha, self.beta = V.check_number("alpha", alpha), V.check_number("beta", beta)
@@ -317,11 +312,7 @@ class PDDMLoss(nn.Module):
             raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
         self.negatives = negatives
         self.bce_weight = _check_nonnegative("bce_weight", bce_weight)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
-            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = V.check_int("warmup_steps", warmup_steps, 0)
         self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
         self.normalize = V.check_bool("normalize", normalize)
         self.memory = V.check_memory(memory, embedding_dim)

@@ -61,6 +61,16 @@ def params_of(unit):
     return tuple(getattr(unit, name).detach() for name in reference.PARAM_NAMES)
 
 
+def reference_gradients(x, y, unit, G):
+    """The float64 reference's gradients of sum(S * G) in x, y (reference mode, y not None) and the unit's
+    parameters, in that order."""
+    xd = x.detach().double().requires_grad_()
+    yd = None if y is None else y.detach().double().requires_grad_()
+    pd = [p.detach().double().requires_grad_() for p in params_of(unit)]
+    R = reference.pddm_scores(xd, yd, pd)
+    return R, torch.autograd.grad((R * G.double()).sum(), [xd] + ([] if yd is None else [yd]) + pd)
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
 
@@ -98,11 +108,7 @@ def test_gradients_match_reference(m, n, d, h, c, batch, dtype, device):
     S = unit(x) if batch else unit(x, y)
     G = torch.randn_like(S)
     got = torch.autograd.grad((S * G).sum(), [x] + ([] if batch else [y]) + list(unit.parameters()))
-    xd = x.detach().double().requires_grad_()
-    yd = None if batch else y.detach().double().requires_grad_()
-    pd = [p.detach().double().requires_grad_() for p in params_of(unit)]
-    R = reference.pddm_scores(xd, yd, pd)
-    want = torch.autograd.grad((R * G.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    _, want = reference_gradients(x, y, unit, G)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 10 * TOL[dtype]
 
@@ -275,11 +281,7 @@ def test_tensor_core_path_on_odd_sizes(m, n, d, h, c, batch, precision, device):
         S = unit(x) if batch else unit(x, y)
         G = torch.randn(S.shape).to(device)
         got = torch.autograd.grad((S * G).sum(), [x] + ([] if batch else [y]) + list(unit.parameters()))
-    xd = x.detach().double().requires_grad_()
-    yd = None if batch else y.detach().double().requires_grad_()
-    pd = [p.detach().double().requires_grad_() for p in params_of(unit)]
-    R = reference.pddm_scores(xd, yd, pd)
-    want = torch.autograd.grad((R * G.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    R, want = reference_gradients(x, y, unit, G)
     assert rel_err(S, R) < PRECISION_TOL[precision]
     # Gradients: TF32's bound under both precisions. A ReLU unit whose pre-activation lies within the
     # rounding error of 0 may switch and move a whole pair's contribution (seen under "high" in the
@@ -304,11 +306,10 @@ def test_gradients_follow_the_float32_matmul_precision(precision, batch, device)
         x = x.detach().clone().requires_grad_()
         y = None if y is None else y.detach().clone().requires_grad_()
         params = [q.detach().clone().requires_grad_() for q in params]
-        S = (reference.pddm_scores if x.dtype == torch.float64 else pddm_ext.pddm_scores)(x, y, *(
-            [params] if x.dtype == torch.float64 else params))
-        return torch.autograd.grad((S * G.to(x.dtype)).sum(), [x] + ([] if y is None else [y]) + params)
+        S = pddm_ext.pddm_scores(x, y, *params)
+        return torch.autograd.grad((S * G).sum(), [x] + ([] if y is None else [y]) + params)
 
-    want = grads(x.double(), None if y is None else y.double(), [q.double() for q in p])
+    _, want = reference_gradients(x, y, unit, G)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # bitwise comparable runs (no float atomics)
     try:
