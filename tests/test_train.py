@@ -195,6 +195,20 @@ def test_compare_refuses_to_resume_a_run_of_other_options(digits, tmp_path):
         run_all(new, ["pddm"], [0], str(out), progress=False)
 
 
+def test_compare_resumes_an_interrupted_run_to_its_own_budget(digits, tmp_path):
+    """An interrupted run of the same options (saved with a budget of 1 epoch) is resumed to the epochs
+    compare asks for (2), not to the budget it was saved with."""
+    from pddm_ext.app.compare import run_all
+
+    out = tmp_path / "cmp"
+    cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1)
+    train(dataclasses.replace(cfg, epochs=1, out=str(out / "runs" / "pddm-seed0")), progress=False, split=digits)
+    summary = run_all(cfg, ["pddm"], [0], str(out), progress=False)
+    history = [json.loads(line) for line in (out / "runs" / "pddm-seed0" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert summary is not None
+
+
 def test_out_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     bad = str(tmp_path / "file" / "run")  # below a file

@@ -39,9 +39,14 @@ VARIANTS = {
 ENTRIES = tuple(LOSSES) + tuple(VARIANTS)
 PDDM_LOSSES = ("pddm", "pddm-triplet")
 # TrainConfig fields only the PDDM losses read (build_loss, build_optimizer): a baseline's finished run
-# is reused whatever they are
+# is reused, and its interrupted run resumed, whatever they are
 PDDM_ONLY_FIELDS = ("unit_lr", "mine_k", "alpha", "lam", "bce_weight", "normalize_inputs", "negatives",
                     "warmup_steps", "mining")
+
+
+def _unread_fields(cfg):
+    """The PDDM-only fields when cfg's loss does not read them (a baseline), else none."""
+    return set() if cfg.loss in PDDM_LOSSES else set(PDDM_ONLY_FIELDS)
 
 
 def entry_config(base, name):
@@ -64,14 +69,12 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
                 resume = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
                 t0 = time.perf_counter()
                 # an interrupted run resumes only with the same options (else a one-line ConfigError
-                # naming them: the folder holds runs of another configuration)
-                explicit = {f.name for f in dataclasses.fields(cfg)} - {"epochs"}
-                if cfg.loss not in PDDM_LOSSES:  # as in _finished: a baseline does not read them
-                    explicit -= set(PDDM_ONLY_FIELDS)
+                # naming them: the folder holds runs of another configuration), to this budget
+                explicit = {f.name for f in dataclasses.fields(cfg)} - _unread_fields(cfg)
                 done = train(cfg, resume=resume, progress=progress, split=split, explicit=explicit)
-                if True:  # a summary line per run, like train's per-epoch lines
-                    print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
-                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                # a summary line per run, like train's per-epoch lines
+                print(f"[compare] {loss} seed {seed}: R@1 {done['history'][-1]['recall@1']:.3f} "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             runs.append(dict(done, entry=loss))
     summary = summarise(runs, losses)
     os.makedirs(out, exist_ok=True)
@@ -89,9 +92,7 @@ def _finished(cfg):
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
     saved = {**dataclasses.asdict(type(cfg)()), **LEGACY_DEFAULTS, **result["config"]}
-    ignored = set(type(cfg).RUNTIME_FIELDS)
-    if cfg.loss not in PDDM_LOSSES:  # a baseline's run does not depend on the PDDM options
-        ignored |= set(PDDM_ONLY_FIELDS)
+    ignored = set(type(cfg).RUNTIME_FIELDS) | _unread_fields(cfg)
     same = {k: v for k, v in saved.items() if k not in ignored} == {
         k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     return result if same and len(result["history"]) == cfg.epochs else None
