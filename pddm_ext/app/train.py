@@ -198,7 +198,11 @@ def resolve_device(name):
 
 
 def check_against_data(cfg, split):
-    """The checks that need the dataset: P against the number of training classes."""
+    """The checks that need the dataset: P against the number of training classes, and a test half on
+    which every retrieval metric is defined (``evaluate.evaluation_problem``)."""
+    problem = ev.evaluation_problem(split.test_labels, class_names=split.info.get("test_classes"))
+    if problem:
+        raise ConfigError(f"dataset {cfg.dataset} cannot be evaluated: {problem}")
     n = split.num_train_classes
     if n < 2:
         raise ConfigError(f"dataset {cfg.dataset} has {n} training class(es); needs at least 2")
@@ -288,16 +292,20 @@ def format_epoch(entry):
 def holdout_split(split, fraction, seed):
     """``split`` with ``fraction`` of each training class's images moved to ``split.heldout`` (a
     seeded choice, at least 2 per class when a class has >= 4 images, so held-out positive pairs
-    exist; none when fraction is 0). Returns (split, heldout dataset or None)."""
+    exist, and at most all but 2, so the class keeps a training pair; none when fraction is 0).
+    Returns (split, heldout dataset or None: None also when no class has 4 images)."""
     if fraction == 0:
         return split, None
     g = torch.Generator().manual_seed(seed)
     held = []
     for c in torch.unique(split.train_labels):
         items = torch.nonzero(split.train_labels == c).flatten()
-        n = max(2, round(fraction * len(items))) if len(items) >= 4 else 0
+        # at least 2 (a held-out positive pair), at most all but 2 (the class keeps a training pair)
+        n = min(max(2, round(fraction * len(items))), len(items) - 2) if len(items) >= 4 else 0
         held.append(items[torch.randperm(len(items), generator=g)[:n]])
     held = torch.cat(held).sort().values
+    if len(held) == 0:  # every training class has fewer than 4 images: nothing to hold out
+        return split, None
     keep = torch.ones(len(split.train_labels), dtype=torch.bool)
     keep[held] = False
     kept = keep.nonzero().flatten()
