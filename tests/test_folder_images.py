@@ -230,3 +230,21 @@ def test_small_training_classes_train_without_a_held_out_set(tmp_path):
                  "--quiet", "--out", str(out)]) == 0
     (entry,) = json.loads((out / "result.json").read_text())["history"]
     assert entry["unit"]["heldout"] is None and entry["unit"]["unseen"]["pairs"] == 45
+
+
+def test_glyphs_from_a_single_font_cannot_be_evaluated(tmp_path, capsys):
+    """The same rule for every dataset: one font draws each character once, so every test class has a
+    single image, and the run stops with one line before training."""
+    import shutil
+
+    import matplotlib
+
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    shutil.copy(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), fonts)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "glyphs", "--font-dir", str(fonts), "--epochs", "1", "--quiet",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset glyphs cannot be evaluated: 31 test class(es) with a single image ('V', 'W'" in err
+    assert not out.exists()

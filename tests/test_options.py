@@ -20,7 +20,8 @@ from pddm_ext.app.train import ConfigError, TrainConfig, check_config  # noqa: E
 ZERO_VALID = {"--batches-per-epoch", "--warmup-steps", "--holdout", "--bce-weight", "--lam", "--seed", "--seeds",
               "--alpha", "--beta"}
 NEGATIVE_VALID = {"--alpha", "--beta"}  # margins: any finite value
-TOO_LARGE = {"--holdout": "1", "--seed": str(2**32), "--seeds": str(2**32), "--image-size": "100000"}
+TOO_LARGE = {"--holdout": "1", "--seed": str(2**32), "--seeds": str(2**32), "--image-size": "100000",
+             "--embedding-dim": "100000000", "--threads": "100000"}  # these two crashed inside torch
 
 
 def _string_option_bad_values(tmp_path):

@@ -72,6 +72,15 @@ class Number:
         return f"Number({self.name!r}, {self.kind.__name__})"
 
 
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (a container's share)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+CORES = _cores()
+EMBEDDING_DIM_MAX = 4096  # the PDDM unit's weights grow with its square
 SEED = Number("seed", int, ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1]"))  # numpy / scikit-learn seeds
 IMAGE_SIZE_RANGE = (8, 4096)
 
@@ -84,7 +93,7 @@ NUMBERS = {rule.name: rule for rule in (
     Number("batches_per_epoch", int, at_least(1)),
     Number("lr", float, positive_finite()),
     Number("unit_lr", float, positive_finite()),
-    Number("embedding_dim", int, at_least(1)),
+    Number("embedding_dim", int, ((lambda v: 1 <= v <= EMBEDDING_DIM_MAX), f"in [1, {EMBEDDING_DIM_MAX}]")),
     Number("mine_k", int, at_least(1)),
     Number("alpha", float, FINITE),
     Number("beta", float, FINITE),
@@ -92,7 +101,7 @@ NUMBERS = {rule.name: rule for rule in (
     Number("bce_weight", float, (lambda v: v >= 0, ">= 0"), FINITE),
     Number("warmup_steps", int, at_least(0)),
     Number("holdout", float, ((lambda v: 0 <= v < 1), "in [0, 1)")),
-    Number("threads", int, at_least(1)),
+    Number("threads", int, ((lambda v: 1 <= v <= CORES), f"in [1, {CORES}] (the CPU cores this process may use)")),
     Number("image_size", int, ((lambda v: IMAGE_SIZE_RANGE[0] <= v <= IMAGE_SIZE_RANGE[1]),
                                f"in [{IMAGE_SIZE_RANGE[0]}, {IMAGE_SIZE_RANGE[1]}] (pixels)")),
     SEED,
