@@ -407,7 +407,7 @@ def load_folder(path, *, size=224):
     laid out that way). Classes are the subfolder names in sorted order; the first half trains.
 
     Files with an image extension (``IMAGE_EXTENSIONS``, any case) are images; every one is decoded
-    once here (:func:`check_image`), so a file that is not a readable image (a text file named
+    once here (:func:`check_image`, on up to 8 threads), so a file that is not a readable image (a text file named
     ``.jpg``, a truncated download) stops the load with a DatasetError naming it, before any
     training. Images are converted to RGB by :func:`to_rgb`'s rule; a file that rule clips (float
     values outside [0, 1]) is named in a UserWarning."""
@@ -423,8 +423,14 @@ def load_folder(path, *, size=224):
                     paths.append(os.path.join(dirpath, fname))
                     labels.append(c)
     bad, notes = [], []
-    for p in paths:
-        problem, note = check_image(p)
+    # Pillow releases the GIL while it decodes: threads check several files at once
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .options import CORES
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, CORES))) as pool:
+        checked = list(pool.map(check_image, paths))
+    for p, (problem, note) in zip(paths, checked):
         if problem:
             bad.append((p, problem))
         elif note:
