@@ -47,6 +47,15 @@ def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
     assert grey.min() == 0 and grey.max() == 255 and abs(int(grey[0, W // 2]) - 128) <= 3
 
 
+def test_a_transparent_grey_value_of_a_16_bit_png_is_white(tmp_path):
+    ramp = _ramp(65535, np.uint16)
+    ramp[:, :4] = 1000  # the transparent value (PNG tRNS of a grey image)
+    Image.fromarray(ramp).save(tmp_path / "t.png", transparency=1000)
+    grey = _grey(_rgb(tmp_path / "t.png"))
+    assert (grey[:, :4] == 255).all()
+    assert np.array_equal(grey[:, 4:], np.round(ramp[:, 4:] / 65535 * 255).astype(int))
+
+
 def test_32_bit_integer_tiff_and_16_bit_pgm_are_scaled_by_their_bit_depth(tmp_path):
     ramp = _ramp(2**31 - 1, np.int64).astype(np.int32)
     Image.fromarray(ramp).save(tmp_path / "i.tif")
