@@ -1,7 +1,8 @@
 """The ``pddm-ext`` command: ``pddm-ext train`` (one run) and ``pddm-ext compare`` (four losses x seeds).
 
 ``pddm-ext train`` with no arguments trains on glyphs with the PDDM loss and prints a table.
-A bad configuration stops with a one-line error (exit status 2) before any training.
+A bad configuration stops with a one-line error (exit status 2) before any training: an option value
+outside its range (``pddm_ext.app.options``) as ``pddm-ext: error: argument --OPTION: ...``.
 """
 
 from __future__ import annotations

@@ -354,8 +354,8 @@ def check_image(path):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Images read from disk on demand, as RGB ``size`` x ``size`` tensors normalised with the
-    ImageNet mean and std. ``train=True`` applies the usual augmentation (random resized crop,
+    """Images read from disk on demand, converted to RGB by :func:`to_rgb`, as ``size`` x ``size``
+    float32 tensors (3, size, size) normalised with the ImageNet mean and std. ``train=True`` applies the usual augmentation (random resized crop,
     scale 0.16-1, aspect 3/4-4/3, horizontal flip; drawn from torch's global RNG so seeded runs
     repeat); otherwise resize the short side to size * 8/7 and centre-crop."""
 
