@@ -1,7 +1,8 @@
 """The ``pddm-ext`` command: ``pddm-ext train`` (one run) and ``pddm-ext compare`` (four losses x seeds).
 
 ``pddm-ext train`` with no arguments trains on glyphs with the PDDM loss and prints a table.
-A bad configuration stops with a one-line error (exit status 2) before any training.
+A bad configuration stops with a one-line error (exit status 2) before any training: an option value
+outside its range (``pddm_ext.app.options``) as ``pddm-ext: error: argument --OPTION: ...``.
 """
 
 from __future__ import annotations
@@ -11,44 +12,57 @@ import dataclasses
 import os
 import sys
 
-from . import extra_hint, missing_train_extra
+from . import extra_hint, missing_train_extra, options
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
 from .models import ModelError
 from .train import LOSSES, ConfigError, TrainConfig
 
 DEFAULTS = TrainConfig()
+N = options.NUMBERS
+
+
+class UsageError(Exception):
+    """A command line the parser refuses (its one-line message)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a bad option value, an unknown option) raise UsageError, which
+    ``main`` prints as one line, ``pddm-ext: error: ...``, with exit status 2 like every other error."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def _common(parser):
-    parser.add_argument("--dataset", default=DEFAULTS.dataset,
+    parser.add_argument("--dataset", default=DEFAULTS.dataset, type=options.dataset_name,
                         help=f"{DEFAULTS.dataset} (default), mnist5k, digits or folder:PATH (one subfolder per class)"
                         if DEFAULTS.dataset == "glyphs" else "glyphs, mnist5k, digits or folder:PATH")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
-    parser.add_argument("-P", "--classes-per-batch", dest="p", type=int, default=None, metavar="P",
+    parser.add_argument("--epochs", type=N["epochs"], default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
+    parser.add_argument("-P", "--classes-per-batch", dest="p", type=N["p"], default=None, metavar="P",
                         help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
-    parser.add_argument("-K", "--samples-per-class", "--per-class", dest="k", type=int, default=DEFAULTS.k,
+    parser.add_argument("-K", "--samples-per-class", "--per-class", dest="k", type=N["k"], default=DEFAULTS.k,
                         metavar="K", help=f"K: samples (images) per class in a batch (default {DEFAULTS.k})")
-    parser.add_argument("--batches-per-epoch", type=int, default=DEFAULTS.batches_per_epoch,
+    parser.add_argument("--batches-per-epoch", type=options.BATCHES_PER_EPOCH_ARG, default=DEFAULTS.batches_per_epoch,
                         help=f"P x K batches per epoch (default {DEFAULTS.batches_per_epoch}; 0: training images // (P K))")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--unit-lr", type=float, default=None,
+    parser.add_argument("--lr", type=N["lr"], default=DEFAULTS.lr)
+    parser.add_argument("--unit-lr", type=N["unit_lr"], default=None,
                         help="Adam lr of the PDDM unit (PDDM losses; default: --lr)")
-    parser.add_argument("--embedding-dim", type=int, default=DEFAULTS.embedding_dim)
-    parser.add_argument("--mine-k", type=int, default=None,
+    parser.add_argument("--embedding-dim", type=N["embedding_dim"], default=DEFAULTS.embedding_dim)
+    parser.add_argument("--mine-k", type=N["mine_k"], default=None,
                         metavar="TOP_K",
                         help="top-k: the hardest positive pairs mined per batch by the PDDM losses "
                              "(default P K / 2; 1 = the paper's rule)")
-    parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="PDDM metric-loss margin")
-    parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="triplet margin on squared distances")
-    parser.add_argument("--lam", type=float, default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
-    parser.add_argument("--bce-weight", type=float, default=DEFAULTS.bce_weight,
+    parser.add_argument("--alpha", type=N["alpha"], default=DEFAULTS.alpha, help="PDDM metric-loss margin")
+    parser.add_argument("--beta", type=N["beta"], default=DEFAULTS.beta, help="triplet margin on squared distances")
+    parser.add_argument("--lam", type=N["lam"], default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
+    parser.add_argument("--bce-weight", type=N["bce_weight"], default=DEFAULTS.bce_weight,
                         help=f"PDDM losses: weight of the balanced BCE pair term (default {DEFAULTS.bce_weight}; 0: the paper's loss)")
     parser.add_argument("--normalize-inputs", action=argparse.BooleanOptionalAction, default=DEFAULTS.normalize_inputs,
                         help="PDDM losses: the unit normalises u and v (the paper as read); default: the distance-aware form")
     parser.add_argument("--negatives", default=DEFAULTS.negatives, choices=["hardest", "semihard"],
                         help=f"PDDM losses: semi-hard or hardest (the paper's rule) negatives (default {DEFAULTS.negatives})")
-    parser.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps,
+    parser.add_argument("--warmup-steps", type=N["warmup_steps"], default=DEFAULTS.warmup_steps,
                         help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
                              "held-out AUC reaches Euclidean distance's; default 0)")
     parser.add_argument("--mining", default=DEFAULTS.mining, choices=["pddm", "euclidean"],
@@ -58,14 +72,17 @@ def _common(parser):
                         help=f"random affine augmentation of training batches (default {'on' if DEFAULTS.augment else 'off'})")
     parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
                         help=f"learning-rate schedule (default {DEFAULTS.schedule}; onecycle peaks at --lr)")
-    parser.add_argument("--holdout", type=float, default=DEFAULTS.holdout,
+    parser.add_argument("--holdout", type=N["holdout"], default=DEFAULTS.holdout,
                         help=f"fraction of training-class images held out for the unit's diagnostics (default {DEFAULTS.holdout})")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
-    parser.add_argument("--backbone", default=DEFAULTS.backbone, help="auto (default), small or resnet18")
-    parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None,
+    parser.add_argument("--device", default=None, type=options.device_name, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=N["threads"], default=None, help="CPU threads for torch (default 1 on CPU)")
+    parser.add_argument("--backbone", default=DEFAULTS.backbone, choices=["auto", "small", "resnet18"],
+                        help="auto (default), small or resnet18")
+    parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None, type=options.existing_folder,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
-    parser.add_argument("--image-size", type=int, default=None, help="folder: image side (default 224 or 64)")
+    parser.add_argument("--image-size", type=N["image_size"], default=None,
+                        help=f"folder: and glyphs: image side in pixels, {options.IMAGE_SIZE_RANGE[0]} to "
+                             f"{options.IMAGE_SIZE_RANGE[1]} (default: folder: 224 or 64, glyphs 32)")
     parser.add_argument("--pretrained", action="store_true",
                         help="resnet18: start from torchvision's ImageNet weights (downloaded once, needs internet "
                              "access, or already in torch hub's cache); default: random init")
@@ -93,29 +110,50 @@ def _explicit_fields(parser, argv):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="pddm-ext", description="Train and compare embeddings with PDDM hard mining.")
+    parser, p_train, _ = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        command = " " + argv[0] if argv and argv[0] in parser.subparsers else ""
+        print(f"pddm-ext: error: {exc} (pddm-ext{command} --help lists the options)", file=sys.stderr)
+        return 2
+    return _run(args, p_train, argv)
+
+
+def build_parser():
+    """The ``pddm-ext`` parser and its ``train`` and ``compare`` subparsers: (parser, train, compare)."""
+    from .compare import ENTRIES
+
+    parser = Parser(prog="pddm-ext", description="Train and compare embeddings with PDDM hard mining.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_train = sub.add_parser("train", help="train one embedding and evaluate it after every epoch")
     _common(p_train)
-    p_train.add_argument("--loss", default=DEFAULTS.loss, help=f"one of {', '.join(LOSSES)} (default pddm)")
-    p_train.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    p_train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<loss>-seed<seed>)")
+    p_train.add_argument("--loss", default=DEFAULTS.loss, type=options.Name("loss", LOSSES), help=f"one of {', '.join(LOSSES)} (default pddm)")
+    p_train.add_argument("--seed", type=options.SEED, default=DEFAULTS.seed)
+    p_train.add_argument("--out", default=None, type=options.output_folder, help="output folder (default runs/<dataset>-<loss>-seed<seed>)")
     p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p_train.add_argument("--tensorboard", metavar="DIR", default=None,
+    p_train.add_argument("--tensorboard", metavar="DIR", default=None, type=options.output_folder,
                          help="also write the per-epoch metrics as TensorBoard scalars to DIR "
                               "(needs tensorboard: pip install tensorboard)")
 
     p_cmp = sub.add_parser("compare", help="the four losses x several seeds at an equal budget")
     _common(p_cmp)
-    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES),
+    p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES), type=options.Name("loss", ENTRIES),
+                       action=options.Unique,
                        help=f"losses and PDDM variants (pddm-paper, pddm-hardest, pddm-semihard, pddm-warmup, pddm-euclidean, pddm-hardest-euclidean); default: {' '.join(LOSSES)}")
-    p_cmp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p_cmp.add_argument("--out", default=None,
+    p_cmp.add_argument("--seeds", nargs="+", type=options.SEED, action=options.Unique, default=[0, 1, 2, 3, 4],
+                       help="one run per seed and loss; each seed once (default 0 1 2 3 4)")
+    p_cmp.add_argument("--out", default=None, type=options.output_folder,
                        help="results folder (default runs/compare-<dataset>; `make compare` writes the committed "
                             "benchmarks/results/compare/<dataset>)")
 
-    args = parser.parse_args(argv)
+    parser.subparsers = {"train": p_train, "compare": p_cmp}
+    return parser, p_train, p_cmp
+
+
+def _run(args, p_train, argv):
     try:
         missing = missing_train_extra()
         if missing:
@@ -126,7 +164,7 @@ def main(argv=None):
 
             cfg = _config(args)
             result = train(cfg, resume=args.resume, progress=not args.quiet,
-                           explicit=_explicit_fields(p_train, argv if argv is not None else sys.argv[1:]))
+                           explicit=_explicit_fields(p_train, argv))
             if os.environ.get("RANK", "0") != "0":  # [ddp] under torchrun, rank 0 reports
                 return 0
             print(f"\n{result['dataset']['name']}, loss {result['config']['loss']}, seed {result['config']['seed']} "
@@ -141,14 +179,6 @@ def main(argv=None):
         else:
             from .compare import markdown, run_all
 
-            from .compare import ENTRIES
-
-            bad = [loss for loss in args.losses if loss not in ENTRIES]
-            if bad:
-                raise ConfigError(f"unknown loss {bad[0]!r}; expected one of {', '.join(ENTRIES)}")
-            for seed in args.seeds:  # each run's config is checked when it starts: check every seed before the first
-                if not 0 <= seed < 2**32:
-                    raise ConfigError(f"seed must be in [0, 2**32 - 1], got {seed}")
             name = args.dataset.replace("/", "_").replace(":", "-").strip("_")
             out = args.out or os.path.join("runs", f"compare-{name}")
             summary = run_all(_config(args, loss=args.losses[0]), args.losses, args.seeds, out, progress=not args.quiet)

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .train import CHECKPOINT, LEGACY_DEFAULTS, LOSSES, METRIC_TITLES, prepare, train, write_text_atomic
+from .train import CHECKPOINT, ConfigError, LEGACY_DEFAULTS, LOSSES, METRIC_TITLES, prepare, train, write_text_atomic
 
 # name -> (loss, TrainConfig fields it sets); a plain loss name is its own entry with no overrides
 VARIANTS = {
@@ -58,7 +58,16 @@ METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision
 
 
 def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *, progress=True):
-    """Trains every (loss, seed) with ``base`` (a TrainConfig) and writes the summary files; returns the summary."""
+    """Trains every (loss, seed) with ``base`` (a TrainConfig) and writes the summary files; returns the summary.
+
+    ``losses`` and ``seeds`` must not repeat a value (a repeat would be the same run counted twice):
+    ConfigError otherwise, before any work."""
+    for name, values in (("losses", losses), ("seeds", seeds)):
+        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+        if repeated:
+            raise ConfigError(f"{name}: {', '.join(map(str, repeated))} given more than once; each value is one run")
+        if not len(values):
+            raise ConfigError(f"{name} must name at least one value")
     split = prepare(entry_config(base, losses[0]))  # every error before any training
     runs = []
     for loss in losses:

@@ -86,6 +86,30 @@ def _check_block_rows(block_rows):
     return int(block_rows)
 
 
+def evaluation_problem(labels, cutoffs=RECALL_CUTOFFS, class_names=None):
+    """Why :func:`retrieval_metrics` is undefined for a test set with these ``labels`` (n,), as one
+    phrase, or None when every metric is defined. Undefined: fewer than ``max(cutoffs) + 1`` rows
+    (Recall@K ranks K other rows per query), or a class with a single row (its query has no
+    same-class image to retrieve, so its Recall@K is 0 by construction and MAP@R leaves it out;
+    a set of such classes makes every metric meaningless). ``class_names``: the names of the classes
+    in sorted label order, used to name a single-row class (default: its label)."""
+    labels = torch.as_tensor(labels)
+    n = int(labels.numel())
+    need = max(cutoffs) + 1
+    if n < need:
+        return (f"{n} test image(s); Recall@{max(cutoffs)} ranks {max(cutoffs)} other images per query, "
+                f"so the test classes need at least {need} images in all")
+    classes, counts = torch.unique(labels, return_counts=True)
+    single = [i for i, c in enumerate(counts.tolist()) if c < 2]
+    if single:
+        names = [class_names[i] if class_names is not None and len(class_names) == len(classes)
+                 else str(int(classes[i])) for i in single]
+        shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+        return (f"{len(single)} test class(es) with a single image ({shown}); every test class needs at least "
+                f"2 images (a query retrieves the other images of its class)")
+    return None
+
+
 # --- exact nearest neighbours ------------------------------------------------------------------
 
 

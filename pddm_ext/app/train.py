@@ -41,6 +41,7 @@ from ..integrations import distributed as dist_
 from . import extra_hint
 from . import datasets as data_mod
 from . import diagnostics as diag_mod
+from . import options
 from . import evaluate as ev
 from .augment import random_affine
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
@@ -120,58 +121,34 @@ def saved_config(config):
 
 
 def check_config(cfg):
-    """Every check that needs no data: raises ConfigError with a one-line message."""
-    if not isinstance(cfg.dataset, str) or not (
-        cfg.dataset in ("mnist5k", "digits", "glyphs") or cfg.dataset.startswith("folder:")
-    ):
-        raise ConfigError(f"unknown dataset {cfg.dataset!r}; expected one of {', '.join(data_mod.DATASETS)}")
-    if cfg.dataset.startswith("folder:"):
-        path = cfg.dataset[len("folder:"):]
-        if not path or not os.path.isdir(os.path.expanduser(path)):
-            raise ConfigError(f"dataset {cfg.dataset}: folder {path!r} does not exist")
+    """Every check that needs no data: raises ConfigError with a one-line message. The value rules
+    are those of the command line's options (``pddm_ext.app.options``), with the same messages."""
+    message = options.dataset_problem(cfg.dataset)
+    if message:
+        raise ConfigError(message)
     if cfg.loss not in LOSSES:
         raise ConfigError(f"unknown loss {cfg.loss!r}; expected one of {', '.join(LOSSES)}")
-    if cfg.k < 2:
-        raise ConfigError(f"K (images per class in a batch) must be >= 2 so every class has a positive pair, got {cfg.k}")
-    if cfg.p is not None and cfg.p < 2:
-        raise ConfigError(f"P (classes per batch) must be >= 2 so every batch has negatives, got {cfg.p}")
-    for name in ("epochs", "embedding_dim"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
-    if cfg.batches_per_epoch is not None and cfg.batches_per_epoch < 1:
-        raise ConfigError(f"batches_per_epoch must be >= 1, got {cfg.batches_per_epoch}")
-    if cfg.mine_k is not None and cfg.mine_k < 1:
-        raise ConfigError(f"mine_k must be >= 1, got {cfg.mine_k}")
-    if not cfg.bce_weight >= 0:
-        raise ConfigError(f"bce_weight must be >= 0, got {cfg.bce_weight}")
+    for name, rule in options.NUMBERS.items():
+        value = getattr(cfg, name)
+        message = None if value is None and name in options.OPTIONAL else rule.problem(value)
+        if message:
+            raise ConfigError(message)
     if cfg.negatives not in ("hardest", "semihard"):
         raise ConfigError(f"negatives must be hardest or semihard, got {cfg.negatives!r}")
-    if cfg.warmup_steps < 0:
-        raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.mining not in ("pddm", "euclidean"):
         raise ConfigError(f"mining must be pddm or euclidean, got {cfg.mining!r}")
     if cfg.schedule not in ("onecycle", "constant"):
         raise ConfigError(f"schedule must be onecycle or constant, got {cfg.schedule!r}")
-    if not 0 <= cfg.holdout < 1:
-        raise ConfigError(f"holdout must be in [0, 1), got {cfg.holdout}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ConfigError(f"lr must be > 0 and finite, got {cfg.lr}")
-    if cfg.unit_lr is not None and not (cfg.unit_lr > 0 and math.isfinite(cfg.unit_lr)):
-        raise ConfigError(f"unit_lr must be > 0 and finite, got {cfg.unit_lr}")
-    for name in ("alpha", "beta", "lam"):  # checked for every loss, used or not: a typo is caught either way
-        if not math.isfinite(getattr(cfg, name)):
-            raise ConfigError(f"{name} must be finite, got {getattr(cfg, name)}")
-    if cfg.lam < 0:
-        raise ConfigError(f"lam (the embedding-loss weight) must be >= 0, got {cfg.lam}")
-    if not 0 <= cfg.seed < 2**32:  # numpy / scikit-learn seeds
-        raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    message = options.device_problem(cfg.device)
+    if message:
+        raise ConfigError(message)
     out = cfg.resolved_out()
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"out {out!r} exists and is not a folder: choose another --out")
     if cfg.backbone not in ("auto", "small", "resnet18"):
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
+    if cfg.tensorboard is not None and os.path.exists(cfg.tensorboard) and not os.path.isdir(cfg.tensorboard):
+        raise ConfigError(f"tensorboard {cfg.tensorboard!r} exists and is not a folder: choose another --tensorboard")
     if cfg.tensorboard is not None:
         tensorboard_writer_class()  # ConfigError when tensorboard is not installed
     if cfg.pretrained and cfg.backbone == "small":
@@ -183,6 +160,8 @@ def check_config(cfg):
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {cfg.device} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 TENSORBOARD_HINT = f"pip install tensorboard ({extra_hint('tensorboard')})"
@@ -219,7 +198,11 @@ def resolve_device(name):
 
 
 def check_against_data(cfg, split):
-    """The checks that need the dataset: P against the number of training classes."""
+    """The checks that need the dataset: P against the number of training classes, and a test half on
+    which every retrieval metric is defined (``evaluate.evaluation_problem``)."""
+    problem = ev.evaluation_problem(split.test_labels, class_names=split.info.get("test_classes"))
+    if problem:
+        raise ConfigError(f"dataset {cfg.dataset} cannot be evaluated: {problem}")
     n = split.num_train_classes
     if n < 2:
         raise ConfigError(f"dataset {cfg.dataset} has {n} training class(es); needs at least 2")
@@ -309,16 +292,20 @@ def format_epoch(entry):
 def holdout_split(split, fraction, seed):
     """``split`` with ``fraction`` of each training class's images moved to ``split.heldout`` (a
     seeded choice, at least 2 per class when a class has >= 4 images, so held-out positive pairs
-    exist; none when fraction is 0). Returns (split, heldout dataset or None)."""
+    exist, and at most all but 2, so the class keeps a training pair; none when fraction is 0).
+    Returns (split, heldout dataset or None: None also when no class has 4 images)."""
     if fraction == 0:
         return split, None
     g = torch.Generator().manual_seed(seed)
     held = []
     for c in torch.unique(split.train_labels):
         items = torch.nonzero(split.train_labels == c).flatten()
-        n = max(2, round(fraction * len(items))) if len(items) >= 4 else 0
+        # at least 2 (a held-out positive pair), at most all but 2 (the class keeps a training pair)
+        n = min(max(2, round(fraction * len(items))), len(items) - 2) if len(items) >= 4 else 0
         held.append(items[torch.randperm(len(items), generator=g)[:n]])
     held = torch.cat(held).sort().values
+    if len(held) == 0:  # every training class has fewer than 4 images: nothing to hold out
+        return split, None
     keep = torch.ones(len(split.train_labels), dtype=torch.bool)
     keep[held] = False
     kept = keep.nonzero().flatten()
