@@ -28,6 +28,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import PKSampler
+from pddm_ext.app import options
 from pddm_ext.app.datasets import load_dataset
 from pddm_ext.app.evaluate import embed, recall_at_k
 from pddm_ext.app.models import SmallCNN
@@ -110,9 +111,10 @@ def run(dataset, metric, epochs, seed):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["mnist5k", "glyphs", "digits"], default="mnist5k")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=options.NUMBERS["epochs"], default=8)
     parser.add_argument("--metric", choices=["pddm", "cosine", "both"], default="both")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    # the seeds of pddm-ext compare: each at most once (a repeated seed is no second sample)
+    parser.add_argument("--seeds", type=options.SEED, nargs="+", action=options.Unique, default=[0])
     args = parser.parse_args(argv)
     metrics = ["pddm", "cosine"] if args.metric == "both" else [args.metric]
     final = {m: [run(args.dataset, m, args.epochs, seed) for seed in args.seeds] for m in metrics}

@@ -27,6 +27,15 @@ def test_full_matrix_loss_example_runs(capsys):
     assert "by PDDM score" in out and "final test R@1, pddm" in out and "final test R@1, cosine" in out
 
 
+@pytest.mark.parametrize("argv, option", [(["--seeds", "0", "0"], "--seeds"), (["--seeds", "-1"], "--seeds"),
+                                          (["--epochs", "0"], "--epochs")])
+def test_full_matrix_loss_example_refuses_bad_values(argv, option, capsys):
+    """A repeated seed would be reported as a second sample of the mean; argparse stops first."""
+    with pytest.raises(SystemExit) as exc:
+        _load("full_matrix_loss.py")["main"](argv)
+    assert exc.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
 def test_multi_similarity_loss_gradients_through_the_fused_backward():
     """The example's loss on unit(f): its gradients equal those through the reference's autograd
     graph, and only mined pairs carry a gradient (most of dS is zero once the loss has mined)."""
