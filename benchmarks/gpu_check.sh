@@ -65,7 +65,7 @@ start=$SECONDS
 failed=()
 
 left() { echo $(( BUDGET_S - (SECONDS - start) )); }
-log() { printf '[gpu_check %4ds, %4ds left] %s\n' "$(( SECONDS - start ))" "$(left)" "$*"; }
+log() { local l; l=$(left); printf '[gpu_check %4ds, %4ds left] %s\n' "$(( SECONDS - start ))" "$(( l > 0 ? l : 0 ))" "$*"; }
 results() { "$PYTHON" -m benchmarks.gpu_results --out "$OUT_DIR" "$@" || log "could not write results ($*)"; }
 # record NAME STATUS SECONDS LINE: one entry of the steps table, and the line in the log
 record() {
@@ -79,7 +79,8 @@ timebox() {
   local l=$(( $(left) - 5 ))
   TB=$(( $2 < l ? $2 : l ))
   if (( TB < $3 )); then
-    record "$1" skipped 0 "skipped: $(( l > 0 ? l : 0 )) s left of the ${BUDGET_S} s budget, under the $3 s this step needs"
+    record "$1" skipped 0 "$(( l > 0 ? l : 0 )) s left of the ${BUDGET_S} s budget, under the $3 s this step needs"
+    if [[ "$1" == tests ]]; then failed+=("tests (no time left)"); fi  # a run without its tests has not passed
     return 1
   fi
 }
@@ -150,7 +151,7 @@ fi
 # ---- build ------------------------------------------------------------------------------------
 t0=$SECONDS
 if [[ "$REHEARSAL" == 1 ]]; then
-  record build skipped 0 "rehearsal: the package as built in place ($("$PYTHON" -c 'import pddm_ext; print(pddm_ext._C.__file__)' 2>&1 | tail -n 1))"
+  record build skipped 0 "rehearsal: the package as built in place ($(ls pddm_ext/_C*.so 2>/dev/null || echo 'no pddm_ext/_C*.so here'))"
 else
   nvcc_path=$(fact nvcc.path)
   export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$nvcc_path")")}
