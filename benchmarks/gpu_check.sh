@@ -33,7 +33,8 @@
 # GPU_WHEELS (.whl), GPU_CHECK_COMMIT (the commit, for a tree copied without .git),
 # GPU_CHECK_ALLOW_MISSING_WHEELS=1 (run without BatchHardMiner), GPU_CHECK_<STEP>_TIMEOUT_S (the cap
 # of a step: BUILD 240, TESTS 150, SANITIZER 45 per tool, PRECISION 60, NCU 90), GPU_CHECK_TESTS
-# (tests/test_cuda.py), GPU_CHECK_BENCH_BUDGET_S (at most this for the benchmark).
+# (tests/test_cuda.py), GPU_CHECK_BENCH_BUDGET_S (at most this for the benchmark), GPU_CHECK_SKIP
+# (steps not to run, e.g. "sanitizer ncu" on a rerun: tests, sanitizer, precision, bench, ncu).
 # GPU_CHECK_REHEARSAL=1 rehearses the script on the CPU (CI, benchmarks/test_gpu_check.py): the GPU
 # and toolkit checks only reported, no build (the package as built), the benchmark and precision.py
 # at tiny sizes on the CPU (GPU_CHECK_BENCH_ARGS, GPU_CHECK_PRECISION_ARGS), no sanitizer, no ncu.
@@ -76,6 +77,10 @@ record() {
 # timebox NAME CAP MIN: sets TB to min(CAP, what is left - 5); returns 1 (the step recorded as
 # skipped) when that is under MIN.
 timebox() {
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" ${1%% *} "* ]]; then
+    record "$1" skipped 0 "GPU_CHECK_SKIP names it"
+    return 1
+  fi
   local l=$(( $(left) - 5 ))
   TB=$(( $2 < l ? $2 : l ))
   if (( TB < $3 )); then
@@ -157,7 +162,7 @@ else
   export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$nvcc_path")")}
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(fact capability)}
   export PDDM_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  timebox build "${GPU_CHECK_BUILD_TIMEOUT_S:-240}" 30 || { echo "gpu_check: no time left to build"; exit 1; }
+  timebox build "${GPU_CHECK_BUILD_TIMEOUT_S:-240}" 30 || { echo "gpu_check: the build did not run (the line above), so nothing else can"; exit 1; }
   log "building (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, CUDA_HOME=$CUDA_HOME, MAX_JOBS=$MAX_JOBS, ninja), at most ${TB}s"
   timeout -k 10 "$TB" "$PYTHON" setup.py build_ext --inplace --build-temp build/gpu-temp > "$OUT_DIR/build.log" 2>&1
   rc=$?
@@ -231,7 +236,7 @@ fi
 # ---- benchmark --------------------------------------------------------------------------------
 t0=$SECONDS
 ncu_box=0
-if [[ "$REHEARSAL" != 1 ]] && command -v ncu >/dev/null; then ncu_box=45; fi
+if [[ "$REHEARSAL" != 1 && " ${GPU_CHECK_SKIP:-} " != *" ncu "* ]] && command -v ncu >/dev/null; then ncu_box=45; fi
 if timebox bench $(( $(left) - 5 - ncu_box )) 30; then
   bench_budget=$(( TB - 20 ))  # starts no row after this; the rest of the box for the row in flight and the write
   if [[ -n "${GPU_CHECK_BENCH_BUDGET_S:-}" ]] && (( GPU_CHECK_BENCH_BUDGET_S < bench_budget )); then
