@@ -93,6 +93,7 @@ ARITHMETIC = {
 }
 MIN_COMPILE_S = 5.0  # a torch.compile child given less would only be killed
 MIN_LOCK_S = 10.0  # the lock case's child needs at least this (import, CUDA context, two banks)
+LOCK_BOX_S = 60.0  # and gets at most this: a hang of the spin lock costs no more
 TARGET_SPEEDUP = 5.0
 TARGET_GEMM_FRACTION = 0.40
 TARGET_BANK_S = 2.0
@@ -423,7 +424,7 @@ class Bench:
     # -- the float64 lock under contention --------------------------------------------------------
     def lock_case(self):
         """Rows of benchmarks/gpu_cases.py's lock case (float64 vs float32 keys, random and tied banks),
-        run in a child killed at what is left of the budget (at most 120 s)."""
+        run in a child killed at what is left of the budget (at most LOCK_BOX_S)."""
         m, n, dim = self.lock
         cfg = Config("mine_k1", "fused", m, n, dim, dim, dim, "float64", self.device.type)
         base = {"op": "lock_mine", "m": m, "n": n, "d": dim, "h": dim, "c": dim, "peer": "fused", "precision": "highest"}
@@ -433,7 +434,7 @@ class Bench:
                                                           f"under the {MIN_LOCK_S:.0f} s the lock case needs")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        timeout = min(120.0, left)
+        timeout = min(LOCK_BOX_S, left)
         code, out, err, wall = run_module(["benchmarks.gpu_cases", "lock", "--device", self.device.type, "--m", str(m),
                                            "--n", str(n), "--dim", str(dim)], timeout)
         result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)

@@ -212,7 +212,7 @@ else
     timebox "sanitizer $tool" "${GPU_CHECK_SANITIZER_TIMEOUT_S:-45}" 20 || continue
     log "compute-sanitizer --tool $tool, at most ${TB}s"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$TB" compute-sanitizer --tool "$tool" --kernel-name kns=pddm_ext \
-      --error-exitcode 3 --print-limit 20 "$PYTHON" -m benchmarks.gpu_cases sanitize > "$WORK/$tool.log" 2>&1
+      --error-exitcode 3 "$PYTHON" -m benchmarks.gpu_cases sanitize > "$WORK/$tool.log" 2>&1
     rc=$?
     { echo "==== compute-sanitizer --tool $tool: exit code $rc"; cat "$WORK/$tool.log"; } >> "$OUT_DIR/sanitizer.log"
     line=$(results sanitizer "$tool" "$WORK/$tool.log" "$rc")

@@ -202,3 +202,21 @@ def test_arithmetic_bounds_beside_the_targets():
     assert got[("bank_mine", "highest")]["bound"] == 6.31
     assert "out of reach" in got[("bank_mine", "highest")]["bound_detail"]
     assert got[("mine_k1", "medium")]["bound"] == pytest.approx(60.0)  # the peer's 30 ms over the 0.5 ms bound
+
+
+def test_lock_case_hang_or_wrong_answer_is_a_row_not_a_stall(monkeypatch, tmp_path):
+    bench = gpu_bench.Bench(gpu_bench.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)]))
+    boxes = []
+    monkeypatch.setattr(gpu_bench, "run_module", lambda args, timeout: boxes.append(timeout) or (None, "", "", timeout))
+    bench.lock_case()
+    assert boxes == [gpu_bench.LOCK_BOX_S]
+    assert bench.rows[-1]["status"] == "error" and "no result within 60 s" in bench.rows[-1]["note"]
+    slots = {"positives": {"slots": 16, "optimal": 15, "consistent": 16, "missing": 0, "exact_ties": 0,
+                           "ties_to_smallest_index": 0}}
+    result = [{"bank": "random", "dtype": "float64", "time_s": 0.2, "times_s": [0.2], "correct": False, "checks": slots}]
+    monkeypatch.setattr(gpu_bench, "run_module", lambda args, timeout: (0, "RESULT " + json.dumps(result), "", 1.0))
+    bench.lock_case()
+    assert bench.rows[-1]["status"] == "error" and "WRONG (positives 15/16 optimal)" in bench.rows[-1]["note"]
+    bench.budget_s = 0
+    bench.lock_case()
+    assert bench.rows[-1]["status"] == "skipped" and "the lock case needs" in bench.rows[-1]["note"]
