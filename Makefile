@@ -226,25 +226,31 @@ BENCH_ARGS ?= --quick
 bench: install
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
 
-# gpu-check: on a machine with a GPU and torch installed (no venv made here): builds the package with
-# CUDA, runs tests/test_cuda.py and the GPU benchmarks, results into $OUT or benchmarks/results/gpu/.
-# gpu-wheels: the wheels gpu-check installs (pip --no-index, into build/gpu-site) on a GPU machine
-# without registry access, downloaded here into GPU_WHEELS (.whl, ignored by git) for the tree to
-# carry: pytorch-metric-learning alone, --no-deps so that no torch comes with it (its other needs,
-# numpy, scikit-learn and tqdm, are on such machines; name any that is not in GPU_WHEEL_SPECS).
+# gpu-check: the one-shot check on a machine with a GPU, torch, nvcc and ninja (no venv made here, no
+# network used): benchmarks/gpu_check.sh (preflight, carried wheels, CUDA build, tests/test_cuda.py,
+# compute-sanitizer, precision.py, gpu_bench.py, ncu) within CHECK_BUDGET_S (360 s), results into $OUT
+# or benchmarks/results/gpu/ (benchmarks/README.md, "On a GPU", gives the one remote call to make).
+# gpu-wheels: the wheels gpu-check installs (pip --no-index, into build/gpu-site) where a package is not
+# installed: pytorch-metric-learning and what its import needs (numpy, scipy, tqdm), --no-deps so that
+# no torch comes with them, for Python GPU_WHEEL_PYTHON, downloaded here into GPU_WHEELS (.whl, ignored
+# by git) for a remote run to carry; fails when they exceed GPU_CARRY_MIB (what a run may carry).
 GPU_WHEELS ?= .whl
-GPU_WHEEL_SPECS ?= pytorch-metric-learning==2.9.0
+GPU_WHEEL_SPECS ?= pytorch-metric-learning==2.9.0 scipy==1.15.3 numpy==2.2.6 tqdm==4.67.1
 GPU_WHEEL_PYTHON ?= 3.12
 GPU_WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_CARRY_MIB ?= 64
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
 gpu-wheels:
+	rm -rf $(GPU_WHEELS)
 	mkdir -p $(GPU_WHEELS)
 	$(PYTHON) -m pip download $(PIP_FLAGS) --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) \
 	  --implementation cp $(foreach p,$(GPU_WHEEL_PLATFORMS),--platform $(p)) -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
 	ls -l $(GPU_WHEELS)
+	total=$$(cat $(GPU_WHEELS)/*.whl | wc -c); echo "gpu-wheels: $$((total / 1048576)) MiB in $(GPU_WHEELS)"; \
+	  test $$total -le $$(( $(GPU_CARRY_MIB) * 1048576 )) || { echo "gpu-wheels: more than $(GPU_CARRY_MIB) MiB"; exit 1; }
 
 # ---- Packaging and the supported torch range (issue 16) ----------------------------------------
 # wheel: dist/pddm_ext-*.whl built against the venv's torch (CPU kernels; PDDM_EXT_CUDA as for pip).

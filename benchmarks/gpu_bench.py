@@ -1,4 +1,4 @@
-"""GPU benchmark: the fused pddm_ext ops against their peers, in one run on one GPU (issues 4 and 12).
+"""GPU benchmark: the fused pddm_ext ops against their peers, in one run on one GPU.
 
 Operations (the workloads of ``benchmarks/workloads.py``; d = h = c = 128 by default, float32,
 L2-normalised random embeddings, P x K labels with K = 4, a ``PDDM(d, d, d)`` with default init):
@@ -7,39 +7,52 @@ L2-normalised random embeddings, P x K labels with K = 4, a ``PDDM(d, d, d)`` wi
   scores_fwd_bwd  unit(x).sum().backward(), x and every parameter requiring grad
   mine_k1         mine_hard(x, labels, unit, k=1): the paper's hardest quadruplet
   batch_hard      batch_hard(x, labels), Euclidean metric
-  bank_mine       mine_hard in reference mode: 4096 queries against a 1,048,576-row memory bank
+  bank_mine       mine_hard in reference mode: 4096 queries against a 1,048,576-row memory bank,
+                  measured on 1/--bank-fraction of the bank and extrapolated (the work is linear in
+                  the bank's rows); the row says so
+  lock_mine       the reductions of mine_hard (k = 1) of 256 queries against a 131,072-row bank
+                  (d = h = c = 64) in float64 (a per-row spin lock) and float32 (packed 64-bit
+                  keys), on a random bank and on one of 16 distinct rows repeated (every offer ties
+                  and takes the lock), checked against the fused scores (benchmarks/gpu_cases.py,
+                  in a process of its own killed at its time box: a hang is a result too)
 
-each at m = 1024, 4096 and 16384 (bank_mine: its one size), measured for these peers:
+Peers: fused (pddm_ext at each float32 matmul precision: "highest" = FP32, "high" = 3xTF32 tensor
+cores, "medium" = TF32 tensor cores; rows labelled with the setting), reference (pddm_ext.reference,
+all pairs materialised, at "highest" = FP32 and "high" = TF32 in cuBLAS, which stands in for
+"medium" too), pml (pytorch-metric-learning's BatchHardMiner for batch_hard; skipped with a line
+saying so when it cannot be imported), compiled (torch.compile of the reference in a fresh process,
+benchmarks/measure.py, killed when it outruns what is left of --compile-budget-s), gemm (torch.mm
+of two 8192^2 matrices: float32 at each precision, bfloat16, float16: the roofline).
 
-  fused      pddm_ext, at each float32 matmul precision (torch.set_float32_matmul_precision):
-             "highest" = FP32, "high" = 3xTF32 tensor cores, "medium" = TF32 tensor cores
-             (what the CUDA kernels are asked for; the rows are labelled with the setting)
-  reference  pddm_ext.reference (plain PyTorch, all pairs materialised) at "highest" (FP32) and
-             "high" (cuBLAS uses TF32; "medium" gives cuBLAS the same TF32, so the "high" peers
-             stand in for "medium" in the targets)
-  pml        pytorch-metric-learning's BatchHardMiner (batch_hard only), at "highest" and "high";
-             skipped with a line saying so when the package is not installed
-  compiled   torch.compile(reference) at "highest" and "high", each configuration in a fresh process
-             (benchmarks/measure.py) killed when it outruns what is left of --compile-budget-s;
-             compile time reported apart
-  gemm       torch.mm of two (8192, 8192) matrices: float32 at each precision (cuBLAS FP32 / TF32),
-             bfloat16 and float16: the roofline
+Order of measurement, by value, so that a budget that runs out costs the least important rows:
+  1. mine_k1, scores_fwd and batch_hard at m = --target-m (4096): fused at each precision, then the
+     strongest peer (BatchHardMiner for batch_hard, the reference for the others);
+  2. the torch.mm rooflines;
+  3. the rest: the float64 lock case, scores_fwd_bwd at the target m, every op at the other sizes;
+  4. torch.compile of the reference, only with the time the bank row does not need;
+  5. the bank row, last.
 
 Times are medians in seconds of the calls after one warm-up (a first call slower than --slow-s is
 timed and is the only call). "useful TFLOP/s" counts ``workloads.useful_flops``: 2 (h d + 2 h c)
 FLOPs per scored pair (batch mode scores one triangle, m (m + 1) / 2 pairs; reference mode m n),
 x3 for forward+backward, 2 d per pair for the Euclidean batch_hard; torch.mm counts 2 n^3.
-Memory is the extra peak of the timed calls (the CUDA caching allocator's peak, the CPU's RSS).
+"bound ms" is the arithmetic lower bound of a fused row: its useful FLOPs at the GPU's peak rate
+for its arithmetic (SMs x maximum SM clock x FLOPs per clock and SM of benchmarks/gpu_preflight.py;
+3xTF32 at a third of TF32's), or, where that peak is not known (a CPU, another GPU), at the rate
+torch.mm reached under the same precision (then not a hard bound). Memory is the extra peak of the
+timed calls (the CUDA caching allocator's peak, the CPU's RSS).
 
 A configuration is skipped, with a line saying why, when its predicted peak memory exceeds 90% of
 the free device memory (the reference's bytes per pair are measured at m = 128 on the GPU), when
 --budget-s has run out, or when its time predicted from a smaller measured size would overrun what
-is left of it. Targets (issue 12; reported met / not met, never asserted): fused mine_k1 at
-m = 4096 >= 5x faster than the fastest peer at the same precision; fused scores_fwd useful FLOP
-rate >= 40% of torch.mm's at the same precision; the 4096 x 1,048,576 bank mined in < 2 s.
-Every precision setting is restored after its rows.
+is left of it. Targets (reported met / not met, never asserted), each with its arithmetic bound:
+fused mine_k1 at m = 4096 >= 5x faster than the fastest peer at the same precision; fused scores_fwd
+useful FLOP rate >= 40% of torch.mm's at the same precision; the 4096 x 1,048,576 bank mined in
+< 2 s. Every precision setting is restored after its rows.
 
-Writes results.json and results.md into --out, else $OUT, else benchmarks/results/gpu/.
+Writes results.json and results.md (benchmarks/gpu_results.py: section "bench", next to what the
+other steps of gpu_check.sh wrote) into --out, else $OUT, else benchmarks/results/gpu/, after every
+row: a run killed at any point leaves every row it measured.
 ``--device cpu --quick`` runs every peer at tiny sizes on the CPU (CI's rehearsal of this script).
 """
 
@@ -47,11 +60,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -62,13 +75,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root: an in-place build is found first
 
 import pddm_ext  # noqa: E402,F401  (the fused ops; imported here so a broken build fails at once)
-from benchmarks import measure  # noqa: E402
+from benchmarks import gpu_preflight, gpu_results, measure  # noqa: E402
+from benchmarks.gpu_results import format_row  # noqa: E402,F401  (part of this module's interface)
 from benchmarks.run import run_child  # noqa: E402
 from benchmarks.workloads import Config, predicted_bytes, useful_flops  # noqa: E402
 
 PRECISIONS = ("highest", "high", "medium")
 PEER_PRECISIONS = ("highest", "high")  # FP32 and TF32 for the cuBLAS-backed peers
 OPS = ("mine_k1", "scores_fwd", "batch_hard", "scores_fwd_bwd")  # the order of measurement at each m
+TARGET_OPS = ("mine_k1", "scores_fwd", "batch_hard")  # measured first, at the target m
 PEER_KINDS = ("fused", "reference", "pml", "compiled", "gemm")
 GEMM_DTYPES = ("bfloat16", "float16")
 # What each (peer, precision) computes its products in on a GPU.
@@ -77,6 +92,8 @@ ARITHMETIC = {
     ("peer", "highest"): "FP32", ("peer", "high"): "TF32 (cuBLAS)", ("peer", "medium"): "TF32 (cuBLAS)",
 }
 MIN_COMPILE_S = 5.0  # a torch.compile child given less would only be killed
+MIN_LOCK_S = 10.0  # the lock case's child needs at least this (import, CUDA context, two banks)
+LOCK_BOX_S = 60.0  # and gets at most this: a hang of the spin lock costs no more
 TARGET_SPEEDUP = 5.0
 TARGET_GEMM_FRACTION = 0.40
 TARGET_BANK_S = 2.0
@@ -91,6 +108,10 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, help="d = h = c (default 128; quick: 32)")
     ap.add_argument("--bank", type=int, nargs=2, metavar=("QUERIES", "ROWS"),
                     help="bank_mine configuration (default 4096 1048576; quick: 64 4096)")
+    ap.add_argument("--bank-fraction", type=int,
+                    help="measure the bank row on 1/this of the bank's rows and extrapolate (default 16; quick 4)")
+    ap.add_argument("--lock", type=int, nargs=3, metavar=("QUERIES", "ROWS", "DIM"),
+                    help="the float64 lock case (default 256 131072 64; quick: 16 2048 8)")
     ap.add_argument("--target-m", type=int,
                     help="m of the speedup target (default 4096 if among the sizes, else the largest size)")
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
@@ -102,6 +123,8 @@ def parse_args(argv=None):
                          "(default: 150, quick 120, at most a third of --budget-s)")
     ap.add_argument("--gemm-size", type=int, help="side of the torch.mm roofline matrices (default 8192; quick: 256)")
     ap.add_argument("--slow-s", type=float, help="a first call slower than this is timed and is the only call (default 2)")
+    ap.add_argument("--facts", help="the preflight's facts (JSON; benchmarks/gpu_preflight.py --facts-out): "
+                                    "SMs and maximum clock for the arithmetic bounds")
     ap.add_argument("--out", help="output folder (default: $OUT, else benchmarks/results/gpu)")
     return ap.parse_args(argv)
 
@@ -146,8 +169,38 @@ def _error_text(exc):
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def run_module(args, timeout_s):
+    """``python -m ARGS`` in a process group of its own, killed after ``timeout_s``:
+    (exit code or None on timeout, stdout, stderr, wall seconds)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=os.path.dirname(HERE), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out, err, time.perf_counter() - started
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err, time.perf_counter() - started
+
+
+def gpu_facts(device, facts_file):
+    """The preflight's facts (from its file, else gathered here: nvidia-smi and torch only)."""
+    facts = {}
+    if facts_file and os.path.exists(facts_file):
+        with open(facts_file) as f:
+            facts = json.load(f)
+    if device.type == "cuda" and not facts.get("sms"):
+        props = torch.cuda.get_device_properties(device)
+        facts.update(gpu=props.name, sms=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
+                     gpu_memory_bytes=props.total_memory)
+        facts.setdefault("nvidia_smi", gpu_preflight.nvidia_smi())
+    return facts
+
+
 class Bench:
-    """Measures the plan in priority order; every measurement, skip and failure becomes one row."""
+    """Measures the plan in priority order; every measurement, skip and failure becomes one row,
+    written out (results.json, results.md) as soon as it exists."""
 
     def __init__(self, args):
         self.device = torch.device(args.device)
@@ -155,6 +208,8 @@ class Bench:
         self.dim = args.dim or (32 if args.quick else 128)
         self.sizes = args.sizes or ([64, 128] if args.quick else [1024, 4096, 16384])
         self.bank = args.bank or ([64, 4096] if args.quick else [4096, 1 << 20])
+        self.bank_fraction = max(1, args.bank_fraction or (4 if args.quick else 16))
+        self.lock = args.lock or ([16, 2048, 8] if args.quick else [256, 131_072, 64])
         self.target_m = args.target_m or (4096 if 4096 in self.sizes else max(self.sizes))
         self.precisions = list(args.precisions)
         self.budget_s = args.budget_s
@@ -174,6 +229,16 @@ class Bench:
         self.rows = []
         self.seconds_per_flop = {}  # (op family, peer, precision) -> measured seconds per useful FLOP
         self.reference_bytes_per_pair = {}
+        self.out = args.out or os.environ.get("OUT") or os.path.join(HERE, "results", "gpu")
+        self.command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+        self.facts = gpu_facts(self.device, args.facts)
+        smi = self.facts.get("nvidia_smi") or {}
+        try:
+            clock = float(smi.get("clocks_max_sm"))
+        except (TypeError, ValueError):
+            clock = None
+        self.peaks = gpu_preflight.peak_rates(self.facts.get("capability"), self.facts.get("sms"), clock)
+        self.precision_before = torch.get_float32_matmul_precision()
 
     # -- budget ---------------------------------------------------------------------------------
     def left_s(self):
@@ -193,6 +258,28 @@ class Bench:
             return call
         return call * (1 + self.timing["min_repeats"]) + self.timing["budget_s"]
 
+    # -- bounds -----------------------------------------------------------------------------------
+    def bound(self, row):
+        """(seconds, source) of a fused row's useful FLOPs at the peak of its arithmetic, else at
+        torch.mm's measured rate under the same precision; (None, None) when neither is known."""
+        flops = row.get("useful_flops")
+        if not flops or row.get("peer") != "fused":
+            return None, None
+        arithmetic = row.get("arithmetic")
+        if arithmetic and self.peaks.get(arithmetic):
+            return flops / self.peaks[arithmetic], "peak"
+        if row.get("dtype", "float32") != "float32":
+            return None, None
+        gemm = {r["precision"]: r["tflops"] * 1e12 for r in _ok(self.rows, op="gemm", dtype="float32")}
+        if self.device.type != "cuda":  # FP32 under every setting: the best rate measured
+            rate = max(gemm.values(), default=None)
+        else:
+            rate = gemm.get(row["precision"])
+        if not rate:
+            return None, None
+        passes = 3 if arithmetic == "3xTF32" else 1  # torch.mm under "high" is one TF32 pass
+        return flops * passes / rate, "torch.mm"
+
     # -- rows -----------------------------------------------------------------------------------
     def config(self, workload, m, n, peer):
         variant = {"compiled": "compiled", "pml": "pml", "reference": "reference"}.get(peer, "fused")
@@ -206,11 +293,14 @@ class Bench:
 
     def new_row(self, cfg, peer, precision):
         return {"op": cfg.workload, "m": cfg.m, "n": cfg.n, "d": cfg.d, "h": cfg.h, "c": cfg.c, "dtype": cfg.dtype,
-                "peer": peer, "precision": precision, "arithmetic": self.arithmetic(peer, precision)}
+                "peer": peer, "precision": precision, "arithmetic": self.arithmetic(peer, precision),
+                "useful_flops": useful_flops(cfg)}
 
     def emit(self, row):
         self.rows.append(row)
+        row["at_s"] = round(time.perf_counter() - self.start, 1)
         print(format_row(row), flush=True)
+        self.write()
         return row
 
     def skip(self, row, why):
@@ -240,9 +330,11 @@ class Bench:
             self.reference_bytes_per_pair[workload] = per_pair
         return self.reference_bytes_per_pair[workload]
 
-    def record(self, row, cfg, peer, precision, result):
-        row.update(status="ok", time_s=result["time_s"], times_s=result.get("times_s"),
-                   peak_bytes=result.get("extra_peak_bytes"), tflops=useful_flops(cfg) / result["time_s"] / 1e12)
+    def record(self, row, cfg, peer, precision, result, scale=1.0):
+        """A measured result into ``row``; ``scale`` extrapolates the time (the bank's fraction)."""
+        time_s = result["time_s"] * scale
+        row.update(status="ok", time_s=time_s, times_s=result.get("times_s"),
+                   peak_bytes=result.get("extra_peak_bytes"), tflops=row["useful_flops"] / time_s / 1e12)
         for key in ("phases_s", "compile_s", "first_call_timed"):
             if result.get(key):
                 row[key] = result[key]
@@ -250,10 +342,15 @@ class Bench:
         self.seconds_per_flop[(family, peer, precision)] = result["time_s"] / useful_flops(cfg)
 
     # -- one measurement ------------------------------------------------------------------------
-    def measure(self, workload, m, n, peer, precision):
-        """One row: ``peer`` on ``workload`` at (m, n) under the float32 matmul ``precision``."""
+    def measure(self, workload, m, n, peer, precision, fraction=1):
+        """One row: ``peer`` on ``workload`` at (m, n) under the float32 matmul ``precision``; with
+        ``fraction`` > 1 measured on n / fraction references and extrapolated (linear in n)."""
         cfg = self.config(workload, m, n, peer)
         row = self.new_row(cfg, peer, precision)
+        if fraction > 1:
+            measured_n = max(1, n // fraction)
+            row.update(measured_n=measured_n, extrapolated=True)
+            cfg = self.config(workload, m, measured_n, peer)
         if peer == "pml":
             missing = pml_missing()
             if missing:
@@ -275,7 +372,10 @@ class Bench:
         try:
             with float32_matmul_precision(precision):
                 result = measure.measure_config(spec)
-            self.record(row, cfg, peer, precision, result)
+            self.record(row, cfg, peer, precision, result, scale=n / cfg.n)
+            if fraction > 1:
+                row["note"] = (f"extrapolated: measured on {cfg.n:,} of the {n:,} rows (1/{fraction}), "
+                               f"{1e3 * result['time_s']:.3f} ms x {n / cfg.n:g}")
         except torch.OutOfMemoryError:
             row.update(status="error", note=f"out of memory (predicted ~{need / 2**30:.1f} GiB)")
         except Exception as exc:  # noqa: BLE001  (a failing peer is a result too, never the end of the run)
@@ -285,12 +385,23 @@ class Bench:
                 torch.cuda.empty_cache()
         return self.emit(row)
 
+    def bank_reserve_s(self):
+        """Seconds the bank rows are predicted to need (a fixed guess before mine_k1 was measured)."""
+        total = 0.0
+        for p in self.precisions:
+            cfg = self.config("bank_mine", self.bank[0], max(1, self.bank[1] // self.bank_fraction), "fused")
+            predicted = self.predicted_s(cfg, "fused", p)
+            total += predicted if predicted is not None else (2.0 if self.quick else 10.0)
+        return total
+
     def measure_compiled(self, row, cfg, precision, left):
-        """torch.compile(reference) in a fresh process, killed when it outruns the compile budget."""
+        """torch.compile(reference) in a fresh process, killed when it outruns the compile budget or
+        the time the bank rows still need."""
         compile_left = self.compile_budget_s - self.compile_spent_s
-        timeout = min(compile_left, left)
+        reserve = self.bank_reserve_s()
+        timeout = min(compile_left, left - reserve)
         if timeout < MIN_COMPILE_S:
-            spent = "compile budget" if compile_left <= left else "time budget"
+            spent = "compile budget" if compile_left <= left - reserve else f"time budget ({reserve:.0f} s kept for the bank rows)"
             return self.skip(row, f"compiled skipped: {max(timeout, 0):.0f} s left of the {spent}, "
                                   f"under the {MIN_COMPILE_S:.0f} s a compile needs at least")
         if self.device.type == "cuda":
@@ -303,12 +414,53 @@ class Bench:
             row["wall_s"] = result["wall_s"]
             return self.emit(row)
         if result.get("status") == "timeout":
-            budget = "compile budget" if compile_left <= left else "time budget"
+            budget = "compile budget" if compile_left <= left - reserve else "time budget"
             return self.skip(row, f"compiled skipped: no result within {timeout:.0f} s (what was left of the {budget})")
         row.update(status="error", note=f"compiled failed: {result.get('error', '?')}")
         if result.get("stderr_tail"):
             row["stderr_tail"] = result["stderr_tail"]
         return self.emit(row)
+
+    # -- the float64 lock under contention --------------------------------------------------------
+    def lock_case(self):
+        """Rows of benchmarks/gpu_cases.py's lock case (float64 vs float32 keys, random and tied banks),
+        run in a child killed at what is left of the budget (at most LOCK_BOX_S)."""
+        m, n, dim = self.lock
+        cfg = Config("mine_k1", "fused", m, n, dim, dim, dim, "float64", self.device.type)
+        base = {"op": "lock_mine", "m": m, "n": n, "d": dim, "h": dim, "c": dim, "peer": "fused", "precision": "highest"}
+        left = self.left_s()
+        if left < MIN_LOCK_S:
+            return self.skip(dict(base, dtype="float64"), f"skipped: {max(left, 0):.0f} s of the budget left, "
+                                                          f"under the {MIN_LOCK_S:.0f} s the lock case needs")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        timeout = min(LOCK_BOX_S, left)
+        code, out, err, wall = run_module(["benchmarks.gpu_cases", "lock", "--device", self.device.type, "--m", str(m),
+                                           "--n", str(n), "--dim", str(dim)], timeout)
+        result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
+        if result is None:
+            why = (f"no result within {timeout:.0f} s: a hang of the float64 spin lock, or slower than that"
+                   if code is None else f"the lock case failed (exit code {code}): {err.strip()[-300:]}")
+            return self.emit(dict(base, dtype="float64", status="error", note=why, wall_s=wall))
+        times = {(r["bank"], r["dtype"]): r["time_s"] for r in result}
+        for r in result:
+            dtype = r["dtype"]
+            row = dict(base, dtype=dtype, arithmetic=None if self.device.type != "cuda" else
+                       ("FP64" if dtype == "float64" else "FP32"), useful_flops=useful_flops(cfg), bank=r["bank"])
+            c = r["checks"]
+            counts = "; ".join(f"{slot} {v['optimal']}/{v['slots']} optimal" + (
+                f", {v['ties_to_smallest_index']}/{v['exact_ties']} ties to the smallest index" if v["exact_ties"] else "")
+                + (f", {v['slots'] - v['consistent']} torn" if v["consistent"] != v["slots"] else "")
+                for slot, v in c.items())
+            ratio = ""
+            if dtype == "float64" and (r["bank"], "float32") in times:
+                ratio = f"; float64 / float32 keys: {r['time_s'] / times[(r['bank'], 'float32')]:.2f}x"
+            label = "random bank" if r["bank"] == "random" else "16 distinct rows repeated (every offer ties)"
+            row.update(status="ok" if r["correct"] else "error", time_s=r["time_s"], times_s=r["times_s"],
+                       tflops=row["useful_flops"] / r["time_s"] / 1e12, checks=c,
+                       note=f"{label}: {'correct' if r['correct'] else 'WRONG'} ({counts}){ratio}")
+            self.emit(row)
+        return None
 
     # -- the roofline ----------------------------------------------------------------------------
     def gemm(self, dtype, precision):
@@ -316,6 +468,8 @@ class Bench:
         size = self.gemm_size
         row = {"op": "gemm", "m": size, "n": size, "d": size, "dtype": dtype, "peer": "gemm", "precision": precision,
                "arithmetic": {"bfloat16": "BF16", "float16": "FP16"}.get(dtype) or self.arithmetic("gemm", precision)}
+        if self.left_s() <= 0:
+            return self.skip(row, f"skipped: time budget ({self.budget_s:.0f} s) spent")
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         try:
             with float32_matmul_precision(precision):
@@ -328,33 +482,68 @@ class Bench:
 
     # -- the plan ---------------------------------------------------------------------------------
     def plan(self):
-        """(workload, m, n) in priority order: the target configurations first, so that a budget
-        that runs out costs the least important rows."""
+        """Steps in the order of their value: ("measure", workload, m, n), ("gemm", dtype, precision),
+        ("lock",), ("compile", workload, m, n), ("bank",)."""
         T = self.target_m
-        first = [("mine_k1", T, T), ("bank_mine", self.bank[0], self.bank[1])]
-        first += [(op, T, T) for op in OPS if op != "mine_k1"]
-        rest = [(op, m, m) for m in sorted(self.sizes) if m != T for op in OPS]
-        return first + rest
+        steps = [("measure", op, T, T) for op in TARGET_OPS]
+        steps += [("gemm", "float32", p) for p in PRECISIONS] + [("gemm", dt, "highest") for dt in GEMM_DTYPES]
+        steps += [("lock",), ("measure", "scores_fwd_bwd", T, T)]
+        steps += [("measure", op, m, m) for m in sorted(self.sizes) if m != T for op in OPS]
+        # The quick rehearsal compiles once (the target configuration): each compile costs ~10-20 s on a CPU.
+        compiled = ["mine_k1"] if self.quick else list(OPS)
+        steps += [("compile", op, T, T) for op in compiled]
+        steps += [("bank",)]
+        return steps
 
-    def peers(self, workload, m):
-        """(peer, precision) pairs measured for one configuration, in order."""
+    def peers(self, workload):
+        """(peer, precision) pairs measured for one configuration, in order: fused at each precision,
+        then the strongest peer first."""
         pairs = [("fused", p) for p in self.precisions]
-        pairs += [("reference", p) for p in PEER_PRECISIONS]
         if workload == "batch_hard":
             pairs += [("pml", p) for p in PEER_PRECISIONS]
-        # The quick rehearsal compiles once (the target configuration): each compile costs ~10-20 s on a CPU.
-        if not self.quick or (workload == "mine_k1" and m == self.target_m):
-            pairs += [("compiled", p) for p in (PEER_PRECISIONS[:1] if self.quick else PEER_PRECISIONS)]
+        pairs += [("reference", p) for p in PEER_PRECISIONS]
         return pairs
 
     def all(self):
-        for precision in PRECISIONS:
-            self.gemm("float32", precision)
-        for dtype in GEMM_DTYPES:
-            self.gemm(dtype, "highest")
-        for workload, m, n in self.plan():
-            for peer, precision in self.peers(workload, m):
-                self.measure(workload, m, n, peer, precision)
+        for step in self.plan():
+            kind = step[0]
+            if kind == "measure":
+                for peer, precision in self.peers(step[1]):
+                    self.measure(step[1], step[2], step[3], peer, precision)
+            elif kind == "gemm":
+                self.gemm(step[1], step[2])
+            elif kind == "lock":
+                self.lock_case()
+            elif kind == "compile":
+                for precision in (PEER_PRECISIONS[:1] if self.quick else PEER_PRECISIONS):
+                    self.measure(step[1], step[2], step[3], "compiled", precision)
+            elif kind == "bank":
+                for precision in self.precisions:
+                    self.measure("bank_mine", self.bank[0], self.bank[1], "fused", precision, fraction=self.bank_fraction)
+
+    # -- output ------------------------------------------------------------------------------------
+    def document(self):
+        for row in self.rows:
+            if row.get("peer") == "fused":
+                row["bound_s"], row["bound_source"] = self.bound(row)
+        return {"command": self.command, "device": str(self.device), "gemm_size": self.gemm_size, "dim": self.dim,
+                "target_m": self.target_m, "bank": self.bank, "bank_fraction": self.bank_fraction, "lock": self.lock,
+                "budget_s": self.budget_s, "compile_budget_s": self.compile_budget_s,
+                "compile_spent_s": self.compile_spent_s, "peaks_flops": self.peaks,
+                "float32_matmul_precision": {"before": self.precision_before,
+                                             "after": torch.get_float32_matmul_precision()},
+                "useful_flops": "2 (h d + 2 h c) per scored pair (x3 forward+backward; Euclidean 2 d); torch.mm 2 n^3",
+                "rows": self.rows,
+                "targets": check_targets(self.rows, self.target_m, self.bank, self.precisions),
+                "elapsed_s": time.perf_counter() - self.start}
+
+    def write(self):
+        doc = gpu_results.load(self.out)
+        if not doc.get("machine"):  # run on its own, not by gpu_check.sh: its own facts
+            doc["machine"] = machine(self.device, self.facts)
+            doc["command"] = self.command
+        doc["bench"] = self.document()
+        gpu_results.save(self.out, doc)
 
 
 # -- targets ----------------------------------------------------------------------------------------
@@ -367,8 +556,17 @@ def _stand_in(precision):
     return "high" if precision == "medium" else precision
 
 
+def _bound_of(rows, **match):
+    """The arithmetic bound (seconds, source) of the first fused row matching, measured or not."""
+    for r in rows:
+        if r.get("peer") == "fused" and all(r.get(k) == v for k, v in match.items()) and r.get("bound_s"):
+            return r["bound_s"], r.get("bound_source")
+    return None, None
+
+
 def check_targets(rows, target_m, bank, precisions):
-    """The targets of issue 12, one entry per precision: measured value, threshold, met / not met."""
+    """The targets, one entry per precision: measured value, threshold, met / not met, and the
+    arithmetic bound on the measured value ("bound"; None where unknown)."""
     targets = []
     gemm = {r["precision"]: r for r in _ok(rows, op="gemm", dtype="float32")}
     for p in precisions:
@@ -376,28 +574,38 @@ def check_targets(rows, target_m, bank, precisions):
         name = f"mine_k1 m={target_m}: fused >= {TARGET_SPEEDUP:g}x faster than the fastest peer at the same precision"
         fused = _ok(rows, op="mine_k1", m=target_m, peer="fused", precision=p)
         peers = [r for r in _ok(rows, op="mine_k1", m=target_m, precision=_stand_in(p)) if r["peer"] != "fused"]
-        entry = {"target": name, "precision": p, "threshold": TARGET_SPEEDUP, "unit": "x"}
+        entry = {"target": name, "precision": p, "threshold": TARGET_SPEEDUP, "unit": "x", "bound": None}
+        bound_s, source = _bound_of(rows, op="mine_k1", m=target_m, precision=p)
         if fused and peers:
             best = min(peers, key=lambda r: r["time_s"])
             ratio = best["time_s"] / fused[0]["time_s"]
             entry.update(measured=ratio, result="met" if ratio >= TARGET_SPEEDUP else "not met",
                          detail=f"fused {1e3 * fused[0]['time_s']:.2f} ms, fastest peer {best['peer']} "
                                 f"({best['precision']}) {1e3 * best['time_s']:.2f} ms")
+            if bound_s:
+                entry.update(bound=best["time_s"] / bound_s,
+                             bound_detail=f"at most {best['time_s'] / bound_s:.0f}x: fused >= {1e3 * bound_s:.3f} ms at the {source} rate")
         else:
             entry.update(measured=None, result="not measured",
                          detail="no fused row" if not fused else f"no peer row at {_stand_in(p)}")
+            if bound_s:
+                entry["bound_detail"] = f"fused >= {1e3 * bound_s:.3f} ms at the {source} rate"
         targets.append(entry)
 
         # 2. The fused scores forward's useful FLOP rate vs torch.mm at the same precision, at the
         # largest m measured (the kernel's steady state).
         fused = sorted(_ok(rows, op="scores_fwd", peer="fused", precision=p), key=lambda r: r["m"])
         name = (f"scores_fwd: fused useful FLOP rate >= {TARGET_GEMM_FRACTION:.0%} of torch.mm's at the same precision")
-        entry = {"target": name, "precision": p, "threshold": TARGET_GEMM_FRACTION, "unit": "fraction"}
+        entry = {"target": name, "precision": p, "threshold": TARGET_GEMM_FRACTION, "unit": "fraction", "bound": None}
         if fused and p in gemm:
             frac = fused[-1]["tflops"] / gemm[p]["tflops"]
             entry.update(measured=frac, result="met" if frac >= TARGET_GEMM_FRACTION else "not met",
                          detail=f"m={fused[-1]['m']}: fused {fused[-1]['tflops']:.2f} TFLOP/s, "
                                 f"torch.mm {gemm[p]['tflops']:.2f} TFLOP/s")
+            if fused[-1].get("bound_s"):
+                best = frac * fused[-1]["time_s"] / fused[-1]["bound_s"]
+                entry.update(bound=best, bound_detail=f"at most {best:.0%} (fused at the {fused[-1].get('bound_source')} "
+                                                      f"rate of its arithmetic)")
         else:
             entry.update(measured=None, result="not measured", detail="no fused scores_fwd row" if not fused else "no GEMM row")
         targets.append(entry)
@@ -405,95 +613,33 @@ def check_targets(rows, target_m, bank, precisions):
         # 3. The bank mined in under TARGET_BANK_S.
         name = f"bank_mine {bank[0]} x {bank[1]:,}: fused < {TARGET_BANK_S:g} s"
         fused = _ok(rows, op="bank_mine", peer="fused", precision=p)
-        entry = {"target": name, "precision": p, "threshold": TARGET_BANK_S, "unit": "s"}
+        entry = {"target": name, "precision": p, "threshold": TARGET_BANK_S, "unit": "s", "bound": None}
+        bound_s, source = _bound_of(rows, op="bank_mine", precision=p)
+        if bound_s:
+            entry.update(bound=bound_s, bound_detail=f"at least {bound_s:.3g} s at the {source} rate"
+                                                     + (" (the target is out of reach)" if bound_s >= TARGET_BANK_S and source == "peak" else ""))
         if fused:
             t = fused[0]["time_s"]
-            entry.update(measured=t, result="met" if t < TARGET_BANK_S else "not met", detail=f"{t:.3f} s")
+            extrapolated = f" (extrapolated from 1/{fused[0]['n'] // fused[0]['measured_n']} of the bank)" \
+                if fused[0].get("extrapolated") else ""
+            entry.update(measured=t, result="met" if t < TARGET_BANK_S else "not met", detail=f"{t:.3f} s{extrapolated}")
         else:
             entry.update(measured=None, result="not measured", detail="no fused bank_mine row")
         targets.append(entry)
     return targets
 
 
-# -- output -----------------------------------------------------------------------------------------
-HEADER = ("| op | m | n | peer | precision | arithmetic | ms | useful TFLOP/s | extra peak GiB | compile s | note |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def format_row(r):
-    ms = "-" if r.get("time_s") is None else f"{1e3 * r['time_s']:.3f}"
-    tf = "-" if r.get("tflops") is None else f"{r['tflops']:.3f}"
-    gib = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.3f}"
-    comp = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
-    precision = r["precision"] if r.get("dtype", "float32") == "float32" else r["dtype"]
-    note = str(r.get("note", "")).replace("|", "/")
-    return (f"| {r['op']} | {r['m']} | {r['n']} | {r['peer']} | {precision} | {r.get('arithmetic') or '-'} | {ms} | "
-            f"{tf} | {gib} | {comp} | {note} |")
-
-
-def comparisons(rows):
-    """Per peer row: fused time / peer time at the same precision, and fused rate / torch.mm rate."""
-    gemm = {r["precision"]: r["tflops"] for r in _ok(rows, op="gemm", dtype="float32")}
-    fused = {(r["op"], r["m"], r["n"], r["precision"]): r for r in _ok(rows, peer="fused")}
-    lines = ["| op | m | n | peer | precision | peer ms | fused ms (same precision) | fused speedup |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in _ok(rows):
-        if r["peer"] in ("fused", "gemm"):
-            continue
-        f = fused.get((r["op"], r["m"], r["n"], r["precision"]))
-        if f:
-            lines.append(f"| {r['op']} | {r['m']} | {r['n']} | {r['peer']} | {r['precision']} | {1e3 * r['time_s']:.3f} | "
-                         f"{1e3 * f['time_s']:.3f} | {r['time_s'] / f['time_s']:.1f}x |")
-    rate = ["| op | m | n | precision | fused useful TFLOP/s | torch.mm TFLOP/s | fraction |", "|---|---|---|---|---|---|---|"]
-    for (op, m, n, p), f in fused.items():
-        if p in gemm and op != "batch_hard":
-            rate.append(f"| {op} | {m} | {n} | {p} | {f['tflops']:.3f} | {gemm[p]:.3f} | {f['tflops'] / gemm[p]:.1%} |")
-    return "\n".join(lines), "\n".join(rate)
-
-
-def machine(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "device": str(device), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
-                    capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count)
+def machine(device, facts=None):
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "platform": platform.platform(), "device": str(device), "cpu_count": os.cpu_count()}
+    info.update({k: v for k, v in (facts or {}).items() if k in ("gpu", "sms", "capability", "gpu_memory_bytes",
+                                                                 "nvidia_smi")})
     try:
         info["pytorch_metric_learning"] = importlib.import_module("pytorch_metric_learning").__version__
     except ImportError:
         info["pytorch_metric_learning"] = None
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                        timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    info.update(gpu_preflight.commit_facts(os.environ))
     return info
-
-
-def write_results(out, result):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    m, rows = result["machine"], result["rows"]
-    vs_peers, vs_gemm = comparisons(rows)
-    targets = ["| target | precision | measured | result | detail |", "|---|---|---|---|---|"]
-    for t in result["targets"]:
-        v = t["measured"]
-        shown = "-" if v is None else {"x": f"{v:.1f}x", "fraction": f"{v:.1%}", "s": f"{v:.3f} s"}[t["unit"]]
-        targets.append(f"| {t['target']} | {t['precision']} | {shown} | **{t['result']}** | {t['detail']} |")
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"# pddm_ext GPU benchmark\n\n`{result['command']}` on {m.get('gpu', m['device'])} "
-                f"(torch {m['torch']}, CUDA {m.get('cuda', '-')}, pytorch-metric-learning "
-                f"{m.get('pytorch_metric_learning') or 'not installed'}), {result['date']}, commit {m.get('commit', '?')}, "
-                f"{result['elapsed_s']:.0f} s.\n\n"
-                "precision = `torch.set_float32_matmul_precision` during the row. Fused: highest = FP32, high = 3xTF32, "
-                "medium = TF32 (what the kernels are asked for); the reference, torch.compile and BatchHardMiner: "
-                "highest = FP32, high = TF32 in cuBLAS (as under medium). gemm: torch.mm of two "
-                f"{result['gemm_size']}^2 matrices. Times are medians of the calls after one warm-up.\n\n")
-        f.write("## Targets (issue 12; reported, not asserted)\n\n" + "\n".join(targets) + "\n\n")
-        f.write("## Every row\n\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows) + "\n\n")
-        f.write("## Fused vs each peer at the same precision\n\n" + vs_peers + "\n\n")
-        f.write("## Fused useful FLOP rate vs torch.mm at the same precision\n\n" + vs_gemm + "\n")
 
 
 def main(argv=None):
@@ -501,34 +647,31 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device visible; use --device cpu --quick to test the script", file=sys.stderr)
         return 2
-    precision_before = torch.get_float32_matmul_precision()
     bench = Bench(args)
     print(f"budget {bench.budget_s:.0f} s (torch.compile: {bench.compile_budget_s:.0f} s), device memory allowed "
-          f"{bench.memory / 2**30:.1f} GiB, float32 matmul precision before: {precision_before}", flush=True)
+          f"{bench.memory / 2**30:.1f} GiB, float32 matmul precision before: {bench.precision_before}; "
+          f"peak FLOP/s for the bounds: {({k: f'{v / 1e12:.1f}T' for k, v in bench.peaks.items()}) or 'unknown here (torch.mm rates instead)'}",
+          flush=True)
     missing = pml_missing()
     if missing:
         print(f"BatchHardMiner rows will be skipped: {missing}", flush=True)
-    print(HEADER, flush=True)
+    print(gpu_results.HEADER, flush=True)
     bench.all()
-    precision_after = torch.get_float32_matmul_precision()
-    if precision_after != precision_before:  # a bug here: never leave the caller's setting changed
-        print(f"float32 matmul precision was left at {precision_after}; restoring {precision_before}", file=sys.stderr)
-        torch.set_float32_matmul_precision(precision_before)
-    out = args.out or os.environ.get("OUT") or os.path.join(HERE, "results", "gpu")
-    result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(bench.device), "gemm_size": bench.gemm_size, "dim": bench.dim,
-              "target_m": bench.target_m, "bank": bench.bank, "budget_s": bench.budget_s,
-              "compile_budget_s": bench.compile_budget_s, "compile_spent_s": bench.compile_spent_s,
-              "float32_matmul_precision": {"before": precision_before, "after": precision_after},
-              "useful_flops": "2 (h d + 2 h c) per scored pair (x3 forward+backward; Euclidean 2 d); torch.mm 2 n^3",
-              "rows": bench.rows,
-              "targets": check_targets(bench.rows, bench.target_m, bench.bank, bench.precisions),
-              "elapsed_s": time.perf_counter() - bench.start}
-    write_results(out, result)
-    for t in result["targets"]:
-        print(f"target [{t['precision']}] {t['target']}: {t['result']} ({t['detail']})")
-    print(f"wrote {out}/results.json and results.md ({result['elapsed_s']:.0f} s)")
+    if torch.get_float32_matmul_precision() != bench.precision_before:  # a bug here: never leave it changed
+        print(f"float32 matmul precision was left at {torch.get_float32_matmul_precision()}; restoring "
+              f"{bench.precision_before}", file=sys.stderr)
+    if bench.device.type == "cuda":
+        bench.facts["nvidia_smi_end"] = gpu_preflight.nvidia_smi()  # the clocks after the run (throttling?)
+    bench.write()
+    torch.set_float32_matmul_precision(bench.precision_before)
+    doc = gpu_results.load(bench.out)
+    if bench.device.type == "cuda":
+        doc["bench"]["nvidia_smi_end"] = bench.facts["nvidia_smi_end"]
+        gpu_results.save(bench.out, doc)
+    for t in doc["bench"]["targets"]:
+        print(f"target [{t['precision']}] {t['target']}: {t['result']} ({t['detail']})"
+              + (f"; bound: {t['bound_detail']}" if t.get("bound_detail") else ""))
+    print(f"wrote {bench.out}/results.json and results.md ({doc['bench']['elapsed_s']:.0f} s)")
     return 0
 
 

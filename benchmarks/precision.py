@@ -171,8 +171,8 @@ def main(argv=None):
             command = args.command or "python benchmarks/precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
             f.write(f"Command: `{command}`\n\n" + text)
         with open(os.path.join(args.out, "precision.json"), "w") as f:
-            json.dump({"backend": backend(device), "torch": torch.__version__, "args": vars(args), "rows": rows}, f,
-                      indent=1)
+            json.dump({"backend": backend(device), "torch": torch.__version__, "args": vars(args), "rows": rows,
+                       "markdown": text}, f, indent=1)
     return 0
 
 
