@@ -10,9 +10,12 @@ Every collective here is called by every rank in the same order, whatever a rank
 1. :func:`agree_on_batch` validates the local shard, then all ranks exchange one small status
    vector (failed?, rows, features, dtype, non-finite?). If any rank's input is bad, every rank raises
    the same error (the lowest failing rank's message, its rank named) before any gathering starts, so
-   no rank is left waiting in a collective the others never reach. An empty local shard (0 rows, the
-   right number of features) is legal as long as the global batch has a row.
-2. :func:`all_gather` then concatenates the shards in rank order (padding to the longest shard, since
+   no rank is left waiting in a collective the others never reach. A caller's other checks whose
+   outcome may differ between ranks (``PDDMLoss``'s arguments, parameters and memory bank) run inside
+   this exchange too (``check=``, ``same=``). An empty local shard (0 rows, the right number of
+   features) is legal as long as the global batch has a row.
+2. :func:`all_gather` (which first exchanges a header of its own: a tensor at all, rows, dtype,
+   shape) then concatenates the shards in rank order (padding to the longest shard, since
    ``all_gather`` needs equal shapes); the local slice is the input itself, so autograd flows into it.
 
 Without an initialised process group (or with one rank) every function is the identity / a

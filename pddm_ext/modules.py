@@ -229,7 +229,9 @@ class PDDMLoss(nn.Module):
 
     ``forward(embeddings, labels)``:
 
-    1. f = normalize(embeddings) row-wise (unless ``normalize=False``);
+    1. f = normalize(embeddings) row-wise (unless ``normalize=False``), computed in the compute dtype
+       (float32 for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows
+       float16 is normalised, as in float64);
     2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)`` (with
        ``negatives="semihard"``, k and l are replaced by :func:`semihard_negatives`);
     3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
@@ -268,8 +270,8 @@ class PDDMLoss(nn.Module):
     Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
     ``indices_tuple``), differentiated here: the formulas' one home.
 
-    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
-    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` /
+    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer (or None with an
+    ``indices_tuple``, below); returns a 0-dim tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` /
     ``ValueError`` otherwise); ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
     naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
     mining and scoring inside take unchecked paths.
@@ -287,9 +289,11 @@ class PDDMLoss(nn.Module):
       own slice; with DDP averaging the gradients, every parameter's gradient equals single-process
       training on the concatenated batch (derivation: ``pddm_ext.integrations.distributed``). The
       ranks first agree that every shard is valid (a bad shard raises the same error on every rank,
-      never a hang); a rank may hold an empty shard (0 rows) when another holds rows. A no-op without
-      a process group.
-    - ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
+      never a hang); so does every other check whose outcome may differ between ranks (which
+      arguments are given, ``ref_emb`` on every rank or none, the unit's parameters, the memory
+      bank's rows): all run inside that agreement. A rank may hold an empty shard (0 rows) when
+      another holds rows. A no-op without a process group.
+    - ``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
       pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels`` mine against those
       references instead. ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``) skips mining and
       treats each triplet as one header of the double hinge:
@@ -297,6 +301,12 @@ class PDDMLoss(nn.Module):
       so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss above.
       Each index vector must be 1-D integer, of one length, with every entry in range of the rows it
       indexes (a into the embeddings, p and n into the references); ``labels`` are validated too.
+    - ``labels=None`` with an ``indices_tuple`` (pytorch-metric-learning's call without labels):
+      the same triplet terms, and E_p on the triplets' own pairs instead of the batch's (which need
+      labels): each (a, p) with target 1, each (a, n) with target 0,
+      ``0.5 * (mean_t log(1 + exp(-S_ap)) + mean_t log(1 + exp(S_an)))`` (0 without a triplet);
+      ``ref_labels`` must then be None too. ``labels=None`` without an ``indices_tuple`` raises
+      ``TypeError`` naming ``labels``.
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
