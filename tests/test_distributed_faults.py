@@ -170,6 +170,24 @@ def worker(out_dir):
         except Exception as exc:  # a RuntimeError here is gloo's timeout: a rank waited
             result["one_rank_errors"][name] = (type(exc).__name__, str(exc))
         result["seconds"][name] = time.perf_counter() - start
+    # PDDMMiner inside pytorch-metric-learning's DistributedMinerWrapper: PML gathers first (without an
+    # agreement of its own), then the miner checks rows that every rank holds: a NaN on one rank reaches
+    # every rank's references (efficient: the rank's own rows are its queries), so every rank raises
+    from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
+
+    shard = slice(0, 2) if rank == 0 else slice(2, 4)
+    nan_rows = ROWS[shard].clone()
+    nan_rows[0, 2] = float("nan")
+    result["miner_errors"] = {}
+    for efficient in (False, True):
+        start = time.perf_counter()
+        try:
+            DistributedMinerWrapper(pddm_ext.PDDMMiner(), efficient=efficient)(
+                nan_rows if rank == 1 else ROWS[shard], LABELS[shard])
+            result["miner_errors"][efficient] = None
+        except Exception as exc:
+            result["miner_errors"][efficient] = (type(exc).__name__, str(exc))
+        result["seconds"][f"miner_{efficient}"] = time.perf_counter() - start
     # all_gather itself still works: rows per rank may differ, the trailing shape is agreed
     result["gathered"] = pddm_ext.distributed.all_gather(ROWS[:1] if rank == 0 else ROWS[1:])
 
@@ -259,6 +277,13 @@ def test_a_check_that_fails_on_one_rank_raises_on_every_rank_at_once(ranks, case
     assert got[0] is not None and got[0] == got[1], got
     assert got[0][0] == kind and re.search(pattern, got[0][1]), got[0]
     assert max(res["seconds"][case] for res in ranks) < 15, [res["seconds"][case] for res in ranks]
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_the_miner_in_pmls_wrapper_raises_on_every_rank_for_a_nan_on_one(ranks, efficient):
+    got = [res["miner_errors"][efficient] for res in ranks]
+    assert all(g is not None and g[0] == "ValueError" and "contains NaN or Inf" in g[1] for g in got), got
+    assert max(res["seconds"][f"miner_{efficient}"] for res in ranks) < 15
 
 
 def test_all_gather_still_gathers_after_the_errors(ranks):
