@@ -271,10 +271,11 @@ class PDDMLoss(nn.Module):
     ``indices_tuple``), differentiated here: the formulas' one home.
 
     Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer (or None with an
-    ``indices_tuple``, below); returns a 0-dim tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` /
-    ``ValueError`` otherwise); ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
-    naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
-    mining and scoring inside take unchecked paths.
+    ``indices_tuple``, below); returns a 0-dim tensor in the compute dtype. ``alpha``, ``beta``,
+    ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` / ``ValueError`` otherwise);
+    ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on
+    entry (``TypeError``/``ValueError`` naming the argument, docs/design.md "Errors"), including the
+    unit's parameters (NaN/Inf); the mining and scoring inside take unchecked paths.
 
     Beyond one batch (reference mode of ``mine_hard``: j, k index the references, i, l the queries):
 

@@ -91,7 +91,8 @@ _DOC = """PDDM hard mining as a pytorch-metric-learning miner (docs/design.md, "
     it (it is not among the miner's parameters). ``metric`` defaults to "pddm" with a unit, else
     "euclidean". ``normalize`` (bool; ``TypeError`` naming it otherwise): mine on L2-normalised
     embeddings, as ``PDDMLoss`` and PML's default distance do, normalised in the compute dtype
-    (float32 for float16 / bfloat16 embeddings, whose own eps and norms fail: docs/design.md). Mining is fused (no (m, n) matrix) and not differentiable.
+    (float32 for float16 / bfloat16 embeddings, whose own eps and norms fail: docs/design.md).
+    Mining is fused (no (m, n) matrix) and not differentiable.
 
     ``embeddings`` (m, d) and ``ref_emb`` (n, d): floating tensors; ``labels`` (m,), ``ref_labels``
     (n,): integer tensors (a list or numpy array raises ``TypeError`` naming ``labels``: convert with
