@@ -137,8 +137,9 @@ def check_labels(name, labels, length, device):
     return labels.to(device=device, dtype=torch.int64)
 
 
-def check_params(params, d, device):
-    """The eight PDDM parameters, in PARAM_NAMES order, with consistent shapes for input dim d.
+def check_params(params, d, device, *, finite=True):
+    """The eight PDDM parameters, in PARAM_NAMES order, with consistent shapes for input dim d, finite
+    (unless ``finite=False``: a caller that checks finiteness itself, e.g. across ranks).
     ``params`` must be a tuple or list (``TypeError`` naming params otherwise, e.g. for a PDDM module)."""
     if not isinstance(params, (tuple, list)):
         hint = ": pass unit.params()" if hasattr(params, "params") else ""
@@ -166,7 +167,8 @@ def check_params(params, d, device):
             raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(p.shape)}")
         if p.device != device:
             raise ValueError(f"{name} is on {p.device} but the inputs are on {device}: move them to one device")
-        check_finite(name, p)
+        if finite:
+            check_finite(name, p)
 
 
 def check_indices(name, idx, rows, rows_from, device):

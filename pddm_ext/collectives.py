@@ -10,9 +10,12 @@ Every collective here is called by every rank in the same order, whatever a rank
 1. :func:`agree_on_batch` validates the local shard, then all ranks exchange one small status
    vector (failed?, rows, features, dtype, non-finite?). If any rank's input is bad, every rank raises
    the same error (the lowest failing rank's message, its rank named) before any gathering starts, so
-   no rank is left waiting in a collective the others never reach. An empty local shard (0 rows, the
-   right number of features) is legal as long as the global batch has a row.
-2. :func:`all_gather` then concatenates the shards in rank order (padding to the longest shard, since
+   no rank is left waiting in a collective the others never reach. A caller's other checks whose
+   outcome may differ between ranks (``PDDMLoss``'s arguments, parameters and memory bank) run inside
+   this exchange too (``check=``, ``same=``). An empty local shard (0 rows, the right number of
+   features) is legal as long as the global batch has a row.
+2. :func:`all_gather` (which first exchanges a header of its own: a tensor at all, rows, dtype,
+   shape) then concatenates the shards in rank order (padding to the longest shard, since
    ``all_gather`` needs equal shapes); the local slice is the input itself, so autograd flows into it.
 
 Without an initialised process group (or with one rank) every function is the identity / a
@@ -65,40 +68,96 @@ def _gather_rows(tensor, rows, group):
     return torch.cat(parts)
 
 
+# Every dtype torch knows, in a fixed order: all_gather's header names a tensor's dtype by its index here.
+_ALL_DTYPES = tuple(sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str))
+
+
+def _raise_agreed(failed, mine, n_ranks, group):
+    """Collective error path: every rank calls it when the exchanged statuses show that the ranks in
+    ``failed`` (sorted) had a problem; ``mine`` is this rank's own (exception class, message) or None.
+    Every rank then raises the lowest failing rank's error, naming that rank."""
+    messages = [None] * n_ranks
+    dist.all_gather_object(messages, mine, group=group)
+    is_type_error, message = messages[failed[0]]
+    raise (TypeError if is_type_error else ValueError)(f"{message} (on rank {failed[0]} of {n_ranks})")
+
+
+def _as_message(problem):
+    return None if problem is None else (isinstance(problem, TypeError), str(problem))
+
+
 def all_gather(tensor, group=None):
     """Concatenates every rank's ``tensor`` along dim 0, in rank order, on every rank.
 
     The local slice is ``tensor`` itself, so autograd flows into it; the other ranks' slices are
-    detached. Ranks may hold different numbers of rows (other dims must match). Without an
-    initialised process group (or with one rank) returns ``tensor`` unchanged. Raises ``TypeError``
-    (on this rank, before any collective) when ``tensor`` is not a tensor.
+    detached. Ranks may hold different numbers of rows; the other dims and the dtype must match.
+    Collective: the ranks first exchange a small header (rows, dtype, shape), so a ``tensor`` that is
+    not a tensor or is 0-dim (``TypeError`` / ``ValueError`` naming ``tensor``), or that differs from
+    the other ranks' in dtype or trailing shape (``ValueError``), raises the same error on every rank,
+    naming the rank, instead of leaving the others waiting in ``all_gather``. Without an initialised
+    process group (or with one rank) returns ``tensor`` unchanged (after the same local checks).
     """
-    V.check_tensor("tensor", tensor)
-    if world_size(group) == 1:
-        return tensor
-    count = torch.tensor([tensor.shape[0] if tensor.dim() else 1], dtype=torch.int64, device=_status_device(group))
-    counts = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, count, group=group)
-    return _gather_rows(tensor, [int(c) for c in counts], group)
-
-
-def _local_problem(embeddings, labels, d, d_from):
-    """The local shard's first structural error (an exception, not raised), or None."""
+    problem = None
     try:
-        V.check_float("embeddings", embeddings)
-        if embeddings.dim() != 2:
-            raise ValueError(f"embeddings must be 2-D (rows, features), got shape {tuple(embeddings.shape)}")
-        if embeddings.shape[1] == 0:
-            raise ValueError(f"embeddings has no features: got shape {tuple(embeddings.shape)}")
-        if d is not None and embeddings.shape[1] != d:
-            raise ValueError(f"embeddings has {embeddings.shape[1]} features, expected {d} to match {d_from}")
-        V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        V.check_tensor("tensor", tensor)
+        if tensor.dim() == 0:
+            raise ValueError("tensor must have at least one dimension (rows), got a 0-dim tensor")
     except (TypeError, ValueError) as exc:
-        return exc
-    return None
+        problem = exc
+    if world_size(group) == 1:
+        if problem is not None:
+            raise problem
+        return tensor
+    n_ranks, device = dist.get_world_size(group), _status_device(group)
+    header = torch.tensor([1, 0, 0, 0] if problem is not None else
+                          [0, tensor.shape[0], _ALL_DTYPES.index(tensor.dtype), tensor.dim()],
+                          dtype=torch.int64, device=device)
+    headers = [torch.empty_like(header) for _ in range(n_ranks)]
+    dist.all_gather(headers, header, group=group)
+    headers = [h.tolist() for h in headers]
+    failed = [r for r, h in enumerate(headers) if h[0]]
+    if failed:
+        _raise_agreed(failed, _as_message(problem), n_ranks, group)
+    if len({h[2] for h in headers}) > 1:
+        raise ValueError(f"tensor has a different dtype on different ranks: {[str(_ALL_DTYPES[h[2]]) for h in headers]}")
+    if len({h[3] for h in headers}) > 1:
+        raise ValueError(f"tensor has a different number of dimensions on different ranks: {[h[3] for h in headers]}")
+    if tensor.dim() > 1:  # the trailing shape: one length on every rank, since the dims agree
+        shape = torch.tensor(tensor.shape[1:], dtype=torch.int64, device=device)
+        shapes = [torch.empty_like(shape) for _ in range(n_ranks)]
+        dist.all_gather(shapes, shape, group=group)
+        shapes = [tuple(t.tolist()) for t in shapes]
+        if len(set(shapes)) > 1:
+            raise ValueError(f"tensor has a different shape beyond dim 0 on different ranks: {shapes}")
+    return _gather_rows(tensor, [h[1] for h in headers], group)
 
 
-def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None):
+def _check_shard(embeddings, labels, d, d_from, names):
+    """The local shard's structural checks (raised): a (rows, d) floating tensor, rows >= 0, and
+    integer labels of length rows."""
+    emb, lab = names
+    V.check_float(emb, embeddings)
+    if embeddings.dim() != 2:
+        raise ValueError(f"{emb} must be 2-D (rows, features), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{emb} has no features: got shape {tuple(embeddings.shape)}")
+    if d is not None and embeddings.shape[1] != d:
+        raise ValueError(f"{emb} has {embeddings.shape[1]} features, expected {d} to match {d_from}")
+    V.check_labels(lab, labels, embeddings.shape[0], embeddings.device)
+
+
+def _first_nonfinite(named, device):
+    """0-dim int64 on ``device``: 0 when every tensor of ``named`` [(name, tensor)] is finite, else
+    1 + the position of the first that is not (no host read)."""
+    flags = [~torch.isfinite(t).all() if t.numel() else torch.tensor(False, device=t.device) for _, t in named]
+    if not flags:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    flags = torch.stack([f.to(device) for f in flags])
+    return torch.where(flags.any(), flags.to(torch.int64).argmax() + 1, torch.zeros_like(flags[0], dtype=torch.int64))
+
+
+def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names=("embeddings", "labels"),
+                   check=None, same=None):
     """Validates this rank's shard and agrees with every rank that the global batch is valid.
 
     Collective (every rank must call it). ``embeddings``: (rows, d) floating tensor, rows >= 0;
@@ -106,18 +165,41 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None):
     Raises on every rank alike (``ValueError``, or ``TypeError`` for a wrong type, the message naming
     the argument and the failing rank) when any rank's shard is bad, the ranks disagree on the number
     of features or the dtype, a shard contains NaN or Inf, or the global batch has no row.
+
+    A caller whose other arguments may differ between ranks checks them inside this agreement, so
+    that no rank raises alone (and leaves the others waiting in a later collective):
+
+    - ``names``: the names of the two arguments in the messages (e.g. ``("ref_emb", "ref_labels")``);
+    - ``check``: a callable run on this rank after its shard passed the structural checks; it raises
+      ``TypeError`` / ``ValueError`` for a problem (reported like a bad shard) and returns a list of
+      ``(name, tensor)`` whose finiteness is agreed on too (the error then names the tensor);
+    - ``same``: a dict ``{name: bool}`` that must hold the same values on every rank (e.g. whether an
+      optional argument is given), else every rank raises a ``ValueError`` naming it.
+
     Without a process group: the single-process checks (an empty batch is then an error).
     """
+    same = dict(same or {})
     if world_size(group) == 1:
-        V.check_embeddings("embeddings", embeddings, d=d, d_from=d_from)
-        return V.check_labels("labels", labels, embeddings.shape[0], embeddings.device), [embeddings.shape[0]]
+        V.check_embeddings(names[0], embeddings, d=d, d_from=d_from)
+        labels = V.check_labels(names[1], labels, embeddings.shape[0], embeddings.device)
+        for name, t in (check() if check is not None else ()):
+            V.check_finite(name, t)
+        return labels, [embeddings.shape[0]]
     n_ranks, device = dist.get_world_size(group), _status_device(group)
-    problem = _local_problem(embeddings, labels, d, d_from)
-    status = torch.zeros(5, dtype=torch.int64, device=device)
+    problem, finite = None, []
+    try:
+        _check_shard(embeddings, labels, d, d_from, names)
+        if check is not None:
+            finite = list(check())
+    except (TypeError, ValueError) as exc:
+        problem = exc
+    # status: failed?, rows, features, dtype, first non-finite tensor (0: none), then the `same` values
+    status = torch.zeros(5 + len(same), dtype=torch.int64, device=device)
+    status[5:] = torch.tensor([int(bool(v)) for v in same.values()], dtype=torch.int64)
+    named = [(names[0], embeddings)] + finite
     if problem is None:
-        nonfinite = ~torch.isfinite(embeddings).all() if embeddings.numel() else torch.tensor(False)
         status[1:4] = torch.tensor([embeddings.shape[0], embeddings.shape[1], _DTYPE_CODES[embeddings.dtype]])
-        status[4] = nonfinite.to(device=device, dtype=torch.int64)
+        status[4] = _first_nonfinite(named, device)
     else:
         status[0] = 1
     statuses = [torch.empty_like(status) for _ in range(n_ranks)]
@@ -125,22 +207,26 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None):
     statuses = [s.tolist() for s in statuses]
     failed = [r for r, s in enumerate(statuses) if s[0]]
     if failed:
-        messages = [None] * n_ranks
-        mine = None if problem is None else (type(problem) is TypeError, str(problem))
-        dist.all_gather_object(messages, mine, group=group)
-        is_type_error, message = messages[failed[0]]
-        raise (TypeError if is_type_error else ValueError)(f"{message} (on rank {failed[0]} of {n_ranks})")
+        _raise_agreed(failed, _as_message(problem), n_ranks, group)
     widths = {s[2] for s in statuses}
     if len(widths) > 1:
-        raise ValueError(f"embeddings has a different number of features on different ranks: {[s[2] for s in statuses]}")
+        raise ValueError(f"{names[0]} has a different number of features on different ranks: {[s[2] for s in statuses]}")
     if len({s[3] for s in statuses}) > 1:
-        raise ValueError("embeddings has a different dtype on different ranks")
+        raise ValueError(f"{names[0]} has a different dtype on different ranks")
+    for position, name in enumerate(same):
+        given = [r for r, s in enumerate(statuses) if s[5 + position]]
+        if 0 < len(given) < n_ranks:
+            missing = [r for r in range(n_ranks) if r not in given]
+            raise ValueError(f"{name} is given on rank(s) {given} but not on rank(s) {missing}: "
+                             "pass it on every rank or on none")
     bad = [r for r, s in enumerate(statuses) if s[4]]
     if bad:
-        raise ValueError(f"embeddings contains NaN or Inf (on rank {bad[0]} of {n_ranks})")
+        code = statuses[dist.get_rank(group)][4]
+        mine = None if code == 0 else (False, f"{named[code - 1][0]} contains NaN or Inf")
+        _raise_agreed(bad, mine, n_ranks, group)
     rows = [s[1] for s in statuses]
     if sum(rows) == 0:
-        raise ValueError(f"embeddings is empty on every rank: expected at least one row in the global batch")
+        raise ValueError(f"{names[0]} is empty on every rank: expected at least one row in the global batch")
     return labels.to(device=embeddings.device, dtype=torch.int64), rows
 
 

@@ -23,12 +23,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _validate as V
 from . import ops, reference
 
 
-class Quadruplets(NamedTuple):
+class _QuadrupletFields(NamedTuple):
+    anchor: torch.Tensor
+    positive: torch.Tensor
+    anchor_negative: torch.Tensor
+    positive_negative: torch.Tensor
+    scores: torch.Tensor
+    batch_mode: bool = True
+
+
+class Quadruplets(_QuadrupletFields):
     """Hard quadruplets ``(i, r, k, l)`` mined by :func:`mine_hard` (paper Sec. 3.2, Eq. 4).
 
     Fields (int64, shape (q,), on the embeddings' device): ``anchor`` i, ``positive`` r (a positive
@@ -36,15 +46,20 @@ class Quadruplets(NamedTuple):
     l = hardest_negative_of_ref[r]; ``scores`` (q, 3) holds S(i, r), S(i, k), S(l, r), detached, in the
     compute dtype; ``batch_mode`` (bool) tells whether r and k index the embeddings themselves (batch
     mode) or ``ref_emb`` (reference mode). ``batch_mode`` is a real field, so ``_replace``, ``_make``,
-    pickling and copying keep it; ``q[:4]`` is the four index tensors.
+    pickling and copying keep it; ``q[:4]`` is the four index tensors. ``batch_mode`` must be a bool
+    (``TypeError`` naming it otherwise, also through ``_replace`` and ``_make``: a string such as
+    ``"false"`` would read as batch mode).
     """
 
-    anchor: torch.Tensor
-    positive: torch.Tensor
-    anchor_negative: torch.Tensor
-    positive_negative: torch.Tensor
-    scores: torch.Tensor
-    batch_mode: bool = True
+    __slots__ = ()
+
+    def __new__(cls, anchor, positive, anchor_negative, positive_negative, scores, batch_mode=True):
+        return super().__new__(cls, anchor, positive, anchor_negative, positive_negative, scores,
+                               V.check_bool("batch_mode", batch_mode))
+
+    @classmethod
+    def _make(cls, iterable):  # namedtuple's _make (and so _replace) bypasses __new__
+        return cls(*iterable)
 
     def as_triplets(self):
         """``(a, p, n)`` index tensors in the pytorch-metric-learning convention.
@@ -152,6 +167,14 @@ def _mining_inputs(x, y, params):
     if params is not None:
         params = tuple(p.detach().to(dtype) for p in params)
     return x, y, params
+
+
+def _normalized_rows(t, dtype=None):
+    """``t`` (rows, d) L2-normalised row-wise (``F.normalize``) in ``dtype``, by default the compute
+    dtype (float32 for float16 / bfloat16 rows). Normalising in half precision would divide by
+    F.normalize's eps = 1e-12, which is 0 in float16 (a zero row gives NaN), and by norms that
+    overflow to inf (float16 above 65504: such a row gives zeros). Differentiable (through ``.to``)."""
+    return F.normalize(t.to(V.compute_dtype(t) if dtype is None else dtype), dim=1)
 
 
 def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=None, metric=None,

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from . import collectives, ops
-from .functional import Quadruplets, _check_pair_inputs, _mine_hard, _mining_inputs, _pair_scores, pddm_scores
+from .functional import (Quadruplets, _check_pair_inputs, _mine_hard, _mining_inputs, _normalized_rows,
+                         _pair_scores, pddm_scores)
 from .reference import quadruplet_losses, triplet_losses
 
 
@@ -228,7 +229,9 @@ class PDDMLoss(nn.Module):
 
     ``forward(embeddings, labels)``:
 
-    1. f = normalize(embeddings) row-wise (unless ``normalize=False``);
+    1. f = normalize(embeddings) row-wise (unless ``normalize=False``), computed in the compute dtype
+       (float32 for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows
+       float16 is normalised, as in float64);
     2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)`` (with
        ``negatives="semihard"``, k and l are replaced by :func:`semihard_negatives`);
     3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
@@ -267,11 +270,12 @@ class PDDMLoss(nn.Module):
     Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
     ``indices_tuple``), differentiated here: the formulas' one home.
 
-    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer; returns a 0-dim
-    tensor in the compute dtype. ``alpha``, ``beta``, ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` /
-    ``ValueError`` otherwise); ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on entry (``TypeError``/``ValueError``
-    naming the argument, docs/design.md "Errors"), including the unit's parameters (NaN/Inf); the
-    mining and scoring inside take unchecked paths.
+    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer (or None with an
+    ``indices_tuple``, below); returns a 0-dim tensor in the compute dtype. ``alpha``, ``beta``,
+    ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` / ``ValueError`` otherwise);
+    ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on
+    entry (``TypeError``/``ValueError`` naming the argument, docs/design.md "Errors"), including the
+    unit's parameters (NaN/Inf); the mining and scoring inside take unchecked paths.
 
     Beyond one batch (reference mode of ``mine_hard``: j, k index the references, i, l the queries):
 
@@ -286,9 +290,11 @@ class PDDMLoss(nn.Module):
       own slice; with DDP averaging the gradients, every parameter's gradient equals single-process
       training on the concatenated batch (derivation: ``pddm_ext.integrations.distributed``). The
       ranks first agree that every shard is valid (a bad shard raises the same error on every rank,
-      never a hang); a rank may hold an empty shard (0 rows) when another holds rows. A no-op without
-      a process group.
-    - ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
+      never a hang); so does every other check whose outcome may differ between ranks (which
+      arguments are given, ``ref_emb`` on every rank or none, the unit's parameters, the memory
+      bank's rows): all run inside that agreement. A rank may hold an empty shard (0 rows) when
+      another holds rows. A no-op without a process group.
+    - ``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
       pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels`` mine against those
       references instead. ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``) skips mining and
       treats each triplet as one header of the double hinge:
@@ -296,6 +302,12 @@ class PDDMLoss(nn.Module):
       so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss above.
       Each index vector must be 1-D integer, of one length, with every entry in range of the rows it
       indexes (a into the embeddings, p and n into the references); ``labels`` are validated too.
+    - ``labels=None`` with an ``indices_tuple`` (pytorch-metric-learning's call without labels):
+      the same triplet terms, and E_p on the triplets' own pairs instead of the batch's (which need
+      labels): each (a, p) with target 1, each (a, n) with target 0,
+      ``0.5 * (mean_t log(1 + exp(-S_ap)) + mean_t log(1 + exp(S_an)))`` (0 without a triplet);
+      ``ref_labels`` must then be None too. ``labels=None`` without an ``indices_tuple`` raises
+      ``TypeError`` naming ``labels``.
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
@@ -348,48 +360,102 @@ class PDDMLoss(nn.Module):
             state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _normalized(self, t):
-        return F.normalize(t, dim=1) if self.normalize else t
+    def _normalized(self, t, dtype):
+        """The rows the loss works on, in the compute dtype ``dtype`` (float32 for half inputs), then
+        L2-normalised unless ``normalize=False``. Normalising in half precision would turn a zero
+        row into NaN (F.normalize's eps is 0 in float16) and a row whose norm overflows into zeros."""
+        return _normalized_rows(t, dtype) if self.normalize else t.to(dtype)
 
-    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-        # Every input is validated here, once; the mining and scoring below take unchecked paths.
-        d, d_from = self.unit.in_features, "the loss's embedding_dim"
-        if (ref_emb is None) != (ref_labels is None):
+    def _check_arguments(self, labels, indices_tuple, ref_emb, ref_labels):
+        """Which arguments go together (the checks that read no tensor)."""
+        if labels is None:
+            if indices_tuple is None:
+                raise TypeError("labels must be a torch.Tensor, got NoneType (labels may be None only with an "
+                                "indices_tuple: the loss then uses the given triplets alone)")
+            if ref_labels is not None:
+                raise ValueError("ref_labels is given but labels is None: pass both or neither")
+        elif (ref_emb is None) != (ref_labels is None):
             raise ValueError("ref_emb and ref_labels must be given together (reference mode) or not at all")
         if ref_emb is not None and self.memory is not None:
             raise ValueError("ref_emb cannot be combined with memory=: the bank is the reference set")
         if indices_tuple is not None and (self.memory is not None or self.distributed):
             raise ValueError("indices_tuple cannot be combined with memory= or distributed=True: the loss mines itself")
+
+    def _memory_rows(self, d, d_from, device, finite=True):
+        """The bank's ``(embeddings, labels as int64)`` (``(None, None)`` while empty), validated."""
+        bank_emb, bank_labels = self.memory.get()
+        if bank_emb is None:
+            return None, None
+        V.check_embeddings("memory embeddings", bank_emb, d=d, d_from=d_from, finite=finite)
+        return bank_emb, V.check_labels("memory labels", bank_labels, bank_emb.shape[0], device)
+
+    def _agree(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, params, d, d_from):
+        """``distributed=True`` under a process group: every check whose outcome may differ between
+        ranks (this rank's arguments, shard, references, unit parameters and memory bank) runs inside
+        the ranks' agreement (``collectives.agree_on_batch``), so a problem on any rank raises the
+        same error on every rank and no rank is left waiting in a collective. Returns the labels, the
+        rows per rank, the references' labels and rows per rank, and the bank's rows."""
+        bank = [None, None]
+
+        def local_checks():  # after this rank's shard passed its structural checks
+            self._check_arguments(labels, indices_tuple, ref_emb, ref_labels)
+            if isinstance(ref_emb, torch.Tensor):
+                V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
+            V.check_params(params, d, embeddings.device, finite=False)
+            finite = list(zip(V.PARAM_NAMES, params))
+            if self.memory is not None:
+                bank[:] = self._memory_rows(d, d_from, embeddings.device, finite=False)
+                if bank[0] is not None:
+                    finite.append(("memory embeddings", bank[0]))
+            return finite
+
+        labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from, check=local_checks,
+                                                  same={"ref_emb": ref_emb is not None})
+        ref_rows = None
+        if ref_emb is not None:  # given on every rank (agreed above)
+            ref_labels, ref_rows = collectives.agree_on_batch(ref_emb, ref_labels, d=d, d_from=d_from,
+                                                              names=("ref_emb", "ref_labels"))
+        return labels, rows, ref_labels, ref_rows, bank
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        # Every input is validated here, once; the mining and scoring below take unchecked paths.
+        d, d_from = self.unit.in_features, "the loss's embedding_dim"
+        params = self.unit.params()
         gather = self.distributed and collectives.world_size() > 1
         if gather:  # collective checks: a bad shard raises on every rank alike; an empty shard is legal
-            labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from)
-            if ref_emb is not None:
-                ref_labels, ref_rows = collectives.agree_on_batch(ref_emb, ref_labels, d=d, d_from=d_from)
+            labels, rows, ref_labels, ref_rows, (bank_emb, bank_labels) = self._agree(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels, params, d, d_from)
         else:
+            self._check_arguments(labels, indices_tuple, ref_emb, ref_labels)
             V.check_embeddings("embeddings", embeddings, d=d, d_from=d_from)
-            labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+            if labels is not None:
+                labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
             if ref_emb is not None:
                 V.check_embeddings("ref_emb", ref_emb, d=d, d_from=d_from)
                 V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
-                ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
-        params = self.unit.params()
-        V.check_params(params, d, embeddings.device)
-        f = self._normalized(embeddings)
-        f_ref = None if ref_emb is None else self._normalized(ref_emb)
+                if ref_labels is not None:
+                    ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
+            V.check_params(params, d, embeddings.device)
+            if self.memory is not None:
+                bank_emb, bank_labels = self._memory_rows(d, d_from, embeddings.device)
+        dtype = V.compute_dtype(embeddings, ref_emb)
+        f = self._normalized(embeddings, dtype)
+        f_ref = None if ref_emb is None else self._normalized(ref_emb, dtype)
         if indices_tuple is not None:
-            return self._triplet_loss(f, f if f_ref is None else f_ref, indices_tuple) + self._pair_term(f, labels)
+            f_ref = f if f_ref is None else f_ref
+            a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
+            loss = self._triplet_loss(f, f_ref, (a, p, n))
+            if labels is None:  # the pair term on the triplets' own pairs
+                return loss + self._triplet_pair_term(f, f_ref, (a, p, n))
+            return loss + self._pair_term(f, labels)
         if gather:
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
             # slice's gradient by the world size, so DDP's average equals the single-process gradient.
             f, labels = collectives.global_batch(f, labels, rows=rows)
             if f_ref is not None:  # every rank's references too, by the same rule
                 f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=ref_rows)
-        if self.memory is not None:
-            bank_emb, bank_labels = self.memory.get()
-            if bank_emb is not None:
-                V.check_embeddings("memory embeddings", bank_emb, d=d, d_from=d_from)
-                ref_labels = V.check_labels("memory labels", bank_labels, bank_emb.shape[0], f.device)
-                f_ref = bank_emb.to(device=f.device, dtype=f.dtype)
+        if self.memory is not None and bank_emb is not None:
+            f_ref, ref_labels = bank_emb.to(device=f.device, dtype=f.dtype), bank_labels
         x, y, mining_params = _mining_inputs(f, f_ref, params)
         ly = None if f_ref is None else ref_labels
         quads = self._mine(x, labels, y, ly, mining_params)
@@ -451,14 +517,27 @@ class PDDMLoss(nn.Module):
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
 
-    def _triplet_loss(self, f, f_ref, indices_tuple):
-        """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each."""
-        a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
+    def _triplet_loss(self, f, f_ref, triplets):
+        """The loss on given (validated) triplets (a indexes f, p and n index f_ref): one hinge header each."""
+        a, p, n = triplets
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
         E_m, E_e = triplet_losses(f[a], f_ref[p], f_ref[n], self._scores, self.alpha, self.beta)
         metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
         self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
         return metric_loss + self.lam * embedding_loss
+
+    def _triplet_pair_term(self, f, f_ref, triplets):
+        """bce_weight x the balanced BCE of the triplets' own pairs (``labels=None``): each triplet's
+        (a, p) with target 1 and its (a, n) with target 0, i.e.
+        0.5 (mean_t log(1 + exp(-S_ap)) + mean_t log(1 + exp(S_an))); 0 without a triplet."""
+        if self.bce_weight == 0:
+            self.last_pair_loss = None
+            return 0.0
+        a, p, n = triplets
+        positive, negative = self._scores(f[a], f_ref[p]), self._scores(f[a], f_ref[n])
+        pair_loss = 0.5 * (_mean_or_zero(F.softplus(-positive)) + _mean_or_zero(F.softplus(negative)))
+        self.last_pair_loss = pair_loss.detach()
+        return self.bce_weight * pair_loss
 
     def extra_repr(self):
         extra = f", memory={self.memory!r}" if self.memory is not None else ""

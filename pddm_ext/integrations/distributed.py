@@ -67,7 +67,13 @@ def gather_embeddings_and_labels(embeddings, labels, group=None):
 class GlobalBatchLoss(torch.nn.Module):
     """Wraps any loss ``loss(embeddings, labels)`` so that it sees the global batch of all ranks
     (``global_batch``): the way to make a loss without a ``distributed=`` option mine over every
-    rank's embeddings. Without a process group it is the wrapped loss. ``.loss`` is the wrapped one."""
+    rank's embeddings. Without a process group it is the wrapped loss. ``.loss`` is the wrapped one.
+
+    The shards are agreed on before anything is gathered (a bad shard raises on every rank). The
+    wrapped loss then runs on the same global batch on every rank, so its own checks of that batch
+    agree too; checks of state a rank keeps for itself (a memory bank, parameters DDP does not
+    synchronise) are the wrapped loss's and are not agreed on: for ``PDDMLoss`` use
+    ``PDDMLoss(distributed=True)``, which agrees on them as well."""
 
     def __init__(self, loss, group=None):
         super().__init__()

@@ -16,6 +16,19 @@ import torch
 from .. import _validate as V
 
 
+STORAGE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_dtype(dtype):
+    """The bank's storage dtype: None (from the first batch) or float32 / float64."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32 or torch.float64), got {type(dtype).__name__}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
 class MemoryBank:
     """A ring buffer of ``size`` detached embeddings (``dim`` features) and their labels.
 
@@ -31,8 +44,17 @@ class MemoryBank:
     duck typing, so the core does not import this class): any object with them works there too.
 
     Storage is allocated on the first ``enqueue`` with that batch's device and dtype unless
-    ``device`` / ``dtype`` are given; later batches are converted to it. Not an ``nn.Module``: the
-    bank is training state, not a parameter, and stays out of ``state_dict`` and DDP broadcasts.
+    ``device`` / ``dtype`` are given; later batches are converted to it. The storage is always an
+    ordinary tensor, also when that first ``enqueue`` runs under ``torch.inference_mode()`` (a
+    validation loop or a trainer's sanity check before training): a bank filled there can be
+    written by the training steps after it.
+
+    Not an ``nn.Module``: the bank is training state, not a parameter, and stays out of
+    ``state_dict`` and DDP broadcasts. It offers ``nn.Module``'s conversions ``to``, ``cpu``,
+    ``cuda``, ``float``, ``double``, ``half``, ``bfloat16`` and ``type`` under the constructor's
+    rule: the storage dtype is float32 or float64, so ``half()``, ``bfloat16()`` and ``to()`` /
+    ``type()`` with any other dtype raise ``ValueError`` naming ``dtype`` (``TypeError`` for a
+    ``dtype`` that is not a ``torch.dtype``) and leave the bank unchanged; labels stay int64.
     """
 
     def __init__(self, size, dim, *, device=None, dtype=None):
@@ -41,8 +63,7 @@ class MemoryBank:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        _check_dtype(dtype)
         self.size, self.dim = size, dim
         self._device, self._dtype = device, dtype
         self.embeddings = None  # (size, dim), allocated lazily
@@ -64,8 +85,11 @@ class MemoryBank:
     def _allocate(self, like):
         device = like.device if self._device is None else torch.device(self._device)
         dtype = self._dtype or (torch.float64 if like.dtype == torch.float64 else torch.float32)
-        self.embeddings = torch.zeros(self.size, self.dim, device=device, dtype=dtype)
-        self.labels = torch.full((self.size,), -1, device=device, dtype=torch.int64)
+        # An ordinary tensor even under torch.inference_mode(): an inference tensor could never be
+        # written again outside inference mode (the later writes into it are in-place updates).
+        with torch.inference_mode(False):
+            self.embeddings = torch.zeros(self.size, self.dim, device=device, dtype=dtype)
+            self.labels = torch.full((self.size,), -1, device=device, dtype=torch.int64)
 
     @torch.no_grad()
     def enqueue(self, embeddings, labels):
@@ -90,16 +114,67 @@ class MemoryBank:
             return None, None
         return self.embeddings[: self.count], self.labels[: self.count]
 
-    def to(self, device=None, dtype=None):
-        """Moves (and/or casts) the storage; returns self."""
+    def to(self, *args, **kwargs):
+        """Moves and/or casts the storage, with ``torch.Tensor.to``'s arguments (a device, a dtype,
+        both, or a tensor to match); returns self. ``ValueError`` naming ``dtype`` for a dtype other
+        than float32 / float64 (the constructor's rule: a float16 bank would round every stored row,
+        an integer one would store zeros), before anything changes."""
+        try:
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        except (RuntimeError, TypeError) as exc:
+            raise TypeError(f"MemoryBank.to() takes a device, a dtype or a tensor, as torch.Tensor.to does: {exc}") from None
+        return self._convert(device, dtype, non_blocking)
+
+    def _convert(self, device=None, dtype=None, non_blocking=False):
+        _check_dtype(dtype)
         if device is not None:
             self._device = device
         if dtype is not None:
             self._dtype = dtype
         if self.embeddings is not None:
-            self.embeddings = self.embeddings.to(device=device, dtype=dtype)
-            self.labels = self.labels.to(device=device)
+            with torch.inference_mode(False):  # the storage stays an ordinary tensor (see _allocate)
+                self.embeddings = self.embeddings.to(device=device, dtype=dtype, non_blocking=non_blocking)
+                self.labels = self.labels.to(device=device, non_blocking=non_blocking)
         return self
+
+    def cpu(self):
+        """Moves the storage to the CPU; returns self."""
+        return self._convert(torch.device("cpu"))
+
+    def cuda(self, device=None):
+        """Moves the storage to a CUDA device (the current one by default); returns self."""
+        if device is None:
+            device = torch.cuda.current_device()
+        return self._convert(torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+
+    def float(self):
+        """Casts the storage to float32; returns self."""
+        return self._convert(dtype=torch.float32)
+
+    def double(self):
+        """Casts the storage to float64; returns self."""
+        return self._convert(dtype=torch.float64)
+
+    def half(self):
+        """Refused like ``MemoryBank(dtype=torch.float16)``: ``ValueError`` naming ``dtype``."""
+        return self._convert(dtype=torch.float16)
+
+    def bfloat16(self):
+        """Refused like ``MemoryBank(dtype=torch.bfloat16)``: ``ValueError`` naming ``dtype``."""
+        return self._convert(dtype=torch.bfloat16)
+
+    def type(self, dst_type):
+        """Casts the storage to ``dst_type`` (a ``torch.dtype``, or a tensor type name such as
+        ``"torch.DoubleTensor"``, as ``torch.Tensor.type`` takes), by the rule of :meth:`to`."""
+        if isinstance(dst_type, str):
+            try:
+                probe = torch.empty(0).type(dst_type)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise TypeError(f"dst_type must be a torch.dtype or a tensor type name, got {dst_type!r}: {exc}") from None
+            return self._convert(probe.device, probe.dtype)
+        if not isinstance(dst_type, torch.dtype):
+            raise TypeError(f"dst_type must be a torch.dtype or a tensor type name, got {type(dst_type).__name__}")
+        return self._convert(dtype=dst_type)
 
     def __repr__(self):
         return f"MemoryBank(size={self.size}, dim={self.dim}, filled={self.count})"

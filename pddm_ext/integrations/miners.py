@@ -18,10 +18,9 @@ miner disagree with ``mine_hard``, ``batch_hard`` and ``PDDMLoss``, which take t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _validate as V
-from ..functional import _batch_hard, _mine_hard, _prepare_mining
+from ..functional import _batch_hard, _mine_hard, _normalized_rows, _prepare_mining
 
 MODES = ("mine_hard", "batch_hard")
 
@@ -37,7 +36,7 @@ class _PDDMMining:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.k = V.check_k(k)
         self.mode = mode
-        self.normalize = bool(normalize)
+        self.normalize = V.check_bool("normalize", normalize)
         # Not registered as a submodule: the unit belongs to the loss (and its optimiser); the
         # miner only reads it, so it must not show up twice in parameters() or state_dict().
         object.__setattr__(self, "_unit", unit)
@@ -60,7 +59,9 @@ class _PDDMMining:
         V.check_embeddings("embeddings", embeddings, finite=False)
         if not batch_mode:
             V.check_embeddings("ref_emb", ref_emb, d=embeddings.shape[1], d_from="embeddings", finite=False)
-        prep = (lambda t: F.normalize(t.detach(), dim=1)) if self.normalize else (lambda t: t.detach())  # noqa: E731
+        # normalised in the compute dtype: float32 for half rows (float16's eps and norms fail)
+        dtype = V.compute_dtype(embeddings, None if batch_mode else ref_emb)
+        prep = (lambda t: _normalized_rows(t.detach(), dtype)) if self.normalize else (lambda t: t.detach())  # noqa: E731
         x = prep(embeddings)
         y = None if batch_mode else prep(ref_emb)
         x, lx, y, ly, params, metric, form = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
@@ -88,8 +89,10 @@ _DOC = """PDDM hard mining as a pytorch-metric-learning miner (docs/design.md, "
 
     ``unit``: a ``pddm_ext.PDDM`` (e.g. ``PDDMLoss(...).unit``); the miner reads it but does not own
     it (it is not among the miner's parameters). ``metric`` defaults to "pddm" with a unit, else
-    "euclidean". ``normalize``: mine on L2-normalised embeddings, as ``PDDMLoss`` and PML's default
-    distance do. Mining is fused (no (m, n) matrix) and not differentiable.
+    "euclidean". ``normalize`` (bool; ``TypeError`` naming it otherwise): mine on L2-normalised
+    embeddings, as ``PDDMLoss`` and PML's default distance do, normalised in the compute dtype
+    (float32 for float16 / bfloat16 embeddings, whose own eps and norms fail: docs/design.md).
+    Mining is fused (no (m, n) matrix) and not differentiable.
 
     ``embeddings`` (m, d) and ``ref_emb`` (n, d): floating tensors; ``labels`` (m,), ``ref_labels``
     (n,): integer tensors (a list or numpy array raises ``TypeError`` naming ``labels``: convert with
