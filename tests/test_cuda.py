@@ -636,15 +636,18 @@ def test_public_mining_api_on_cuda(metric, device):
     assert torch.equal(a, ra)
 
 
+@pytest.mark.parametrize("m,n", [(41, 67), (20, 30)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_reference_mode_leaves_out_a_querys_copy(metric, dtype, device):
+def test_reference_mode_leaves_out_a_querys_copy(metric, dtype, m, n, device):
     """docs/design.md#mining's self-copy rule in the kernels: references that hold the queries (shuffled,
     one with -0.0 for +0.0, one with another label) are no positives of their queries; a row that
-    differs by a squared difference that underflows still is one. Sizes span several tiles, and k
-    selects both the per-block heaps (k = 1, 5) and the append buffer (every pair)."""
+    differs by a squared difference that underflows still is one. 41 x 67 spans several tiles of both
+    metrics, 20 x 30 is one Euclidean tile (one block); k selects the append buffer (every pair, or
+    more than the blocks' heaps would hold) and the per-block heaps (k < pairs by label, k x blocks <=
+    pairs by label), with k large enough that the copies would enter the heaps without the rule."""
     g = torch.Generator().manual_seed(7)
-    m, n, d = 41, 67, 9
+    d = 9
     tiny = 1e-30 if dtype == torch.float32 else 1e-170
     x = torch.randn(m, d, generator=g, dtype=dtype)
     x[:, 0] = 0.0
@@ -662,7 +665,8 @@ def test_reference_mode_leaves_out_a_querys_copy(metric, dtype, device):
     excluded &= lx[:, None] == ly[None, :]
     excluded[copies[1], 1] = False  # y[1] differs from its query by tiny
     assert int(excluded.sum()) == m - 2 and not positive[excluded].any() and positive[copies[1], 1]
-    for k in (1, 5, None):
+    by_label = int((lx[:, None] == ly[None, :]).sum())  # the kernels' count of positive pairs, by label
+    for k in (1, 5, None, by_label // 16, by_label - 1):
         out = check_mining(to(x), to(lx), to(y), to(ly), unit, metric, k)
         hp, pi, pr = out[0].cpu(), out[6].cpu(), out[7].cpu()
         rows = (hp >= 0).nonzero().flatten()

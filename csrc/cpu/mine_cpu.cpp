@@ -23,6 +23,13 @@ struct RowsOf {
   int64_t d;
 };
 
+// self_copy_pair's exact comparison, out of line: it runs only for a zero gap (equal rows, or an
+// underflowing difference), so the fold loop below keeps its code as without the rule.
+template <typename scalar_t>
+[[gnu::noinline]] bool rows_equal_out_of_line(const scalar_t* a, const scalar_t* b, int64_t d) {
+  return rows_equal(a, b, d);
+}
+
 template <typename scalar_t>
 struct PairCandidate {
   scalar_t s;
@@ -74,7 +81,9 @@ struct MiningState {
         if (batch && r <= i) continue;
         const scalar_t s = S[a * nr + b];
         if (lx[i] == ly[r]) {
-          if (!batch && self_copy_pair(gap[a * nr + b], rows.x + i * rows.d, rows.y + r * rows.d, rows.d)) continue;
+          if (!batch && gap[a * nr + b] == scalar_t(0) &&  // self_copy_pair (pddm_common.h)
+              rows_equal_out_of_line(rows.x + i * rows.d, rows.y + r * rows.d, rows.d))
+            continue;
           offer_positive(i, r, s);
           if (batch) offer_positive(r, i, s);
           offer_pair({s, i, r});
