@@ -74,22 +74,33 @@ struct MiningState {
   // gap (zero for equal rows) comes with the scores.
   void visit_tile(bool batch, int64_t i0, int64_t ni, int64_t r0, int64_t nr, const scalar_t* S,
                   const scalar_t* gap, const RowsOf<scalar_t>& rows, const int64_t* lx, const int64_t* ly) {
+    if (batch) {
+      visit<true>(i0, ni, r0, nr, S, gap, rows, lx, ly);
+    } else {
+      visit<false>(i0, ni, r0, nr, S, gap, rows, lx, ly);
+    }
+  }
+
+  // One loop per mode, so that batch mode's is the loop without the rule.
+  template <bool kBatch>
+  void visit(int64_t i0, int64_t ni, int64_t r0, int64_t nr, const scalar_t* S, const scalar_t* gap,
+             const RowsOf<scalar_t>& rows, const int64_t* lx, const int64_t* ly) {
     for (int64_t a = 0; a < ni; ++a) {
       const int64_t i = i0 + a;
       for (int64_t b = 0; b < nr; ++b) {
         const int64_t r = r0 + b;
-        if (batch && r <= i) continue;
+        if (kBatch && r <= i) continue;
         const scalar_t s = S[a * nr + b];
         if (lx[i] == ly[r]) {
-          if (!batch && gap[a * nr + b] == scalar_t(0) &&  // self_copy_pair (pddm_common.h)
+          if (!kBatch && gap[a * nr + b] == scalar_t(0) &&  // self_copy_pair (pddm_common.h)
               rows_equal_out_of_line(rows.x + i * rows.d, rows.y + r * rows.d, rows.d))
             continue;
           offer_positive(i, r, s);
-          if (batch) offer_positive(r, i, s);
+          if (kBatch) offer_positive(r, i, s);
           offer_pair({s, i, r});
         } else {
           offer_negative(i, r, s);
-          if (batch) {
+          if (kBatch) {
             offer_negative(r, i, s);
           } else {
             offer_column_negative(r, i, s);
