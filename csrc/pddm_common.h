@@ -129,6 +129,28 @@ C10_HOST_DEVICE inline bool pair_before(T s1, int64_t i1, int64_t r1, T s2, int6
   return r1 < r2;
 }
 
+// Reference mode (docs/design.md#mining): a query and a reference with the same label whose rows are
+// equal, feature by feature (so -0 equals +0), are not a positive pair. Such a pair carries no
+// information, and a reference set that holds the queries themselves (pytorch-metric-learning's
+// CrossBatchMemory, DistributedMinerWrapper(efficient=True)) must not hand a query its own copy as
+// its hardest positive (with a PDDM unit S(x, x) is often the lowest positive score). `gap` is a
+// per-pair value the kernel has already formed that is exactly 0 when the rows are equal
+// (||x_i - y_r|| for PDDM, the score -||x_i - y_r||^2 for Euclidean); it is necessary, not sufficient
+// (a squared difference can underflow to 0), so only a zero gap pays for the exact comparison.
+// Batch mode excludes the pair (i, i) by its index instead.
+template <typename T>
+C10_HOST_DEVICE inline bool rows_equal(const T* a, const T* b, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) {
+    if (a[t] != b[t]) return false;
+  }
+  return true;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline bool self_copy_pair(T gap, const T* a, const T* b, int64_t d) {
+  return gap == T(0) && rows_equal(a, b, d);
+}
+
 // Batch mode visits the tiles (bi, bj) with bi <= bj of an nb x nb grid, numbered row by row.
 C10_HOST_DEVICE inline int64_t triangle_tile_count(int64_t nb) { return nb * (nb + 1) / 2; }
 

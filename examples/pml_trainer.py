@@ -58,7 +58,7 @@ def main():
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, EMBEDDING_DIM))
     loss_func = losses.TripletMarginLoss(margin=0.2)
     pddm_loss = pddm_ext.PDDMLoss(EMBEDDING_DIM, k=8)  # [pddm] learns the PDDM metric
-    miner = pddm_ext.PDDMMiner(unit=pddm_loss.unit, k=16)  # [pddm] was miners.TripletMarginMiner(...)
+    miner = pddm_ext.PDDMMiner(unit=pddm_loss.unit, k=32)  # [pddm] was miners.TripletMarginMiner(...)
     optimizer = torch.optim.Adam([*model.parameters(), *pddm_loss.parameters()], lr=1e-3)  # [pddm]
 
     print(f"test precision@1 before training {precision_at_1(model, train_x, train_y, test_x, test_y):.3f}")

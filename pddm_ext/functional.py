@@ -183,8 +183,11 @@ def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=No
     is never built.
 
     1. Order all positive pairs (i, r) by S(x_i, y_r) ascending, ties by (i, r) ascending
-       (batch mode: unordered pairs, i < r).
+       (batch mode: unordered pairs, i < r; reference mode: ordered (query, reference) pairs, less
+       the same-label pairs of equal rows, docs/design.md "Mining", the self-copy rule).
     2. Keep the first ``k`` (``k=None`` keeps all; ``k=1`` is the paper's single hardest pair).
+       ``k`` counts quadruplets (pairs) in both modes; ``as_triplets()`` makes each two triplets in
+       batch mode and one in reference mode (``PDDMMiner``'s ``k`` counts triplets instead).
     3. Emit ``(i, r, hardest_negative[i], hardest_negative_of_ref[r])`` per kept pair, skipping pairs
        where either negative does not exist, with
        hardest_negative[i] = argmax_{r: label differs} S(x_i, y_r) and
@@ -225,7 +228,8 @@ def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, 
     """Per-query hardest triplets ``(a, p, n)`` (docs/design.md, "Mining"), fused.
 
     One triplet ``(i, hardest_positive[i], hardest_negative[i])`` per query i that has both, with
-    hardest_positive[i] = argmin_{r: positive pair (i, r)} S(x_i, y_r) and
+    hardest_positive[i] = argmin_{r: positive pair (i, r)} S(x_i, y_r) (reference mode: never a
+    reference row equal to x_i, docs/design.md "Mining", the self-copy rule) and
     hardest_negative[i] = argmax_{r: label differs} S(x_i, y_r). Returns three int64 tensors of one
     length t <= m, on the embeddings' device. Inputs (``normalize_inputs`` included) and errors as
     :func:`mine_hard` (without ``k``).

@@ -130,7 +130,8 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
 
     Returns ``(S, positive_mask, hardest_positive, hardest_negative, hardest_negative_of_ref)``;
     a row or column without a candidate gets -1. argmax/argmin return the first optimum,
-    which is the smallest index.
+    which is the smallest index. Positive pairs: equal labels, except (i, i) in batch mode and, in
+    reference mode, a reference row equal to its query feature by feature (-0 equals +0).
     """
     metric = metric or ("euclidean" if unit is None else "pddm")
     batch_mode = ref_emb is None
@@ -140,6 +141,8 @@ def hardest(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, met
     positive, negative = same.clone(), ~same
     if batch_mode:
         positive.fill_diagonal_(False)
+    else:
+        positive &= ~(embeddings[:, None, :] == y[None, :, :]).all(-1)
 
     def pick(masked, mask, dim, largest):
         idx = masked.argmax(dim) if largest else masked.argmin(dim)

@@ -527,7 +527,8 @@ def test_concurrent_calls_with_different_hidden_sizes(device):
 
 
 def reference_slots(x, lx, y, ly, params, metric):
-    """Full score matrix (float64) and the masks of docs/design.md#mining."""
+    """Full score matrix (float64) and the masks of docs/design.md#mining (reference mode: the
+    same-label pairs of equal rows are no positive pairs)."""
     batch = y is None
     yy, lyy = (x, lx) if batch else (y, ly)
     if metric == "euclidean":
@@ -538,6 +539,8 @@ def reference_slots(x, lx, y, ly, params, metric):
     positive, negative = same.clone(), ~same
     if batch:
         positive.fill_diagonal_(False)
+    else:
+        positive &= ~(x[:, None, :] == y[None, :, :]).all(-1)
     return S, positive, negative
 
 
@@ -631,6 +634,43 @@ def test_public_mining_api_on_cuda(metric, device):
     a, p, n = pddm_ext.batch_hard(emb, labels, unit, metric=metric)
     ra, rp, rn = reference.batch_hard(emb, labels, unit, metric=metric)
     assert torch.equal(a, ra)
+
+
+@pytest.mark.parametrize("m,n", [(41, 67), (20, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_reference_mode_leaves_out_a_querys_copy(metric, dtype, m, n, device):
+    """docs/design.md#mining's self-copy rule in the kernels: references that hold the queries (shuffled,
+    one with -0.0 for +0.0, one with another label) are no positives of their queries; a row that
+    differs by a squared difference that underflows still is one. 41 x 67 spans several tiles of both
+    metrics, 20 x 30 is one Euclidean tile (one block); k selects the append buffer (every pair, or
+    more than the blocks' heaps would hold) and the per-block heaps (k < pairs by label, k x blocks <=
+    pairs by label), with k large enough that the copies would enter the heaps without the rule."""
+    g = torch.Generator().manual_seed(7)
+    d = 9
+    tiny = 1e-30 if dtype == torch.float32 else 1e-170
+    x = torch.randn(m, d, generator=g, dtype=dtype)
+    x[:, 0] = 0.0
+    lx = torch.randint(0, 3, (m,), generator=g)
+    copies = torch.randperm(m, generator=g)
+    y = torch.cat([x[copies], torch.randn(n - m, d, generator=g, dtype=dtype)])
+    ly = torch.cat([lx[copies], torch.randint(0, 3, (n - m,), generator=g)])
+    y[0, 0], y[1, 0] = -0.0, tiny
+    ly[2] = (ly[2] + 1) % 3
+    unit = make_unit(d, 11, 6, dtype=dtype, device=device, seed=4)
+    to = lambda t: t.to(device)  # noqa: E731
+    _, positive, _ = reference_slots(x, lx, y, ly, None, "euclidean")
+    excluded = torch.zeros(m, n, dtype=torch.bool)
+    excluded[copies, torch.arange(m)] = True  # query copies[r] against its copy y[r]
+    excluded &= lx[:, None] == ly[None, :]
+    excluded[copies[1], 1] = False  # y[1] differs from its query by tiny
+    assert int(excluded.sum()) == m - 2 and not positive[excluded].any() and positive[copies[1], 1]
+    by_label = int((lx[:, None] == ly[None, :]).sum())  # the kernels' count of positive pairs, by label
+    for k in (1, 5, None, by_label // 16, by_label - 1):
+        out = check_mining(to(x), to(lx), to(y), to(ly), unit, metric, k)
+        hp, pi, pr = out[0].cpu(), out[6].cpu(), out[7].cpu()
+        rows = (hp >= 0).nonzero().flatten()
+        assert not excluded[rows, hp[rows]].any() and not excluded[pi, pr].any()
 
 
 def test_reference_mode_bank_much_larger_than_queries(device):

@@ -45,15 +45,25 @@ def brute_scores(x, y, params, metric):
     return [[pair_score(x[i], y[r], params, metric) for r in range(y.shape[0])] for i in range(x.shape[0])]
 
 
-class Brute:
-    """docs/design.md#mining applied literally to a score table S (lists of floats)."""
+def equal_rows(x, y):
+    """equal[i][r]: rows x_i and y_r equal feature by feature (Python floats: -0.0 == 0.0)."""
+    xs, ys = x.tolist(), y.tolist()
+    return [[a == b for b in ys] for a in xs]
 
-    def __init__(self, S, lx, ly, batch):
+
+class Brute:
+    """docs/design.md#mining applied literally to a score table S (lists of floats). ``equal`` (reference
+    mode): the table of equal rows, whose same-label pairs are no positive pairs (the self-copy rule)."""
+
+    def __init__(self, S, lx, ly, batch, equal=None):
         self.S, self.lx, self.ly, self.batch = S, lx, ly, batch
         self.m, self.n = len(lx), len(ly)
+        self.equal = equal
 
     def positive(self, i, r):
-        return self.lx[i] == self.ly[r] and not (self.batch and i == r)
+        if self.batch and i == r:
+            return False
+        return self.lx[i] == self.ly[r] and not (not self.batch and self.equal is not None and self.equal[i][r])
 
     def negative(self, i, r):
         return self.lx[i] != self.ly[r]
@@ -210,7 +220,7 @@ def mining_case(metric, mode, layout, dtype_name, m=24, n=29, d=D, seed=0):
         ly = make_labels(layout, n, seed + 4, offset=1000 if layout == "distinct" else 0)
         kwargs = dict(ref_emb=y, ref_labels=ly)
     kwargs["metric"] = metric
-    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), mode == "batch")
+    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), mode == "batch", equal_rows(x, y))
     return x, lx, unit, kwargs, brute, MINING_TOL[dtype]
 
 
@@ -285,7 +295,7 @@ def duplicated_case(metric, mode):
         y, ly = torch.cat([w, w]), torch.cat([lw, lw])
         kwargs = dict(ref_emb=y, ref_labels=ly)
     kwargs["metric"] = metric
-    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), mode == "batch")
+    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), mode == "batch", equal_rows(x, y))
     return x, lx, unit, kwargs, brute
 
 
@@ -330,6 +340,56 @@ def test_tie_between_duplicate_negatives_small():
     # hardest_negative_of_ref: r=2 -> argmax over {1, 3} tie -> 1; r=4 -> 1; r=3 -> argmax over {0,2,4}: 0
     assert q.positive_negative.tolist() == [1, 1, 1, 0]
     torch.testing.assert_close(q.scores[:, 0], torch.tensor([-50.0, -29.0, -9.0, 0.0], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- self copies (reference mode)
+
+
+def tiny(dtype):
+    """A normal number whose square underflows to 0 in ``dtype``."""
+    return 1e-30 if dtype == torch.float32 else 1e-170
+
+
+def self_copy_case(metric, dtype_name, m, n, seed):
+    """Reference mode against references that hold copies of the queries (docs/design.md#mining, the
+    self-copy rule): half of the queries copied in a shuffled order, one copy with another label (a
+    negative, which stays one), one copy with -0.0 where its query has +0.0 (equal rows), one row
+    that differs from its query by ``tiny`` in one feature (the squared difference underflows, so
+    the kernels' gap is 0, but the rows differ: a positive pair), a query duplicated in the batch (so
+    the copy of one also equals the other) and random rows."""
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(seed)
+    unit = make_unit(D, H, C, dtype=dtype, seed=seed) if metric == "pddm" else None
+    params = None if unit is None else ref_params(unit)
+    x = torch.randn(m, D, generator=g, dtype=dtype)
+    x[:, 0] = 0.0
+    lx = torch.randint(0, 3, (m,), generator=g)
+    x[1], lx[1] = x[0], lx[0]
+    copies = torch.randperm(m, generator=g)[: (m + 1) // 2]
+    extra = n - len(copies) - 1
+    y = torch.cat([x[copies], x[copies[:1]], torch.randn(extra, D, generator=g, dtype=dtype)])
+    ly = torch.cat([lx[copies], lx[copies[:1]], torch.randint(0, 3, (extra,), generator=g)])
+    y[0, 0] = -0.0
+    y[len(copies), 0] = tiny(dtype)  # the second copy of copies[0]: not equal any more
+    ly[1] = (ly[1] + 1) % 3  # a copy with another label
+    brute = Brute(brute_scores(x, y, params, metric), lx.tolist(), ly.tolist(), False, equal_rows(x, y))
+    return x, lx, y, ly, unit, brute, MINING_TOL[dtype], (int(copies[0]), len(copies))
+
+
+@pytest.mark.parametrize("m,n", [(7, 11), (37, 53)], ids=["7x11", "37x53"])
+@pytest.mark.parametrize("dtype_name", ["f64", "f32"])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_reference_mode_never_pairs_a_query_with_its_copy(metric, dtype_name, m, n):
+    x, lx, y, ly, unit, brute, tol, tiny_pair = self_copy_case(metric, dtype_name, m, n, seed=m + n)
+    same = [(i, r) for i in range(m) for r in range(n) if brute.equal[i][r] and brute.lx[i] == brute.ly[r]]
+    assert len(same) >= (m + 1) // 2 - 1  # copies to leave out (one copy has another label)
+    assert brute.positive(*tiny_pair)  # differs by a squared difference that underflows: still a positive
+    kwargs = dict(ref_emb=y, ref_labels=ly, metric=metric)
+    for k in (1, 3, None):
+        for q in (pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), reference.mine_hard(x, lx, unit, k=k, **kwargs)):
+            check_quadruplets(q, brute, k, tol)
+    for result in (pddm_ext.batch_hard(x, lx, unit, **kwargs), reference.batch_hard(x, lx, unit, **kwargs)):
+        check_batch_hard(result, brute, tol)
 
 
 # --------------------------------------------------------------------------- structure

@@ -54,7 +54,8 @@ def test_issue_example_score_float32():
 
 
 def test_issue_example_batch_hard_reference_mode():
-    """Query a; references: a (positive), b ~ -a (true S = -0.0293) and c (S = -0.0634), both negatives.
+    """Query a; references: 2a (positive; not a itself, which the self-copy rule of docs/design.md#mining
+    keeps from being a positive), b ~ -a (true S = -0.0293) and c (S = -0.0634), both negatives.
     The cancelled score of (a, b) was -0.2820, which made c the hardest negative."""
     unit = pddm_ext.PDDM(2, 2, 1)
     with torch.no_grad():
@@ -62,7 +63,7 @@ def test_issue_example_batch_hard_reference_mode():
             p.copy_(value)
     query = torch.tensor([ISSUE_A])
     c = [2 * math.cos(2.5604), 2 * math.sin(2.5604)]
-    refs = torch.tensor([ISSUE_A, ISSUE_B, c])
+    refs = torch.tensor([[2 * e for e in ISSUE_A], ISSUE_B, c])
     a, p, n = pddm_ext.batch_hard(query, torch.tensor([0]), unit, ref_emb=refs, ref_labels=torch.tensor([0, 1, 1]))
     assert (a.tolist(), p.tolist(), n.tolist()) == ([0], [0], [1])
     # mine_hard: a second query (label 1) gives the positive pair (0, 0) its positive_negative
@@ -191,9 +192,10 @@ def test_issue_offset_example():
     q = pddm_ext.mine_hard(x, labels, k=None)
     brute = Brute(brute_scores(x, x, None, "euclidean"), labels.tolist(), labels.tolist(), True)
     check_quadruplets(q, brute, None, MINING_TOL[torch.float32])
-    # reference mode: the same rows as a memory bank (a row is then its own positive, at distance 0)
+    # reference mode: the same rows as a memory bank. A row is not its own positive (the self-copy rule
+    # of docs/design.md#mining), so the triplets are batch mode's (row 3 has no other positive).
     a, p, n = pddm_ext.batch_hard(x, labels, ref_emb=x, ref_labels=labels)
-    assert (a.tolist(), p.tolist(), n.tolist()) == ([0, 1, 2, 3], [2, 2, 0, 3], [3, 3, 3, 2])
+    assert (a.tolist(), p.tolist(), n.tolist()) == ([0, 1, 2], [2, 2, 0], [3, 3, 3])
 
 
 def offset_rows(m, d, dtype, seed, offset, spread):
@@ -254,8 +256,12 @@ def test_euclidean_duplicates_with_offset_tie_exactly(mode):
         S = pddm_ext.mine_hard(x, labels, k=None).scores
         assert (S[:, 0] == 0).sum().item() == 1
     else:
+        # Equal rows with one label are no positive pairs (the self-copy rule of docs/design.md#mining):
+        # query 2's copy and its duplicate x[9], query 1's copy. Equal rows with another label are
+        # negatives at distance exactly 0, the smallest index winning.
         q = pddm_ext.mine_hard(x[:3], labels[:3], k=None, ref_emb=x, ref_labels=labels)
-        pairs = dict(zip(zip(q.anchor.tolist(), q.positive.tolist()), q.scores[:, 0].tolist()))
-        assert pairs[(2, 2)] == 0.0 and pairs[(2, 9)] == 0.0 and pairs[(1, 1)] == 0.0
-        a, p, n = pddm_ext.batch_hard(x[:3], labels[:3], ref_emb=x, ref_labels=labels)
-        assert n.tolist()[1:] == [4, 7]  # duplicates of the query at distance 0, smallest index
+        assert not set(zip(q.anchor.tolist(), q.positive.tolist())) & {(2, 2), (2, 9), (1, 1)}
+        res = pddm_ext.ops.mine(x[:3], labels[:3], x, labels, None, -1, "euclidean")
+        assert res.hardest_positive[2].item() == -1
+        assert res.hardest_negative.tolist()[1:] == [4, 7]  # duplicates of the query at distance 0, smallest index
+        assert res.hardest_negative_score.tolist()[1:] == [0.0, 0.0]

@@ -35,10 +35,11 @@ def unit_for(d, seed=0):
 
 
 def check_reference_triplets(a, p, n, f, labels, f_ref, ref_labels, unit, tol=1e-5):
-    """(a, p, n) are reference-mode mine_hard(k=None) triplets: every positive pair (a, p) once, and
-    n an argmax of S(f_a, .) over negatives, within the tolerance of docs/design.md#ties-and-tolerance."""
+    """(a, p, n) are reference-mode mine_hard(k=None) triplets: every positive pair (a, p) once (a
+    reference row equal to its anchor is none: docs/design.md#mining's self-copy rule), and n an argmax
+    of S(f_a, .) over negatives, within the tolerance of docs/design.md#ties-and-tolerance."""
     S = reference.pddm_scores(f, f_ref, unit)
-    positive = labels[:, None] == ref_labels[None, :]
+    positive = (labels[:, None] == ref_labels[None, :]) & ~(f[:, None, :] == f_ref[None, :, :]).all(-1)
     want_pairs = set(map(tuple, positive.nonzero().tolist()))
     got_pairs = list(zip(a.tolist(), p.tolist()))
     assert sorted(got_pairs) == sorted(want_pairs)
@@ -53,14 +54,22 @@ def check_reference_triplets(a, p, n, f, labels, f_ref, ref_labels, unit, tol=1e
 def test_is_a_pml_miner_whose_triplets_are_mine_hards():
     x, labels = pk_batch()
     unit = unit_for(8)
-    miner = pddm_ext.PDDMMiner(unit=unit, k=5)
+    miner = pddm_ext.PDDMMiner(unit=unit, k=10)
     assert isinstance(miner, miners.BaseMiner)
     assert list(miner.parameters()) == []  # reads the unit, does not own it
     a, p, n = miner(x, labels)
     q = pddm_ext.mine_hard(F.normalize(x, dim=1), labels, unit, k=5)
     for got, want in zip((a, p, n), q.as_triplets()):
         assert torch.equal(got, want)
-    assert len(a) == 10 and miner.num_triplets == 10  # batch mode: 2 triplets per quadruplet
+    # k counts triplets: the 10 of mine_hard's 5 hardest (unordered) pairs, 2 triplets per quadruplet
+    assert len(a) == 10 and miner.num_triplets == 10
+    # an odd k: the 5 hardest ordered pairs, i.e. both triplets of the 2 hardest pairs and the
+    # (i, r, k) of the third (ties by (a, p): i < r comes first)
+    a5, p5, n5 = pddm_ext.PDDMMiner(unit=unit, k=5)(x, labels)
+    q3 = pddm_ext.mine_hard(F.normalize(x, dim=1), labels, unit, k=3)
+    want = set(zip(*(t.tolist() for t in q3.as_triplets()))) - {(q3.positive[2].item(), q3.anchor[2].item(),
+                                                                 q3.positive_negative[2].item())}
+    assert set(zip(a5.tolist(), p5.tolist(), n5.tolist())) == want and len(a5) == 5
     assert (labels[a] == labels[p]).all() and (labels[a] != labels[n]).all()
 
     a, p, n = pddm_ext.PDDMMiner(unit=unit, mode="batch_hard")(x, labels)
@@ -109,7 +118,7 @@ def test_reference_mode_indexes_ref_emb():
 def test_pddm_loss_on_the_miners_triplets_is_the_pddm_loss():
     x, labels = pk_batch(P=5, K=3, seed=4)
     loss_fn = pddm_ext.PDDMLoss(8, k=3).double()
-    miner = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=loss_fn.k)
+    miner = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=2 * loss_fn.k)  # the miner counts triplets, the loss pairs
     via_miner = loss_fn(x, labels, miner(x, labels))
     torch.testing.assert_close(via_miner, loss_fn(x, labels), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="triplet tuple"):
@@ -165,7 +174,7 @@ def test_metric_loss_only_trainer_runs_with_pddm_miner_and_loss():
     torch.manual_seed(0)
     trunk = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
     loss_fn = pddm_ext.PDDMLoss(16, k=4, bce_weight=0.0)  # without the pair term b_s gets no gradient
-    miner = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=4)
+    miner = pddm_ext.PDDMMiner(unit=loss_fn.unit, k=8)
     # The loss has parameters (its PDDM unit): PML's trainer steps "<loss name>_optimizer" for them.
     optimizers = {
         "trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1),
@@ -234,7 +243,7 @@ def test_package_imports_and_mines_without_pml():
         import sys
         sys.modules["pytorch_metric_learning"] = None  # as if not installed
         import torch, pddm_ext
-        miner = pddm_ext.PDDMMiner(k=1)
+        miner = pddm_ext.PDDMMiner(k=2)
         assert not isinstance(miner, torch.nn.Module), type(miner).__mro__
         a, p, n = miner(torch.randn(8, 4), torch.arange(4).repeat(2))
         assert len(a) == 2, (a, p, n)

@@ -16,6 +16,20 @@
 namespace pddm_ext::cpu {
 namespace {
 
+// The rows the kernel mines (x (m, d) and y (n, d), contiguous): the exact comparison of self_copy_pair.
+template <typename scalar_t>
+struct RowsOf {
+  const scalar_t *x, *y;
+  int64_t d;
+};
+
+// self_copy_pair's exact comparison, out of line: it runs only for a zero gap (equal rows, or an
+// underflowing difference), so the fold loop below keeps its code as without the rule.
+template <typename scalar_t>
+[[gnu::noinline]] bool rows_equal_out_of_line(const scalar_t* a, const scalar_t* b, int64_t d) {
+  return rows_equal(a, b, d);
+}
+
 template <typename scalar_t>
 struct PairCandidate {
   scalar_t s;
@@ -55,22 +69,38 @@ struct MiningState {
     }
   }
 
-  // Folds one scored tile in. Batch mode counts each unordered pair {i, r}, i < r, once.
+  // Folds one scored tile in. Batch mode counts each unordered pair {i, r}, i < r, once; reference
+  // mode skips the same-label pairs of equal rows (self_copy_pair, pddm_common.h), whose per-pair
+  // gap (zero for equal rows) comes with the scores.
   void visit_tile(bool batch, int64_t i0, int64_t ni, int64_t r0, int64_t nr, const scalar_t* S,
-                  const int64_t* lx, const int64_t* ly) {
+                  const scalar_t* gap, const RowsOf<scalar_t>& rows, const int64_t* lx, const int64_t* ly) {
+    if (batch) {
+      visit<true>(i0, ni, r0, nr, S, gap, rows, lx, ly);
+    } else {
+      visit<false>(i0, ni, r0, nr, S, gap, rows, lx, ly);
+    }
+  }
+
+  // One loop per mode, so that batch mode's is the loop without the rule.
+  template <bool kBatch>
+  void visit(int64_t i0, int64_t ni, int64_t r0, int64_t nr, const scalar_t* S, const scalar_t* gap,
+             const RowsOf<scalar_t>& rows, const int64_t* lx, const int64_t* ly) {
     for (int64_t a = 0; a < ni; ++a) {
       const int64_t i = i0 + a;
       for (int64_t b = 0; b < nr; ++b) {
         const int64_t r = r0 + b;
-        if (batch && r <= i) continue;
+        if (kBatch && r <= i) continue;
         const scalar_t s = S[a * nr + b];
         if (lx[i] == ly[r]) {
+          if (!kBatch && gap[a * nr + b] == scalar_t(0) &&  // self_copy_pair (pddm_common.h)
+              rows_equal_out_of_line(rows.x + i * rows.d, rows.y + r * rows.d, rows.d))
+            continue;
           offer_positive(i, r, s);
-          if (batch) offer_positive(r, i, s);
+          if (kBatch) offer_positive(r, i, s);
           offer_pair({s, i, r});
         } else {
           offer_negative(i, r, s);
-          if (batch) {
+          if (kBatch) {
             offer_negative(r, i, s);
           } else {
             offer_column_negative(r, i, s);
@@ -93,11 +123,12 @@ struct MiningState {
 };
 
 // Runs the tiled pass: make_scorer() gives each thread a callable (i0, ni, r0, nr, S) that scores a
-// tile into S, row-major. Returns (hardest_positive, its score, hardest_negative, its score,
+// tile into S, row-major, and returns the tile's per-pair gaps (self_copy_pair), laid out as S.
+// Returns (hardest_positive, its score, hardest_negative, its score,
 // hardest_negative_of_ref, its score, pair_i, pair_r, pair_score) with pairs in docs/design.md#mining order.
 template <typename scalar_t, typename MakeScorer>
-MineResult mine_tiles(const TileGrid& grid, const at::Tensor& x_labels, const at::Tensor& y_labels, int64_t k,
-                      const at::TensorOptions& opts, MakeScorer make_scorer) {
+MineResult mine_tiles(const TileGrid& grid, const RowsOf<scalar_t>& rows, const at::Tensor& x_labels,
+                      const at::Tensor& y_labels, int64_t k, const at::TensorOptions& opts, MakeScorer make_scorer) {
   const int64_t m = grid.m, n = grid.n;
   const auto lx = x_labels.contiguous(), ly = y_labels.contiguous();
   const int64_t *lxp = lx.data_ptr<int64_t>(), *lyp = ly.data_ptr<int64_t>();
@@ -111,8 +142,8 @@ MineResult mine_tiles(const TileGrid& grid, const at::Tensor& x_labels, const at
     for (int64_t t = begin; t < end; ++t) {
       int64_t i0, ni, r0, nr;
       grid.tile(t, &i0, &ni, &r0, &nr);
-      score_tile(i0, ni, r0, nr, S.data());
-      state.visit_tile(grid.batch, i0, ni, r0, nr, S.data(), lxp, lyp);
+      const scalar_t* gap = score_tile(i0, ni, r0, nr, S.data());
+      state.visit_tile(grid.batch, i0, ni, r0, nr, S.data(), gap, rows, lxp, lyp);
     }
     std::lock_guard<std::mutex> lock(total_mutex);
     total.merge(state);
@@ -157,10 +188,12 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
     const auto grid = make_grid(batch, x.size(0), y.size(0), pddm_tile_pairs(w.d, w.h, w.c, sizeof(scalar_t)));
-    result = mine_tiles<scalar_t>(grid, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
+    const RowsOf<scalar_t> rows{xp, yp, w.d};
+    result = mine_tiles<scalar_t>(grid, rows, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
       auto ws = std::make_shared<PddmTile<scalar_t>>(grid.rows * grid.cols, w.d, w.h, w.c);
-      return [&, ws](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) {
+      return [&, ws](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) -> const scalar_t* {
         pddm_tile_forward(w, TileRows<scalar_t>{xp, Pxp, i0, ni, yp, Pyp, r0, nr}, *ws, S);
+        return ws->norm_u.data();  // ||x_i - y_r||: 0 for equal rows
       };
     });
   });
@@ -191,9 +224,11 @@ MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels
     const scalar_t *xs = x_sq.data_ptr<scalar_t>(), *ys = y_sq.data_ptr<scalar_t>();
     // A Gram tile costs 2d flops a pair: larger tiles keep the GEMM efficient.
     const auto grid = make_grid(batch, x.size(0), y.size(0), 128 * 128);
-    result = mine_tiles<scalar_t>(grid, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
-      return [&](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) {
+    const RowsOf<scalar_t> rows{xp, yp, d};
+    result = mine_tiles<scalar_t>(grid, rows, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
+      return [&](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) -> const scalar_t* {
         euclidean_tile(xcp, xs, i0, ni, ycp, ys, r0, nr, d, n, xp, yp, S);
+        return S;  // -||x_i - y_r||^2: exactly 0 for equal rows (euclidean_tile recomputes near pairs)
       };
     });
   });

@@ -162,14 +162,24 @@ template <typename T>
 struct MineArgs {
   const int64_t *lx, *ly;
   int64_t m, n;
+  const T *x, *y;  // the rows mined, (m, d) and (n, d) contiguous: self_copy_pair's exact comparison
+  int64_t d;
   Bests<T> bests;
   PairSink<T> pairs;
 };
 
-// Folds one scored tile (S[a * TN + b] for the pair (i0 + a, r0 + b)) into the running reductions.
-// Batch mode counts each unordered pair {i, r}, i < r, once. All threads call it; ends synchronised.
+// Reference mode: the same-label pair (i, r) of equal rows is not a positive pair (pddm_common.h
+// self_copy_pair); gap is the pair's value that is 0 for equal rows.
+template <typename T>
+__device__ __forceinline__ bool self_copy(const MineArgs<T>& args, bool batch, int64_t i, int64_t r, T gap) {
+  return !batch && self_copy_pair(gap, args.x + i * args.d, args.y + r * args.d, args.d);
+}
+
+// Folds one scored tile (S[a * TN + b] for the pair (i0 + a, r0 + b), gap laid out alike) into the
+// running reductions. Batch mode counts each unordered pair {i, r}, i < r, once. All threads call
+// it; ends synchronised.
 template <typename T, int TM, int TN>
-__device__ void fold_tile(const MineArgs<T>& args, bool batch, int64_t i0, int64_t r0, const T* S,
+__device__ void fold_tile(const MineArgs<T>& args, bool batch, int64_t i0, int64_t r0, const T* S, const T* gap,
                           FoldShared<T, TM * TN>& fs) {
   const int tid = threadIdx.x;
   const int64_t m = args.m, n = args.n;
@@ -184,6 +194,7 @@ __device__ void fold_tile(const MineArgs<T>& args, bool batch, int64_t i0, int64
       if (batch && r <= i) continue;
       const T s = S[tid * TN + b];
       if (args.ly[r] == li) {
+        if (self_copy(args, batch, i, r, gap[tid * TN + b])) continue;
         if (beats_min(s, r, pos_s, pos_i)) pos_s = s, pos_i = r;
       } else if (beats_max(s, r, neg_s, neg_i)) {
         neg_s = s, neg_i = r;
@@ -229,7 +240,8 @@ __device__ void fold_tile(const MineArgs<T>& args, bool batch, int64_t i0, int64
     for (int p0 = tid - lane; p0 < P; p0 += kThreads) {
       const int p = p0 + lane;
       const int64_t i = i0 + p / TN, r = r0 + p % TN;
-      const bool take = p < P && i < m && r < n && !(batch && r <= i) && args.lx[i] == args.ly[r];
+      const bool take = p < P && i < m && r < n && !(batch && r <= i) && args.lx[i] == args.ly[r] &&
+                        !self_copy(args, batch, i, r, gap[p]);
       const unsigned ballot = __ballot_sync(0xffffffffu, take);
       if (ballot == 0u) continue;
       const int leader = __ffs(int(ballot)) - 1;
@@ -252,7 +264,7 @@ __device__ void fold_tile(const MineArgs<T>& args, bool batch, int64_t i0, int64
   __syncthreads();
   for (int p = tid; p < P; p += kThreads) {
     const int64_t i = i0 + p / TN, r = r0 + p % TN;
-    if (i < m && r < n && !(batch && r <= i) && args.lx[i] == args.ly[r] &&
+    if (i < m && r < n && !(batch && r <= i) && args.lx[i] == args.ly[r] && !self_copy(args, batch, i, r, gap[p]) &&
         (fs.heap_size < sink.k || cand_before(S[p], i, r, fs.top_s, fs.top_i, fs.top_r))) {
       fs.flagged[atomicAdd(&fs.n_flagged, 1)] = p;
     }
@@ -307,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
     __syncthreads();
     pddm_tile_activations(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
     pddm_tile_scores(w, Z, ts, sm_a, sm_w);
-    fold_tile<T, kTile, kTile>(args, grid.batch, i0, r0, ts.score, fs);
+    fold_tile<T, kTile, kTile>(args, grid.batch, i0, r0, ts.score, ts.norm_u, fs);  // ||x_i - y_r||: 0 if equal
   }
   fold_end(args, fs);
 }
@@ -357,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __res
       for (int b = 0; b < 2; ++b) S[(ty + 16 * a) * kEuclidTile + tx + 16 * b] = acc[a][b] > T(0) ? -acc[a][b] : T(0);
     }
     __syncthreads();
-    fold_tile<T, kEuclidTile, kEuclidTile>(args, grid.batch, i0, r0, S, fs);
+    fold_tile<T, kEuclidTile, kEuclidTile>(args, grid.batch, i0, r0, S, S, fs);  // S = 0 for equal rows
   }
   fold_end(args, fs);
 }
@@ -396,8 +408,9 @@ int64_t count_positive_pairs(const at::Tensor& lx, const at::Tensor& ly, bool ba
 // Host side of both metrics: allocates the reductions, runs launch(blocks, args) and packs the
 // 9 outputs. plan_blocks(): the grid the kernel will use (the heaps are sized per block).
 template <typename T, typename PlanBlocks, typename Launch>
-MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, int64_t m, int64_t n, int64_t k,
-                      const at::TensorOptions& opts, PlanBlocks plan_blocks, Launch launch) {
+MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, const T* x, const T* y, int64_t m,
+                      int64_t n, int64_t d, int64_t k, const at::TensorOptions& opts, PlanBlocks plan_blocks,
+                      Launch launch) {
   TORCH_CHECK(m < int64_t(0xffffffffLL) && n < int64_t(0xffffffffLL), "pddm_ext: mining supports < 2^32 - 1 rows");
   const auto index_opts = opts.dtype(at::kLong);
   MineArgs<T> args;
@@ -405,6 +418,9 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
   args.ly = ly.data_ptr<int64_t>();
   args.m = m;
   args.n = n;
+  args.x = x;
+  args.y = y;
+  args.d = d;
   const int64_t cols = batch ? 0 : n;
   at::Tensor row_pos, row_neg, col_neg, row_pos_i, row_neg_i, col_neg_i, row_lock, col_lock;
   if constexpr (std::is_same_v<T, float>) {
@@ -430,7 +446,8 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, in
                   row_lock.data_ptr<int>(),      col_lock.data_ptr<int>()};
   }
 
-  // The positive-pair candidates.
+  // The positive-pair candidates (num_pos counts them by label: an upper bound in reference mode,
+  // where pairs of equal rows are left out).
   const int blocks = plan_blocks();
   const int64_t num_pos = k == 0 ? 0 : count_positive_pairs(lx, ly, batch);
   const int64_t keep = k < 0 ? num_pos : std::min(k, num_pos);
@@ -528,7 +545,8 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
     result = run_mining<T>(
-        batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
+        batch, lx, ly, in.x.data_ptr<T>(), in.y.data_ptr<T>(), m, n, in.d, k, x.options(),
+        [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
           PDDM_LAUNCH(mine_pddm_kernel<T>, blocks, kThreads, plan.smem_bytes, current_stream())(
               w, rows, grid, args, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
@@ -556,7 +574,7 @@ MineResult mine_euclidean_cuda(const at::Tensor& x_in, const at::Tensor& x_label
     using T = scalar_t;
     const auto plan = plan_launch(mine_euclidean_kernel<T>, x.get_device(), grid.count(), 0, 0);
     result = run_mining<T>(
-        batch, lx, ly, m, n, k, x.options(), [&] { return plan.blocks; },
+        batch, lx, ly, x.data_ptr<T>(), y.data_ptr<T>(), m, n, d, k, x.options(), [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
           PDDM_LAUNCH(mine_euclidean_kernel<T>, blocks, kThreads, 0, current_stream())(
               x.data_ptr<T>(), y.data_ptr<T>(), d, grid, args);

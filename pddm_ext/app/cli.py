@@ -51,7 +51,8 @@ def _common(parser):
     parser.add_argument("--embedding-dim", type=N["embedding_dim"], default=DEFAULTS.embedding_dim)
     parser.add_argument("--mine-k", type=N["mine_k"], default=None,
                         metavar="TOP_K",
-                        help="top-k: the hardest positive pairs mined per batch by the PDDM losses "
+                        help="top-k: the hardest positive pairs mined per batch by the PDDM losses, "
+                             "unordered pairs {i, j} of the batch, each one quadruplet (two triplets) "
                              "(default P K / 2; 1 = the paper's rule)")
     parser.add_argument("--alpha", type=N["alpha"], default=DEFAULTS.alpha, help="PDDM metric-loss margin")
     parser.add_argument("--beta", type=N["beta"], default=DEFAULTS.beta, help="triplet margin on squared distances")

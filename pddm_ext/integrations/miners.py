@@ -69,11 +69,35 @@ class _PDDMMining:
             self.last_quadruplets = None
             return _batch_hard(x, lx, y, ly, params, metric, form)
         quads = _mine_hard(x, lx, y, ly, params, self.k, metric, form)
+        triplets = quads.as_triplets()
+        if batch_mode and self.k is not None:
+            triplets = _hardest_ordered_pairs(quads, triplets, self.k)
         self.last_quadruplets = quads
-        return quads.as_triplets()
+        return triplets
 
     def _extra(self):
         return f"k={self.k}, metric={self.metric!r}, mode={self.mode!r}, normalize={self.normalize}"
+
+
+def _hardest_ordered_pairs(quads, triplets, k):
+    """Batch mode: the triplets of the k hardest ordered positive pairs (a, p) (S(a, p) ascending,
+    ties by (a, p) ascending).
+
+    ``quads`` are ``mine_hard``'s k hardest unordered pairs and ``triplets`` their 2q triplets
+    ``(i, r, k)`` and ``(r, i, l)``. They hold the k hardest ordered pairs: every unordered pair that
+    comes before {a, p} in mine_hard's order puts at least one of its two ordered pairs before (a, p),
+    so an ordered pair among the first k belongs to one of the first k unordered pairs. The kept
+    triplets stay in ``as_triplets()``'s order. Index arithmetic only: no size depends on the data, so
+    nothing waits for the device."""
+    a, p, n = triplets
+    if a.numel() <= k:
+        return triplets
+    s = quads.scores[:, 0].repeat(2)  # S(i, r) = S(r, i): one score per unordered pair
+    order = torch.argsort(p, stable=True)
+    order = order[torch.argsort(a[order], stable=True)]
+    order = order[torch.argsort(s[order], stable=True)]
+    kept = order[:k].sort().values
+    return a[kept], p[kept], n[kept]
 
 
 _DOC = """PDDM hard mining as a pytorch-metric-learning miner (docs/design.md, "Mining").
@@ -81,11 +105,28 @@ _DOC = """PDDM hard mining as a pytorch-metric-learning miner (docs/design.md, "
     ``PDDMMiner(unit=None, k=None, metric=None, mode="mine_hard", normalize=True)``;
     ``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` returns ``(a, p, n)`` int64 indices:
 
-    - ``mode="mine_hard"``: ``mine_hard(...).as_triplets()``: for the ``k`` hardest positive pairs
-      (``k=None``: every positive pair), the quadruplet (i, r, hardest_negative[i],
-      hardest_negative_of_ref[r]) as triplets; batch mode gives (i, r, k) and (r, i, l), reference mode
-      (i, r, k) with p and n indexing ``ref_emb``.
+    - ``mode="mine_hard"``: ``k`` triplets (fewer when there are fewer positive pairs; ``k=None``:
+      every positive pair), those of the ``k`` hardest *ordered* positive pairs (a, p): S(a, p)
+      ascending, ties by (a, p) ascending, each with the anchor's hardest negative, n =
+      hardest_negative[a]. Both modes count ``k`` alike, as pytorch-metric-learning counts pairs
+      (an anchor from ``embeddings``, a positive from ``ref_emb``): ``PDDMMiner(k=8)`` gives 8 triplets
+      bare and 8 inside ``CrossBatchMemory``. Batch mode (``ref_emb`` None or ``embeddings``
+      itself) counts the unordered pair {i, j} as the two ordered pairs (i, j) and (j, i): the
+      triplets are those of ``mine_hard(..., k=k).as_triplets()`` (the (i, r, k) and (r, i, l) of
+      each quadruplet) that are among the k hardest ordered pairs, so ``PDDMMiner(k=2 * q)`` gives
+      the 2q triplets of ``mine_hard(..., k=q)`` (unless exact score ties straddle the cut).
+      Reference mode: ``mine_hard(..., k=k, ref_emb=..., ref_labels=...).as_triplets()``, with p and
+      n indexing ``ref_emb``. ``last_quadruplets``: the last call's ``mine_hard`` quadruplets (the
+      triplets are chosen from theirs).
+      Unlike the miner, ``mine_hard`` and ``PDDMLoss`` count ``k`` in quadruplets (positive pairs:
+      unordered in batch mode, two triplets each).
     - ``mode="batch_hard"``: ``batch_hard``'s one triplet per query.
+
+    Reference mode never pairs an anchor with a reference row equal to it, feature by feature, with
+    the same label (docs/design.md, "Mining"): inside ``CrossBatchMemory`` and
+    ``DistributedMinerWrapper(efficient=True)``, whose references hold the batch itself, no anchor
+    loses its triplet to its own copy (which the wrappers then remove as a self-comparison). The
+    rows compared are the ones mined: with ``normalize=True`` the normalised rows.
 
     ``unit``: a ``pddm_ext.PDDM`` (e.g. ``PDDMLoss(...).unit``); the miner reads it but does not own
     it (it is not among the miner's parameters). ``metric`` defaults to "pddm" with a unit, else

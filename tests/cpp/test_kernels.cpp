@@ -290,7 +290,15 @@ void check_scores_backward(Problem p, double tol) {
 // index the tie rule picks, for inputs whose scores are computed exactly).
 void check_mining(const Problem& p, const Vec& S, const MineOut& got, int64_t k, double tol, bool exact) {
   const char* name = p.name.c_str();
-  auto positive = [&](int64_t i, int64_t r) { return (!p.batch || i != r) && p.lx[i] == p.ly[r]; };
+  // Reference mode leaves out the same-label pairs of equal rows (docs/design.md#mining, the self-copy rule).
+  auto equal_rows = [&](int64_t i, int64_t r) {
+    for (int64_t t = 0; t < p.d; ++t)
+      if (p.x[i * p.d + t] != p.y[r * p.d + t]) return false;
+    return true;
+  };
+  auto positive = [&](int64_t i, int64_t r) {
+    return (!p.batch || i != r) && p.lx[i] == p.ly[r] && (p.batch || !equal_rows(i, r));
+  };
   auto negative = [&](int64_t i, int64_t r) { return p.lx[i] != p.ly[r]; };
 
   // One slot: `best` over candidates `ok` (max or min), ties to the smallest index.
