@@ -110,9 +110,11 @@ def probe_interpreter(python: str, environ) -> Optional[dict]:
         return None
 
 
-def locate_torch(candidates: Sequence[str], probe: Callable[[str], Optional[dict]], cache_tag: str) -> TorchLocation:
+def locate_torch(candidates: Sequence[str], probe: Callable[[str], Optional[dict]], cache_tag: str,
+                 under_uv: bool = False) -> TorchLocation:
     """The first candidate interpreter of this Python (same `cache_tag`, e.g. cpython-311) that has
-    torch; BuildStop when none has."""
+    torch; BuildStop when none has, naming the command that works (`under_uv`: the frontend is uv,
+    which builds in an environment of its own and says nowhere which environment it installs into)."""
     asked = []
     for python in candidates:
         facts = probe(python)
@@ -122,10 +124,15 @@ def locate_torch(candidates: Sequence[str], probe: Callable[[str], Optional[dict
         if facts.get("torch_dir"):
             return TorchLocation(python, os.path.dirname(facts["torch_dir"]), facts.get("version"))
     where = " or ".join(asked) if asked else candidates[0]
+    if under_uv:
+        raise BuildStop(
+            f"builds against the torch already installed, and uv's build environment ({where}) has none: run "
+            "`uv pip install .` from the checkout (its pyproject.toml has uv put the environment's torch version "
+            "into the build), or `uv pip install --no-build-isolation <checkout>` with setuptools in the environment")
     raise BuildStop(
         f"builds against the torch already installed, and {where} has none: install torch first "
-        f"(pip install torch), then {INSTALL} (python -m build and uv build in an environment of their own: "
-        "run them with the environment that has torch activated, or with --no-isolation / --no-build-isolation)")
+        f"(pip install torch), then {INSTALL} (python -m build: run it with the environment that has torch "
+        "activated, or with --no-isolation)")
 
 
 def parse_version(version: str) -> tuple:
@@ -154,7 +161,8 @@ def use_environment_torch() -> TorchLocation:
     if _located is not None:
         return _located
     location = locate_torch(torch_candidates(sys.executable, sys.prefix, os.environ),
-                            lambda python: probe_interpreter(python, os.environ), sys.implementation.cache_tag)
+                            lambda python: probe_interpreter(python, os.environ), sys.implementation.cache_tag,
+                            under_uv="UV" in os.environ)
     if location.site_dir not in sys.path:
         sys.path.append(location.site_dir)
     if location.version is not None:

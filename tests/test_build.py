@@ -145,6 +145,9 @@ def test_no_torch_anywhere_stops_with_install_torch_first():
     message = stop_line(backend.locate_torch, ["/env/bin/python"], lambda python: {"cache_tag": "cpython-311"},
                         "cpython-311")
     assert "install torch first (pip install torch), then pip install ." in message and "/env/bin/python" in message
+    message = stop_line(backend.locate_torch, ["/uv-build/bin/python"], lambda python: {"cache_tag": "cpython-311"},
+                        "cpython-311", under_uv=True)
+    assert "`uv pip install .` from the checkout" in message and "--no-build-isolation" in message
 
 
 def test_the_activated_environment_is_a_candidate_when_it_is_another_one(tmp_path):
