@@ -262,7 +262,7 @@ PIP_TOOLS_SPECS ?= setuptools wheel ninja pip build
 # installs a build's requirements: it inherits the options).
 NO_TORCH_PIP = env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT \
   PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_FIND_LINKS='$(abspath $(PIP_TOOLS))'
-# $(call no_torch_downloaded,LOG): pip's log names no torch it collected, downloaded or processed.
+# $(call no_torch_downloaded,LOG): pip's verbose output names no torch it collected, downloaded or processed.
 no_torch_downloaded = ! grep -Ei '(collecting|downloading|processing|using cached) [^ ]*torch' $(1) \
   || { echo "$(1): pip fetched a torch"; exit 1; }
 
@@ -294,7 +294,7 @@ pip-check: $(PIP_TOOLS)/.stamp
 	$(PIP_VENV)/bin/python -m pip install $(PIP_FLAGS) '$(TORCH_SPEC)' numpy
 	cp .ci/wheel_smoke.py $(PIP_VENV)/
 	cd $(PIP_VENV) && $(NO_TORCH_PIP) PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
-	  bin/python -m pip install $(PIP_FLAGS) --log pip-install.log '$(CURDIR)'
+	  bin/python -m pip install $(PIP_FLAGS) -v '$(CURDIR)' 2>&1 | tee pip-install.log
 	$(call no_torch_downloaded,$(PIP_VENV)/pip-install.log)
 	cd $(PIP_VENV) && bin/python wheel_smoke.py
 	$(NO_TORCH_PIP) $(PIP_VENV)/bin/python -m pip install $(PIP_FLAGS) build
@@ -328,7 +328,7 @@ oldest-torch: $(OLDEST_VENV)/.deps-stamp $(PIP_TOOLS)/.stamp $(VENV)/.deps-stamp
 	$(NO_TORCH_PIP) '$(abspath $(OLDEST_VENV))/bin/python' -m pip install $(PIP_FLAGS) --upgrade pip
 	'$(abspath $(OLDEST_VENV))/bin/python' -m pip --version
 	cd $(OLDEST_VENV) && $(NO_TORCH_PIP) PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
-	  bin/python -m pip install $(PIP_FLAGS) --log pip-install.log '$(abspath $(OLDEST_TREE))'
+	  bin/python -m pip install $(PIP_FLAGS) -v '$(abspath $(OLDEST_TREE))' 2>&1 | tee pip-install.log
 	$(call no_torch_downloaded,$(OLDEST_VENV)/pip-install.log)
 	grep -o 'pddm-ext: building the CPU kernels only.*' $(OLDEST_VENV)/pip-install.log
 	cd $(OLDEST_VENV) && bin/python -c 'import pddm_ext, torch; print("oldest-torch: torch", torch.__version__, "pddm_ext from", pddm_ext.__file__)'

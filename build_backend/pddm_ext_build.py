@@ -170,8 +170,10 @@ def use_environment_torch() -> TorchLocation:
     import torch
 
     imported = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    # The metadata's version may lack the local part torch.__version__ has (PyPI's 2.4.1 wheel: "2.4.1"
+    # and "2.4.1+cu121").
     if os.path.realpath(imported) != os.path.realpath(location.site_dir) or (
-            location.version is not None and torch.__version__ != location.version):
+            location.version is not None and torch.__version__.split("+")[0] != location.version.split("+")[0]):
         raise BuildStop(f"found torch {location.version} in {location.site_dir} but imported torch "
                         f"{torch.__version__} from {imported}: remove one of them, then {INSTALL}")
     check_torch_floor(torch.__version__, location.site_dir)
