@@ -8,8 +8,9 @@ source tree (``backend-path``), finds the torch of the environment being install
 site directory at the end of ``sys.path`` before setuptools runs setup.py. docs/install.md says why
 and what this does under pip, ``python -m build`` and uv.
 
-Where the torch is looked for (``torch_candidates``): the interpreter running the backend, as it
-runs without the frontend's isolation (pip runs the backend with the interpreter of the target
+Where the torch is looked for: the torch this process can import, if any (a build without isolation,
+or a frontend that put torch into its build environment); else (``torch_candidates``) the interpreter
+running the backend, as it runs without the frontend's isolation (pip runs the backend with the interpreter of the target
 environment and hides that environment's site-packages only through PYTHONPATH and a
 sitecustomize), then the activated environment (``VIRTUAL_ENV``, ``CONDA_PREFIX``) when it is another
 one of the same Python (``python -m build`` and uv build in a fresh environment of their own).
@@ -22,6 +23,8 @@ functions of the facts they are given, so that they are tested without the machi
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -160,9 +163,19 @@ def use_environment_torch() -> TorchLocation:
     global _located
     if _located is not None:
         return _located
-    location = locate_torch(torch_candidates(sys.executable, sys.prefix, os.environ),
-                            lambda python: probe_interpreter(python, os.environ), sys.implementation.cache_tag,
-                            under_uv="UV" in os.environ)
+    # Importable here already: a build without isolation (--no-build-isolation, setup.py, a torch on
+    # PYTHONPATH), or a frontend that put torch into its build environment (uv's match-runtime).
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.submodule_search_locations:
+        try:
+            version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        location = TorchLocation(sys.executable, os.path.dirname(list(spec.submodule_search_locations)[0]), version)
+    else:
+        location = locate_torch(torch_candidates(sys.executable, sys.prefix, os.environ),
+                                lambda python: probe_interpreter(python, os.environ), sys.implementation.cache_tag,
+                                under_uv="UV" in os.environ)
     if location.site_dir not in sys.path:
         sys.path.append(location.site_dir)
     if location.version is not None:

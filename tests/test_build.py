@@ -197,6 +197,24 @@ def test_the_backend_in_an_isolated_interpreter_finds_and_imports_the_environmen
     assert version == torch.__version__ and pathlib.Path(where) == pathlib.Path(torch.__file__)
 
 
+def test_a_torch_importable_without_isolation_is_used_even_from_pythonpath(tmp_path):
+    # --no-build-isolation or setup.py with torch on PYTHONPATH (e.g. a cluster's module system): the
+    # torch this process imports is the one, though the interpreter's own environment has none.
+    site_dir = str(pathlib.Path(torch.__file__).parents[1])
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'build_backend')!r})
+        import pddm_ext_build
+        location = pddm_ext_build.use_environment_torch()
+        print(location.site_dir)
+    """)
+    base = getattr(sys, "_base_executable", sys.executable)
+    done = subprocess.run([base, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": site_dir})
+    assert done.returncode == 0, done.stderr
+    assert pathlib.Path(done.stdout.strip()) == pathlib.Path(site_dir)
+
+
 # ---- the build record checked at import -----------------------------------------------------------
 
 
