@@ -336,7 +336,7 @@ oldest-torch: $(OLDEST_VENV)/.deps-stamp $(PIP_TOOLS)/.stamp $(VENV)/.deps-stamp
 	rm -rf $(MOVED_BUILD)
 	mkdir -p $(MOVED_BUILD)
 	cp -r "$$($(OLDEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pddm_ext" $(MOVED_BUILD)/
-	cd $(MOVED_BUILD) && '$(abspath $(VENV))/bin/python' '$(abspath .ci/check_moved_build.py)'
+	cd $(MOVED_BUILD) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' '$(abspath .ci/check_moved_build.py)'
 
 # ---- Cleaning ---------------------------------------------------------------------------------
 clean:
