@@ -23,7 +23,9 @@ functions of the facts they are given, so that they are tested without the machi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import importlib.util
 import json
 import os
@@ -299,7 +301,11 @@ def plan_build() -> Plan:
         return _plan
     use_environment_torch()
     import torch
-    from torch.utils import cpp_extension
+
+    # torch's builder prints "No CUDA runtime is found, using CUDA_HOME=..." on import on a machine
+    # without a GPU: the plan's own line says what is built and why.
+    with contextlib.redirect_stderr(io.StringIO()):
+        from torch.utils import cpp_extension
 
     check_compiler(os.environ, shutil.which)
     cuda_home = cpp_extension.CUDA_HOME if torch.version.cuda is not None else None
