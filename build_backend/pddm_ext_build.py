@@ -136,8 +136,8 @@ def locate_torch(candidates: Sequence[str], probe: Callable[[str], Optional[dict
             "into the build), or `uv pip install --no-build-isolation <checkout>` with setuptools in the environment")
     raise BuildStop(
         f"builds against the torch already installed, and {where} has none: install torch first "
-        f"(pip install torch), then {INSTALL} (python -m build: run it with the environment that has torch "
-        "activated, or with --no-isolation)")
+        f"(pip install torch), then {INSTALL} (python -m build builds in an environment of its own: run it "
+        "with the environment that has torch activated, or with --no-isolation)")
 
 
 def parse_version(version: str) -> tuple:
