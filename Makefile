@@ -50,7 +50,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
+.PHONY: test install cpp-test pytest cuda-build cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
   fonts bench gpu-check gpu-wheels wheel pip-check oldest-torch
 
 test: install cpp-test pytest
@@ -112,6 +112,7 @@ pytest: $(VENV)/.package-stamp
 # `pip install -e` runs, minus pip's throw-away build directory (a full rebuild every time).
 cuda-build: $(CUDA_VENV)/.deps-stamp
 	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-build: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
+	$(MAKE) --no-print-directory cuda-no-gpu-check
 	rm -rf $(CUDA_TREE)
 	mkdir -p $(CUDA_TREE) $(CUDA_TEMP)
 	git ls-files -z --cached --others --exclude-standard \
@@ -125,6 +126,19 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 	  echo '$(abspath $(CUDA_TREE))' > "$$site/pddm_ext_cuda_tree.pth"
 	cd $(CUDA_TREE) && '$(abspath $(CUDA_VENV))/bin/python' .ci/check_cuda_build.py
 	cd $(CUDA_TREE) && { export PDDM_EXT_REQUIRE_TORCHVISION=1; $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
+
+# cuda-no-gpu-check: the build's decisions on this machine as it is (a CUDA torch, a toolkit of its
+# CUDA version, no GPU visible), without compiling (setup.py --version only plans): with PDDM_EXT_CUDA
+# and TORCH_CUDA_ARCH_LIST unset the CPU kernels, said in one line; PDDM_EXT_CUDA=1 without an
+# architecture stops with the line that names TORCH_CUDA_ARCH_LIST (docs/install.md).
+NO_GPU_ENV = env -u TORCH_CUDA_ARCH_LIST -u PDDM_EXT_CUDA_EMULATION -u PDDM_EXT_CUDA CUDA_VISIBLE_DEVICES= CUDA_HOME='$(CUDA_HOME)'
+
+cuda-no-gpu-check:
+	$(NO_GPU_ENV) '$(abspath $(CUDA_VENV))/bin/python' setup.py --version 2>&1 \
+	  | grep -F 'pddm-ext: building the CPU kernels only (no GPU visible and TORCH_CUDA_ARCH_LIST unset'
+	if out=$$($(NO_GPU_ENV) PDDM_EXT_CUDA=1 '$(abspath $(CUDA_VENV))/bin/python' setup.py --version 2>&1); then \
+	  echo "cuda-no-gpu-check: PDDM_EXT_CUDA=1 without an architecture did not stop"; exit 1; fi; \
+	  echo "$$out" | grep -F "pddm-ext: PDDM_EXT_CUDA=1 but no GPU is visible to take the architectures from: set TORCH_CUDA_ARCH_LIST"
 
 # ---- CUDA emulation (issue 11, CI) --------------------------------------------------------------
 # The kernels of csrc/cuda/ run on the CPU: one build (the .venv's CPU torch, no toolkit), the CUDA
