@@ -1,7 +1,8 @@
 # Developer tasks of pddm_ext. `make test` is the command README.md gives and CI runs (.ci/run).
 #
 #   make test        .venv (created if missing) with torch ($(TORCH_SPEC)), the test requirements and
-#                    the package (editable; the extension is built in place), then the C++ test
+#                    the package (plain `pip install -e .`: editable, the extension built in place against
+#                    the venv's torch by the in-tree build backend, docs/install.md), then the C++ test
 #                    (CMake + ctest, build/cmake) and the Python tests (pytest)
 #   make cuda-build  the CUDA compile check of CI: .venv-cuda with a CUDA build of torch, the package
 #                    built with CUDA forced in a copy of the tree (build/cuda-tree, so the CPU build in
@@ -49,8 +50,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
-  fonts bench gpu-check gpu-wheels wheel wheel-check oldest-torch
+.PHONY: test install cpp-test pytest cuda-build cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
+  fonts bench gpu-check gpu-wheels wheel pip-check oldest-torch
 
 test: install cpp-test pytest
 
@@ -75,11 +76,13 @@ $(eval $(call venv_rules,$(CUDA_VENV),$(CUDA_TORCH_SPEC)))
 
 # ---- The package and its tests ----------------------------------------------------------------
 # Editable install: pddm_ext/_C*.so is built in place; Python edits need no reinstall. Rebuilt when
-# a C++ source, the build files or torch change, or when the .so is gone.
+# a C++ source, the build files or torch change, or when the .so is gone. The command README.md gives
+# (pip's default build isolation: the build backend finds the venv's torch); --no-deps: the
+# requirements are installed above, with torch in the same pip command.
 install: $(VENV)/.package-stamp
-$(VENV)/.package-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml $(CSRC) $(if $(wildcard pddm_ext/_C*.so),,FORCE)
+$(VENV)/.package-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml build_backend/pddm_ext_build.py $(CSRC) $(if $(wildcard pddm_ext/_C*.so),,FORCE)
 	PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
-	  $(VENV)/bin/python -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -e .
+	  $(VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
 # A new torch means a fresh CMake build directory.
@@ -109,6 +112,7 @@ pytest: $(VENV)/.package-stamp
 # `pip install -e` runs, minus pip's throw-away build directory (a full rebuild every time).
 cuda-build: $(CUDA_VENV)/.deps-stamp
 	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-build: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
+	$(MAKE) --no-print-directory cuda-no-gpu-check
 	rm -rf $(CUDA_TREE)
 	mkdir -p $(CUDA_TREE) $(CUDA_TEMP)
 	git ls-files -z --cached --others --exclude-standard \
@@ -122,6 +126,19 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 	  echo '$(abspath $(CUDA_TREE))' > "$$site/pddm_ext_cuda_tree.pth"
 	cd $(CUDA_TREE) && '$(abspath $(CUDA_VENV))/bin/python' .ci/check_cuda_build.py
 	cd $(CUDA_TREE) && { export PDDM_EXT_REQUIRE_TORCHVISION=1; $(call run_pytest,'$(abspath $(CUDA_VENV))/bin/python'); }
+
+# cuda-no-gpu-check: the build's decisions on this machine as it is (a CUDA torch, a toolkit of its
+# CUDA version, no GPU visible), without compiling (setup.py --version only plans): with PDDM_EXT_CUDA
+# and TORCH_CUDA_ARCH_LIST unset the CPU kernels, said in one line; PDDM_EXT_CUDA=1 without an
+# architecture stops with the line that names TORCH_CUDA_ARCH_LIST (docs/install.md).
+NO_GPU_ENV = env -u TORCH_CUDA_ARCH_LIST -u PDDM_EXT_CUDA_EMULATION -u PDDM_EXT_CUDA CUDA_VISIBLE_DEVICES= CUDA_HOME='$(CUDA_HOME)'
+
+cuda-no-gpu-check:
+	$(NO_GPU_ENV) '$(abspath $(CUDA_VENV))/bin/python' setup.py --version 2>&1 \
+	  | grep -F 'pddm-ext: building the CPU kernels only (no GPU visible and TORCH_CUDA_ARCH_LIST unset'
+	if out=$$($(NO_GPU_ENV) PDDM_EXT_CUDA=1 '$(abspath $(CUDA_VENV))/bin/python' setup.py --version 2>&1); then \
+	  echo "cuda-no-gpu-check: PDDM_EXT_CUDA=1 without an architecture did not stop"; exit 1; fi; \
+	  echo "$$out" | grep -F "pddm-ext: PDDM_EXT_CUDA=1 but no GPU is visible to take the architectures from: set TORCH_CUDA_ARCH_LIST"
 
 # ---- CUDA emulation (issue 11, CI) --------------------------------------------------------------
 # The kernels of csrc/cuda/ run on the CPU: one build (the .venv's CPU torch, no toolkit), the CUDA
@@ -252,49 +269,94 @@ gpu-wheels:
 	total=$$(cat $(GPU_WHEELS)/*.whl | wc -c); echo "gpu-wheels: $$((total / 1048576)) MiB in $(GPU_WHEELS)"; \
 	  test $$total -le $$(( $(GPU_CARRY_MIB) * 1048576 )) || { echo "gpu-wheels: more than $(GPU_CARRY_MIB) MiB"; exit 1; }
 
-# ---- Packaging and the supported torch range (issue 16) ----------------------------------------
-# wheel: dist/pddm_ext-*.whl built against the venv's torch (CPU kernels; PDDM_EXT_CUDA as for pip).
-# wheel-check: that wheel installed into a fresh venv (no system site-packages) with the same torch,
-# imported and run from outside the checkout: one op against the reference and opcheck.
-WHEEL_VENV ?= build/wheel-venv
+# ---- Packaging and the supported torch range (issues 16, 23) -------------------------------------
+# wheel: dist/pddm_ext-*.whl built against the venv's torch (plain `pip wheel`: the build backend finds
+# the venv's torch; CPU kernels; PDDM_EXT_CUDA as for pip).
+#
+# PIP_TOOLS: a --find-links directory with the build tools (setuptools, wheel, ninja), pip and build at
+# their newest, and no torch: the installs below run with it alone (--no-index, no pip configuration),
+# so a build that asked for torch would fail, and pip's log is checked for a torch besides.
+PIP_TOOLS ?= build/pip-tools
+PIP_TOOLS_SPECS ?= setuptools wheel ninja pip build
+# pip with no configuration file, no index and no find-links but PIP_TOOLS (also for the pip that
+# installs a build's requirements: it inherits the options).
+NO_TORCH_PIP = env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT \
+  PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_FIND_LINKS='$(abspath $(PIP_TOOLS))'
+# $(call no_torch_downloaded,LOG): pip's verbose output names no torch it collected, downloaded or processed.
+no_torch_downloaded = ! grep -Ei '(collecting|downloading|processing|using cached) [^ ]*torch' $(1) \
+  || { echo "$(1): pip fetched a torch"; exit 1; }
 
 wheel: $(VENV)/.deps-stamp
 	rm -rf dist
 	PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
-	  $(VENV)/bin/python -m pip wheel $(PIP_FLAGS) --no-build-isolation --no-deps -w dist .
+	  $(VENV)/bin/python -m pip wheel $(PIP_FLAGS) --no-deps -w dist .
 	ls -l dist
 
-wheel-check: wheel
-	rm -rf $(WHEEL_VENV)
-	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install $(PIP_FLAGS) '$(TORCH_SPEC)' dist/pddm_ext-*.whl
-	cp .ci/wheel_smoke.py $(WHEEL_VENV)/
-	cd $(WHEEL_VENV) && bin/python wheel_smoke.py
+$(PIP_TOOLS)/.stamp:
+	mkdir -p $(PIP_TOOLS)
+	$(PYTHON) -m pip download $(PIP_FLAGS) --only-binary=:all: -d $(PIP_TOOLS) $(PIP_TOOLS_SPECS)
+	! ls $(PIP_TOOLS) | grep -i '^torch'
+	touch $@
+
+# pip-check: what a user does, in a fresh venv (no system site-packages) with the pip it brings:
+# torch ($(TORCH_SPEC)) and numpy installed, then plain `pip install <path of this checkout>` run from
+# outside it, with PIP_TOOLS alone; import and the smoke check (.ci/wheel_smoke.py: one op against the
+# reference, opcheck, the build record) from outside the checkout. Then `python -m build` from the
+# activated venv: the sdist, a wheel built from it (its own isolated environment; the backend finds
+# the venv's torch through VIRTUAL_ENV), the sdist checked for every source and header
+# (.ci/check_sdist.py), the wheel installed over the first install and checked the same way.
+PIP_VENV ?= build/pip-venv
+
+pip-check: $(PIP_TOOLS)/.stamp
+	rm -rf $(PIP_VENV) dist
+	$(PYTHON) -m venv $(PIP_VENV)
+	$(PIP_VENV)/bin/python -m pip --version
+	$(PIP_VENV)/bin/python -m pip install $(PIP_FLAGS) '$(TORCH_SPEC)' numpy
+	cp .ci/wheel_smoke.py $(PIP_VENV)/
+	cd $(PIP_VENV) && $(NO_TORCH_PIP) PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
+	  bin/python -m pip install $(PIP_FLAGS) -v '$(CURDIR)' 2>&1 | tee pip-install.log
+	$(call no_torch_downloaded,$(PIP_VENV)/pip-install.log)
+	cd $(PIP_VENV) && bin/python wheel_smoke.py
+	$(NO_TORCH_PIP) $(PIP_VENV)/bin/python -m pip install $(PIP_FLAGS) build
+	VIRTUAL_ENV='$(abspath $(PIP_VENV))' PATH='$(abspath $(PIP_VENV))/bin':"$$PATH" $(NO_TORCH_PIP) \
+	  PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) python -m build --outdir dist . 2>&1 | tee $(PIP_VENV)/build.log
+	$(call no_torch_downloaded,$(PIP_VENV)/build.log)
+	$(PIP_VENV)/bin/python .ci/check_sdist.py dist/pddm_ext-*.tar.gz
+	$(NO_TORCH_PIP) $(PIP_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps --force-reinstall dist/pddm_ext-*.whl
+	cd $(PIP_VENV) && bin/python wheel_smoke.py
 
 # oldest-torch: the smoke subset (tests/test_smoke.py) against the oldest torch pyproject.toml claims,
 # in its own venv. PyPI has only CUDA builds of old torch for Linux (they run on the CPU but import
-# only with their nvidia-* wheels: ~3 GB to download); the package is built CPU-only (PDDM_EXT_CUDA=0)
-# in a copy of the tree, as cuda-build does; the other packages: .ci/requirements-oldest.txt.
+# only with their nvidia-* wheels: ~3 GB to download); the other packages: .ci/requirements-oldest.txt.
+# The venv's pip is upgraded to the newest (PIP_TOOLS), then plain `pip install` of a copy of the tree
+# (as cuda-build does) with PIP_TOOLS alone: the toolkit here (CUDA 13) does not match that torch's
+# CUDA 12.1 and no GPU is visible, so the backend builds the CPU kernels and says so. The smoke tests
+# run from outside the tree. Then that build, moved under the .venv's torch, must refuse to load with
+# the one-paragraph ImportError (.ci/check_moved_build.py).
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TORCH_SPEC ?= torch==2.4.1
 OLDEST_REQUIREMENTS ?= .ci/requirements-oldest.txt
 OLDEST_TREE := build/oldest-tree
-OLDEST_TEMP := build/oldest-temp
+MOVED_BUILD := build/moved-build
 
 $(eval $(call venv_rules,$(OLDEST_VENV),$(OLDEST_TORCH_SPEC)))
 $(OLDEST_VENV)/.deps-stamp: REQUIREMENTS = $(OLDEST_REQUIREMENTS)
 $(OLDEST_VENV)/.deps-stamp: $(OLDEST_REQUIREMENTS)
 
-oldest-torch: $(OLDEST_VENV)/.deps-stamp
-	rm -rf $(OLDEST_TREE)
-	mkdir -p $(OLDEST_TREE) $(OLDEST_TEMP)
-	git ls-files -z --cached --others --exclude-standard \
-	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST_TREE)
-	cd $(OLDEST_TREE) && PATH="$(abspath $(OLDEST_VENV))/bin:$$PATH" PDDM_EXT_CUDA=0 PDDM_EXT_WERROR=$(WERROR) \
-	  MAX_JOBS=$(JOBS) '$(abspath $(OLDEST_VENV))/bin/python' setup.py -q build_ext --inplace \
-	  --build-temp '$(abspath $(OLDEST_TEMP))'
-	cd $(OLDEST_TREE) && '$(abspath $(OLDEST_VENV))/bin/python' -c 'import torch; print("oldest-torch: torch", torch.__version__)'
-	cd $(OLDEST_TREE) && '$(abspath $(OLDEST_VENV))/bin/python' -m pytest -q -ra -p no:cacheprovider tests/test_smoke.py
+oldest-torch: $(OLDEST_VENV)/.deps-stamp $(PIP_TOOLS)/.stamp $(VENV)/.deps-stamp
+	$(call copy_tree,$(OLDEST_TREE))
+	$(NO_TORCH_PIP) '$(abspath $(OLDEST_VENV))/bin/python' -m pip install $(PIP_FLAGS) --upgrade pip
+	'$(abspath $(OLDEST_VENV))/bin/python' -m pip --version
+	cd $(OLDEST_VENV) && $(NO_TORCH_PIP) PDDM_EXT_WERROR=$(WERROR) MAX_JOBS=$(JOBS) \
+	  bin/python -m pip install $(PIP_FLAGS) -v '$(abspath $(OLDEST_TREE))' 2>&1 | tee pip-install.log
+	$(call no_torch_downloaded,$(OLDEST_VENV)/pip-install.log)
+	grep -o 'pddm-ext: building the CPU kernels only.*' $(OLDEST_VENV)/pip-install.log
+	cd $(OLDEST_VENV) && bin/python -c 'import pddm_ext, torch; print("oldest-torch: torch", torch.__version__, "pddm_ext from", pddm_ext.__file__)'
+	cd $(OLDEST_VENV) && bin/python -m pytest -q -ra -p no:cacheprovider '$(abspath $(OLDEST_TREE))/tests/test_smoke.py'
+	rm -rf $(MOVED_BUILD)
+	mkdir -p $(MOVED_BUILD)
+	cp -r "$$($(OLDEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pddm_ext" $(MOVED_BUILD)/
+	cd $(MOVED_BUILD) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' '$(abspath .ci/check_moved_build.py)'
 
 # ---- Cleaning ---------------------------------------------------------------------------------
 clean:

@@ -6,8 +6,7 @@ with it (it replaces PML's TripletMarginMiner), the optimiser that trains both, 
 
     python examples/pml_trainer.py [--epochs 5]
 
-Needs pytorch-metric-learning and scikit-learn: from a checkout, ``pip install --no-build-isolation '.[pml]'
-scikit-learn``. Prints the loss per epoch and the test
+Needs pytorch-metric-learning and scikit-learn: from a checkout, ``pip install '.[pml]' scikit-learn``. Prints the loss per epoch and the test
 precision@1 (nearest neighbour among the training embeddings).
 """
 

@@ -16,9 +16,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the schemas and kernels)
-from . import reference
+from . import _extension, reference
 
+# Loads the schemas and kernels, after checking that the extension was built for this torch.
+_C = _extension.load()
 _ops = torch.ops.pddm_ext
 
 

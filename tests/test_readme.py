@@ -45,9 +45,10 @@ def _extras():
 
 
 def test_install_commands_work_from_a_checkout():
-    """A checkout installs itself as `.` (or `'.[extra]'`) built against the torch already installed,
-    so with --no-build-isolation, and only with extras pyproject.toml defines; `pddm-ext[...]` (a name
-    no index has yet) appears only where the line says it is the published package's name."""
+    """A checkout installs itself as `.` (or `'.[extra]'`) with plain pip (the build finds the torch already
+    installed; no --no-build-isolation, no build tools installed by hand), and only with extras
+    pyproject.toml defines; `pddm-ext[...]` (a name no index has yet) appears only where the line says it
+    is the published package's name."""
     commands = install_commands()
     assert len(commands) >= 5, commands  # README's install section, the extras, the package's hints
     extras = _extras()
@@ -56,11 +57,34 @@ def test_install_commands_work_from_a_checkout():
         for command in re.findall(r"pip install[^`;)\n]*", line):
             local = re.findall(r"(?:^|\s)['\"]?\.(?:\[([a-z,-]+)\])?['\"]?(?=\s|$)", command)
             if local:
-                assert "--no-build-isolation" in command, (where, command)
+                assert "isolation" not in command, (where, command)
                 for group in local:
                     assert set(filter(None, group.split(","))) <= extras, (where, command)
         if "pddm-ext[" in line:
             assert "published" in line, (where, line)
+        assert "setuptools wheel ninja" not in line, (where, line)
+
+
+def _install_section():
+    text = README.read_text()
+    return text.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_install_section_opens_with_the_command_a_user_types():
+    section = _install_section()
+    first_block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
+    assert commands == ["pip install torch", "pip install ."], commands
+
+
+def test_every_flag_of_the_install_section_is_explained():
+    section = _install_section()
+    flags = set()
+    for command in re.findall(r"pip (?:install|wheel)[^`\n]*", section):
+        flags |= set(re.findall(r"(?:^|\s)(-{1,2}[a-z][a-z-]*)", command))
+    assert {"-e", "--no-deps", "-w", "-v"} <= flags, flags
+    for flag in flags:
+        assert re.search(rf"[(;] ?`{re.escape(flag)}( [^`]*)?`: ", section), flag  # "(`-e`: editable ..."
 
 
 def test_the_cli_hint_for_a_missing_extra_is_the_checkout_command(monkeypatch, capsys):
@@ -70,4 +94,4 @@ def test_the_cli_hint_for_a_missing_extra_is_the_checkout_command(monkeypatch, c
     assert main(["train", "--dataset", "digits"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs the train extra (matplotlib missing)" in err
-    assert "pip install --no-build-isolation '.[train]'" in err
+    assert "pip install '.[train]'" in err

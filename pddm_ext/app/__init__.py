@@ -2,7 +2,7 @@
 the training loop (``train``), its losses (``losses``), checkpoints (``checkpoint``), the loss comparison
 (``compare``), datasets (``datasets``), models (``models``) and retrieval evaluation (``evaluate``).
 
-Needs the ``train`` extra: from a checkout, ``pip install --no-build-isolation '.[train]'`` (with torch
+Needs the ``train`` extra: from a checkout, ``pip install '.[train]'`` (with torch
 already installed). ``pip install 'pddm-ext[train]'`` is the same for the published package name, once
 the package is on an index.
 """
@@ -16,7 +16,7 @@ TRAIN_EXTRA = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplot
 
 def extra_hint(extra="train"):
     """The install command for an extra, as it works from a checkout (and the published form)."""
-    return (f"from a checkout: pip install --no-build-isolation '.[{extra}]' "
+    return (f"from a checkout: pip install '.[{extra}]' "
             f"(the published package: pip install 'pddm-ext[{extra}]')")
 
 
