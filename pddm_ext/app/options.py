@@ -142,12 +142,6 @@ def dataset_problem(name):
     return None
 
 
-def dataset_name(text):
-    """argparse type of ``--dataset``: a known dataset, or ``folder:PATH`` with an existing folder."""
-    message = dataset_problem(text)
-    if message:
-        raise argparse.ArgumentTypeError(message)
-    return text
 
 
 def device_problem(name):
@@ -165,11 +159,21 @@ def device_problem(name):
     return None
 
 
-def device_name(text):
-    message = device_problem(text)
-    if message:
-        raise argparse.ArgumentTypeError(message)
-    return text
+def _argparse_type(problem, name):
+    """The argparse ``type=`` that refuses a string for which ``problem`` returns a message."""
+
+    def parse(text):
+        message = problem(text)
+        if message:
+            raise argparse.ArgumentTypeError(message)
+        return text
+
+    parse.__name__ = name
+    return parse
+
+
+dataset_name = _argparse_type(dataset_problem, "dataset_name")  # a known dataset, or folder:PATH that exists
+device_name = _argparse_type(device_problem, "device_name")  # cpu, cuda or cuda:N
 
 
 def existing_folder(text):
