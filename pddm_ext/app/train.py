@@ -38,14 +38,15 @@ import torch
 import torch.nn as nn
 
 from ..integrations import distributed as dist_
+from ..sampler import PKSampler
 from . import extra_hint
 from . import datasets as data_mod
 from . import diagnostics as diag_mod
 from . import options
 from . import evaluate as ev
 from .augment import random_affine
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
-from .losses import LOSSES, EuclideanTripletLoss, PDDMTripletLoss, batch_stats, build_loss  # noqa: F401
+from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .losses import LOSSES, batch_stats, build_loss
 from .models import build_model, torchvision_available
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -402,7 +403,7 @@ class Run:
         self.model.to(device)
         self.loss_fn.to(device)
         self.optimizer = build_optimizer(cfg, self.model, self.loss_fn)
-        self.sampler = data_mod.PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
+        self.sampler = PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
                                           seed=cfg.seed)
         self.scheduler = None
         if cfg.schedule == "onecycle":  # one cycle over the whole run (Smith & Topin 2019), peak at lr
