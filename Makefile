@@ -105,7 +105,7 @@ run_pytest = rc=0; $(1) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 pytest: $(VENV)/.package-stamp
 	$(call run_pytest,$(VENV)/bin/python)
 
-# ---- CUDA build check (issue 4, CI) -----------------------------------------------------------
+# ---- CUDA build check (CI) -----------------------------------------------------------
 # The copy of the tree holds what git tracks plus untracked files it does not ignore (in CI: exactly
 # the commit). It is rewritten on every run; sources keep their times and the objects live outside
 # it (build/cuda-temp), so ninja recompiles only what changed. build_ext --inplace is what
@@ -140,7 +140,7 @@ cuda-no-gpu-check:
 	  echo "cuda-no-gpu-check: PDDM_EXT_CUDA=1 without an architecture did not stop"; exit 1; fi; \
 	  echo "$$out" | grep -F "pddm-ext: PDDM_EXT_CUDA=1 but no GPU is visible to take the architectures from: set TORCH_CUDA_ARCH_LIST"
 
-# ---- CUDA emulation (issue 11, CI) --------------------------------------------------------------
+# ---- CUDA emulation (CI) --------------------------------------------------------------
 # The kernels of csrc/cuda/ run on the CPU: one build (the .venv's CPU torch, no toolkit), the CUDA
 # tests under each thread order of EMU_ORDERS, then the self-test build with the barrier after
 # phase 1b of the forward tile compiled out (PDDM_EXT_TEST_DROP_TILE_BARRIER), whose run of the
@@ -194,7 +194,7 @@ precision-emulated: $(VENV)/.deps-stamp
 	cd $(EMU_TREE) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' benchmarks/precision.py \
 	  --out '$(abspath $(PRECISION_OUT))' --command 'make precision-emulated'
 
-# ---- ptxas resource figures (issue 11) ------------------------------------------------------------
+# ---- ptxas resource figures ------------------------------------------------------------
 # Registers, spills, stack and shared memory of every kernel for CUDA_RESOURCES_ARCH, from nvcc's
 # ptxas -v with the .venv's torch headers (no GPU, no CUDA torch). The committed output shows in
 # review when a change adds spills.
@@ -211,7 +211,7 @@ cuda-resources: $(VENV)/.deps-stamp
 
 # ---- Targets of other parts of the project ----------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check
-# (gpu-check: benchmarks/gpu_check.sh, issue 4). Add them below this line and to .PHONY.
+# (gpu-check: benchmarks/gpu_check.sh). Add them below this line and to .PHONY.
 
 # demo: on a fresh machine, the venv, the package (built) and one training run with the defaults
 # (glyphs, PDDMLoss) into runs/demo, which each `make demo` starts afresh (pddm-ext train itself

@@ -1,4 +1,4 @@
-"""Issue 15 item 1: the layers are visible in the imports.
+"""The layers are visible in the imports.
 
 The core library (``pddm_ext``'s top level) imports neither the trainer integrations
 (``pddm_ext.integrations``) nor the training application (``pddm_ext.app``), nor their dependencies;

@@ -61,7 +61,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint and result."""
 
-    dataset: str = "glyphs"  # issue 13: mnist5k's five training classes did not beat its raw pixels
+    dataset: str = "glyphs"  # mnist5k's five training classes did not beat its raw pixels
     loss: str = "pddm"
     epochs: int = 8
     p: int | None = None  # classes per batch; default min(8, number of training classes)
@@ -74,7 +74,8 @@ class TrainConfig:
     alpha: float = 0.5  # PDDM metric-loss margin
     beta: float = 1.0  # embedding (triplet) margin on squared distances
     lam: float = 0.5  # weight of the embedding loss in the PDDM losses
-    # issue 13 (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS are the values before them)
+    # the options against the unit's collapse (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS
+    # are the values runs had before these fields existed)
     bce_weight: float = 1.0  # PDDM losses: weight of the balanced BCE pair term (PDDMLoss(bce_weight=))
     normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
     # PDDM losses: semihard (default here: glyphs 0.985 vs 0.957 with hardest, 5 seeds,
@@ -107,7 +108,8 @@ class TrainConfig:
         return os.path.join("runs", f"{name}-{self.loss}-seed{self.seed}")
 
 
-# The values of the fields added by issue 13 before it: a checkpoint or result.json without them
+# The values that the fields added with the options against the collapse had before they existed: a
+# checkpoint or result.json without them
 # resumes or compares as the run it was.
 LEGACY_DEFAULTS = dict(bce_weight=0.0, normalize_inputs=True, negatives="hardest", warmup_steps=0, augment=False,
                        schedule="constant", holdout=0.0, mining="pddm")
