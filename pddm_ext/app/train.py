@@ -542,7 +542,7 @@ class Run:
         if entry.get("unit", {}).get("collapsed"):
             self.say(f"warning: the PDDM unit has collapsed: the spread of its scores is below "
                      f"{diag_mod.COLLAPSE_SPREAD} (near-constant S; its hinge sits at 2 alpha and its ranking, "
-                     f"the AUC above, is all that mining uses). See README, 'Does the PDDM unit learn?'")
+                     f"the AUC above, is all that mining uses). See docs/experiments.md, 'Does the PDDM unit learn?'")
 
     def finish(self):
         """Rank 0 draws the plot and writes result.json; the process group started here is closed.
