@@ -55,7 +55,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.c
 
 test: install cpp-test pytest
 
-# ---- Virtual environments ---------------------------------------------------------------------
+# ---- Virtual environments ------------------------------------------------------------------------
 # $(call venv_rules,VENV,TORCH_SPEC): create the venv, remember the torch spec it was set up with
 # (the file changes only when the spec does), install torch and the requirements in one pip
 # command, so that no requirement can pull in another torch.
@@ -74,7 +74,7 @@ endef
 $(eval $(call venv_rules,$(VENV),$(TORCH_SPEC)))
 $(eval $(call venv_rules,$(CUDA_VENV),$(CUDA_TORCH_SPEC)))
 
-# ---- The package and its tests ----------------------------------------------------------------
+# ---- The package and its tests -------------------------------------------------------------------
 # Editable install: pddm_ext/_C*.so is built in place; Python edits need no reinstall. Rebuilt when
 # a C++ source, the build files or torch change, or when the .so is gone. The command README.md gives
 # (pip's default build isolation: the build backend finds the venv's torch); --no-deps: the
@@ -105,7 +105,7 @@ run_pytest = rc=0; $(1) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 pytest: $(VENV)/.package-stamp
 	$(call run_pytest,$(VENV)/bin/python)
 
-# ---- CUDA build check (issue 4, CI) -----------------------------------------------------------
+# ---- CUDA build check (CI) -----------------------------------------------------------------------
 # The copy of the tree holds what git tracks plus untracked files it does not ignore (in CI: exactly
 # the commit). It is rewritten on every run; sources keep their times and the objects live outside
 # it (build/cuda-temp), so ninja recompiles only what changed. build_ext --inplace is what
@@ -140,7 +140,7 @@ cuda-no-gpu-check:
 	  echo "cuda-no-gpu-check: PDDM_EXT_CUDA=1 without an architecture did not stop"; exit 1; fi; \
 	  echo "$$out" | grep -F "pddm-ext: PDDM_EXT_CUDA=1 but no GPU is visible to take the architectures from: set TORCH_CUDA_ARCH_LIST"
 
-# ---- CUDA emulation (issue 11, CI) --------------------------------------------------------------
+# ---- CUDA emulation (CI) -------------------------------------------------------------------------
 # The kernels of csrc/cuda/ run on the CPU: one build (the .venv's CPU torch, no toolkit), the CUDA
 # tests under each thread order of EMU_ORDERS, then the self-test build with the barrier after
 # phase 1b of the forward tile compiled out (PDDM_EXT_TEST_DROP_TILE_BARRIER), whose run of the
@@ -194,7 +194,7 @@ precision-emulated: $(VENV)/.deps-stamp
 	cd $(EMU_TREE) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' benchmarks/precision.py \
 	  --out '$(abspath $(PRECISION_OUT))' --command 'make precision-emulated'
 
-# ---- ptxas resource figures (issue 11) ------------------------------------------------------------
+# ---- ptxas resource figures ----------------------------------------------------------------------
 # Registers, spills, stack and shared memory of every kernel for CUDA_RESOURCES_ARCH, from nvcc's
 # ptxas -v with the .venv's torch headers (no GPU, no CUDA torch). The committed output shows in
 # review when a change adds spills.
@@ -209,9 +209,9 @@ cuda-resources: $(VENV)/.deps-stamp
 	mv $(CUDA_RESOURCES_OUT).tmp $(CUDA_RESOURCES_OUT)
 	cat $(CUDA_RESOURCES_OUT)
 
-# ---- Targets of other parts of the project ----------------------------------------------------
+# ---- Targets of other parts of the project -------------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check
-# (gpu-check: benchmarks/gpu_check.sh, issue 4). Add them below this line and to .PHONY.
+# (gpu-check: benchmarks/gpu_check.sh). Add them below this line and to .PHONY.
 
 # demo: on a fresh machine, the venv, the package (built) and one training run with the defaults
 # (glyphs, PDDMLoss) into runs/demo, which each `make demo` starts afresh (pddm-ext train itself
@@ -237,7 +237,7 @@ fonts:
 	  $$(grep -v '^#' fonts/debian-packages.txt)
 
 # bench: the benchmark suite (benchmarks/README.md): the quick run behind the README table and the
-# targets of issues 2, 3 and 5; `make bench BENCH_ARGS=` runs the full sweep. Results: benchmarks/results/.
+# speed and memory target checks; `make bench BENCH_ARGS=` runs the full sweep. Results: benchmarks/results/.
 BENCH_ARGS ?= --quick
 
 bench: install
@@ -269,7 +269,7 @@ gpu-wheels:
 	total=$$(cat $(GPU_WHEELS)/*.whl | wc -c); echo "gpu-wheels: $$((total / 1048576)) MiB in $(GPU_WHEELS)"; \
 	  test $$total -le $$(( $(GPU_CARRY_MIB) * 1048576 )) || { echo "gpu-wheels: more than $(GPU_CARRY_MIB) MiB"; exit 1; }
 
-# ---- Packaging and the supported torch range (issues 16, 23) -------------------------------------
+# ---- Packaging and the supported torch range -----------------------------------------------------
 # wheel: dist/pddm_ext-*.whl built against the venv's torch (plain `pip wheel`: the build backend finds
 # the venv's torch; CPU kernels; PDDM_EXT_CUDA as for pip).
 #
@@ -358,7 +358,7 @@ oldest-torch: $(OLDEST_VENV)/.deps-stamp $(PIP_TOOLS)/.stamp $(VENV)/.deps-stamp
 	cp -r "$$($(OLDEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pddm_ext" $(MOVED_BUILD)/
 	cd $(MOVED_BUILD) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' '$(abspath .ci/check_moved_build.py)'
 
-# ---- Cleaning ---------------------------------------------------------------------------------
+# ---- Cleaning ------------------------------------------------------------------------------------
 clean:
 	rm -rf build dist *.egg-info pddm_ext/_C*.so .pytest_cache .hypothesis
 	rm -f $(VENV)/.package-stamp

@@ -1,4 +1,4 @@
-"""The CUDA build check of CI (`make cuda-build`, issue 4), run from the root of the tree that was
+"""The CUDA build check of CI (`make cuda-build`), run from the root of the tree that was
 just built with PDDM_EXT_CUDA=1: the extension must be the CUDA variant and every pddm_ext op must
 have a CUDA kernel registered. Needs a CUDA build of torch, not a GPU.
 """

@@ -1,4 +1,4 @@
-"""Markdown tables and target checks (issues 2, 3, 5) from a results document.
+"""Markdown tables and the speed / memory target checks from a results document.
 
     python -m benchmarks.report benchmarks/results/cpu_quick.json   # reprint / rewrite the .md
 
@@ -82,7 +82,7 @@ def gemm_peak(doc):
 
 
 def check_targets(doc):
-    """Each issue target as {issue, target, measured, result}."""
+    """Each target as {issue, target, measured, result} (``issue``: the label of the requirement it checks)."""
     gemm = gemm_peak(doc)
     checks = []
 

@@ -8,7 +8,7 @@ Workloads (d = h = c unless stated):
 
 - ``scores_fwd``      all-pairs scores of x (m, d) against itself, no autograd: S = unit(x).
 - ``scores_fwd_bwd``  unit(x).sum().backward() with x and every parameter requiring grad
-                      (issue 3); the forward and backward phases are also timed apart.
+                      (its cost against the forward is a target); the forward and backward phases are also timed apart.
 - ``scores_bwd_positives``  (unit(x) * same_class).sum().backward(): a loss that reaches only the
                       same-class pairs (the positive term of a contrastive loss, 0.2% of the pairs
                       at K = 4), to time the backward on a sparse dS; phases timed apart as above.

@@ -1,6 +1,6 @@
 """Any loss on the full PDDM score matrix: a multi-similarity loss over S = unit(f) for 1,000-image batches.
 
-The fused backward of ``unit(f)`` (issue 3) is what makes this affordable: a 1000 x 1000 score matrix
+The fused backward of ``unit(f)`` is what makes this affordable: a 1000 x 1000 score matrix
 with d = h = c = 64 costs a few MB instead of the reference autograd graph's gigabytes, and the
 multi-similarity loss's own mining leaves most of dS at zero, which the backward skips.
 

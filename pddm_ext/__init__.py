@@ -13,7 +13,9 @@ Three layers, each depending only on the ones before it:
   models and retrieval evaluation.
 
 ``import pddm_ext`` loads the core only; the other layers' public names (``pddm_ext.PDDMMiner``,
-``pddm_ext.MemoryBank``, ``pddm_ext.distributed``, ``pddm_ext.data``) are imported on first use.
+``pddm_ext.MemoryBank``, ``pddm_ext.distributed``) are attributes imported on first use:
+``pddm_ext.distributed`` is the module ``pddm_ext.integrations.distributed`` (an attribute, not an
+importable ``pddm_ext.distributed`` module).
 The design, contracts and errors: docs/design.md.
 """
 
@@ -35,7 +37,6 @@ __all__ = [
     "PKSampler",
     "Quadruplets",
     "batch_hard",
-    "data",
     "distributed",
     "mine_hard",
     "pair_scores",
@@ -49,8 +50,7 @@ __all__ = [
 _LAZY = {
     "PDDMMiner": ("pddm_ext.integrations.miners", "PDDMMiner"),
     "MemoryBank": ("pddm_ext.integrations.memory", "MemoryBank"),
-    "distributed": ("pddm_ext.distributed", None),
-    "data": ("pddm_ext.data", None),
+    "distributed": ("pddm_ext.integrations.distributed", None),
     "integrations": ("pddm_ext.integrations", None),
     "app": ("pddm_ext.app", None),
 }

@@ -225,7 +225,7 @@ class PDDM(nn.Module):
 class PDDMLoss(nn.Module):
     """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
     a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
-    with a pair-classification term that keeps the unit from collapsing (issue 13).
+    with a pair-classification term that keeps the unit from collapsing.
 
     ``forward(embeddings, labels)``:
 
@@ -240,7 +240,7 @@ class PDDMLoss(nn.Module):
     6. loss = mean(E_m) + lam * mean(E_e) + bce_weight * E_p, with E_p the balanced BCE of the
        scores of all pairs of the batch (:func:`balanced_pair_bce` on ``unit(f)``).
 
-    Options against the collapse of the unit (issue 13; evidence in ``benchmarks/results/learning/``):
+    Options against the collapse of the unit (evidence in ``benchmarks/results/learning/``):
 
     - ``normalize_inputs`` (bool, default False): the unit's form (``PDDM(normalize_inputs=)``). The
       default is the distance-aware form; True is the paper as read, blind to the distance between

@@ -16,16 +16,12 @@ class PKSampler(torch.utils.data.Sampler):
     defaults to one epoch's worth, len(labels) // (P K). ``seed`` makes the sequence reproducible;
     iterating again continues the random stream. Each batch is a list of P K item indices.
 
-    The old keywords ``p`` and ``k`` are still accepted for P and K (and ``.p`` / ``.k`` still read
-    them); positional calls ``PKSampler(labels, P, K)`` are unchanged. Raises ``TypeError`` for a
+    P and K may be given by position, ``PKSampler(labels, P, K)``, or by name. Raises ``TypeError`` for a
     non-int P, K, ``num_batches`` or ``seed``, ``ValueError`` for empty / non-1-D / non-integer labels, K < 2,
     P outside [1, number of classes], ``num_batches`` < 1 or a seed outside [-2**63, 2**64 - 1].
     """
 
-    def __init__(self, labels, classes_per_batch=None, samples_per_class=None, *, num_batches=None, seed=None,
-                 p=None, k=None):
-        classes_per_batch = _one_of("classes_per_batch", classes_per_batch, "p", p)
-        samples_per_class = _one_of("samples_per_class", samples_per_class, "k", k)
+    def __init__(self, labels, classes_per_batch, samples_per_class, *, num_batches=None, seed=None):
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.numel() == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
@@ -61,16 +57,6 @@ class PKSampler(torch.utils.data.Sampler):
         except (RuntimeError, ValueError, OverflowError) as exc:  # outside torch's seed range [-2**63, 2**64)
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {seed}") from exc
 
-    @property
-    def p(self):
-        """P, the old name of ``classes_per_batch``."""
-        return self.classes_per_batch
-
-    @property
-    def k(self):
-        """K, the old name of ``samples_per_class``."""
-        return self.samples_per_class
-
     def __len__(self):
         return self.num_batches
 
@@ -87,11 +73,3 @@ class PKSampler(torch.utils.data.Sampler):
                 batch.extend(pick.tolist())
             yield batch
 
-
-def _one_of(name, value, old_name, old_value):
-    """The value given under the new name or the old keyword (not both, not neither)."""
-    if value is not None and old_value is not None:
-        raise TypeError(f"give {name} or its old name {old_name}, not both")
-    if value is None and old_value is None:
-        raise TypeError(f"missing argument {name}")
-    return value if value is not None else old_value

@@ -1,4 +1,4 @@
-"""Issue 3: the fused backward of pddm_scores / unit(x) / unit(x, y), and opcheck on every op."""
+"""The fused backward of pddm_scores / unit(x) / unit(x, y), and opcheck on every op."""
 
 from __future__ import annotations
 

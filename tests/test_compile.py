@@ -1,4 +1,4 @@
-"""Issue 3: a training step with PDDMLoss and unit(x) compiles as one graph (fullgraph=True).
+"""A training step with PDDMLoss and unit(x) compiles as one graph (fullgraph=True).
 
 mine_hard returns a data-dependent number of quadruplets: its ops' fake kernels allocate that size
 with ctx.new_dynamic_size() (an unbacked symbolic size), and the loss has no Python branch on it, so
@@ -74,7 +74,7 @@ def test_compiled_training_step_fullgraph(backend):
 
 
 def test_compiled_calls_raise_on_nan_instead_of_returning_plausible_results():
-    """Issue 14 item 5: inside a compiled graph the finiteness checks are asynchronous asserts
+    """Inside a compiled graph the finiteness checks are asynchronous asserts
     (torch._assert_async), so a NaN in any input or parameter raises (RuntimeError with the message
     naming the argument) instead of giving indices in which the NaN row looks like a hard negative."""
     torch.manual_seed(0)

@@ -185,7 +185,7 @@ def test_opcheck(device):
 def test_dense_products_are_not_computed_by_matmul(device):
     """P = x W_v^T, and the backward's dx += dP W_v and dW_v = dP_x^T x + dP_y^T y, run in the kernels'
     own arithmetic (gemm_kernel), not at::mm / cuBLAS, which computes float32 in TF32 under allow_tf32
-    or matmul precision "high" (issue 11)."""
+    or matmul precision "high"."""
     unit = make_unit(12, 9, 7, device=device)
     x = torch.randn(13, 12, device=device)
     y = torch.randn(11, 12, device=device)

@@ -91,7 +91,7 @@ def worker(out_dir):
     result["memory"] = memory_steps(rank)
     result["wrapper"] = wrapper_step(rank)
     result["ref"] = ref_step(rank)
-    result["sharded"] = list(pddm_ext.distributed.ShardedBatchSampler(pddm_ext.data.PKSampler(labels, 3, 4, seed=0)))
+    result["sharded"] = list(pddm_ext.distributed.ShardedBatchSampler(pddm_ext.PKSampler(labels, 3, 4, seed=0)))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
     # The training loop inside a process group the caller made (it stays up), with a loss that has
@@ -276,7 +276,7 @@ def test_explicit_references_are_gathered_too(ranks):
 
 def test_sharded_batch_sampler_splits_every_pk_batch_across_ranks(ranks):
     labels = build(False)[1]
-    batches = list(pddm_ext.data.PKSampler(labels, 3, 4, seed=0))
+    batches = list(pddm_ext.PKSampler(labels, 3, 4, seed=0))
     for r, res in enumerate(ranks):
         assert res["sharded"] == [b[r::len(SLICES)] for b in batches]
     assert list(pddm_ext.distributed.ShardedBatchSampler(batches)) == batches  # one process: unchanged

@@ -1,4 +1,4 @@
-"""Issue 14 item 3: distributed inputs that are bad, or empty, on one rank only (2 gloo ranks).
+"""Distributed inputs that are bad, or empty, on one rank only (2 gloo ranks).
 
 - An input that is bad on one rank raises the same clear error on every rank, without a hang: the
   ranks agree on validity (one small all_gather of a status vector) before any gathering.

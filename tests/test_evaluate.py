@@ -1,5 +1,5 @@
 """Retrieval metrics against brute-force definitions, pytorch-metric-learning's AccuracyCalculator, and
-their input checks (issue 14 items 1 and 4: NaN/Inf, shapes, float64 kept, exact distances)."""
+their input checks (NaN/Inf, shapes, float64 kept, exact distances)."""
 
 import math
 
@@ -129,7 +129,7 @@ def test_rows_sharing_a_large_offset_are_ranked_exactly(dtype, offset, spread):
         assert nn_idx[i].tolist() == exact_ranking(x, i)[:5], i
 
 
-def test_issue_example_with_a_large_offset():
+def test_rows_with_a_large_common_offset_rank_exactly():
     x = torch.tensor([[1000.0], [1000.1], [1000.2], [1000.3]])
     assert ev.nearest_neighbours(x, 1)[:, 0].tolist() == [1, 0, 3, 2]
 
@@ -239,7 +239,7 @@ def test_ties_go_to_the_smaller_index_at_every_cutoff(dtype):
             assert nn_idx[i].tolist() == exact_ranking(x, i)[:k], (k, i)
 
 
-# --- F3: float32 ties are exact ties, as in float64 ----------------------------------------------
+# --- float32 ties are exact ties, as in float64 ----------------------------------------------
 
 
 def test_float32_exact_ties_rank_in_index_order_as_float64_does():

@@ -1,4 +1,4 @@
-"""Issue 14 items 6 and 7 and the core's contracts (docs/design.md, "Errors", "Results").
+"""indices_tuple, Quadruplets and the core's contracts (docs/design.md, "Errors", "Results").
 
 - ``PDDMLoss``'s ``indices_tuple`` path validates like the mining path: labels, the unit's parameters,
   and the indices (integer dtype, 1-D, one length, every entry in range of the rows it indexes: no -1
@@ -40,7 +40,7 @@ def _triplet_case():
     return loss_fn, x, labels, good
 
 
-# --------------------------------------------------------------------------- item 6: indices_tuple
+# --------------------------------------------------------------------------- indices_tuple
 
 
 def test_indices_tuple_good_input_gives_the_hand_loss():
@@ -57,7 +57,7 @@ def test_indices_tuple_good_input_gives_the_hand_loss():
 
 
 BAD_INDICES = {
-    # the issue's cases: labels of length 3 for 6 rows, index -1, float indices
+    # labels of length 3 for 6 rows, index -1, float indices
     "labels_length": (lambda a, p, n: (a, p, n), "labels", "length 3"),
     "negative_index": (lambda a, p, n: (a, p, torch.tensor([4, -1])), "indices_tuple[2]", r"outside \[0, 6\)"),
     "index_too_large": (lambda a, p, n: (torch.tensor([0, 6]), p, n), "indices_tuple[0]", r"outside \[0, 6\)"),
@@ -109,7 +109,7 @@ def test_loss_weights_must_be_finite_numbers(name, value):
         pddm_ext.PDDMLoss(D, **{name: value})
 
 
-# --------------------------------------------------------------------------- item 7: Quadruplets
+# --------------------------------------------------------------------------- Quadruplets
 
 
 @pytest.mark.parametrize("ref", [False, True])

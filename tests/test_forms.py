@@ -1,4 +1,4 @@
-"""The two forms of the PDDM unit (docs/design.md "The two forms", issue 13 item 1) and its dropout.
+"""The two forms of the PDDM unit (docs/design.md "The two forms") and its dropout.
 
 ``normalize_inputs=True`` scales u and v by their inverse norms before W_u and W_v (the default and
 the form of every other test file); ``normalize_inputs=False`` feeds them as they are, so S sees the
@@ -57,7 +57,7 @@ def test_the_forms_differ_and_the_default_is_normalised():
 
 
 def test_distance_aware_form_sees_the_distance():
-    """Issue 13: a = cos(phi) p + sin(phi) w, b = cos(phi) p - sin(phi) w keeps the directions of
+    """a = cos(phi) p + sin(phi) w, b = cos(phi) p - sin(phi) w keeps the directions of
     |a - b| and a + b, so the input-normalised S is constant in phi; the distance-aware S is not."""
     p, w = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
     p[0], w[1] = 1.0, 1.0

@@ -1,4 +1,4 @@
-"""Issue 13: PDDMLoss's options against the unit's collapse (semi-hard negatives, the balanced BCE
+"""PDDMLoss's options against the unit's collapse (semi-hard negatives, the balanced BCE
 pair term, the Euclidean warm-up), checked against brute-force loops and the reference scores."""
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def test_defaults_are_the_evidence_based_recipe():
 
 
 def test_old_state_dict_loads_as_the_input_normalised_unit():
-    """A PDDMLoss state_dict from before issue 13 (no _extra_state keys) loads into a loss with the new
+    """A PDDMLoss state_dict from before these options (no _extra_state keys) loads into a loss with the new
     defaults as the unit it was: the input-normalised form, scores unchanged."""
     old = make_loss(6, **PAPER)
     state = {k: v for k, v in old.state_dict().items() if not k.endswith("_extra_state")}
@@ -328,7 +328,7 @@ def test_old_state_dict_loads_as_the_input_normalised_unit():
 
 
 # --------------------------------------------------------------------------------------------------
-# pddm-ext train: diagnostics, collapse warning, augmentation, legacy checkpoints (issue 13 items 3-5)
+# pddm-ext train: diagnostics, collapse warning, augmentation, legacy checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +407,7 @@ def test_warmup_ends_when_the_unit_matches_euclidean_on_heldout_pairs(digits, tm
 
 
 def test_old_checkpoint_resumes_with_the_old_behaviour(digits, tmp_path):
-    """A checkpoint written before issue 13 (no new config fields, no scheduler, no loss extra state)
+    """A checkpoint written before these options (no new config fields, no scheduler, no loss extra state)
     resumes as the run it was: no augmentation, constant lr, input-normalised unit, no pair term."""
     from pddm_ext.app.checkpoint import save_atomic
     from pddm_ext.app.train import LEGACY_DEFAULTS, TrainConfig, train

@@ -27,7 +27,7 @@ def hand_loss(embeddings, quads, params, alpha, beta, lam, normalize=True):
     return E_m.mean() + lam * E_e.mean(), E_m.mean(), E_e.mean()
 
 
-# The paper's loss (docs/design.md, "Loss"): the input-normalised unit without issue 13's pair term
+# The paper's loss (docs/design.md, "Loss"): the input-normalised unit without the pair term
 PAPER = dict(normalize_inputs=True, bce_weight=0.0)
 
 

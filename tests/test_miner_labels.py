@@ -1,4 +1,4 @@
-"""Issue 14 item 2: every entry point that faces pytorch-metric-learning gives the package's own
+"""Every entry point that faces pytorch-metric-learning gives the package's own
 TypeError naming ``labels`` for labels that are not a tensor (a list, a numpy array), in both forms
 of ``PDDMMiner`` (on PML's BaseMiner, and the plain callable used without PML) and in ``PDDMLoss``.
 The choice (tensors only, as in the rest of the package) is documented in

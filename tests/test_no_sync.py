@@ -1,4 +1,4 @@
-"""Issue 15 item 2: validation happens once and costs no device->host synchronisation.
+"""Validation happens once and costs no device->host synchronisation.
 
 On CUDA, reading a tensor's value on the host (``bool(t)``, ``t.item()``, ``t.tolist()``, ...) waits for
 the device. The validation layer therefore reads data-dependent conditions (NaN/Inf, index ranges) only

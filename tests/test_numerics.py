@@ -1,4 +1,4 @@
-"""Floating-point cancellation in the fused kernels (issue 14, items 9 and 4).
+"""Floating-point cancellation in the fused kernels.
 
 - Near-antipodal pairs (b ~ -a): the kernels form W_v (a + b) as P_a + P_b with P = x W_v^T, which
   cancels; pairs whose sqrt(||a - b||^2 + ||a + b||^2) / ||a + b|| exceeds 8 take W_v (a + b) from
@@ -26,23 +26,23 @@ from test_scores import assert_scores_close
 
 # --------------------------------------------------------------------------- near-antipodal pairs
 
-# The example of issue 14 item 9: float32, d = 2, h = 2, c = 1 (parameters rounded to 4 digits).
-ISSUE_PARAMS = (
+# A case where P_a + P_b cancels: float32, d = 2, h = 2, c = 1 (parameters rounded to 4 digits).
+ANTIPODAL_PARAMS = (
     [[0.2422, -0.2534], [0.0587, 0.2521]], [0.2830, 0.1855],
     [[-0.0282, 0.5493], [-0.1942, -0.1569]], [-0.0016, -0.4210],
     [[-0.1927, -0.3351, 0.4160, 0.4198]], [0.1975], [0.9632], -0.2820,
 )
-ISSUE_A = [0.04223312, -0.99910778]
-ISSUE_B = [-0.04223228, 0.99910790]  # ||a + b|| / ||a|| = 8.5e-7
+ANTIPODAL_A = [0.04223312, -0.99910778]
+ANTIPODAL_B = [-0.04223228, 0.99910790]  # ||a + b|| / ||a|| = 8.5e-7
 
 
-def issue_params(dtype=torch.float32):
-    return tuple(torch.tensor(p, dtype=dtype) for p in ISSUE_PARAMS)
+def antipodal_params(dtype=torch.float32):
+    return tuple(torch.tensor(p, dtype=dtype) for p in ANTIPODAL_PARAMS)
 
 
-def test_issue_example_score_float32():
-    params = issue_params()
-    x = torch.tensor([ISSUE_A, ISSUE_B])
+def test_near_antipodal_example_score_float32():
+    params = antipodal_params()
+    x = torch.tensor([ANTIPODAL_A, ANTIPODAL_B])
     want = reference.pddm_scores(x.double(), None, tuple(p.double() for p in params))[0, 1].item()
     assert want == pytest.approx(-0.029348, abs=1e-6)
     S = pddm_ext.pddm_scores(x, None, *params)  # was -0.2820 (the cancelled mean branch)
@@ -53,21 +53,21 @@ def test_issue_example_score_float32():
     assert pddm_ext.pair_scores(x[:1], x[1:], params).item() == pytest.approx(want, abs=1e-5)
 
 
-def test_issue_example_batch_hard_reference_mode():
+def test_near_antipodal_example_batch_hard_reference_mode():
     """Query a; references: 2a (positive; not a itself, which the self-copy rule of docs/design.md#mining
     keeps from being a positive), b ~ -a (true S = -0.0293) and c (S = -0.0634), both negatives.
     The cancelled score of (a, b) was -0.2820, which made c the hardest negative."""
     unit = pddm_ext.PDDM(2, 2, 1)
     with torch.no_grad():
-        for p, value in zip(unit.params(), issue_params()):
+        for p, value in zip(unit.params(), antipodal_params()):
             p.copy_(value)
-    query = torch.tensor([ISSUE_A])
+    query = torch.tensor([ANTIPODAL_A])
     c = [2 * math.cos(2.5604), 2 * math.sin(2.5604)]
-    refs = torch.tensor([[2 * e for e in ISSUE_A], ISSUE_B, c])
+    refs = torch.tensor([[2 * e for e in ANTIPODAL_A], ANTIPODAL_B, c])
     a, p, n = pddm_ext.batch_hard(query, torch.tensor([0]), unit, ref_emb=refs, ref_labels=torch.tensor([0, 1, 1]))
     assert (a.tolist(), p.tolist(), n.tolist()) == ([0], [0], [1])
     # mine_hard: a second query (label 1) gives the positive pair (0, 0) its positive_negative
-    queries, labels = torch.tensor([ISSUE_A, c]), torch.tensor([0, 1])
+    queries, labels = torch.tensor([ANTIPODAL_A, c]), torch.tensor([0, 1])
     q = pddm_ext.mine_hard(queries, labels, unit, ref_emb=refs, ref_labels=torch.tensor([0, 1, 1]))
     assert (q.anchor.tolist(), q.positive.tolist(), q.anchor_negative.tolist()) == ([0], [0], [1])
     assert q.scores[0, 1].item() == pytest.approx(-0.029348, abs=1e-5)
@@ -184,7 +184,7 @@ def test_mining_with_antipodal_pairs(mode, dtype_name):
 # --------------------------------------------------------------------------- Euclidean offsets
 
 
-def test_issue_offset_example():
+def test_large_common_offset_example():
     x = torch.tensor([[1000.0], [1000.1], [1000.2], [1000.3]])
     labels = torch.tensor([0, 0, 0, 1])
     a, p, n = pddm_ext.batch_hard(x, labels)

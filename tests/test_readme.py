@@ -24,7 +24,7 @@ def test_readme_python_examples_run():
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
 
 
-# --- install commands (issue 16 item 4) ----------------------------------------------------------
+# --- install commands --------------------------------------------------------------------------
 
 
 def install_commands():

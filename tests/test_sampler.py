@@ -1,5 +1,5 @@
-"""PKSampler (issue 15 item 7 names): classes_per_batch (P) and samples_per_class (K), the old
-keywords p / k still accepted, the same batches whatever the spelling."""
+"""PKSampler: classes_per_batch (P) and samples_per_class (K), by position or by name, the same batches
+whatever the spelling; bad arguments are named in the error."""
 
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ def test_batches_are_p_classes_times_k_samples():
         assert len(classes) == 3 and counts.tolist() == [4, 4, 4]
 
 
-def test_old_and_new_spellings_give_the_same_batches():
-    new = list(PKSampler(LABELS, classes_per_batch=3, samples_per_class=4, seed=2))
-    assert list(PKSampler(LABELS, 3, 4, seed=2)) == new
-    old = PKSampler(LABELS, p=3, k=4, seed=2)
-    assert list(old) == new and (old.p, old.k) == (old.classes_per_batch, old.samples_per_class) == (3, 4)
+def test_positional_and_keyword_spellings_give_the_same_batches():
+    by_name = PKSampler(LABELS, classes_per_batch=3, samples_per_class=4, seed=2)
+    assert (by_name.classes_per_batch, by_name.samples_per_class) == (3, 4)
+    assert list(PKSampler(LABELS, 3, 4, seed=2)) == list(by_name)
 
 
 @pytest.mark.parametrize("kwargs,exc,pattern", [
@@ -34,8 +33,7 @@ def test_old_and_new_spellings_give_the_same_batches():
     (dict(classes_per_batch=0, samples_per_class=2), ValueError, r"classes_per_batch \(P\)"),
     (dict(classes_per_batch=2.0, samples_per_class=2), TypeError, r"classes_per_batch must be an int"),
     (dict(classes_per_batch=2, samples_per_class=True), TypeError, r"samples_per_class must be an int"),
-    (dict(classes_per_batch=2, p=2, samples_per_class=2), TypeError, r"classes_per_batch or its old name p"),
-    (dict(classes_per_batch=2), TypeError, r"missing argument samples_per_class"),
+    (dict(classes_per_batch=2), TypeError, r"missing 1 required positional argument: 'samples_per_class'"),
 ])
 def test_bad_arguments_name_themselves(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

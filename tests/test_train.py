@@ -88,7 +88,7 @@ def test_seed_makes_runs_reproducible(digits, tmp_path):
     (["--dataset", "digits", "--loss", "contrastive"], "unknown loss 'contrastive'"),
     (["--dataset", "digits", "--epochs", "0"], "epochs must be >= 1"),
     (["--dataset", "digits", "--unit-lr", "0"], "unit_lr must be > 0"),
-    # F5: non-finite numbers and seeds outside numpy's range stop before training
+    # non-finite numbers and seeds outside numpy's range stop before training
     (["--dataset", "digits", "--alpha", "inf"], "alpha must be finite, got inf"),
     (["--dataset", "digits", "--alpha", "inf", "--loss", "batch-hard"], "alpha must be finite, got inf"),
     (["--dataset", "digits", "--beta", "nan"], "beta must be finite, got nan"),
@@ -257,7 +257,7 @@ def test_compare_writes_table_plot_and_json(digits, tmp_path):
     assert os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt") == mtime
 
 
-# --- checkpoints: loaded with weights_only=True, one clear error for a bad file (issue 14 item 8) ---
+# --- checkpoints: loaded with weights_only=True, one clear error for a bad file ---
 
 
 class _RunsCodeWhenUnpickled:
@@ -339,7 +339,7 @@ def test_checkpoint_holds_only_tensors_and_plain_values(good_checkpoint, tmp_pat
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "sampler"}
 
 
-# --- logs off a terminal (issue 16 item 5) ---------------------------------------------------------
+# --- logs off a terminal ---------------------------------------------------------
 
 
 class _Terminal(io.StringIO):
@@ -366,7 +366,7 @@ def test_progress_bars_only_on_a_terminal_summary_lines_always(digits, tmp_path,
     assert "\r" not in quiet.getvalue() and "epoch 2: loss" in quiet.getvalue()
 
 
-# --- TensorBoard (issue 16 item 6) ---------------------------------------------------------------
+# --- TensorBoard ---------------------------------------------------------------
 
 
 def _require(module):
@@ -406,7 +406,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert not out.exists() and not (tmp_path / "tb").exists()
 
 
-# --- torchvision backbones (issue 16 item 2) -------------------------------------------------------
+# --- torchvision backbones -------------------------------------------------------
 # PyPI's torchvision needs its own torch release, and the CPU test venv's torch (2.13.0+cpu, a local
 # file) has none beside it: these tests run in CI in the CUDA-build venv (`make cuda-build`: torch
 # 2.14.1 with torchvision 0.29.1, on the CPU), which sets PDDM_EXT_REQUIRE_TORCHVISION=1 so that a

@@ -506,7 +506,7 @@ def test_raw_mining_ops_reject_bad_labels_and_k(op):
         mine(x, lx, torch.randn(7, 3), ly, *unit_args, 1)
 
 
-# -- F1: the "already validated" and "asynchronous checks" switches are per thread / per context ------------
+# -- the "already validated" and "asynchronous checks" switches are per thread / per context ------------
 
 
 def _nan_batch():
@@ -588,7 +588,7 @@ def test_asynchronous_checks_in_another_thread_keep_the_eager_value_error():
         t.join()
 
 
-# -- F2: raw ops with one argument on meta reach the fake kernels, which must check devices ---------------
+# -- raw ops with one argument on meta reach the fake kernels, which must check devices ---------------
 
 
 def _raw_cases():
@@ -626,7 +626,7 @@ def test_raw_scores_on_all_meta_inputs_still_give_shapes():
     assert out.shape == (5, 3) and out.device.type == "meta"
 
 
-# -- F4: k beyond int64 is a ValueError naming k, at every entry point -------------------------------------
+# -- k beyond int64 is a ValueError naming k, at every entry point -------------------------------------
 
 
 @pytest.mark.parametrize("k", [2**63, 2**64 + 5, 10**30])
@@ -650,7 +650,7 @@ def test_the_largest_int64_k_means_all_pairs():
     assert torch.equal(every.anchor, top.anchor) and every.anchor.numel() > 0
 
 
-# -- F11: Quadruplets.as_triplets checks that its fields have one length ----------------------------------
+# -- Quadruplets.as_triplets checks that its fields have one length ----------------------------------
 
 
 @pytest.mark.parametrize("field", ["anchor", "positive", "anchor_negative", "positive_negative"])
@@ -666,7 +666,7 @@ def test_as_triplets_rejects_fields_of_different_lengths(field, ref):
     assert all(len(t) == len(q.as_triplets()[0]) for t in q.as_triplets())  # the unmodified one still works
 
 
-# -- F8: messages that name the argument and its real type; bool options; lam >= 0 ---------------------------
+# -- messages that name the argument and its real type; bool options; lam >= 0 ---------------------------
 
 
 def test_pair_scores_with_a_module_as_params_names_params():

@@ -1,4 +1,4 @@
-"""Issue 13 item 5: which training recipe makes a learned embedding beat raw pixels on unseen classes?
+"""Which training recipe makes a learned embedding beat raw pixels on unseen classes?
 
 Trains the app's small CNN (``pddm_ext.app.models.build_model``) on the training half of the classes of
 a dataset of the app (``pddm_ext.app.datasets``) and reports Recall@1 on the unseen half against raw

@@ -1,4 +1,4 @@
-"""Issue 13's plain loop: does the PDDM unit learn a metric that transfers to unseen classes?
+"""The plain loop: does the PDDM unit learn a metric that transfers to unseen classes?
 
 An MLP (64 -> 128 -> 32) on scikit-learn's digits (8 x 8 images), trained on classes 0-4 with
 P = 5 x K = 8 batches, Adam 1e-3, 300 steps; measured on every pair of the unseen classes 5-9:
@@ -8,7 +8,7 @@ P = 5 x K = 8 batches, Adam 1e-3, 300 steps; measured on every pair of the unsee
   (``sklearn.metrics.roc_auc_score``);
 - ``auc_euc``: the same AUC for -||a - b||^2 of the same (L2-normalised) embeddings.
 
-Target of issue 13 (with ``PDDMLoss``'s defaults): spread >= 0.05 and auc_S >= 0.70, mean of 3 seeds.
+The target (with ``PDDMLoss``'s defaults): spread >= 0.05 and auc_S >= 0.70, mean of 3 seeds.
 
 Two ways to run a configuration:
 

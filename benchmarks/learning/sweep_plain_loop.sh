@@ -1,5 +1,5 @@
 #!/bin/sh
-# Issue 13's plain loop over the loss / unit variants, 5 seeds each (scratch loss in plain PyTorch).
+# The plain loop over the loss / unit variants, 5 seeds each (scratch loss in plain PyTorch).
 # Output: benchmarks/results/learning/plain_loop_sweep.{txt,jsonl}. About 10 minutes on one core.
 # Run from the repository root: sh benchmarks/learning/sweep_plain_loop.sh
 set -e

@@ -1,4 +1,4 @@
-"""Random affine augmentation of image batches for ``pddm-ext train --augment`` (issue 13 item 5).
+"""Random affine augmentation of image batches for ``pddm-ext train --augment``.
 
 torchvision's ``RandomAffine`` draws one transform per call; metric-learning trainers want one per
 image, and torchvision is an optional dependency here, so this draws per-image parameters and

@@ -3,8 +3,8 @@ batches, same batch size, same network, same optimiser), summarised as a markdow
 (mean +- std of Recall@K, MAP@R, R-Precision and NMI on the test classes), a convergence plot (Recall@1 against
 epoch and against training time, one line per loss) and a JSON file with every epoch of every run.
 
-Besides the losses, ``VARIANTS`` name PDDM variants (issue 13): ``pddm-paper`` is the loss as the
-paper describes it (input-normalised unit, no pair term, hardest negatives: as before issue 13);
+Besides the losses, ``VARIANTS`` name PDDM variants: ``pddm-paper`` is the loss as the
+paper describes it (input-normalised unit, no pair term, hardest negatives: ``PDDMLoss`` before its options against the collapse);
 ``pddm-hardest``, ``pddm-semihard`` and ``pddm-warmup`` set one option of the default ``pddm``;
 ``pddm-euclidean`` is the control: the same loss with every batch's quadruplets mined by Euclidean
 distance instead of by the unit (``pddm-hardest-euclidean``: the control of ``pddm-hardest``). Every entry of ``--losses`` is a loss or a

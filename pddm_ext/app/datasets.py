@@ -1,6 +1,6 @@
 """Datasets of the training application, all with the zero-shot protocol of the paper.
 
-``PKSampler`` lives in the core library (``pddm_ext.sampler``) and is re-exported here.
+Their batches come from ``pddm_ext.PKSampler`` (the core library's ``pddm_ext/sampler.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import numpy as np
 import torch
 
-from ..sampler import PKSampler  # noqa: F401  (re-exported: pddm_ext.data.PKSampler)
 from . import extra_hint
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Per-epoch health of the PDDM unit (issue 13 item 3): does it score pairs, or has it collapsed?
+"""Per-epoch health of the PDDM unit: does it score pairs, or has it collapsed?
 
 For a set of embeddings (L2-normalised, as the loss sees them) and their labels, over every pair
 i < j (or a seeded sample of rows when there are more than ``max_rows``):

@@ -123,7 +123,7 @@ def build_loss(cfg, p):
     # (train's Run.evaluate ends it early only for mining="pddm")
     warmup_steps = cfg.warmup_steps if cfg.mining == "pddm" else EUCLIDEAN_MINING_STEPS
     options = dict(bce_weight=cfg.bce_weight, normalize_inputs=cfg.normalize_inputs, negatives=cfg.negatives,
-                   warmup_steps=warmup_steps)  # issue 13's options of PDDMLoss
+                   warmup_steps=warmup_steps)  # PDDMLoss's options against the collapse of its unit
     if cfg.loss == "pddm":
         return PDDMLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k, **options)
     if cfg.loss == "pddm-triplet":

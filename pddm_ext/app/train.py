@@ -38,14 +38,15 @@ import torch
 import torch.nn as nn
 
 from ..integrations import distributed as dist_
+from ..sampler import PKSampler
 from . import extra_hint
 from . import datasets as data_mod
 from . import diagnostics as diag_mod
 from . import options
 from . import evaluate as ev
 from .augment import random_affine
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state  # noqa: F401
-from .losses import LOSSES, EuclideanTripletLoss, PDDMTripletLoss, batch_stats, build_loss  # noqa: F401
+from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .losses import LOSSES, batch_stats, build_loss
 from .models import build_model, torchvision_available
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -60,7 +61,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint and result."""
 
-    dataset: str = "glyphs"  # issue 13: mnist5k's five training classes did not beat its raw pixels
+    dataset: str = "glyphs"  # mnist5k's five training classes did not beat its raw pixels
     loss: str = "pddm"
     epochs: int = 8
     p: int | None = None  # classes per batch; default min(8, number of training classes)
@@ -73,7 +74,8 @@ class TrainConfig:
     alpha: float = 0.5  # PDDM metric-loss margin
     beta: float = 1.0  # embedding (triplet) margin on squared distances
     lam: float = 0.5  # weight of the embedding loss in the PDDM losses
-    # issue 13 (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS are the values before them)
+    # the options against the unit's collapse (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS
+    # are the values runs had before these fields existed)
     bce_weight: float = 1.0  # PDDM losses: weight of the balanced BCE pair term (PDDMLoss(bce_weight=))
     normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
     # PDDM losses: semihard (default here: glyphs 0.985 vs 0.957 with hardest, 5 seeds,
@@ -106,7 +108,8 @@ class TrainConfig:
         return os.path.join("runs", f"{name}-{self.loss}-seed{self.seed}")
 
 
-# The values of the fields added by issue 13 before it: a checkpoint or result.json without them
+# The values that the fields added with the options against the collapse had before they existed: a
+# checkpoint or result.json without them
 # resumes or compares as the run it was.
 LEGACY_DEFAULTS = dict(bce_weight=0.0, normalize_inputs=True, negatives="hardest", warmup_steps=0, augment=False,
                        schedule="constant", holdout=0.0, mining="pddm")
@@ -402,7 +405,7 @@ class Run:
         self.model.to(device)
         self.loss_fn.to(device)
         self.optimizer = build_optimizer(cfg, self.model, self.loss_fn)
-        self.sampler = data_mod.PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
+        self.sampler = PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
                                           seed=cfg.seed)
         self.scheduler = None
         if cfg.schedule == "onecycle":  # one cycle over the whole run (Smith & Topin 2019), peak at lr
@@ -539,7 +542,7 @@ class Run:
         if entry.get("unit", {}).get("collapsed"):
             self.say(f"warning: the PDDM unit has collapsed: the spread of its scores is below "
                      f"{diag_mod.COLLAPSE_SPREAD} (near-constant S; its hinge sits at 2 alpha and its ranking, "
-                     f"the AUC above, is all that mining uses). See README, 'Does the PDDM unit learn?'")
+                     f"the AUC above, is all that mining uses). See docs/experiments.md, 'Does the PDDM unit learn?'")
 
     def finish(self):
         """Rank 0 draws the plot and writes result.json; the process group started here is closed.

@@ -4,7 +4,7 @@
 // of each warp with the same layout functions the kernels call, and its conflict degree computed
 // under the hardware's rule (32 banks of 4 bytes; 4-, 8- and 16-byte accesses served per 32, 16
 // and 8 lanes; lanes touching the same 4-byte word share it). Every pattern must be conflict-free
-// (degree 1). The layout before issue 11 is modelled too, and must show its known conflicts (2-way
+// (degree 1). The layout before the bank-conflict fix is modelled too, and must show its known conflicts (2-way
 // weight loads, 8-way workspace stores): the check can fail. Built and run by CMakeLists.txt
 // (ctest); no GPU, nvcc or torch needed.
 #include <algorithm>
@@ -189,7 +189,8 @@ void check_current_layout(const char* type) {
   }
 }
 
-// The layout before issue 11's fix, modelled with the same rule: the model must see its conflicts.
+// The layout before the bank-conflict fix, modelled with the same rule: the model must see its
+// conflicts.
 void check_old_layout_is_caught() {
   constexpr int S = 4, a_stride = L::kPairs + 4, w_stride = L::kOutBlock + 4;
   expect_degree("old layout: weight load (8 adjacent columns per thread) <float>", [&](int w, int l) {

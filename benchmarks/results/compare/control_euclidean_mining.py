@@ -22,7 +22,7 @@ from pddm_ext.app import datasets as data_mod
 from pddm_ext.app import evaluate as ev
 from pddm_ext import mine_hard
 from pddm_ext.app.models import build_model
-from pddm_ext import PDDMLoss
+from pddm_ext import PDDMLoss, PKSampler
 from pddm_ext.app.train import seed_everything
 
 
@@ -33,7 +33,7 @@ def run(split, seed, *, epochs=5, batches=50, k=8, mine_k=140, metric="euclidean
     model, _ = build_model(split.image_shape, 64, backbone="auto")
     loss_fn = PDDMLoss(64, alpha=0.5, beta=1.0, lam=0.5, k=mine_k)
     optimizer = torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()), lr=1e-3)
-    sampler = data_mod.PKSampler(split.train_labels, p, k, num_batches=batches, seed=seed)
+    sampler = PKSampler(split.train_labels, p, k, num_batches=batches, seed=seed)
     history = []
     for epoch in range(epochs):
         model.train()

@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pddm_ext import PKSampler
 from pddm_ext.app import datasets as data_mod
 from pddm_ext.app.models import build_model
 from pddm_ext.app.train import TrainConfig, build_loss, build_optimizer, seed_everything
@@ -80,7 +81,7 @@ def run(name, overrides, split, steps, every, dataset="mnist5k", k=8):
     model, _ = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone)
     loss_fn = build_loss(cfg, p)
     optimizer = build_optimizer(cfg, model, loss_fn)
-    sampler = data_mod.PKSampler(split.train_labels, p, cfg.k, num_batches=steps, seed=cfg.seed)
+    sampler = PKSampler(split.train_labels, p, cfg.k, num_batches=steps, seed=cfg.seed)
     unit = loss_fn.unit
     print(f"\n== {name}  ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'compare defaults'})")
     print(f"{'step':>4} {'q_on':>5} {'units':>6} {'|g| unit':>9} {'S std':>7} {'AUC S':>6} {'AUC d':>6} "
