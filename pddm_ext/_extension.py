@@ -37,6 +37,21 @@ def mismatch_message(info: dict, torch_version: str, torch_cuda, extension: str)
             f"it was compiled against, so it was not loaded: {REBUILD}.")
 
 
+def missing_message(package_dir: str, torch_version: str):
+    """The ImportError paragraph when the package in `package_dir` has no compiled extension. Python
+    run from a checkout imports the checkout's unbuilt ``pddm_ext/`` (the current directory comes first
+    on sys.path) and so hides a package that ``pip install .`` installed: said so when `package_dir` is
+    a source tree."""
+    checkout = os.path.dirname(package_dir)
+    if os.path.isfile(os.path.join(checkout, "setup.py")) and os.path.isdir(os.path.join(checkout, "csrc")):
+        return (f"pddm_ext was imported from the source checkout {package_dir}, which has no compiled "
+                f"extension (pddm_ext/_C); Python looks in the current directory first, so this copy hides "
+                f"any pddm_ext installed with `pip install .`: run Python from another directory, or build "
+                f"in place with `pip install -e .` (torch {torch_version}).")
+    return (f"pddm_ext's compiled extension (pddm_ext/_C) is not built for this Python (torch "
+            f"{torch_version}): {REBUILD}.")
+
+
 def read_info(extension: str):
     """The build record next to `extension` when it describes that file (same name and size), else None."""
     path = os.path.join(os.path.dirname(extension), BUILD_INFO)
@@ -57,8 +72,7 @@ def load():
     another torch."""
     spec = importlib.util.find_spec("pddm_ext._C")
     if spec is None or not spec.origin:
-        raise ImportError(f"pddm_ext's compiled extension (pddm_ext/_C) is not built for this Python (torch "
-                          f"{torch.__version__}): {REBUILD}.")
+        raise ImportError(missing_message(os.path.dirname(os.path.abspath(__file__)), torch.__version__))
     info = read_info(spec.origin)
     if info is not None:
         message = mismatch_message(info, torch.__version__, torch.version.cuda, spec.origin)

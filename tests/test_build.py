@@ -296,3 +296,28 @@ def test_an_extension_that_fails_to_load_raises_one_paragraph(tmp_path):
     out = _import_copy(tmp_path)
     error = out.split("ImportError: ", 1)[1].split("\nloaded:")[0]
     assert "\n" not in error and "does not load with" in error and "pip install ." in error, out
+
+
+@pytest.mark.parametrize("checkout", [True, False], ids=["source-checkout", "installed-copy"])
+def test_a_package_without_its_extension_says_why_in_one_paragraph(tmp_path, checkout):
+    """Python run from a checkout imports the checkout's unbuilt pddm_ext/, which hides an installed
+    one: the message says to run elsewhere or build in place, not to reinstall (which changes nothing)."""
+    target = _package_copy(tmp_path, None)
+    next(target.glob("_C*.so")).unlink()
+    if checkout:
+        (tmp_path / "setup.py").write_text("")
+        (tmp_path / "csrc").mkdir()
+    # An editable install of this checkout (make test's venv) maps pddm_ext._C to its own build through
+    # a meta-path finder: leave it out, as an environment without that install has none.
+    script = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+              "getattr(f, '__module__', '')]\n" + IMPORT_AND_REPORT)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    error = out.split("ImportError: ", 1)[1].split("\nloaded:")[0]
+    assert "\n" not in error and "(pddm_ext/_C)" in error, out
+    if checkout:
+        assert "source checkout" in error and "another directory" in error and "pip install -e ." in error
+    else:
+        assert "is not built for this Python" in error and "pip install ." in error
