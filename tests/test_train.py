@@ -98,6 +98,8 @@ def test_seed_makes_runs_reproducible(digits, tmp_path):
     (["--dataset", "digits", "--unit-lr", "inf"], "unit_lr must be > 0 and finite, got inf"),
     (["--dataset", "digits", "--seed", "-5"], "seed must be in [0, 2**32 - 1], got -5"),
     (["--dataset", "digits", "--seed", str(2**32)], "seed must be in [0, 2**32 - 1], got 4294967296"),
+    # --backbone auto gives 8 px grey digits the small CNN, which has no pretrained weights
+    (["--dataset", "digits", "--pretrained"], "--pretrained needs the resnet18 backbone, but --backbone auto"),
 ])
 def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -98,6 +98,15 @@ def torchvision_available():
     return True
 
 
+def resolve_backbone(image_shape, backbone="auto"):
+    """``"resnet18"`` or ``"small"``: what ``backbone`` means for images of ``image_shape`` (C, H, W);
+    ``"auto"`` is resnet18 for 3-channel images of 64 px or more when torchvision is importable."""
+    c, h, _ = image_shape
+    if backbone == "resnet18" or (backbone == "auto" and c == 3 and h >= 64 and torchvision_available()):
+        return "resnet18"
+    return "small"
+
+
 def build_model(image_shape, embedding_dim=64, *, backbone="auto", pretrained=False):
     """The embedding network for images of ``image_shape`` (C, H, W).
 
@@ -106,9 +115,8 @@ def build_model(image_shape, embedding_dim=64, *, backbone="auto", pretrained=Fa
     else SmallCNN. ``pretrained``: the ResNet's ImageNet weights (see TorchvisionEmbedder). Returns
     (model, description).
     """
-    c, h, _ = image_shape
-    if backbone == "resnet18" or (backbone == "auto" and c == 3 and h >= 64 and torchvision_available()):
+    if resolve_backbone(image_shape, backbone) == "resnet18":
         model = TorchvisionEmbedder(embedding_dim, pretrained=pretrained)
         weights = f"ImageNet weights from {model.pretrained}" if model.pretrained else "random init"
         return model, f"resnet18 ({weights})"
-    return SmallCNN(c, embedding_dim, h), "small-cnn"
+    return SmallCNN(image_shape[0], embedding_dim, image_shape[1]), "small-cnn"

@@ -47,7 +47,7 @@ from . import evaluate as ev
 from .augment import random_affine
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .losses import LOSSES, batch_stats, build_loss
-from .models import build_model, torchvision_available
+from .models import build_model, resolve_backbone, torchvision_available
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 PLOT = "recall_at_1.png"
@@ -211,6 +211,11 @@ def check_against_data(cfg, split):
         raise ConfigError(f"dataset {cfg.dataset} has {n} training class(es); needs at least 2")
     if cfg.p is not None and cfg.p > n:
         raise ConfigError(f"P = {cfg.p} classes per batch but dataset {cfg.dataset} has only {n} training classes")
+    if cfg.pretrained and resolve_backbone(split.image_shape, cfg.backbone) == "small":
+        c, h, w = split.image_shape
+        raise ConfigError(f"--pretrained needs the resnet18 backbone, but --backbone {cfg.backbone} gives dataset "
+                          f"{cfg.dataset} ({c} x {h} x {w} images) the small CNN, which has no pretrained weights "
+                          f"(auto takes resnet18 for 3-channel images of 64 px or more when torchvision is installed)")
 
 
 def build_optimizer(cfg, model, loss_fn):
