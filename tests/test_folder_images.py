@@ -257,3 +257,39 @@ def test_glyphs_from_a_single_font_cannot_be_evaluated(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset glyphs cannot be evaluated: 31 test class(es) with a single image ('V', 'W'" in err
     assert not out.exists()
+
+
+def test_hidden_folders_and_files_are_no_classes_and_no_images(tmp_path):
+    root = _folder(tmp_path / "d", [3, 3, 5, 5])
+    for hidden in (root / ".ipynb_checkpoints", root / "c00" / ".thumbnails"):
+        hidden.mkdir()
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(hidden / "0.png")
+    (root / "c01" / "._0.png").write_bytes(b"\x00\x05\x16\x07 a resource fork, not an image")
+    split = data.load_dataset(f"folder:{root}", image_size=16)
+    paths = split.train.paths + split.test.paths
+    assert len(paths) == 16 and not any("/." in p for p in paths)
+    assert split.info["train_classes"] == ["c00", "c01"]
+
+
+def test_evaluation_resamples_only_the_centre_crop_whatever_the_aspect_ratio(tmp_path, monkeypatch):
+    """A 20000 x 1 strip is evaluated from its centre (1 x 1 px of it) without resizing the whole strip
+    to 256 rows of 5 million pixels; an ordinary image gives what resize-then-centre-crop gives."""
+    strip = np.zeros((1, 20000, 3), np.uint8)
+    strip[0, 9999:10001] = 200  # the centre pixels; the rest black
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    photo = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    images = data.FolderImages([str(tmp_path / "strip.png"), str(tmp_path / "photo.png")], [0, 1], size=14,
+                               train=False)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    resize, sizes = Image.Image.resize, []
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(tuple(size)) or resize(im, size, *a, **k))
+    x, _ = images[0]
+    assert sizes == [(14, 14)]  # no intermediate image of the whole strip
+    assert x.shape == (3, 14, 14) and torch.allclose(x * std + mean, torch.full((3, 14, 14), 200 / 255), atol=1e-6)
+    x, _ = images[1]
+    resized = Image.fromarray(photo).resize((24, 16), Image.BILINEAR)  # short side 16 = 14 * 8/7
+    want = np.asarray(resized.crop((5, 1, 19, 15)), dtype=np.float32) / 255
+    got = (x * std + mean).permute(1, 2, 0).numpy()
+    assert np.abs(got - want).mean() < 0.02  # the same region: sampled once instead of twice

@@ -356,7 +356,8 @@ class FolderImages(torch.utils.data.Dataset):
     """Images read from disk on demand, converted to RGB by :func:`to_rgb`, as ``size`` x ``size``
     float32 tensors (3, size, size) normalised with the ImageNet mean and std. ``train=True`` applies the usual augmentation (random resized crop,
     scale 0.16-1, aspect 3/4-4/3, horizontal flip; drawn from torch's global RNG so seeded runs
-    repeat); otherwise resize the short side to size * 8/7 and centre-crop."""
+    repeat); otherwise the centre crop that resizing the short side to size * 8/7 would leave, resampled
+    from the original (:meth:`centre_box`)."""
 
     def __init__(self, paths, labels, *, size, train):
         self.paths, self.labels, self.size, self.train = list(paths), labels, size, train
@@ -378,6 +379,16 @@ class FolderImages(torch.utils.data.Dataset):
         side = min(w, h)
         return img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
 
+    def centre_box(self, w, h):
+        """The region of a w x h image that evaluation keeps, in its own pixels: the centre square that
+        ``size`` x ``size`` covers once the short side is resized to ``size * 8/7``. Resampling only
+        that region (PIL's ``resize(box=...)``) costs ``size``² pixels whatever the aspect ratio, where
+        resizing the whole image first would allocate ``size * 8/7 * aspect`` rows (gigabytes for a
+        20000 x 1 strip)."""
+        side = min(w, h) * self.size / (self.size * 8 / 7)
+        x0, y0 = (w - side) / 2, (h - side) / 2
+        return (x0, y0, x0 + side, y0 + side)
+
     def __getitem__(self, index):
         from PIL import Image
 
@@ -388,13 +399,7 @@ class FolderImages(torch.utils.data.Dataset):
             if bool(torch.rand(()) < 0.5):
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
-            w, h = img.size
-            short = round(self.size * 8 / 7)
-            img = img.resize((max(short, round(w * short / h)) if w >= h else short,
-                              short if w >= h else max(short, round(h * short / w))), Image.BILINEAR)
-            w, h = img.size
-            x0, y0 = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((x0, y0, x0 + self.size, y0 + self.size))
+            img = img.resize((self.size, self.size), Image.BILINEAR, box=self.centre_box(*img.size))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -404,6 +409,7 @@ class FolderImages(torch.utils.data.Dataset):
 def load_folder(path, *, size=224):
     """An image folder with one subfolder per class (CUB-200-2011, CARS196, Stanford Online Products
     laid out that way). Classes are the subfolder names in sorted order; the first half trains.
+    Hidden entries (names starting with ".") are skipped: no class, no image.
 
     Files with an image extension (``IMAGE_EXTENSIONS``, any case) are images; every one is decoded
     once here (:func:`check_image`, on up to 8 threads), so a file that is not a readable image (a text file named
@@ -413,12 +419,16 @@ def load_folder(path, *, size=224):
     root = os.path.expanduser(path)
     if not os.path.isdir(root):
         raise DatasetError(f"dataset folder:{path}: no such directory")
-    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    # hidden entries (.ipynb_checkpoints, .git, ._* resource forks) are no classes and no images
+    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     paths, labels = [], []
     for c, name in enumerate(class_names):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+        class_root = os.path.join(root, name)
+        for dirpath, _, files in sorted(os.walk(class_root)):
+            if any(part.startswith(".") for part in os.path.relpath(dirpath, class_root).split(os.sep) if part != "."):
+                continue
             for fname in sorted(files):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
                     paths.append(os.path.join(dirpath, fname))
                     labels.append(c)
     bad, notes = [], []
