@@ -365,6 +365,20 @@ def test_nn_module_device_methods_move_the_storage(method):
     assert emb.device.type == lab.device.type == method and emb.dtype == torch.float32
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot be used")
+@pytest.mark.parametrize("filled", [True, False], ids=["filled", "empty"])
+def test_a_move_to_a_device_that_cannot_be_used_changes_nothing(filled):
+    bank = filled_bank() if filled else pddm_ext.MemoryBank(4, 3)
+    before = bank.get()
+    with pytest.raises((AssertionError, RuntimeError)):  # torch's own error for cuda without CUDA
+        bank.to("cuda")
+    assert bank._device is None  # the device a later allocation takes is unchanged too
+    after = bank.get()
+    assert (after[0] is None) == (before[0] is None) and (after[0] is None or after[0].device.type == "cpu")
+    bank.enqueue(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))  # still usable on the CPU
+    assert bank.get()[0].device.type == "cpu"
+
+
 @pytest.mark.parametrize("method", NOT_OFFERED)
 def test_other_nn_module_conversions_are_not_offered(method):
     assert not hasattr(pddm_ext.MemoryBank(4, 3), method)
@@ -375,7 +389,7 @@ def test_a_conversion_argument_that_is_not_a_dtype_is_a_type_error(bad):
     bank = filled_bank()
     with pytest.raises(TypeError, match="dst_type"):
         bank.type(bad)
-    if bad is not None:
+    if bad is not None and not isinstance(bad, int):  # torch's .to reads an int as a CUDA device index
         with pytest.raises(TypeError, match=r"MemoryBank.to\(\)"):
             bank.to(bad)
     with pytest.raises(TypeError, match=names("dtype") + " must be a torch.dtype"):

@@ -127,14 +127,17 @@ class MemoryBank:
 
     def _convert(self, device=None, dtype=None, non_blocking=False):
         _check_dtype(dtype)
+        if self.embeddings is not None:  # moved first: a move that fails (no such device) changes nothing
+            with torch.inference_mode(False):  # the storage stays an ordinary tensor (see _allocate)
+                embeddings = self.embeddings.to(device=device, dtype=dtype, non_blocking=non_blocking)
+                labels = self.labels.to(device=device, non_blocking=non_blocking)
+            self.embeddings, self.labels = embeddings, labels
+        elif device is not None:
+            torch.empty(0, device=device)  # the same error for a device that cannot be used, bank empty or not
         if device is not None:
             self._device = device
         if dtype is not None:
             self._dtype = dtype
-        if self.embeddings is not None:
-            with torch.inference_mode(False):  # the storage stays an ordinary tensor (see _allocate)
-                self.embeddings = self.embeddings.to(device=device, dtype=dtype, non_blocking=non_blocking)
-                self.labels = self.labels.to(device=device, non_blocking=non_blocking)
         return self
 
     def cpu(self):
