@@ -90,6 +90,24 @@ def test_euclidean_batch_hard_mode_matches_pmls_batch_hard_miner():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("mode", ["batch_hard", "mine_hard"])
+def test_the_embeddings_as_references_with_other_labels_are_mined_by_those_labels(mode):
+    """PML's call with ref_emb = embeddings and different ref_labels: the positives and negatives follow
+    ref_labels, as PML's BatchHardMiner's do; ref_emb = embeddings with the same labels stays batch mode."""
+    x, labels = pk_batch(P=4, K=3, d=6, seed=5)
+    ref_labels = torch.roll(labels, 1)
+    for miner in (pddm_ext.PDDMMiner(mode=mode), pddm_ext.PDDMMiner(unit=unit_for(6, seed=5), mode=mode)):
+        a, p, n = miner(x, labels, x, ref_labels)
+        assert len(a) > 0 and torch.equal(labels[a], ref_labels[p]) and not (labels[a] == ref_labels[n]).any()
+        batch = miner(x, labels)
+        for got, want in zip(miner(x, labels, x, labels), batch):
+            assert torch.equal(got, want)
+    if mode == "batch_hard":
+        theirs = miners.BatchHardMiner()(x, labels, x, ref_labels)
+        ours = pddm_ext.PDDMMiner(mode=mode)(x, labels, x, ref_labels)
+        assert sorted(zip(*(t.tolist() for t in ours))) == sorted(zip(*(t.tolist() for t in theirs)))
+
+
 def test_triplet_margin_loss_on_mined_indices_matches_the_hand_computed_loss():
     x, labels = pk_batch(seed=1)
     x.requires_grad_(True)

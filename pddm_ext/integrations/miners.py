@@ -47,11 +47,13 @@ class _PDDMMining:
         return self._unit
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        """``(a, p, n)`` triplet indices. ``ref_emb is embeddings`` (or None) means batch mode, as in
-        PML (its ``BaseMiner.forward`` passes the embeddings themselves as references). Validated
+        """``(a, p, n)`` triplet indices. ``ref_emb`` None, or the embeddings themselves with their own
+        labels (``ref_labels`` None or ``labels`` itself), means batch mode, as in PML (its
+        ``BaseMiner.forward`` passes the embeddings and labels themselves as references); the
+        embeddings as references with other labels are reference mode, so those labels count. Validated
         here, once (the structure first, so that normalising cannot fail; finiteness on the
         normalised rows, which carry any NaN or Inf of the input), then mined unchecked."""
-        batch_mode = ref_emb is None or ref_emb is embeddings
+        batch_mode = ref_emb is None or (ref_emb is embeddings and (ref_labels is None or ref_labels is labels))
         if batch_mode:
             ref_emb = ref_labels = None
         elif ref_labels is None:
