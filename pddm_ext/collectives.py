@@ -47,6 +47,16 @@ def rank(group=None):
     return dist.get_rank(group) if is_distributed() else 0
 
 
+def all_ranks(flag, group=None):
+    """True when ``flag`` (a bool, or a 0-dim bool tensor) holds on every rank of ``group``: one
+    all_reduce (MIN), so every rank takes the same branch after it; ``bool(flag)`` without a process group."""
+    if world_size(group) == 1:
+        return bool(flag)
+    status = torch.tensor(int(bool(flag)), dtype=torch.int32, device=_status_device(group))
+    dist.all_reduce(status, op=dist.ReduceOp.MIN, group=group)
+    return bool(status)
+
+
 def _status_device(group):
     # NCCL only moves CUDA tensors; every other backend takes CPU tensors.
     if dist.get_backend(group) == "nccl":

@@ -188,6 +188,10 @@ def worker(out_dir):
         except Exception as exc:
             result["miner_errors"][efficient] = (type(exc).__name__, str(exc))
         result["seconds"][f"miner_{efficient}"] = time.perf_counter() - start
+    # all_ranks: a flag false on one rank is false on every rank (the training loop's divergence check)
+    from pddm_ext import collectives
+    result["all_ranks"] = (collectives.all_ranks(rank == 0), collectives.all_ranks(torch.tensor(rank == 1)),
+                           collectives.all_ranks(True))
     # all_gather itself still works: rows per rank may differ, the trailing shape is agreed
     result["gathered"] = pddm_ext.distributed.all_gather(ROWS[:1] if rank == 0 else ROWS[1:])
 
@@ -208,6 +212,10 @@ def ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single():
     return loss_and_grads(make_loss(False), ROWS, LABELS)
+
+
+def test_a_flag_false_on_one_rank_is_false_on_every_rank(ranks):
+    assert [res["all_ranks"] for res in ranks] == [(False, False, True)] * 2
 
 
 @pytest.mark.parametrize("key", ["empty_on_1", "empty_on_0", "after"])

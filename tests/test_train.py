@@ -501,3 +501,16 @@ def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("pddm-ext: error: ") and "--resume" in err and "another --out" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing rewritten
     assert main([*args, "--resume"]) == 0  # the suggested way still works
+
+
+@pytest.mark.parametrize("loss", ["pddm", "batch-hard"])
+def test_a_diverged_run_is_a_one_line_error(loss, tmp_path, capsys):
+    """--lr 1e30 turns the network's weights to Inf within two steps: one line naming the epoch, the
+    batch and the learning rate, exit 1 (a failed run, not a bad command line)."""
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batches-per-epoch", "3", "--lr", "1e30",
+                 "--loss", loss, "--schedule", "constant", "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").splitlines()[-1]  # after the run's header line
+    assert "Traceback" not in err and last.startswith("pddm-ext: error: training diverged at epoch 1, batch ")
+    assert "NaN or Inf" in last and "--lr" in last
+

@@ -16,7 +16,7 @@ from . import extra_hint, missing_train_extra, options
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
 from .models import ModelError
-from .train import LOSSES, ConfigError, TrainConfig
+from .train import LOSSES, ConfigError, DivergenceError, TrainConfig
 
 DEFAULTS = TrainConfig()
 N = options.NUMBERS
@@ -188,6 +188,9 @@ def _run(args, p_train, argv):
     except (ConfigError, DatasetError, CheckpointError, ModelError) as exc:
         print(f"pddm-ext: error: {exc}", file=sys.stderr)
         return 2
+    except DivergenceError as exc:  # a failed run, not a bad command line
+        print(f"pddm-ext: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

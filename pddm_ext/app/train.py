@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import collectives
 from ..integrations import distributed as dist_
 from ..sampler import PKSampler
 from . import extra_hint
@@ -55,6 +56,11 @@ PLOT = "recall_at_1.png"
 
 class ConfigError(ValueError):
     """A configuration that cannot train (one-line message, raised before any training)."""
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged: the network's embeddings or the loss became NaN or Inf (one-line message;
+    the checkpoint of the last finished epoch stays as it was)."""
 
 
 @dataclasses.dataclass
@@ -476,11 +482,22 @@ class Run:
         t0 = time.perf_counter()
         batches = self.batches()
         bar = _progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
-        for x, y in bar:
+        for batch, (x, y) in enumerate(bar, 1):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device)
             if self.cfg.augment:
                 x = random_affine(x)
-            loss = self.train_loss(self.train_model(x), y)
+            embeddings = self.train_model(x)
+            # one sync per batch, as loss.item() below: a diverged network is named here, not as the
+            # loss's "embeddings contains NaN or Inf" traceback; under DDP every rank agrees first, so
+            # all raise together and none waits in the loss's collectives
+            if not collectives.all_ranks(torch.isfinite(embeddings).all()):
+                raise DivergenceError(f"training diverged at epoch {epoch + 1}, batch {batch}: the network's embeddings "
+                                      f"contain NaN or Inf{' on a rank' if collectives.world_size() > 1 else ''} "
+                                      f"(lr {self.cfg.lr:g}: try a lower --lr)")
+            loss = self.train_loss(embeddings, y)
+            if not collectives.all_ranks(torch.isfinite(loss)):
+                raise DivergenceError(f"training diverged at epoch {epoch + 1}, batch {batch}: the loss is "
+                                      f"{loss.item()} (lr {self.cfg.lr:g}: try a lower --lr)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
