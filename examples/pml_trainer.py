@@ -20,6 +20,7 @@ from pytorch_metric_learning import losses, samplers
 from sklearn.datasets import load_digits
 
 import pddm_ext  # [pddm]
+from pddm_ext.app import options
 
 EMBEDDING_DIM = 32
 
@@ -44,8 +45,9 @@ def precision_at_1(model, train_x, train_y, test_x, test_y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    # the value rules of pddm-ext train (epochs >= 1, seeds numpy accepts): --epochs 0 trained nothing and exited 0
+    parser.add_argument("--epochs", type=options.NUMBERS["epochs"], default=5)
+    parser.add_argument("--seed", type=options.SEED, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     train_x, train_y, test_x, test_y = digits(args.seed)

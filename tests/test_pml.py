@@ -281,3 +281,16 @@ def test_the_example_script_runs(monkeypatch, capsys):
     runpy.run_path(script, run_name="__main__")  # in-process: torch and PML are already imported
     out = capsys.readouterr().out
     assert "epoch 1: loss" in out and "precision@1" in out
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--epochs", "-3"], ["--seed", "-1"]])
+def test_the_example_script_refuses_bad_values(argv, monkeypatch, capsys):
+    """--epochs 0 trained nothing and exited 0: argparse stops it with exit 2, naming the option."""
+    import os
+    import runpy
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "pml_trainer.py")
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(script, run_name="__main__")
+    assert exc.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
