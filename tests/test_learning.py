@@ -291,6 +291,21 @@ def test_pair_diagnostics_match_loop_over_pairs():
     assert got["auc_euclidean"] == pytest.approx(roc_auc_score(same, d), rel=1e-12)
 
 
+def test_pair_diagnostics_of_a_wide_unit_score_fewer_rows():
+    """The rows scored shrink with the unit's width (at most the work of 1000 rows of a 128-wide unit):
+    a 4096-wide unit would otherwise spend minutes of every epoch on its diagnostics."""
+    from pddm_ext.app.diagnostics import FLOP_BUDGET, MAX_ROWS, pair_diagnostics, rows_within_budget
+
+    assert rows_within_budget(pddm_ext.PDDM(64)) == rows_within_budget(pddm_ext.PDDM(128)) == MAX_ROWS
+    wide = pddm_ext.PDDM(256, 512, 384)  # h d + 2 h c = 512 (256 + 768) per pair, 2 FLOPs each
+    rows = rows_within_budget(wide)
+    assert 2 <= rows < MAX_ROWS
+    per_pair = 2 * 512 * (256 + 2 * 384)
+    assert (rows - 1) * (rows - 2) / 2 * per_pair <= FLOP_BUDGET < (rows + 1) * rows / 2 * per_pair
+    got = pair_diagnostics(torch.randn(1200, 256), torch.arange(1200) % 4, wide)
+    assert got["pairs"] == rows * (rows - 1) // 2
+
+
 def test_pair_diagnostics_sample_rows_and_one_class():
     from pddm_ext.app.diagnostics import COLLAPSE_SPREAD, collapsed, pair_diagnostics
 

@@ -28,6 +28,18 @@ import torch.nn.functional as F
 
 COLLAPSE_SPREAD = 0.005
 MAX_ROWS = 1000  # at most 1000 rows (about 500,000 pairs) per diagnostic
+# and at most the work of MAX_ROWS rows for a d = h = c = 128 unit: a wider unit scores fewer rows
+# (a d = h = c = 4096 unit would otherwise spend minutes of every epoch here)
+FLOP_BUDGET = MAX_ROWS * (MAX_ROWS - 1) // 2 * 2 * (128 * 128 + 2 * 128 * 128)
+
+
+def rows_within_budget(unit, max_rows=MAX_ROWS):
+    """The number of rows whose pairs the unit scores within ``FLOP_BUDGET`` (2 (h d + 2 h c) FLOPs a
+    pair: its W_u and W_c products), at most ``max_rows`` and at least 2."""
+    h, d = unit.W_u.shape
+    c = unit.W_c.shape[0]
+    pairs = FLOP_BUDGET / (2 * (h * d + 2 * h * c))
+    return max(2, min(max_rows, int((2 * pairs) ** 0.5) + 1))
 
 
 def _sample_rows(n, max_rows, seed):
@@ -41,13 +53,14 @@ def pair_diagnostics(embeddings, labels, unit, *, max_rows=MAX_ROWS, seed=0):
     """``{"spread", "auc_S", "auc_euclidean", "pairs"}`` of the unit's scores on the pairs of
     ``embeddings`` (n, d) float with ``labels`` (n,) int (normalised here, row-wise).
 
-    Uses at most ``max_rows`` rows (a seeded random subset), so the (rows, rows) score matrix stays
+    Uses at most ``max_rows`` rows (a seeded random subset), fewer for a unit wider than
+    d = h = c = 128 (:func:`rows_within_budget`), so the (rows, rows) score matrix and its cost stay
     small. An AUC is None when the pairs are all of one kind (one class, or one image per class).
     The unit is evaluated in eval mode (no dropout); its mode is restored.
     """
     from sklearn.metrics import roc_auc_score
 
-    rows = _sample_rows(embeddings.shape[0], max_rows, seed)
+    rows = _sample_rows(embeddings.shape[0], rows_within_budget(unit, max_rows), seed)
     param = next(unit.parameters())
     f = F.normalize(embeddings[rows].to(device=param.device, dtype=param.dtype), dim=1)
     y = torch.as_tensor(labels)[rows].to(f.device)
