@@ -112,8 +112,8 @@ _DOC = """PDDM hard mining as a pytorch-metric-learning miner (docs/design.md, "
       ascending, ties by (a, p) ascending, each with the anchor's hardest negative, n =
       hardest_negative[a]. Both modes count ``k`` alike, as pytorch-metric-learning counts pairs
       (an anchor from ``embeddings``, a positive from ``ref_emb``): ``PDDMMiner(k=8)`` gives 8 triplets
-      bare and 8 inside ``CrossBatchMemory``. Batch mode (``ref_emb`` None or ``embeddings``
-      itself) counts the unordered pair {i, j} as the two ordered pairs (i, j) and (j, i): the
+      bare and 8 inside ``CrossBatchMemory``. Batch mode (``ref_emb`` None, or ``embeddings``
+      itself with ``labels`` itself or no ``ref_labels``) counts the unordered pair {i, j} as the two ordered pairs (i, j) and (j, i): the
       triplets are those of ``mine_hard(..., k=k).as_triplets()`` (the (i, r, k) and (r, i, l) of
       each quadruplet) that are among the k hardest ordered pairs, so ``PDDMMiner(k=2 * q)`` gives
       the 2q triplets of ``mine_hard(..., k=q)`` (unless exact score ties straddle the cut).
