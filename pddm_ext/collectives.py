@@ -29,8 +29,6 @@ import torch.distributed as dist
 
 from . import _validate as V
 
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-
 
 def is_distributed():
     """True when torch.distributed is available and a process group is initialised."""
@@ -78,7 +76,7 @@ def _gather_rows(tensor, rows, group):
     return torch.cat(parts)
 
 
-# Every dtype torch knows, in a fixed order: all_gather's header names a tensor's dtype by its index here.
+# Every dtype torch knows, in a fixed order: the exchanged headers and statuses name a dtype by its index here.
 _ALL_DTYPES = tuple(sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str))
 
 
@@ -208,7 +206,7 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names
     status[5:] = torch.tensor([int(bool(v)) for v in same.values()], dtype=torch.int64)
     named = [(names[0], embeddings)] + finite
     if problem is None:
-        status[1:4] = torch.tensor([embeddings.shape[0], embeddings.shape[1], _DTYPE_CODES[embeddings.dtype]])
+        status[1:4] = torch.tensor([embeddings.shape[0], embeddings.shape[1], _ALL_DTYPES.index(embeddings.dtype)])
         status[4] = _first_nonfinite(named, device)
     else:
         status[0] = 1
