@@ -747,29 +747,16 @@ def test_nan_scores_follow_the_rule_of_pddm_common_cpu_kernels(dtype):
     check_nan_rule("cpu", dtype, m=300, n=280)  # many tiles: per-thread partial results merged
 
 
-@needs_gpu
-def test_mining_with_more_than_2_pow_31_pairs():
-    """64 queries against a 34M-row bank: pair numbers and i * n + r exceed 2^31 (about 1.2 GB)."""
-    free, _ = torch.cuda.mem_get_info()
-    if free < 4 << 30:
-        pytest.skip("needs about 4 GB of free GPU memory")
-    m, n, d = 64, 34_000_000, 4
-    assert m * n > 2**31
-    torch.manual_seed(0)
-    unit = make_unit(d, 4, 4)
-    x = torch.randn(m, d, device="cuda")
-    y = torch.randn(n, d, device="cuda")
-    lx = torch.randint(0, 1000, (m,), device="cuda")
-    ly = torch.randint(0, 1000, (n,), device="cuda")
-    ly[-1] = lx[0]  # a positive pair at the very end of the bank
-    params = params_of(unit)
-    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = ops.mine(x, lx, y, ly, params, 3)
-    # The per-row optima from chunked fused scores (each chunk's (m, chunk) matrix only).
-    best_pos = torch.full((m,), float("inf"), device="cuda")
-    best_neg = torch.full((m,), -float("inf"), device="cuda")
+def check_bank_mining(x, lx, y, ly, params, k, chunk):
+    """ops.mine in reference mode against per-row optima of fused scores computed chunk by chunk (each
+    chunk's (m, chunk) matrix only, so a bank far larger than m * n floats can be checked)."""
+    m, n = x.shape[0], y.shape[0]
+    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = ops.mine(x, lx, y, ly, params, k)
+    best_pos = torch.full((m,), float("inf"), device=x.device)
+    best_neg = torch.full((m,), -float("inf"), device=x.device)
     all_pos = []
-    for start in range(0, n, 1 << 22):
-        yc, lc = y[start:start + (1 << 22)], ly[start:start + (1 << 22)]
+    for start in range(0, n, chunk):
+        yc, lc = y[start:start + chunk], ly[start:start + chunk]
         S = ops.scores(x, yc, *params)
         same = lx[:, None] == lc[None, :]
         best_pos = torch.minimum(best_pos, torch.where(same, S, float("inf")).min(1).values)
@@ -782,11 +769,43 @@ def test_mining_with_more_than_2_pow_31_pairs():
     assert torch.equal(hp >= 0, has_pos)
     assert bool(((hp_s[has_pos] - best_pos[has_pos]).abs() <= tol * (1 + best_pos[has_pos].abs())).all())
     assert bool(((hn_s - best_neg).abs() <= tol * (1 + best_neg.abs())).all())
-    assert bool((lx[hn] != ly[hn]).all())
-    assert int(hp.max()) < n and int(hnr.max()) < m
-    kth = torch.sort(torch.cat(all_pos)).values[2]
-    assert pi.numel() == 3 and bool((ps <= kth + tol * (1 + kth.abs())).all())
+    # hp and hn index the bank (one entry per query), hnr the queries (one entry per bank row).
+    assert hp.shape == hn.shape == (m,) and hnr.shape == (n,)
+    assert int(hp.max()) < n and int(hn.min()) >= 0 and int(hn.max()) < n and int(hnr.max()) < m
+    assert bool((lx[has_pos] == ly[hp[has_pos]]).all())
+    assert bool((lx != ly[hn]).all())
+    kth = torch.sort(torch.cat(all_pos)).values[k - 1]
+    assert pi.numel() == k and bool((ps <= kth + tol * (1 + kth.abs())).all())
     assert bool((lx[pi] == ly[pr]).all())
+
+
+def bank_case(m, n, d, device, classes=1000):
+    torch.manual_seed(0)
+    unit = make_unit(d, 4, 4, device=device)
+    x = torch.randn(m, d, device=device)
+    y = torch.randn(n, d, device=device)
+    lx = torch.randint(0, classes, (m,), device=device)
+    ly = torch.randint(0, classes, (n,), device=device)
+    ly[-1] = lx[0]  # a positive pair at the very end of the bank
+    return x, lx, y, ly, params_of(unit)
+
+
+def test_bank_mining_checked_chunk_by_chunk(device):
+    """The check of the 2^31-pair test below, on a bank small enough for every backend (the emulation
+    included), so that the check itself runs in CI: a bank of 3001 rows in chunks of 512."""
+    x, lx, y, ly, params = bank_case(16, 3001, 4, device, classes=40)
+    check_bank_mining(x, lx, y, ly, params, 3, 512)
+
+
+@needs_gpu
+def test_mining_with_more_than_2_pow_31_pairs():
+    """64 queries against a 34M-row bank: pair numbers and i * n + r exceed 2^31 (about 1.2 GB)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 << 30:
+        pytest.skip("needs about 4 GB of free GPU memory")
+    m, n, d = 64, 34_000_000, 4
+    assert m * n > 2**31
+    check_bank_mining(*bank_case(m, n, d, "cuda"), 3, 1 << 22)
 
 
 @needs_gpu
