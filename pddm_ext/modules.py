@@ -204,8 +204,9 @@ LOSS_OPTIONS = {option.name: option for option in (
     # a negative weight would reward embedding-loss violations
     LossOption("lam", float, 0.5, "weight of the embedding loss E_e (>= 0)", _check_nonnegative,
                rule=(_FINITE, (lambda v: v >= 0, ">= 0", "lam (the embedding-loss weight)")), field="lam"),
-    LossOption("k", int, 1, "positive pairs mined per batch (int >= 1, or None for all), hardest first under "
-               "the mining score; 1 is the paper's rule", lambda name, value: V.check_k(value),
+    LossOption("k", int, 1, "positive pairs mined per batch, hardest first under the mining score (in batch mode "
+               "unordered pairs {i, j}, each one quadruplet, i.e. two triplets); 1 is the paper's rule; "
+               "PDDMLoss(k=None) mines every positive pair", lambda name, value: V.check_k(value),
                rule=(((lambda v: v >= 1), ">= 1"),), field="mine_k"),
     LossOption("negatives", str, "hardest", "hardest: the paper's hardest negatives; semihard: per pair the most "
                "similar negative that still scores below the positive pair (FaceNet's rule; builds the batch's "
