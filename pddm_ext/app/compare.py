@@ -42,13 +42,13 @@ def __getattr__(name):
     if name == "ENTRIES":
         return tuple(LOSSES) + tuple(loss_options.variants())
     if name == "PDDM_ONLY_FIELDS":
-        return ("unit_lr",) + loss_options.fields()
+        return loss_options.pddm_only_fields()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unread_fields(cfg):
     """The PDDM-only fields when cfg's loss does not read them (a baseline), else none."""
-    return set() if cfg.loss in PDDM_LOSSES else {"unit_lr", *loss_options.fields()}
+    return set() if cfg.loss in PDDM_LOSSES else set(loss_options.pddm_only_fields())
 
 
 def entry_config(base, name):

@@ -47,9 +47,18 @@ def train_default(field):
     return TRAIN_DEFAULTS[field][0] if field in TRAIN_DEFAULTS else _by_field(field).default
 
 
+# the loss options' fields that the baseline losses read too (build_loss: beta, their triplet margin)
+BASELINE_FIELDS = ("beta",)
+
+
 def fields():
-    """The ``TrainConfig`` fields of the loss options (only the PDDM losses read them)."""
+    """The ``TrainConfig`` fields of the loss options."""
     return tuple(option.field for option in app_options())
+
+
+def pddm_only_fields():
+    """The ``TrainConfig`` fields that only the PDDM losses read (build_loss, build_optimizer)."""
+    return ("unit_lr",) + tuple(field for field in fields() if field not in BASELINE_FIELDS)
 
 
 def numbers():
