@@ -454,47 +454,81 @@ def _checked_inputs(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels
     return _Inputs(labels, ref_labels, None, None, *bank, gather=False)
 
 
-class PDDMLoss(nn.Module):
+def _loss_rows(t, dtype, normalize):
+    """The rows ``PDDMLoss`` works on, in the compute dtype ``dtype`` (float32 for half inputs), then
+    L2-normalised unless ``normalize`` is False. Normalising in half precision would turn a zero row
+    into NaN (F.normalize's eps is 0 in float16) and a row whose norm overflows into zeros."""
+    return _normalized_rows(t, dtype) if normalize else t.to(dtype)
+
+
+def _batch_scores(unit, f):
+    """``unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the unit's
+    dropout (one mask per call, as ``PDDM.forward``) in training mode."""
+    dtype = V.compute_dtype(f)
+    params = unit._with_dropout(tuple(p.to(dtype) for p in unit.params()))
+    return ops.scores(f.to(dtype), None, *params, unit.normalize_inputs)
+
+
+class _EuclideanWarmUp:
+    """``PDDMLoss``'s warm-up (``warmup_steps``): its first ``warmup_steps`` training calls mine by
+    Euclidean distance. The progress ``warmup_done`` is state (the module's ``_extra_state``): a
+    resumed run continues where it stopped."""
+
+    @property
+    def warming_up(self):
+        """True while training batches are mined by Euclidean distance (the warm-up)."""
+        return self.training and self.warmup_done < self.warmup_steps
+
+    def end_warmup(self):
+        """Ends the warm-up now: from the next batch on, mining uses the ``mining`` metric."""
+        self.warmup_done = self.warmup_steps
+
+    def get_extra_state(self):
+        return {"warmup_done": self.warmup_done}
+
+    def set_extra_state(self, state):
+        done = state.get("warmup_done") if isinstance(state, dict) else None
+        if isinstance(done, bool) or not isinstance(done, int):
+            raise ValueError(f"PDDMLoss state_dict: _extra_state must be {{'warmup_done': int}}, got {state!r}")
+        self.warmup_done = done
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict saved before the warm-up existed: a run with no warm-up left to do.
+        if prefix + "unit.W_u" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PDDMLoss(_EuclideanWarmUp, nn.Module):
     """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
     a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
-    with a pair-classification term that keeps the unit from collapsing.
+    with a pair-classification term that keeps the unit from collapsing. ``forward(embeddings, labels)``:
 
-    ``forward(embeddings, labels)``:
-
-    1. f = normalize(embeddings) row-wise (unless ``normalize=False``), computed in the compute dtype
-       (float32 for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows
-       float16 is normalised, as in float64);
+    1. f = normalize(embeddings) row-wise (unless ``normalize=False``), in the compute dtype (float32
+       for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows is normalised);
     2. quadruplets (i, j, k, l) = :func:`mine_quadruplets` of f.detach(): the ``self.k`` hardest positive
-       pairs (i, j) under the ``mining`` metric's score (the unit's S by default; -||a - b||^2 during
-       the warm-up), each with its hardest negatives k of i and l of j (``negatives="semihard"``:
-       :func:`semihard_negatives`);
+       pairs (i, j) under the ``mining`` metric (the unit's S by default; -||a - b||^2 during the
+       warm-up), each with the hardest (or semi-hard: :func:`semihard_negatives`) negatives k of i, l of j;
     3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
     4. E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+;
     5. E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+;
     6. loss = mean(E_m) + lam * mean(E_e) + bce_weight * E_p, with E_p the balanced BCE of the
        scores of all pairs of the batch (:func:`balanced_pair_bce` on ``unit(f)``).
 
-    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
-    ``indices_tuple``), differentiated here: the formulas' one home. ``forward``'s docstring has the
-    shapes, the reference, memory, distributed and triplet modes and the errors.
-
-    The options (``LOSS_OPTIONS``, where each is declared once; evidence for the defaults against
-    the unit's collapse in ``benchmarks/results/learning/``); a bad value raises ``ValueError``
-    (``TypeError`` for a wrong type) naming the option:
+    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (``triplet_losses`` for ``indices_tuple``),
+    differentiated here. A batch without a quadruplet gives a zero still connected to the graph. The
+    options, each declared once in ``LOSS_OPTIONS`` (a bad value raises ``ValueError``, ``TypeError``
+    for a wrong type, naming it; evidence for the defaults in ``benchmarks/results/learning/``):
 
 {options}
 
-    ``embedding_dim`` (int >= 1), ``hidden_features``, ``joint_features``: the unit's widths
-    (``PDDM``); ``memory``, ``distributed``: ``forward``'s docstring. With every option at the paper's
-    value (``normalize_inputs=True, bce_weight=0``, k=1, "hardest", "pddm", no warm-up) this is the
-    paper's loss of docs/design.md, "Loss". A state_dict saved before these options loads with the
-    old behaviour of its unit (the input-normalised form); the loss options are constructor
-    arguments, not state (``warmup_done`` is).
-
-    The unit is ``self.unit``: its parameters are this module's parameters, so give them to the
-    optimiser. A batch without a quadruplet gives a zero still connected to the graph. The last
-    quadruplets and the loss parts are kept as ``last_quadruplets``, ``last_metric_loss``,
-    ``last_embedding_loss`` and ``last_pair_loss`` (None when ``bce_weight=0``).
+    ``embedding_dim`` (int >= 1), ``hidden_features``, ``joint_features``: the unit's widths (``PDDM``),
+    ``self.unit``, whose parameters are this module's (give them to the optimiser); ``memory`` and
+    ``distributed``: see ``forward``. With ``normalize_inputs=True, bce_weight=0`` and the other
+    defaults this is the paper's loss exactly. The options are constructor arguments, not state; the
+    warm-up's progress ``warmup_done`` is, and a state_dict from before it (or before the unit's form)
+    loads as the run it was. ``last_quadruplets`` (or ``last_triplets``), ``last_metric_loss``,
+    ``last_embedding_loss`` and ``last_pair_loss`` (None when ``bce_weight=0``) keep the last call's parts.
     """
 
     def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=_DEFAULT["alpha"],
@@ -516,75 +550,33 @@ class PDDMLoss(nn.Module):
         self.last_quadruplets = self.last_triplets = None
         self.last_metric_loss = self.last_embedding_loss = self.last_pair_loss = None
 
-    @property
-    def warming_up(self):
-        """True while training batches are mined by Euclidean distance (the warm-up)."""
-        return self.training and self.warmup_done < self.warmup_steps
-
-    def end_warmup(self):
-        """Ends the warm-up now: from the next batch on, mining uses the ``mining`` metric."""
-        self.warmup_done = self.warmup_steps
-
-    # The warm-up's progress is state: a resumed run continues where it stopped.
-    def get_extra_state(self):
-        return {"warmup_done": self.warmup_done}
-
-    def set_extra_state(self, state):
-        done = state.get("warmup_done") if isinstance(state, dict) else None
-        if isinstance(done, bool) or not isinstance(done, int):
-            raise ValueError(f"PDDMLoss state_dict: _extra_state must be {{'warmup_done': int}}, got {state!r}")
-        self.warmup_done = done
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A state_dict saved before the warm-up existed: a run with no warm-up left to do.
-        if prefix + "unit.W_u" in state_dict and prefix + "_extra_state" not in state_dict:
-            state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        """The loss (a 0-dim tensor in the compute dtype) of ``embeddings`` (m, embedding_dim) floating
-        with ``labels`` (m,) integer, steps 1-6 of the class docstring.
+        """The loss, a 0-dim tensor in the compute dtype, of ``embeddings`` (m, embedding_dim) floating
+        with ``labels`` (m,) integer (pytorch-metric-learning's loss signature). Every input is
+        validated once on entry, the unit's parameters included (``TypeError``/``ValueError`` naming
+        the argument, docs/design.md "Errors"); mining and scoring then take unchecked paths.
 
-        Every input is validated once on entry (``TypeError``/``ValueError`` naming the argument,
-        docs/design.md "Errors"), the unit's parameters included (NaN/Inf); the mining and scoring
-        inside take unchecked paths.
-
-        Beyond one batch (reference mode of ``mine_hard``: j, k index the references, i, l the queries):
-
-        - ``memory=MemoryBank(size, d)`` (or any object with ``get() -> (embeddings, labels)`` or
-          ``(None, None)`` while empty, and ``enqueue(embeddings, labels)``; a ``dim`` attribute, if
-          any, must equal ``embedding_dim``): each batch is mined against the bank's rows (detached),
-          then enqueued, so a row never meets itself; gradients reach only the current batch. While
-          the bank is empty the batch is mined against itself (batch mode). ``TypeError`` for an
-          object without ``get``/``enqueue``.
-        - ``distributed=True``: under ``torch.distributed``, mines over the global batch (every rank's
-          embeddings, ``pddm_ext.collectives.global_batch``) while each rank back-propagates through
-          its own slice; with DDP averaging the gradients, every parameter's gradient equals
-          single-process training on the concatenated batch (derivation:
-          ``pddm_ext.integrations.distributed``). The ranks first agree that every shard is valid (a
-          bad shard raises the same error on every rank, never a hang); so does every other check
-          whose outcome may differ between ranks (which arguments are given, ``ref_emb`` on every
-          rank or none, the unit's parameters, the memory bank's rows). A rank may hold an empty
-          shard (0 rows) when another holds rows. A no-op without a process group.
-        - The signature is also pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels``
-          mine against those references instead. ``indices_tuple=(a, p, n)`` (e.g. from
-          ``PDDMMiner``) skips mining and treats each triplet as one header of the double hinge:
-          ``2 * (mean_t [alpha + S_an - S_ap]_+ + lam * mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``,
-          so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss
-          above. Each index vector must be 1-D integer, of one length, with every entry in range of
-          the rows it indexes (a into the embeddings, p and n into the references); ``labels`` are
-          validated too.
-        - ``labels=None`` with an ``indices_tuple`` (pytorch-metric-learning's call without labels):
-          the same triplet terms, and E_p on the triplets' own pairs instead of the batch's
-          (:func:`triplet_pair_bce`: each (a, p) with target 1, each (a, n) with target 0; 0 without
-          a triplet); ``ref_labels`` must then be None too. ``labels=None`` without an
-          ``indices_tuple`` raises ``TypeError`` naming ``labels``.
+        - ``ref_emb`` (n, embedding_dim), ``ref_labels`` (n,): mine against these references (reference
+          mode of ``mine_hard``: j, k index the references, i, l the queries).
+        - ``memory=`` (``MemoryBank(size, d)`` or any object with ``get() -> (embeddings, labels)``, or
+          ``(None, None)`` while empty, and ``enqueue(embeddings, labels)``): each batch is mined
+          against the bank's detached rows (batch mode while it is empty), then enqueued.
+        - ``distributed=True`` under ``torch.distributed``: mines the global batch (every rank's rows,
+          ``collectives.global_batch``), each rank back-propagating through its own, so DDP's averaged
+          gradients equal single-process training on the whole batch
+          (``pddm_ext.integrations.distributed``). The ranks agree on every check first: a bad shard
+          raises the same error on every rank, never a hang; an empty shard is legal.
+        - ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``; 1-D integer, one length, a indexing the
+          embeddings, p and n the references): no mining, each triplet one header of the double hinge,
+          ``2 (mean_t [alpha + S_an - S_ap]_+ + lam mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``;
+          with ``labels=None`` (and ``ref_labels=None``) E_p is :func:`triplet_pair_bce` of the
+          triplets' own pairs. ``labels=None`` without an ``indices_tuple`` is a ``TypeError``.
         """
         given = _checked_inputs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         labels, ref_labels = given.labels, given.ref_labels
         dtype = V.compute_dtype(embeddings, ref_emb)
-        f = self._normalized(embeddings, dtype)
-        f_ref = None if ref_emb is None else self._normalized(ref_emb, dtype)
+        f = _loss_rows(embeddings, dtype, self.normalize)
+        f_ref = None if ref_emb is None else _loss_rows(ref_emb, dtype, self.normalize)
         if indices_tuple is not None:
             return self._triplets_loss(f, labels, f if f_ref is None else f_ref, indices_tuple)
         if given.gather:
@@ -603,15 +595,9 @@ class PDDMLoss(nn.Module):
                 self.memory.enqueue(rows, labels)
         return loss
 
-    def _normalized(self, t, dtype):
-        """The rows the loss works on, in the compute dtype ``dtype`` (float32 for half inputs), then
-        L2-normalised unless ``normalize=False``. Normalising in half precision would turn a zero
-        row into NaN (F.normalize's eps is 0 in float16) and a row whose norm overflows into zeros."""
-        return _normalized_rows(t, dtype) if self.normalize else t.to(dtype)
-
     def _mine(self, f, labels, f_ref, ref_labels):
-        """Quadruplets of the detached rows (``self.k`` positive pairs), by Euclidean distance while
-        warming up, else by the ``mining`` metric; a training call counts towards the warm-up."""
+        """Quadruplets of the detached rows (``self.k``: the number of positive pairs), by Euclidean
+        distance while warming up, else by the ``mining`` metric; a training call counts towards the warm-up."""
         x, y, params = _mining_inputs(f, f_ref, self.unit.params())
         warming_up = self.warming_up
         quads = mine_quadruplets(x, labels, y, None if f_ref is None else ref_labels, params, pairs=self.k,
@@ -622,21 +608,21 @@ class PDDMLoss(nn.Module):
         return quads
 
     def _quadruplets_loss(self, f, f_ref, quads):
-        """The loss on mined quadruplets; i and its negative l index f (queries), j and its negative k index
-        f_ref (references)."""
+        """The loss on mined quadruplets: i and its negative l index f (queries), j and its negative k f_ref."""
         i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
-        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[k], f[l_], self._scores, self.alpha, self.beta))
+        score = self.unit._pair_scores  # unchecked: inputs were validated on entry
+        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[k], f[l_], score, self.alpha, self.beta))
 
     def _triplets_loss(self, f, labels, f_ref, indices_tuple):
-        """The loss on given triplets (a indexes f, p and n index f_ref): one hinge header each, so
-        twice their means; the pair term on the batch, or on the triplets' own pairs without labels."""
+        """The loss on given triplets (a indexes f, p and n f_ref): one hinge header each, so twice their
+        means; the pair term on the batch, or on the triplets' own pairs without labels."""
         a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
         self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        loss = self._weighted(*triplet_losses(f[a], f_ref[p], f_ref[n], self._scores, self.alpha, self.beta), 2)
+        score = self.unit._pair_scores
+        loss = self._weighted(*triplet_losses(f[a], f_ref[p], f_ref[n], score, self.alpha, self.beta), headers=2)
         if labels is None:
-            return loss + self._weighted_pair(lambda: triplet_pair_bce(self._scores(f[a], f_ref[p]),
-                                                                       self._scores(f[a], f_ref[n])))
+            return loss + self._weighted_pair(lambda: triplet_pair_bce(score(f[a], f_ref[p]), score(f[a], f_ref[n])))
         return loss + self._pair_term(f, labels)
 
     def _weighted(self, E_m, E_e, headers=1):
@@ -649,7 +635,7 @@ class PDDMLoss(nn.Module):
 
     def _pair_term(self, f, labels):
         """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
-        return self._weighted_pair(lambda: balanced_pair_bce(self._all_scores(f), labels))
+        return self._weighted_pair(lambda: balanced_pair_bce(_batch_scores(self.unit, f), labels))
 
     def _weighted_pair(self, pair_loss):
         """bce_weight x ``pair_loss()``, kept in ``last_pair_loss``; 0 (and None) when bce_weight = 0."""
@@ -659,17 +645,6 @@ class PDDMLoss(nn.Module):
         value = pair_loss()
         self.last_pair_loss = value.detach()
         return self.bce_weight * value
-
-    def _all_scores(self, f):
-        """``self.unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the
-        unit's dropout (one mask per call, as ``PDDM.forward``) in training mode."""
-        dtype = V.compute_dtype(f)
-        params = self.unit._with_dropout(tuple(p.to(dtype) for p in self.unit.params()))
-        return ops.scores(f.to(dtype), None, *params, self.unit.normalize_inputs)
-
-    def _scores(self, a, b):
-        # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return self.unit._pair_scores(a, b)
 
     def extra_repr(self):
         extra = f", mining={self.mining!r}" if self.mining != "pddm" else ""
