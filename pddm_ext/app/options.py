@@ -5,6 +5,9 @@ the parser with ``pddm-ext: error: argument --OPTION: ...``, exit status 2, befo
 loaded) and the check ``train.check_config`` applies to a ``TrainConfig`` built in Python (the same
 message, as a ``ConfigError``).
 
+``NUMBERS`` (field -> rule) joins these rules and those of ``PDDMLoss``'s options, which are declared
+with the options (``pddm_ext.modules.LOSS_OPTIONS``, read through ``pddm_ext.app.loss_options``).
+
 - :class:`Number`: an int or a float that must pass a list of (test, requirement) checks; the first
   failing one gives ``"<label> must be <requirement>, got <value>"``. Floats are parsed by ``float``
   (so ``nan`` and ``inf`` parse, and the checks refuse them where they are invalid).
@@ -84,8 +87,8 @@ EMBEDDING_DIM_MAX = 4096  # the PDDM unit's weights grow with its square
 SEED = Number("seed", int, ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1]"))  # numpy / scikit-learn seeds
 IMAGE_SIZE_RANGE = (8, 4096)
 
-# TrainConfig field -> its rule, besides PDDMLoss's options (their rules: ``NUMBERS``). A field whose
-# value may be None (use the default) is checked only when set.
+# TrainConfig field -> its rule, for the fields that are not PDDMLoss's options (``NUMBERS`` adds those).
+# A field whose value may be None (use the default) is checked only when set.
 _APP_NUMBERS = {rule.name: rule for rule in (
     Number("epochs", int, at_least(1)),
     Number("p", int, (lambda v: v >= 2, ">= 2 so every batch has negatives"), label="P (classes per batch)"),
@@ -114,6 +117,7 @@ def __getattr__(name):
     if name == "OPTIONAL":
         return _APP_OPTIONAL + loss_options.optional()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # the command line's --batches-per-epoch also takes 0: one pass over the training images (None in TrainConfig)
 BATCHES_PER_EPOCH_ARG = Number("batches_per_epoch", int, at_least(0))
