@@ -3,6 +3,11 @@
 The core: this module imports neither the trainer integrations nor the application. ``PDDMLoss``'s
 ``memory=`` takes any object with the memory-bank protocol (``get()``, ``enqueue(embeddings, labels)``,
 e.g. ``pddm_ext.MemoryBank``) and ``distributed=True`` uses the core's ``pddm_ext.collectives``.
+
+In order: the loss's terms and negative policies (``balanced_pair_bce``, ``triplet_pair_bce``,
+``semihard_negatives``, ``NEGATIVES``, ``mine_quadruplets``), ``LOSS_OPTIONS`` (each ``PDDMLoss`` option
+declared once: what the constructor, its docstring and the training app read), ``PDDM``, then
+``PDDMLoss``'s input checks and the class itself.
 """
 
 from __future__ import annotations
@@ -506,9 +511,10 @@ class PDDMLoss(_EuclideanWarmUp, nn.Module):
 
     1. f = normalize(embeddings) row-wise (unless ``normalize=False``), in the compute dtype (float32
        for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows is normalised);
-    2. quadruplets (i, j, k, l) = :func:`mine_quadruplets` of f.detach(): the ``self.k`` hardest positive
-       pairs (i, j) under the ``mining`` metric (the unit's S by default; -||a - b||^2 during the
-       warm-up), each with the hardest (or semi-hard: :func:`semihard_negatives`) negatives k of i, l of j;
+    2. quadruplets (i, j, k, l) = :func:`mine_quadruplets` of f.detach(): the hardest positive pairs
+       (i, j), ``self.k`` of them (a count, not the negative k), under the ``mining`` metric (the unit's
+       S by default; -||a - b||^2 during the warm-up), each with the hardest (or semi-hard:
+       :func:`semihard_negatives`) negatives k of i and l of j;
     3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
     4. E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+;
     5. E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+;
@@ -608,11 +614,12 @@ class PDDMLoss(_EuclideanWarmUp, nn.Module):
         return quads
 
     def _quadruplets_loss(self, f, f_ref, quads):
-        """The loss on mined quadruplets: i and its negative l index f (queries), j and its negative k f_ref."""
-        i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
+        """The loss on mined quadruplets (i, j, k, l): the anchor i and the positive's negative l index f
+        (queries), the positive j and the anchor's negative k index f_ref (references)."""
+        i, j, a_neg, p_neg = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
         self.last_quadruplets, self.last_triplets = quads, None
         score = self.unit._pair_scores  # unchecked: inputs were validated on entry
-        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[k], f[l_], score, self.alpha, self.beta))
+        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[a_neg], f[p_neg], score, self.alpha, self.beta))
 
     def _triplets_loss(self, f, labels, f_ref, indices_tuple):
         """The loss on given triplets (a indexes f, p and n f_ref): one hinge header each, so twice their
