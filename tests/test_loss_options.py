@@ -39,7 +39,7 @@ def test_the_train_defaults_differ_from_pddmloss_only_where_declared():
 
     config = TrainConfig()
     differ = {o.field for o in app_options() if getattr(config, o.field) != o.default}
-    assert differ == set(TRAIN_DEFAULTS) == {"mine_k", "negatives"}
+    assert differ == set(TRAIN_DEFAULTS)
     assert all(isinstance(why, str) and why for _, why in TRAIN_DEFAULTS.values())
 
 
