@@ -3,11 +3,18 @@
 The core: this module imports neither the trainer integrations nor the application. ``PDDMLoss``'s
 ``memory=`` takes any object with the memory-bank protocol (``get()``, ``enqueue(embeddings, labels)``,
 e.g. ``pddm_ext.MemoryBank``) and ``distributed=True`` uses the core's ``pddm_ext.collectives``.
+
+In order: the loss's terms and negative policies (``balanced_pair_bce``, ``triplet_pair_bce``,
+``semihard_negatives``, ``NEGATIVES``, ``mine_quadruplets``), ``LOSS_OPTIONS`` (each ``PDDMLoss`` option
+declared once: what the constructor, its docstring and the training app read), ``PDDM``, then
+``PDDMLoss``'s input checks and the class itself.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +27,12 @@ from .functional import (Quadruplets, _check_pair_inputs, _mine_hard, _mining_in
 from .reference import quadruplet_losses, triplet_losses
 
 
-NEGATIVES = ("hardest", "semihard")
+
+def _check_nonnegative(name, value):
+    value = V.check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 def _mean_or_zero(t):
@@ -95,11 +107,147 @@ def balanced_pair_bce(scores, labels):
     return value * ((n_pos > 0) & (n_neg > 0))
 
 
-def _check_nonnegative(name, value):
-    value = V.check_number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+def triplet_pair_bce(positive, negative):
+    """Balanced binary cross-entropy of given pairs: ``positive`` (t,) scores of pairs with target 1,
+    ``negative`` (t,) of pairs with target 0 (e.g. each triplet's (a, p) and (a, n)), as logits:
+    ``0.5 * (mean_t log(1 + exp(-S_ap)) + mean_t log(1 + exp(S_an)))``; 0 without a pair, still
+    connected to the graph. Returns a 0-dim tensor."""
+    return 0.5 * (_mean_or_zero(F.softplus(-positive)) + _mean_or_zero(F.softplus(negative)))
+
+
+# --- PDDMLoss's negative policies and mining --------------------------------------------------
+
+
+def _hardest_negatives(quads, labels, y_labels, score_matrix):
+    """The paper's rule: the mining op's hardest negatives, as mined."""
+    return quads
+
+
+def _semihard_negatives(quads, labels, y_labels, score_matrix):
+    """:func:`semihard_negatives` of the mined positive pairs under the same score; it needs every
+    candidate's score: ``score_matrix()``, the batch's (m, n) matrix."""
+    if quads.anchor.numel() == 0:
+        return quads
+    with torch.no_grad():
+        S = score_matrix()
+    i, r = quads.anchor, quads.positive
+    a_neg, p_neg = semihard_negatives(S, labels[:, None] != y_labels[None, :], i, r)
+    scores = torch.stack([S[i, r], S[i, a_neg], S[p_neg, r]], dim=1)
+    return Quadruplets(i, r, a_neg, p_neg, scores, quads.batch_mode)
+
+
+# PDDMLoss(negatives=): name -> policy(quadruplets, labels, y_labels, score_matrix) -> quadruplets
+NEGATIVES = {"hardest": _hardest_negatives, "semihard": _semihard_negatives}
+
+
+def mine_quadruplets(x, labels, y, y_labels, params, *, pairs, negatives, metric, normalize_inputs):
+    """``PDDMLoss``'s quadruplets: the ``pairs`` (int or None: all) hardest positive pairs under the
+    metric ``metric`` (a name in ``ops.METRICS``; ``params``, the unit's parameter tuple, is used when
+    the metric uses the unit, in the form ``normalize_inputs``), with negatives picked by the policy
+    ``NEGATIVES[negatives]`` under the same score (the metric's ``scores``). Inputs are validated and
+    detached: x (m, d), y (n, d) or None (batch mode), one float dtype, int64 labels. Returns
+    :class:`pddm_ext.Quadruplets`."""
+    row = ops.METRICS[metric]
+    params = params if row.uses_unit else None
+    quads = _mine_hard(x, labels, y, y_labels, params, pairs, metric, normalize_inputs)
+    y, y_labels = (x, labels) if y is None else (y, y_labels)
+    return NEGATIVES[negatives](quads, labels, y_labels, lambda: row.scores(x, y, params, normalize_inputs))
+
+
+# --- PDDMLoss's options: each declared once ---------------------------------------------------
+
+
+class LossOption(NamedTuple):
+    """One option of :class:`PDDMLoss`, declared once. The constructor (its default and check) and
+    docstring read it here, and so does the training app (``pddm_ext.app.loss_options``: the flag
+    and ``TrainConfig`` field, the value rule, ``compare``'s variants, the value of old runs).
+
+    - ``name``; ``kind`` (float, int, bool or str); ``default`` (PDDMLoss's); ``help`` (what it does);
+    - ``check(name, value) -> value``: PDDMLoss's validation (``TypeError`` for a wrong type,
+      ``ValueError`` for a bad value, naming the option); None for the unit's options (``PDDM`` checks
+      them);
+    - ``choices``: the values of a str option;
+    - ``rule``: the training app's value rule, ``(test, requirement[, label])`` checks in order (the
+      first that fails gives "<label> must be <requirement>, got <value>"; label: the field);
+    - ``field``: its ``TrainConfig`` field and ``pddm-ext`` flag (None: ``pddm-ext`` does not offer it);
+    - ``legacy``: the value of runs saved before the option existed (their checkpoints and results
+      resume and compare as that); None for an option every saved run has;
+    - ``variants``: ``pddm-ext compare`` entries that set it, ``{entry: value}`` (an entry named by
+      several options sets each of them).
+    """
+
+    name: str
+    kind: type
+    default: object
+    help: str
+    check: Callable | None
+    choices: tuple = ()
+    rule: tuple = ()
+    field: str | None = None
+    legacy: object = None
+    variants: dict = {}
+
+
+def _choice(choices):
+    def check(name, value):
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    return check
+
+
+_FINITE = (math.isfinite, "finite")
+_AT_LEAST_0 = ((lambda v: v >= 0), ">= 0")
+
+# The table's order is the order of the checks, of the flags in ``pddm-ext --help`` and of the
+# options in ``compare``'s reports.
+LOSS_OPTIONS = {option.name: option for option in (
+    LossOption("alpha", float, 0.5, "margin of the metric hinge E_m on the PDDM scores", V.check_number,
+               rule=(_FINITE,), field="alpha"),
+    LossOption("beta", float, 1.0, "margin of the embedding hinge E_e on squared distances", V.check_number,
+               rule=(_FINITE,), field="beta"),
+    # a negative weight would reward embedding-loss violations
+    LossOption("lam", float, 0.5, "weight of the embedding loss E_e (>= 0)", _check_nonnegative,
+               rule=(_FINITE, (lambda v: v >= 0, ">= 0", "lam (the embedding-loss weight)")), field="lam"),
+    LossOption("k", int, 1, "positive pairs mined per batch, hardest first under the mining score (in batch mode "
+               "unordered pairs {i, j}, each one quadruplet, i.e. two triplets); 1 is the paper's rule; "
+               "PDDMLoss(k=None) mines every positive pair", lambda name, value: V.check_k(value),
+               rule=(((lambda v: v >= 1), ">= 1"),), field="mine_k"),
+    LossOption("negatives", str, "hardest", "hardest: the paper's hardest negatives; semihard: per pair the most "
+               "similar negative that still scores below the positive pair (FaceNet's rule; builds the batch's "
+               "(m, n) score matrix, n = m or the references' rows)", _choice(tuple(NEGATIVES)),
+               choices=tuple(NEGATIVES), field="negatives", legacy="hardest",
+               variants={"pddm-paper": "hardest", "pddm-hardest": "hardest", "pddm-semihard": "semihard",
+                         "pddm-hardest-euclidean": "hardest"}),
+    LossOption("bce_weight", float, 1.0, "weight of the balanced BCE pair term E_p (>= 0); 0 gives the paper's "
+               "loss", _check_nonnegative, rule=(_AT_LEAST_0, _FINITE), field="bce_weight", legacy=0.0,
+               variants={"pddm-paper": 0.0}),
+    LossOption("normalize_inputs", bool, False, "the unit's form (PDDM(normalize_inputs=)): True is the paper "
+               "as read, blind to the distance between a and b; False the distance-aware form", None,
+               field="normalize_inputs", legacy=True, variants={"pddm-paper": True}),
+    LossOption("unit_dropout", float, 0.0, "the unit's dropout p in [0, 1) (PDDM(dropout=))", None),
+    LossOption("mining", str, "pddm", "the metric that mines the quadruplets (a name in pddm_ext.ops.METRICS): "
+               "pddm, the unit, or euclidean, -||a - b||^2 on every batch (the control that tells PDDM "
+               "mining from the PDDM loss)", _choice(tuple(ops.METRICS)), choices=tuple(ops.METRICS),
+               field="mining", legacy="pddm",
+               variants={"pddm-euclidean": "euclidean", "pddm-hardest-euclidean": "euclidean"}),
+    LossOption("warmup_steps", int, 0, "the first N training calls mine by Euclidean distance instead of by "
+               "the mining metric; end_warmup() ends it early; its progress (warmup_done) is saved in the "
+               "state_dict, and a state_dict from before the option loads with the warm-up over",
+               lambda name, value: V.check_int(name, value, 0), rule=(_AT_LEAST_0,), field="warmup_steps",
+               legacy=0, variants={"pddm-warmup": 100}),
+    LossOption("normalize", bool, True, "L2-normalise the embeddings row-wise first", V.check_bool),
+)}
+_DEFAULT = {name: option.default for name, option in LOSS_OPTIONS.items()}
+
+
+def _options_doc():
+    """The options' list in ``PDDMLoss``'s docstring, from ``LOSS_OPTIONS``."""
+    def line(o):
+        values = f"{' or '.join(map(repr, o.choices))}, " if o.choices else ""
+        return textwrap.fill(f"- ``{o.name}`` ({values}{o.kind.__name__}, default {o.default!r}): {o.help}.",
+                             100, initial_indent="    ", subsequent_indent="      ")
+    return "\n".join(line(o) for o in LOSS_OPTIONS.values())
 
 
 class PDDM(nn.Module):
@@ -222,118 +370,114 @@ class PDDM(nn.Module):
                 f"joint_features={self.joint_features}{extra}")
 
 
-class PDDMLoss(nn.Module):
-    """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
-    a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
-    with a pair-classification term that keeps the unit from collapsing.
+class _Inputs(NamedTuple):
+    """``PDDMLoss.forward``'s validated inputs: labels (int64 or None), the references' labels, the
+    rows per rank (under a process group, else None), the memory bank's rows (None while empty or
+    without a bank) and whether the batch is gathered from every rank."""
 
-    ``forward(embeddings, labels)``:
+    labels: torch.Tensor | None
+    ref_labels: torch.Tensor | None
+    rows: list | None
+    ref_rows: list | None
+    bank_emb: torch.Tensor | None
+    bank_labels: torch.Tensor | None
+    gather: bool
 
-    1. f = normalize(embeddings) row-wise (unless ``normalize=False``), computed in the compute dtype
-       (float32 for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows
-       float16 is normalised, as in float64);
-    2. quadruplets (i, j, k, l) = ``mine_hard(f.detach(), labels, self.unit, k=self.k)`` (with
-       ``negatives="semihard"``, k and l are replaced by :func:`semihard_negatives`);
-    3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
-    4. E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+;
-    5. E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+;
-    6. loss = mean(E_m) + lam * mean(E_e) + bce_weight * E_p, with E_p the balanced BCE of the
-       scores of all pairs of the batch (:func:`balanced_pair_bce` on ``unit(f)``).
 
-    Options against the collapse of the unit (evidence in ``benchmarks/results/learning/``):
+def _check_arguments(loss, labels, indices_tuple, ref_emb, ref_labels):
+    """Which arguments of ``loss.forward`` go together (the checks that read no tensor)."""
+    if labels is None:
+        if indices_tuple is None:
+            raise TypeError("labels must be a torch.Tensor, got NoneType (labels may be None only with an "
+                            "indices_tuple: the loss then uses the given triplets alone)")
+        if ref_labels is not None:
+            raise ValueError("ref_labels is given but labels is None: pass both or neither")
+    elif (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together (reference mode) or not at all")
+    if ref_emb is not None and loss.memory is not None:
+        raise ValueError("ref_emb cannot be combined with memory=: the bank is the reference set")
+    if indices_tuple is not None and (loss.memory is not None or loss.distributed):
+        raise ValueError("indices_tuple cannot be combined with memory= or distributed=True: the loss mines itself")
 
-    - ``normalize_inputs`` (bool, default False): the unit's form (``PDDM(normalize_inputs=)``). The
-      default is the distance-aware form; True is the paper as read, blind to the distance between
-      a and b. ``unit_dropout`` (float in [0, 1), default 0): ``PDDM(dropout=)``.
-    - ``k`` (int >= 1 or None, default 1): positive pairs per batch in E_m, hardest first under the
-      unit's scores; 1 is the paper's rule, None keeps every positive pair.
-    - ``negatives`` ("hardest" (default) or "semihard"): the paper's hardest negatives, or per pair
-      the most similar negative that still scores below the positive pair (FaceNet's rule).
-      "semihard" builds the batch's (m, n) score matrix (n = m, or the references' rows).
-    - ``bce_weight`` (float >= 0, default 1.0): weight of E_p; 0 gives the paper's loss exactly.
-    - ``warmup_steps`` (int >= 0, default 0): the first ``warmup_steps`` training calls mine by
-      Euclidean distance (-||a - b||^2) instead of the unit; ``end_warmup()`` ends it early (e.g.
-      once the unit separates held-out pairs as well as Euclidean distance does). The progress
-      (``warmup_done``) is saved in the state_dict; a state_dict from before the option loads with
-      the warm-up over.
 
-    With every option at the paper's value (``normalize_inputs=True, bce_weight=0``, k=1,
-    "hardest", no warm-up) this is the paper's loss of docs/design.md, "Loss". A state_dict saved
-    before these options loads with the old behaviour of its unit (the input-normalised form);
-    the loss options are constructor arguments, not state. A bad option value raises ``ValueError``
-    (``TypeError`` for a wrong type) naming the option.
+def _memory_rows(memory, d, d_from, device, finite=True):
+    """The bank's ``(embeddings, labels as int64)`` (``(None, None)`` while empty), validated."""
+    bank_emb, bank_labels = memory.get()
+    if bank_emb is None:
+        return None, None
+    V.check_embeddings("memory embeddings", bank_emb, d=d, d_from=d_from, finite=finite)
+    return bank_emb, V.check_labels("memory labels", bank_labels, bank_emb.shape[0], device)
 
-    A batch without a quadruplet gives a zero still connected to the graph. The last quadruplets
-    and the loss parts are kept as ``last_quadruplets``, ``last_metric_loss``, ``last_embedding_loss``
-    and ``last_pair_loss`` (None when ``bce_weight=0``).
-    The unit is ``self.unit``: its parameters are this module's parameters, so give them to the optimiser.
-    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (and ``triplet_losses`` for
-    ``indices_tuple``), differentiated here: the formulas' one home.
 
-    Shapes: ``embeddings`` (m, embedding_dim) floating, ``labels`` (m,) integer (or None with an
-    ``indices_tuple``, below); returns a 0-dim tensor in the compute dtype. ``alpha``, ``beta``,
-    ``lam``: finite real numbers, ``lam >= 0`` (``TypeError`` / ``ValueError`` otherwise);
-    ``normalize``, ``distributed``: bools (``TypeError`` otherwise). Every input is validated once on
-    entry (``TypeError``/``ValueError`` naming the argument, docs/design.md "Errors"), including the
-    unit's parameters (NaN/Inf); the mining and scoring inside take unchecked paths.
+def _agree(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels, params, d, d_from):
+    """``distributed=True`` under a process group: every check whose outcome may differ between
+    ranks (this rank's arguments, shard, references, unit parameters and memory bank) runs inside
+    the ranks' agreement (``collectives.agree_on_batch``), so a problem on any rank raises the
+    same error on every rank and no rank is left waiting in a collective."""
+    bank = [None, None]
 
-    Beyond one batch (reference mode of ``mine_hard``: j, k index the references, i, l the queries):
+    def local_checks():  # after this rank's shard passed its structural checks
+        _check_arguments(loss, labels, indices_tuple, ref_emb, ref_labels)
+        if isinstance(ref_emb, torch.Tensor):
+            V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
+        V.check_params(params, d, embeddings.device, finite=False)
+        finite = list(zip(V.PARAM_NAMES, params))
+        if loss.memory is not None:
+            bank[:] = _memory_rows(loss.memory, d, d_from, embeddings.device, finite=False)
+            if bank[0] is not None:
+                finite.append(("memory embeddings", bank[0]))
+        return finite
 
-    - ``memory=MemoryBank(size, d)`` (or any object with ``get() -> (embeddings, labels)`` or
-      ``(None, None)`` while empty, and ``enqueue(embeddings, labels)``; a ``dim`` attribute, if any,
-      must equal ``embedding_dim``): each batch is mined against the bank's rows (detached), then
-      enqueued, so a row never meets itself; gradients reach only the current batch. While the bank
-      is empty the batch is mined against itself (batch mode). ``TypeError`` for an object without
-      ``get``/``enqueue``.
-    - ``distributed=True``: under ``torch.distributed``, mines over the global batch (every rank's
-      embeddings, ``pddm_ext.collectives.global_batch``) while each rank back-propagates through its
-      own slice; with DDP averaging the gradients, every parameter's gradient equals single-process
-      training on the concatenated batch (derivation: ``pddm_ext.integrations.distributed``). The
-      ranks first agree that every shard is valid (a bad shard raises the same error on every rank,
-      never a hang); so does every other check whose outcome may differ between ranks (which
-      arguments are given, ``ref_emb`` on every rank or none, the unit's parameters, the memory
-      bank's rows): all run inside that agreement. A rank may hold an empty shard (0 rows) when
-      another holds rows. A no-op without a process group.
-    - ``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)`` is also
-      pytorch-metric-learning's loss signature. ``ref_emb``/``ref_labels`` mine against those
-      references instead. ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``) skips mining and
-      treats each triplet as one header of the double hinge:
-      ``2 * (mean_t [alpha + S_an - S_ap]_+ + lam * mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``,
-      so the 2q batch-mode triplets of ``mine_hard(...).as_triplets()`` give exactly the loss above.
-      Each index vector must be 1-D integer, of one length, with every entry in range of the rows it
-      indexes (a into the embeddings, p and n into the references); ``labels`` are validated too.
-    - ``labels=None`` with an ``indices_tuple`` (pytorch-metric-learning's call without labels):
-      the same triplet terms, and E_p on the triplets' own pairs instead of the batch's (which need
-      labels): each (a, p) with target 1, each (a, n) with target 0,
-      ``0.5 * (mean_t log(1 + exp(-S_ap)) + mean_t log(1 + exp(S_an)))`` (0 without a triplet);
-      ``ref_labels`` must then be None too. ``labels=None`` without an ``indices_tuple`` raises
-      ``TypeError`` naming ``labels``.
-    """
+    labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from, check=local_checks,
+                                              same={"ref_emb": ref_emb is not None})
+    ref_rows = None
+    if ref_emb is not None:  # given on every rank (agreed above)
+        ref_labels, ref_rows = collectives.agree_on_batch(ref_emb, ref_labels, d=d, d_from=d_from,
+                                                          names=("ref_emb", "ref_labels"))
+    return _Inputs(labels, ref_labels, rows, ref_rows, *bank, gather=True)
 
-    def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=0.5, beta=1.0,
-                 lam=0.5, k=1, negatives="hardest", bce_weight=1.0, warmup_steps=0, normalize_inputs=False,
-                 unit_dropout=0.0, normalize=True, memory=None, distributed=False):
-        super().__init__()
-        V.check_int("embedding_dim", embedding_dim, 1)
-        self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
-                         dropout=unit_dropout)
-        self.alpha, self.beta = V.check_number("alpha", alpha), V.check_number("beta", beta)
-        self.lam = _check_nonnegative("lam", lam)  # a negative weight would reward embedding-loss violations
-        self.k = V.check_k(k)
-        if not isinstance(negatives, str) or negatives not in NEGATIVES:
-            raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))}, got {negatives!r}")
-        self.negatives = negatives
-        self.bce_weight = _check_nonnegative("bce_weight", bce_weight)
-        self.warmup_steps = V.check_int("warmup_steps", warmup_steps, 0)
-        self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
-        self.normalize = V.check_bool("normalize", normalize)
-        self.memory = V.check_memory(memory, embedding_dim)
-        self.distributed = V.check_bool("distributed", distributed)
-        self.last_quadruplets = None
-        self.last_triplets = None
-        self.last_metric_loss = None
-        self.last_embedding_loss = None
-        self.last_pair_loss = None
+
+def _checked_inputs(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """Every input of ``loss.forward`` validated here, once (the mining and scoring after it take
+    unchecked paths); under a process group with ``distributed=True`` the ranks agree (``_agree``),
+    and an empty shard is legal."""
+    d, d_from = loss.unit.in_features, "the loss's embedding_dim"
+    params = loss.unit.params()
+    if loss.distributed and collectives.world_size() > 1:
+        return _agree(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels, params, d, d_from)
+    _check_arguments(loss, labels, indices_tuple, ref_emb, ref_labels)
+    V.check_embeddings("embeddings", embeddings, d=d, d_from=d_from)
+    if labels is not None:
+        labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+    if ref_emb is not None:
+        V.check_embeddings("ref_emb", ref_emb, d=d, d_from=d_from)
+        V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
+        if ref_labels is not None:
+            ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
+    V.check_params(params, d, embeddings.device)
+    bank = (None, None) if loss.memory is None else _memory_rows(loss.memory, d, d_from, embeddings.device)
+    return _Inputs(labels, ref_labels, None, None, *bank, gather=False)
+
+
+def _loss_rows(t, dtype, normalize):
+    """The rows ``PDDMLoss`` works on, in the compute dtype ``dtype`` (float32 for half inputs), then
+    L2-normalised unless ``normalize`` is False. Normalising in half precision would turn a zero row
+    into NaN (F.normalize's eps is 0 in float16) and a row whose norm overflows into zeros."""
+    return _normalized_rows(t, dtype) if normalize else t.to(dtype)
+
+
+def _batch_scores(unit, f):
+    """``unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the unit's
+    dropout (one mask per call, as ``PDDM.forward``) in training mode."""
+    dtype = V.compute_dtype(f)
+    params = unit._with_dropout(tuple(p.to(dtype) for p in unit.params()))
+    return ops.scores(f.to(dtype), None, *params, unit.normalize_inputs)
+
+
+class _EuclideanWarmUp:
+    """``PDDMLoss``'s warm-up (``warmup_steps``): its first ``warmup_steps`` training calls mine by
+    Euclidean distance. The progress ``warmup_done`` is state (the module's ``_extra_state``): a
+    resumed run continues where it stopped."""
 
     @property
     def warming_up(self):
@@ -341,10 +485,9 @@ class PDDMLoss(nn.Module):
         return self.training and self.warmup_done < self.warmup_steps
 
     def end_warmup(self):
-        """Ends the warm-up now: from the next batch on, mining uses the PDDM unit."""
+        """Ends the warm-up now: from the next batch on, mining uses the ``mining`` metric."""
         self.warmup_done = self.warmup_steps
 
-    # The warm-up's progress is state: a resumed run continues where it stopped.
     def get_extra_state(self):
         return {"warmup_done": self.warmup_done}
 
@@ -360,187 +503,162 @@ class PDDMLoss(nn.Module):
             state_dict[prefix + "_extra_state"] = {"warmup_done": self.warmup_steps}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _normalized(self, t, dtype):
-        """The rows the loss works on, in the compute dtype ``dtype`` (float32 for half inputs), then
-        L2-normalised unless ``normalize=False``. Normalising in half precision would turn a zero
-        row into NaN (F.normalize's eps is 0 in float16) and a row whose norm overflows into zeros."""
-        return _normalized_rows(t, dtype) if self.normalize else t.to(dtype)
 
-    def _check_arguments(self, labels, indices_tuple, ref_emb, ref_labels):
-        """Which arguments go together (the checks that read no tensor)."""
-        if labels is None:
-            if indices_tuple is None:
-                raise TypeError("labels must be a torch.Tensor, got NoneType (labels may be None only with an "
-                                "indices_tuple: the loss then uses the given triplets alone)")
-            if ref_labels is not None:
-                raise ValueError("ref_labels is given but labels is None: pass both or neither")
-        elif (ref_emb is None) != (ref_labels is None):
-            raise ValueError("ref_emb and ref_labels must be given together (reference mode) or not at all")
-        if ref_emb is not None and self.memory is not None:
-            raise ValueError("ref_emb cannot be combined with memory=: the bank is the reference set")
-        if indices_tuple is not None and (self.memory is not None or self.distributed):
-            raise ValueError("indices_tuple cannot be combined with memory= or distributed=True: the loss mines itself")
+class PDDMLoss(_EuclideanWarmUp, nn.Module):
+    """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
+    a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
+    with a pair-classification term that keeps the unit from collapsing. ``forward(embeddings, labels)``:
 
-    def _memory_rows(self, d, d_from, device, finite=True):
-        """The bank's ``(embeddings, labels as int64)`` (``(None, None)`` while empty), validated."""
-        bank_emb, bank_labels = self.memory.get()
-        if bank_emb is None:
-            return None, None
-        V.check_embeddings("memory embeddings", bank_emb, d=d, d_from=d_from, finite=finite)
-        return bank_emb, V.check_labels("memory labels", bank_labels, bank_emb.shape[0], device)
+    1. f = normalize(embeddings) row-wise (unless ``normalize=False``), in the compute dtype (float32
+       for float16 / bfloat16 embeddings: a zero row stays 0, a row whose norm overflows is normalised);
+    2. quadruplets (i, j, k, l) = :func:`mine_quadruplets` of f.detach(): the hardest positive pairs
+       (i, j), ``self.k`` of them (a count, not the negative k), under the ``mining`` metric (the unit's
+       S by default; -||a - b||^2 during the warm-up), each with the hardest (or semi-hard:
+       :func:`semihard_negatives`) negatives k of i and l of j;
+    3. S_ij, S_ik, S_jl recomputed with autograd (``unit.pair_scores``);
+    4. E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+;
+    5. E_e = [beta + |f_i - f_j|^2 - |f_i - f_k|^2]_+ + [beta + |f_i - f_j|^2 - |f_j - f_l|^2]_+;
+    6. loss = mean(E_m) + lam * mean(E_e) + bce_weight * E_p, with E_p the balanced BCE of the
+       scores of all pairs of the batch (:func:`balanced_pair_bce` on ``unit(f)``).
 
-    def _agree(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, params, d, d_from):
-        """``distributed=True`` under a process group: every check whose outcome may differ between
-        ranks (this rank's arguments, shard, references, unit parameters and memory bank) runs inside
-        the ranks' agreement (``collectives.agree_on_batch``), so a problem on any rank raises the
-        same error on every rank and no rank is left waiting in a collective. Returns the labels, the
-        rows per rank, the references' labels and rows per rank, and the bank's rows."""
-        bank = [None, None]
+    Steps 3-5 are ``pddm_ext.reference.quadruplet_losses`` (``triplet_losses`` for ``indices_tuple``),
+    differentiated here. A batch without a quadruplet gives a zero still connected to the graph. The
+    options, each declared once in ``LOSS_OPTIONS`` (a bad value raises ``ValueError``, ``TypeError``
+    for a wrong type, naming it; evidence for the defaults in ``benchmarks/results/learning/``):
 
-        def local_checks():  # after this rank's shard passed its structural checks
-            self._check_arguments(labels, indices_tuple, ref_emb, ref_labels)
-            if isinstance(ref_emb, torch.Tensor):
-                V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
-            V.check_params(params, d, embeddings.device, finite=False)
-            finite = list(zip(V.PARAM_NAMES, params))
-            if self.memory is not None:
-                bank[:] = self._memory_rows(d, d_from, embeddings.device, finite=False)
-                if bank[0] is not None:
-                    finite.append(("memory embeddings", bank[0]))
-            return finite
+{options}
 
-        labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from, check=local_checks,
-                                                  same={"ref_emb": ref_emb is not None})
-        ref_rows = None
-        if ref_emb is not None:  # given on every rank (agreed above)
-            ref_labels, ref_rows = collectives.agree_on_batch(ref_emb, ref_labels, d=d, d_from=d_from,
-                                                              names=("ref_emb", "ref_labels"))
-        return labels, rows, ref_labels, ref_rows, bank
+    ``embedding_dim`` (int >= 1), ``hidden_features``, ``joint_features``: the unit's widths (``PDDM``),
+    ``self.unit``, whose parameters are this module's (give them to the optimiser); ``memory`` and
+    ``distributed``: see ``forward``. With ``normalize_inputs=True, bce_weight=0`` and the other
+    defaults this is the paper's loss exactly. The options are constructor arguments, not state; the
+    warm-up's progress ``warmup_done`` is, and a state_dict from before it (or before the unit's form)
+    loads as the run it was. ``last_quadruplets`` (or ``last_triplets``), ``last_metric_loss``,
+    ``last_embedding_loss`` and ``last_pair_loss`` (None when ``bce_weight=0``) keep the last call's parts.
+    """
+
+    def __init__(self, embedding_dim, hidden_features=None, joint_features=None, *, alpha=_DEFAULT["alpha"],
+                 beta=_DEFAULT["beta"], lam=_DEFAULT["lam"], k=_DEFAULT["k"], negatives=_DEFAULT["negatives"],
+                 bce_weight=_DEFAULT["bce_weight"], warmup_steps=_DEFAULT["warmup_steps"],
+                 normalize_inputs=_DEFAULT["normalize_inputs"], unit_dropout=_DEFAULT["unit_dropout"],
+                 normalize=_DEFAULT["normalize"], mining=_DEFAULT["mining"], memory=None, distributed=False):
+        given = dict(locals())  # the arguments, each option's value under its name
+        super().__init__()
+        V.check_int("embedding_dim", embedding_dim, 1)
+        self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
+                         dropout=unit_dropout)
+        for option in LOSS_OPTIONS.values():  # self.<option> = its checked value; PDDM checked the unit's
+            if option.check is not None:
+                setattr(self, option.name, option.check(option.name, given[option.name]))
+        self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
+        self.memory = V.check_memory(memory, embedding_dim)
+        self.distributed = V.check_bool("distributed", distributed)
+        self.last_quadruplets = self.last_triplets = None
+        self.last_metric_loss = self.last_embedding_loss = self.last_pair_loss = None
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        # Every input is validated here, once; the mining and scoring below take unchecked paths.
-        d, d_from = self.unit.in_features, "the loss's embedding_dim"
-        params = self.unit.params()
-        gather = self.distributed and collectives.world_size() > 1
-        if gather:  # collective checks: a bad shard raises on every rank alike; an empty shard is legal
-            labels, rows, ref_labels, ref_rows, (bank_emb, bank_labels) = self._agree(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, params, d, d_from)
-        else:
-            self._check_arguments(labels, indices_tuple, ref_emb, ref_labels)
-            V.check_embeddings("embeddings", embeddings, d=d, d_from=d_from)
-            if labels is not None:
-                labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
-            if ref_emb is not None:
-                V.check_embeddings("ref_emb", ref_emb, d=d, d_from=d_from)
-                V.check_same_device([("embeddings", embeddings), ("ref_emb", ref_emb)])
-                if ref_labels is not None:
-                    ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device)
-            V.check_params(params, d, embeddings.device)
-            if self.memory is not None:
-                bank_emb, bank_labels = self._memory_rows(d, d_from, embeddings.device)
+        """The loss, a 0-dim tensor in the compute dtype, of ``embeddings`` (m, embedding_dim) floating
+        with ``labels`` (m,) integer (pytorch-metric-learning's loss signature). Every input is
+        validated once on entry, the unit's parameters included (``TypeError``/``ValueError`` naming
+        the argument, docs/design.md "Errors"); mining and scoring then take unchecked paths.
+
+        - ``ref_emb`` (n, embedding_dim), ``ref_labels`` (n,): mine against these references (reference
+          mode of ``mine_hard``: j, k index the references, i, l the queries).
+        - ``memory=`` (``MemoryBank(size, d)`` or any object with ``get() -> (embeddings, labels)``, or
+          ``(None, None)`` while empty, and ``enqueue(embeddings, labels)``): each batch is mined
+          against the bank's detached rows (batch mode while it is empty), then enqueued.
+        - ``distributed=True`` under ``torch.distributed``: mines the global batch (every rank's rows,
+          ``collectives.global_batch``), each rank back-propagating through its own, so DDP's averaged
+          gradients equal single-process training on the whole batch
+          (``pddm_ext.integrations.distributed``). The ranks agree on every check first: a bad shard
+          raises the same error on every rank, never a hang; an empty shard is legal.
+        - ``indices_tuple=(a, p, n)`` (e.g. from ``PDDMMiner``; 1-D integer, one length, a indexing the
+          embeddings, p and n the references): no mining, each triplet one header of the double hinge,
+          ``2 (mean_t [alpha + S_an - S_ap]_+ + lam mean_t [beta + |f_a - f_p|^2 - |f_a - f_n|^2]_+)``;
+          with ``labels=None`` (and ``ref_labels=None``) E_p is :func:`triplet_pair_bce` of the
+          triplets' own pairs. ``labels=None`` without an ``indices_tuple`` is a ``TypeError``.
+        """
+        given = _checked_inputs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        labels, ref_labels = given.labels, given.ref_labels
         dtype = V.compute_dtype(embeddings, ref_emb)
-        f = self._normalized(embeddings, dtype)
-        f_ref = None if ref_emb is None else self._normalized(ref_emb, dtype)
+        f = _loss_rows(embeddings, dtype, self.normalize)
+        f_ref = None if ref_emb is None else _loss_rows(ref_emb, dtype, self.normalize)
         if indices_tuple is not None:
-            f_ref = f if f_ref is None else f_ref
-            a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
-            loss = self._triplet_loss(f, f_ref, (a, p, n))
-            if labels is None:  # the pair term on the triplets' own pairs
-                return loss + self._triplet_pair_term(f, f_ref, (a, p, n))
-            return loss + self._pair_term(f, labels)
-        if gather:
+            return self._triplets_loss(f, labels, f if f_ref is None else f_ref, indices_tuple)
+        if given.gather:
             # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
             # slice's gradient by the world size, so DDP's average equals the single-process gradient.
-            f, labels = collectives.global_batch(f, labels, rows=rows)
+            f, labels = collectives.global_batch(f, labels, rows=given.rows)
             if f_ref is not None:  # every rank's references too, by the same rule
-                f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=ref_rows)
-        if self.memory is not None and bank_emb is not None:
-            f_ref, ref_labels = bank_emb.to(device=f.device, dtype=f.dtype), bank_labels
-        x, y, mining_params = _mining_inputs(f, f_ref, params)
-        ly = None if f_ref is None else ref_labels
-        quads = self._mine(x, labels, y, ly, mining_params)
-        if self.warming_up:
-            self.warmup_done += 1
-        loss = self._loss(f, f if f_ref is None else f_ref, quads) + self._pair_term(f, labels)
+                f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=given.ref_rows)
+        if given.bank_emb is not None:
+            f_ref, ref_labels = given.bank_emb.to(device=f.device, dtype=f.dtype), given.bank_labels
+        quads = self._mine(f, labels, f_ref, ref_labels)
+        loss = self._quadruplets_loss(f, f if f_ref is None else f_ref, quads) + self._pair_term(f, labels)
         if self.memory is not None:
             rows = f.detach()
             with V.already_validated(rows):  # f was checked on entry: the bank need not check it again
                 self.memory.enqueue(rows, labels)
         return loss
 
-    def _mine(self, x, labels, y, y_labels, params):
-        """Quadruplets of the detached x (and references y): the k hardest positive pairs under the
-        mining score (the unit's S; -||a - b||^2 while warming up), with hardest or semi-hard
-        negatives under the same score."""
-        metric = "euclidean" if self.warming_up else "pddm"
-        form = self.unit.normalize_inputs
-        quads = _mine_hard(x, labels, y, y_labels, params if metric == "pddm" else None, self.k, metric, form)
-        if self.negatives == "hardest" or quads.anchor.numel() == 0:
-            return quads
-        y, y_labels = (x, labels) if y is None else (y, y_labels)
-        with torch.no_grad():  # semi-hard needs every candidate's score: the (m, n) matrix of this batch
-            if metric == "euclidean":
-                S = -torch.cdist(x, y).pow(2)
-            else:
-                S = ops.scores(x, y, *params, form)
-        i, r = quads.anchor, quads.positive
-        k, l_ = semihard_negatives(S, labels[:, None] != y_labels[None, :], i, r)
-        scores = torch.stack([S[i, r], S[i, k], S[l_, r]], dim=1)
-        return Quadruplets(i, r, k, l_, scores, quads.batch_mode)
+    def _mine(self, f, labels, f_ref, ref_labels):
+        """Quadruplets of the detached rows (``self.k``: the number of positive pairs), by Euclidean
+        distance while warming up, else by the ``mining`` metric; a training call counts towards the warm-up."""
+        x, y, params = _mining_inputs(f, f_ref, self.unit.params())
+        warming_up = self.warming_up
+        quads = mine_quadruplets(x, labels, y, None if f_ref is None else ref_labels, params, pairs=self.k,
+                                 negatives=self.negatives, metric="euclidean" if warming_up else self.mining,
+                                 normalize_inputs=self.unit.normalize_inputs)
+        if warming_up:
+            self.warmup_done += 1
+        return quads
+
+    def _quadruplets_loss(self, f, f_ref, quads):
+        """The loss on mined quadruplets (i, j, k, l): the anchor i and the positive's negative l index f
+        (queries), the positive j and the anchor's negative k index f_ref (references)."""
+        i, j, a_neg, p_neg = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
+        self.last_quadruplets, self.last_triplets = quads, None
+        score = self.unit._pair_scores  # unchecked: inputs were validated on entry
+        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[a_neg], f[p_neg], score, self.alpha, self.beta))
+
+    def _triplets_loss(self, f, labels, f_ref, indices_tuple):
+        """The loss on given triplets (a indexes f, p and n f_ref): one hinge header each, so twice their
+        means; the pair term on the batch, or on the triplets' own pairs without labels."""
+        a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
+        self.last_quadruplets, self.last_triplets = None, (a, p, n)
+        score = self.unit._pair_scores
+        loss = self._weighted(*triplet_losses(f[a], f_ref[p], f_ref[n], score, self.alpha, self.beta), headers=2)
+        if labels is None:
+            return loss + self._weighted_pair(lambda: triplet_pair_bce(score(f[a], f_ref[p]), score(f[a], f_ref[n])))
+        return loss + self._pair_term(f, labels)
+
+    def _weighted(self, E_m, E_e, headers=1):
+        """``headers`` x (mean(E_m) + lam mean(E_e)); the parts are kept in ``last_*``."""
+        metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
+        if headers != 1:
+            metric_loss, embedding_loss = headers * metric_loss, headers * embedding_loss
+        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
+        return metric_loss + self.lam * embedding_loss
 
     def _pair_term(self, f, labels):
         """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
+        return self._weighted_pair(lambda: balanced_pair_bce(_batch_scores(self.unit, f), labels))
+
+    def _weighted_pair(self, pair_loss):
+        """bce_weight x ``pair_loss()``, kept in ``last_pair_loss``; 0 (and None) when bce_weight = 0."""
         if self.bce_weight == 0:
             self.last_pair_loss = None
             return 0.0
-        pair_loss = balanced_pair_bce(self._all_scores(f), labels)
-        self.last_pair_loss = pair_loss.detach()
-        return self.bce_weight * pair_loss
-
-    def _all_scores(self, f):
-        """``self.unit(f)`` without re-validating (done on entry): the fused (m, m) scores, with the
-        unit's dropout (one mask per call, as ``PDDM.forward``) in training mode."""
-        dtype = V.compute_dtype(f)
-        params = self.unit._with_dropout(tuple(p.to(dtype) for p in self.unit.params()))
-        return ops.scores(f.to(dtype), None, *params, self.unit.normalize_inputs)
-
-    def _scores(self, a, b):
-        # Inputs were validated on entry; the unchecked core also takes zero pairs.
-        return self.unit._pair_scores(a, b)
-
-    def _loss(self, f, f_ref, quads):
-        """The loss on mined quadruplets; i, l index f (queries) and j, k index f_ref (references)."""
-        i, j, k, l_ = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
-        self.last_quadruplets, self.last_triplets = quads, None
-        E_m, E_e = quadruplet_losses(f[i], f_ref[j], f_ref[k], f[l_], self._scores, self.alpha, self.beta)
-        metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
-        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
-        return metric_loss + self.lam * embedding_loss
-
-    def _triplet_loss(self, f, f_ref, triplets):
-        """The loss on given (validated) triplets (a indexes f, p and n index f_ref): one hinge header each."""
-        a, p, n = triplets
-        self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        E_m, E_e = triplet_losses(f[a], f_ref[p], f_ref[n], self._scores, self.alpha, self.beta)
-        metric_loss, embedding_loss = 2 * _mean_or_zero(E_m), 2 * _mean_or_zero(E_e)  # two headers per quadruplet
-        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
-        return metric_loss + self.lam * embedding_loss
-
-    def _triplet_pair_term(self, f, f_ref, triplets):
-        """bce_weight x the balanced BCE of the triplets' own pairs (``labels=None``): each triplet's
-        (a, p) with target 1 and its (a, n) with target 0, i.e.
-        0.5 (mean_t log(1 + exp(-S_ap)) + mean_t log(1 + exp(S_an))); 0 without a triplet."""
-        if self.bce_weight == 0:
-            self.last_pair_loss = None
-            return 0.0
-        a, p, n = triplets
-        positive, negative = self._scores(f[a], f_ref[p]), self._scores(f[a], f_ref[n])
-        pair_loss = 0.5 * (_mean_or_zero(F.softplus(-positive)) + _mean_or_zero(F.softplus(negative)))
-        self.last_pair_loss = pair_loss.detach()
-        return self.bce_weight * pair_loss
+        value = pair_loss()
+        self.last_pair_loss = value.detach()
+        return self.bce_weight * value
 
     def extra_repr(self):
-        extra = f", memory={self.memory!r}" if self.memory is not None else ""
+        extra = f", mining={self.mining!r}" if self.mining != "pddm" else ""
+        extra += f", memory={self.memory!r}" if self.memory is not None else ""
         extra += ", distributed=True" if self.distributed else ""
         return (f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, k={self.k}, negatives={self.negatives!r}, "
                 f"bce_weight={self.bce_weight}, warmup_steps={self.warmup_steps}, normalize={self.normalize}{extra}")
+
+
+PDDMLoss.__doc__ = PDDMLoss.__doc__.replace("{options}", _options_doc())

@@ -5,7 +5,8 @@ op and the fused backward of ``scores`` registered with ``torch.library.register
 The wrappers take validated, contiguous-or-not tensors of one float dtype (float32/float64);
 public entry points (``functional.py``) validate first (docs/design.md, "Errors").
 
-``METRICS`` is the one table of mining metrics: name -> fused op -> reference score function.
+``METRICS`` is the one table of mining metrics: name -> fused op -> all-pairs scores -> reference score
+function.
 A new metric touches the schema (csrc/pddm_ext.cpp), its kernels, a row of this table, its
 reference function (``pddm_ext.reference``) and its tests; everything else looks it up here.
 """
@@ -55,11 +56,15 @@ class Metric(NamedTuple):
     ``op``: the fused op's name in ``torch.ops.pddm_ext`` (its fake kernel is registered from this
     table); ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls it (``params`` is
     the unit's parameter tuple, or None when ``uses_unit`` is false; ``normalize_inputs`` selects the
-    PDDM form and is ignored by metrics without a unit); ``reference_scores(x, y, params,
-    normalize_inputs)`` is the plain all-pairs (m, n) score matrix of ``pddm_ext.reference``."""
+    PDDM form and is ignored by metrics without a unit); ``scores(x, y, params, normalize_inputs)``
+    is the library's all-pairs (m, n) score matrix S of x (m, d) against y (n, d), not differentiated
+    (what needs every candidate's score, e.g. ``PDDMLoss``'s semi-hard negatives, uses it);
+    ``reference_scores(x, y, params, normalize_inputs)`` is the plain all-pairs (m, n) score matrix
+    of ``pddm_ext.reference``."""
 
     op: str
     mine: Callable
+    scores: Callable
     reference_scores: Callable
     uses_unit: bool
 
@@ -68,12 +73,14 @@ METRICS = {
     "pddm": Metric(
         op="mine_pddm",
         mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_pddm(x, lx, y, ly, *params, k, normalize_inputs),
+        scores=lambda x, y, params, normalize_inputs: scores(x, y, *params, normalize_inputs),  # the fused op
         reference_scores=reference.SCORE_MATRICES["pddm"],
         uses_unit=True,
     ),
     "euclidean": Metric(
         op="mine_euclidean",
         mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_euclidean(x, lx, y, ly, k),
+        scores=lambda x, y, params, normalize_inputs: -torch.cdist(x, y).pow(2),  # -||x_i - y_r||^2
         reference_scores=reference.SCORE_MATRICES["euclidean"],
         uses_unit=False,
     ),

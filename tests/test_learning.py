@@ -489,7 +489,7 @@ def test_compare_variants_and_paired_test(digits, tmp_path):
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "Paired test" in md
     assert "PDDM options of the first entry (pddm): negatives semihard" in md
-    assert "pddm-paper: normalize_inputs True, bce_weight 0.0, negatives hardest" in md
+    assert "pddm-paper: negatives hardest, bce_weight 0.0, normalize_inputs True" in md
 
 
 def test_compare_reuses_a_baseline_run_whatever_the_pddm_options(digits, tmp_path):

@@ -127,10 +127,11 @@ def test_unit_lr_puts_the_pddm_unit_in_its_own_param_group():
 @pytest.mark.parametrize("entry, ends", [("pddm-warmup", True), ("pddm-euclidean", False)])
 def test_euclidean_mining_control_mines_every_batch_by_distance(entry, ends, digits, tmp_path, monkeypatch):
     """mining="euclidean" (compare's pddm-euclidean): the same PDDMLoss with every batch mined by Euclidean
-    distance; its warm-up never ends, not even once the unit ranks held-out pairs better than distance
-    (which ends pddm-warmup's)."""
+    distance (PDDMLoss(mining="euclidean")), even once the unit ranks held-out pairs better than distance
+    (which ends pddm-warmup's warm-up)."""
     from pddm_ext.app import diagnostics
     from pddm_ext.app.compare import entry_config
+    from pddm_ext.app.losses import build_loss
 
     with pytest.raises(ConfigError, match="mining must be pddm or euclidean, got 'random'"):
         train(TrainConfig(dataset="digits", mining="random", out=str(tmp_path / "bad")), progress=False, split=digits)
@@ -140,10 +141,13 @@ def test_euclidean_mining_control_mines_every_batch_by_distance(entry, ends, dig
     cfg = entry_config(TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1, out=str(tmp_path / "c")),
                        entry)
     assert cfg.loss == "pddm" and cfg.mining == ("pddm" if ends else "euclidean")
+    assert build_loss(cfg, 4).mining == cfg.mining
     result = train(cfg, progress=False, split=digits)
     assert all(e["mining"]["tuples"] > 0 for e in result["history"])
     done = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["loss"]["_extra_state"]["warmup_done"]
-    assert done == (100 if ends else 6)  # pddm-warmup: ended after epoch 1; the control: all 6 batches by distance
+    # pddm-warmup: ended after epoch 1; the control mines all 6 batches by distance (PDDMLoss(mining="euclidean"))
+    # with no warm-up to count
+    assert done == (100 if ends else 0)
 
 
 def test_compare_reuses_runs_saved_before_an_option_existed(digits, tmp_path):

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 
-from . import extra_hint, missing_train_extra, options
+from . import extra_hint, loss_options, missing_train_extra, options
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
 from .models import ModelError
@@ -49,26 +49,7 @@ def _common(parser):
     parser.add_argument("--unit-lr", type=N["unit_lr"], default=None,
                         help="Adam lr of the PDDM unit (PDDM losses; default: --lr)")
     parser.add_argument("--embedding-dim", type=N["embedding_dim"], default=DEFAULTS.embedding_dim)
-    parser.add_argument("--mine-k", type=N["mine_k"], default=None,
-                        metavar="TOP_K",
-                        help="top-k: the hardest positive pairs mined per batch by the PDDM losses, "
-                             "unordered pairs {i, j} of the batch, each one quadruplet (two triplets) "
-                             "(default P K / 2; 1 = the paper's rule)")
-    parser.add_argument("--alpha", type=N["alpha"], default=DEFAULTS.alpha, help="PDDM metric-loss margin")
-    parser.add_argument("--beta", type=N["beta"], default=DEFAULTS.beta, help="triplet margin on squared distances")
-    parser.add_argument("--lam", type=N["lam"], default=DEFAULTS.lam, help="embedding-loss weight (PDDM losses)")
-    parser.add_argument("--bce-weight", type=N["bce_weight"], default=DEFAULTS.bce_weight,
-                        help=f"PDDM losses: weight of the balanced BCE pair term (default {DEFAULTS.bce_weight}; 0: the paper's loss)")
-    parser.add_argument("--normalize-inputs", action=argparse.BooleanOptionalAction, default=DEFAULTS.normalize_inputs,
-                        help="PDDM losses: the unit normalises u and v (the paper as read); default: the distance-aware form")
-    parser.add_argument("--negatives", default=DEFAULTS.negatives, choices=["hardest", "semihard"],
-                        help=f"PDDM losses: semi-hard or hardest (the paper's rule) negatives (default {DEFAULTS.negatives})")
-    parser.add_argument("--warmup-steps", type=N["warmup_steps"], default=DEFAULTS.warmup_steps,
-                        help="PDDM losses: mine the first N batches by Euclidean distance (ends early once the unit's "
-                             "held-out AUC reaches Euclidean distance's; default 0)")
-    parser.add_argument("--mining", default=DEFAULTS.mining, choices=["pddm", "euclidean"],
-                        help="PDDM losses: who mines the quadruplets: the unit (pddm, default) or Euclidean distance "
-                             "on every batch (euclidean: the control that tells PDDM mining from the PDDM loss)")
+    loss_options.add_arguments(parser)  # PDDMLoss's options: --alpha, --mine-k, --negatives, ...
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS.augment,
                         help=f"random affine augmentation of training batches (default {'on' if DEFAULTS.augment else 'off'})")
     parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
@@ -143,7 +124,7 @@ def build_parser():
     _common(p_cmp)
     p_cmp.add_argument("--losses", nargs="+", default=list(LOSSES), type=options.Name("loss", ENTRIES),
                        action=options.Unique,
-                       help=f"losses and PDDM variants (pddm-paper, pddm-hardest, pddm-semihard, pddm-warmup, pddm-euclidean, pddm-hardest-euclidean); default: {' '.join(LOSSES)}")
+                       help=f"losses and PDDM variants ({', '.join(loss_options.variants())}); default: {' '.join(LOSSES)}")
     p_cmp.add_argument("--seeds", nargs="+", type=options.SEED, action=options.Unique, default=[0, 1, 2, 3, 4],
                        help="one run per seed and loss; each seed once (default 0 1 2 3 4)")
     p_cmp.add_argument("--out", default=None, type=options.output_folder,

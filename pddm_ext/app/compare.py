@@ -25,33 +25,36 @@ import time
 
 import numpy as np
 
-from .train import CHECKPOINT, ConfigError, LEGACY_DEFAULTS, LOSSES, METRIC_TITLES, prepare, train, write_text_atomic
+from . import loss_options
+from .train import CHECKPOINT, ConfigError, LOSSES, METRIC_TITLES, legacy_defaults, prepare, train, write_text_atomic
 
-# name -> (loss, TrainConfig fields it sets); a plain loss name is its own entry with no overrides
-VARIANTS = {
-    "pddm-paper": ("pddm", dict(normalize_inputs=True, bce_weight=0.0, negatives="hardest")),
-    "pddm-hardest": ("pddm", dict(negatives="hardest")),
-    "pddm-semihard": ("pddm", dict(negatives="semihard")),
-    "pddm-warmup": ("pddm", dict(warmup_steps=100)),
-    "pddm-euclidean": ("pddm", dict(mining="euclidean")),  # the control: PDDMLoss, quadruplets mined by distance
-    "pddm-hardest-euclidean": ("pddm", dict(negatives="hardest", mining="euclidean")),
-}
-ENTRIES = tuple(LOSSES) + tuple(VARIANTS)
 PDDM_LOSSES = ("pddm", "pddm-triplet")
-# TrainConfig fields only the PDDM losses read (build_loss, build_optimizer): a baseline's finished run
-# is reused, and its interrupted run resumed, whatever they are
-PDDM_ONLY_FIELDS = ("unit_lr", "mine_k", "alpha", "lam", "bce_weight", "normalize_inputs", "negatives",
-                    "warmup_steps", "mining")
+
+
+def __getattr__(name):
+    """``VARIANTS`` (name -> (loss, TrainConfig fields it sets), declared with PDDMLoss's options:
+    ``LossOption.variants``), ``ENTRIES`` (the losses, then the variants) and ``PDDM_ONLY_FIELDS``
+    (TrainConfig fields only the PDDM losses read, in build_loss and build_optimizer: a baseline's
+    finished run is reused, and its interrupted run resumed, whatever they are), read from the
+    options' declarations on each access."""
+    if name == "VARIANTS":
+        return loss_options.variants()
+    if name == "ENTRIES":
+        return tuple(LOSSES) + tuple(loss_options.variants())
+    if name == "PDDM_ONLY_FIELDS":
+        return loss_options.pddm_only_fields()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unread_fields(cfg):
     """The PDDM-only fields when cfg's loss does not read them (a baseline), else none."""
-    return set() if cfg.loss in PDDM_LOSSES else set(PDDM_ONLY_FIELDS)
+    return set() if cfg.loss in PDDM_LOSSES else set(loss_options.pddm_only_fields())
 
 
 def entry_config(base, name):
-    """``base`` with the loss and overrides of entry ``name`` (a loss or a VARIANTS key)."""
-    loss, overrides = VARIANTS.get(name, (name, {}))
+    """``base`` with the loss and overrides of entry ``name`` (a loss or a VARIANTS key); a plain loss
+    name is its own entry with no overrides."""
+    loss, overrides = loss_options.variants().get(name, (name, {}))
     return dataclasses.replace(base, loss=loss, **overrides)
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
@@ -100,7 +103,7 @@ def _finished(cfg):
     with open(path) as f:
         result = json.load(f)
     # a key missing from an older result.json (an option added since) counts as its default
-    saved = {**dataclasses.asdict(type(cfg)()), **LEGACY_DEFAULTS, **result["config"]}
+    saved = {**dataclasses.asdict(type(cfg)()), **legacy_defaults(), **result["config"]}
     ignored = set(type(cfg).RUNTIME_FIELDS) | _unread_fields(cfg)
     same = {k: v for k, v in saved.items() if k not in ignored} == {
         k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
@@ -169,13 +172,14 @@ def markdown(summary):
                  f"P={batch['p']} x K={batch['k']}; {summary['model']}, embedding dim {cfg['embedding_dim']}, "
                  f"Adam lr {cfg['lr']}{_unit_lr(cfg)}; alpha {cfg['alpha']}, beta {cfg['beta']}, lam {cfg['lam']}, "
                  f"mine k {cfg['mine_k'] or 'P K / 2'}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
-    variants = [name for name in summary["losses"] if name in VARIANTS]
+    all_variants = loss_options.variants()
+    variants = [name for name in summary["losses"] if name in all_variants]
     if variants:  # what the PDDM entries are (the first entry's options, and what each variant sets)
         first = next(iter(summary["losses"]))
-        lines.append(f"PDDM options of the first entry ({first}): negatives {cfg.get('negatives', 'hardest')}, "
-                     f"bce_weight {cfg.get('bce_weight', 0.0)}, normalize_inputs {cfg.get('normalize_inputs', True)}, "
-                     f"mining {cfg.get('mining', 'pddm')}, warmup_steps {cfg.get('warmup_steps', 0)}; the variants set "
-                     + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in VARIANTS[name][1].items())
+        # the options added since the first runs (a result saved before one counts as its legacy value)
+        first_options = ", ".join(f"{k} {cfg.get(k, v)}" for k, v in loss_options.legacy_defaults().items())
+        lines.append(f"PDDM options of the first entry ({first}): {first_options}; the variants set "
+                     + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in all_variants[name][1].items())
                                  for name in variants) + ".")
     if "font_hash" in ds:
         lines.append(f"Fonts: {len(ds['font_files'])} files, list hash `{ds['font_hash'][:16]}` (full list in results.json).")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..functional import batch_hard
 from ..modules import PDDMLoss
+from . import loss_options
 
 LOSSES = ("pddm", "pddm-triplet", "batch-hard", "triplet-random")
 
@@ -112,22 +113,15 @@ class PDDMTripletLoss(PDDMLoss):
         return metric_loss + self.triplet_weight * embedding_loss
 
 
-EUCLIDEAN_MINING_STEPS = 2**62  # warm-up length of mining="euclidean": longer than any run
-
-
 def build_loss(cfg, p):
     """The loss module for ``cfg.loss`` (a TrainConfig); ``p`` classes per batch fixes the default number
     of mined pairs ``cfg.mine_k or P K / 2``."""
-    mine_k = cfg.mine_k or max(1, p * cfg.k // 2)
-    # mining="euclidean" (the control): PDDMLoss's warm-up, which mines by Euclidean distance, never ends
-    # (train's Run.evaluate ends it early only for mining="pddm")
-    warmup_steps = cfg.warmup_steps if cfg.mining == "pddm" else EUCLIDEAN_MINING_STEPS
-    options = dict(bce_weight=cfg.bce_weight, normalize_inputs=cfg.normalize_inputs, negatives=cfg.negatives,
-                   warmup_steps=warmup_steps)  # PDDMLoss's options against the collapse of its unit
+    options = loss_options.loss_kwargs(cfg)  # every PDDMLoss option pddm-ext offers, from cfg
+    options["k"] = cfg.mine_k or max(1, p * cfg.k // 2)
     if cfg.loss == "pddm":
-        return PDDMLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k, **options)
+        return PDDMLoss(cfg.embedding_dim, **options)
     if cfg.loss == "pddm-triplet":
-        return PDDMTripletLoss(cfg.embedding_dim, alpha=cfg.alpha, beta=cfg.beta, lam=cfg.lam, k=mine_k, **options)
+        return PDDMTripletLoss(cfg.embedding_dim, **options)
     return EuclideanTripletLoss(cfg.loss, beta=cfg.beta)
 
 

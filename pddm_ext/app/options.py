@@ -5,6 +5,9 @@ the parser with ``pddm-ext: error: argument --OPTION: ...``, exit status 2, befo
 loaded) and the check ``train.check_config`` applies to a ``TrainConfig`` built in Python (the same
 message, as a ``ConfigError``).
 
+``NUMBERS`` (field -> rule) joins these rules and those of ``PDDMLoss``'s options, which are declared
+with the options (``pddm_ext.modules.LOSS_OPTIONS``, read through ``pddm_ext.app.loss_options``).
+
 - :class:`Number`: an int or a float that must pass a list of (test, requirement) checks; the first
   failing one gives ``"<label> must be <requirement>, got <value>"``. Floats are parsed by ``float``
   (so ``nan`` and ``inf`` parse, and the checks refuse them where they are invalid).
@@ -84,8 +87,9 @@ EMBEDDING_DIM_MAX = 4096  # the PDDM unit's weights grow with its square
 SEED = Number("seed", int, ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1]"))  # numpy / scikit-learn seeds
 IMAGE_SIZE_RANGE = (8, 4096)
 
-# TrainConfig field -> its rule. A field whose value may be None (use the default) is checked only when set.
-NUMBERS = {rule.name: rule for rule in (
+# TrainConfig field -> its rule, for the fields that are not PDDMLoss's options (``NUMBERS`` adds those).
+# A field whose value may be None (use the default) is checked only when set.
+_APP_NUMBERS = {rule.name: rule for rule in (
     Number("epochs", int, at_least(1)),
     Number("p", int, (lambda v: v >= 2, ">= 2 so every batch has negatives"), label="P (classes per batch)"),
     Number("k", int, (lambda v: v >= 2, ">= 2 so every class has a positive pair"),
@@ -94,19 +98,26 @@ NUMBERS = {rule.name: rule for rule in (
     Number("lr", float, positive_finite()),
     Number("unit_lr", float, positive_finite()),
     Number("embedding_dim", int, ((lambda v: 1 <= v <= EMBEDDING_DIM_MAX), f"in [1, {EMBEDDING_DIM_MAX}]")),
-    Number("mine_k", int, at_least(1)),
-    Number("alpha", float, FINITE),
-    Number("beta", float, FINITE),
-    Number("lam", float, FINITE, (lambda v: v >= 0, ">= 0", "lam (the embedding-loss weight)")),
-    Number("bce_weight", float, (lambda v: v >= 0, ">= 0"), FINITE),
-    Number("warmup_steps", int, at_least(0)),
     Number("holdout", float, ((lambda v: 0 <= v < 1), "in [0, 1)")),
     Number("threads", int, ((lambda v: 1 <= v <= CORES), f"in [1, {CORES}] (the CPU cores this process may use)")),
     Number("image_size", int, ((lambda v: IMAGE_SIZE_RANGE[0] <= v <= IMAGE_SIZE_RANGE[1]),
                                f"in [{IMAGE_SIZE_RANGE[0]}, {IMAGE_SIZE_RANGE[1]}] (pixels)")),
     SEED,
 )}
-OPTIONAL = ("p", "batches_per_epoch", "unit_lr", "mine_k", "threads", "image_size")
+_APP_OPTIONAL = ("p", "batches_per_epoch", "unit_lr", "threads", "image_size")
+
+
+def __getattr__(name):
+    """``NUMBERS`` (TrainConfig field -> rule) and ``OPTIONAL`` (the fields checked only when set),
+    PDDMLoss's options included: those are read from their declaration (``loss_options``) on each access."""
+    from . import loss_options
+
+    if name == "NUMBERS":
+        return {**_APP_NUMBERS, **loss_options.numbers()}
+    if name == "OPTIONAL":
+        return _APP_OPTIONAL + loss_options.optional()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # the command line's --batches-per-epoch also takes 0: one pass over the training images (None in TrainConfig)
 BATCHES_PER_EPOCH_ARG = Number("batches_per_epoch", int, at_least(0))

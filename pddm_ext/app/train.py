@@ -43,7 +43,8 @@ from ..sampler import PKSampler
 from . import extra_hint
 from . import datasets as data_mod
 from . import diagnostics as diag_mod
-from . import options
+from . import loss_options, options
+from .loss_options import train_default
 from . import evaluate as ev
 from .augment import random_affine
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
@@ -76,19 +77,17 @@ class TrainConfig:
     lr: float = 1e-3
     unit_lr: float | None = None  # Adam lr of the PDDM unit (PDDM losses); default: lr (one param group)
     embedding_dim: int = 64
-    mine_k: int | None = None  # hard positive pairs mined per batch (PDDM losses); default P K / 2
-    alpha: float = 0.5  # PDDM metric-loss margin
-    beta: float = 1.0  # embedding (triplet) margin on squared distances
-    lam: float = 0.5  # weight of the embedding loss in the PDDM losses
-    # the options against the unit's collapse (defaults from benchmarks/results/learning/; LEGACY_DEFAULTS
-    # are the values runs had before these fields existed)
-    bce_weight: float = 1.0  # PDDM losses: weight of the balanced BCE pair term (PDDMLoss(bce_weight=))
-    normalize_inputs: bool = False  # PDDM losses: the unit's form (False: distance-aware)
-    # PDDM losses: semihard (default here: glyphs 0.985 vs 0.957 with hardest, 5 seeds,
-    # benchmarks/results/compare/glyphs_issue13) or hardest (the paper's rule, PDDMLoss's default)
-    negatives: str = "semihard"
-    warmup_steps: int = 0  # PDDM losses: batches mined by Euclidean distance first (ends early, see Run.evaluate)
-    mining: str = "pddm"  # PDDM losses: "pddm" (the unit mines) or "euclidean" (every batch: the control)
+    # PDDMLoss's options (the PDDM losses; each declared in pddm_ext.modules.LOSS_OPTIONS; where a default
+    # differs from PDDMLoss's, and why: loss_options.TRAIN_DEFAULTS). mine_k is PDDMLoss's k (None: P K / 2).
+    mine_k: int | None = train_default("mine_k")
+    alpha: float = train_default("alpha")
+    beta: float = train_default("beta")
+    lam: float = train_default("lam")
+    bce_weight: float = train_default("bce_weight")
+    normalize_inputs: bool = train_default("normalize_inputs")
+    negatives: str = train_default("negatives")
+    warmup_steps: int = train_default("warmup_steps")  # ends early, see Run.evaluate
+    mining: str = train_default("mining")
     augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
     schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
     holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
@@ -114,16 +113,25 @@ class TrainConfig:
         return os.path.join("runs", f"{name}-{self.loss}-seed{self.seed}")
 
 
-# The values that the fields added with the options against the collapse had before they existed: a
-# checkpoint or result.json without them
-# resumes or compares as the run it was.
-LEGACY_DEFAULTS = dict(bce_weight=0.0, normalize_inputs=True, negatives="hardest", warmup_steps=0, augment=False,
-                       schedule="constant", holdout=0.0, mining="pddm")
+# The values that fields added since the first runs had before they existed: a checkpoint or result.json
+# without them resumes or compares as the run it was. PDDMLoss's options declare theirs (LOSS_OPTIONS).
+_APP_LEGACY_DEFAULTS = dict(augment=False, schedule="constant", holdout=0.0)
+
+
+def legacy_defaults():
+    """``LEGACY_DEFAULTS``: field -> its value in runs saved before it existed."""
+    return {**loss_options.legacy_defaults(), **_APP_LEGACY_DEFAULTS}
+
+
+def __getattr__(name):  # LEGACY_DEFAULTS is read from the options' declarations on each access
+    if name == "LEGACY_DEFAULTS":
+        return legacy_defaults()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def saved_config(config):
     """TrainConfig of a saved config dict (checkpoint, result.json); missing fields take LEGACY_DEFAULTS."""
-    return TrainConfig(**{**LEGACY_DEFAULTS, **config})
+    return TrainConfig(**{**legacy_defaults(), **config})
 
 
 # --- configuration checks ---------------------------------------------------------------------
@@ -142,10 +150,9 @@ def check_config(cfg):
         message = None if value is None and name in options.OPTIONAL else rule.problem(value)
         if message:
             raise ConfigError(message)
-    if cfg.negatives not in ("hardest", "semihard"):
-        raise ConfigError(f"negatives must be hardest or semihard, got {cfg.negatives!r}")
-    if cfg.mining not in ("pddm", "euclidean"):
-        raise ConfigError(f"mining must be pddm or euclidean, got {cfg.mining!r}")
+    message = loss_options.choice_problem(cfg)
+    if message:
+        raise ConfigError(message)
     if cfg.schedule not in ("onecycle", "constant"):
         raise ConfigError(f"schedule must be onecycle or constant, got {cfg.schedule!r}")
     message = options.device_problem(cfg.device)
