@@ -503,6 +503,75 @@ def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
         assert rel_err(g, w) < 10 * TOL[torch.float32]
 
 
+HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}  # a device-to-host read of data
+
+
+def backward_cases(device):
+    """(grad, x, y, params) of a batch and a reference backward, each with a dense and a sparse dS."""
+    unit = make_unit(9, 7, 5, device=device, seed=4)
+    torch.manual_seed(6)
+    x = torch.randn(30, 9, device=device)
+    for y in (None, torch.randn(21, 9, device=device)):
+        grad = torch.randn(30, 30 if y is None else 21, device=device)
+        for sparse in (False, True):
+            yield (grad * (torch.rand(grad.shape, device=device) < 0.05) if sparse else grad), x, y, params_of(unit)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_backward_reads_nothing_back_to_the_host(deterministic, device):
+    """The backward (dense or sparse dS, batch or reference mode, atomics or deterministic) chooses its
+    walk on the device: no aten::item / _local_scalar_dense / nonzero (whose output size needs a host
+    read) among the ops it runs, so it neither stalls the host nor breaks CUDA-graph capture."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        for grad, x, y, p in backward_cases(device):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+            names = {e.name for e in prof.events()}
+            assert "pddm_ext::scores_backward" in names
+            assert not names & HOST_READS, names & HOST_READS
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_backward_captures_in_a_cuda_graph(deterministic):
+    """On a GPU the backward runs with torch.cuda.set_sync_debug_mode("error") (a synchronising call
+    raises) and captures in a CUDA graph, whose replay gives the eager result (bitwise when
+    deterministic, within the tolerance otherwise)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        for grad, x, y, p in backward_cases("cuda"):
+            args = (grad, x, y, *p, [True, True, True])
+            eager = torch.ops.pddm_ext.scores_backward(*args)  # also warms up (allocator, attributes)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                torch.ops.pddm_ext.scores_backward(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                torch.ops.pddm_ext.scores_backward(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = torch.ops.pddm_ext.scores_backward(*args)
+            graph.replay()
+            torch.cuda.synchronize()
+            for a, b in zip(eager, captured):
+                if deterministic:
+                    assert torch.equal(a, b)
+                elif a.numel():
+                    assert rel_err(b, a) < TOL[torch.float32]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_concurrent_calls_with_different_hidden_sizes(device):
     """Two host threads with different h on one device: the dynamic shared memory limit is set once
     per device and kernel to the plan's maximum, so neither lowers it under the other's launch."""
@@ -930,6 +999,70 @@ def test_emulation_launch_limits_of_the_h200():
         count(1, 1, 32, 200 * 1024, 100 * 1024)  # above the size it opted in to
     with pytest.raises(RuntimeError, match="invalid argument"):
         count(1, 1, 32, 0, 227 * 1024 + 1)  # cudaFuncSetAttribute above the device's maximum
+
+
+@needs_emulation
+def test_backward_sizing_keeps_a_block_per_sm():
+    """The backward's grid (backward_sizing.h) for shapes too large to run in the emulation, on a
+    132-SM GPU holding one block per SM: deterministic batch mode at m = 16384, d = h = c = 128 (the
+    per-block slices alone would allow 15), a 1M-row bank with a trained y (it would allow 1: the bank
+    is walked in column chunks, the slices of all blocks within the 256 MB budget), a
+    d = h = c = 1024 unit's parameter slabs (16 within the budget). At least a block per SM, and
+    the grid depends on the shapes and the SM count only."""
+    sizing = torch.ops.pddm_emu_test.backward_sizing
+    MB = 1 << 20
+    for deterministic in (False, True):
+        blocks, chunk, _ = sizing(True, 16384, 16384, 128, 128, 128, True, True, True, deterministic, 4, 132, 132)
+        assert blocks == 132 and chunk == 16384
+    blocks, _, memory = sizing(True, 16384, 16384, 128, 128, 128, True, True, True, True, 4, 132, 264)
+    assert blocks >= 132 and memory == blocks * (16384 * 256 * 4 + (2 * 128 * 128 * 2 + 4 * 128 + 1) * 4)  # 2.3 GB
+    blocks, chunk, memory = sizing(False, 256, 1 << 20, 128, 128, 128, True, True, True, True, 4, 132, 132)
+    slab = (2 * 128 * 128 * 2 + 4 * 128 + 1) * 4
+    assert blocks == 132 and 0 < chunk < (1 << 20) and chunk % 8 == 0 and memory <= 256 * MB + 132 * slab
+    blocks, chunk, _ = sizing(False, 256, 1 << 20, 128, 128, 128, True, True, True, False, 4, 132, 132)
+    assert blocks == 132 and chunk == 1 << 20  # atomics: no slices, one launch
+    blocks, _, memory = sizing(True, 4096, 4096, 1024, 1024, 1024, True, True, True, False, 4, 132, 132)
+    assert blocks == 132 and memory == 132 * (2 * 1024 * 1024 * 2 + 4 * 1024 + 1) * 4
+    assert sizing(True, 4096, 4096, 1024, 1024, 1024, True, True, True, False, 4, 8, 8)[0] == 8
+    # A tiny problem keeps one block per tile; a small unit stays within the budget with more blocks.
+    assert sizing(False, 5, 7, 4, 4, 4, True, True, True, True, 8, 132, 1056)[0] == 1
+    assert sizing(True, 16384, 16384, 16, 16, 16, True, True, True, False, 4, 132, 1056)[0] == 1056
+
+
+@needs_emulation
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_deterministic_backward_keeps_a_block_per_emulated_sm(batch, monkeypatch):
+    """On an emulated 6-SM GPU with a per-block buffer budget too small for one block's slices, the
+    deterministic backward still launches one block per SM (the grids in the emulation's launch log);
+    in reference mode it walks y in chunks of 8 columns (one launch each). Bitwise equal run to run,
+    and within the tolerance of the reference and of the single-launch result under the default
+    budget; the atomic path's parameter slabs keep one block per SM too."""
+    unit = make_unit(11, 10, 6, device="cpu", seed=2)
+    m, n = 45, 38
+    torch.manual_seed(8)
+    x = torch.randn(m, 11)
+    y = None if batch else torch.randn(n, 11)
+    grad = torch.randn(m, m if batch else n)
+    args = (grad, x, y, *params_of(unit), [True, True, True])
+    monkeypatch.setenv("PDDM_EMU_SM_COUNT", "6")
+    whole = deterministic_backward(*args, runs=1)
+    torch.ops.pddm_emu_test.launch_log("")
+    monkeypatch.setenv("PDDM_EMU_BACKWARD_BUDGET", "4096")
+    chunked = deterministic_backward(*args, runs=3)
+    grids = torch.ops.pddm_emu_test.launch_log("scores_backward_kernel")
+    assert grids == [6] * (3 if batch else 3 * 5), grids  # 3 runs; reference: 5 chunks of 8 columns
+    for a, b in zip(chunked, whole):
+        if a.numel():
+            assert rel_err(a, b) < TOL[torch.float32]
+    xd = x.double().requires_grad_()
+    yd = None if batch else y.double().requires_grad_()
+    pd = [t.double().requires_grad_() for t in params_of(unit)]
+    want = torch.autograd.grad((reference.pddm_scores(xd, yd, pd) * grad.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [chunked[0]] + ([] if batch else [chunked[1]]) + list(chunked[2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * TOL[torch.float32]
+    torch.ops.pddm_ext.scores_backward(*args)  # atomics: the parameter slabs alone
+    assert torch.ops.pddm_emu_test.launch_log("scores_backward_kernel") == [6]
 
 
 @needs_emulation
