@@ -151,19 +151,24 @@ struct BackwardScalars {
   T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
 };
 
-// The pairs the backward walks: the dense tiles of grid, or (list != nullptr and *listed >= 0) the
-// live pairs of a sparse dS, kPairs at a time (live_pair_list in scores_backward_cuda). *listed is
-// in device memory: the walk is chosen on the device, without a read by the host.
+// The pairs the backward walks: the dense tiles of grid, or (count >= 0) the live pairs of a sparse
+// dS, kPairs at a time (live_pair_list in scores_backward_cuda). Which, the device chose: the kernel
+// first loads it from *listed (resolved()), so the host never reads it.
 struct BackwardPairs {
   TileGrid grid;
   const int64_t* list;    // (capacity, 2) row-major (i, r), batch mode r >= i
-  const int64_t* listed;  // the number of listed pairs, or -1: walk the dense tiles
-  __device__ __forceinline__ bool walks_list() const { return list != nullptr && *listed >= 0; }
-  __device__ __forceinline__ int64_t tiles() const { return walks_list() ? (*listed + kPairs - 1) / kPairs : grid.count(); }
+  const int64_t* listed;  // device memory: the number of listed pairs, or -1: walk the dense tiles
+  int64_t count = -1;     // *listed once resolved
+  __device__ __forceinline__ BackwardPairs resolved() const {
+    BackwardPairs p = *this;
+    p.count = list != nullptr ? *listed : -1;
+    return p;
+  }
+  __device__ __forceinline__ int64_t tiles() const { return count >= 0 ? (count + kPairs - 1) / kPairs : grid.count(); }
   __device__ __forceinline__ TilePairs tile(int64_t t) const {
     TilePairs tp;
-    if (walks_list()) {
-      tp.list = list, tp.begin = t * kPairs, tp.count = *listed;
+    if (count >= 0) {
+      tp.list = list, tp.begin = t * kPairs, tp.count = count;
     } else {
       grid.tile(t, &tp.i0, &tp.r0);
     }
@@ -227,7 +232,8 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
-  const bool batch = pairs.grid.batch, listed = pairs.walks_list();
+  pairs = pairs.resolved();  // the walk the device chose
+  const bool batch = pairs.grid.batch, listed = pairs.count >= 0;
 
   for (int64_t t = blockIdx.x; t < pairs.tiles(); t += gridDim.x) {
     const TilePairs tp = pairs.tile(t);
