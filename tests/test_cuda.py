@@ -535,6 +535,31 @@ def test_backward_reads_nothing_back_to_the_host(deterministic, device):
         torch.use_deterministic_algorithms(previous)
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_mining_reads_back_only_its_counts(batch, device):
+    """Mining reads back what its variable-length pair list needs: the positive-pair count (one
+    aten::item, from the labels without grouping them: no unique_consecutive) and after the kernel
+    the number of candidates kept (one item or nonzero); with k = 0 (no pair list) nothing."""
+    unit = make_unit(9, 7, 5, device=device, seed=1)
+    torch.manual_seed(2)
+    x = torch.randn(40, 9, device=device)
+    lx = torch.randint(0, 4, (40,), device=device)
+    y = None if batch else torch.randn(33, 9, device=device)
+    ly = None if batch else torch.randint(0, 4, (33,), device=device)
+    for k in (0, 3, 10000):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = torch.ops.pddm_ext.mine_pddm(x, lx, y, ly, *params_of(unit), k)
+        events = prof.events()
+        assert "aten::unique_consecutive" not in {e.name for e in events}
+        reads = [e.name for e in events if e.name in {"aten::item", "aten::nonzero", "aten::masked_select"}
+                 and e.cpu_parent is not None and e.cpu_parent.name == "pddm_ext::mine_pddm"]
+        assert len(reads) == (0 if k == 0 else 2), reads
+        if k == 10000:  # every positive pair: the count from the labels is exact in batch mode
+            lyy = lx if batch else ly
+            same = (lx[:, None] == lyy[None, :]).sum().item()
+            assert out[6].numel() == ((same - 40) // 2 if batch else same)
+
+
 @needs_gpu
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 def test_backward_captures_in_a_cuda_graph(deterministic):
