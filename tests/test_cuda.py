@@ -504,6 +504,8 @@ def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
 
 
 HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}  # a device-to-host read of data
+# torch before 2.6 has no nonzero_static for CUDA tensors: there the backward reads one count (docs/design.md).
+CUDA_NONZERO_STATIC = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
 
 
 def backward_cases(device):
@@ -522,6 +524,8 @@ def test_backward_reads_nothing_back_to_the_host(deterministic, device):
     """The backward (dense or sparse dS, batch or reference mode, atomics or deterministic) chooses its
     walk on the device: no aten::item / _local_scalar_dense / nonzero (whose output size needs a host
     read) among the ops it runs, so it neither stalls the host nor breaks CUDA-graph capture."""
+    if device == "cuda" and not CUDA_NONZERO_STATIC:
+        pytest.skip("torch before 2.6: the CUDA backward reads the live-pair count (no nonzero_static)")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
@@ -561,6 +565,7 @@ def test_mining_reads_back_only_its_counts(batch, device):
 
 
 @needs_gpu
+@pytest.mark.skipif(not CUDA_NONZERO_STATIC, reason="torch before 2.6: the backward reads one count (no nonzero_static)")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 def test_backward_captures_in_a_cuda_graph(deterministic):
     """On a GPU the backward runs with torch.cuda.set_sync_debug_mode("error") (a synchronising call

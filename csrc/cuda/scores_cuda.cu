@@ -9,6 +9,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+#if __has_include(<torch/version.h>)
+#include <torch/version.h>
+#endif
 
 #include <array>
 #include <tuple>
@@ -190,6 +193,21 @@ struct BackwardPairs {
 struct LivePairs {
   at::Tensor list, listed;
 };
+// torch 2.6 added nonzero_static for CUDA tensors; with an older torch the list comes from nonzero,
+// padded to the capacity, whose size the host reads (one synchronisation; docs/design.md).
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6))
+#define PDDM_TORCH_CUDA_NONZERO_STATIC 1
+#else
+#define PDDM_TORCH_CUDA_NONZERO_STATIC 0
+#endif
+inline at::Tensor listed_pairs(const at::Tensor& live, int64_t capacity) {
+  if (PDDM_TORCH_CUDA_NONZERO_STATIC || live.is_cpu()) return at::nonzero_static(live, capacity, -1);
+  const auto found = at::nonzero(live);
+  const int64_t kept = std::min(found.size(0), capacity);
+  auto list = at::full({capacity, 2}, -1, found.options());
+  list.narrow(0, 0, kept).copy_(found.narrow(0, 0, kept));
+  return list;
+}
 inline LivePairs live_pair_list(const at::Tensor& grad, bool batch, int64_t grid_tiles) {
   const int64_t rows = grad.size(0), cols = grad.size(1);
   const int64_t capacity = grid_tiles * int64_t(kPairs) / 4;  // 4 count <= live tiles * kPairs
@@ -202,7 +220,7 @@ inline LivePairs live_pair_list(const at::Tensor& grad, bool batch, int64_t grid
   const auto count = live.sum().to(at::kLong).reshape({1});
   const auto live_tiles = padded.view({tile_rows, kTile, tile_cols, kTile}).any(3).any(1).sum().to(at::kLong).reshape({1});
   const auto walk = count.gt(0).logical_and(count.mul(4).le(live_tiles.mul(int64_t(kPairs))));
-  return {at::nonzero_static(live, capacity, -1).contiguous(),  // row-major order of (i, r)
+  return {listed_pairs(live, capacity).contiguous(),  // row-major order of (i, r)
           at::where(walk, count, at::full_like(count, -1))};
 }
 
