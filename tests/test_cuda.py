@@ -405,8 +405,9 @@ def test_backward_skips_zero_gradient_pairs(batch, sparse, dtype, device):
     +0.9 max and a row at -0.9 max (of the dtype), whose difference overflows (its activations are
     NaN), has a zero gradient, as has every other pair of those rows, and every gradient is still the
     reference's, the rows' own 0. A sparse dS (here ~10% of the pairs: they fill at most a quarter of
-    the tiles that hold any) is walked as a list of its live pairs (one aten::nonzero; several list
-    tiles, the last one partial), a dense one by tiles."""
+    the tiles that hold any) is walked as a list of its live pairs (several list tiles, the last one
+    partial), a dense one by tiles: the device chooses (the emulation logs its choice), the list is
+    built by one aten::nonzero_static either way."""
     unit = make_unit(9, 7, 5, dtype=dtype, device=device, seed=3)
     m, n, dead, dead_col = 43, 37, 10, 17
     torch.manual_seed(5)
@@ -425,9 +426,14 @@ def test_backward_skips_zero_gradient_pairs(batch, sparse, dtype, device):
     x[dead] = big  # ... so the NaN activations of their pair (dead, dead_col) never reach a gradient
     (x if batch else y)[dead_col] = -big
     p = params_of(unit)
+    if EMULATED:
+        torch.ops.pddm_emu_test.launch_log("")  # clears the log
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         got = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
-    assert ("aten::nonzero" in {e.name for e in prof.events()}) == sparse
+    assert "aten::nonzero_static" in {e.name for e in prof.events()}
+    if EMULATED:  # the number of listed pairs, or -1 for the dense tiles
+        (listed,) = torch.ops.pddm_emu_test.launch_log("listed pairs")
+        assert (listed >= 0) == sparse
     xd = x_finite.double().requires_grad_()
     yd = None if batch else y_finite.double().requires_grad_()
     pd = [t.double().requires_grad_() for t in p]
@@ -495,6 +501,105 @@ def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
     got = [result[0]] + ([] if batch else [result[1]]) + list(result[2:])
     for g, w in zip(got, want):
         assert rel_err(g, w) < 10 * TOL[torch.float32]
+
+
+HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}  # a device-to-host read of data
+# torch before 2.6 has no nonzero_static for CUDA tensors: there the backward reads one count (docs/design.md).
+CUDA_NONZERO_STATIC = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+
+
+def backward_cases(device):
+    """(grad, x, y, params) of a batch and a reference backward, each with a dense and a sparse dS."""
+    unit = make_unit(9, 7, 5, device=device, seed=4)
+    torch.manual_seed(6)
+    x = torch.randn(30, 9, device=device)
+    for y in (None, torch.randn(21, 9, device=device)):
+        grad = torch.randn(30, 30 if y is None else 21, device=device)
+        for sparse in (False, True):
+            yield (grad * (torch.rand(grad.shape, device=device) < 0.05) if sparse else grad), x, y, params_of(unit)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_backward_reads_nothing_back_to_the_host(deterministic, device):
+    """The backward (dense or sparse dS, batch or reference mode, atomics or deterministic) chooses its
+    walk on the device: no aten::item / _local_scalar_dense / nonzero (whose output size needs a host
+    read) among the ops it runs, so it neither stalls the host nor breaks CUDA-graph capture."""
+    if device == "cuda" and not CUDA_NONZERO_STATIC:
+        pytest.skip("torch before 2.6: the CUDA backward reads the live-pair count (no nonzero_static)")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        for grad, x, y, p in backward_cases(device):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
+            names = {e.name for e in prof.events()}
+            assert "pddm_ext::scores_backward" in names
+            assert not names & HOST_READS, names & HOST_READS
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_mining_reads_back_only_its_counts(batch, device):
+    """Mining reads back what its variable-length pair list needs: the positive-pair count (one
+    aten::item, from the labels without grouping them: no unique_consecutive) and after the kernel
+    the number of candidates kept (one item or nonzero); with k = 0 (no pair list) nothing."""
+    unit = make_unit(9, 7, 5, device=device, seed=1)
+    torch.manual_seed(2)
+    x = torch.randn(40, 9, device=device)
+    lx = torch.randint(0, 4, (40,), device=device)
+    y = None if batch else torch.randn(33, 9, device=device)
+    ly = None if batch else torch.randint(0, 4, (33,), device=device)
+    for k in (0, 3, 10000):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = torch.ops.pddm_ext.mine_pddm(x, lx, y, ly, *params_of(unit), k)
+        events = prof.events()
+        assert "aten::unique_consecutive" not in {e.name for e in events}
+        reads = [e.name for e in events if e.name in {"aten::item", "aten::nonzero", "aten::masked_select"}
+                 and e.cpu_parent is not None and e.cpu_parent.name == "pddm_ext::mine_pddm"]
+        assert len(reads) == (0 if k == 0 else 2), reads
+        if k == 10000:  # every positive pair: the count from the labels is exact in batch mode
+            lyy = lx if batch else ly
+            same = (lx[:, None] == lyy[None, :]).sum().item()
+            assert out[6].numel() == ((same - 40) // 2 if batch else same)
+
+
+@needs_gpu
+@pytest.mark.skipif(not CUDA_NONZERO_STATIC, reason="torch before 2.6: the backward reads one count (no nonzero_static)")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_backward_captures_in_a_cuda_graph(deterministic):
+    """On a GPU the backward runs with torch.cuda.set_sync_debug_mode("error") (a synchronising call
+    raises) and captures in a CUDA graph, whose replay gives the eager result (bitwise when
+    deterministic, within the tolerance otherwise)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        for grad, x, y, p in backward_cases("cuda"):
+            args = (grad, x, y, *p, [True, True, True])
+            eager = torch.ops.pddm_ext.scores_backward(*args)  # also warms up (allocator, attributes)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                torch.ops.pddm_ext.scores_backward(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                torch.ops.pddm_ext.scores_backward(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = torch.ops.pddm_ext.scores_backward(*args)
+            graph.replay()
+            torch.cuda.synchronize()
+            for a, b in zip(eager, captured):
+                if deterministic:
+                    assert torch.equal(a, b)
+                elif a.numel():
+                    assert rel_err(b, a) < TOL[torch.float32]
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def test_concurrent_calls_with_different_hidden_sizes(device):
@@ -924,6 +1029,70 @@ def test_emulation_launch_limits_of_the_h200():
         count(1, 1, 32, 200 * 1024, 100 * 1024)  # above the size it opted in to
     with pytest.raises(RuntimeError, match="invalid argument"):
         count(1, 1, 32, 0, 227 * 1024 + 1)  # cudaFuncSetAttribute above the device's maximum
+
+
+@needs_emulation
+def test_backward_sizing_keeps_a_block_per_sm():
+    """The backward's grid (backward_sizing.h) for shapes too large to run in the emulation, on a
+    132-SM GPU holding one block per SM: deterministic batch mode at m = 16384, d = h = c = 128 (the
+    per-block slices alone would allow 15), a 1M-row bank with a trained y (it would allow 1: the bank
+    is walked in column chunks, the slices of all blocks within the 256 MB budget), a
+    d = h = c = 1024 unit's parameter slabs (16 within the budget). At least a block per SM, and
+    the grid depends on the shapes and the SM count only."""
+    sizing = torch.ops.pddm_emu_test.backward_sizing
+    MB = 1 << 20
+    for deterministic in (False, True):
+        blocks, chunk, _ = sizing(True, 16384, 16384, 128, 128, 128, True, True, True, deterministic, 4, 132, 132)
+        assert blocks == 132 and chunk == 16384
+    blocks, _, memory = sizing(True, 16384, 16384, 128, 128, 128, True, True, True, True, 4, 132, 264)
+    assert blocks >= 132 and memory == blocks * (16384 * 256 * 4 + (2 * 128 * 128 * 2 + 4 * 128 + 1) * 4)  # 2.3 GB
+    blocks, chunk, memory = sizing(False, 256, 1 << 20, 128, 128, 128, True, True, True, True, 4, 132, 132)
+    slab = (2 * 128 * 128 * 2 + 4 * 128 + 1) * 4
+    assert blocks == 132 and 0 < chunk < (1 << 20) and chunk % 8 == 0 and memory <= 256 * MB + 132 * slab
+    blocks, chunk, _ = sizing(False, 256, 1 << 20, 128, 128, 128, True, True, True, False, 4, 132, 132)
+    assert blocks == 132 and chunk == 1 << 20  # atomics: no slices, one launch
+    blocks, _, memory = sizing(True, 4096, 4096, 1024, 1024, 1024, True, True, True, False, 4, 132, 132)
+    assert blocks == 132 and memory == 132 * (2 * 1024 * 1024 * 2 + 4 * 1024 + 1) * 4
+    assert sizing(True, 4096, 4096, 1024, 1024, 1024, True, True, True, False, 4, 8, 8)[0] == 8
+    # A tiny problem keeps one block per tile; a small unit stays within the budget with more blocks.
+    assert sizing(False, 5, 7, 4, 4, 4, True, True, True, True, 8, 132, 1056)[0] == 1
+    assert sizing(True, 16384, 16384, 16, 16, 16, True, True, True, False, 4, 132, 1056)[0] == 1056
+
+
+@needs_emulation
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_deterministic_backward_keeps_a_block_per_emulated_sm(batch, monkeypatch):
+    """On an emulated 6-SM GPU with a per-block buffer budget too small for one block's slices, the
+    deterministic backward still launches one block per SM (the grids in the emulation's launch log);
+    in reference mode it walks y in chunks of 8 columns (one launch each). Bitwise equal run to run,
+    and within the tolerance of the reference and of the single-launch result under the default
+    budget; the atomic path's parameter slabs keep one block per SM too."""
+    unit = make_unit(11, 10, 6, device="cpu", seed=2)
+    m, n = 45, 38
+    torch.manual_seed(8)
+    x = torch.randn(m, 11)
+    y = None if batch else torch.randn(n, 11)
+    grad = torch.randn(m, m if batch else n)
+    args = (grad, x, y, *params_of(unit), [True, True, True])
+    monkeypatch.setenv("PDDM_EMU_SM_COUNT", "6")
+    whole = deterministic_backward(*args, runs=1)
+    torch.ops.pddm_emu_test.launch_log("")
+    monkeypatch.setenv("PDDM_EMU_BACKWARD_BUDGET", "4096")
+    chunked = deterministic_backward(*args, runs=3)
+    grids = torch.ops.pddm_emu_test.launch_log("scores_backward_kernel")
+    assert grids == [6] * (3 if batch else 3 * 5), grids  # 3 runs; reference: 5 chunks of 8 columns
+    for a, b in zip(chunked, whole):
+        if a.numel():
+            assert rel_err(a, b) < TOL[torch.float32]
+    xd = x.double().requires_grad_()
+    yd = None if batch else y.double().requires_grad_()
+    pd = [t.double().requires_grad_() for t in params_of(unit)]
+    want = torch.autograd.grad((reference.pddm_scores(xd, yd, pd) * grad.double()).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [chunked[0]] + ([] if batch else [chunked[1]]) + list(chunked[2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * TOL[torch.float32]
+    torch.ops.pddm_ext.scores_backward(*args)  # atomics: the parameter slabs alone
+    assert torch.ops.pddm_emu_test.launch_log("scores_backward_kernel") == [6]
 
 
 @needs_emulation

@@ -391,18 +391,14 @@ __global__ void decode_keys_kernel(const unsigned long long* __restrict__ keys, 
   }
 }
 
-// Number of positive pairs (batch mode: unordered, i < r) from the label counts.
+// Number of positive pairs (batch mode: unordered, i < r) from the labels: for each row of x the
+// rows of y with its label (a range of the sorted labels of y), summed. Its one host read (the sum)
+// sizes the candidate buffer.
 int64_t count_positive_pairs(const at::Tensor& lx, const at::Tensor& ly, bool batch) {
-  const auto ux = at::unique_consecutive(std::get<0>(at::sort(lx)), false, true);
-  const auto& vx = std::get<0>(ux);
-  const auto cx = std::get<2>(ux);
-  if (batch) return (cx * (cx - 1)).sum().item<int64_t>() / 2;
-  const auto uy = at::unique_consecutive(std::get<0>(at::sort(ly)), false, true);
-  const auto& vy = std::get<0>(uy);
-  const auto cy = std::get<2>(uy);
-  const auto pos = at::searchsorted(vy, vx).clamp_max(vy.size(0) - 1);
-  const auto match = vy.index_select(0, pos).eq(vx);
-  return (cx * cy.index_select(0, pos) * match).sum().item<int64_t>();
+  const auto sorted = std::get<0>(at::sort(ly));
+  const auto same = at::searchsorted(sorted, lx, false, /*right=*/true) - at::searchsorted(sorted, lx);
+  const int64_t total = same.sum().item<int64_t>();
+  return batch ? (total - lx.size(0)) / 2 : total;  // batch: less the pairs (i, i), each pair once
 }
 
 // Host side of both metrics: allocates the reductions, runs launch(blocks, args) and packs the
@@ -503,8 +499,8 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, co
     at::Tensor s = cand_s, i = cand_i, r = cand_r;
     if (sink.heap) {
       const auto slot = at::arange(keep, index_opts).unsqueeze(0);
-      const auto valid = slot.lt(heap_sizes.unsqueeze(1)).flatten();
-      s = s.masked_select(valid), i = i.masked_select(valid), r = r.masked_select(valid);
+      const auto valid = at::nonzero(slot.lt(heap_sizes.unsqueeze(1)).flatten()).squeeze(1);  // one host read
+      s = s.index_select(0, valid), i = i.index_select(0, valid), r = r.index_select(0, valid);
     } else {
       const int64_t appended = std::min(count.item<int64_t>(), cand_s.size(0));
       s = s.narrow(0, 0, appended), i = i.narrow(0, 0, appended), r = r.narrow(0, 0, appended);

@@ -9,11 +9,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+#if __has_include(<torch/version.h>)
+#include <torch/version.h>
+#endif
 
 #include <array>
 #include <tuple>
 
 #include "../op_checks.h"
+#include "backward_sizing.h"
 #include "pddm_tile.cuh"
 
 namespace pddm_ext::cuda {
@@ -74,6 +78,16 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+// The memory budget of the backward's per-block buffers (backward_sizing.h). The emulation takes it
+// from PDDM_EMU_BACKWARD_BUDGET (docs/emulation.md), so that small tests reach the column chunks.
+inline int64_t backward_budget_bytes() {
+#ifdef PDDM_EXT_CUDA_EMULATION
+  return ::pddm_emu::backward_budget_bytes(kBackwardBudgetBytes);
+#else
+  return kBackwardBudgetBytes;
+#endif
 }
 
 // Layout of a block's parameter-gradient slab. W_v: the near-antipodal pairs' share of dW_v (the
@@ -140,16 +154,23 @@ struct BackwardScalars {
   T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
 };
 
-// The pairs the backward walks: the dense tiles of grid, or (list != nullptr) the live pairs of a
-// sparse dS, kPairs at a time (pairs_list in scores_backward_cuda).
+// The pairs the backward walks: the dense tiles of grid, or (count >= 0) the live pairs of a sparse
+// dS, kPairs at a time (live_pair_list in scores_backward_cuda). Which, the device chose: the kernel
+// first loads it from *listed (resolved()), so the host never reads it.
 struct BackwardPairs {
   TileGrid grid;
-  const int64_t* list;  // (count, 2) row-major (i, r), batch mode r >= i
-  int64_t count;
-  __device__ __forceinline__ int64_t tiles() const { return list != nullptr ? (count + kPairs - 1) / kPairs : grid.count(); }
+  const int64_t* list;    // (capacity, 2) row-major (i, r), batch mode r >= i
+  const int64_t* listed;  // device memory: the number of listed pairs, or -1: walk the dense tiles
+  int64_t count = -1;     // *listed once resolved
+  __device__ __forceinline__ BackwardPairs resolved() const {
+    BackwardPairs p = *this;
+    p.count = list != nullptr ? *listed : -1;
+    return p;
+  }
+  __device__ __forceinline__ int64_t tiles() const { return count >= 0 ? (count + kPairs - 1) / kPairs : grid.count(); }
   __device__ __forceinline__ TilePairs tile(int64_t t) const {
     TilePairs tp;
-    if (list != nullptr) {
+    if (count >= 0) {
       tp.list = list, tp.begin = t * kPairs, tp.count = count;
     } else {
       grid.tile(t, &tp.i0, &tp.r0);
@@ -159,26 +180,48 @@ struct BackwardPairs {
 };
 
 // The live pairs of dS (a nonzero gradient; batch mode: dS[i, r] or dS[r, i] nonzero, upper
-// triangle, diagonal included) as a (count, 2) row-major list of (i, r), when walking them kPairs at
-// a time beats walking the dense tiles: when they fill at most a quarter of the tiles that hold any
-// (a sparse dS, e.g. a margin loss over mined pairs). Else an undefined tensor (dense tiles). A pair
-// whose dS[i, r] + dS[r, i] cancels is listed and gets g = 0 in the kernel, which skips it. Costs
-// (m, n) bool temporaries, elementwise passes over dS and one device-to-host copy of two counts (a
-// synchronisation); an expanded dS (a zero stride, e.g. the gradient of S.sum()) is dense and skips
-// the probe.
-inline at::Tensor live_pair_list(const at::Tensor& grad, bool batch) {
+// triangle, diagonal included) as a (capacity, 2) row-major list of (i, r), and in `listed` (one
+// int64 in device memory) their count when walking them kPairs at a time beats walking the dense
+// tiles: when they fill at most a quarter of the tiles that hold any (a sparse dS, e.g. a margin
+// loss over mined pairs). Else listed = -1 (dense tiles). Decided on the device: no host read, no
+// synchronisation. So the list has a size fixed by the shapes (nonzero_static): a quarter of the
+// grid's pairs, the most the rule lists, 4 bytes per pair of the grid, allocated whichever walk is
+// chosen. A pair whose dS[i, r] + dS[r, i] cancels is listed and gets g = 0 in the kernel, which
+// skips it. Also costs (m, n) bool temporaries and elementwise passes over dS; an expanded dS (a
+// zero stride, e.g. the gradient of S.sum()) is dense and skips the probe (undefined tensors:
+// dense tiles).
+struct LivePairs {
+  at::Tensor list, listed;
+};
+// torch 2.6 added nonzero_static for CUDA tensors; with an older torch the list comes from nonzero,
+// padded to the capacity, whose size the host reads (one synchronisation; docs/design.md).
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6))
+#define PDDM_TORCH_CUDA_NONZERO_STATIC 1
+#else
+#define PDDM_TORCH_CUDA_NONZERO_STATIC 0
+#endif
+inline at::Tensor listed_pairs(const at::Tensor& live, int64_t capacity) {
+  if (PDDM_TORCH_CUDA_NONZERO_STATIC || live.is_cpu()) return at::nonzero_static(live, capacity, -1);
+  const auto found = at::nonzero(live);
+  const int64_t kept = std::min(found.size(0), capacity);
+  auto list = at::full({capacity, 2}, -1, found.options());
+  list.narrow(0, 0, kept).copy_(found.narrow(0, 0, kept));
+  return list;
+}
+inline LivePairs live_pair_list(const at::Tensor& grad, bool batch, int64_t grid_tiles) {
   const int64_t rows = grad.size(0), cols = grad.size(1);
-  if (rows == 0 || cols == 0 || grad.stride(0) == 0 || grad.stride(1) == 0) return {};
+  const int64_t capacity = grid_tiles * int64_t(kPairs) / 4;  // 4 count <= live tiles * kPairs
+  if (rows == 0 || cols == 0 || grad.stride(0) == 0 || grad.stride(1) == 0 || capacity == 0) return {};
   auto live = grad != 0;
   if (batch) live = live.logical_or(live.t()).triu();
   const int64_t tile_rows = (rows + kTile - 1) / kTile, tile_cols = (cols + kTile - 1) / kTile;
   auto padded = at::zeros({tile_rows * kTile, tile_cols * kTile}, live.options());
   padded.narrow(0, 0, rows).narrow(1, 0, cols).copy_(live);
-  const auto counts = at::stack({live.sum(), padded.view({tile_rows, kTile, tile_cols, kTile}).any(3).any(1).sum()})
-                          .cpu();
-  const int64_t count = counts[0].item<int64_t>(), live_tiles = counts[1].item<int64_t>();
-  if (count == 0 || 4 * count > live_tiles * int64_t(kPairs)) return {};
-  return at::nonzero(live).contiguous();  // row-major order of (i, r)
+  const auto count = live.sum().to(at::kLong).reshape({1});
+  const auto live_tiles = padded.view({tile_rows, kTile, tile_cols, kTile}).any(3).any(1).sum().to(at::kLong).reshape({1});
+  const auto walk = count.gt(0).logical_and(count.mul(4).le(live_tiles.mul(int64_t(kPairs))));
+  return {listed_pairs(live, capacity).contiguous(),  // row-major order of (i, r)
+          at::where(walk, count, at::full_like(count, -1))};
 }
 
 template <typename T>
@@ -207,7 +250,8 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
-  const bool batch = pairs.grid.batch, listed = pairs.list != nullptr;
+  pairs = pairs.resolved();  // the walk the device chose
+  const bool batch = pairs.grid.batch, listed = pairs.count >= 0;
 
   for (int64_t t = blockIdx.x; t < pairs.tiles(); t += gridDim.x) {
     const TilePairs tp = pairs.tile(t);
@@ -492,10 +536,6 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   const auto dPx = need_x || need_params ? at::zeros({m, h}, opts) : at::Tensor();
   const auto dPy = batch ? dPx : (need_y || need_params ? at::zeros({n, h}, opts) : at::Tensor());
   const auto grid = TileGrid::make(batch, m, n, kTile, kTile);
-  const auto pair_list = live_pair_list(grad, batch);
-  const BackwardPairs pairs{grid, pair_list.defined() ? pair_list.data_ptr<int64_t>() : nullptr,
-                            pair_list.defined() ? pair_list.size(0) : 0};
-  const int64_t tiles = pair_list.defined() ? (pairs.count + kPairs - 1) / kPairs : grid.count();
   const auto layout = SlabLayout::make(d, h, c);
   at::Tensor slab;
 
@@ -504,39 +544,71 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h, 2 * h, c, d});  // Z, dZ, Q, dU
-    // Keep the per-block parameter slabs (and, deterministic, the per-block input gradients) within
-    // ~256 MB each.
-    const int64_t slab_bytes = layout.size * int64_t(sizeof(T));
-    int64_t max_blocks = need_params ? std::max<int64_t>(1, (int64_t(256) << 20) / slab_bytes) : int64_t(1) << 30;
-    const int64_t slice_elems = (need_x ? m * d : 0) + (!batch && need_y ? n * d : 0) + (dPx.defined() ? m * h : 0) +
-                                (!batch && dPy.defined() ? n * h : 0);
-    if (deterministic && slice_elems > 0) {
-      max_blocks = std::min(max_blocks, std::max<int64_t>(1, (int64_t(256) << 20) / (slice_elems * int64_t(sizeof(T)))));
+    // The grid and the column chunks from the shapes and the SM count (backward_sizing.h).
+    const int64_t bytes = sizeof(T);
+    BackwardBuffers buffers;
+    if (need_params) buffers.slab_bytes = layout.size * bytes;
+    if (deterministic) {
+      buffers.row_x_bytes = ((need_x ? d : 0) + (dPx.defined() ? h : 0)) * bytes;
+      buffers.row_y_bytes = batch ? 0 : ((need_y ? d : 0) + (dPy.defined() ? h : 0)) * bytes;
     }
-    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), tiles,
-                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks,
-                                  w.math);
-    at::Tensor scratch;
-    if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
-    if (need_params) slab = at::zeros({int64_t(plan.blocks), layout.size}, opts);
-    // The input-side gradient buffers: shared (atomics), or one slice per block (deterministic).
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+    const int64_t budget = backward_budget_bytes();
+    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count(),
+                                  pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
+                                  backward_block_cap(buffers, m, n, sms, budget), w.math);
     const int64_t blocks = plan.blocks;
+    const int64_t chunk = backward_column_chunk(buffers, batch, m, n, blocks, budget);
+    at::Tensor scratch;
+    if (!plan.workspace_in_shared) scratch = at::empty({blocks * ws_elems}, opts);
+    if (need_params) slab = at::zeros({blocks, layout.size}, opts);
+    // The input-side gradient buffers: shared (atomics), or one slice per block (deterministic); the
+    // y side's slices hold one column chunk.
     auto buffer = [&](const at::Tensor& shared, bool needed, int64_t rows_, int64_t cols) {
       return !needed ? at::Tensor() : deterministic ? at::zeros({blocks, rows_, cols}, opts) : shared;
     };
-    const auto bx = buffer(gx, need_x, m, d), by = batch ? bx : buffer(gy, need_y, n, d);
-    const auto bPx = buffer(dPx, dPx.defined(), m, h), bPy = batch ? bPx : buffer(dPy, dPy.defined(), n, h);
+    const auto bx = buffer(gx, need_x, m, d), by = batch ? bx : buffer(gy, need_y, chunk, d);
+    const auto bPx = buffer(dPx, dPx.defined(), m, h), bPy = batch ? bPx : buffer(dPy, dPy.defined(), chunk, h);
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    const BackwardOut<T> out{grad.data_ptr<T>(), grad.stride(0), grad.stride(1), ptr(bx), ptr(by), ptr(bPx),
-                             ptr(bPy), need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
-    PDDM_LAUNCH(scores_backward_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
-        w, rows, pairs, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (deterministic) {  // the blocks' slices, summed in a fixed order
+    // Columns [c0, c0 + nc) per launch (all of them but under deterministic algorithms with a big
+    // bank): the chunk's rows of y and of P_y, its columns of dS, its rows of the y-side gradients.
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t nc = std::min(chunk, n - c0);
+      const bool whole = nc == n;
+      const auto g = whole ? grad : grad.narrow(1, c0, nc);
+      const auto chunk_grid = whole ? grid : TileGrid::make(false, m, nc, kTile, kTile);
+      const auto live = live_pair_list(g, batch, chunk_grid.count());
+#ifdef PDDM_EXT_CUDA_EMULATION
+      // The emulated device memory is the host's: the tests read the walk the device chose.
+      ::pddm_emu::log_note("scores_backward listed pairs", live.list.defined() ? *live.listed.data_ptr<int64_t>() : -1);
+#endif
+      const BackwardPairs pairs{chunk_grid, live.list.defined() ? live.list.data_ptr<int64_t>() : nullptr,
+                                live.list.defined() ? live.listed.data_ptr<int64_t>() : nullptr};
+      PairRows<T> chunk_rows = rows;
+      chunk_rows.y += c0 * d, chunk_rows.Py += c0 * h, chunk_rows.n = nc;
+      // The y side: the shared buffers (atomics: one chunk, all columns), or per-block slices of the
+      // chunk, (blocks, nc, cols) in the first blocks * nc rows of the buffer.
+      const BackwardOut<T> out{g.data_ptr<T>(), g.stride(0), g.stride(1), ptr(bx), ptr(by), ptr(bPx), ptr(bPy),
+                               need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
+      const int64_t launch_blocks = std::min<int64_t>(blocks, chunk_grid.count());
+      PDDM_LAUNCH(scores_backward_kernel<T>, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
+          w, chunk_rows, pairs, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (deterministic && !batch) {  // this chunk's y slices, summed in a fixed order
+        if (by.defined()) gy.narrow(0, c0, nc).copy_(by.flatten().narrow(0, 0, blocks * nc * d).view({blocks, nc, d}).sum(0));
+        if (bPy.defined()) {
+          dPy.narrow(0, c0, nc).copy_(bPy.flatten().narrow(0, 0, blocks * nc * h).view({blocks, nc, h}).sum(0));
+        }
+        if (c0 + nc < n) {
+          if (by.defined()) by.zero_();
+          if (bPy.defined()) bPy.zero_();
+        }
+      }
+    }
+    if (deterministic) {  // the blocks' x slices, summed in a fixed order
       if (bx.defined()) gx.copy_(bx.sum(0));
-      if (!batch && by.defined()) gy.copy_(by.sum(0));
       if (bPx.defined()) dPx.copy_(bPx.sum(0));
-      if (!batch && bPy.defined()) dPy.copy_(bPy.sum(0));
     }
   });
 

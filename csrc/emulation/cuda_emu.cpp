@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <exception>
 #include <mutex>
 #include <random>
@@ -172,6 +173,8 @@ OrderSetting read_order() {
 }
 
 std::atomic<uint64_t> g_launches{0};
+std::mutex g_log_mutex;
+std::deque<std::pair<std::string, int64_t>> g_launch_log;  // take_launch_log
 
 // ---- the device model's per-kernel state ------------------------------------------------------
 struct FuncInfo {
@@ -470,6 +473,11 @@ cudaError_t launch(const Launch& l) {
     return fail(cudaErrorLaunchOutOfResources, "too many resources requested for launch: " + where + " plus " +
                                                    std::to_string(info.static_bytes) + " bytes of static shared memory");
   }
+  {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_launch_log.emplace_back(l.name, int64_t(l.grid.x));
+    if (g_launch_log.size() > 4096) g_launch_log.pop_front();
+  }
   static const OrderSetting order = read_order();
   std::mt19937_64 rng(order.seed * 0x9e3779b97f4a7c15ull + g_launches.fetch_add(1));
   Arena& arena = tl_arena;
@@ -523,6 +531,35 @@ void check_call(cudaError_t err, const char* expr, const char* file, int line) {
     TORCH_CHECK(false, "CUDA error (emulated): ", cudaGetErrorString(err), " in ", expr, " (", detail, ") at ", file,
                 ":", line);
   }
+}
+
+void log_note(const char* what, int64_t value) {
+  std::lock_guard<std::mutex> lock(g_log_mutex);
+  g_launch_log.emplace_back(what, value);
+  if (g_launch_log.size() > 4096) g_launch_log.pop_front();
+}
+
+std::vector<std::pair<std::string, int64_t>> take_launch_log() {
+  std::lock_guard<std::mutex> lock(g_log_mutex);
+  std::vector<std::pair<std::string, int64_t>> log(g_launch_log.begin(), g_launch_log.end());
+  g_launch_log.clear();
+  return log;
+}
+
+int sm_count() {
+  const char* env = std::getenv("PDDM_EMU_SM_COUNT");
+  if (env == nullptr || *env == '\0') return kSmCount;
+  const int sms = std::atoi(env);
+  TORCH_CHECK(sms >= 1 && sms <= 4096, "PDDM_EMU_SM_COUNT must be an integer in [1, 4096], got '", env, "'");
+  return sms;
+}
+
+int64_t backward_budget_bytes(int64_t fallback) {
+  const char* env = std::getenv("PDDM_EMU_BACKWARD_BUDGET");
+  if (env == nullptr || *env == '\0') return fallback;
+  const long long bytes = std::atoll(env);
+  TORCH_CHECK(bytes >= 1, "PDDM_EMU_BACKWARD_BUDGET must be a positive number of bytes, got '", env, "'");
+  return int64_t(bytes);
 }
 
 // The architecture the emulated kernels count as compiled for (cudaFuncAttributes::ptxVersion):

@@ -27,7 +27,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <string>
 #include <utility>
+#include <vector>
 
 // ---- qualifiers and vector types ------------------------------------------------------------
 #define __global__
@@ -87,7 +89,7 @@ constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // without cudaFuncSetAttribu
 constexpr size_t kMaxSmemPerBlockOptin = 227 * 1024;
 constexpr size_t kMaxStaticSmem = 48 * 1024;
 constexpr size_t kSmemPerSm = 228 * 1024;
-constexpr int kSmCount = 132;
+constexpr int kSmCount = 132;  // the default of sm_count()
 constexpr int kMaxThreadsPerSm = 2048, kMaxBlocksPerSm = 32;
 
 struct ThreadState;  // one emulated thread (cuda_emu.cpp)
@@ -114,6 +116,13 @@ void* static_shared(size_t bytes, size_t align, const char* name);
 // PDDM_SHARED_DECLARED(): true in the attribute probe, which stops the kernel there.
 bool probing();
 
+// The device's multiprocessor count (cudaDevAttrMultiProcessorCount): PDDM_EMU_SM_COUNT, read at
+// every query (so a test can emulate a smaller or larger GPU), default kSmCount.
+int sm_count();
+// The budget of the CUDA backward's per-block buffers (csrc/cuda/backward_sizing.h):
+// PDDM_EMU_BACKWARD_BUDGET bytes, read at every call, default `fallback` (the real build's).
+int64_t backward_budget_bytes(int64_t fallback);
+
 // ---- launches -----------------------------------------------------------------------------------
 struct Launch {
   const char* name;
@@ -135,6 +144,10 @@ void probe_kernel(const void* func) {
 // Checks the configuration against the device model, runs every block; returns the launch's error
 // (also kept for cudaGetLastError) with a message for check_launch.
 cudaError_t launch(const Launch& l);
+// The kernel name and grid.x of every launch, and the notes of log_note, since the last call (the
+// latest 4096 kept), oldest first; clears the log. Lets the tests see what a launcher chose.
+std::vector<std::pair<std::string, int64_t>> take_launch_log();
+void log_note(const char* what, int64_t value);
 
 template <typename... Params>
 class Launcher {
@@ -284,7 +297,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /
     case cudaDevAttrMaxThreadsPerBlock: *value = pddm_emu::kMaxThreadsPerBlock; return cudaSuccess;
     case cudaDevAttrMaxGridDimX: *value = int(pddm_emu::kMaxGridX); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(pddm_emu::kDefaultDynamicSmem); return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = pddm_emu::kSmCount; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = pddm_emu::sm_count(); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = int(pddm_emu::kSmemPerSm); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(pddm_emu::kMaxSmemPerBlockOptin); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../cuda/backward_sizing.h"
 #include "../cuda/cuda_compat.cuh"
 
 namespace pddm_emu_test {
@@ -180,6 +181,39 @@ at::Tensor wmma_tf32(const at::Tensor& a, const at::Tensor& b, int64_t mode) {
   return out;
 }
 
+// grid.x of the launches (and the values of the notes) since the last call whose kernel name (note)
+// contains `name`, oldest first; clears the whole log (pddm_emu::take_launch_log).
+std::vector<int64_t> launch_log(c10::string_view name) {
+  std::vector<int64_t> grids;
+  for (const auto& entry : pddm_emu::take_launch_log()) {
+    if (entry.first.find(std::string(name)) != std::string::npos) grids.push_back(entry.second);
+  }
+  return grids;
+}
+
+// The CUDA backward's sizing (csrc/cuda/backward_sizing.h) for shapes too large to run here:
+// [grid, columns per launch, per-block buffer bytes of all blocks]. resident: the blocks the device
+// holds at once (SMs times blocks per SM), elem_bytes: 4 (float32) or 8 (float64).
+std::vector<int64_t> backward_sizing(bool batch, int64_t m, int64_t n, int64_t d, int64_t h, int64_t c, bool need_x,
+                                     bool need_y, bool need_params, bool deterministic, int64_t elem_bytes,
+                                     int64_t sms, int64_t resident) {
+  using namespace pddm_ext::cuda;
+  if (batch) n = m, need_y = need_x;
+  BackwardBuffers b;
+  if (need_params) b.slab_bytes = (2 * h * d + 2 * c * h + 2 * h + 2 * c + 1) * elem_bytes;  // SlabLayout
+  if (deterministic) {
+    b.row_x_bytes = ((need_x ? d : 0) + (need_x || need_params ? h : 0)) * elem_bytes;
+    b.row_y_bytes = batch ? 0 : ((need_y ? d : 0) + (need_y || need_params ? h : 0)) * elem_bytes;
+  }
+  const int64_t tile = layout::kTile, rt = (m + tile - 1) / tile, ct = (n + tile - 1) / tile;
+  const int64_t tiles = batch ? rt * (rt + 1) / 2 : rt * ct;
+  const int64_t cap = backward_block_cap(b, m, n, sms, kBackwardBudgetBytes);
+  const int64_t blocks = std::max<int64_t>(1, std::min({tiles, resident, cap}));  // plan_launch
+  const int64_t chunk = backward_column_chunk(b, batch, m, n, blocks, kBackwardBudgetBytes);
+  const int64_t bytes = blocks * (b.slab_bytes + m * b.row_x_bytes + chunk * b.row_y_bytes);
+  return {blocks, chunk, bytes};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pddm_emu_test, m) {
@@ -190,6 +224,9 @@ TORCH_LIBRARY(pddm_emu_test, m) {
   m.def("launch_count(int grid_x, int grid_y, int threads, int smem, int opt_in) -> int", &launch_count);
   m.def("warp_sums(int threads) -> Tensor", &warp_sums);
   m.def("atomics(int blocks, int threads) -> Tensor", &atomics);
+  m.def("launch_log(str name) -> int[]", &launch_log);
+  m.def("backward_sizing(bool batch, int m, int n, int d, int h, int c, bool need_x, bool need_y, bool need_params, "
+        "bool deterministic, int elem_bytes, int sms, int resident) -> int[]", &backward_sizing);
 }
 
 }  // namespace pddm_emu_test
