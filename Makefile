@@ -102,8 +102,9 @@ cpp-test: $(CMAKE_DIR)/.torch-stamp
 run_pytest = rc=0; $(1) -m pytest $(PYTEST_ARGS) || rc=$$?; \
   if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): treated as a pass"; rc=0; fi; exit $$rc
 
+# .venv has the pretrained extra and scikit-image (requirements-test.txt): their tests must not skip there.
 pytest: $(VENV)/.package-stamp
-	$(call run_pytest,$(VENV)/bin/python)
+	export PDDM_EXT_REQUIRE_PRETRAINED=1; $(call run_pytest,$(VENV)/bin/python)
 
 # ---- CUDA build check (CI) -----------------------------------------------------------------------
 # The copy of the tree holds what git tracks plus untracked files it does not ignore (in CI: exactly

@@ -49,7 +49,8 @@ class ZeroShotSplit:
     """A dataset split by class: ``train`` holds the first half of the sorted classes, ``test`` the rest.
 
     ``info`` records where the data came from (name, class names of each half and, for ``glyphs``,
-    the font files used and their hash); it is stored with every result.
+    the font files used and their hash; ``input_norm``, the (mean, std) per channel applied to the
+    [0, 1] pixels, when the images are normalised); it is stored with every result.
     """
 
     train: torch.utils.data.Dataset
@@ -464,7 +465,8 @@ def load_folder(path, *, size=224):
     pick = lambda mask: [p for p, m in zip(paths, mask.tolist()) if m]  # noqa: E731
     n_train = len(torch.unique(labels[train]))
     info = dict(name=f"folder:{path}", num_images=len(labels), num_classes=len(names),
-                train_classes=names[:n_train], test_classes=names[n_train:])
+                train_classes=names[:n_train], test_classes=names[n_train:],
+                input_norm=[list(IMAGENET_MEAN), list(IMAGENET_STD)])
     return ZeroShotSplit(FolderImages(pick(train), labels[train], size=size, train=True),
                          FolderImages(pick(test), labels[test], size=size, train=False),
                          labels[train], labels[test], (3, size, size), info)
