@@ -36,8 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 def _common(parser):
     parser.add_argument("--dataset", default=DEFAULTS.dataset, type=options.dataset_name,
-                        help=f"{DEFAULTS.dataset} (default), mnist5k, digits or folder:PATH (one subfolder per class)"
-                        if DEFAULTS.dataset == "glyphs" else "glyphs, mnist5k, digits or folder:PATH")
+                        help=f"{DEFAULTS.dataset} (default), mnist5k, digits, icons (the themes `make icons` installs; "
+                             "icons:PATH another folder of icon themes) or folder:PATH (one subfolder per class)"
+                        if DEFAULTS.dataset == "glyphs" else "glyphs, mnist5k, digits, icons, icons:PATH or folder:PATH")
     parser.add_argument("--epochs", type=N["epochs"], default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
     parser.add_argument("-P", "--classes-per-batch", dest="p", type=N["p"], default=None, metavar="P",
                         help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
@@ -83,8 +84,8 @@ def _common(parser):
     parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None, type=options.existing_folder,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
     parser.add_argument("--image-size", type=N["image_size"], default=None,
-                        help=f"folder: and glyphs: image side in pixels, {options.IMAGE_SIZE_RANGE[0]} to "
-                             f"{options.IMAGE_SIZE_RANGE[1]} (default: folder: 224 or 64, glyphs 32)")
+                        help=f"folder:, glyphs and icons: image side in pixels, {options.IMAGE_SIZE_RANGE[0]} to "
+                             f"{options.IMAGE_SIZE_RANGE[1]} (default: folder: 224 or 64, glyphs 32, icons 64)")
     parser.add_argument("--pretrained", action="store_true",
                         help="resnet18: start from torchvision's ImageNet weights (downloaded once, needs internet "
                              "access, or already in torch hub's cache); efficientnet-lite0: the ImageNet weights of "
