@@ -57,7 +57,9 @@ def _themes(root):
         _png(str(theme / "32x32" / "apps" / "square.png"), COLOURS[-1 - t], "diag", size=32)
         os.symlink("square.png", theme / f"{SIZE}x{SIZE}" / "apps" / "alias.png")
         _png(str(theme / f"{SIZE}x{SIZE}" / "apps" / "square-symbolic.png"), (0, 0, 0), "bar")
-        _png(str(theme / f"{SIZE}x{SIZE}@2x" / "apps" / "hidpi.png"), (0, 0, 0), "bar")
+        _png(str(theme / f"{SIZE}x{SIZE}@2x" / "apps" / "hidpi.png"), COLOURS[t], "bar")
+        _png(str(theme / "apps" / f"{SIZE}@2x" / "hidpi.png"), COLOURS[t], "diag")
+        _png(str(theme / f"{SIZE}x{SIZE}" / "symbolic" / "mono.png"), COLOURS[t], "bar")
         if t < 5:
             _svg(str(theme / "scalable" / "apps" / "circle.svg"), COLOURS[min(t, 3)])  # t3 and t4 identical
         if t < 3:

@@ -105,10 +105,10 @@ def theme_families(root, families=None):
 
 def _nominal_size(rel_dirs):
     """The nominal size a theme's folder path names: an int, ``inf`` for ``scalable``, None when the
-    path names no size or is a hi-dpi (``@2x``) or symbolic folder."""
+    path names no size or is a symbolic folder (a hi-dpi folder, ``16x16@2x`` or ``16@2x``, names no size)."""
     size = None
     for part in rel_dirs:
-        if "@" in part or part == "symbolic":
+        if part == "symbolic":
             return None
         m = _SIZE_DIR.match(part)
         if m and (m.group(2) is None or m.group(1) == m.group(2)):
