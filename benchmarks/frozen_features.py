@@ -105,7 +105,7 @@ def steps_to_target(summary_runs, target, batches_per_epoch):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=["icons", "glyphs"], required=True)
+    p.add_argument("--dataset", required=True, help="icons, icons:PATH (a folder of icon themes) or glyphs")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=96, help="input side of the backbone in px (default 96)")
     p.add_argument("--losses", nargs="+", default=["pddm", "pddm-euclidean", "batch-hard"])
@@ -119,7 +119,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    image_size = args.size if args.dataset == "icons" else None
+    if not (args.dataset in ("icons", "glyphs") or args.dataset.startswith("icons:")):
+        p.error(f"--dataset must be icons, icons:PATH or glyphs, got {args.dataset!r}")
+    image_size = args.size if args.dataset.startswith("icons") else None
     split = data_mod.load_dataset(args.dataset, image_size=image_size)
     fsplit = feature_split(split, args.size)
 
@@ -131,11 +133,15 @@ def main(argv=None):
     def build_model(image_shape, embedding_dim=64, **_):
         return LinearHead(image_shape[0], embedding_dim), "linear head on frozen efficientnet-lite0 ImageNet features"
 
-    compare.prepare = prepare
-    train_mod.build_model = build_model
-    base = train_mod.TrainConfig(dataset=args.dataset, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
-                                 k=args.k, embedding_dim=args.embedding_dim, augment=False, threads=1)
-    summary = compare.run_all(base, losses=args.losses, seeds=args.seeds, out=args.out, progress=False)
+    # compare's data and network replaced for this command only (restored after, also on errors)
+    saved = compare.prepare, train_mod.build_model
+    compare.prepare, train_mod.build_model = prepare, build_model
+    try:
+        base = train_mod.TrainConfig(dataset=args.dataset, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
+                                     k=args.k, embedding_dim=args.embedding_dim, augment=False, threads=1)
+        summary = compare.run_all(base, losses=args.losses, seeds=args.seeds, out=args.out, progress=False)
+    finally:
+        compare.prepare, train_mod.build_model = saved
     runs = []
     for loss in args.losses:
         for seed in args.seeds:
@@ -150,7 +156,8 @@ def main(argv=None):
         f.write(table)
     print(table)
     print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
