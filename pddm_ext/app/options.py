@@ -144,10 +144,10 @@ class Name:
 
 def dataset_problem(name):
     """The message for a dataset name that cannot be loaded before looking at its files, or None."""
-    if not isinstance(name, str) or not (name in DATASETS[:3] or name.startswith("folder:")):
+    if not isinstance(name, str) or not (name in DATASETS[:4] or name.startswith(("folder:", "icons:"))):
         return f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}"
-    if name.startswith("folder:"):
-        path = name[len("folder:"):]
+    if name.startswith(("folder:", "icons:")):
+        path = name.split(":", 1)[1]
         if not path or not os.path.isdir(os.path.expanduser(path)):
             return f"dataset {name}: folder {path!r} does not exist"
     return None

@@ -49,7 +49,7 @@ from . import evaluate as ev
 from .augment import random_affine
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .losses import LOSSES, batch_stats, build_loss
-from .models import build_model, resolve_backbone, torchvision_available
+from .models import BACKBONES, ModelError, build_model, efficientnet_lite0_weights, resolve_backbone, torchvision_available
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 PLOT = "recall_at_1.png"
@@ -94,13 +94,13 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default: cuda when available, else cpu
     out: str | None = None  # default: runs/<dataset>-<loss>-seed<seed>
-    backbone: str = "auto"  # auto | small | resnet18
+    backbone: str = "auto"  # auto | small | resnet18 | efficientnet-lite0
     font_dirs: list | None = None  # glyphs: where to look for fonts (default: the system dirs)
-    image_size: int | None = None  # folder: default 224 (resnet18) or 64 (small CNN)
+    image_size: int | None = None  # folder: default 224 (resnet18, efficientnet-lite0) or 64 (small CNN)
     # CPU threads for torch. Default 1: the small CNN gains little from more, and on a shared
     # machine extra OpenMP threads spin-wait for busy cores (measured 10-20x slower epochs).
     threads: int | None = None
-    pretrained: bool = False  # resnet18: ImageNet weights (torchvision's download, or its local cache)
+    pretrained: bool = False  # ImageNet weights: resnet18 torchvision's download (or its cache), efficientnet-lite0 a package's
     tensorboard: str | None = None  # a folder for TensorBoard event files of the per-epoch metrics (output only)
 
     # fields that say where and how a run executes, not what it computes: a resume may change them
@@ -161,14 +161,20 @@ def check_config(cfg):
     out = cfg.resolved_out()
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"out {out!r} exists and is not a folder: choose another --out")
-    if cfg.backbone not in ("auto", "small", "resnet18"):
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small or resnet18")
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}; expected auto, small, resnet18 or efficientnet-lite0")
     if cfg.tensorboard is not None and os.path.exists(cfg.tensorboard) and not os.path.isdir(cfg.tensorboard):
         raise ConfigError(f"tensorboard {cfg.tensorboard!r} exists and is not a folder: choose another --tensorboard")
     if cfg.tensorboard is not None:
         tensorboard_writer_class()  # ConfigError when tensorboard is not installed
     if cfg.pretrained and cfg.backbone == "small":
-        raise ConfigError("--pretrained needs --backbone resnet18 (or auto with a folder: dataset); the small CNN has no pretrained weights")
+        raise ConfigError("--pretrained needs --backbone resnet18 (or auto with a folder: dataset) or efficientnet-lite0; "
+                          "the small CNN has no pretrained weights")
+    if cfg.pretrained and cfg.backbone == "efficientnet-lite0":
+        try:
+            efficientnet_lite0_weights()
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.backbone == "resnet18" and not torchvision_available():
         raise ConfigError("backbone resnet18 needs torchvision built for this torch, which is not importable here: "
                           "pip install the torchvision release that matches your torch (see pytorch.org), "
@@ -228,7 +234,8 @@ def check_against_data(cfg, split):
         c, h, w = split.image_shape
         raise ConfigError(f"--pretrained needs the resnet18 backbone, but --backbone {cfg.backbone} gives dataset "
                           f"{cfg.dataset} ({c} x {h} x {w} images) the small CNN, which has no pretrained weights "
-                          f"(auto takes resnet18 for 3-channel images of 64 px or more when torchvision is installed)")
+                          f"(auto takes resnet18 for 3-channel images of 64 px or more when torchvision is installed; "
+                          f"--backbone efficientnet-lite0 takes any images)")
 
 
 def build_optimizer(cfg, model, loss_fn):
@@ -345,7 +352,8 @@ def prepare(cfg):
     check_config(cfg)
     image_size = cfg.image_size
     if cfg.dataset.startswith("folder:") and image_size is None:
-        image_size = 224 if (cfg.backbone != "small" and torchvision_available()) else 64
+        large = cfg.backbone == "efficientnet-lite0" or (cfg.backbone != "small" and torchvision_available())
+        image_size = 224 if large else 64
     split = data_mod.load_dataset(cfg.dataset, font_dirs=cfg.font_dirs, image_size=image_size)
     check_against_data(cfg, split)
     return split
@@ -418,7 +426,8 @@ class Run:
 
         seed_everything(cfg.seed)
         self.model, self.model_desc = build_model(split.image_shape, cfg.embedding_dim, backbone=cfg.backbone,
-                                                  pretrained=cfg.pretrained)
+                                                  pretrained=cfg.pretrained,
+                                                  input_norm=split.info.get("input_norm"))
         self.loss_fn = build_loss(cfg, self.p)
         self.model.to(device)
         self.loss_fn.to(device)
