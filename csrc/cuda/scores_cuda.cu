@@ -29,6 +29,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
   T* Z = block_workspace(sm, scratch, ws_elems);
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
@@ -209,6 +210,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
   const bool batch = pairs.grid.batch, listed = pairs.list != nullptr;
 
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < pairs.tiles(); t += gridDim.x) {
     const TilePairs tp = pairs.tile(t);
     __syncthreads();
@@ -260,16 +262,18 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
     }
     __syncthreads();
-    for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads) {
-      const int p = int(e / c);
-      const int64_t j = e - int64_t(p) * c;
+    RowColWalk pj(kPairs, c);
+    for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads, pj.next()) {
+      const int p = int(pj.row);  // < kPairs
+      const int64_t j = pj.col;
       T& q = Q[p * ldq + j];
       q = q > T(0) && bs.g[p] != T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
     }
     __syncthreads();
     if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's live pairs
-      for (int64_t e = tid; e < c * 2 * h; e += kThreads) {
-        const int64_t j = e / (2 * h), k = e - j * 2 * h;
+      RowColWalk jk(c, 2 * h);
+      for (int64_t e = tid; e < c * 2 * h; e += kThreads, jk.next()) {
+        const int64_t j = jk.row, k = jk.col;
         T acc = 0;
         for (int p = 0; p < kPairs; ++p) {
           if (bs.g[p] != T(0)) acc += Q[p * ldq + j] * Z[p * ldz + k];
@@ -297,9 +301,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
     }
     __syncthreads();
-    for (int64_t e = tid; e < int64_t(kPairs) * 2 * h; e += kThreads) {
-      const int p = int(e / (2 * h));
-      const int64_t k = e - int64_t(p) * 2 * h;
+    RowColWalk pk(kPairs, 2 * h);
+    for (int64_t e = tid; e < int64_t(kPairs) * 2 * h; e += kThreads, pk.next()) {
+      const int p = int(pk.row);  // < kPairs
+      const int64_t k = pk.col;
       const bool u_half = k < h;
       const T z = Z[p * ldz + k];
       T& dz = dZ[p * ldz + k];
@@ -335,9 +340,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       return ts.direct[p] || bs.g[p] == T(0) ? T(0) : dZ[p * ldz + h + k] * ts.inv_v[p];
     };
     if (!listed) {
-      for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
-        const int a = int(e / h);
-        const int64_t k = e - int64_t(a) * h;
+      RowColWalk ak(kTile, h);
+      for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads, ak.next()) {
+        const int a = int(ak.row);  // < kTile
+        const int64_t k = ak.col;
         if (g_dPx != nullptr && tp.i0 + a < rows.m) {  // dP_i += sum over the tile's columns
           T acc = 0;
           for (int b = 0; b < kTile; ++b) acc += dP_of(a * kTile + b, k);
@@ -388,9 +394,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
         return v;
       };
       if (!listed) {
-        for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
-          const int a = int(e / d);
-          const int64_t j = e - int64_t(a) * d;
+        RowColWalk aj(kTile, d);
+        for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads, aj.next()) {
+          const int a = int(aj.row);  // < kTile
+          const int64_t j = aj.col;
           if (g_dx != nullptr && tp.i0 + a < rows.m) {
             T acc = 0;
             for (int b = 0; b < kTile && tp.r0 + b < rows.n; ++b) acc += input_grad(a * kTile + b, j, true);
@@ -415,8 +422,9 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     }
     if (slab != nullptr) {
       // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T over the live pairs.
-      for (int64_t e = tid; e < h * d; e += kThreads) {
-        const int64_t k = e / d, j = e - k * d;
+      RowColWalk kj(h, d);
+      for (int64_t e = tid; e < h * d; e += kThreads, kj.next()) {
+        const int64_t k = kj.row, j = kj.col;
         T acc = 0;
         if (!listed) {  // a dense tile: its 8 rows and 8 columns read once
           T xa[kTile], yb[kTile];
@@ -442,8 +450,9 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
         slab[out.layout.W_u + e] += acc;
       }
       if (any_direct) {  // dW_v += g_v (x_i + y_r)^T over the tile's near-antipodal live pairs
-        for (int64_t e = tid; e < h * d; e += kThreads) {
-          const int64_t k = e / d, j = e - k * d;
+        RowColWalk kj_direct(h, d);
+        for (int64_t e = tid; e < h * d; e += kThreads, kj_direct.next()) {
+          const int64_t k = kj_direct.row, j = kj_direct.col;
           T acc = 0;
           for (int p = 0; p < kPairs; ++p) {
             if (!ts.direct[p] || bs.g[p] == T(0)) continue;
