@@ -226,8 +226,6 @@ def main():
     parser.add_argument("--arch", default="sm_90", choices=sorted(LIMITS))
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a spill, a stack frame or a 64-bit div/rem outside ALLOWED_DIV64")
-    parser.add_argument("--define", action="append", default=[],
-                        help="extra -D for nvcc (the check's own self-test: PDDM_EXT_TEST_HOT_DIV64)")
     args = parser.parse_args()
     from torch.utils import cpp_extension
 
@@ -239,7 +237,7 @@ def main():
     includes = [sysconfig.get_paths()["include"]] + cpp_extension.include_paths()
     includes += cuda_config_shim(cpp_extension.include_paths(), tmp)
     sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    extra = [f"-D{d}" for d in args.define]
+    extra = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(sources)) as pool:
         outputs = list(pool.map(lambda s: compile_source(args.nvcc, args.arch, includes, extra, s, tmp), sources))
 
