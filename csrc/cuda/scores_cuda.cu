@@ -141,6 +141,13 @@ struct BackwardScalars {
   T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
 };
 
+// A backward block's workspace matrices, parameter-gradient slab and input-gradient buffers (null:
+// not needed).
+template <typename T>
+struct BlockPointers {
+  T *Z, *dZ, *Q, *dU, *slab, *dx, *dy, *dPx, *dPy;
+};
+
 // The pairs the backward walks: the dense tiles of grid, or (list != nullptr) the live pairs of a
 // sparse dS, kPairs at a time (pairs_list in scores_backward_cuda).
 struct BackwardPairs {
@@ -188,6 +195,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   PDDM_DYNAMIC_SHARED(smem_raw);
   PDDM_SHARED(ts, TileScalars<T>);
   PDDM_SHARED(bs, BackwardScalars<T>);
+  PDDM_SHARED(bp, BlockPointers<T>);
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
@@ -195,19 +203,25 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   const int64_t d = w.d, h = w.h, c = w.c;
   // Row strides of the workspace matrices (tile_workspace_elems, smem_layout.h).
   const int64_t ldz = layout::workspace_stride(2 * h), ldq = layout::workspace_stride(c), ldu = layout::workspace_stride(d);
-  T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
-  T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
-  T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
-  T* dU = Q + kPairs * ldq;                        // (kPairs, d) dL/dnormalize(u)
-  T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
-  // This block's slices of the input-side gradients (per_block), else the shared buffers.
-  const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
-  T* const g_dx = out.dx == nullptr ? nullptr : out.dx + slice * rows.m * w.d;
-  T* const g_dy = out.dy == nullptr ? nullptr : out.dy + slice * rows.n * w.d;
-  T* const g_dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
-  T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
+  // The block's pointers live in shared memory (bp, set by thread 0 before the first tile's barrier)
+  // and are read where used: kept in registers across the tile loop, they pushed it past 255.
+  if (threadIdx.x == 0) {
+    bp.Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
+    bp.dZ = bp.Z + kPairs * ldz;                     // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
+    bp.Q = bp.dZ + kPairs * ldz;                     // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
+    bp.dU = bp.Q + kPairs * ldq;                     // (kPairs, d) dL/dnormalize(u)
+    bp.slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
+    // This block's slices of the input-side gradients (per_block), else the shared buffers.
+    const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
+    bp.dx = out.dx == nullptr ? nullptr : out.dx + slice * rows.m * w.d;
+    bp.dy = out.dy == nullptr ? nullptr : out.dy + slice * rows.n * w.d;
+    bp.dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
+    bp.dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
+  }
+  T* const &Z = bp.Z, *const &dZ = bp.dZ, *const &Q = bp.Q, *const &dU = bp.dU, *const &slab = bp.slab;
+  T* const &g_dx = bp.dx, *const &g_dy = bp.dy, *const &g_dPx = bp.dPx, *const &g_dPy = bp.dPy;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
+  const bool need_inputs = out.dx != nullptr || out.dy != nullptr;
   const bool batch = pairs.grid.batch, listed = pairs.list != nullptr;
 
 #pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
