@@ -41,14 +41,11 @@ DYNAMIC = {
                          lambda d, h, c: ws(2 * h)),
 }
 
-# Functions whose 64-bit divisions are allowed: they map a tile number to its tile (once per tile of
-# 64 or 1024 pairs, before the tile's per-pair and per-element loops), where the tile count of a
-# (m, n) pair space, up to 2^64 / 64, needs 64 bits. Keys are demangled names without parameters.
+# Functions whose 64-bit divisions are allowed: TileGrid::tile maps a tile number to its tile (once
+# per tile of 64, 256 or 1024 pairs, before the tile's per-pair and per-element loops), where the tile
+# number of a (m, n) pair space needs 64 bits. Keys are demangled names without parameters.
 ALLOWED_DIV64 = {
-    "pddm_ext::TileGrid::tile": "tile number -> (tile row, tile column), once per tile",
-    "pddm_ext::TileGrid::row_blocks": "tile rows of the grid, once per tile (the persistent loop's bound)",
-    "pddm_ext::TileGrid::col_blocks": "tile columns of the grid, once per tile (the persistent loop's bound)",
-    "pddm_ext::TileGrid::count": "the tile count, the persistent loop's bound",
+    "pddm_ext::TileGrid::tile": "tile number -> (tile row, tile column) of a rectangular grid, once per tile",
 }
 
 # The shape at which the report evaluates the dynamic shared memory (and so the resident blocks).
@@ -249,11 +246,11 @@ def main():
     print("# ws(n) = round_up(n, 32) + 8, a workspace row padded as in csrc/cuda/smem_layout.h);")
     print(f"# blocks/SM: resident {THREADS}-thread blocks per SM at d = h = c = {h} (workspace in shared memory")
     print("# when it fits), and what limits them: min(32, 2048 // threads, by_regs, by_smem) with by_regs =")
-    print(f"# (65536 / 4 // round_up(32 regs, 256)) * 4 // warps/block (65536 registers in 4 sub-partitions,")
+    print(f"# (65536 / 4 // round_up(32 * regs, 256)) * 4 // warps/block (65536 registers in 4 sub-partitions,")
     print(f"# 256-register warp allocations) and by_smem = {limits['smem']} // (round_up(static + dynamic, 128)")
     print(f"# + 1024) ({limits['smem'] // 1024} KiB per SM, 1 KiB reserved per block);")
     print("# div64: div/rem.{s,u}64 instructions in the kernel's PTX (nvcc -ptx), allowed ones in brackets:")
-    print("# only in " + ", ".join(ALLOWED_DIV64) + " (the per-tile index decoding).")
+    print("# allowed only in " + ", ".join(ALLOWED_DIV64) + " (the per-tile index decoding).")
     header = (f"{'kernel':<24} {'dtype':<7} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'static smem':>11} "
               f"{'blocks/SM':>16} {'div64':>6}  dynamic smem")
     failures = []
