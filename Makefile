@@ -14,8 +14,11 @@
 #                    self-test: a build with one barrier of the forward tile compiled out must fail them
 #   make precision-emulated  benchmarks/precision.py on the emulated kernels (the error of each float32
 #                    matmul precision) into benchmarks/results/precision_emulated/
-#   make cuda-resources  ptxas -v figures (registers, spills, shared memory) of every kernel on sm_90
-#                    into benchmarks/results/cuda_resources.txt (needs only nvcc and the CPU torch)
+#   make cuda-resources  ptxas -v figures (registers, spills, stack, shared memory), resident blocks per
+#                    SM and 64-bit divisions in the PTX of every kernel on sm_90 into
+#                    benchmarks/results/cuda_resources.txt (needs only nvcc and the CPU torch)
+#   make cuda-resources-check  the same compile; fails on a spill, a stack frame or a 64-bit div/rem
+#                    outside the per-tile tile decoding (run by cuda-build, i.e. in CI)
 #   make clean       build outputs; `make distclean` also removes the virtual environments
 #
 # Re-running is cheap: every install step leaves a stamp in its venv and runs again only when its
@@ -50,7 +53,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources clean distclean FORCE demo compare \
+.PHONY: test install cpp-test pytest cuda-build cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources cuda-resources-check clean distclean FORCE demo compare \
   fonts icons bench gpu-check gpu-wheels wheel pip-check oldest-torch
 
 test: install cpp-test pytest
@@ -114,6 +117,7 @@ pytest: $(VENV)/.package-stamp
 cuda-build: $(CUDA_VENV)/.deps-stamp
 	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-build: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
 	$(MAKE) --no-print-directory cuda-no-gpu-check
+	$(MAKE) --no-print-directory cuda-resources-check CUDA_RESOURCES_PYTHON='$(abspath $(CUDA_VENV))/bin/python'
 	rm -rf $(CUDA_TREE)
 	mkdir -p $(CUDA_TREE) $(CUDA_TEMP)
 	git ls-files -z --cached --others --exclude-standard \
@@ -196,19 +200,29 @@ precision-emulated: $(VENV)/.deps-stamp
 	  --out '$(abspath $(PRECISION_OUT))' --command 'make precision-emulated'
 
 # ---- ptxas resource figures ----------------------------------------------------------------------
-# Registers, spills, stack and shared memory of every kernel for CUDA_RESOURCES_ARCH, from nvcc's
-# ptxas -v with the .venv's torch headers (no GPU, no CUDA torch). The committed output shows in
-# review when a change adds spills.
+# Registers, spills, stack, shared memory, resident blocks per SM and the 64-bit div/rem in the PTX of
+# every kernel for CUDA_RESOURCES_ARCH, from one `nvcc -ptx` pass per file and ptxas -v on it, with
+# the torch headers of CUDA_RESOURCES_PYTHON (no GPU; the .venv's CPU torch will do). The committed
+# output shows in review when a change adds registers; cuda-resources-check (run by cuda-build, so in
+# CI) fails on a spill, a stack frame or a 64-bit division outside .ci/cuda_resources.py's
+# ALLOWED_DIV64, and prints the kernels and source lines.
 CUDA_RESOURCES_ARCH ?= sm_90
 CUDA_RESOURCES_OUT ?= benchmarks/results/cuda_resources.txt
+CUDA_RESOURCES_PYTHON ?= $(VENV)/bin/python
 
 cuda-resources: $(VENV)/.deps-stamp
 	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-resources: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
 	mkdir -p $(dir $(CUDA_RESOURCES_OUT))
-	$(VENV)/bin/python .ci/cuda_resources.py --nvcc '$(CUDA_HOME)/bin/nvcc' --arch $(CUDA_RESOURCES_ARCH) \
+	'$(CUDA_RESOURCES_PYTHON)' .ci/cuda_resources.py --nvcc '$(CUDA_HOME)/bin/nvcc' --arch $(CUDA_RESOURCES_ARCH) \
 	  > $(CUDA_RESOURCES_OUT).tmp
 	mv $(CUDA_RESOURCES_OUT).tmp $(CUDA_RESOURCES_OUT)
 	cat $(CUDA_RESOURCES_OUT)
+
+cuda-resources-check:
+	test -x '$(CUDA_HOME)/bin/nvcc' || { echo "cuda-resources-check: no nvcc in CUDA_HOME=$(CUDA_HOME)"; exit 1; }
+	start=$$SECONDS; '$(CUDA_RESOURCES_PYTHON)' .ci/cuda_resources.py --nvcc '$(CUDA_HOME)/bin/nvcc' \
+	  --arch $(CUDA_RESOURCES_ARCH) --check > /dev/null; \
+	  echo "cuda-resources-check: passed in $$((SECONDS - start)) s"
 
 # ---- Targets of other parts of the project -------------------------------------------------------
 # Reserved here, written by their owners: demo, compare, fonts, bench, gpu-check

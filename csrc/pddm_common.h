@@ -176,13 +176,17 @@ C10_HOST_DEVICE inline void triangle_tile(int64_t t, int64_t nb, int64_t* bi, in
 struct TileGrid {
   bool batch;
   int64_t m, n, rows, cols;  // rows, cols: tile height and width
+  int64_t n_row_blocks, n_col_blocks;  // set by make() on the host: the device code divides only in tile()
 
   // Batch mode: square tiles over (m, m), whatever n and cols say.
   static TileGrid make(bool batch, int64_t m, int64_t n, int64_t rows, int64_t cols) {
-    return batch ? TileGrid{true, m, m, rows, rows} : TileGrid{false, m, n, rows, cols};
+    TileGrid g = batch ? TileGrid{true, m, m, rows, rows, 0, 0} : TileGrid{false, m, n, rows, cols, 0, 0};
+    g.n_row_blocks = (g.m + g.rows - 1) / g.rows;
+    g.n_col_blocks = (g.n + g.cols - 1) / g.cols;
+    return g;
   }
-  C10_HOST_DEVICE int64_t row_blocks() const { return (m + rows - 1) / rows; }
-  C10_HOST_DEVICE int64_t col_blocks() const { return (n + cols - 1) / cols; }
+  C10_HOST_DEVICE int64_t row_blocks() const { return n_row_blocks; }
+  C10_HOST_DEVICE int64_t col_blocks() const { return n_col_blocks; }
   C10_HOST_DEVICE int64_t count() const {
     return batch ? triangle_tile_count(row_blocks()) : row_blocks() * col_blocks();
   }

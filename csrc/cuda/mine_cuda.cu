@@ -313,6 +313,7 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
   T* sm_w = sm + staging_a_elems<T>();
   T* Z = block_workspace(sm, scratch, ws_elems);
   fold_begin(fs);
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
@@ -336,6 +337,7 @@ __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __res
   PDDM_SHARED_DECLARED();
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;  // rows ty, ty + 16; columns tx, tx + 16
   fold_begin(fs);
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
@@ -378,6 +380,7 @@ __global__ void __launch_bounds__(kThreads) mine_euclidean_kernel(const T* __res
 __global__ void decode_keys_kernel(const unsigned long long* __restrict__ keys, int64_t count, bool maximum,
                                    int64_t* __restrict__ idx, float* __restrict__ score) {
   PDDM_SHARED_DECLARED();
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
     const unsigned long long key = keys[e];
     if (key == (maximum ? kNoMax : kNoMin)) {

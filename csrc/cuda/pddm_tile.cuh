@@ -136,6 +136,36 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// The (row, col) = (e / cols, e % cols) of the elements e = threadIdx.x, + kThreads, ... < rows * cols
+// of a row-major (rows, cols) index space, walked without a 64-bit division per element: the start
+// and the step (kThreads / cols, kThreads % cols) take one 32-bit division when cols <= kThreads (the
+// quotient and remainder of a number below kThreads = 256 fit in 32 bits; a wider row steps by
+// (0, kThreads)), and each next() adds the step with at most one carry (col < cols and the column
+// step < cols, so col + step < 2 cols). A loop over e calls next() with every e += kThreads.
+struct RowColWalk {
+  int64_t row, col, cols;
+  int row_step, col_step;
+  __device__ __forceinline__ RowColWalk(int64_t rows, int64_t columns) : cols(columns) {
+    const int tid = threadIdx.x;
+    if (columns <= 0) {  // an empty space: no element (the loops over e do not run either)
+      row = rows, col = 0, row_step = 0, col_step = 0;
+    } else if (columns > kThreads) {
+      row = 0, col = tid, row_step = 0, col_step = kThreads;
+    } else {
+      const int c32 = int(columns), r = tid / c32;
+      row = r, col = tid - r * c32, row_step = kThreads / c32, col_step = kThreads - row_step * c32;
+    }
+  }
+  __device__ __forceinline__ void next() {
+    row += row_step;
+    col += col_step;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  }
+};
+
 // Pointers into the (contiguous, device) parameters of a PDDM unit, and its form (docs/design.md "The two
 // forms"). W_v serves only the near-antipodal pairs (mean_branch_direct); the others use P = x W_v^T.
 template <typename T>
@@ -435,9 +465,10 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
       [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
       [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math);
   // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
-  for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads) {
-    const int p = int(e / h);
-    const int64_t k = e - int64_t(p) * h;
+  RowColWalk pk(kPairs, h);
+  for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads, pk.next()) {
+    const int p = int(pk.row);  // < kPairs
+    const int64_t k = pk.col;
     Z[p * ldz + h + k] = branch_unit(mean_pre_projection(w, rows, ts, p, k), ts.inv_v[p], w.b_v[k]);
   }
 #ifndef PDDM_EXT_TEST_DROP_TILE_BARRIER  // compiled out only by the emulation's self-test (docs/emulation.md)
@@ -584,16 +615,19 @@ struct GemmStage {
 
 // C(i, j) = (accumulate ? C(i, j) : 0) + sum_k A(i, k) B(k, j), C (M, N) at C[i * c_row + j * c_col].
 // B is passed as B^T: element (c, k) = B(k, c).
+// grid: TileGrid::make(false, M, N, kGemmTile, kGemmTile), the output tiles row by row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(StridedMatrix<T> A, StridedMatrix<T> Bt, T* __restrict__ C,
                                                          int64_t c_row, int64_t c_col, int64_t M, int64_t N,
-                                                         int64_t K, bool accumulate) {
+                                                         int64_t K, bool accumulate, TileGrid grid) {
   PDDM_SHARED(st, GemmStage<T>);
   PDDM_SHARED_DECLARED();
   const int tid = threadIdx.x, tx = tid % kGemmTile, ty = tid / kGemmTile;
-  const int64_t tiles_n = (N + kGemmTile - 1) / kGemmTile, tiles = ((M + kGemmTile - 1) / kGemmTile) * tiles_n;
+  const int64_t tiles = grid.count();  // grid: the row-major 16 x 16 output tiles of C
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t i0 = (t / tiles_n) * kGemmTile, j0 = (t % tiles_n) * kGemmTile;
+    int64_t i0, j0;
+    grid.tile(t, &i0, &j0);
     T acc = 0;
     for (int64_t k0 = 0; k0 < K; k0 += kGemmTile) {
       // Consecutive threads walk the contiguous axis of each operand (coalesced loads).
@@ -622,12 +656,13 @@ inline void matmul_into(const at::Tensor& C, const at::Tensor& A, const at::Tens
   if (M == 0 || N == 0) return;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pddm_matmul_cuda", [&] {
     using T = scalar_t;
-    const int64_t tiles = ((M + kGemmTile - 1) / kGemmTile) * ((N + kGemmTile - 1) / kGemmTile);
+    const auto grid = TileGrid::make(false, M, N, kGemmTile, kGemmTile);
+    const int64_t tiles = grid.count();
     const int blocks = int(std::min<int64_t>(tiles, 65535));
     PDDM_LAUNCH(gemm_kernel<T>, blocks, kThreads, 0, current_stream())(
         StridedMatrix<T>{A.data_ptr<T>(), A.stride(0), A.stride(1)},
         StridedMatrix<T>{B.data_ptr<T>(), B.stride(1), B.stride(0)}, C.data_ptr<T>(), C.stride(0), C.stride(1), M, N,
-        K, accumulate);
+        K, accumulate, grid);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -33,6 +33,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
   T* Z = block_workspace(sm, scratch, ws_elems);
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
@@ -154,6 +155,13 @@ struct BackwardScalars {
   T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
 };
 
+// A backward block's workspace matrices, parameter-gradient slab and input-gradient buffers (null:
+// not needed).
+template <typename T>
+struct BlockPointers {
+  T *Z, *dZ, *Q, *dU, *slab, *dx, *dy, *dPx, *dPy;
+};
+
 // The pairs the backward walks: the dense tiles of grid, or (count >= 0) the live pairs of a sparse
 // dS, kPairs at a time (live_pair_list in scores_backward_cuda). Which, the device chose: the kernel
 // first loads it from *listed (resolved()), so the host never reads it.
@@ -230,6 +238,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   PDDM_DYNAMIC_SHARED(smem_raw);
   PDDM_SHARED(ts, TileScalars<T>);
   PDDM_SHARED(bs, BackwardScalars<T>);
+  PDDM_SHARED(bp, BlockPointers<T>);
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
@@ -237,23 +246,31 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   const int64_t d = w.d, h = w.h, c = w.c;
   // Row strides of the workspace matrices (tile_workspace_elems, smem_layout.h).
   const int64_t ldz = layout::workspace_stride(2 * h), ldq = layout::workspace_stride(c), ldu = layout::workspace_stride(d);
-  T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
-  T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
-  T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
-  T* dU = Q + kPairs * ldq;                        // (kPairs, d) dL/dnormalize(u)
-  T* slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
-  // This block's slices of the input-side gradients (per_block), else the shared buffers.
-  const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
-  T* const g_dx = out.dx == nullptr ? nullptr : out.dx + slice * rows.m * w.d;
-  T* const g_dy = out.dy == nullptr ? nullptr : out.dy + slice * rows.n * w.d;
-  T* const g_dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
-  T* const g_dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
+  // The block's pointers live in shared memory (bp, set by thread 0 before the first tile's barrier)
+  // and are read where used: kept in registers across the tile loop, they pushed it past 255.
+  if (threadIdx.x == 0) {
+    bp.Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
+    bp.dZ = bp.Z + kPairs * ldz;                     // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
+    bp.Q = bp.dZ + kPairs * ldz;                     // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
+    bp.dU = bp.Q + kPairs * ldq;                     // (kPairs, d) dL/dnormalize(u)
+    bp.slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
+    // This block's slices of the input-side gradients (per_block), else the shared buffers.
+    const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
+    bp.dx = out.dx == nullptr ? nullptr : out.dx + slice * rows.m * w.d;
+    bp.dy = out.dy == nullptr ? nullptr : out.dy + slice * rows.n * w.d;
+    bp.dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
+    bp.dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
+  }
+  T* const &Z = bp.Z, *const &dZ = bp.dZ, *const &Q = bp.Q, *const &dU = bp.dU, *const &slab = bp.slab;
+  T* const &g_dx = bp.dx, *const &g_dy = bp.dy, *const &g_dPx = bp.dPx, *const &g_dPy = bp.dPy;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool need_inputs = g_dx != nullptr || g_dy != nullptr;
+  const bool need_inputs = out.dx != nullptr || out.dy != nullptr;
   pairs = pairs.resolved();  // the walk the device chose
   const bool batch = pairs.grid.batch, listed = pairs.count >= 0;
+  const int64_t tiles = pairs.tiles();
 
-  for (int64_t t = blockIdx.x; t < pairs.tiles(); t += gridDim.x) {
+#pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const TilePairs tp = pairs.tile(t);
     __syncthreads();
     if (tid < kPairs) {
@@ -304,16 +321,18 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
     }
     __syncthreads();
-    for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads) {
-      const int p = int(e / c);
-      const int64_t j = e - int64_t(p) * c;
+    RowColWalk pj(kPairs, c);
+    for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads, pj.next()) {
+      const int p = int(pj.row);  // < kPairs
+      const int64_t j = pj.col;
       T& q = Q[p * ldq + j];
       q = q > T(0) && bs.g[p] != T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
     }
     __syncthreads();
     if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's live pairs
-      for (int64_t e = tid; e < c * 2 * h; e += kThreads) {
-        const int64_t j = e / (2 * h), k = e - j * 2 * h;
+      RowColWalk jk(c, 2 * h);
+      for (int64_t e = tid; e < c * 2 * h; e += kThreads, jk.next()) {
+        const int64_t j = jk.row, k = jk.col;
         T acc = 0;
         for (int p = 0; p < kPairs; ++p) {
           if (bs.g[p] != T(0)) acc += Q[p * ldq + j] * Z[p * ldz + k];
@@ -341,9 +360,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
     }
     __syncthreads();
-    for (int64_t e = tid; e < int64_t(kPairs) * 2 * h; e += kThreads) {
-      const int p = int(e / (2 * h));
-      const int64_t k = e - int64_t(p) * 2 * h;
+    RowColWalk pk(kPairs, 2 * h);
+    for (int64_t e = tid; e < int64_t(kPairs) * 2 * h; e += kThreads, pk.next()) {
+      const int p = int(pk.row);  // < kPairs
+      const int64_t k = pk.col;
       const bool u_half = k < h;
       const T z = Z[p * ldz + k];
       T& dz = dZ[p * ldz + k];
@@ -379,9 +399,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       return ts.direct[p] || bs.g[p] == T(0) ? T(0) : dZ[p * ldz + h + k] * ts.inv_v[p];
     };
     if (!listed) {
-      for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads) {
-        const int a = int(e / h);
-        const int64_t k = e - int64_t(a) * h;
+      RowColWalk ak(kTile, h);
+      for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads, ak.next()) {
+        const int a = int(ak.row);  // < kTile
+        const int64_t k = ak.col;
         if (g_dPx != nullptr && tp.i0 + a < rows.m) {  // dP_i += sum over the tile's columns
           T acc = 0;
           for (int b = 0; b < kTile; ++b) acc += dP_of(a * kTile + b, k);
@@ -432,9 +453,10 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
         return v;
       };
       if (!listed) {
-        for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads) {
-          const int a = int(e / d);
-          const int64_t j = e - int64_t(a) * d;
+        RowColWalk aj(kTile, d);
+        for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads, aj.next()) {
+          const int a = int(aj.row);  // < kTile
+          const int64_t j = aj.col;
           if (g_dx != nullptr && tp.i0 + a < rows.m) {
             T acc = 0;
             for (int b = 0; b < kTile && tp.r0 + b < rows.n; ++b) acc += input_grad(a * kTile + b, j, true);
@@ -459,8 +481,9 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     }
     if (slab != nullptr) {
       // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T over the live pairs.
-      for (int64_t e = tid; e < h * d; e += kThreads) {
-        const int64_t k = e / d, j = e - k * d;
+      RowColWalk kj(h, d);
+      for (int64_t e = tid; e < h * d; e += kThreads, kj.next()) {
+        const int64_t k = kj.row, j = kj.col;
         T acc = 0;
         if (!listed) {  // a dense tile: its 8 rows and 8 columns read once
           T xa[kTile], yb[kTile];
@@ -486,8 +509,9 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
         slab[out.layout.W_u + e] += acc;
       }
       if (any_direct) {  // dW_v += g_v (x_i + y_r)^T over the tile's near-antipodal live pairs
-        for (int64_t e = tid; e < h * d; e += kThreads) {
-          const int64_t k = e / d, j = e - k * d;
+        RowColWalk kj_direct(h, d);
+        for (int64_t e = tid; e < h * d; e += kThreads, kj_direct.next()) {
+          const int64_t k = kj_direct.row, j = kj_direct.col;
           T acc = 0;
           for (int p = 0; p < kPairs; ++p) {
             if (!ts.direct[p] || bs.g[p] == T(0)) continue;
