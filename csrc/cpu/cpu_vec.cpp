@@ -10,17 +10,84 @@
 
 #include "../pddm_common.h"
 
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PDDM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PDDM_X86_LEVELS 1
 #else
-#define PDDM_CPU_CLONES
+#define PDDM_X86_LEVELS 0
 #endif
 
 // The per-pair loops below are written once and must be compiled into each target_clones clone
 // of their caller (else they run as the baseline SSE2 build), so they are always inlined.
 #define PDDM_INLINE inline __attribute__((always_inline))
+// The loop bodies handed to for_lanes: inlined into each level's variant too (a body left out of line
+// would run at the baseline level).
+#define PDDM_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace pddm_ext::cpu::vec {
+namespace {
+
+constexpr const char* kIsaVariable = "PDDM_EXT_CPU_ISA";
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+constexpr int kIsaLevels = 3;
+
+// The best level this CPU runs (its CPUID flags, read once): 2 avx512, 1 avx2, 0 baseline.
+int best_level() {
+  static const int level = [] {
+#if PDDM_X86_LEVELS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return 2;
+    if (__builtin_cpu_supports("x86-64-v3")) return 1;
+#endif
+    return 0;
+  }();
+  return level;
+}
+
+// The level of the calls below, set by select_isa_from_env at the start of every CPU op; -1 until
+// then (the best level). One relaxed load per call: the ops set it before their parallel regions.
+std::atomic<int> selected_level{-1};
+
+PDDM_INLINE int active_level() {
+  const int level = selected_level.load(std::memory_order_relaxed);
+  return level < 0 ? best_level() : level;
+}
+
+std::string levels_of_this_cpu() {
+  std::string out;
+  for (int l = 0; l <= best_level(); ++l) out += std::string(l ? ", " : "") + kIsaNames[l];
+  return out;
+}
+
+}  // namespace
+
+const char* isa_name(int level) { return level >= 0 && level < kIsaLevels ? kIsaNames[level] : "unknown"; }
+
+int cpu_best_isa() { return best_level(); }
+
+int select_isa_from_env() {
+  const char* value = std::getenv(kIsaVariable);
+  int level = best_level();
+  if (value != nullptr && value[0] != '\0') {
+    level = -1;
+    for (int l = 0; l < kIsaLevels; ++l) {
+      if (std::string(value) == kIsaNames[l]) level = l;
+    }
+    TORCH_CHECK_VALUE(level >= 0, kIsaVariable, "='", value, "' is not an instruction-set level: use baseline, ",
+                      "avx2 or avx512 (this CPU has ", levels_of_this_cpu(), "), or unset it for the best");
+    TORCH_CHECK_VALUE(level <= best_level(), kIsaVariable, "='", value, "' names a level this CPU lacks: it has ",
+                      levels_of_this_cpu());
+  }
+  selected_level.store(level, std::memory_order_relaxed);
+  return level;
+}
+
 namespace {
 
 // R rows x two vectors of columns of C, accumulated in registers over the whole of K.
@@ -91,7 +158,7 @@ inline __attribute__((always_inline)) void gemm_rows_impl(int64_t M, int64_t N, 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if PDDM_X86_LEVELS
 #define PDDM_GEMM_VARIANT(T, NAME, TARGET, BYTES, ROWS)                                                         \
   __attribute__((target(TARGET), flatten)) void NAME(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, \
                                                      int64_t ldk, const T* Bt, int64_t ldb, T* C,               \
@@ -104,24 +171,14 @@ PDDM_GEMM_VARIANT(double, gemm_avx512, "arch=x86-64-v4", 64, 8)
 PDDM_GEMM_VARIANT(float, gemm_avx2, "arch=x86-64-v3", 32, 6)
 PDDM_GEMM_VARIANT(double, gemm_avx2, "arch=x86-64-v3", 32, 6)
 
-// 2: AVX-512 (x86-64-v4), 1: AVX2 + FMA (x86-64-v3), 0: baseline.
-int isa_level() {
-  static const int level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return 2;
-    if (__builtin_cpu_supports("x86-64-v3")) return 1;
-    return 0;
-  }();
-  return level;
-}
 #endif
 
 // A's element (row r, k) is A[r * lda + k * ldk].
 template <typename T>
 inline void gemm_rows_dispatch(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, int64_t ldk, const T* Bt,
                                int64_t ldb, T* C, bool accumulate) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  const int level = isa_level();
+#if PDDM_X86_LEVELS
+  const int level = active_level();
   if (level == 2) return gemm_avx512(M, N, K, A, lda, ldk, Bt, ldb, C, accumulate);
   if (level == 1) return gemm_avx2(M, N, K, A, lda, ldk, Bt, ldb, C, accumulate);
 #endif
@@ -270,7 +327,7 @@ PDDM_INLINE void branches_backward_impl(const T* __restrict z, const T* __restri
                                         T* __restrict out_y, int64_t h, T* dscale_u, T* dscale_v) {
   const T *zu = z, *zv = z + h, *dzu = dz, *dzv = dz + h;
   T su_l[kLanes<T>] = {}, sv_l[kLanes<T>] = {};
-  for_lanes<T>(h, [&](int64_t k, int l) {
+  for_lanes<T>(h, [&](int64_t k, int l) PDDM_LAMBDA_INLINE {
     su_l[l] += zu[k] * dzu[k];
     sv_l[l] += zv[k] * dzv[k];
   });
@@ -281,7 +338,7 @@ PDDM_INLINE void branches_backward_impl(const T* __restrict z, const T* __restri
   if (clamped_u) su = 0;
   if (clamped_v) sv = 0;
   T gu[kLanes<T>] = {}, gv[kLanes<T>] = {};
-  for_lanes<T>(h, [&](int64_t k, int l) {
+  for_lanes<T>(h, [&](int64_t k, int l) PDDM_LAMBDA_INLINE {
     // z > 0 exactly where the ReLU was active (the normalisation only rescales).
     const T dpre_u = zu[k] > T(0) ? (dzu[k] - zu[k] * su) * inv_u : T(0);
     const T dpre_v = zv[k] > T(0) ? (dzv[k] - zv[k] * sv) * inv_v : T(0);
@@ -328,27 +385,29 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
 
 }  // namespace
 
-#define PDDM_DEFINE_VEC(T)                                                                                   \
-  PDDM_CPU_CLONES __attribute__((optimize("no-tree-vectorize"))) T dot(const T* x, const T* y, int64_t d) {  \
+// Each per-pair loop is compiled once per level (the _v4, _v3 and _base variants, the loops above
+// inlined into each) and the public function calls the variant of the active level.
+#define PDDM_VEC_VARIANTS(T, SUFFIX, ATTR)                                                                    \
+  ATTR __attribute__((optimize("no-tree-vectorize"))) T dot_##SUFFIX(const T* x, const T* y, int64_t d) {    \
     return dot_impl(x, y, d);                                                                                \
   }                                                                                                          \
-  PDDM_CPU_CLONES T squared_distance(const T* x, const T* y, int64_t d) { return squared_distance_impl(x, y, d); } \
-  PDDM_CPU_CLONES void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {          \
+  ATTR T squared_distance_##SUFFIX(const T* x, const T* y, int64_t d) { return squared_distance_impl(x, y, d); } \
+  ATTR void abs_diff_##SUFFIX(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {             \
     abs_diff_impl(x, y, u, d, sq_diff, sq_sum);                                                              \
   }                                                                                                          \
-  PDDM_CPU_CLONES T branch_units(const T* a, const T* b, T scale, const T* bias, T* out, int64_t h) {       \
+  ATTR T branch_units_##SUFFIX(const T* a, const T* b, T scale, const T* bias, T* out, int64_t h) {         \
     return branch_units_impl(a, b, scale, bias, out, h);                                                     \
   }                                                                                                          \
-  PDDM_CPU_CLONES void scale_in_place(T* z, T scale, int64_t h) { scale_impl(z, scale, h); }                \
-  PDDM_CPU_CLONES T score_layer(const T* q, const T* bias, const T* w, int64_t c) {                         \
+  ATTR void scale_in_place_##SUFFIX(T* z, T scale, int64_t h) { scale_impl(z, scale, h); }                  \
+  ATTR T score_layer_##SUFFIX(const T* q, const T* bias, const T* w, int64_t c) {                           \
     return score_layer_impl(q, bias, w, c);                                                                  \
   }                                                                                                          \
-  PDDM_CPU_CLONES void score_layer_backward(T* q, const T* bias, const T* w, T g, T* dw, T* dbias, int64_t c) { \
+  ATTR void score_layer_backward_##SUFFIX(T* q, const T* bias, const T* w, T g, T* dw, T* dbias, int64_t c) { \
     score_layer_backward_impl(q, bias, w, g, dw, dbias, c);                                                  \
   }                                                                                                          \
-  PDDM_CPU_CLONES void branches_backward(const T* z, const T* dz, T norm_u1, T norm_v1, T* A, T scale_u,           \
-                                         const T* Pa, const T* Pb, T scale_v, T* db_u, T* db_v, T* out_x, T* out_y, \
-                                         int64_t h, T* dscale_u, T* dscale_v) {                                \
+  ATTR void branches_backward_##SUFFIX(const T* z, const T* dz, T norm_u1, T norm_v1, T* A, T scale_u,          \
+                                       const T* Pa, const T* Pb, T scale_v, T* db_u, T* db_v, T* out_x, T* out_y, \
+                                       int64_t h, T* dscale_u, T* dscale_v) {                                \
     if (out_x == out_y) {                                                                                    \
       return branches_backward_impl<true>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v,    \
                                           out_x, out_y, h, dscale_u, dscale_v);                              \
@@ -356,11 +415,69 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
     branches_backward_impl<false>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v, out_x,     \
                                   out_y, h, dscale_u, dscale_v);                                             \
   }                                                                                                          \
-  PDDM_CPU_CLONES void input_grad(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) { \
+  ATTR void input_grad_##SUFFIX(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {  \
     input_grad_dispatch(x, y, dU, cu, cv, dx, dy, d);                                                        \
+  }
+
+namespace {
+#if PDDM_X86_LEVELS
+PDDM_VEC_VARIANTS(float, v4, __attribute__((target("arch=x86-64-v4"))))
+PDDM_VEC_VARIANTS(double, v4, __attribute__((target("arch=x86-64-v4"))))
+PDDM_VEC_VARIANTS(float, v3, __attribute__((target("arch=x86-64-v3"))))
+PDDM_VEC_VARIANTS(double, v3, __attribute__((target("arch=x86-64-v3"))))
+#define PDDM_CALL_LEVEL(NAME, ...)                                 \
+  do {                                                             \
+    const int level = active_level();                              \
+    if (level == 2) return NAME##_v4(__VA_ARGS__);                 \
+    if (level == 1) return NAME##_v3(__VA_ARGS__);                 \
+    return NAME##_base(__VA_ARGS__);                               \
+  } while (0)
+#else
+#define PDDM_CALL_LEVEL(NAME, ...) return NAME##_base(__VA_ARGS__)
+#endif
+PDDM_VEC_VARIANTS(float, base, )
+PDDM_VEC_VARIANTS(double, base, )
+}  // namespace
+
+#define PDDM_DEFINE_VEC(T)                                                                                   \
+  T dot(const T* x, const T* y, int64_t d) { PDDM_CALL_LEVEL(dot, x, y, d); }                                \
+  T squared_distance(const T* x, const T* y, int64_t d) { PDDM_CALL_LEVEL(squared_distance, x, y, d); }      \
+  void abs_diff(const T* x, const T* y, T* u, int64_t d, T* sq_diff, T* sq_sum) {                           \
+    PDDM_CALL_LEVEL(abs_diff, x, y, u, d, sq_diff, sq_sum);                                                  \
+  }                                                                                                          \
+  T branch_units(const T* a, const T* b, T scale, const T* bias, T* out, int64_t h) {                       \
+    PDDM_CALL_LEVEL(branch_units, a, b, scale, bias, out, h);                                                \
+  }                                                                                                          \
+  void scale_in_place(T* z, T scale, int64_t h) { PDDM_CALL_LEVEL(scale_in_place, z, scale, h); }           \
+  T score_layer(const T* q, const T* bias, const T* w, int64_t c) { PDDM_CALL_LEVEL(score_layer, q, bias, w, c); } \
+  void score_layer_backward(T* q, const T* bias, const T* w, T g, T* dw, T* dbias, int64_t c) {             \
+    PDDM_CALL_LEVEL(score_layer_backward, q, bias, w, g, dw, dbias, c);                                      \
+  }                                                                                                          \
+  void branches_backward(const T* z, const T* dz, T norm_u1, T norm_v1, T* A, T scale_u, const T* Pa,        \
+                         const T* Pb, T scale_v, T* db_u, T* db_v, T* out_x, T* out_y, int64_t h, T* dscale_u, \
+                         T* dscale_v) {                                                                      \
+    PDDM_CALL_LEVEL(branches_backward, z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v,     \
+                    out_x, out_y, h, dscale_u, dscale_v);                                                    \
+  }                                                                                                          \
+  void input_grad(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {               \
+    PDDM_CALL_LEVEL(input_grad, x, y, dU, cu, cv, dx, dy, d);                                                \
   }
 
 PDDM_DEFINE_VEC(float)
 PDDM_DEFINE_VEC(double)
+
+namespace {
+
+// cpu_isa() -> [the level the next CPU op runs at (PDDM_EXT_CPU_ISA read now, erroring as the ops
+// do), then every level this CPU has, lowest first].
+std::vector<std::string> cpu_isa_op() {
+  std::vector<std::string> out{isa_name(select_isa_from_env())};
+  for (int l = 0; l <= cpu_best_isa(); ++l) out.emplace_back(isa_name(l));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pddm_ext, m) { m.def("cpu_isa() -> str[]", &cpu_isa_op); }
 
 }  // namespace pddm_ext::cpu::vec
