@@ -81,6 +81,18 @@ def gemm_peak(doc):
     return max(rates) if rates else None
 
 
+def fma_peak(doc):
+    """The CPU's FMA-peak estimate at the level the kernels ran at (GFLOP/s; None where unknown)."""
+    return (doc.get("peak") or {}).get("gflops")
+
+
+def rate_shares(rate, doc):
+    """'(61% of GEMM, 35% of peak)' for a rate in GFLOP/s, each share where its denominator is known."""
+    shares = [f"{100 * rate / denominator:.0f}% of {name}"
+              for name, denominator in (("GEMM", gemm_peak(doc)), ("peak", fma_peak(doc))) if denominator]
+    return f" ({', '.join(shares)})" if shares else ""
+
+
 def check_targets(doc):
     """Each target as {issue, target, measured, result} (``issue``: the label of the requirement it checks)."""
     gemm = gemm_peak(doc)
@@ -192,7 +204,7 @@ def results_table(doc):
     gemm = gemm_peak(doc)
     variants = [v for v in VARIANT_TITLES if any(e["config"]["variant"] == v for e in doc["results"])]
     head = ["workload", "m × n", "d=h=c"] + [f"{VARIANT_TITLES[v]}: time · extra peak" for v in variants]
-    head += ["fused is faster by", "fused GFLOP/s (% of GEMM)"]
+    head += ["fused is faster by", "fused GFLOP/s (% of GEMM, % of FMA peak)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (workload, d, m, n), by_variant in _groups(doc):
         fused = by_variant.get("fused")
@@ -210,7 +222,7 @@ def results_table(doc):
         row.append(", ".join(speedups))
         if _ok(fused):
             rate = gflops(fused)
-            row.append(f"{rate:.0f}" + (f" ({100 * rate / gemm:.0f}%)" if gemm else ""))
+            row.append(f"{rate:.0f}{rate_shares(rate, doc)}")
         else:
             row.append("")
         lines.append("| " + " | ".join(row) + " |")
@@ -263,7 +275,14 @@ def markdown(doc):
         here = [e["gemm_gflops_here"] for e in doc["results"] if e.get("gemm_gflops_here")]
         spread = f" ({min(here):.0f}–{max(here):.0f} in the fused configurations' processes)" if here else ""
         out.append(f"- GEMM roofline: `torch.mm` {gemm['size']}² {gemm['dtype']}: {gemm['gflops']:.0f} GFLOP/s at the start of the run"
-                   f"{spread}; \"% of GEMM\" divides by the best of these, {gemm_peak(doc):.0f} GFLOP/s.")
+                   f"{spread}; \"% of GEMM\" divides by the best of these, {gemm_peak(doc):.0f} GFLOP/s"
+                   + (f" ({100 * gemm_peak(doc) / fma_peak(doc):.0f}% of the FMA peak)." if fma_peak(doc) else "."))
+    cpu = m.get("cpu") or {}
+    if doc.get("peak"):
+        out.append(f"- FMA peak estimate at the kernels' level: {doc['peak']['formula']} = {fma_peak(doc):.0f} GFLOP/s "
+                   f"(family and model: {cpu.get('source')}; FMA units: {cpu.get('fma_source')}; clock: {cpu.get('clock_source')}).")
+    elif doc["device"] == "cpu" and "peak" in doc:
+        out.append("- FMA peak: not estimated (micro-architecture, clock or the kernels' level unknown on this CPU).")
     out += [
         f"- Each configuration in a fresh process: 1 warm-up call, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls "
         f"(a first call slower than {s.get('slow_call_s', float('inf')):.0f} s is timed too and 2 calls suffice); "

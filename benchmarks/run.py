@@ -129,6 +129,9 @@ def parse_args(argv):
     p.add_argument("--budget-s", type=float, default=None, help="time per configuration for extra repeats (default 2 quick, 8 full)")
     p.add_argument("--slow-s", type=float, default=None, help="a first call slower than this is timed and 2 calls suffice (default 5 quick, 30 full)")
     p.add_argument("--gemm-size", type=int, default=None, help="side of the torch.mm roofline matrices (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--cpu-isa", choices=("baseline", "avx2", "avx512"), default=None,
+                   help="run the CPU kernels at this instruction-set level (sets PDDM_EXT_CPU_ISA for every measurement; "
+                        "default: the variable as set, else the CPU's best level); the default tag gets _<level>")
     p.add_argument("--tag", default=None, help="result file stem suffix (default: quick, full or custom)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-plots", action="store_true")
@@ -142,7 +145,7 @@ def main(argv=None):
         getattr(args, name) != default
         for name, default in (("workloads", list(WORKLOADS)), ("variants", list(VARIANTS)), ("m", list(FULL_M)), ("d", list(FULL_D)))
     )
-    tag = args.tag or ("quick" if args.quick else "custom" if custom else "full")
+    tag = args.tag or ("quick" if args.quick else "custom" if custom else "full") + (f"_{args.cpu_isa}" if args.cpu_isa else "")
     min_repeats = args.min_repeats or (3 if args.quick else 5)
     max_repeats = args.max_repeats or (10 if args.quick else 20)
     budget_s = args.budget_s if args.budget_s is not None else (2.0 if args.quick else 8.0)
@@ -160,6 +163,8 @@ def main(argv=None):
     inductor_cache = tempfile.mkdtemp(prefix="pddm-bench-inductor-")
     env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # compile times are cold-cache, once per run
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if args.cpu_isa:
+        env["PDDM_EXT_CPU_ISA"] = args.cpu_isa
 
     started = datetime.datetime.now(datetime.timezone.utc)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -174,6 +179,10 @@ def main(argv=None):
             return 1
         facts["torch_facts"] = gemm.pop("facts")
         log(f"  {gemm['gflops']:.1f} GFLOP/s")
+        isa_error = facts["torch_facts"].get("cpu_isa_error")
+        if args.device == "cpu" and isa_error and "PDDM_EXT_CPU_ISA" in isa_error:
+            log(f"the CPU kernels cannot run as asked: {isa_error}")
+            return 1
 
     if args.budget_gb is not None:
         budget = int(args.budget_gb * 2**30)
@@ -220,6 +229,10 @@ def main(argv=None):
                      "compile_cache": "fresh TorchInductor cache per run (cold compile)"},
         "results": results,
     }
+    if args.device == "cpu" and not args.dry_run:
+        torch_facts = facts.get("torch_facts", {})
+        cores = min(torch_facts.get("threads") or 1, facts.get("usable_cores") or 1)
+        doc["peak"] = machine.fma_peak(facts.get("cpu"), torch_facts.get("cpu_isa"), cores)
     doc["targets"] = report.check_targets(doc)
     if args.dry_run:
         print(report.markdown(doc))
