@@ -175,3 +175,22 @@ def test_rates_are_shares_of_gemm_and_of_the_peak():
     assert "| 86 (43% of GEMM, 52% of peak) |" in text
     assert "2 cores x 2 FMA units x 8 fp32 lanes x 2 x 2.60 GHz = 166 GFLOP/s" in text
     assert "(family 25 model 17" in text
+
+
+def test_levels_side_by_side():
+    """A run timing the fused configurations at two levels: one column each, rates per level, the
+    targets and speed-ups from the first level."""
+    results = [
+        _entry("mine_k1", "fused", 1024, 0.60, 5, cpu_isa="avx512"),
+        _entry("mine_k1", "fused", 1024, 1.20, 5, cpu_isa="avx2"),
+        _entry("mine_k1", "reference", 1024, 6.0, 5000),
+    ]
+    doc = _doc(results, gemm_gflops=200.0)
+    doc["peaks"] = {"avx512": machine.fma_peak(ZEN4, "avx512", 2), "avx2": machine.fma_peak(ZEN1, "avx2", 2)}
+    doc["targets"] = report.check_targets(doc)
+    assert report.find(doc, "mine_k1", "fused", 1024)["cpu_isa"] == "avx512"
+    text = report.markdown(doc)
+    assert "| fused at avx512: time · extra peak | fused at avx2: time · extra peak | reference: time · extra peak |" in text
+    # 86 GFLOP/s at avx512 (52% of 166.4), 43 at avx2 (67% of the 64 GFLOP/s given for it)
+    assert "avx512: 86 (43% of GEMM, 52% of peak); avx2: 43 (21% of GEMM, 67% of peak)" in text
+    assert "2.0× vs fused at avx2, 10.0× vs reference" in text
