@@ -400,6 +400,121 @@ PDDM_INLINE void branches_backward_impl(const T* __restrict z, const T* __restri
   *dscale_v = lane_sum(gv);
 }
 
+// The two backward loops above with explicit 32-byte vectors for the AVX2 level, where GCC leaves them
+// scalar (a branch per ReLU test). The same arithmetic per element; the lane sums keep their lanes
+// (lane l sums k = l mod kLanes), tails and trees.
+template <typename T>
+PDDM_INLINE void score_layer_backward_vec32(T* q, const T* __restrict bias, const T* __restrict w, T g,
+                                            T* __restrict dw, T* __restrict dbias, int64_t c) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int L = 32 / sizeof(T);
+  int64_t j = 0;
+  for (; j + L <= c; j += L) {
+    V qv, bv, wv, dwv, dbv;
+    std::memcpy(&qv, q + j, sizeof(V));
+    std::memcpy(&bv, bias + j, sizeof(V));
+    std::memcpy(&wv, w + j, sizeof(V));
+    std::memcpy(&dwv, dw + j, sizeof(V));
+    std::memcpy(&dbv, dbias + j, sizeof(V));
+    const V pre = qv + bv;
+    const V dq = pre > V{} ? g * wv : V{};
+    std::memcpy(q + j, &dq, sizeof(V));
+    dwv += g * (pre > V{} ? pre : V{});
+    dbv += dq;
+    std::memcpy(dw + j, &dwv, sizeof(V));
+    std::memcpy(dbias + j, &dbv, sizeof(V));
+  }
+  for (; j < c; ++j) {
+    const T pre = q[j] + bias[j];
+    const T dq = pre > T(0) ? g * w[j] : T(0);
+    q[j] = dq;
+    dw[j] += g * relu(pre);
+    dbias[j] += dq;
+  }
+}
+
+template <bool kSameRow, typename T>
+PDDM_INLINE void branches_backward_vec32(const T* __restrict z, const T* __restrict dz, T norm_u1, T norm_v1,
+                                         T* __restrict A, T scale_u, const T* __restrict Pa, const T* __restrict Pb,
+                                         T scale_v, T* __restrict db_u, T* __restrict db_v, T* __restrict out_x,
+                                         T* __restrict out_y, int64_t h, T* dscale_u, T* dscale_v) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int L = 32 / sizeof(T);
+  const T *zu = z, *zv = z + h, *dzu = dz, *dzv = dz + h;
+  T su_l[kLanes<T>] = {}, sv_l[kLanes<T>] = {};
+  for_lanes<T>(h, [&](int64_t k, int l) PDDM_LAMBDA_INLINE {
+    su_l[l] += zu[k] * dzu[k];
+    sv_l[l] += zv[k] * dzv[k];
+  });
+  T su = lane_sum(su_l), sv = lane_sum(sv_l);
+  const bool clamped_u = !(norm_u1 > T(kNormEps)), clamped_v = !(norm_v1 > T(kNormEps));
+  const T inv_u = T(1) / (clamped_u ? T(kNormEps) : norm_u1), inv_v = T(1) / (clamped_v ? T(kNormEps) : norm_v1);
+  if (clamped_u) su = 0;
+  if (clamped_v) sv = 0;
+  V gu_v[2] = {}, gv_v[2] = {};
+  int64_t k0 = 0;
+  for (; k0 + kLanes<T> <= h; k0 += kLanes<T>) {
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) {
+      const int64_t k = k0 + v * L;
+      V zu_, dzu_, zv_, dzv_, a_, pa_, pb_, dbu_, dbv_, ox_;
+      std::memcpy(&zu_, zu + k, sizeof(V));
+      std::memcpy(&dzu_, dzu + k, sizeof(V));
+      std::memcpy(&zv_, zv + k, sizeof(V));
+      std::memcpy(&dzv_, dzv + k, sizeof(V));
+      std::memcpy(&a_, A + k, sizeof(V));
+      std::memcpy(&pa_, Pa + k, sizeof(V));
+      std::memcpy(&pb_, Pb + k, sizeof(V));
+      std::memcpy(&dbu_, db_u + k, sizeof(V));
+      std::memcpy(&dbv_, db_v + k, sizeof(V));
+      std::memcpy(&ox_, out_x + k, sizeof(V));
+      const V dpre_u = zu_ > V{} ? (dzu_ - zu_ * su) * inv_u : V{};
+      const V dpre_v = zv_ > V{} ? (dzv_ - zv_ * sv) * inv_v : V{};
+      gu_v[v] += dpre_u * a_;
+      gv_v[v] += dpre_v * (pa_ + pb_);
+      dbu_ += dpre_u;
+      dbv_ += dpre_v;
+      a_ = dpre_u * scale_u;
+      const V g = dpre_v * scale_v;
+      std::memcpy(db_u + k, &dbu_, sizeof(V));
+      std::memcpy(db_v + k, &dbv_, sizeof(V));
+      std::memcpy(A + k, &a_, sizeof(V));
+      if (kSameRow) {
+        ox_ += T(2) * g;
+      } else {
+        V oy_;
+        std::memcpy(&oy_, out_y + k, sizeof(V));
+        ox_ += g;
+        oy_ += g;
+        std::memcpy(out_y + k, &oy_, sizeof(V));
+      }
+      std::memcpy(out_x + k, &ox_, sizeof(V));
+    }
+  }
+  T gu[kLanes<T>], gv[kLanes<T>];
+  std::memcpy(gu, gu_v, sizeof(gu));
+  std::memcpy(gv, gv_v, sizeof(gv));
+  for (int l = 0; k0 + l < h; ++l) {
+    const int64_t k = k0 + l;
+    const T dpre_u = zu[k] > T(0) ? (dzu[k] - zu[k] * su) * inv_u : T(0);
+    const T dpre_v = zv[k] > T(0) ? (dzv[k] - zv[k] * sv) * inv_v : T(0);
+    gu[l] += dpre_u * A[k];
+    gv[l] += dpre_v * (Pa[k] + Pb[k]);
+    db_u[k] += dpre_u;
+    db_v[k] += dpre_v;
+    A[k] = dpre_u * scale_u;
+    const T g = dpre_v * scale_v;
+    if (kSameRow) {
+      out_x[k] += T(2) * g;
+    } else {
+      out_x[k] += g;
+      out_y[k] += g;
+    }
+  }
+  *dscale_u = lane_sum(gu);
+  *dscale_v = lane_sum(gv);
+}
+
 // kRows: 3 = both rows, 1 = dx only, 2 = dy only (the other side needs no gradient).
 template <int kRows, typename T>
 PDDM_INLINE void input_grad_impl(const T* __restrict x, const T* __restrict y, const T* __restrict dU, T cu, T cv,
@@ -428,7 +543,7 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
 
 // Each per-pair loop is compiled once per level (the _v4, _v3 and _base variants, the loops above
 // inlined into each) and the public function calls the variant of the active level.
-#define PDDM_VEC_VARIANTS(T, SUFFIX, ATTR, BRANCH_UNITS)                                                      \
+#define PDDM_VEC_VARIANTS(T, SUFFIX, ATTR, BRANCH_UNITS, SCORE_BACKWARD, BRANCHES_BACKWARD)                   \
   ATTR __attribute__((optimize("no-tree-vectorize"))) T dot_##SUFFIX(const T* x, const T* y, int64_t d) {    \
     return dot_impl(x, y, d);                                                                                \
   }                                                                                                          \
@@ -444,16 +559,16 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
     return score_layer_impl(q, bias, w, c);                                                                  \
   }                                                                                                          \
   ATTR void score_layer_backward_##SUFFIX(T* q, const T* bias, const T* w, T g, T* dw, T* dbias, int64_t c) { \
-    score_layer_backward_impl(q, bias, w, g, dw, dbias, c);                                                  \
+    SCORE_BACKWARD(q, bias, w, g, dw, dbias, c);                                                             \
   }                                                                                                          \
   ATTR void branches_backward_##SUFFIX(const T* z, const T* dz, T norm_u1, T norm_v1, T* A, T scale_u,          \
                                        const T* Pa, const T* Pb, T scale_v, T* db_u, T* db_v, T* out_x, T* out_y, \
                                        int64_t h, T* dscale_u, T* dscale_v) {                                \
     if (out_x == out_y) {                                                                                    \
-      return branches_backward_impl<true>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v,    \
-                                          out_x, out_y, h, dscale_u, dscale_v);                              \
+      return BRANCHES_BACKWARD<true>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v,         \
+                                     out_x, out_y, h, dscale_u, dscale_v);                                   \
     }                                                                                                        \
-    branches_backward_impl<false>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v, out_x,     \
+    BRANCHES_BACKWARD<false>(z, dz, norm_u1, norm_v1, A, scale_u, Pa, Pb, scale_v, db_u, db_v, out_x,          \
                                   out_y, h, dscale_u, dscale_v);                                             \
   }                                                                                                          \
   ATTR void input_grad_##SUFFIX(const T* x, const T* y, const T* dU, T cu, T cv, T* dx, T* dy, int64_t d) {  \
@@ -462,10 +577,10 @@ PDDM_INLINE void input_grad_dispatch(const T* x, const T* y, const T* dU, T cu, 
 
 namespace {
 #if PDDM_X86_LEVELS
-PDDM_VEC_VARIANTS(float, v4, __attribute__((target("arch=x86-64-v4"))), branch_units_impl)
-PDDM_VEC_VARIANTS(double, v4, __attribute__((target("arch=x86-64-v4"))), branch_units_impl)
-PDDM_VEC_VARIANTS(float, v3, __attribute__((target("arch=x86-64-v3"))), branch_units_vec32)
-PDDM_VEC_VARIANTS(double, v3, __attribute__((target("arch=x86-64-v3"))), branch_units_vec32)
+PDDM_VEC_VARIANTS(float, v4, __attribute__((target("arch=x86-64-v4"))), branch_units_impl, score_layer_backward_impl, branches_backward_impl)
+PDDM_VEC_VARIANTS(double, v4, __attribute__((target("arch=x86-64-v4"))), branch_units_impl, score_layer_backward_impl, branches_backward_impl)
+PDDM_VEC_VARIANTS(float, v3, __attribute__((target("arch=x86-64-v3"))), branch_units_vec32, score_layer_backward_vec32, branches_backward_vec32)
+PDDM_VEC_VARIANTS(double, v3, __attribute__((target("arch=x86-64-v3"))), branch_units_vec32, score_layer_backward_vec32, branches_backward_vec32)
 #define PDDM_CALL_LEVEL(NAME, ...)                                 \
   do {                                                             \
     const int level = active_level();                              \
@@ -476,8 +591,8 @@ PDDM_VEC_VARIANTS(double, v3, __attribute__((target("arch=x86-64-v3"))), branch_
 #else
 #define PDDM_CALL_LEVEL(NAME, ...) return NAME##_base(__VA_ARGS__)
 #endif
-PDDM_VEC_VARIANTS(float, base, , branch_units_impl)
-PDDM_VEC_VARIANTS(double, base, , branch_units_impl)
+PDDM_VEC_VARIANTS(float, base, , branch_units_impl, score_layer_backward_impl, branches_backward_impl)
+PDDM_VEC_VARIANTS(double, base, , branch_units_impl, score_layer_backward_impl, branches_backward_impl)
 }  // namespace
 
 #define PDDM_DEFINE_VEC(T)                                                                                   \
