@@ -47,6 +47,7 @@ def main(argv=None):
     builds = dict(b.split("=", 1) for b in args.build)
     pairs = [(name, level) for name in builds for level in args.levels if f"{name}:{level}" not in args.skip]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    facts = machine.describe()  # at the start (its load_average_start)
     rows = {}
     for rnd in range(args.rounds):
         for workload, m in CONFIGS:
@@ -72,7 +73,6 @@ def main(argv=None):
                 phases = [r["phases_s"] for r in row["rounds"] if r.get("phases_s")]
                 if phases:
                     row["median_phases_s"] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
-    facts = machine.describe()
     command = "python -m benchmarks.compare_builds " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     doc = {"command": command, "machine": facts, "builds": builds, "levels": args.levels, "rounds": args.rounds,
            "load_average_end": machine.load_average(), "results": rows}
