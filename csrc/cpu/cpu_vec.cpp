@@ -23,7 +23,7 @@
 #define PDDM_X86_LEVELS 0
 #endif
 
-// The per-pair loops below are written once and must be compiled into each target_clones clone
+// The per-pair loops below are written once and must be compiled into each level's variant
 // of their caller (else they run as the baseline SSE2 build), so they are always inlined.
 #define PDDM_INLINE inline __attribute__((always_inline))
 // The loop bodies handed to for_lanes: inlined into each level's variant too (a body left out of line
@@ -292,8 +292,8 @@ PDDM_INLINE T branch_units_impl(const T* __restrict a, const T* __restrict b, T 
 // branch_units_impl written with explicit 32-byte vectors for the AVX2 level, where GCC leaves the
 // loop above scalar (its ReLU stays a branch: a mispredicted jump per hidden unit, a quarter of the
 // AVX2 forward's time). The same lanes (acc lane l sums the elements k = l mod kLanes, two vectors per
-// block of kLanes), the same tail and the same lane tree; the FMA contraction of z * z into the sum
-// may differ from the scalar loop's, so AVX2 results can differ from before in the last bits.
+// block of kLanes), the same tail and the same lane tree, and the same FMA contractions as GCC gave the
+// scalar loop: the results are bitwise those of the scalar loop on the cases checked.
 template <typename T>
 PDDM_INLINE T branch_units_vec32(const T* __restrict a, const T* __restrict b, T scale, const T* __restrict bias,
                                  T* __restrict out, int64_t h) {
