@@ -178,6 +178,18 @@ def _gemm_rate(torch, device, size, dtype, sync, budget_s):
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
+def _cpu_isa(torch):
+    """The instruction-set level the CPU kernels dispatch to in this process (PDDM_EXT_CPU_ISA read as
+    the ops read it), the CPU's levels, and whether the variable forced it."""
+    try:
+        import pddm_ext  # noqa: F401  (loads the extension)
+
+        selected, *levels = torch.ops.pddm_ext.cpu_isa()
+    except Exception as exc:  # an extension without the op, or a bad PDDM_EXT_CPU_ISA: said, not hidden
+        return {"cpu_isa": None, "cpu_isa_error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+    return {"cpu_isa": selected, "cpu_isa_levels": levels, "cpu_isa_forced": bool(os.environ.get("PDDM_EXT_CPU_ISA"))}
+
+
 def measure_gemm(spec):
     """torch.mm throughput at a large square size (the roofline denominator) + machine facts."""
     import torch
@@ -192,6 +204,7 @@ def measure_gemm(spec):
         "parallel_info": torch.__config__.parallel_info().splitlines()[:6],
         "cuda_available": torch.cuda.is_available(),
     }
+    facts.update(_cpu_isa(torch))
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)

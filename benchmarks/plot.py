@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .report import VARIANT_TITLES
+from .report import VARIANT_TITLES, primary
 from .workloads import BANK_WORKLOADS, WORKLOADS
 
 STYLE = {"fused": ("tab:blue", "o"), "reference": ("tab:red", "s"), "compiled": ("tab:green", "^"), "pml": ("tab:purple", "D")}
@@ -24,8 +24,8 @@ def _series(doc, d):
     data = {}
     for entry in doc["results"]:
         c = entry["config"]
-        if c["d"] != d or entry.get("status") != "ok" or c["workload"] in BANK_WORKLOADS:
-            continue
+        if c["d"] != d or entry.get("status") != "ok" or c["workload"] in BANK_WORKLOADS or not primary(doc, entry):
+            continue  # a run timing several ISA levels plots its first
         point = (c["m"], entry["time_s"], max(entry["extra_peak_bytes"] / 2**20, MEMORY_FLOOR_MB))
         data.setdefault(c["workload"], {}).setdefault(c["variant"], []).append(point)
     return data

@@ -50,10 +50,37 @@ def describe_entry(entry):
     return text
 
 
+def isa_levels(doc):
+    """The levels the fused configurations ran at, in run order (one or none: a single-level run)."""
+    levels = []
+    for entry in doc["results"]:
+        if entry.get("cpu_isa") and entry["cpu_isa"] not in levels:
+            levels.append(entry["cpu_isa"])
+    return levels
+
+
+def primary(doc, entry):
+    """Whether an entry counts for the targets and plots: a run's fused configurations at its first level."""
+    levels = isa_levels(doc)
+    return len(levels) < 2 or entry.get("cpu_isa") in (None, levels[0])
+
+
+def variant_key(doc, entry):
+    """The column of an entry: its variant, with the level where the run timed several ("fused@avx2")."""
+    variant = entry["config"]["variant"]
+    return f"{variant}@{entry['cpu_isa']}" if len(isa_levels(doc)) > 1 and entry.get("cpu_isa") else variant
+
+
+def variant_title(key):
+    variant, _, level = key.partition("@")
+    return VARIANT_TITLES[variant] + (f" at {level}" if level else "")
+
+
 def find(doc, workload, variant, m=None, d=128):
     for entry in doc["results"]:
         c = entry["config"]
-        if c["workload"] == workload and c["variant"] == variant and c["d"] == d and (m is None or c["m"] == m):
+        if (c["workload"] == workload and c["variant"] == variant and c["d"] == d and (m is None or c["m"] == m)
+                and primary(doc, entry)):
             return entry
     return None
 
@@ -79,6 +106,21 @@ def gemm_peak(doc):
     rates = [doc.get("gemm", {}).get("gflops")] + [e.get("gemm_gflops_here") for e in doc["results"]]
     rates = [r for r in rates if r]
     return max(rates) if rates else None
+
+
+def fma_peak(doc, level=None):
+    """The CPU's FMA-peak estimate (GFLOP/s; None where unknown) at ``level``, else at the level the run's
+    kernels ran at."""
+    if level and (doc.get("peaks") or {}).get(level):
+        return doc["peaks"][level]["gflops"]
+    return (doc.get("peak") or {}).get("gflops")
+
+
+def rate_shares(rate, doc, level=None):
+    """'(61% of GEMM, 35% of peak)' for a rate in GFLOP/s, each share where its denominator is known."""
+    shares = [f"{100 * rate / denominator:.0f}% of {name}"
+              for name, denominator in (("GEMM", gemm_peak(doc)), ("peak", fma_peak(doc, level))) if denominator]
+    return f" ({', '.join(shares)})" if shares else ""
 
 
 def check_targets(doc):
@@ -182,7 +224,7 @@ def _groups(doc):
     groups = {}
     for entry in doc["results"]:
         c = entry["config"]
-        groups.setdefault((c["workload"], c["d"], c["m"], c["n"]), {})[c["variant"]] = entry
+        groups.setdefault((c["workload"], c["d"], c["m"], c["n"]), {})[variant_key(doc, entry)] = entry
     order = {w: i for i, w in enumerate(WORKLOADS)}
     return sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))
 
@@ -190,12 +232,18 @@ def _groups(doc):
 def results_table(doc):
     """One row per (workload, size, d); each variant's cell is "time · extra peak memory"."""
     gemm = gemm_peak(doc)
-    variants = [v for v in VARIANT_TITLES if any(e["config"]["variant"] == v for e in doc["results"])]
-    head = ["workload", "m × n", "d=h=c"] + [f"{VARIANT_TITLES[v]}: time · extra peak" for v in variants]
-    head += ["fused is faster by", "fused GFLOP/s (% of GEMM)"]
+    keys = []
+    for entry in doc["results"]:
+        if variant_key(doc, entry) not in keys:
+            keys.append(variant_key(doc, entry))
+    order = {v: i for i, v in enumerate(VARIANT_TITLES)}
+    variants = sorted(keys, key=lambda k: order[k.partition("@")[0]])  # stable: the levels in run order
+    fused_keys = [v for v in variants if v.partition("@")[0] == "fused"]
+    head = ["workload", "m × n", "d=h=c"] + [f"{variant_title(v)}: time · extra peak" for v in variants]
+    head += ["fused is faster by", "fused GFLOP/s (% of GEMM, % of FMA peak)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (workload, d, m, n), by_variant in _groups(doc):
-        fused = by_variant.get("fused")
+        fused = by_variant.get(fused_keys[0]) if fused_keys else None
         row = [f"`{workload}`", f"{m} × {n}", str(d)]
         for v in variants:
             entry = by_variant.get(v)
@@ -204,15 +252,17 @@ def results_table(doc):
                 cell += f" · {fmt_bytes(entry['extra_peak_bytes'])}"
             row.append(cell)
         speedups = [
-            f"{by_variant[v]['time_s'] / fused['time_s']:.1f}× vs {VARIANT_TITLES[v]}"
-            for v in variants if v != "fused" and _ok(by_variant.get(v)) and _ok(fused)
+            f"{by_variant[v]['time_s'] / fused['time_s']:.1f}× vs {variant_title(v)}"
+            for v in variants if _ok(fused) and v != fused_keys[0] and _ok(by_variant.get(v))
         ]
         row.append(", ".join(speedups))
-        if _ok(fused):
-            rate = gflops(fused)
-            row.append(f"{rate:.0f}" + (f" ({100 * rate / gemm:.0f}%)" if gemm else ""))
-        else:
-            row.append("")
+        rates = []
+        for v in fused_keys:
+            if _ok(by_variant.get(v)):
+                rate = gflops(by_variant[v])
+                level = by_variant[v].get("cpu_isa")
+                rates.append((f"{level}: " if len(fused_keys) > 1 else "") + f"{rate:.0f}{rate_shares(rate, doc, level)}")
+        row.append("; ".join(rates))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -231,7 +281,7 @@ def phases_table(doc):
         if _ok(entry) and entry.get("phases_s"):
             fwd, bwd = entry["phases_s"]["forward"], entry["phases_s"]["backward"]
             loss = _PHASE_LOSSES.get(c["workload"], c["workload"])
-            rows.append(f"| {loss} | {c['variant']} | {c['m']} | {c['d']} | {fmt_time(fwd)} | {fmt_time(bwd)} | {bwd / fwd:.2f} |")
+            rows.append(f"| {loss} | {variant_title(variant_key(doc, entry))} | {c['m']} | {c['d']} | {fmt_time(fwd)} | {fmt_time(bwd)} | {bwd / fwd:.2f} |")
     if not rows:
         return ""
     head = "| loss | variant | m | d=h=c | forward | backward | backward ÷ forward |\n|---|---|---|---|---|---|---|"
@@ -263,7 +313,19 @@ def markdown(doc):
         here = [e["gemm_gflops_here"] for e in doc["results"] if e.get("gemm_gflops_here")]
         spread = f" ({min(here):.0f}–{max(here):.0f} in the fused configurations' processes)" if here else ""
         out.append(f"- GEMM roofline: `torch.mm` {gemm['size']}² {gemm['dtype']}: {gemm['gflops']:.0f} GFLOP/s at the start of the run"
-                   f"{spread}; \"% of GEMM\" divides by the best of these, {gemm_peak(doc):.0f} GFLOP/s.")
+                   f"{spread}; \"% of GEMM\" divides by the best of these, {gemm_peak(doc):.0f} GFLOP/s"
+                   + (f" ({100 * gemm_peak(doc) / fma_peak(doc):.0f}% of the FMA peak)." if fma_peak(doc) else "."))
+    cpu = m.get("cpu") or {}
+    peaks = {level: p for level, p in (doc.get("peaks") or {}).items() if p} or ({None: doc["peak"]} if doc.get("peak") else {})
+    if peaks:
+        listed = "; ".join((f"{level}: " if len(peaks) > 1 else "") + f"{p['formula']} = {p['gflops']:.0f} GFLOP/s" for level, p in peaks.items())
+        out.append(f"- FMA peak estimate at the kernels' level{'s' if len(peaks) > 1 else ''}: {listed} "
+                   f"(family and model: {cpu.get('source')}; FMA units: {cpu.get('fma_source')}; clock: {cpu.get('clock_source')}).")
+    if len(isa_levels(doc)) > 1:
+        out.append(f"- The fused configurations ran once per level ({', '.join(isa_levels(doc))}: PDDM_EXT_CPU_ISA), one after "
+                   "the other in the same run; the targets and plots use the first level.")
+    elif doc["device"] == "cpu" and "peak" in doc:
+        out.append("- FMA peak: not estimated (micro-architecture, clock or the kernels' level unknown on this CPU).")
     out += [
         f"- Each configuration in a fresh process: 1 warm-up call, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls "
         f"(a first call slower than {s.get('slow_call_s', float('inf')):.0f} s is timed too and 2 calls suffice); "

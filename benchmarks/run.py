@@ -119,7 +119,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="only the configurations behind the targets (< 3 min on 2 CPU cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="with --quick too: its configurations of these variants")
     p.add_argument("--m", nargs="+", type=int, default=list(FULL_M), help="batch sizes of the sweep")
     p.add_argument("--d", nargs="+", type=int, default=list(FULL_D), help="d = h = c values of the sweep")
     p.add_argument("--budget-gb", type=float, default=None, help="skip configurations predicted above this (default: half of RAM / device memory)")
@@ -129,6 +129,10 @@ def parse_args(argv):
     p.add_argument("--budget-s", type=float, default=None, help="time per configuration for extra repeats (default 2 quick, 8 full)")
     p.add_argument("--slow-s", type=float, default=None, help="a first call slower than this is timed and 2 calls suffice (default 5 quick, 30 full)")
     p.add_argument("--gemm-size", type=int, default=None, help="side of the torch.mm roofline matrices (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--cpu-isa", nargs="+", choices=("baseline", "avx2", "avx512"), default=None,
+                   help="run the CPU kernels at these instruction-set levels (PDDM_EXT_CPU_ISA of each measurement; "
+                        "default: the variable as set, else the CPU's best level): every fused configuration once per "
+                        "level, side by side; the other variants and torch.mm under the first; the default tag gets _<levels>")
     p.add_argument("--tag", default=None, help="result file stem suffix (default: quick, full or custom)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-plots", action="store_true")
@@ -142,7 +146,7 @@ def main(argv=None):
         getattr(args, name) != default
         for name, default in (("workloads", list(WORKLOADS)), ("variants", list(VARIANTS)), ("m", list(FULL_M)), ("d", list(FULL_D)))
     )
-    tag = args.tag or ("quick" if args.quick else "custom" if custom else "full")
+    tag = args.tag or ("quick" if args.quick else "custom" if custom else "full") + "".join(f"_{level}" for level in args.cpu_isa or ())
     min_repeats = args.min_repeats or (3 if args.quick else 5)
     max_repeats = args.max_repeats or (10 if args.quick else 20)
     budget_s = args.budget_s if args.budget_s is not None else (2.0 if args.quick else 8.0)
@@ -150,7 +154,7 @@ def main(argv=None):
     slow_s = args.slow_s if args.slow_s is not None else (5.0 if args.quick else 30.0)
 
     if args.quick:
-        configs = quick_plan(args.device)
+        configs = [c for c in quick_plan(args.device) if c.variant in args.variants]
     else:
         configs = full_plan(args.device, args.workloads, args.variants, args.m, args.d)
 
@@ -160,6 +164,8 @@ def main(argv=None):
     inductor_cache = tempfile.mkdtemp(prefix="pddm-bench-inductor-")
     env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # compile times are cold-cache, once per run
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if args.cpu_isa:
+        env["PDDM_EXT_CPU_ISA"] = args.cpu_isa[0]
 
     started = datetime.datetime.now(datetime.timezone.utc)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -174,6 +180,10 @@ def main(argv=None):
             return 1
         facts["torch_facts"] = gemm.pop("facts")
         log(f"  {gemm['gflops']:.1f} GFLOP/s")
+        isa_error = facts["torch_facts"].get("cpu_isa_error")
+        if args.device == "cpu" and isa_error and "PDDM_EXT_CPU_ISA" in isa_error:
+            log(f"the CPU kernels cannot run as asked: {isa_error}")
+            return 1
 
     if args.budget_gb is not None:
         budget = int(args.budget_gb * 2**30)
@@ -196,8 +206,15 @@ def main(argv=None):
             spec = {"config": cfg.to_dict(), "warmup": 1, "min_repeats": min_repeats,
                     "max_repeats": max_repeats, "budget_s": budget_s, "slow_s": slow_s,
                     "gemm_size": gemm_size}
-            entry.update(run_child(spec, timeout_s, env))
-            log(f"{prefix}: {report.describe_entry(entry)}")
+            levels = args.cpu_isa if args.cpu_isa and cfg.variant == "fused" else [None]
+            for level in levels:
+                one = dict(entry)
+                if level is not None:
+                    one["cpu_isa"] = level
+                one.update(run_child(spec, timeout_s, env if level is None else dict(env, PDDM_EXT_CPU_ISA=level)))
+                log(f"{prefix}{f' at {level}' if level else ''}: {report.describe_entry(one)}")
+                results.append(one)
+            continue
         results.append(entry)
 
     facts["load_average_end"] = machine.load_average()
@@ -220,6 +237,12 @@ def main(argv=None):
                      "compile_cache": "fresh TorchInductor cache per run (cold compile)"},
         "results": results,
     }
+    if args.device == "cpu" and not args.dry_run:
+        torch_facts = facts.get("torch_facts", {})
+        cores = min(torch_facts.get("threads") or 1, facts.get("usable_cores") or 1)
+        doc["peak"] = machine.fma_peak(facts.get("cpu"), torch_facts.get("cpu_isa"), cores)
+        doc["peaks"] = {level: machine.fma_peak(facts.get("cpu"), level, cores)
+                        for level in (args.cpu_isa or [torch_facts.get("cpu_isa")]) if level}
     doc["targets"] = report.check_targets(doc)
     if args.dry_run:
         print(report.markdown(doc))

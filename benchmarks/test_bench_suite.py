@@ -7,11 +7,12 @@ Fast (seconds); CI runs them with the pytest-benchmark smoke tests:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import plot, report, run
+from benchmarks import machine, plot, report, run
 from benchmarks.workloads import make_config, predicted_bytes, useful_flops
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +130,67 @@ def test_end_to_end_tiny_run(tmp_path):
     assert set(entry["phases_s"]) == {"forward", "backward"}
     assert entry["extra_peak_bytes"] >= 0
     assert (tmp_path / "cpu_smoke.md").exists()
+    # the level the kernels ran at, the CPU's levels and (where the CPU is in the table) the FMA peak
+    facts = doc["machine"]["torch_facts"]
+    assert facts["cpu_isa"] == facts["cpu_isa_levels"][-1] and facts["cpu_isa_forced"] is False
+    assert doc["machine"]["cpu"]["family"] is not None
+    if doc["machine"]["cpu"].get("fma_units") and doc["machine"]["cpu"].get("clock_mhz"):
+        assert doc["peak"]["gflops"] > 0
+
+
+def test_forced_level_is_recorded_and_a_bad_one_stops_the_run(tmp_path):
+    base = [sys.executable, "-m", "benchmarks", "--workloads", "mine_k1", "--variants", "fused", "--m", "16", "--d", "8",
+            "--min-repeats", "1", "--budget-s", "0", "--gemm-size", "64", "--out", str(tmp_path), "--no-plots"]
+    proc = subprocess.run(base + ["--cpu-isa", "baseline"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "cpu_custom_baseline.json").read_text())
+    assert doc["machine"]["torch_facts"]["cpu_isa"] == "baseline" and doc["machine"]["torch_facts"]["cpu_isa_forced"]
+    assert "kernels at baseline (forced by PDDM_EXT_CPU_ISA" in (tmp_path / "cpu_custom_baseline.md").read_text()
+    env = dict(os.environ, PDDM_EXT_CPU_ISA="avx1024")
+    proc = subprocess.run(base, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "PDDM_EXT_CPU_ISA='avx1024'" in proc.stderr
+
+
+ZEN1 = {"vendor": "AuthenticAMD", "family": 23, "model": 1, "fma_units": 2, "fma_datapath_bits": 128, "clock_mhz": 2000.0}
+ZEN4 = {"vendor": "AuthenticAMD", "family": 25, "model": 17, "fma_units": 2, "fma_datapath_bits": 256, "clock_mhz": 2600.0}
+
+
+def test_fma_peak_formula():
+    # Zen 1 at 2.0 GHz, 2 cores: 2 units x 4 lanes (128-bit) x 2 x 2.0 GHz x 2 = 64 GFLOP/s at AVX2 and AVX-512 alike
+    assert machine.fma_peak(ZEN1, "avx2", 2)["gflops"] == 64.0
+    assert machine.fma_peak(ZEN1, "baseline", 2)["gflops"] == 64.0
+    # Zen 4: 256-bit datapaths, so AVX-512 does not double the peak; the baseline has 4 lanes
+    assert machine.fma_peak(ZEN4, "avx512", 2)["gflops"] == machine.fma_peak(ZEN4, "avx2", 2)["gflops"] == 166.4
+    assert machine.fma_peak(ZEN4, "baseline", 1)["gflops"] == 41.6
+    assert machine.fma_peak(ZEN4, None, 2) is None and machine.fma_peak({"vendor": "x"}, "avx2", 2) is None
+
+
+def test_rates_are_shares_of_gemm_and_of_the_peak():
+    doc = _doc([_entry("mine_k1", "fused", 1024, 0.60, 5)], gemm_gflops=200.0)
+    doc["peak"] = machine.fma_peak(ZEN4, "avx2", 2)
+    doc["machine"]["cpu"] = dict(ZEN4, source="/proc/cpuinfo", fma_source="table", clock_source="lscpu CPU max MHz")
+    doc["targets"] = report.check_targets(doc)
+    text = report.markdown(doc)
+    # 1024*1025/2 * 2 * 49152 FLOPs in 0.6 s = 86 GFLOP/s: 43% of 200, 52% of 166.4
+    assert "| 86 (43% of GEMM, 52% of peak) |" in text
+    assert "2 cores x 2 FMA units x 8 fp32 lanes x 2 x 2.60 GHz = 166 GFLOP/s" in text
+    assert "(family 25 model 17" in text
+
+
+def test_levels_side_by_side():
+    """A run timing the fused configurations at two levels: one column each, rates per level, the
+    targets and speed-ups from the first level."""
+    results = [
+        _entry("mine_k1", "fused", 1024, 0.60, 5, cpu_isa="avx512"),
+        _entry("mine_k1", "fused", 1024, 1.20, 5, cpu_isa="avx2"),
+        _entry("mine_k1", "reference", 1024, 6.0, 5000),
+    ]
+    doc = _doc(results, gemm_gflops=200.0)
+    doc["peaks"] = {"avx512": machine.fma_peak(ZEN4, "avx512", 2), "avx2": machine.fma_peak(ZEN1, "avx2", 2)}
+    doc["targets"] = report.check_targets(doc)
+    assert report.find(doc, "mine_k1", "fused", 1024)["cpu_isa"] == "avx512"
+    text = report.markdown(doc)
+    assert "| fused at avx512: time · extra peak | fused at avx2: time · extra peak | reference: time · extra peak |" in text
+    # 86 GFLOP/s at avx512 (52% of 166.4), 43 at avx2 (67% of the 64 GFLOP/s given for it)
+    assert "avx512: 86 (43% of GEMM, 52% of peak); avx2: 43 (21% of GEMM, 67% of peak)" in text
+    assert "2.0× vs fused at avx2, 10.0× vs reference" in text

@@ -1,11 +1,27 @@
-// Per-pair vector loops of the CPU kernels (the non-GEMM part of a tile), built for several x86
-// levels and chosen at load time (GCC target_clones), so one binary runs everywhere and uses
-// AVX-512 or AVX2 where the CPU has it. Each returns what the caller needs next (a sum).
+// Per-pair vector loops of the CPU kernels (the non-GEMM part of a tile) and their GEMMs, each built
+// for three x86 levels (baseline x86-64, AVX2 + FMA = x86-64-v3, AVX-512 = x86-64-v4) and run at
+// the level select_isa_from_env chose, so one binary runs everywhere and uses AVX-512 or AVX2 where
+// the CPU has it. Each returns what the caller needs next (a sum).
 #pragma once
 
 #include <cstdint>
 
 namespace pddm_ext::cpu::vec {
+
+// Instruction-set levels: 0 baseline (x86-64, SSE2; the only one off x86 or without GCC), 1 avx2
+// (x86-64-v3: AVX2, FMA), 2 avx512 (x86-64-v4: AVX-512 F/BW/CD/DQ/VL). The names are those of
+// the PDDM_EXT_CPU_ISA variable; "unknown" for any other number.
+const char* isa_name(int level);
+
+// The best level this CPU has (CPUID, read once).
+int cpu_best_isa();
+
+// Reads PDDM_EXT_CPU_ISA now and makes its level the one the functions below run at: unset or empty
+// is the best level of this CPU, baseline / avx2 / avx512 that level. Any other value, or a level
+// this CPU lacks, throws c10::ValueError naming the variable, the value and the CPU's levels. Every
+// CPU op calls it before its first kernel, so the variable is read per call, and the whole op runs
+// at one level. Returns the level.
+int select_isa_from_env();
 
 // C (M x N, row stride N) = A (M x K, row stride lda) * B, with B given as Bt (K x N, row stride ldb),
 // i.e. already transposed. Register-blocked for AVX-512 / AVX2 / SSE2, chosen at run time. Every

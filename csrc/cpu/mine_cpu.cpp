@@ -177,6 +177,7 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
+  vec::select_isa_from_env();
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -205,6 +206,7 @@ MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels
                               int64_t k) {
   check_embeddings("pddm_ext::mine_euclidean", x_in, y_in);
   check_mine_args("pddm_ext::mine_euclidean", x_in, x_labels, y_in, y_labels, k);
+  vec::select_isa_from_env();
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();

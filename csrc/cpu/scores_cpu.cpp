@@ -18,6 +18,7 @@ at::Tensor scores_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& y
                       const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
                       const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s, bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  vec::select_isa_from_env();
   const bool batch = !y_in.has_value();
   const auto x = x_in.contiguous();
   const auto y = batch ? x : y_in->contiguous();
@@ -192,6 +193,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
                     std::array<bool, 3> output_mask, bool normalize_inputs) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
+  vec::select_isa_from_env();
   const bool batch = !y_in.has_value();
   // An input that needs no gradient gets an empty (0,) tensor back, and no row gradients are kept
   // for it (a memory bank that is not trained costs no (n, d) gradient).

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <optional>
 #include <random>
@@ -424,16 +425,8 @@ int report(const char* group, int before) {
 
 }  // namespace
 
-int main() {
-  for (const char* name : {"pddm_ext::scores", "pddm_ext::scores_backward", "pddm_ext::mine_pddm",
-                           "pddm_ext::mine_euclidean"}) {
-    const auto schema = c10::Dispatcher::singleton().findSchema({name, ""});
-    if (!schema.has_value() || !schema->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
-      std::printf("FAIL: %s has no CPU kernel registered (is libpddm_ext linked?)\n", name);
-      return 1;
-    }
-  }
-
+// The check groups, run once per instruction-set level by main.
+void check_all_groups() {
   struct Shape {
     bool batch;
     int64_t m, n, d, h, c;
@@ -534,6 +527,31 @@ int main() {
     }
   }
   report("exact ties (Euclidean, integer inputs)", before);
+
+}
+
+int main() {
+  for (const char* name : {"pddm_ext::scores", "pddm_ext::scores_backward", "pddm_ext::mine_pddm",
+                           "pddm_ext::mine_euclidean"}) {
+    const auto schema = c10::Dispatcher::singleton().findSchema({name, ""});
+    if (!schema.has_value() || !schema->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
+      std::printf("FAIL: %s has no CPU kernel registered (is libpddm_ext linked?)\n", name);
+      return 1;
+    }
+  }
+
+  // Every check group under each instruction-set level this CPU has (PDDM_EXT_CPU_ISA, read by
+  // every op): the baseline, AVX2 and AVX-512 builds of the loops must each agree with the naive loop.
+  const auto levels = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("pddm_ext::cpu_isa", "")
+                          .typed<std::vector<std::string>()>()
+                          .call();
+  for (size_t l = 1; l < levels.size(); ++l) {
+    std::printf("== PDDM_EXT_CPU_ISA=%s\n", levels[l].c_str());
+    setenv("PDDM_EXT_CPU_ISA", levels[l].c_str(), 1);
+    check_all_groups();
+  }
+  unsetenv("PDDM_EXT_CPU_ISA");
 
   std::printf(failures ? "%d check(s) failed\n" : "all checks passed\n", failures);
   return failures ? 1 : 0;
