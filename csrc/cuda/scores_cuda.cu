@@ -49,10 +49,11 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
 at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& W_u,
                        const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
                        const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                       bool normalize_inputs) {
+                       bool normalize_inputs, std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  check_product_dtype("pddm_ext::scores", product_dtype, x_in);
   const DeviceGuard guard(x_in.device());
-  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, product_dtype);
   const auto& x = in.x;
   const int64_t m = in.m, n = in.n, h = in.h;
   auto out = at::empty({m, n}, x.options());
