@@ -1277,3 +1277,37 @@ except RuntimeError as e:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused:" in out.stdout and "compiled for compute_70" in out.stdout, out.stdout
+
+
+@needs_emulation
+def test_half_tensor_cores_refused_for_kernels_compiled_without_them():
+    """Kernels compiled before compute_80 (PDDM_EMU_PTX_VERSION=75: a build for sm_75 JIT-compiled for a
+    newer GPU) have no half tensor-core path: float16 / bfloat16 inputs raise, naming the dtype and the two
+    fixes, instead of computing FP32; their upcast values run."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, pddm_ext
+unit = pddm_ext.PDDM(8, 6, 5)
+x = torch.randn(9, 8)
+unit(x)
+for dtype in (torch.float16, torch.bfloat16):
+    try:
+        unit(x.to(dtype))
+    except RuntimeError as e:
+        print("refused:", e)
+    try:
+        pddm_ext.batch_hard(x.to(dtype), torch.arange(9) % 3, unit)
+    except RuntimeError as e:
+        print("refused:", e)
+"""
+    env = dict(os.environ, PDDM_EMU_PTX_VERSION="75")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("refused:")]
+    assert len(lines) == 4, out.stdout
+    for line, dtype in zip(lines, ["float16", "float16", "bfloat16", "bfloat16"]):
+        assert f"{dtype} inputs run their tile products on tensor cores" in line, line
+        assert "compiled for compute_75" in line and "upcast the inputs to float32" in line, line
