@@ -178,6 +178,7 @@ def test_opcheck(device):
     y = torch.randn(7, 6, device=device)
     p = params_of(unit)
     torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p)
+    torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p + (True, torch.bfloat16))
     lx = torch.randint(0, 3, (9,), device=device)
     ly = torch.randint(0, 3, (7,), device=device)
     torch.library.opcheck(torch.ops.pddm_ext.mine_euclidean.default, (x.detach(), lx, y, ly, 2),

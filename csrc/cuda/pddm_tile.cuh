@@ -175,13 +175,12 @@ struct TileScalars {
   T score[kPairs];
   T partial[kPairs][kOutGroups + 1];   // per-output-group partial scores (summed in a fixed order;
                                        // the odd row stride keeps the 64 summing threads conflict-free)
-  float op_scale[kPairs], op_unscale[kPairs];  // half tile math: 2^-e and 2^e (half_operand_exponent)
 };
 
 // Half tile math (TileMath::kFp16 / kBf16) scales a pair's phase-1 operand |x_i - y_r| by 2^-e with
 // ||x_i - y_r|| 2^-e in [0.5, 1) and its product back by 2^e (both exact in float32): float16 (max
 // 65504) cannot hold |x_i - y_r| of rows near its range, and its rounding is relative, so the product
-// loses nothing by the scaling. e is clamped to [-125, 125] (both factors normal floats).
+// loses nothing by the scaling. e is clamped to [-125, 125] (2^e and 2^-e normal floats).
 __device__ __forceinline__ int half_operand_exponent(float norm) {
   int e = 0;
   if (norm > 0.0f) frexpf(norm, &e);
@@ -377,8 +376,11 @@ struct HalfTensorCoreBlock {
 // constant after unrolling (an epilogue that indexes its own per-pair registers with it keeps them
 // in registers; p - first_pair would be a dynamic index, i.e. local memory). The reduction order
 // over k is fixed, so the result is deterministic. math (tile_math) chooses FP32 FMAs or tensor
-// cores (TensorCoreBlock, float only). Must be called by all threads of the block; ends synchronised.
-template <typename T, typename Operand, typename Epilogue>
+// cores (TensorCoreBlock, float only). kHalf: the instantiation of the half kernels, the only one
+// with the half tensor-core code (HalfTensorCoreBlock, for a half math; the launchers run it for
+// those and no other; the other instantiations compute a half math in FP32, which no launcher asks
+// for). Must be called by all threads of the block; ends synchronised.
+template <typename T, bool kHalf = false, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w,
                           TileMath math) {
@@ -391,8 +393,8 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   constexpr bool accumulates = std::is_invocable_v<Epilogue, int, int64_t, T, int>;
   const int flip = accumulates ? 0 : layout::epilogue_flip<T>(pair_group, out_group);
   const bool w_rows_contiguous = w_red_stride == 1;
-  const bool half_tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && half_tile_math(math);
-  const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32 && !half_tensor;
+  const bool half_tensor = kHalf && std::is_same_v<T, float> && PDDM_TENSOR_CORES && half_tile_math(math);
+  const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32 && !half_tile_math(math);
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
     // Stages reduction chunk k0 of the operand and of this output block's weights, then a barrier.
     const auto stage = [&](int64_t k0) {
@@ -421,7 +423,7 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
       }
       tc.outputs(acc, sm_a, pair_group, out_group);  // the same acc[q][t] as the FP32 loop's
     } else if (half_tensor) {  // float16 / bfloat16 operands (HalfTensorCoreBlock)
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (kHalf && std::is_same_v<T, float>) {
         const auto run = [&](auto block) {
           block.zero();
           for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
@@ -526,8 +528,9 @@ __device__ __forceinline__ T mean_pre_projection(const PddmParams<T>& w, const P
 // Phases 0-2: leaves Z[p * ldz + k] = [normalize(u'); normalize(v')] (k < 2h, ldz =
 // layout::workspace_stride(2h), tile_workspace_elems) of every pair of the tile and
 // the per-pair norms and the pairs' rows (ts.row, ts.col) in ts. All threads call it, after a
-// barrier that ends the previous tile's reads of ts and Z; ends synchronised.
-template <typename T>
+// barrier that ends the previous tile's reads of ts and Z; ends synchronised. kHalf: the
+// instantiation of the half kernels (pair_gemm), which scales the phase-1 operand (float only).
+template <typename T, bool kHalf = false>
 __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>& rows, const TilePairs& pairs,
                                       T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
   const int64_t d = w.d, h = w.h, ldz = layout::workspace_stride(2 * h);
@@ -553,27 +556,28 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
       ts.inv_u[p] = diff_scale(nu, w.normalize_inputs);
       ts.inv_v[p] = mean_scale(nv, w.normalize_inputs);
       ts.direct[p] = mean_branch_direct(sq_u, sq_s);
-      if (half_tile_math(w.math)) {
-        const int e = half_operand_exponent(float(nu));
-        ts.op_scale[p] = ldexpf(1.0f, -e);
-        ts.op_unscale[p] = ldexpf(1.0f, e);
-      }
     }
   }
   __syncthreads();
-  // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u). Half tile math scales the operand by a
+  // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u). The half kernels scale the operand by a
   // power of two per pair (half_operand_exponent) and the product back.
-  const bool scaled = half_tile_math(w.math);
-  pair_gemm<T>(
-      h, d, w.W_u, d, 1,
-      [&](int p, int64_t k) {
-        const T u = abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]);
-        return scaled ? u * T(ts.op_scale[p]) : u;
-      },
-      [&](int p, int64_t k, T a) {
-        Z[p * ldz + k] = branch_unit(scaled ? a * T(ts.op_unscale[p]) : a, ts.inv_u[p], w.b_u[k]);
-      },
-      sm_a, sm_w, w.math);
+  if constexpr (kHalf) {
+    pair_gemm<T, kHalf>(
+        h, d, w.W_u, d, 1,
+        [&](int p, int64_t k) {
+          const T u = abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]);
+          return ldexpf(u, -half_operand_exponent(ts.norm_u[p]));
+        },
+        [&](int p, int64_t k, T a) {
+          Z[p * ldz + k] = branch_unit(ldexpf(a, half_operand_exponent(ts.norm_u[p])), ts.inv_u[p], w.b_u[k]);
+        },
+        sm_a, sm_w, w.math);
+  } else {
+    pair_gemm<T>(
+        h, d, w.W_u, d, 1,
+        [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
+        [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math);
+  }
   // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
   for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads) {
     const int p = int(e / h);
@@ -608,13 +612,13 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
 }
 
 // Phase 3 after pddm_tile_activations: ts.score[p] = w_s . relu(W_c Z_p + b_c) + b_s. Ends synchronised.
-template <typename T>
+template <typename T, bool kHalf = false>
 __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
   const int64_t h = w.h, ldz = layout::workspace_stride(2 * h);
   const int out_group = threadIdx.x % kOutGroups;
   T part[4] = {T(0), T(0), T(0), T(0)};  // this thread's partial scores of its 4 pairs
   const int first_pair = (threadIdx.x / kOutGroups) * 4;
-  pair_gemm<T>(
+  pair_gemm<T, kHalf>(
       w.c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
       [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w, w.math);
 #pragma unroll
