@@ -96,7 +96,9 @@ def occupancy(limits, regs, threads, smem_bytes):
 def kernel_key(demangled):
     name = demangled.replace("(anonymous namespace)::", "").split("(")[0]
     base = re.sub(r"<.*", "", name).split("::")[-1]
-    dtype = "double" if "<double>" in name else ("float" if "<float>" in name else "")
+    dtype = "double" if "<double" in name else ("float" if "<float" in name else "")
+    if re.search(r"<float, true>", name):
+        dtype = "half"  # the instantiation for float16 / bfloat16 inputs (kHalf), float32 storage
     return base, dtype
 
 

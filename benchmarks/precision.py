@@ -1,7 +1,11 @@
-"""The error of the fused ops under each float32 matmul precision (docs/design.md#precision).
+"""The error of the fused ops under each float32 matmul precision and for half inputs
+(docs/design.md#precision).
 
-For torch.set_float32_matmul_precision("highest" / "high" / "medium") this measures, against the
-float64 reference (pddm_ext.reference) on the same float32 inputs and parameters:
+For torch.set_float32_matmul_precision("highest" / "high" / "medium") on float32 inputs, and for
+float16 and bfloat16 inputs (rows "float16" / "bfloat16": the embeddings rounded to that dtype, the
+unit's parameters float32; their tile products run in that dtype where the backend has tensor cores
+for it, their backward in float32), this measures, against the float64 reference
+(pddm_ext.reference) on the same inputs (the half values) and parameters:
 
   scores     max |S - S_ref| / max |S_ref| and the median of |S - S_ref| / max |S_ref|
              (batch mode, and reference mode against a bank);
@@ -40,10 +44,14 @@ import pddm_ext  # noqa: E402
 from pddm_ext import reference  # noqa: E402
 
 PRECISIONS = ("highest", "high", "medium")
-# Relative rounding of the tile products' operands per precision, for the sensitivity column: FP32's
+# Half-input rows: the embeddings' dtype (the float32 matmul precision stays "highest").
+HALF_ROWS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ROWS = PRECISIONS + tuple(HALF_ROWS)
+# Relative rounding of the tile products' operands per row, for the sensitivity column: FP32's
 # unit roundoff; 3xTF32's effective one (hi + lo keeps ~21 bits; its measured score error is a few
-# times FP32's); TF32's 10 explicit mantissa bits.
-PERTURBATION = {"highest": 2.0**-24, "high": 2.0**-22, "medium": 2.0**-11}
+# times FP32's); TF32's and float16's 10 explicit mantissa bits; bfloat16's 7.
+PERTURBATION = {"highest": 2.0**-24, "high": 2.0**-22, "medium": 2.0**-11, "float16": 2.0**-11,
+                "bfloat16": 2.0**-8}
 
 
 def parse_args(argv=None):
@@ -54,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, default=128, help="d = h = c (default 128)")
     ap.add_argument("--classes", type=int, default=8, help="labels for mining (default 8)")
     ap.add_argument("--seeds", type=int, default=3, help="independent draws, errors are the worst (default 3)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                    help="which rows to measure (default: all)")
     ap.add_argument("--out", default=None, help="folder for precision.json and precision.md")
     ap.add_argument("--command", default=None, help="the command to record in precision.md (default: this script's)")
     return ap.parse_args(argv)
@@ -73,7 +83,8 @@ def backend(device):
     return "CPU kernels (FP32 under every precision)"
 
 
-def measure(args, device, precision, seed):
+def measure(args, device, row, seed):
+    """The errors of one row (a float32 matmul precision, or a half dtype of the inputs) for one seed."""
     torch.manual_seed(seed)
     d = args.dim
     unit = pddm_ext.PDDM(d, d, d).to(device)
@@ -82,6 +93,9 @@ def measure(args, device, precision, seed):
     x = torch.nn.functional.normalize(torch.randn(args.m, d, device=device), dim=1)
     bank = torch.nn.functional.normalize(torch.randn(args.n, d, device=device), dim=1)
     labels = torch.randint(0, args.classes, (args.m,), device=device)
+    if row in HALF_ROWS:  # the same draws, rounded to the half dtype: the reference sees those values
+        x, bank = x.to(HALF_ROWS[row]), bank.to(HALF_ROWS[row])
+    precision = row if row in PRECISIONS else "highest"
     out = {}
     with torch.no_grad():
         ref_batch = reference.pddm_scores(x.double(), None, params64)
@@ -108,7 +122,7 @@ def measure(args, device, precision, seed):
     out["gradients"] = (pooled.max().item(), torch.quantile(pooled, 0.99).item())
     # The gradient's own sensitivity: the float64 gradients after a random relative perturbation of
     # inputs and parameters by the precision's operand rounding (unit roundoff u of PERTURBATION).
-    u = PERTURBATION[precision]
+    u = PERTURBATION[row]
     gen = torch.Generator(device="cpu").manual_seed(1000 + seed)
     noise = lambda t: t * (1 + u * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device))  # noqa: E731
     x64p = noise(x.double()).requires_grad_()
@@ -141,18 +155,19 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and pddm_ext._C.with_cuda else "cpu"))
     rows = {}
-    for precision in PRECISIONS:
+    for row in (r for r in ROWS if r in args.rows):
         worst = {}
         for seed in range(args.seeds):
-            for key, value in measure(args, device, precision, seed).items():
+            for key, value in measure(args, device, row, seed).items():
                 worst[key] = tuple(max(a, b) for a, b in zip(worst.get(key, value), value))
-        rows[precision] = worst
+        rows[row] = worst
     lines = [
-        f"Backend: {backend(device)}; torch {torch.__version__}; float32 inputs, d = h = c = {args.dim}, "
+        f"Backend: {backend(device)}; torch {torch.__version__}; float32 inputs (rows float16 / bfloat16: "
+        f"inputs of that dtype, under \"highest\"), d = h = c = {args.dim}, "
         f"m = {args.m}, bank n = {args.n}, {args.classes} classes, worst of {args.seeds} seeds.",
         "Errors relative to max |reference| (float64): max (median); gradients: max (99th percentile).",
         "",
-        "| precision | scores, batch | scores, bank | gradients | float64 gradients perturbed by u | batch_hard slots off the float64 choice | largest score gap of those |",
+        "| precision or input dtype | scores, batch | scores, bank | gradients | float64 gradients perturbed by u | batch_hard slots off the float64 choice | largest score gap of those |",
         "|---|---|---|---|---|---|---|",
     ]
     for precision, r in rows.items():

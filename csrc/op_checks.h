@@ -42,6 +42,18 @@ inline void check_embeddings(const char* op, const at::Tensor& x, const std::opt
   }
 }
 
+// The product_dtype of scores and mine_pddm: None, or float16 / bfloat16 for float32 tensors that
+// hold half inputs (their tile products run in that type on GPUs with tensor cores for it,
+// docs/design.md#precision; the CPU computes them in float32).
+inline void check_product_dtype(const char* op, const std::optional<at::ScalarType>& product_dtype,
+                                const at::Tensor& x) {
+  if (!product_dtype.has_value()) return;
+  TORCH_CHECK_TYPE(*product_dtype == at::kHalf || *product_dtype == at::kBFloat16, op,
+                   ": product_dtype must be None, float16 or bfloat16, got ", *product_dtype);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": product_dtype ", *product_dtype,
+                   " applies to float32 tensors (half inputs computed in float32), but x has ", x.scalar_type());
+}
+
 // x (m, d), y (n, d) or None, and the unit's parameters for d, h = W_u.size(0), c = W_c.size(0).
 inline void check_pddm_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& y,
                             const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v,

@@ -12,9 +12,12 @@
 TORCH_LIBRARY(pddm_ext, m) {
   // S[i, r] = PDDM(x_i, y_r) (docs/design.md#the-pddm-unit); y = None means y = x (batch mode, one triangle computed).
   // normalize_inputs: the input-normalised form (true) or the distance-aware form (false) of the unit.
+  // product_dtype: None, or float16 / bfloat16 when the float32 x, y and parameters hold half inputs:
+  // on a GPU with tensor cores for that type (sm_80+) the tile products round their operands to it
+  // and accumulate in float32 (docs/design.md#precision); elsewhere float32. mine_pddm likewise.
   m.def(
       "scores(Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, Tensor W_c, Tensor b_c, "
-      "Tensor w_s, Tensor b_s, bool normalize_inputs=True) -> Tensor");
+      "Tensor w_s, Tensor b_s, bool normalize_inputs=True, ScalarType? product_dtype=None) -> Tensor");
   // Fused backward of scores: (grad_x, grad_y, grad_W_u, ..., grad_b_s). output_mask = which of
   // (x, y, parameters) need gradients; the others come back as zeros. grad_y is empty in batch mode.
   m.def(
@@ -27,7 +30,8 @@ TORCH_LIBRARY(pddm_ext, m) {
   // an index of -1 means "no candidate" (its score is then meaningless).
   m.def(
       "mine_pddm(Tensor x, Tensor x_labels, Tensor? y, Tensor? y_labels, Tensor W_u, Tensor b_u, Tensor W_v, "
-      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k, bool normalize_inputs=True) -> "
+      "Tensor b_v, Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, int k, bool normalize_inputs=True, "
+      "ScalarType? product_dtype=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same with S = -||x_i - y_r||^2.
   m.def(

@@ -240,8 +240,35 @@ def unit_params(unit):
 
 
 def compute_dtype(*tensors):
-    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
+    """float64 if any input is float64, else float32 (half inputs are stored and computed in float32
+    around the tile products: :func:`product_dtype`)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def product_dtype(*embeddings):
+    """The ``product_dtype`` of the fused scores and mining ops for these embeddings (None entries
+    skipped): float16 or bfloat16 when every one of them has that one half dtype, else None
+    (docs/design.md#precision: the tile products of half inputs run in their type on GPUs with tensor
+    cores for it; the CPU and older GPUs compute them in float32). The parameters' dtype does not
+    decide; the products round them to this type."""
+    dtypes = {t.dtype for t in embeddings if t is not None}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in HALF_DTYPES else None
+
+
+def check_product_range(params, dtype):
+    """float16 tile products take W_u and W_c rounded to float16: an entry beyond its range (65504)
+    would become inf. ``ValueError`` naming the parameter (asynchronous on CUDA, as check_finite)."""
+    if dtype != torch.float16:
+        return
+    limit = torch.finfo(torch.float16).max
+    for name, p in (("W_u", params[0]), ("W_c", params[4])):
+        if p.dtype != torch.float16 and p.numel() > 0:
+            check_condition(p.detach().abs().max() <= limit,
+                            f"{name} has entries beyond float16's range ({limit:g}), which the float16 tile "
+                            f"products of float16 inputs cannot hold: upcast the inputs to float32", p.device)
 
 
 INT64_MAX = 2**63 - 1

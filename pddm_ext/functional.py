@@ -79,31 +79,39 @@ class Quadruplets(_QuadrupletFields):
 
 
 def _prepare_pair_inputs(x, y, params):
-    """Validates (x, y, params) for scoring and casts them to the compute dtype."""
+    """Validates (x, y, params) for scoring and casts them to the compute dtype; also returns the
+    op's product_dtype (``V.product_dtype``: the half dtype of half inputs, else None)."""
     V.check_embeddings("x", x)
     d = x.shape[1]
     if y is not None:
         V.check_embeddings("y", y, d=d, d_from="x")
         V.check_same_device([("x", x), ("y", y)])
     V.check_params(params, d, x.device)
+    product = V.product_dtype(x, y)
+    V.check_product_range(params, product)
     dtype = V.compute_dtype(x, y)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (autograd flows through .to)
-    return cast(x), cast(y), tuple(cast(p) for p in params)
+    return cast(x), cast(y), tuple(cast(p) for p in params), product
 
 
 def pddm_scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, *, normalize_inputs=True):
     """All-pairs PDDM scores ``S[i, r] = S(x_i, y_r)``: an (m, n) tensor; ``y=None`` gives (m, m).
 
     x (m, d), y (n, d) or None; parameters of shapes W_u, W_v (h, d), b_u, b_v (h,), W_c (c, 2h),
-    b_c, w_s (c,), b_s (); float16/bfloat16/float32/float64 (half inputs are computed in float32; the
-    result has the compute dtype). Fused: never builds the (m, n, d) pair tensor. Differentiable in
-    x, y and every parameter (fused backward). ``normalize_inputs`` (bool) selects the unit's form (docs/design.md, "The two
+    b_c, w_s (c,), b_s (); float16/bfloat16/float32/float64. The result has the compute dtype
+    (float64 if any of x, y is, else float32: also for half inputs). Half inputs (x and y of one half
+    dtype) run the tile products in that dtype with float32 accumulation on GPUs with tensor cores
+    (sm_80+), everything else in float32; on the CPU and older GPUs all in float32; their backward
+    computes in float32 and returns gradients of the inputs' dtypes (docs/design.md#precision; to
+    keep float32 products, pass ``x.float()``). Fused: never builds the (m, n, d) pair tensor.
+    Differentiable in x, y and every parameter (fused backward). ``normalize_inputs`` (bool) selects the unit's form (docs/design.md, "The two
     forms"). Raises ``TypeError``/``ValueError`` naming the argument
-    for a non-tensor, a wrong dtype, rank, shape or device, an empty x or y, NaN or Inf.
+    for a non-tensor, a wrong dtype, rank, shape or device, an empty x or y, NaN or Inf, and
+    ``ValueError`` naming W_u or W_c when float16 inputs meet a parameter beyond float16's range.
     """
     normalize_inputs = V.check_bool("normalize_inputs", normalize_inputs)
-    x, y, params = _prepare_pair_inputs(x, y, (W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s))
-    return ops.scores(x, y, *params, normalize_inputs)
+    x, y, params, product = _prepare_pair_inputs(x, y, (W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s))
+    return ops.scores(x, y, *params, normalize_inputs, product_dtype=product)
 
 
 def pair_scores(a, b, params, *, normalize_inputs=True):
@@ -206,13 +214,23 @@ def mine_hard(embeddings, labels, unit=None, *, k=1, ref_emb=None, ref_labels=No
     k = V.check_k(k)
     x, lx, y, ly, params, metric, form = _prepare_mining(embeddings, labels, unit, ref_emb, ref_labels, metric,
                                                          normalize_inputs)
-    return _mine_hard(x, lx, y, ly, params, k, metric, form)
+    return _mine_hard(x, lx, y, ly, params, k, metric, form, _mining_product(embeddings, ref_emb, params, metric))
 
 
-def _mine_hard(x, lx, y, ly, params, k, metric, normalize_inputs=True):
-    """mine_hard on validated inputs (``_prepare_mining``'s result)."""
+def _mining_product(embeddings, ref_emb, params, metric):
+    """The product_dtype of PDDM mining on these (validated) embeddings (``V.product_dtype``), after
+    the range check of float16 products; None for the Euclidean metric (no tile products)."""
+    if metric != "pddm":
+        return None
+    product = V.product_dtype(embeddings, ref_emb)
+    V.check_product_range(params, product)
+    return product
+
+
+def _mine_hard(x, lx, y, ly, params, k, metric, normalize_inputs=True, product_dtype=None):
+    """mine_hard on validated inputs (``_prepare_mining``'s result); ``product_dtype`` as the op's."""
     with torch.no_grad():
-        res = ops.mine(x, lx, y, ly, params, -1 if k is None else k, metric, normalize_inputs)
+        res = ops.mine(x, lx, y, ly, params, -1 if k is None else k, metric, normalize_inputs, product_dtype)
         neg, neg_ref = res.hardest_negative, res.hardest_negative_of_ref
         # A pair is skipped when a negative is missing. That happens for all pairs or none (only when
         # every label is the same), so this is one data-dependent size, like the op's own pair count.
@@ -238,13 +256,13 @@ def batch_hard(embeddings, labels, unit=None, *, ref_emb=None, ref_labels=None, 
     """
     x, lx, y, ly, params, metric, form = _prepare_mining(embeddings, labels, unit, ref_emb, ref_labels, metric,
                                                          normalize_inputs)
-    return _batch_hard(x, lx, y, ly, params, metric, form)
+    return _batch_hard(x, lx, y, ly, params, metric, form, _mining_product(embeddings, ref_emb, params, metric))
 
 
-def _batch_hard(x, lx, y, ly, params, metric, normalize_inputs=True):
-    """batch_hard on validated inputs (``_prepare_mining``'s result)."""
+def _batch_hard(x, lx, y, ly, params, metric, normalize_inputs=True, product_dtype=None):
+    """batch_hard on validated inputs (``_prepare_mining``'s result); ``product_dtype`` as the op's."""
     with torch.no_grad():
-        res = ops.mine(x, lx, y, ly, params, 0, metric, normalize_inputs)
+        res = ops.mine(x, lx, y, ly, params, 0, metric, normalize_inputs, product_dtype)
         pos, neg = res.hardest_positive, res.hardest_negative
         a = ((pos >= 0) & (neg >= 0)).nonzero().flatten()  # the result's size is data dependent
     return a, pos[a], neg[a]

@@ -54,9 +54,10 @@ class Metric(NamedTuple):
     """A row of ``METRICS``: how to mine with a metric and how the reference computes it.
 
     ``op``: the fused op's name in ``torch.ops.pddm_ext`` (its fake kernel is registered from this
-    table); ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs)`` calls it (``params`` is
-    the unit's parameter tuple, or None when ``uses_unit`` is false; ``normalize_inputs`` selects the
-    PDDM form and is ignored by metrics without a unit); ``scores(x, y, params, normalize_inputs)``
+    table); ``mine(x, x_labels, y, y_labels, params, k, normalize_inputs, product_dtype)`` calls it
+    (``params`` is the unit's parameter tuple, or None when ``uses_unit`` is false;
+    ``normalize_inputs`` selects the PDDM form and ``product_dtype`` the tile products' operand type
+    (:func:`scores`); metrics without a unit ignore both); ``scores(x, y, params, normalize_inputs)``
     is the library's all-pairs (m, n) score matrix S of x (m, d) against y (n, d), not differentiated
     (what needs every candidate's score, e.g. ``PDDMLoss``'s semi-hard negatives, uses it);
     ``reference_scores(x, y, params, normalize_inputs)`` is the plain all-pairs (m, n) score matrix
@@ -72,14 +73,15 @@ class Metric(NamedTuple):
 METRICS = {
     "pddm": Metric(
         op="mine_pddm",
-        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_pddm(x, lx, y, ly, *params, k, normalize_inputs),
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs, product_dtype: _ops.mine_pddm(
+            x, lx, y, ly, *params, k, normalize_inputs, product_dtype),
         scores=lambda x, y, params, normalize_inputs: scores(x, y, *params, normalize_inputs),  # the fused op
         reference_scores=reference.SCORE_MATRICES["pddm"],
         uses_unit=True,
     ),
     "euclidean": Metric(
         op="mine_euclidean",
-        mine=lambda x, lx, y, ly, params, k, normalize_inputs: _ops.mine_euclidean(x, lx, y, ly, k),
+        mine=lambda x, lx, y, ly, params, k, normalize_inputs, product_dtype: _ops.mine_euclidean(x, lx, y, ly, k),
         scores=lambda x, y, params, normalize_inputs: -torch.cdist(x, y).pow(2),  # -||x_i - y_r||^2
         reference_scores=reference.SCORE_MATRICES["euclidean"],
         uses_unit=False,
@@ -87,25 +89,32 @@ METRICS = {
 }
 
 
-def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
+def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True, product_dtype=None):
     """S[i, r] = PDDM(x_i, y_r) as an (m, n) tensor; ``y=None`` scores x against itself.
 
     ``normalize_inputs``: the input-normalised (True) or distance-aware (False) form
-    (docs/design.md, "The two forms").
+    (docs/design.md, "The two forms"). ``product_dtype``: None, or torch.float16 / torch.bfloat16
+    when the float32 tensors hold half inputs: on a GPU with tensor cores for it (sm_80+) the tile
+    products round their operands to that type and accumulate in float32 (docs/design.md#precision);
+    the CPU and older GPUs compute float32. ``TypeError`` for another dtype, or with float64 tensors.
+    The backward computes as for float32 inputs.
     """
-    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs)
+    if product_dtype is None:
+        return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs)
+    return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs, product_dtype)
 
 
-def mine(x, x_labels, y, y_labels, params, k, metric=None, normalize_inputs=True):
+def mine(x, x_labels, y, y_labels, params, k, metric=None, normalize_inputs=True, product_dtype=None):
     """Fused per-row/column reductions and the k lowest positive pairs, as a :class:`MineResult`.
 
     ``metric``: a name in ``METRICS`` (default: "pddm" when ``params`` is given, else "euclidean").
-    ``k``: -1 all pairs, 0 none. Inputs must be valid (no checks here beyond the kernels' own
-    structural ones): x (m, d), y (n, d) or None (batch mode), int64 labels, one float dtype.
+    ``k``: -1 all pairs, 0 none. ``product_dtype``: as :func:`scores` (the PDDM metric only).
+    Inputs must be valid (no checks here beyond the kernels' own structural ones): x (m, d), y (n, d)
+    or None (batch mode), int64 labels, one float dtype.
     """
     if metric is None:
         metric = "euclidean" if params is None else "pddm"
-    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k, normalize_inputs))
+    return MineResult(*METRICS[metric].mine(x, x_labels, y, y_labels, params, k, normalize_inputs, product_dtype))
 
 
 # --- fake kernels: shapes and dtypes only, so torch.compile can trace the ops -----------------
@@ -124,7 +133,7 @@ def _check_one_device(op, x, named):
 
 
 @torch.library.register_fake("pddm_ext::scores")
-def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True):
+def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True, product_dtype=None):
     _check_one_device("scores", x, zip(("y", *_PARAM_NAMES), (y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)))
     n = x.shape[0] if y is None else y.shape[0]
     return x.new_empty((x.shape[0], n))
@@ -166,6 +175,7 @@ for _metric in METRICS.values():
 
 
 def _scores_setup_context(ctx, inputs, output):
+    # inputs[11], the product_dtype, does not reach the backward: it computes as for float32 inputs.
     tensors, ctx.normalize_inputs = inputs[:10], (inputs[10] if len(inputs) > 10 else True)
     ctx.save_for_backward(*(t for t in tensors if t is not None))
     ctx.batch_mode = inputs[1] is None

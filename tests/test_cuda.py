@@ -161,10 +161,12 @@ def test_expanded_grad_and_non_contiguous_inputs(device):
     assert rel_err(xg.grad, xr.grad) < 1e-8
 
 
-def test_half_inputs_compute_in_float32(device):
+def test_upcast_half_inputs_compute_in_float32(device):
+    """The way to keep float32 products for half data (docs/design.md#precision): upcast it. The scores
+    are then float32's, within float32's tolerance of the float64 reference of the half values."""
     unit = make_unit(16, 8, 8, device=device)
     x = torch.randn(20, 16, device=device, dtype=torch.float16)
-    S = pddm_ext.pddm_scores(x, None, *params_of(unit))
+    S = pddm_ext.pddm_scores(x.float(), None, *params_of(unit))
     assert S.dtype == torch.float32
     want = reference.pddm_scores(x.double(), None, [p.double() for p in params_of(unit)])
     assert rel_err(S, want) < 1e-4
@@ -176,6 +178,7 @@ def test_opcheck(device):
     y = torch.randn(7, 6, device=device)
     p = params_of(unit)
     torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p)
+    torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p + (True, torch.bfloat16))
     lx = torch.randint(0, 3, (9,), device=device)
     ly = torch.randint(0, 3, (7,), device=device)
     torch.library.opcheck(torch.ops.pddm_ext.mine_euclidean.default, (x.detach(), lx, y, ly, 2),
@@ -352,6 +355,204 @@ def test_mining_follows_the_float32_matmul_precision(precision, device):
         assert R[i, k].item() >= R[i][negatives].max().item() - tol
         assert S[i, j].item() == S[i][positives].min().item()
         assert S[i, k].item() == S[i][negatives].max().item()
+
+
+# ---- half inputs: float16 / bfloat16 tile products (docs/design.md#precision) ------------------------
+
+HALF = [torch.float16, torch.bfloat16]
+# Unit roundoff of the tile products' operands: float16 keeps 10 explicit mantissa bits, bfloat16 7.
+HALF_U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# Scores of half inputs against the float64 reference of the same half values, relative to the largest
+# (rel_err): each product rounds both operands by up to u (W_u, |x - y| and W_c, Z), the error of the
+# joint layer's inputs passes through the ReLUs and normalisations at most doubled, and the score
+# sums c such terms with signs: a few u at most in practice (measured, docs/design.md#precision:
+# about 3u for float16 and 2u for bfloat16 in the worst of 3 seeds), 16 u here.
+HALF_SCORE_TOL = {dtype: 16 * u for dtype, u in HALF_U.items()}
+
+
+def half_tile_products(device):
+    """Whether the backend runs the tile products of half inputs in their type: the emulation (a model of
+    an sm_90 GPU) and GPUs of sm_80 or later; older GPUs compute them in FP32."""
+    return EMULATED or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def half_case(dtype, batch, device, m, n, d, seed=1):
+    """Half inputs drawn on the CPU (the same on every backend), x[1] = x[0] where m > 2."""
+    torch.manual_seed(seed)
+    x = torch.randn(m, d).to(dtype)
+    if m > 2:
+        x[1] = x[0]
+    y = None if batch else torch.randn(n, d).to(dtype)
+    return x.to(device), None if y is None else y.to(device)
+
+
+@pytest.mark.parametrize("dtype,batch", [(torch.float16, True), (torch.bfloat16, False)],
+                         ids=["float16-batch", "bfloat16-reference"])  # one of each: the emulation is slow
+@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
+def test_half_input_scores(m, n, d, h, c, batch, dtype, device):
+    """Scores of half inputs on odd sizes (not multiples of the 16 x 16 x 16 fragments nor of the 8 x 8
+    tiles; two output passes): float32 results within the half bound of the float64 reference of the half
+    values, deterministic, batch mode exactly symmetric, duplicate rows scoring identically. Where the
+    products run in the half type (sm_80+, the emulation) they differ from the upcast inputs' float32
+    products (in the 64-wide unit); elsewhere they are those."""
+    unit = make_unit(d, h, c, device=device)
+    x, y = half_case(dtype, batch, device, m, n, d)
+    p = params_of(unit)
+    got = pddm_ext.pddm_scores(x, y, *p)
+    want = reference.pddm_scores(x.double(), None if y is None else y.double(), [q.double() for q in p])
+    fp32 = pddm_ext.pddm_scores(x.float(), None if y is None else y.float(), *p)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel_err(got, want) < HALF_SCORE_TOL[dtype]
+    assert torch.equal(got, pddm_ext.pddm_scores(x, y, *p))
+    if batch:
+        assert torch.equal(got, got.T)
+    if m > 2:
+        assert torch.equal(got[0], got[1])
+    if not half_tile_products(device):
+        assert torch.equal(got, fp32)
+    elif d >= 64:  # (small units may round to the same float32 scores by chance)
+        assert not torch.equal(got, fp32)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_half_input_products_run_in_the_half_type(dtype, batch, device):
+    """The error of half inputs' scores is the half type's: well above float32's (the half products ran,
+    the float32 products of the upcast inputs did not), within HALF_SCORE_TOL, and bfloat16's above
+    float16's (each its own rounding). Rows far beyond the unit scale (|x - y| beyond float16's range
+    65504 before the per-pair scaling) score as accurately, in both forms of the unit."""
+    if not half_tile_products(device):
+        pytest.skip("this GPU computes half inputs in FP32 (before sm_80)")
+    unit = make_unit(24, 40, 20, device=device)
+    p = params_of(unit)
+    errors = {}
+    for form in (True, False):
+        for scale in (1.0, 3e4):
+            x, y = half_case(torch.float32, batch, device, 37, 29, 24, seed=2)
+            big = lambda t: (t * scale).clamp(-6e4, 6e4).to(dtype)  # noqa: E731  (finite in float16)
+            x, y = big(x), None if y is None else big(-y)
+            want = reference.pddm_scores(x.double(), None if y is None else y.double(), [q.double() for q in p], form)
+            got = pddm_ext.pddm_scores(x, y, *p, normalize_inputs=form)
+            fp32 = pddm_ext.pddm_scores(x.float(), None if y is None else y.float(), *p, normalize_inputs=form)
+            err, err32 = rel_err(got, want), rel_err(fp32, want)
+            assert err < HALF_SCORE_TOL[dtype], (form, scale, err)
+            assert err > 10 * err32, (form, scale, err, err32)
+            errors[form, scale] = err
+    assert max(errors.values()) > HALF_U[dtype] / 16, errors
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_half_input_gradients_are_computed_in_float32(dtype, batch, device):
+    """The backward of half inputs computes as for their upcast float32 values (bitwise the upcast
+    inputs' gradients under deterministic algorithms) and returns gradients of the inputs' dtypes: the
+    embeddings' gradients are half (within float32's tolerance plus one half rounding of the float64
+    reference's), the float32 parameters' float32."""
+    unit = make_unit(12, 24, 130, device=device)
+    x, y = half_case(dtype, batch, device, 17, 11, 12)
+    G = torch.randn(17, 17 if batch else 11).to(device)
+
+    def grads(x, y):
+        x = x.detach().clone().requires_grad_()
+        y = None if y is None else y.detach().clone().requires_grad_()
+        S = unit(x) if y is None else unit(x, y)
+        return torch.autograd.grad((S * G).sum(), [x] + ([] if y is None else [y]) + list(unit.parameters()))
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = grads(x, y)
+        upcast = grads(x.float(), None if y is None else y.float())
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    _, want = reference_gradients(x, y, unit, G)
+    inputs = 1 if batch else 2
+    for i, (g, u, w) in enumerate(zip(got, upcast, want)):
+        if i < inputs:
+            assert g.dtype == dtype and torch.equal(g, u.to(dtype))
+            assert rel_err(g, w) < 10 * TOL[torch.float32] + 2 * HALF_U[dtype]
+        else:
+            assert g.dtype == torch.float32 and torch.equal(g, u)
+            assert rel_err(g, w) < 10 * TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_half_input_mining(dtype, batch, device):
+    """batch_hard and mine_hard on half inputs: every slot picks a pair whose float64 reference score is
+    within the half bound of the slot's reference optimum (the half products decide only near-ties), and
+    the mined scores are exactly those pddm_scores gives the same half inputs (one arithmetic)."""
+    unit = make_unit(24, 40, 20, device=device)
+    x, y = half_case(dtype, batch, device, 41, 35, 24, seed=4)
+    torch.manual_seed(5)
+    lx = torch.randint(0, 4, (41,)).to(device)
+    ly = None if batch else torch.randint(0, 4, (35,)).to(device)
+    p = params_of(unit)
+    R = reference.pddm_scores(x.double(), None if y is None else y.double(), [q.double() for q in p])
+    S = pddm_ext.pddm_scores(x, y, *p)
+    tol = HALF_SCORE_TOL[dtype] * (1 + R.abs().max().item())
+    same = lx[:, None] == (lx if batch else ly)[None, :]
+    if batch:
+        same &= ~torch.eye(41, dtype=torch.bool, device=device)
+    negative = lx[:, None] != (lx if batch else ly)[None, :]
+    a, pos, neg = pddm_ext.batch_hard(x, lx, unit, ref_emb=y, ref_labels=ly)
+    assert a.numel() > 30
+    for i, j, k in zip(a.tolist(), pos.tolist(), neg.tolist()):
+        assert same[i, j] and negative[i, k]
+        assert R[i, j].item() <= R[i][same[i]].min().item() + tol
+        assert R[i, k].item() >= R[i][negative[i]].max().item() - tol
+        assert S[i, j].item() == S[i][same[i]].min().item()
+        assert S[i, k].item() == S[i][negative[i]].max().item()
+    quads = pddm_ext.mine_hard(x, lx, unit, k=5, ref_emb=y, ref_labels=ly)
+    assert quads.anchor.numel() == 5
+    i, r = quads.anchor, quads.positive
+    assert torch.equal(quads.scores[:, 0], S[i, r])
+    assert torch.equal(quads.scores[:, 1], S[i, quads.anchor_negative])
+    assert torch.equal(quads.scores[:, 2], S[quads.positive_negative, r])
+    positives = S[same.triu() if batch else same]  # batch mode: unordered pairs i < r
+    assert torch.equal(quads.scores[:, 0], positives.sort().values[:5])
+
+
+def test_half_product_dtype_errors(device):
+    """The op's product_dtype takes only float16 / bfloat16 and only for float32 tensors (TypeError naming
+    it); float16 inputs with a parameter beyond float16's range raise ValueError naming it."""
+    unit = make_unit(6, 5, 4, device=device)
+    p = params_of(unit)
+    x = torch.randn(9, 6, device=device)
+    lx = torch.randint(0, 3, (9,), device=device)
+    for bad in (torch.float64, torch.float32, torch.int32):
+        with pytest.raises(TypeError, match="product_dtype must be None, float16 or bfloat16, got"):
+            torch.ops.pddm_ext.scores(x, None, *p, True, bad)
+        with pytest.raises(TypeError, match="product_dtype"):
+            torch.ops.pddm_ext.mine_pddm(x, lx, None, None, *p, 1, True, bad)
+    with pytest.raises(TypeError, match="applies to float32 tensors.*Double"):
+        torch.ops.pddm_ext.scores(x.double(), None, *(q.double() for q in p), True, torch.float16)
+    with torch.no_grad():
+        unit.W_c[0, 0] = 7e4
+    big = params_of(unit)
+    with pytest.raises(ValueError, match="W_c has entries beyond float16's range"):
+        pddm_ext.pddm_scores(x.half(), None, *big)
+    with pytest.raises(ValueError, match="W_c has entries beyond float16's range"):
+        pddm_ext.batch_hard(x.half(), lx, unit)
+    # bfloat16 has float32's range; float32 inputs never round the parameters
+    pddm_ext.pddm_scores(x.bfloat16(), None, *big)
+    pddm_ext.pddm_scores(x, None, *big)
+
+
+def test_cpu_computes_half_inputs_in_float32():
+    """The CPU kernels compute half inputs in float32: scores and mining bitwise those of the upcast
+    inputs (product_dtype is accepted and checked, and changes nothing)."""
+    if EMULATED:
+        pytest.skip("the emulation build runs the CUDA kernels for CPU tensors")
+    unit = make_unit(10, 12, 9, device="cpu")
+    p = params_of(unit)
+    lx = torch.randint(0, 3, (21,))
+    for dtype in HALF:
+        x = torch.randn(21, 10).to(dtype)
+        assert torch.equal(pddm_ext.pddm_scores(x, None, *p), pddm_ext.pddm_scores(x.float(), None, *p))
+        got, want = pddm_ext.mine_hard(x, lx, unit, k=4), pddm_ext.mine_hard(x.float(), lx, unit, k=4)
+        for a, b in zip(got[:5], want[:5]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
@@ -1116,6 +1317,33 @@ def tf32_round(t):
 
 
 @needs_emulation
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+def test_emulation_wmma_half_product(dtype):
+    """The emulated 16-bit WMMA as HalfTensorCoreBlock drives it: operands rounded to the half type to
+    nearest even (round_operand), exact products, one rounding toward zero to float32; a misaligned
+    fragment pointer is refused."""
+    torch.manual_seed(0)
+    a = torch.randn(16, 16)
+    b = torch.randn(16, 16)
+    u = HALF_U[dtype]
+    a[0, 0] = 1 + u  # a tie: to even, 1
+    a[0, 1] = 1 + 3 * u  # a tie: to even, 1 + 4u
+    b[0, 0] = 1 + 2 * u  # representable
+    out = torch.ops.pddm_emu_test.wmma_half(a, b, dtype, 0)
+    ah, bh = a.to(dtype), b.to(dtype)
+    assert ah[0, 0] == 1 and ah[0, 1] == 1 + 4 * u and bh[0, 0] == 1 + 2 * u
+    exact = ah.double() @ bh.double()  # exact: 16 products of 11- or 8-bit significands
+    want = exact.float()
+    want = torch.where(want.double().abs() > exact.abs(), torch.nextafter(want, torch.zeros_like(want)), want)
+    assert torch.equal(out, want.expand(32, 16, 16))
+    assert not torch.equal(want, (a.double() @ b.double()).float())  # the operand rounding is there
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    assert not torch.equal(want, (a.to(other).double() @ b.to(other).double()).float())  # and it is dtype's
+    with pytest.raises(RuntimeError, match="256-bit"):
+        torch.ops.pddm_emu_test.wmma_half(a, b, dtype, 1)
+
+
+@needs_emulation
 def test_emulation_wmma_tf32_product():
     """The emulated WMMA: TF32-rounded operands, exact products, one rounding toward zero; the stores of every lane
     visible after the warp's barrier; the hardware's requirements enforced."""
@@ -1219,3 +1447,37 @@ except RuntimeError as e:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused:" in out.stdout and "compiled for compute_70" in out.stdout, out.stdout
+
+
+@needs_emulation
+def test_half_tensor_cores_refused_for_kernels_compiled_without_them():
+    """Kernels compiled before compute_80 (PDDM_EMU_PTX_VERSION=75: a build for sm_75 JIT-compiled for a
+    newer GPU) have no half tensor-core path: float16 / bfloat16 inputs raise, naming the dtype and the two
+    fixes, instead of computing FP32; their upcast values run."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, pddm_ext
+unit = pddm_ext.PDDM(8, 6, 5)
+x = torch.randn(9, 8)
+unit(x)
+for dtype in (torch.float16, torch.bfloat16):
+    try:
+        unit(x.to(dtype))
+    except RuntimeError as e:
+        print("refused:", e)
+    try:
+        pddm_ext.batch_hard(x.to(dtype), torch.arange(9) % 3, unit)
+    except RuntimeError as e:
+        print("refused:", e)
+"""
+    env = dict(os.environ, PDDM_EMU_PTX_VERSION="75")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("refused:")]
+    assert len(lines) == 4, out.stdout
+    for line, dtype in zip(lines, ["float16", "float16", "bfloat16", "bfloat16"]):
+        assert f"{dtype} inputs run their tile products on tensor cores" in line, line
+        assert "compiled for compute_75" in line and "upcast the inputs to float32" in line, line

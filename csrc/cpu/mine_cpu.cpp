@@ -174,8 +174,10 @@ MineResult mine_tiles(const TileGrid& grid, const RowsOf<scalar_t>& rows, const 
 MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, const std::optional<at::Tensor>& y_in,
                          const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                          const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                         const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
+                         const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs,
+                         std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  check_product_dtype("pddm_ext::mine_pddm", product_dtype, x_in);  // the CPU computes half inputs in float32
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
   vec::select_isa_from_env();
   const bool batch = !y_in.has_value();

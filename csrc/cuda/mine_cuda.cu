@@ -301,7 +301,8 @@ __device__ void fold_end(const MineArgs<T>& args, const FoldShared<T, P>& fs) {
   if (threadIdx.x == 0 && args.pairs.k != 0 && args.pairs.heap) args.pairs.heap_sizes[blockIdx.x] = fs.heap_size;
 }
 
-template <typename T>
+// kHalf: the instantiation for half inputs (pair_gemm), launched only for them.
+template <typename T, bool kHalf = false>
 __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                               MineArgs<T> args, T* scratch, int64_t ws_elems) {
   PDDM_DYNAMIC_SHARED(smem_raw);
@@ -318,8 +319,8 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();
-    pddm_tile_activations(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
-    pddm_tile_scores(w, Z, ts, sm_a, sm_w);
+    pddm_tile_activations<T, kHalf>(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
+    pddm_tile_scores<T, kHalf>(w, Z, ts, sm_a, sm_w);
     fold_tile<T, kTile, kTile>(args, grid.batch, i0, r0, ts.score, ts.norm_u, fs);  // ||x_i - y_r||: 0 if equal
   }
   fold_end(args, fs);
@@ -518,15 +519,26 @@ MineResult run_mining(bool batch, const at::Tensor& lx, const at::Tensor& ly, co
   return {pos_i, pos_s, neg_i, neg_s, cneg_i, cneg_s, pair_i, pair_r, pair_s};
 }
 
+// The kernel instantiation for a tile math: half inputs run their own (kHalf).
+template <typename T>
+auto mine_pddm_kernel_for(TileMath math) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (half_tile_math(math)) return &mine_pddm_kernel<float, true>;
+  }
+  return &mine_pddm_kernel<T>;
+}
+
 MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, const std::optional<at::Tensor>& y_in,
                           const std::optional<at::Tensor>& y_labels, const at::Tensor& W_u, const at::Tensor& b_u,
                           const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c, const at::Tensor& b_c,
-                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs) {
+                          const at::Tensor& w_s, const at::Tensor& b_s, int64_t k, bool normalize_inputs,
+                          std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::mine_pddm", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_mine_args("pddm_ext::mine_pddm", x_in, x_labels, y_in, y_labels, k);
+  check_product_dtype("pddm_ext::mine_pddm", product_dtype, x_in);
   const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
-  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, product_dtype);
   const auto& x = in.x;
   const auto lx = x_labels.contiguous();
   const auto ly = batch ? lx : y_labels->contiguous();
@@ -538,7 +550,8 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
-    const auto plan = plan_launch(mine_pddm_kernel<T>, x.get_device(), grid.count(),
+    const auto mine_kernel = mine_pddm_kernel_for<T>(w.math);
+    const auto plan = plan_launch(mine_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   int64_t(1) << 30, w.math);
     at::Tensor scratch;
@@ -547,7 +560,7 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
         batch, lx, ly, in.x.data_ptr<T>(), in.y.data_ptr<T>(), m, n, in.d, k, x.options(),
         [&] { return plan.blocks; },
         [&](int blocks, const MineArgs<T>& args) {
-          PDDM_LAUNCH(mine_pddm_kernel<T>, blocks, kThreads, plan.smem_bytes, current_stream())(
+          PDDM_LAUNCH(mine_kernel, blocks, kThreads, plan.smem_bytes, current_stream())(
               w, rows, grid, args, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });

@@ -67,8 +67,14 @@ constexpr size_t staging_a_elems() {
 // How pair_gemm multiplies float32 tiles (docs/design.md#precision): FP32 FMAs on CUDA cores, or
 // tensor cores with TF32 operands: three products per step (a_hi b_hi + a_hi b_lo + a_lo b_hi with
 // a = a_hi + a_lo split into two TF32 values, float32-level accuracy) or one (TF32, 10 explicit
-// mantissa bits). float64 tiles always use FP64 FMAs. Chosen per call by tile_math().
-enum class TileMath : int { kFp32 = 0, kTf32x3 = 1, kTf32 = 2 };
+// mantissa bits). float64 tiles always use FP64 FMAs. Chosen per call by tile_math(). kFp16 / kBf16:
+// the tiles of half inputs (float32 tensors holding float16 / bfloat16 values, the op's
+// product_dtype): operands rounded to float16 / bfloat16, float32 accumulation (HalfTensorCoreBlock).
+enum class TileMath : int { kFp32 = 0, kTf32x3 = 1, kTf32 = 2, kFp16 = 3, kBf16 = 4 };
+
+__host__ __device__ constexpr bool half_tile_math(TileMath math) {
+  return math == TileMath::kFp16 || math == TileMath::kBf16;
+}
 
 // The tensor-core path exists where the device code can use TF32 WMMA (sm_80 and later) and in the
 // emulation (csrc/emulation/cuda_emu.h models it); tile_math() never selects it elsewhere.
@@ -201,12 +207,51 @@ struct TileScalars {
                                        // the odd row stride keeps the 64 summing threads conflict-free)
 };
 
+// Half tile math (TileMath::kFp16 / kBf16) scales a pair's phase-1 operand |x_i - y_r| by 2^-e with
+// ||x_i - y_r|| 2^-e in [0.5, 1) and its product back by 2^e (both exact in float32): float16 (max
+// 65504) cannot hold |x_i - y_r| of rows near its range, and its rounding is relative, so the product
+// loses nothing by the scaling. e is clamped to [-125, 125] (2^e and 2^-e normal floats).
+__device__ __forceinline__ int half_operand_exponent(float norm) {
+  int e = 0;
+  if (norm > 0.0f) frexpf(norm, &e);
+  return e < -125 ? -125 : (e > 125 ? 125 : e);
+}
+
 #if PDDM_TENSOR_CORES
 // pair_gemm's tensor-core product of one kOutBlock-wide output block: warp w owns pairs
 // [16 (w % 4), + 16) x outputs [64 (w / 4), + 64) as four 16 x 16 float accumulators (WMMA
 // m16n16k8, TF32 operands). The staged chunks are the FP32 loop's: the operand chunk is the
 // column-major matrix_a (pairs x k, ldm a_stride), the weight chunk the row-major matrix_b
 // (k x outputs, ldm w_stride). Only float has it; the double instantiation is empty.
+// The accumulators of a tensor-core product (four 16 x 16 float fragments per warp, TensorCoreBlock
+// and HalfTensorCoreBlock) into the FP32 loop's registers: out[q][t] = output (4 pg + q,
+// out_column(og, t)), through the staging buffer in four passes: in pass f every warp stores its
+// accumulator f (16 pairs x 16 outputs), which together hold the outputs of the threads with
+// out_group / 4 == f (smem_layout.h tensor_output_index), and those threads read theirs. The staging
+// buffer needs no more room than the FP32 path's. Ends synchronised.
+template <typename Fragment>
+__device__ __forceinline__ void tensor_core_outputs(const Fragment (&acc)[4], float (&out)[4][8], float* staging,
+                                                    int pair_group, int out_group) {
+  constexpr int ld = layout::tensor_output_stride();
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int f = 0; f < 4; ++f) {
+    nvcuda::wmma::store_matrix_sync(staging + layout::tensor_output_offset(warp), acc[f], ld,
+                                    nvcuda::wmma::mem_row_major);
+    __syncthreads();
+    if (layout::tensor_output_pass(out_group) == f) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+#pragma unroll
+        for (int v = 0; v < 8 / 4; ++v) {
+          load_vector(&out[q][4 * v], staging + layout::tensor_output_index(pair_group, out_group, q, v));
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
 template <typename T>
 struct TensorCoreBlock {
   __device__ __forceinline__ void zero() {}
@@ -264,29 +309,92 @@ struct TensorCoreBlock<float> {
   }
 
   // After the last chunk (staging free): out[q][t] = output (4 pg + q, out_column(og, t)), the
-  // values the FP32 loop leaves in the same thread's registers, through the staging buffer in four
-  // passes: in pass f every warp stores its accumulator f (16 pairs x 16 outputs), which together hold
-  // the outputs of the threads with out_group / 4 == f (smem_layout.h tensor_output_index), and those
-  // threads read theirs. The staging buffer needs no more room than the FP32 path's. Ends synchronised.
+  // values the FP32 loop leaves in the same thread's registers (tensor_core_outputs). Ends synchronised.
   __device__ __forceinline__ void outputs(float (&out)[4][8], float* staging, int pair_group, int out_group) {
-    constexpr int ld = layout::tensor_output_stride();
-    const int warp = threadIdx.x / 32;
+    tensor_core_outputs(acc, out, staging, pair_group, out_group);
+  }
+};
+// pair_gemm's tensor-core product for half inputs (TileMath::kFp16 / kBf16; H = __half or
+// __nv_bfloat16): WMMA m16n16k16 with H operands and float accumulators, warp w owning pairs
+// [16 (w % 4), + 16) x outputs [64 (w / 4), + 64) as TensorCoreBlock does. The staged chunks are
+// the FP32 loop's float32 ones; chunk() rounds them to H (round to nearest even) in place, each
+// into the start of its own region (the operand chunk as a column-major matrix_a with
+// kHalfAStride, the weight chunk as a row-major matrix_b with kHalfWStride), and multiplies: one
+// k16 step per staged chunk. Everything else of the tile stays float32.
+constexpr int kHalfAStride = kPairs + 8;     // 16-bit elements: ldm a multiple of 8, rows 16 bytes apart
+constexpr int kHalfWStride = kOutBlock + 8;
+static_assert(kChunk == 16, "one m16n16k16 step per staged chunk");
+static_assert(size_t(kChunk) * kHalfAStride * 2 <= staging_a_elems<float>() * sizeof(float) &&
+                  size_t(kChunk) * kHalfWStride * 2 <= size_t(kChunk) * layout::w_stride<float>() * sizeof(float),
+              "the rounded chunks fit in the float32 chunks they replace");
+static_assert(staging_a_elems<float>() * sizeof(float) % 32 == 0, "the weight chunk stays 256-bit aligned");
+
+template <typename H>
+__device__ __forceinline__ H round_operand(float v);
+template <>
+__device__ __forceinline__ __half round_operand<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 round_operand<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename H>
+struct HalfTensorCoreBlock {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (auto& f : acc) nvcuda::wmma::fill_fragment(f, 0.0f);
+  }
+
+  // acc += this chunk's kChunk reduction steps. Rounds the staged float32 chunks to H in place
+  // (all reads, a barrier, all writes, a barrier), then one m16n16k16 step.
+  __device__ __forceinline__ void chunk(float* sm_a, float* sm_w) {
+    using namespace nvcuda::wmma;
+    constexpr int a_stride = layout::a_stride<float>(), w_stride = layout::w_stride<float>();
+    constexpr int a_per = kChunk * kPairs / kThreads, w_per = kChunk * kOutBlock / kThreads;
+    static_assert(a_per * kThreads == kChunk * kPairs && w_per * kThreads == kChunk * kOutBlock, "whole chunks");
+    const int tid = threadIdx.x;
+    float va[a_per], vw[w_per];
+#pragma unroll
+    for (int j = 0; j < a_per; ++j) {
+      const int e = tid + j * kThreads;
+      va[j] = sm_a[(e / kPairs) * a_stride + e % kPairs];
+    }
+#pragma unroll
+    for (int j = 0; j < w_per; ++j) {
+      const int e = tid + j * kThreads;
+      vw[j] = sm_w[(e / kOutBlock) * w_stride + e % kOutBlock];
+    }
+    __syncthreads();
+    H* const ha = reinterpret_cast<H*>(sm_a);
+    H* const hw = reinterpret_cast<H*>(sm_w);
+#pragma unroll
+    for (int j = 0; j < a_per; ++j) {
+      const int e = tid + j * kThreads;
+      ha[(e / kPairs) * kHalfAStride + e % kPairs] = round_operand<H>(va[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < w_per; ++j) {
+      const int e = tid + j * kThreads;
+      hw[(e / kOutBlock) * kHalfWStride + e % kOutBlock] = round_operand<H>(vw[j]);
+    }
+    __syncthreads();
+    const int warp = tid / 32, pairs0 = 16 * (warp % 4), outs0 = 64 * (warp / 4);
+    fragment<matrix_a, 16, 16, 16, H, col_major> a;
+    load_matrix_sync(a, ha + pairs0, kHalfAStride);
 #pragma unroll
     for (int f = 0; f < 4; ++f) {
-      nvcuda::wmma::store_matrix_sync(staging + layout::tensor_output_offset(warp), acc[f], ld,
-                                      nvcuda::wmma::mem_row_major);
-      __syncthreads();
-      if (layout::tensor_output_pass(out_group) == f) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-#pragma unroll
-          for (int v = 0; v < 8 / 4; ++v) {
-            load_vector(&out[q][4 * v], staging + layout::tensor_output_index(pair_group, out_group, q, v));
-          }
-        }
-      }
-      __syncthreads();
+      fragment<matrix_b, 16, 16, 16, H, row_major> b;
+      load_matrix_sync(b, hw + outs0 + 16 * f, kHalfWStride);
+      mma_sync(acc[f], a, b, acc[f]);
     }
+  }
+
+  __device__ __forceinline__ void outputs(float (&out)[4][8], float* staging, int pair_group, int out_group) {
+    tensor_core_outputs(acc, out, staging, pair_group, out_group);
   }
 };
 #endif
@@ -298,8 +406,11 @@ struct TensorCoreBlock<float> {
 // constant after unrolling (an epilogue that indexes its own per-pair registers with it keeps them
 // in registers; p - first_pair would be a dynamic index, i.e. local memory). The reduction order
 // over k is fixed, so the result is deterministic. math (tile_math) chooses FP32 FMAs or tensor
-// cores (TensorCoreBlock, float only). Must be called by all threads of the block; ends synchronised.
-template <typename T, typename Operand, typename Epilogue>
+// cores (TensorCoreBlock, float only). kHalf: the instantiation of the half kernels, the only one
+// with the half tensor-core code (HalfTensorCoreBlock, for a half math; the launchers run it for
+// those and no other; the other instantiations compute a half math in FP32, which no launcher asks
+// for). Must be called by all threads of the block; ends synchronised.
+template <typename T, bool kHalf = false, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w,
                           TileMath math) {
@@ -312,7 +423,8 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   constexpr bool accumulates = std::is_invocable_v<Epilogue, int, int64_t, T, int>;
   const int flip = accumulates ? 0 : layout::epilogue_flip<T>(pair_group, out_group);
   const bool w_rows_contiguous = w_red_stride == 1;
-  const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32;
+  const bool half_tensor = kHalf && std::is_same_v<T, float> && PDDM_TENSOR_CORES && half_tile_math(math);
+  const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32 && !half_tile_math(math);
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
     // Stages reduction chunk k0 of the operand and of this output block's weights, then a barrier.
     const auto stage = [&](int64_t k0) {
@@ -340,6 +452,23 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
         __syncthreads();
       }
       tc.outputs(acc, sm_a, pair_group, out_group);  // the same acc[q][t] as the FP32 loop's
+    } else if (half_tensor) {  // float16 / bfloat16 operands (HalfTensorCoreBlock)
+      if constexpr (kHalf && std::is_same_v<T, float>) {
+        const auto run = [&](auto block) {
+          block.zero();
+          for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+            stage(k0);
+            block.chunk(sm_a, sm_w);
+            __syncthreads();
+          }
+          block.outputs(acc, sm_a, pair_group, out_group);
+        };
+        if (math == TileMath::kFp16) {
+          run(HalfTensorCoreBlock<__half>{});
+        } else {
+          run(HalfTensorCoreBlock<__nv_bfloat16>{});
+        }
+      }
     } else
 #endif
     {
@@ -429,8 +558,9 @@ __device__ __forceinline__ T mean_pre_projection(const PddmParams<T>& w, const P
 // Phases 0-2: leaves Z[p * ldz + k] = [normalize(u'); normalize(v')] (k < 2h, ldz =
 // layout::workspace_stride(2h), tile_workspace_elems) of every pair of the tile and
 // the per-pair norms and the pairs' rows (ts.row, ts.col) in ts. All threads call it, after a
-// barrier that ends the previous tile's reads of ts and Z; ends synchronised.
-template <typename T>
+// barrier that ends the previous tile's reads of ts and Z; ends synchronised. kHalf: the
+// instantiation of the half kernels (pair_gemm), which scales the phase-1 operand (float only).
+template <typename T, bool kHalf = false>
 __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>& rows, const TilePairs& pairs,
                                       T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
   const int64_t d = w.d, h = w.h, ldz = layout::workspace_stride(2 * h);
@@ -459,11 +589,25 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
     }
   }
   __syncthreads();
-  // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u).
-  pair_gemm<T>(
-      h, d, w.W_u, d, 1,
-      [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
-      [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math);
+  // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u). The half kernels scale the operand by a
+  // power of two per pair (half_operand_exponent) and the product back.
+  if constexpr (kHalf) {
+    pair_gemm<T, kHalf>(
+        h, d, w.W_u, d, 1,
+        [&](int p, int64_t k) {
+          const T u = abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]);
+          return ldexpf(u, -half_operand_exponent(ts.norm_u[p]));
+        },
+        [&](int p, int64_t k, T a) {
+          Z[p * ldz + k] = branch_unit(ldexpf(a, half_operand_exponent(ts.norm_u[p])), ts.inv_u[p], w.b_u[k]);
+        },
+        sm_a, sm_w, w.math);
+  } else {
+    pair_gemm<T>(
+        h, d, w.W_u, d, 1,
+        [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
+        [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math);
+  }
   // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
   RowColWalk pk(kPairs, h);
   for (int64_t e = threadIdx.x; e < int64_t(kPairs) * h; e += kThreads, pk.next()) {
@@ -499,13 +643,13 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
 }
 
 // Phase 3 after pddm_tile_activations: ts.score[p] = w_s . relu(W_c Z_p + b_c) + b_s. Ends synchronised.
-template <typename T>
+template <typename T, bool kHalf = false>
 __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
   const int64_t h = w.h, ldz = layout::workspace_stride(2 * h);
   const int out_group = threadIdx.x % kOutGroups;
   T part[4] = {T(0), T(0), T(0), T(0)};  // this thread's partial scores of its 4 pairs
   const int first_pair = (threadIdx.x / kOutGroups) * 4;
-  pair_gemm<T>(
+  pair_gemm<T, kHalf>(
       w.c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
       [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w, w.math);
 #pragma unroll
@@ -569,11 +713,17 @@ LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   // The device code has tensor cores only where it was compiled for compute_80 or later: a build for
   // older architectures JIT-compiled for this GPU would compute FP32 under "high" / "medium".
-  TORCH_CHECK(math == TileMath::kFp32 || attr.ptxVersion >= 80,
+  TORCH_CHECK(math == TileMath::kFp32 || half_tile_math(math) || attr.ptxVersion >= 80,
               "pddm_ext: the float32 matmul precision asks for TF32 tensor cores, but this build's kernels "
               "for this GPU were compiled for compute_", attr.ptxVersion,
               ", which has none: rebuild with TORCH_CUDA_ARCH_LIST including 8.0 or later, or use "
               "torch.set_float32_matmul_precision('highest')");
+  TORCH_CHECK(!half_tile_math(math) || attr.ptxVersion >= 80, "pddm_ext: ",
+              math == TileMath::kFp16 ? "float16" : "bfloat16",
+              " inputs run their tile products on tensor cores on this GPU (sm_80 or later), but this build's "
+              "kernels for it were compiled for compute_", attr.ptxVersion,
+              ", which has none: rebuild with TORCH_CUDA_ARCH_LIST including 8.0 or later, or upcast the "
+              "inputs to float32 (x.float()) to compute them in float32");
   const size_t budget = size_t(optin) > attr.sharedSizeBytes ? size_t(optin) - attr.sharedSizeBytes : 0;
   LaunchPlan plan;
   plan.workspace_in_shared = staging_bytes + workspace_bytes <= budget;
@@ -679,14 +829,22 @@ inline at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& W_v) {
 // matmuls do: "highest" FP32 (the default), "high" 3xTF32 (float32-level accuracy), "medium" TF32;
 // torch.backends.cuda.matmul.fp32_precision "ieee" FP32, "tf32" TF32 (3xTF32 under "high").
 // A GPU before sm_80 has no TF32 tensor cores: FP32 there under every setting (as cuBLAS).
+// product_dtype float16 / bfloat16 (float32 tensors of half inputs, op_checks.h check_product_dtype):
+// float16 / bfloat16 tile products (kFp16 / kBf16) on sm_80 and later whatever the float32 setting,
+// FP32 before sm_80.
 template <typename T>
-inline TileMath tile_math(const c10::Device& device) {
+inline TileMath tile_math(const c10::Device& device, std::optional<at::ScalarType> product_dtype = std::nullopt) {
   if constexpr (!std::is_same_v<T, float>) {
     return TileMath::kFp32;
   } else {
     int major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, int(device.index())));
     if (major < 8) return TileMath::kFp32;
+    if (product_dtype.has_value()) {
+      TORCH_CHECK(*product_dtype == at::kHalf || *product_dtype == at::kBFloat16,
+                  "pddm_ext: product_dtype must be float16 or bfloat16, got ", *product_dtype);
+      return *product_dtype == at::kHalf ? TileMath::kFp16 : TileMath::kBf16;
+    }
 #if PDDM_TORCH_FP32_PRECISION_API
     // torch.backends.cuda.matmul.fp32_precision (the newer API) first: "ieee" is FP32 whatever the
     // legacy setting says, "tf32" is tensor cores; which of them (3xTF32 for "high", one TF32 pass for
@@ -731,12 +889,13 @@ struct PddmInputs {
   bool batch = true;
   int64_t m = 0, n = 0, d = 0, h = 0, c = 0;
   at::Tensor x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, Px, Py;
+  std::optional<at::ScalarType> product_dtype;  // the op's product_dtype (tile_math)
 
   template <typename T>
   PddmParams<T> params(bool normalize_inputs) const {
     return {W_u.data_ptr<T>(), b_u.data_ptr<T>(), b_v.data_ptr<T>(), W_c.data_ptr<T>(), b_c.data_ptr<T>(),
             w_s.data_ptr<T>(), b_s.data_ptr<T>(), d,                  h,                  c,
-            W_v.data_ptr<T>(), normalize_inputs,  tile_math<T>(x.device())};
+            W_v.data_ptr<T>(), normalize_inputs,  tile_math<T>(x.device(), product_dtype)};
   }
   template <typename T>
   PairRows<T> rows() const {
@@ -747,8 +906,10 @@ struct PddmInputs {
 inline PddmInputs prepare_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& W_u,
                                  const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                                  const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s,
-                                 const at::Tensor& b_s) {
+                                 const at::Tensor& b_s,
+                                 std::optional<at::ScalarType> product_dtype = std::nullopt) {
   PddmInputs in;
+  in.product_dtype = product_dtype;
   in.batch = !y.has_value();
   in.x = x.contiguous();
   in.y = in.batch ? in.x : y->contiguous();

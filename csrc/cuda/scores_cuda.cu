@@ -23,7 +23,8 @@
 namespace pddm_ext::cuda {
 namespace {
 
-template <typename T>
+// kHalf: the instantiation for half inputs (pair_gemm), launched only for them.
+template <typename T, bool kHalf = false>
 __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairRows<T> rows, TileGrid grid,
                                                            T* __restrict__ out, T* scratch, int64_t ws_elems) {
   PDDM_DYNAMIC_SHARED(smem_raw);
@@ -38,8 +39,8 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
     __syncthreads();  // the previous tile's readers of shared memory are done
-    pddm_tile_activations(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
-    pddm_tile_scores(w, Z, ts, sm_a, sm_w);
+    pddm_tile_activations<T, kHalf>(w, rows, TilePairs{i0, r0}, Z, ts, sm_a, sm_w);
+    pddm_tile_scores<T, kHalf>(w, Z, ts, sm_a, sm_w);
     if (threadIdx.x < kPairs) {
       const int p = threadIdx.x;
       const int64_t i = i0 + p / kTile, r = r0 + p % kTile;
@@ -51,13 +52,23 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   }
 }
 
+// The kernel instantiation for a tile math: half inputs run their own (kHalf).
+template <typename T>
+auto scores_kernel_for(TileMath math) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (half_tile_math(math)) return &scores_kernel<float, true>;
+  }
+  return &scores_kernel<T>;
+}
+
 at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& W_u,
                        const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v, const at::Tensor& W_c,
                        const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                       bool normalize_inputs) {
+                       bool normalize_inputs, std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::scores", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  check_product_dtype("pddm_ext::scores", product_dtype, x_in);
   const DeviceGuard guard(x_in.device());
-  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, product_dtype);
   const auto& x = in.x;
   const int64_t m = in.m, n = in.n, h = in.h;
   auto out = at::empty({m, n}, x.options());
@@ -69,12 +80,13 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     const auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
-    const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count(),
+    const auto scores_tile_kernel = scores_kernel_for<T>(w.math);
+    const auto plan = plan_launch(scores_tile_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   int64_t(1) << 30, w.math);
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
-    PDDM_LAUNCH(scores_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
+    PDDM_LAUNCH(scores_tile_kernel, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
         w, rows, grid, out.data_ptr<T>(), plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -20,7 +20,9 @@
 #endif
 
 #include <c10/core/Device.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstddef>
@@ -324,10 +326,23 @@ cudaError_t cudaGetLastError();
 #define C10_CUDA_CHECK(EXPR) ::pddm_emu::check_call((EXPR), #EXPR, __FILE__, __LINE__)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ::pddm_emu::check_launch(__FILE__, __LINE__)
 
+// ---- 16-bit floating types (cuda_fp16.h, cuda_bf16.h) -----------------------------------------------
+// c10's types have the same bits and round float to nearest even, as __float2half_rn and
+// __float2bfloat16_rn do (overflow to inf, subnormals kept).
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline __half __float2half_rn(float v) {
+  return __half(v);
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  return __nv_bfloat16(v);
+}
+
 // ---- warp matrix functions (nvcuda::wmma) ------------------------------------------------------------
 // The subset of <mma.h> the tile kernels use: TF32 m16n16k8 fragments (matrix_a, matrix_b with
-// precision::tf32, float accumulators), fill_fragment, load_matrix_sync, mma_sync, store_matrix_sync
-// and __float_to_tf32. Model:
+// precision::tf32, float accumulators), float16 / bfloat16 m16n16k16 fragments (__half /
+// __nv_bfloat16 operands, float accumulators), fill_fragment, load_matrix_sync, mma_sync,
+// store_matrix_sync and __float_to_tf32. Model:
 // - every call is warp-collective: a warp barrier of all 32 lanes at which all must be in the same
 //   function (divergent .sync.aligned code is undefined on a GPU; here an error or a deadlock);
 // - load/store check the hardware's requirements: a 256-bit aligned pointer and ldm a multiple of
@@ -345,7 +360,10 @@ cudaError_t cudaGetLastError();
 //   to float (Ampere/Hopper tensor cores truncate rather than round: Fasi et al., "Numerical behavior
 //   of NVIDIA tensor cores", 2021; they also truncate while aligning the terms, which this model does
 //   not, so the hardware's error per call can exceed this one's by about a float32 ulp). The dominant
-//   error, the TF32 rounding of the operands, is the hardware's exactly.
+//   error, the TF32 rounding of the operands, is the hardware's exactly;
+// - with __half / __nv_bfloat16 operands the operands are already of their type (rounded by the
+//   code that stored them: __float2half_rn / __float2bfloat16_rn), and mma_sync computes the same
+//   way: exact products (11- and 8-bit significands), one rounding toward zero to float per call.
 namespace nvcuda::wmma {
 struct row_major {};
 struct col_major {};
@@ -453,19 +471,24 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
 inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                      const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
-  static_assert(std::is_same_v<TA, precision::tf32> && std::is_same_v<TB, precision::tf32> &&
-                    std::is_same_v<TC, float>,
-                "the emulation models TF32 operands with float accumulators");
+  constexpr bool tf32 = std::is_same_v<TA, precision::tf32> && std::is_same_v<TB, precision::tf32>;
+  constexpr bool half16 = (std::is_same_v<TA, __half> && std::is_same_v<TB, __half>) ||
+                          (std::is_same_v<TA, __nv_bfloat16> && std::is_same_v<TB, __nv_bfloat16>);
+  static_assert((tf32 || half16) && std::is_same_v<TC, float>,
+                "the emulation models TF32, float16 and bfloat16 operands (one type for both) with float accumulators");
+  static_assert(M == 16 && N == 16 && K == (tf32 ? 8 : 16), "the emulation models m16n16k8 (TF32) and m16n16k16 (16-bit)");
   detail::collective("mma_sync");
-  for (const float v : a.x) TORCH_CHECK(detail::is_tf32(v), "CUDA emulation: mma_sync: a matrix_a element is not a TF32 value (convert it with __float_to_tf32)");
-  for (const float v : b.x) TORCH_CHECK(detail::is_tf32(v), "CUDA emulation: mma_sync: a matrix_b element is not a TF32 value (convert it with __float_to_tf32)");
+  if constexpr (tf32) {
+    for (const float v : a.x) TORCH_CHECK(detail::is_tf32(v), "CUDA emulation: mma_sync: a matrix_a element is not a TF32 value (convert it with __float_to_tf32)");
+    for (const float v : b.x) TORCH_CHECK(detail::is_tf32(v), "CUDA emulation: mma_sync: a matrix_b element is not a TF32 value (convert it with __float_to_tf32)");
+  }
   const int lane = ::pddm_emu::lane_id();
   using D = fragment<accumulator, M, N, K, TC>;
   float out[D::num_elements];
   for (int t = 0; t < D::num_elements; ++t) {
     const int e = lane + 32 * t, r = e / N, col = e % N;
     double s = c.x[t];
-    for (int k = 0; k < K; ++k) s += double(a.x[r * K + k]) * double(b.x[k * N + col]);
+    for (int k = 0; k < K; ++k) s += double(float(a.x[r * K + k])) * double(float(b.x[k * N + col]));
     float rounded = float(s);
     if (std::fabs(double(rounded)) > std::fabs(s)) rounded = std::nextafter(rounded, 0.0f);  // toward zero
     out[t] = rounded;

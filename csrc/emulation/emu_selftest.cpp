@@ -7,6 +7,7 @@
 
 #include "../cuda/backward_sizing.h"
 #include "../cuda/cuda_compat.cuh"
+#include "../cuda/pddm_tile.cuh"  // round_operand, as HalfTensorCoreBlock rounds
 
 namespace pddm_emu_test {
 namespace {
@@ -108,6 +109,50 @@ __global__ void wmma_kernel(const float* a, const float* b, float* out, int mode
   store_matrix_sync(sc, fc, 16, mem_row_major);
   if (mode != 2) __syncwarp();
   for (int e = 0; e < 256; ++e) out[lane * 256 + e] = sc[e];
+}
+
+// One warp multiplies a (16 x 16) by b (16 x 16) with a 16-bit WMMA (H = __half or __nv_bfloat16) as
+// the tile kernels' HalfTensorCoreBlock does: float32 operands rounded to H into shared memory
+// (__float2half_rn / __float2bfloat16_rn), a column-major matrix_a, a row-major matrix_b, float
+// accumulators; out[lane] = the product as lane read it back. mode 1: a misaligned matrix_a pointer.
+template <typename H>
+__global__ void wmma_half_kernel(const float* a, const float* b, float* out, int mode) {
+  PDDM_DYNAMIC_SHARED(smem);
+  PDDM_SHARED_DECLARED();
+  using namespace nvcuda::wmma;
+  H* sa = reinterpret_cast<H*>(smem) + (mode == 1 ? 8 : 0);  // 16 bytes off: not 256-bit aligned
+  H* sb = reinterpret_cast<H*>(smem) + 512;
+  float* sc = reinterpret_cast<float*>(smem) + 512;
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 256; e += 32) {
+    const int r = e / 16, c = e % 16;
+    sa[c * 16 + r] = pddm_ext::cuda::round_operand<H>(a[e]);  // a column-major
+    sb[e] = pddm_ext::cuda::round_operand<H>(b[e]);
+  }
+  __syncwarp();
+  fragment<matrix_a, 16, 16, 16, H, col_major> fa;
+  fragment<matrix_b, 16, 16, 16, H, row_major> fb;
+  fragment<accumulator, 16, 16, 16, float> fc;
+  fill_fragment(fc, 0.0f);
+  load_matrix_sync(fa, sa, 16);
+  load_matrix_sync(fb, sb, 16);
+  mma_sync(fc, fa, fb, fc);
+  store_matrix_sync(sc, fc, 16, mem_row_major);
+  __syncwarp();
+  for (int e = 0; e < 256; ++e) out[lane * 256 + e] = sc[e];
+}
+
+at::Tensor wmma_half(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype, int64_t mode) {
+  TORCH_CHECK(a.dtype() == at::kFloat && b.dtype() == at::kFloat && a.numel() == 256 && b.numel() == 256,
+              "wmma_half: a and b (16, 16) float32");
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "wmma_half: dtype float16 or bfloat16");
+  auto out = at::empty({32, 16, 16}, at::kFloat);
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto kernel = dtype == at::kHalf ? wmma_half_kernel<__half> : wmma_half_kernel<__nv_bfloat16>;
+  PDDM_LAUNCH(kernel, 1, 32, 1024 * sizeof(float), nullptr)(ac.data_ptr<float>(), bc.data_ptr<float>(),
+                                                            out.data_ptr<float>(), int(mode));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 at::Tensor thread_order(int64_t threads) {
@@ -218,6 +263,7 @@ std::vector<int64_t> backward_sizing(bool batch, int64_t m, int64_t n, int64_t d
 
 TORCH_LIBRARY(pddm_emu_test, m) {
   m.def("wmma_tf32(Tensor a, Tensor b, int mode) -> Tensor", &wmma_tf32);
+  m.def("wmma_half(Tensor a, Tensor b, ScalarType dtype, int mode) -> Tensor", &wmma_half);
   m.def("thread_order(int threads) -> Tensor", &thread_order);
   m.def("unwritten_shared(int threads) -> Tensor", &unwritten_shared);
   m.def("divergent_barrier(int mode) -> ()", &divergent_barrier);

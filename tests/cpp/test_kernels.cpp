@@ -184,8 +184,9 @@ at::Tensor call_scores(const Args& a) {
       op("pddm_ext::scores")
           .typed<at::Tensor(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, bool)>();
-  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, a.normalize_inputs);
+                            const at::Tensor&, const at::Tensor&, bool, std::optional<at::ScalarType>)>();
+  return scores.call(a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, a.normalize_inputs,
+                     std::nullopt);
 }
 
 ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
@@ -203,9 +204,11 @@ MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
       op("pddm_ext::mine_pddm")
           .typed<MineOut(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                         std::optional<at::ScalarType>)>();
   const OptTensor ly = p.batch ? OptTensor() : OptTensor(labels(p.ly));
-  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k, a.normalize_inputs);
+  return mine.call(a.x, labels(p.lx), a.y, ly, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, k, a.normalize_inputs,
+                   std::nullopt);
 }
 
 MineOut call_mine_euclidean(const Problem& p, const Args& a, int64_t k) {
