@@ -225,7 +225,8 @@ LOSS_OPTIONS = {option.name: option for option in (
     LossOption("normalize_inputs", bool, False, "the unit's form (PDDM(normalize_inputs=)): True is the paper "
                "as read, blind to the distance between a and b; False the distance-aware form", None,
                field="normalize_inputs", legacy=True, variants={"pddm-paper": True}),
-    LossOption("unit_dropout", float, 0.0, "the unit's dropout p in [0, 1) (PDDM(dropout=))", None),
+    LossOption("unit_dropout", float, 0.0, "the unit's dropout p in [0, 1) (PDDM(dropout=))",
+               V.check_probability),
     LossOption("mining", str, "pddm", "the metric that mines the quadruplets (a name in pddm_ext.ops.METRICS): "
                "pddm, the unit, or euclidean, -||a - b||^2 on every batch (the control that tells PDDM "
                "mining from the PDDM loss)", _choice(tuple(ops.METRICS)), choices=tuple(ops.METRICS),
@@ -545,11 +546,11 @@ class PDDMLoss(_EuclideanWarmUp, nn.Module):
         given = dict(locals())  # the arguments, each option's value under its name
         super().__init__()
         V.check_int("embedding_dim", embedding_dim, 1)
-        self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
-                         dropout=unit_dropout)
-        for option in LOSS_OPTIONS.values():  # self.<option> = its checked value; PDDM checked the unit's
+        for option in LOSS_OPTIONS.values():  # self.<option> = its checked value; PDDM checks the unit's form
             if option.check is not None:
                 setattr(self, option.name, option.check(option.name, given[option.name]))
+        self.unit = PDDM(embedding_dim, hidden_features, joint_features, normalize_inputs=normalize_inputs,
+                         dropout=unit_dropout)
         self.warmup_done = 0  # training calls mined by Euclidean distance so far (saved in the state_dict)
         self.memory = V.check_memory(memory, embedding_dim)
         self.distributed = V.check_bool("distributed", distributed)

@@ -172,3 +172,11 @@ def test_negative_policies_are_the_negatives_choices():
     assert LOSS_OPTIONS["negatives"].choices == tuple(modules.NEGATIVES) == ("hardest", "semihard")
     with pytest.raises(ValueError, match=r"negatives must be one of 'hardest', 'semihard', got 'easy'"):
         PDDMLoss(4, negatives="easy")
+
+
+@pytest.mark.parametrize("bad, error", [(1.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError)])
+def test_unit_dropout_errors_name_the_loss_option(bad, error):
+    """PDDMLoss(unit_dropout=) is checked as the loss's own option, so its error names unit_dropout
+    (the argument the user gave), not the unit's dropout."""
+    with pytest.raises(error, match=r"^unit_dropout must be"):
+        PDDMLoss(5, unit_dropout=bad)
