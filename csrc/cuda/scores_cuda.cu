@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
-  T* Z = block_workspace(sm, scratch, ws_elems);
+  T* Z = block_workspace(sm, scratch, ws_elems, w.stages);
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
     grid.tile(t, &i0, &r0);
@@ -61,12 +61,13 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
     using T = scalar_t;
-    const auto w = in.params<T>(normalize_inputs);
+    auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto plan = plan_launch(scores_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   int64_t(1) << 30, w.math);
+    w.stages = plan.stages;
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
     PDDM_LAUNCH(scores_kernel<T>, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   const int64_t d = w.d, h = w.h, c = w.c;
   // Row strides of the workspace matrices (tile_workspace_elems, smem_layout.h).
   const int64_t ldz = layout::workspace_stride(2 * h), ldq = layout::workspace_stride(c), ldu = layout::workspace_stride(d);
-  T* Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
+  T* Z = block_workspace(sm, scratch, ws_elems, w.stages);  // (kPairs, 2h) activations, then kept for dW_c
   T* dZ = Z + kPairs * ldz;                        // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
   T* Q = dZ + kPairs * ldz;                        // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
   T* dU = Q + kPairs * ldq;                        // (kPairs, d) dL/dnormalize(u)
@@ -240,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
     pair_gemm<T>(
         c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-        [&](int p, int64_t j, T q) { Q[p * ldq + j] = relu(q + w.b_c[j]); }, sm_a, sm_w, w.math);
+        [&](int p, int64_t j, T q) { Q[p * ldq + j] = relu(q + w.b_c[j]); }, sm_a, sm_w, w.math, w.stages);
     if (slab != nullptr) {
       for (int64_t j = tid; j < c; j += kThreads) {
         T dws = 0, dbc = 0;
@@ -280,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k].
     pair_gemm<T>(
         2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * ldq + j]; },
-        [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w, w.math);
+        [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w, w.math, w.stages);
 
     // Backward of the two normalisations and the branch ReLUs (z > 0 exactly where the ReLU was active).
     for (int p = warp; p < kPairs; p += kWarps) {
@@ -366,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j].
       pair_gemm<T>(
           d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ldz + k]; },
-          [&](int p, int64_t j, T v) { dU[p * ldu + j] = v; }, sm_a, sm_w, w.math);
+          [&](int p, int64_t j, T v) { dU[p * ldu + j] = v; }, sm_a, sm_w, w.math, w.stages);
       for (int p = warp; p < kPairs; p += kWarps) {
         const int64_t i = ts.row[p], r = ts.col[p];
         T s = 0;
@@ -501,7 +502,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cuda", [&] {
     using T = scalar_t;
-    const auto w = in.params<T>(normalize_inputs);
+    auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h, 2 * h, c, d});  // Z, dZ, Q, dU
     // Keep the per-block parameter slabs (and, deterministic, the per-block input gradients) within
@@ -516,6 +517,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), tiles,
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T), max_blocks,
                                   w.math);
+    w.stages = plan.stages;
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, opts);
     if (need_params) slab = at::zeros({int64_t(plan.blocks), layout.size}, opts);
