@@ -21,11 +21,13 @@ import tempfile
 # Dynamic shared memory each launcher requests (plan_launch): the pair_gemm staging
 # (kChunk x (kPairs + V) + kChunk x (kOutBlock + V) elements, V = 16 / T: smem_layout.h) plus, when it
 # fits in the block's budget, the tile workspace, whose rows are padded to ws(n) = round_up(n, 32) + 8
-# elements; T is the element size in bytes.
+# elements; T is the element size in bytes. A second staging buffer (x2: pair_gemm double-buffered) is
+# added where it fits next to the same workspace placement without fewer resident blocks per SM.
 DYNAMIC = {
-    "scores_kernel": "staging {s} B + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
-    "scores_backward_kernel": "staging {s} B + workspace 64*(2ws(2h)+ws(c)+ws(d))*{t} B when it fits (else global scratch)",
-    "mine_pddm_kernel": "staging {s} B + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
+    "scores_kernel": "staging {s} B (x2 where it fits) + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
+    "scores_backward_kernel": "staging {s} B (x2 where it fits) + workspace 64*(2ws(2h)+ws(c)+ws(d))*{t} B "
+                              "when it fits (else global scratch)",
+    "mine_pddm_kernel": "staging {s} B (x2 where it fits) + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
     "mine_euclidean_kernel": "none",
     "decode_keys_kernel": "none",
     "gemm_kernel": "none",
