@@ -11,7 +11,8 @@
 #   make cuda-emulate  the CUDA kernels executed without a GPU (docs/emulation.md): csrc/cuda/*.cu compiled
 #                    as C++ against csrc/emulation/cuda_emu.h in a copy of the tree (build/emu-tree),
 #                    tests/test_cuda.py run against it under the three thread orders, then the
-#                    self-test: a build with one barrier of the forward tile compiled out must fail them
+#                    self-tests: a build with one barrier of the forward tile compiled out, and one with
+#                    the wait for pair_gemm's asynchronous staging copies compiled out, must fail them
 #   make precision-emulated  benchmarks/precision.py on the emulated kernels (the error of each float32
 #                    matmul precision) into benchmarks/results/precision_emulated/
 #   make cuda-resources  ptxas -v figures (registers, spills, stack, shared memory), resident blocks per
@@ -147,13 +148,17 @@ cuda-no-gpu-check:
 
 # ---- CUDA emulation (CI) -------------------------------------------------------------------------
 # The kernels of csrc/cuda/ run on the CPU: one build (the .venv's CPU torch, no toolkit), the CUDA
-# tests under each thread order of EMU_ORDERS, then the self-test build with the barrier after
-# phase 1b of the forward tile compiled out (PDDM_EXT_TEST_DROP_TILE_BARRIER), whose run of the
-# scores tests must fail under at least one order (.ci/check_emulation.py).
+# tests under each thread order of EMU_ORDERS, then two self-test builds, each of whose runs of the
+# scores tests must fail under at least one order (.ci/check_emulation.py): the barrier after phase
+# 1b of the forward tile compiled out (PDDM_EXT_TEST_DROP_TILE_BARRIER), and the wait for pair_gemm's
+# asynchronous staging copies compiled out (PDDM_EXT_TEST_DROP_COPY_WAIT: the copies never land, so
+# the staged weights read as the emulation's poison).
 EMU_TREE := build/emu-tree
 EMU_TEMP := build/emu-temp
 EMU_BROKEN_TREE := build/emu-broken-tree
 EMU_BROKEN_TEMP := build/emu-broken-temp
+EMU_NOWAIT_TREE := build/emu-nowait-tree
+EMU_NOWAIT_TEMP := build/emu-nowait-temp
 EMU_ORDERS ?= forward reverse random:1
 # Run on the emulated kernels: the CUDA tests under every order; once, under the first order, the
 # CPU-tensor tests of the per-pair numerics (near-antipodal pairs, Euclidean offsets) and of the two
@@ -189,6 +194,9 @@ cuda-emulate: $(VENV)/.deps-stamp
 	done
 	$(call emu_build,$(EMU_BROKEN_TREE),$(EMU_BROKEN_TEMP),PDDM_EXT_TEST_DROP_TILE_BARRIER=1)
 	cd $(EMU_BROKEN_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --must-fail $(EMU_ORDERS)
+	$(call emu_build,$(EMU_NOWAIT_TREE),$(EMU_NOWAIT_TEMP),PDDM_EXT_TEST_DROP_COPY_WAIT=1)
+	cd $(EMU_NOWAIT_TREE) && '$(abspath $(VENV))/bin/python' .ci/check_emulation.py --must-fail $(EMU_ORDERS) \
+	  --dropped "the wait for pair_gemm's staging copies"
 
 # precision-emulated: benchmarks/precision.py (the error of each float32 matmul precision against the
 # float64 reference, and its effect on mining) on the emulated kernels, whose tensor-core model rounds

@@ -39,6 +39,8 @@ def emulation_extension(cpp_extension):
     cxx = ["-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-DPDDM_EXT_CUDA_EMULATION"]
     if os.environ.get("PDDM_EXT_TEST_DROP_TILE_BARRIER") == "1":  # the emulation's self-test only
         cxx.append("-DPDDM_EXT_TEST_DROP_TILE_BARRIER")
+    if os.environ.get("PDDM_EXT_TEST_DROP_COPY_WAIT") == "1":  # the emulation's self-test only
+        cxx.append("-DPDDM_EXT_TEST_DROP_COPY_WAIT")
     if werror():
         cxx.append("-Werror")
     return cpp_extension.CppExtension("pddm_ext._C", sources, extra_compile_args={"cxx": cxx})

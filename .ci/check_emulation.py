@@ -2,9 +2,11 @@
 the tree that was just built with PDDM_EXT_CUDA_EMULATION=1.
 
   --build                 the tree's pddm_ext is the emulation build and every op has its emulated kernel
-  --must-fail ORDER...    the self-test: this build has one barrier of the forward tile compiled out
-                          (PDDM_EXT_TEST_DROP_TILE_BARRIER); the scores tests of tests/test_cuda.py must
-                          fail (test failures, not errors) under at least one of the thread orders
+  --must-fail ORDER...    a self-test: this build has one synchronisation compiled out (the barrier after
+                          phase 1b of the forward tile, PDDM_EXT_TEST_DROP_TILE_BARRIER, or the wait for
+                          pair_gemm's asynchronous staging copies, PDDM_EXT_TEST_DROP_COPY_WAIT; --dropped
+                          names it in the messages); the scores tests of tests/test_cuda.py must fail (test
+                          failures, not errors) under at least one of the thread orders
 """
 
 import argparse
@@ -36,7 +38,7 @@ def check_build():
     return problems
 
 
-def must_fail(orders):
+def must_fail(orders, dropped):
     problems = check_build()
     if problems:
         return problems
@@ -50,15 +52,15 @@ def must_fail(orders):
         # pytest: 0 all passed, 1 some tests failed; anything else (errors, nothing collected) is no proof.
         if rc == 1:
             failed_in.append(order)
-            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests FAIL, as they must without the barrier")
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests FAIL, as they must without {dropped}")
         elif rc == 0:
-            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests pass without the barrier")
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests pass without {dropped}")
         else:
             return [f"pytest exited with {rc} under PDDM_EMU_ORDER={order}: an error, not a test failure"]
     if not failed_in:
-        return ["with a barrier of the forward tile compiled out, the CUDA tests passed under every order: "
-                "the emulation cannot show a missing barrier"]
-    print(f"emulation self-test passed: the barrier-less build fails under {', '.join(failed_in)}")
+        return [f"with {dropped} compiled out, the CUDA tests passed under every order: "
+                "the emulation cannot show it missing"]
+    print(f"emulation self-test passed: the build without {dropped} fails under {', '.join(failed_in)}")
     return []
 
 
@@ -67,8 +69,10 @@ def main():
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--build", action="store_true")
     group.add_argument("--must-fail", nargs="+", metavar="ORDER")
+    parser.add_argument("--dropped", default="the barrier after phase 1b of the forward tile",
+                        help="what the --must-fail build compiled out (for the messages)")
     args = parser.parse_args()
-    problems = check_build() if args.build else must_fail(args.must_fail)
+    problems = check_build() if args.build else must_fail(args.must_fail, args.dropped)
     if problems:
         print("CUDA emulation check FAILED:", *problems, sep="\n  - ", file=sys.stderr)
         return 1

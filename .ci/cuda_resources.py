@@ -30,14 +30,16 @@ import tempfile
 # Dynamic shared memory each launcher requests (plan_launch): the pair_gemm staging
 # (kChunk x (kPairs + V) + kChunk x (kOutBlock + V) elements, V = 16 / T: smem_layout.h) plus, when it
 # fits in the block's budget, the tile workspace, whose rows are padded to ws(n) = round_up(n, 32) + 8
-# elements; T is the element size in bytes. Each entry: (text, workspace rows in ws() units as a
+# elements; T is the element size in bytes. A second staging buffer (x2: pair_gemm double-buffered) is
+# added for the forward and mining kernels where it fits next to the same workspace placement without
+# fewer resident blocks per SM; the backward keeps one. Each entry: (text, workspace rows in ws() units as a
 # function of (d, h, c)).
 DYNAMIC = {
-    "scores_kernel": ("staging {s} B + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
+    "scores_kernel": ("staging {s} B (x2 where it fits) + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
                       lambda d, h, c: ws(2 * h)),
     "scores_backward_kernel": ("staging {s} B + workspace 64*(2ws(2h)+ws(c)+ws(d))*{t} B when it fits (else global scratch)",
                                lambda d, h, c: 2 * ws(2 * h) + ws(c) + ws(d)),
-    "mine_pddm_kernel": ("staging {s} B + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
+    "mine_pddm_kernel": ("staging {s} B (x2 where it fits) + workspace 64*ws(2h)*{t} B when it fits (else global scratch)",
                          lambda d, h, c: ws(2 * h)),
 }
 

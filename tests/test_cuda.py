@@ -1367,6 +1367,54 @@ def test_emulation_wmma_tf32_product():
         torch.ops.pddm_emu_test.wmma_tf32(a, b, 4)  # half the warp skips mma_sync
 
 
+@needs_emulation
+def test_emulation_copy_async_lands_at_the_wait():
+    """The emulated asynchronous copies (cp.async, copy_async of cuda_compat.cuh): the destination reads NaN from
+    the copy's start until the issuing thread's wait, the source's value after it (for other threads after a
+    barrier), never without a wait; the hardware's requirements enforced."""
+    src = torch.randn(64)
+    out = torch.ops.pddm_emu_test.copy_async_model(src, 0)
+    assert bool(out[0].isnan().all())  # each thread's own destination, before its wait
+    assert torch.equal(out[1], src.roll(-1))  # after the wait and a barrier: the next thread's copy
+    assert bool(torch.ops.pddm_emu_test.copy_async_model(src, 1)[1].isnan().all())  # no wait: never lands
+    with pytest.raises(RuntimeError, match="aligned"):
+        torch.ops.pddm_emu_test.copy_async_model(src, 2)
+    with pytest.raises(RuntimeError, match="source is in shared memory"):
+        torch.ops.pddm_emu_test.copy_async_model(src, 3)
+    with pytest.raises(RuntimeError, match="destination is not in the block's shared memory"):
+        torch.ops.pddm_emu_test.copy_async_model(src, 4)
+
+
+@needs_emulation
+def test_pair_gemm_staging_is_double_buffered_where_shared_memory_allows():
+    """The forward launchers give pair_gemm a second staging buffer (the next reduction chunk copied while the
+    current one is multiplied) where it fits next to the tile workspace without fewer resident blocks per SM,
+    which the emulated H200 counts by shared memory alone: at h = 130 the forward takes it (float32 products and
+    the float16 / bfloat16 tensor-core products alike), at h = 1 it would drop from 7 to 5 blocks per SM. The
+    backward kernel is compiled with one buffer and never takes a second, even where it would fit (d = h = c = 8).
+    The dynamic shared memory of the launch shows which: staging buffers plus the workspace (float32)."""
+    staging = (16 * (64 + 4) + 16 * (128 + 4)) * 4  # smem_layout.h: operand and weight chunks, padded rows
+
+    def ws(n):
+        return (n + 31) // 32 * 32 + 8  # a workspace row (layout::workspace_stride)
+
+    smem = torch.ops.pddm_emu_test.last_launch_smem
+    for h, stages in ((130, 2), (1, 1)):
+        unit = make_unit(8, h, 4, device="cpu")
+        with torch.no_grad():
+            unit(torch.randn(9, 8))
+        assert smem("scores_tile_kernel") == stages * staging + 64 * ws(2 * h) * 4, h
+    x = torch.randn(9, 8)
+    p = params_of(make_unit(8, 130, 4, device="cpu"))
+    for dtype in HALF:
+        torch.ops.pddm_ext.scores(x, None, *p, True, dtype)
+        assert smem("scores_tile_kernel") == 2 * staging + 64 * ws(260) * 4, dtype
+    for d, h, c in ((128, 128, 128), (8, 8, 8)):
+        unit = make_unit(d, h, c, device="cpu")
+        unit(torch.randn(9, d, requires_grad=True)).sum().backward()
+        assert smem("scores_backward_kernel<T>") == staging + 64 * (2 * ws(2 * h) + ws(c) + ws(d)) * 4, d
+
+
 def test_precision_set_with_the_newer_fp32_precision_api(device, tmp_path):
     """allow_tf32 = True is "high"; torch.backends.cuda.matmul.fp32_precision = "tf32" (torch's newer API,
     after which its legacy getter refuses to answer) gives one TF32 pass, "ieee" FP32 even after "high".

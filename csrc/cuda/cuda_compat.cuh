@@ -9,6 +9,19 @@
 //   PDDM_SHARED_DECLARED();                                   after a kernel's shared declarations, before anything else
 //   DeviceGuard, current_stream()                             c10::cuda::CUDAGuard, the current CUDA stream
 //   TORCH_LIBRARY_IMPL(pddm_ext, PDDM_CUDA_DISPATCH_KEY, m)   the CUDA key (the CPU key in the emulation)
+//
+// and the asynchronous copies from global to shared memory of pair_gemm's staging (functions in
+// pddm_ext::cuda; per thread, as cp.async):
+//   copy_async(dst, src)      starts copying *src (global) to *dst (shared), sizeof(T) = 4, 8 or 16
+//                             bytes, both aligned to it: cp.async.ca.shared.global on sm_80 and later,
+//                             a plain copy (*dst = *src) before
+//   copy_async_commit()       closes the group of the calling thread's copies started since the last
+//                             one: cp.async.commit_group (nothing before sm_80)
+//   copy_async_wait_all()     returns when all of the calling thread's copies are complete:
+//                             cp.async.wait_all (nothing before sm_80); other threads see them after
+//                             a barrier that follows it
+// The emulation models them (cuda_emu.h): a copy's destination reads as poison (NaN) from its start
+// until the calling thread's wait.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -41,6 +54,16 @@ inline cudaStream_t current_stream() { return nullptr; }
 #define PDDM_SHARED_DECLARED() \
   if (::pddm_emu::probing()) return
 
+namespace pddm_ext::cuda {
+template <typename T>
+inline void copy_async(T* dst, const T* src) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8 || sizeof(T) == 16, "cp.async copies 4, 8 or 16 bytes");
+  ::pddm_emu::copy_async(dst, src, sizeof(T));
+}
+inline void copy_async_commit() { ::pddm_emu::copy_async_commit(); }
+inline void copy_async_wait_all() { ::pddm_emu::copy_async_wait_all(); }
+}  // namespace pddm_ext::cuda
+
 #else  // a real CUDA build
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -62,4 +85,28 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream();
 #define PDDM_SHARED_DECLARED() \
   do {                         \
   } while (0)
+
+namespace pddm_ext::cuda {
+template <typename T>
+__device__ __forceinline__ void copy_async(T* dst, const T* src) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8 || sizeof(T) == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst_shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst_shared), "l"(__cvta_generic_to_global(src)),
+               "n"(int(sizeof(T))));
+#else
+  *dst = *src;
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n");
+#endif
+}
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+}  // namespace pddm_ext::cuda
 #endif

@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) mine_pddm_kernel(PddmParams<T> w, Pa
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
-  T* Z = block_workspace(sm, scratch, ws_elems);
+  T* Z = block_workspace(sm, scratch, ws_elems, w.stages);
   fold_begin(fs);
 #pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
@@ -547,13 +547,14 @@ MineResult mine_pddm_cuda(const at::Tensor& x_in, const at::Tensor& x_labels, co
   MineResult result;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_mine_cuda", [&] {
     using T = scalar_t;
-    const auto w = in.params<T>(normalize_inputs);
+    auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto mine_kernel = mine_pddm_kernel_for<T>(w.math);
     const auto plan = plan_launch(mine_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   int64_t(1) << 30, w.math);
+    w.stages = plan.stages;
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
     result = run_mining<T>(

@@ -180,7 +180,8 @@ struct PddmParams {
   int64_t d, h, c;
   const T* W_v;
   bool normalize_inputs;
-  TileMath math;  // how pair_gemm multiplies (tile_math)
+  TileMath math;   // how pair_gemm multiplies (tile_math)
+  int stages = 1;  // pair_gemm's staging buffers: 2 (double-buffered) where shared memory allows (plan_launch)
 };
 
 // The two sides of the pair space and their projections P = rows W_v^T.
@@ -409,11 +410,16 @@ struct HalfTensorCoreBlock {
 // cores (TensorCoreBlock, float only). kHalf: the instantiation of the half kernels, the only one
 // with the half tensor-core code (HalfTensorCoreBlock, for a half math; the launchers run it for
 // those and no other; the other instantiations compute a half math in FP32, which no launcher asks
-// for). Must be called by all threads of the block; ends synchronised.
-template <typename T, bool kHalf = false, typename Operand, typename Epilogue>
+// for). stages (PddmParams::stages) is 1 or 2: with 2 the chunks are double-buffered (every path:
+// FP32, TF32 and half tensor cores), the second staging buffer at sm_a + pair_gemm_staging_elems<T>()
+// (operand) and sm_w + pair_gemm_staging_elems<T>() (weights). kMaxStages 1 compiles the single
+// buffer alone (stages is then ignored), staged by plain loads and stores without asynchronous
+// copies: the backward kernel's, where the double buffer's code spilled. Must be called by all
+// threads of the block; ends synchronised.
+template <typename T, bool kHalf = false, int kMaxStages = 2, typename Operand, typename Epilogue>
 __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t w_out_stride,
                           int64_t w_red_stride, Operand operand, Epilogue epilogue, T* sm_a, T* sm_w,
-                          TileMath math) {
+                          TileMath math, int stages) {
   const int tid = threadIdx.x;
   const int pair_group = tid / kOutGroups, out_group = tid % kOutGroups;  // pairs 4 pg.., outputs (out_column)
   constexpr int per = layout::vec_elems<T>(), a_stride = layout::a_stride<T>(), w_stride = layout::w_stride<T>();
@@ -425,42 +431,94 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   const bool w_rows_contiguous = w_red_stride == 1;
   const bool half_tensor = kHalf && std::is_same_v<T, float> && PDDM_TENSOR_CORES && half_tile_math(math);
   const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32 && !half_tile_math(math);
+  constexpr int stage_elems = int(pair_gemm_staging_elems<T>());  // buffer 1 - buffer 0
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
-    // Stages reduction chunk k0 of the operand and of this output block's weights, then a barrier.
-    const auto stage = [&](int64_t k0) {
-      for (int e = tid; e < kPairs * kChunk; e += kThreads) {
-        const int p = layout::fill_col(e), kk = layout::fill_k(e);  // runs of consecutive k (smem_layout.h)
-        sm_a[kk * a_stride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
+    // Stages reduction chunk k0 of this output block's weights and of the operand into staging
+    // buffer s: the weights by asynchronous copies (copy_async, cuda_compat.cuh: cp.async on sm_80
+    // and later, else plain copies) committed as one group, the operand (computed) by plain stores.
+    // kMaxStages 1: into the one buffer, the operand first, then the weights by plain loads and stores.
+    const auto stage = [&](int64_t k0, int s) {
+      if constexpr (kMaxStages == 1) {
+        (void)s;
+        for (int e = tid; e < kPairs * kChunk; e += kThreads) {
+          const int p = layout::fill_col(e), kk = layout::fill_k(e);
+          sm_a[kk * a_stride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
+        }
+        for (int e = tid; e < kOutBlock * kChunk; e += kThreads) {
+          const int oo = w_rows_contiguous ? layout::fill_col(e) : e % kOutBlock;
+          const int kk = w_rows_contiguous ? layout::fill_k(e) : e / kOutBlock;
+          const int64_t o = o0 + oo, k = k0 + kk;
+          sm_w[kk * w_stride + oo] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
+        }
+      } else {
+        T* const st_a = sm_a + s * stage_elems;
+        T* const st_w = sm_w + s * stage_elems;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#pragma unroll 2  // ptxas of nvcc 13.0 spills less for sm_75 and sm_80 (make cuda-resources), more for sm_90
+#endif
+        for (int e = tid; e < kOutBlock * kChunk; e += kThreads) {
+          // Walk the weight chunk along whichever of its axes is contiguous in memory (coalescing).
+          const int oo = w_rows_contiguous ? layout::fill_col(e) : e % kOutBlock;
+          const int kk = w_rows_contiguous ? layout::fill_k(e) : e / kOutBlock;
+          const int64_t o = o0 + oo, k = k0 + kk;
+          if (o < N && k < K) {
+            copy_async(st_w + kk * w_stride + oo, W + o * w_out_stride + k * w_red_stride);
+          } else {
+            st_w[kk * w_stride + oo] = T(0);
+          }
+        }
+        copy_async_commit();
+        for (int e = tid; e < kPairs * kChunk; e += kThreads) {
+          const int p = layout::fill_col(e), kk = layout::fill_k(e);  // runs of consecutive k (smem_layout.h)
+          st_a[kk * a_stride + p] = k0 + kk < K ? operand(p, k0 + kk) : T(0);
+        }
       }
-      for (int e = tid; e < kOutBlock * kChunk; e += kThreads) {
-        // Walk the weight chunk along whichever of its axes is contiguous in memory (coalescing).
-        const int oo = w_rows_contiguous ? layout::fill_col(e) : e % kOutBlock;
-        const int kk = w_rows_contiguous ? layout::fill_k(e) : e / kOutBlock;
-        const int64_t o = o0 + oo, k = k0 + kk;
-        sm_w[kk * w_stride + oo] = (o < N && k < K) ? W[o * w_out_stride + k * w_red_stride] : T(0);
-      }
+    };
+    // Every thread's copies and stores so far complete and visible to the block.
+    const auto staged = [] {
+#ifndef PDDM_EXT_TEST_DROP_COPY_WAIT  // compiled out only by the emulation's self-test (docs/emulation.md)
+      if constexpr (kMaxStages > 1) copy_async_wait_all();
+#endif
       __syncthreads();
+    };
+    // Runs compute(operand chunk, weight chunk) on the reduction chunks of this output block in order
+    // of k. One buffer (stages 1), per chunk: stage, staged, compute, barrier. Two: step i stages chunk
+    // i into buffer i % 2 (its copies in flight) while chunk i - 1 is computed from the other, then
+    // staged: chunk i is complete and visible, and every thread is done with chunk i - 1, whose buffer
+    // step i + 1 overwrites. Ends synchronised.
+    const auto over_chunks = [&](auto&& compute) {
+      if constexpr (kMaxStages == 1) {
+        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+          stage(k0, 0);
+          staged();
+          compute(sm_a, sm_w);
+          staged();
+        }
+      } else {
+        const int lag = stages - 1, chunks = int((K + kChunk - 1) / kChunk);
+        for (int i = 0; i < chunks + lag; ++i) {
+          if (i < chunks) stage(int64_t(i) * kChunk, i & lag);
+          if (lag == 0) staged();
+          if (i >= lag) {
+            const int off = ((i - lag) & lag) * stage_elems;
+            compute(sm_a + off, sm_w + off);
+          }
+          staged();
+        }
+      }
     };
     T acc[4][8];
 #if PDDM_TENSOR_CORES
     if (tensor) {  // a separate loop, so that the fragments and the FP32 accumulators never live together
       TensorCoreBlock<T> tc;
       tc.zero();
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        stage(k0);
-        tc.chunk(sm_a, sm_w, math == TileMath::kTf32x3);
-        __syncthreads();
-      }
+      over_chunks([&](const T* st_a, const T* st_w) { tc.chunk(st_a, st_w, math == TileMath::kTf32x3); });
       tc.outputs(acc, sm_a, pair_group, out_group);  // the same acc[q][t] as the FP32 loop's
     } else if (half_tensor) {  // float16 / bfloat16 operands (HalfTensorCoreBlock)
       if constexpr (kHalf && std::is_same_v<T, float>) {
         const auto run = [&](auto block) {
           block.zero();
-          for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-            stage(k0);
-            block.chunk(sm_a, sm_w);
-            __syncthreads();
-          }
+          over_chunks([&](T* st_a, T* st_w) { block.chunk(st_a, st_w); });  // rounds its own buffer in place
           block.outputs(acc, sm_a, pair_group, out_group);
         };
         if (math == TileMath::kFp16) {
@@ -477,15 +535,14 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
 #pragma unroll
         for (int t = 0; t < 8; ++t) acc[q][t] = T(0);
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        stage(k0);
+      over_chunks([&](const T* st_a, const T* st_w) {
 #pragma unroll 4
         for (int kk = 0; kk < kChunk; ++kk) {
           T a[4], w[8];
-          load_aligned(a, sm_a + kk * a_stride + pair_group * 4);
+          load_aligned(a, st_a + kk * a_stride + pair_group * 4);
 #pragma unroll
           for (int v = 0; v < 8 / per; ++v) {  // w[t] = column out_column(out_group, t)
-            load_vector(w + v * per, sm_w + kk * w_stride + layout::out_column<T>(out_group, v * per));
+            load_vector(w + v * per, st_w + kk * w_stride + layout::out_column<T>(out_group, v * per));
           }
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
@@ -493,8 +550,7 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
             for (int t = 0; t < 8; ++t) acc[q][t] += a[q] * w[t];
           }
         }
-        __syncthreads();
-      }
+      });
     }
     // Step t takes output epilogue_slot(t) (a lane-dependent order that spreads the epilogues' shared
     // stores over the banks); the value is selected among compile-time indices of acc, so acc stays
@@ -560,9 +616,13 @@ __device__ __forceinline__ T mean_pre_projection(const PddmParams<T>& w, const P
 // the per-pair norms and the pairs' rows (ts.row, ts.col) in ts. All threads call it, after a
 // barrier that ends the previous tile's reads of ts and Z; ends synchronised. kHalf: the
 // instantiation of the half kernels (pair_gemm), which scales the phase-1 operand (float only).
-template <typename T, bool kHalf = false>
+// kMaxStages 1: pair_gemm stages one buffer whatever w.stages says (a compile-time constant: the
+// backward kernel, compiled without the double buffer); 2: w.stages buffers.
+template <typename T, bool kHalf = false, int kMaxStages = 2>
 __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>& rows, const TilePairs& pairs,
                                       T* Z, TileScalars<T>& ts, T* sm_a, T* sm_w) {
+  static_assert(kMaxStages == 1 || kMaxStages == 2, "one or two staging buffers");
+  const int stages = kMaxStages == 1 ? 1 : w.stages;
   const int64_t d = w.d, h = w.h, ldz = layout::workspace_stride(2 * h);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (threadIdx.x < kPairs) pairs.pair(threadIdx.x, rows.m, rows.n, &ts.row[threadIdx.x], &ts.col[threadIdx.x]);
@@ -592,7 +652,7 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
   // Phase 1: u' = relu(W_u |x_i - y_r| * diff_scale + b_u). The half kernels scale the operand by a
   // power of two per pair (half_operand_exponent) and the product back.
   if constexpr (kHalf) {
-    pair_gemm<T, kHalf>(
+    pair_gemm<T, kHalf, kMaxStages>(
         h, d, w.W_u, d, 1,
         [&](int p, int64_t k) {
           const T u = abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]);
@@ -601,12 +661,13 @@ __device__ void pddm_tile_activations(const PddmParams<T>& w, const PairRows<T>&
         [&](int p, int64_t k, T a) {
           Z[p * ldz + k] = branch_unit(ldexpf(a, half_operand_exponent(ts.norm_u[p])), ts.inv_u[p], w.b_u[k]);
         },
-        sm_a, sm_w, w.math);
+        sm_a, sm_w, w.math, stages);
   } else {
-    pair_gemm<T>(
+    pair_gemm<T, false, kMaxStages>(
         h, d, w.W_u, d, 1,
         [&](int p, int64_t k) { return abs_value(rows.x[ts.row[p] * d + k] - rows.y[ts.col[p] * d + k]); },
-        [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math);
+        [&](int p, int64_t k, T a) { Z[p * ldz + k] = branch_unit(a, ts.inv_u[p], w.b_u[k]); }, sm_a, sm_w, w.math,
+        stages);
   }
   // Phase 1b: v' = relu(W_v (x_i + y_r) * mean_scale + b_v).
   RowColWalk pk(kPairs, h);
@@ -651,7 +712,8 @@ __device__ void pddm_tile_scores(const PddmParams<T>& w, const T* Z, TileScalars
   const int first_pair = (threadIdx.x / kOutGroups) * 4;
   pair_gemm<T, kHalf>(
       w.c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-      [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w, w.math);
+      [&](int, int64_t j, T q, int slot) { part[slot] += w.w_s[j] * relu(q + w.b_c[j]); }, sm_a, sm_w, w.math,
+      w.stages);
 #pragma unroll
   for (int q = 0; q < 4; ++q) ts.partial[first_pair + q][out_group] = part[q];
   __syncthreads();
@@ -672,11 +734,11 @@ inline int64_t tile_workspace_elems(std::initializer_list<int64_t> columns) {
   return int64_t(kPairs) * rows;
 }
 
-// Where a block's tile workspace lives: in dynamic shared memory after the pair_gemm staging when
-// it fits, else in the block's slice of a global scratch buffer.
+// Where a block's tile workspace lives: in dynamic shared memory after the pair_gemm staging (stages
+// buffers, PddmParams::stages) when it fits, else in the block's slice of a global scratch buffer.
 template <typename T>
-__device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems) {
-  return global_scratch == nullptr ? dynamic_smem + pair_gemm_staging_elems<T>()
+__device__ __forceinline__ T* block_workspace(T* dynamic_smem, T* global_scratch, int64_t ws_elems, int stages) {
+  return global_scratch == nullptr ? dynamic_smem + stages * pair_gemm_staging_elems<T>()
                                    : global_scratch + int64_t(blockIdx.x) * ws_elems;
 }
 
@@ -699,13 +761,17 @@ struct LaunchPlan {
   int blocks = 1;
   size_t smem_bytes = 0;
   bool workspace_in_shared = true;
+  int stages = 1;  // pair_gemm staging buffers (PddmParams::stages)
 };
 
 // Chooses the dynamic shared memory (staging + workspace if it fits) and as many blocks as fit on
 // the device at once (at most one per tile). max_blocks caps the grid where per-block state is big.
+// A second staging buffer (pair_gemm double-buffered, stages = 2) is added where max_stages allows it
+// (a kernel compiled for one buffer passes 1) and it fits next to the same workspace placement
+// without fewer resident blocks per SM.
 template <typename Kernel>
 LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_bytes, size_t workspace_bytes,
-                       int64_t max_blocks = int64_t(1) << 30, TileMath math = TileMath::kFp32) {
+                       int64_t max_blocks = int64_t(1) << 30, TileMath math = TileMath::kFp32, int max_stages = 2) {
   int optin = 0, sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -733,6 +799,15 @@ LaunchPlan plan_launch(Kernel kernel, int device, int64_t tiles, size_t staging_
   allow_dynamic_smem(kernel, device, budget);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem_bytes));
+  if (max_stages >= 2 && staging_bytes > 0 && plan.smem_bytes + staging_bytes <= budget) {
+    int per_sm_double = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_double, kernel, kThreads,
+                                                                 plan.smem_bytes + staging_bytes));
+    if (per_sm_double >= per_sm) {
+      plan.stages = 2;
+      plan.smem_bytes += staging_bytes;
+    }
+  }
   const int64_t resident = int64_t(sms) * std::max(per_sm, 1);
   plan.blocks = int(std::max<int64_t>(1, std::min({tiles, resident, max_blocks})));
   return plan;

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(PddmParams<T> w, PairR
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
-  T* Z = block_workspace(sm, scratch, ws_elems);
+  T* Z = block_workspace(sm, scratch, ws_elems, w.stages);
 #pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < grid.count(); t += gridDim.x) {
     int64_t i0, r0;
@@ -77,13 +77,14 @@ at::Tensor scores_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& 
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_cuda", [&] {
     using T = scalar_t;
-    const auto w = in.params<T>(normalize_inputs);
+    auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h});  // Z
     const auto scores_tile_kernel = scores_kernel_for<T>(w.math);
     const auto plan = plan_launch(scores_tile_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   int64_t(1) << 30, w.math);
+    w.stages = plan.stages;
     at::Tensor scratch;
     if (!plan.workspace_in_shared) scratch = at::empty({int64_t(plan.blocks) * ws_elems}, x.options());
     PDDM_LAUNCH(scores_tile_kernel, plan.blocks, kThreads, plan.smem_bytes, current_stream())(
@@ -244,6 +245,11 @@ inline LivePairs live_pair_list(const at::Tensor& grad, bool batch, int64_t grid
           at::where(walk, count, at::full_like(count, -1))};
 }
 
+// The backward's pair_gemm staging keeps one buffer (a compile-time constant, so that none of the
+// double-buffering code is compiled into it): with two, ptxas (nvcc 13.0, sm_90) spilled the float
+// backward, already at 255 registers, to local memory (make cuda-resources).
+constexpr int kBackwardStages = 1;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, BackwardPairs pairs,
                                                                     BackwardOut<T> out, T* scratch, int64_t ws_elems) {
@@ -261,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   // The block's pointers live in shared memory (bp, set by thread 0 before the first tile's barrier)
   // and are read where used: kept in registers across the tile loop, they pushed it past 255.
   if (threadIdx.x == 0) {
-    bp.Z = block_workspace(sm, scratch, ws_elems);  // (kPairs, 2h) activations, then kept for dW_c
+    bp.Z = block_workspace(sm, scratch, ws_elems, kBackwardStages);  // (kPairs, 2h) activations, then kept for dW_c
     bp.dZ = bp.Z + kPairs * ldz;                     // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
     bp.Q = bp.dZ + kPairs * ldz;                     // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
     bp.dU = bp.Q + kPairs * ldq;                     // (kPairs, d) dL/dnormalize(u)
@@ -308,12 +314,12 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     bool tile_has_gradient = false;
     for (int p = 0; p < kPairs; ++p) tile_has_gradient |= bs.g[p] != T(0);
     if (!tile_has_gradient) continue;
-    pddm_tile_activations(w, rows, tp, Z, ts, sm_a, sm_w);
+    pddm_tile_activations<T, false, kBackwardStages>(w, rows, tp, Z, ts, sm_a, sm_w);
 
     // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
-    pair_gemm<T>(
+    pair_gemm<T, false, kBackwardStages>(
         c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-        [&](int p, int64_t j, T q) { Q[p * ldq + j] = relu(q + w.b_c[j]); }, sm_a, sm_w, w.math);
+        [&](int p, int64_t j, T q) { Q[p * ldq + j] = relu(q + w.b_c[j]); }, sm_a, sm_w, w.math, kBackwardStages);
     if (slab != nullptr) {
       for (int64_t j = tid; j < c; j += kThreads) {
         T dws = 0, dbc = 0;
@@ -353,9 +359,9 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
       }
     }
     // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k].
-    pair_gemm<T>(
+    pair_gemm<T, false, kBackwardStages>(
         2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * ldq + j]; },
-        [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w, w.math);
+        [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w, w.math, kBackwardStages);
 
     // Backward of the two normalisations and the branch ReLUs (z > 0 exactly where the ReLU was active).
     for (int p = warp; p < kPairs; p += kWarps) {
@@ -441,9 +447,9 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     }
     if (need_inputs) {
       // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j].
-      pair_gemm<T>(
+      pair_gemm<T, false, kBackwardStages>(
           d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ldz + k]; },
-          [&](int p, int64_t j, T v) { dU[p * ldu + j] = v; }, sm_a, sm_w, w.math);
+          [&](int p, int64_t j, T v) { dU[p * ldu + j] = v; }, sm_a, sm_w, w.math, kBackwardStages);
       for (int p = warp; p < kPairs; p += kWarps) {
         const int64_t i = ts.row[p], r = ts.col[p];
         T s = 0;
@@ -577,7 +583,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pddm_scores_backward_cuda", [&] {
     using T = scalar_t;
-    const auto w = in.params<T>(normalize_inputs);
+    auto w = in.params<T>(normalize_inputs);
     const auto rows = in.rows<T>();
     const int64_t ws_elems = tile_workspace_elems({2 * h, 2 * h, c, d});  // Z, dZ, Q, dU
     // The grid and the column chunks from the shapes and the SM count (backward_sizing.h).
@@ -593,7 +599,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     const int64_t budget = backward_budget_bytes();
     const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
-                                  backward_block_cap(buffers, m, n, sms, budget), w.math);
+                                  backward_block_cap(buffers, m, n, sms, budget), w.math, kBackwardStages);
+    w.stages = plan.stages;
     const int64_t blocks = plan.blocks;
     const int64_t chunk = backward_column_chunk(buffers, batch, m, n, blocks, budget);
     at::Tensor scratch;

@@ -86,6 +86,13 @@ const char* wait_name(Wait w) {
 
 }  // namespace
 
+// One asynchronous copy in flight (copy_async): its destination and the source bytes read at its start.
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  size_t size;
+};
+
 struct ThreadState {
   void* sp = nullptr;
   BlockState* block = nullptr;
@@ -98,6 +105,7 @@ struct ThreadState {
   size_t static_cursor = 0;
   bool probe = false;  // the attribute probe: returns at PDDM_SHARED_DECLARED
   bool probe_reached = false;
+  std::vector<PendingCopy> copies;  // started, not yet landed (copy_async)
 };
 
 struct BlockState {
@@ -106,6 +114,7 @@ struct BlockState {
   int threads = 0;
   unsigned char* dynamic = nullptr;
   unsigned char* statics = nullptr;
+  size_t dynamic_bytes = 0;
   size_t static_capacity = 0;
   size_t static_used = 0;
   size_t static_limit = 0;
@@ -184,6 +193,7 @@ struct FuncInfo {
 };
 std::mutex g_funcs_mutex;
 std::unordered_map<const void*, FuncInfo> g_funcs;
+std::unordered_map<std::string, int64_t> g_last_smem;  // by kernel name (last_launch_smem), under g_funcs_mutex
 
 thread_local cudaError_t tl_last_error = cudaSuccess;
 thread_local std::string tl_last_message;
@@ -303,6 +313,39 @@ bool probing() {
   ThreadState& t = current("PDDM_SHARED_DECLARED");
   if (t.probe) t.probe_reached = true;
   return t.probe;
+}
+
+void copy_async(void* dst, const void* src, size_t bytes) {
+  ThreadState& t = current("cp.async");
+  BlockState& b = *t.block;
+  const auto d = static_cast<unsigned char*>(dst);
+  const auto s = static_cast<const unsigned char*>(src);
+  const auto in = [](const unsigned char* p, size_t n, const unsigned char* base, size_t size) {
+    return p >= base && p + n <= base + size;
+  };
+  const bool d_shared = in(d, bytes, b.dynamic, b.dynamic_bytes) || in(d, bytes, b.statics, b.static_capacity);
+  const bool s_shared = in(s, 1, b.dynamic, b.dynamic_bytes) || in(s, 1, b.statics, b.static_capacity);
+  TORCH_CHECK(bytes == 4 || bytes == 8 || bytes == 16, "CUDA emulation: cp.async copies 4, 8 or 16 bytes, not ", bytes);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(d) % bytes == 0 && reinterpret_cast<uintptr_t>(s) % bytes == 0,
+              "CUDA emulation: cp.async of ", bytes, " bytes needs both addresses aligned to ", bytes, " bytes");
+  TORCH_CHECK(d_shared, "CUDA emulation: cp.async: the destination is not in the block's shared memory");
+  TORCH_CHECK(!s_shared, "CUDA emulation: cp.async: the source is in shared memory, not global memory");
+  PendingCopy c;
+  c.dst = d;
+  c.size = bytes;
+  std::memcpy(c.bytes, s, bytes);
+  std::memset(d, kPoison, bytes);
+  t.copies.push_back(c);
+}
+
+// Groups matter only to a wait for all but the newest groups (cp.async.wait_group N > 0), which
+// the kernels do not use: wait_all lands every copy, committed or not, as on a GPU.
+void copy_async_commit() { current("cp.async.commit_group"); }
+
+void copy_async_wait_all() {
+  ThreadState& t = current("cp.async.wait_all");
+  for (const PendingCopy& c : t.copies) std::memcpy(c.dst, c.bytes, c.size);
+  t.copies.clear();
 }
 
 namespace {
@@ -461,6 +504,7 @@ cudaError_t launch(const Launch& l) {
   try {
     std::lock_guard<std::mutex> lock(g_funcs_mutex);
     info = func_info_locked(l.func, l.name, probe);
+    g_last_smem[l.name] = int64_t(l.smem);
   } catch (const c10::Error& e) {
     return fail(cudaErrorInvalidDeviceFunction, e.what_without_backtrace());
   }
@@ -500,6 +544,7 @@ cudaError_t launch(const Launch& l) {
   b.dynamic = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(arena.dynamic.data()) + 127) &
                                                ~uintptr_t(127));
   b.statics = align16(arena.statics.data());
+  b.dynamic_bytes = l.smem;
   b.static_capacity = kMaxStaticSmem;
   b.static_limit = kMaxSmemPerBlockOptin - l.smem;
   b.exchange.assign(2 * threads * kShuffleSlot, kPoison);
@@ -621,6 +666,12 @@ cudaError_t occupancy(int* blocks, const void* func, int threads, size_t smem, v
   int by_threads = kMaxThreadsPerSm / (((threads + 31) / 32) * 32);
   *blocks = std::max(0, std::min({by_smem, by_threads, kMaxBlocksPerSm}));
   return cudaSuccess;
+}
+
+int64_t last_launch_smem(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_funcs_mutex);
+  const auto it = g_last_smem.find(name);
+  return it == g_last_smem.end() ? -1 : it->second;
 }
 
 void check_device(const c10::Device& device) {

@@ -7,7 +7,8 @@
 // reaches a barrier (__syncthreads, a warp shuffle, __syncwarp), yields (__nanosleep) or returns.
 // The order in which the runnable threads run between barriers is PDDM_EMU_ORDER (forward |
 // reverse | random[:seed], default random:0x5eed). Shared memory (dynamic and static) starts every
-// block filled with 0xff bytes, a NaN in float and double. The device model (limits of an H200,
+// block filled with 0xff bytes, a NaN in float and double. Asynchronous copies (cp.async) poison
+// their destination when they start and land only at the issuing thread's wait. The device model (limits of an H200,
 // sm_90) rejects launches the real runtime rejects; a barrier that some threads never reach is
 // reported as a deadlock naming the kernel instead of hanging.
 #pragma once
@@ -28,8 +29,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -125,6 +126,18 @@ int sm_count();
 // PDDM_EMU_BACKWARD_BUDGET bytes, read at every call, default `fallback` (the real build's).
 int64_t backward_budget_bytes(int64_t fallback);
 
+// Asynchronous copies global -> shared of the calling thread (cp.async; the hooks copy_async,
+// copy_async_commit, copy_async_wait_all of cuda_compat.cuh). copy_async checks the hardware's
+// requirements (4, 8 or 16 bytes, both addresses aligned to the size, the destination in the block's
+// shared memory, the source outside it), reads the source and fills the destination with poison
+// (0xff bytes, NaN) at once: until the copy lands, a read of it returns NaN, as reading a cp.async
+// destination before the wait is undefined on a GPU. commit closes the thread's open group (no
+// effect here: wait_all commits and lands every copy of the thread, as on a GPU). Copies never
+// waited for do not land.
+void copy_async(void* dst, const void* src, size_t bytes);
+void copy_async_commit();
+void copy_async_wait_all();
+
 // ---- launches -----------------------------------------------------------------------------------
 struct Launch {
   const char* name;
@@ -186,6 +199,9 @@ void check_call(cudaError_t err, const char* expr, const char* file, int line);
 cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func, void (*probe)(const void*));
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value, void (*probe)(const void*));
 cudaError_t occupancy(int* blocks, const void* func, int threads, size_t smem, void (*probe)(const void*));
+// The dynamic shared memory of the last launch of the kernel of that name (PDDM_LAUNCH's spelling,
+// e.g. "scores_kernel<T>") in this process; -1 if none. For tests of the launchers' plans.
+int64_t last_launch_smem(const std::string& name);
 
 // The device the emulated kernels accept: CPU tensors (an emulation build has no CUDA kernels).
 void check_device(const c10::Device& device);

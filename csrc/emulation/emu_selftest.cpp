@@ -1,6 +1,7 @@
 // Small kernels that test the CUDA emulation itself (tests/test_cuda.py, emulated backend only):
 // the thread orders, the NaN-poisoned shared memory, the deadlock report, the launch limits of the
-// device model, the warp shuffle, the atomics and the warp matrix functions (WMMA). Registered as
+// device model, the warp shuffle, the atomics, the warp matrix functions (WMMA) and the asynchronous
+// copies (cp.async). Registered as
 // torch.ops.pddm_emu_test.* in the emulation build only (setup.py compiles csrc/emulation/ only there).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -155,6 +156,27 @@ at::Tensor wmma_half(const at::Tensor& a, const at::Tensor& b, at::ScalarType dt
   return out;
 }
 
+// 64 threads; thread t copies src[t] into shared element t with copy_async. mode 0: out[t] = shared
+// element t before the wait, out[64 + t] = shared element (t + 1) % 64 after the wait and a barrier;
+// 1: no wait (out[64 + t] read after the barrier); 2: a destination 2 bytes off alignment; 3: a
+// source in shared memory; 4: a destination in global memory.
+__global__ void copy_async_kernel(const float* src, float* out, int mode) {
+  PDDM_DYNAMIC_SHARED(smem);
+  PDDM_SHARED_DECLARED();
+  using pddm_ext::cuda::copy_async;
+  float* sm = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x;
+  if (mode == 2) copy_async(reinterpret_cast<float*>(smem + 2), src);
+  if (mode == 3) copy_async(sm + 64 + t, sm + t);
+  if (mode == 4) copy_async(out + t, src + t);
+  copy_async(sm + t, src + t);
+  pddm_ext::cuda::copy_async_commit();
+  out[t] = sm[t];
+  if (mode != 1) pddm_ext::cuda::copy_async_wait_all();
+  __syncthreads();
+  out[64 + t] = sm[(t + 1) % 64];
+}
+
 at::Tensor thread_order(int64_t threads) {
   auto order = at::full({threads}, -1, at::kLong);
   auto count = at::zeros({1}, at::kInt);
@@ -215,6 +237,20 @@ at::Tensor atomics(int64_t blocks, int64_t threads) {
                     u.to(at::kDouble)[2], lock.to(at::kDouble)[1], exch.to(at::kDouble)[0]});
 }
 
+at::Tensor copy_async_model(const at::Tensor& src, int64_t mode) {
+  TORCH_CHECK(src.dtype() == at::kFloat && src.numel() == 64, "copy_async_model: src (64,) float32");
+  auto out = at::empty({2, 64}, at::kFloat);
+  const auto s = src.contiguous();
+  PDDM_LAUNCH(copy_async_kernel, 1, 64, 128 * sizeof(float), nullptr)(s.data_ptr<float>(), out.data_ptr<float>(),
+                                                                       int(mode));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+int64_t last_launch_smem(c10::string_view kernel) {
+  return pddm_emu::last_launch_smem(std::string(kernel.data(), kernel.size()));
+}
+
 at::Tensor wmma_tf32(const at::Tensor& a, const at::Tensor& b, int64_t mode) {
   TORCH_CHECK(a.dtype() == at::kFloat && b.dtype() == at::kFloat && a.numel() == 128 && b.numel() == 128,
               "wmma_tf32: a (16, 8) and b (8, 16) float32");
@@ -264,6 +300,8 @@ std::vector<int64_t> backward_sizing(bool batch, int64_t m, int64_t n, int64_t d
 TORCH_LIBRARY(pddm_emu_test, m) {
   m.def("wmma_tf32(Tensor a, Tensor b, int mode) -> Tensor", &wmma_tf32);
   m.def("wmma_half(Tensor a, Tensor b, ScalarType dtype, int mode) -> Tensor", &wmma_half);
+  m.def("copy_async_model(Tensor src, int mode) -> Tensor", &copy_async_model);
+  m.def("last_launch_smem(str kernel) -> int", &last_launch_smem);
   m.def("thread_order(int threads) -> Tensor", &thread_order);
   m.def("unwritten_shared(int threads) -> Tensor", &unwritten_shared);
   m.def("divergent_barrier(int mode) -> ()", &divergent_barrier);
