@@ -101,11 +101,12 @@ def loss_kwargs(cfg):
 
 def add_arguments(parser):
     """The ``--<field>`` flag of every offered loss option, with its rule, choices or ``--no-`` form."""
+    rules = numbers()
     for o in app_options():
         default = train_default(o.field)
         shown = TRAIN_DEFAULTS[o.field][1] if o.field in TRAIN_DEFAULTS else default
         kind = (dict(action=argparse.BooleanOptionalAction) if o.kind is bool
-                else dict(choices=list(o.choices)) if o.choices else dict(type=numbers()[o.field]))
+                else dict(choices=list(o.choices)) if o.choices else dict(type=rules[o.field]))
         parser.add_argument("--" + o.field.replace("_", "-"), default=default, **kind,
                             help=f"PDDM losses: {o.help}{'; ' + NOTES[o.field] if o.field in NOTES else ''} "
                                  f"(default {shown})".replace("%", "%%"))
