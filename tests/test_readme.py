@@ -77,14 +77,22 @@ def test_the_install_section_opens_with_the_command_a_user_types():
     assert commands == ["pip install torch", "pip install ."], commands
 
 
+def _install_commands_section():
+    text = (ROOT / "docs" / "install.md").read_text()
+    return text.split("## The commands", 1)[1].split("\n## ", 1)[0]
+
+
 def test_every_flag_of_the_install_section_is_explained():
-    section = _install_section()
-    flags = set()
-    for command in re.findall(r"pip (?:install|wheel)[^`\n]*", section):
-        flags |= set(re.findall(r"(?:^|\s)(-{1,2}[a-z][a-z-]*)", command))
-    assert {"-e", "--no-deps", "-w", "-v"} <= flags, flags
-    for flag in flags:
-        assert re.search(rf"[(;] ?`{re.escape(flag)}( [^`]*)?`: ", section), flag  # "(`-e`: editable ..."
+    """Every pip flag README's install section or install.md's command list uses is explained there, in
+    the form "(`-e`: editable ...)"."""
+    for index, section in enumerate((_install_section(), _install_commands_section())):
+        flags = set()
+        for command in re.findall(r"pip (?:install|wheel)[^`\n]*", section):
+            flags |= set(re.findall(r"(?:^|\s)(-{1,2}[a-z][a-z-]*)", command))
+        if index == 1:
+            assert {"-e", "--no-deps", "-w", "-v"} <= flags, flags
+        for flag in flags:
+            assert re.search(rf"[(;] ?`{re.escape(flag)}( [^`]*)?`: ", section), flag  # "(`-e`: editable ..."
 
 
 def test_the_cli_hint_for_a_missing_extra_is_the_checkout_command(monkeypatch, capsys):
