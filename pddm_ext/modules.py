@@ -190,7 +190,10 @@ class LossOption(NamedTuple):
 
 def _choice(choices):
     def check(name, value):
-        if not isinstance(value, str) or value not in choices:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, one of {', '.join(map(repr, choices))}, got "
+                            f"{type(value).__name__}")
+        if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     return check

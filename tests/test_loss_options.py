@@ -151,8 +151,10 @@ def test_mining_is_a_real_option():
     assert all(torch.equal(a, b) for a, b in zip(loss_fn.last_quadruplets[:5], want[:5]))
     assert loss_fn.warmup_done == 0 and "mining='euclidean'" in repr(loss_fn)
     assert LOSS_OPTIONS["mining"].choices == tuple(ops.METRICS)
-    for bad in ("cosine", None, 1):
-        with pytest.raises(ValueError, match=r"mining must be one of 'pddm', 'euclidean', got"):
+    with pytest.raises(ValueError, match=r"mining must be one of 'pddm', 'euclidean', got 'cosine'"):
+        PDDMLoss(5, mining="cosine")
+    for bad in (None, 1):  # not a str: a TypeError, naming the option and the type given
+        with pytest.raises(TypeError, match=rf"^mining must be a str, one of 'pddm', 'euclidean', got {type(bad).__name__}"):
             PDDMLoss(5, mining=bad)
 
 
@@ -172,6 +174,8 @@ def test_negative_policies_are_the_negatives_choices():
     assert LOSS_OPTIONS["negatives"].choices == tuple(modules.NEGATIVES) == ("hardest", "semihard")
     with pytest.raises(ValueError, match=r"negatives must be one of 'hardest', 'semihard', got 'easy'"):
         PDDMLoss(4, negatives="easy")
+    with pytest.raises(TypeError, match=r"^negatives must be a str, one of 'hardest', 'semihard', got NoneType"):
+        PDDMLoss(4, negatives=None)
 
 
 @pytest.mark.parametrize("bad, error", [(1.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError)])
