@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pddm_ext.app import compare
+from pddm_ext.app import compare, config
 from pddm_ext.app import datasets as data_mod
 from pddm_ext.app import models
 from pddm_ext.app import train as train_mod
@@ -126,8 +126,8 @@ def main(argv=None):
     fsplit = feature_split(split, args.size)
 
     def prepare(cfg):
-        train_mod.check_config(cfg)
-        train_mod.check_against_data(cfg, fsplit)
+        config.check_config(cfg)
+        config.check_against_data(cfg, fsplit)
         return fsplit
 
     def build_model(image_shape, embedding_dim=64, **_):
@@ -137,8 +137,8 @@ def main(argv=None):
     saved = compare.prepare, train_mod.build_model
     compare.prepare, train_mod.build_model = prepare, build_model
     try:
-        base = train_mod.TrainConfig(dataset=args.dataset, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
-                                     k=args.k, embedding_dim=args.embedding_dim, augment=False, threads=1)
+        base = config.TrainConfig(dataset=args.dataset, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
+                                  k=args.k, embedding_dim=args.embedding_dim, augment=False, threads=1)
         summary = compare.run_all(base, losses=args.losses, seeds=args.seeds, out=args.out, progress=False)
     finally:
         compare.prepare, train_mod.build_model = saved

@@ -1,3 +1,28 @@
+"""A training run's configuration: ``TrainConfig`` (every field a run depends on), the values of fields
+added since the first runs in runs saved before them (``LEGACY_DEFAULTS``, ``saved_config``: how an old
+checkpoint or result.json reads today), and the checks that stop a bad configuration with a one-line
+``ConfigError`` before any training: ``check_config`` (no data needed), ``check_against_data`` (the loaded
+split), and ``prepare`` (both, around loading the dataset).
+
+The value rules are those of the command line (``pddm_ext.app.options``); ``PDDMLoss``'s options come
+from their declarations (``pddm_ext.modules.LOSS_OPTIONS`` as ``pddm_ext.app.loss_options`` reads them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from . import datasets as data_mod
+from . import evaluate as ev
+from . import extra_hint, loss_options, options
+from .loss_options import train_default
+from .losses import LOSSES
+from .models import BACKBONES, ModelError, efficientnet_lite0_weights, resolve_backbone, torchvision_available
+
+
 class ConfigError(ValueError):
     """A configuration that cannot train (one-line message, raised before any training)."""
 
@@ -70,9 +95,6 @@ def __getattr__(name):  # LEGACY_DEFAULTS is read from the options' declarations
 def saved_config(config):
     """TrainConfig of a saved config dict (checkpoint, result.json); missing fields take LEGACY_DEFAULTS."""
     return TrainConfig(**{**legacy_defaults(), **config})
-
-
-# --- configuration checks ---------------------------------------------------------------------
 
 
 def check_config(cfg):

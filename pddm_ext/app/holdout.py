@@ -1,3 +1,16 @@
+"""The hold-out split: a seeded share of the training classes' images kept out of training, so that the
+PDDM unit's diagnostics (``pddm_ext.app.diagnostics``) can be measured on pairs of classes the network
+trains on but images it never saw (``TrainConfig.holdout``; ``train.Run`` makes the split at setup)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .datasets import TensorImages
+
+
 def holdout_split(split, fraction, seed):
     """``split`` with ``fraction`` of each training class's images moved to ``split.heldout`` (a
     seeded choice, at least 2 per class when a class has >= 4 images, so held-out positive pairs
@@ -20,8 +33,8 @@ def holdout_split(split, fraction, seed):
     kept = keep.nonzero().flatten()
 
     def subset(ds, idx):
-        if isinstance(ds, data_mod.TensorImages):
-            return data_mod.TensorImages(ds.images[idx], ds.labels[idx])
+        if isinstance(ds, TensorImages):
+            return TensorImages(ds.images[idx], ds.labels[idx])
         return torch.utils.data.Subset(ds, idx.tolist())
 
     new = dataclasses.replace(split, train=subset(split.train, kept), train_labels=split.train_labels[kept])

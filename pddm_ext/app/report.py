@@ -1,4 +1,14 @@
-# --- RNG, checkpoints, logs, plots ----------------------------------------------------------
+"""What a training run shows and writes besides its checkpoint: the per-epoch summary line, the final
+table, the Recall@1 plot, TensorBoard's scalars of a log line, the progress bar (only on a terminal), and
+the atomic text writes of ``log.jsonl`` / ``result.json``. ``train.Run`` calls these; ``compare`` reuses
+the metric titles and the atomic write."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import diagnostics as diag_mod
 
 
 def write_text_atomic(path, text):
@@ -72,7 +82,7 @@ def scalars(entry, prefix=""):
             yield tag, float(value)
 
 
-def _progress_bar(iterable, total, desc, enabled, stream=None):
+def progress_bar(iterable, total, desc, enabled, stream=None):
     """A tqdm bar over ``iterable`` when ``enabled`` and ``stream`` (default stderr) is a terminal; else
     ``iterable`` itself: off a terminal (CI logs, nohup, ``> log``) the per-epoch summary lines are the
     whole progress report, instead of a carriage-return update per batch."""

@@ -8,48 +8,47 @@ when stderr is a terminal) with the loss and the mining statistics, prints a sum
 at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
 ``resume=True`` continues from the checkpoint and gives the same numbers as an uninterrupted run.
 
-The losses (``loss=``: pddm, pddm-triplet, batch-hard, triplet-random) are built in
-``pddm_ext.app.losses`` from the library's ``PDDMLoss`` and ``batch_hard`` and pytorch-metric-learning's
-``TripletMarginLoss``.
+Around the loop, each in its own module: the configuration and its checks (``config``), the lines,
+table, plot and TensorBoard scalars (``report``), the hold-out split (``holdout``), DDP (``ddp``), the
+losses and the optimiser (``losses``: ``loss=`` pddm, pddm-triplet, batch-hard, triplet-random, built
+from the library's ``PDDMLoss`` and ``batch_hard`` and pytorch-metric-learning's ``TripletMarginLoss``),
+checkpoints and seeding (``checkpoint``), the networks (``models``) and the data (``datasets``).
 
 The PDDM unit's parameters are in the same optimiser as the network's (Adam at ``lr``, or at
 ``unit_lr`` in a second param group when that is set).
 
-Multi-process (``torchrun --nproc_per_node N pddm-ext train ...``, DDP on gloo or nccl): every rank
-draws the same P x K batch and takes its share (``pddm_ext.distributed.ShardedBatchSampler``); the
-loss sees the global batch (``GlobalBatchLoss``: all ranks' embeddings, each rank back-propagating
-through its own) and DDP averages the gradients, so a step equals one single-process step on the
-whole batch (up to BatchNorm statistics on CPU: see ``_distribute``). Rank 0 alone prints and
-writes the log, plot, result and checkpoint.
+Multi-process (``torchrun --nproc_per_node N pddm-ext train ...``, DDP on gloo or nccl): a step equals
+one single-process step on the whole batch (up to BatchNorm statistics on CPU: see ``ddp``). Rank 0
+alone prints and writes the log, plot, result and checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import random
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .. import collectives
 from ..integrations import distributed as dist_
 from ..sampler import PKSampler
-from . import extra_hint
 from . import datasets as data_mod
+from . import ddp
 from . import diagnostics as diag_mod
-from . import loss_options, options
-from .loss_options import train_default
 from . import evaluate as ev
 from .augment import random_affine
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from .losses import LOSSES, batch_stats, build_loss
-from .models import BACKBONES, ModelError, build_model, efficientnet_lite0_weights, resolve_backbone, torchvision_available
+from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from .config import (ConfigError, TrainConfig, check_against_data, check_config, prepare, resolve_device,
+                     saved_config, tensorboard_writer_class)
+from .holdout import holdout_split
+from .losses import batch_stats, build_loss, build_optimizer
+from .models import build_model
+from .report import format_epoch, plot_recall, progress_bar, scalars, write_text_atomic
+
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 PLOT = "recall_at_1.png"
@@ -58,7 +57,6 @@ PLOT = "recall_at_1.png"
 class DivergenceError(RuntimeError):
     """Training diverged: the network's embeddings or the loss became NaN or Inf (one-line message;
     the checkpoint of the last finished epoch stays as it was)."""
-
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -74,7 +72,7 @@ class Run:
             run.save(entry)                                    # log line, checkpoint, summary line
         return run.finish()                                    # plot and result.json
 
-    Under torchrun the distributed parts live in ``setup`` alone (``_distribute``): the process group,
+    Under torchrun the distributed parts live in ``setup`` alone (``ddp``): the process group,
     DDP around the model and the loss, this rank's share of each batch; afterwards only ``is_main``
     (rank 0 writes) tells the ranks apart.
     """
@@ -119,7 +117,7 @@ class Run:
             check_against_data(cfg, split)
         self.split, self.heldout = holdout_split(split, cfg.holdout, cfg.seed)
         split = self.split
-        device, world = _distribute.init(resolve_device(cfg.device))
+        device, world = ddp.init(resolve_device(cfg.device))
         self.device, self.world, self.is_main = device, world, dist_.rank() == 0
         self.progress = progress and self.is_main  # progress bars (on a terminal only)
         self.p = cfg.p or min(8, split.num_train_classes)
@@ -141,7 +139,7 @@ class Run:
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
                 total_steps=cfg.epochs * len(self.sampler))
-        self.train_model, self.train_loss, self.batch_sampler = _distribute.wrap(
+        self.train_model, self.train_loss, self.batch_sampler = ddp.wrap(
             self.model, self.loss_fn, self.sampler, device, world)
         self.history, self.start_epoch, self.train_time, floor = [], 0, 0.0, None
         if checkpoint is not None:
@@ -199,7 +197,7 @@ class Run:
         losses, stats_sum, stats_n = [], {}, {}
         t0 = time.perf_counter()
         batches = self.batches()
-        bar = _progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
+        bar = progress_bar(batches, len(self.sampler), f"epoch {epoch + 1}/{self.cfg.epochs}", self.progress)
         for batch, (x, y) in enumerate(bar, 1):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device)
             if self.cfg.augment:
@@ -298,7 +296,7 @@ class Run:
             write_text_atomic(os.path.join(self.out, "result.json"), json.dumps(result, indent=1))
         if self.tensorboard is not None:
             self.tensorboard.close()
-        _distribute.close(self.world)
+        ddp.close(self.world)
         return result
 
 
