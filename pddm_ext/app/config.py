@@ -97,6 +97,28 @@ def saved_config(config):
     return TrainConfig(**{**legacy_defaults(), **config})
 
 
+def resumed_config(cfg, checkpoint, explicit, out):
+    """The configuration a resumed run continues with: the one saved in ``checkpoint`` (through
+    :func:`saved_config`) with the epoch budget (``cfg.epochs`` when ``explicit`` is None or names it,
+    else the saved one) and the runtime fields of ``cfg`` (``RUNTIME_FIELDS``, ``out``). ConfigError when
+    a field in ``explicit`` (the ones the caller set on purpose) differs from the saved one, or when the
+    budget is below the epochs already trained."""
+    saved = saved_config(checkpoint["config"])
+    changed = [f"{name} {getattr(cfg, name)!r} (the run has {getattr(saved, name)!r})"
+               for name in sorted(explicit or ())
+               if name not in ("epochs", *TrainConfig.RUNTIME_FIELDS)
+               and getattr(cfg, name) != getattr(saved, name)]
+    if changed:
+        raise ConfigError(f"--resume continues the run in {out} with its own configuration; it cannot "
+                          f"change {', '.join(changed)}: start a new run (another --out) instead")
+    epochs = cfg.epochs if explicit is None or "epochs" in explicit else saved.epochs
+    if epochs < checkpoint["epoch"]:
+        raise ConfigError(f"--resume: the run in {out} has trained {checkpoint['epoch']} epochs, more "
+                          f"than --epochs {epochs}")
+    return dataclasses.replace(saved, epochs=epochs, device=cfg.device,
+                               threads=cfg.threads, tensorboard=cfg.tensorboard, out=out)
+
+
 def check_config(cfg):
     """Every check that needs no data: raises ConfigError with a one-line message. The value rules
     are those of the command line's options (``pddm_ext.app.options``), with the same messages."""

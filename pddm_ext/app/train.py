@@ -42,8 +42,8 @@ from . import diagnostics as diag_mod
 from . import evaluate as ev
 from .augment import random_affine
 from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
-from .config import (ConfigError, TrainConfig, check_against_data, check_config, prepare, resolve_device,
-                     saved_config, tensorboard_writer_class)
+from .config import (ConfigError, check_against_data, check_config, prepare, resolve_device, resumed_config,
+                     tensorboard_writer_class)
 from .holdout import holdout_split
 from .losses import batch_stats, build_loss, build_optimizer
 from .models import build_model
@@ -85,21 +85,7 @@ class Run:
                               "or another --out (or delete the folder) to start a new one")
         checkpoint = self._load_checkpoint(cfg) if resume else None
         if checkpoint is not None:
-            # a resumed run keeps its configuration; only the epoch budget, device and threads may change
-            saved = saved_config(checkpoint["config"])
-            changed = [f"{name} {getattr(cfg, name)!r} (the run has {getattr(saved, name)!r})"
-                       for name in sorted(explicit or ())
-                       if name not in ("epochs", *TrainConfig.RUNTIME_FIELDS)
-                       and getattr(cfg, name) != getattr(saved, name)]
-            if changed:
-                raise ConfigError(f"--resume continues the run in {self.out} with its own configuration; it cannot "
-                                  f"change {', '.join(changed)}: start a new run (another --out) instead")
-            epochs = cfg.epochs if explicit is None or "epochs" in explicit else saved.epochs
-            if epochs < checkpoint["epoch"]:
-                raise ConfigError(f"--resume: the run in {self.out} has trained {checkpoint['epoch']} epochs, more "
-                                  f"than --epochs {epochs}")
-            cfg = dataclasses.replace(saved, epochs=epochs, device=cfg.device,
-                                      threads=cfg.threads, tensorboard=cfg.tensorboard, out=self.out)
+            cfg = resumed_config(cfg, checkpoint, explicit, self.out)
         self.cfg, self.resume = cfg, resume
         self.setup(split, checkpoint, progress)
 
