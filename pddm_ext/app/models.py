@@ -279,13 +279,13 @@ def lite_input(x, input_norm=None, min_size=MIN_INPUT_SIZE):
 
 
 def lite_eval_image(img):
-    """A photograph (Pillow image, any mode; :func:`pddm_ext.app.datasets.to_rgb`'s rule) as the
+    """A photograph (Pillow image, any mode; :func:`pddm_ext.app.folder_images.to_rgb`'s rule) as the
     weights were evaluated: the centre square of side short_side * 224 / 256, bicubic to 224 x 224,
     (x - 127) / 128. Returns (1, 3, 224, 224) float32."""
     import numpy as np
     from PIL import Image
 
-    from .datasets import to_rgb
+    from .folder_images import to_rgb
 
     img = to_rgb(img)
     w, h = img.size
