@@ -59,9 +59,6 @@ class DivergenceError(RuntimeError):
     the checkpoint of the last finished epoch stays as it was)."""
 
 
-# --- the run ----------------------------------------------------------------------------------
-
-
 class Run:
     """One training run. ``train()`` is the whole loop::
 
@@ -119,7 +116,7 @@ class Run:
         self.loss_fn.to(device)
         self.optimizer = build_optimizer(cfg, self.model, self.loss_fn)
         self.sampler = PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
-                                          seed=cfg.seed)
+                                   seed=cfg.seed)
         self.scheduler = None
         if cfg.schedule == "onecycle":  # one cycle over the whole run (Smith & Topin 2019), peak at lr
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
