@@ -1,8 +1,9 @@
 """A training run's configuration: ``TrainConfig`` (every field a run depends on), the values of fields
 added since the first runs in runs saved before them (``LEGACY_DEFAULTS``, ``saved_config``: how an old
-checkpoint or result.json reads today), and the checks that stop a bad configuration with a one-line
-``ConfigError`` before any training: ``check_config`` (no data needed), ``check_against_data`` (the loaded
-split), and ``prepare`` (both, around loading the dataset).
+checkpoint or result.json reads today), what a resumed run may change (``resumed_config``), and the
+checks that stop a bad configuration with a one-line ``ConfigError`` before any training:
+``check_config`` (no data needed; with ``resolve_device`` and ``tensorboard_writer_class``),
+``check_against_data`` (the loaded split), and ``prepare`` (both, around loading the dataset).
 
 The value rules are those of the command line (``pddm_ext.app.options``); ``PDDMLoss``'s options come
 from their declarations (``pddm_ext.modules.LOSS_OPTIONS`` as ``pddm_ext.app.loss_options`` reads them).
