@@ -8,7 +8,7 @@ paired tests, convergence plot, resumable runs).
 What it does:
 
 1. loads the dataset (``icons`` rendered at ``--size`` px; ``glyphs`` at 32 px, upsampled to ``--size``
-   by the backbone's input rule, ``pddm_ext.app.models.lite_input``: grey replicated to RGB, bilinear);
+   by the backbone's input rule, ``pddm_ext.app.backbones.lite_input``: grey replicated to RGB, bilinear);
 2. computes the 1280-d pooled features of EfficientNet-Lite0 with its ImageNet weights (the
    ``pretrained`` extra), eval mode, once; cached in ``$XDG_CACHE_HOME/pddm-ext/features/`` (default
    ``~/.cache``) under a hash of the dataset (its icon or font hash) and the size;
@@ -39,9 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pddm_ext.app import compare
+from pddm_ext.app import compare, config
 from pddm_ext.app import datasets as data_mod
-from pddm_ext.app import models
+from pddm_ext.app import backbones, models
 from pddm_ext.app import train as train_mod
 
 
@@ -77,7 +77,7 @@ def features(split, size, batch_size=128):
     out = []
     for ds in (split.train, split.test):
         x = ds.images
-        feats = [net.features(models.lite_input(x[i:i + batch_size], norm, min_size=size))
+        feats = [net.features(backbones.lite_input(x[i:i + batch_size], norm, min_size=size))
                  for i in range(0, len(x), batch_size)]
         out.append(torch.cat(feats))
     os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
@@ -126,8 +126,8 @@ def main(argv=None):
     fsplit = feature_split(split, args.size)
 
     def prepare(cfg):
-        train_mod.check_config(cfg)
-        train_mod.check_against_data(cfg, fsplit)
+        config.check_config(cfg)
+        config.check_against_data(cfg, fsplit)
         return fsplit
 
     def build_model(image_shape, embedding_dim=64, **_):
@@ -137,8 +137,8 @@ def main(argv=None):
     saved = compare.prepare, train_mod.build_model
     compare.prepare, train_mod.build_model = prepare, build_model
     try:
-        base = train_mod.TrainConfig(dataset=args.dataset, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
-                                     k=args.k, embedding_dim=args.embedding_dim, augment=False, threads=1)
+        base = config.TrainConfig(dataset=args.dataset, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
+                                  k=args.k, embedding_dim=args.embedding_dim, augment=False, threads=1)
         summary = compare.run_all(base, losses=args.losses, seeds=args.seeds, out=args.out, progress=False)
     finally:
         compare.prepare, train_mod.build_model = saved

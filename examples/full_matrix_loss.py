@@ -31,7 +31,7 @@ from pddm_ext import PKSampler
 from pddm_ext.app import options
 from pddm_ext.app.datasets import load_dataset
 from pddm_ext.app.evaluate import embed, recall_at_k
-from pddm_ext.app.models import SmallCNN
+from pddm_ext.app.backbones import SmallCNN
 
 EMBEDDING_DIM = 64
 STEPS_PER_EPOCH = 10  # batches drawn at random from the training classes

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pddm_ext.app import datasets as data
+from pddm_ext.app import glyphs
 
 matplotlib = pytest.importorskip("matplotlib")
 pytest.importorskip("PIL")
@@ -41,8 +42,8 @@ def test_dataset_split_has_no_shared_class(name):
 
 
 def test_glyph_renderer_finds_every_character_of_a_latin_font():
-    renderer = data.GlyphRenderer(os.path.join(MPL_FONTS, "DejaVuSans.ttf"))
-    assert renderer.has_glyphs(data.GLYPH_CHARACTERS) == list(data.GLYPH_CHARACTERS)
+    renderer = glyphs.GlyphRenderer(os.path.join(MPL_FONTS, "DejaVuSans.ttf"))
+    assert renderer.has_glyphs(glyphs.GLYPH_CHARACTERS) == list(glyphs.GLYPH_CHARACTERS)
     img = renderer.render("A")
     assert img.shape == (32, 32) and img.max() > 0.9
     # centred by its ink's bounding box: the ink's centre is within a pixel of the image centre
@@ -53,23 +54,23 @@ def test_glyph_renderer_finds_every_character_of_a_latin_font():
 
 
 def test_glyph_renderer_detects_tofu():
-    sans = data.GlyphRenderer(os.path.join(MPL_FONTS, "DejaVuSans.ttf"))
+    sans = glyphs.GlyphRenderer(os.path.join(MPL_FONTS, "DejaVuSans.ttf"))
     cjk = "\u4e2d"  # not in DejaVu Sans: Pillow draws the .notdef box
     assert sans.notdef_image is not None and sans.notdef_image.any()  # the tofu box is real ink ...
     assert np.array_equal(sans._render_raw(cjk), sans.notdef_image)  # ... and that is what cjk draws
     assert sans.has_glyphs(["A", cjk, "b"]) == ["A", "b"]
     # DejaVu Sans Display has punctuation only: every 0-9A-Za-z would be a tofu box
-    display = data.GlyphRenderer(os.path.join(MPL_FONTS, "DejaVuSansDisplay.ttf"))
-    assert display.has_glyphs(data.GLYPH_CHARACTERS) == []
+    display = glyphs.GlyphRenderer(os.path.join(MPL_FONTS, "DejaVuSansDisplay.ttf"))
+    assert display.has_glyphs(glyphs.GLYPH_CHARACTERS) == []
 
 
 def test_glyphs_dataset_from_dejavu_fonts():
-    split = data.load_glyphs(font_files=DEJAVU)
+    split = glyphs.load_glyphs(font_files=DEJAVU)
     used = split.info["font_files"]
     assert os.path.join(MPL_FONTS, "DejaVuSansDisplay.ttf") not in used  # no Latin glyph: not used
     assert len(used) == len(DEJAVU) - 2  # the two Display fonts
-    assert split.info["font_hash"] == data.font_list_hash(used)
-    assert data.font_list_hash(used[1:]) != split.info["font_hash"]
+    assert split.info["font_hash"] == glyphs.font_list_hash(used)
+    assert glyphs.font_list_hash(used[1:]) != split.info["font_hash"]
     assert split.info["train_classes"] == list("0123456789ABCDEFGHIJKLMNOPQRSTU")
     assert split.info["test_classes"] == list("VWXYZabcdefghijklmnopqrstuvwxyz")
     assert not set(split.train_labels.tolist()) & set(split.test_labels.tolist())
@@ -80,10 +81,10 @@ def test_glyphs_dataset_from_dejavu_fonts():
 
 def test_glyphs_without_fonts_is_a_one_line_error(tmp_path):
     with pytest.raises(data.DatasetError, match="no .ttf/.otf font files") as info:
-        data.load_glyphs([tmp_path])
+        glyphs.load_glyphs([tmp_path])
     assert "make fonts" not in str(info.value)  # a folder of the user's own: the pinned packages do not help
     with pytest.raises(data.DatasetError, match="font folder .*nope does not exist"):
-        data.load_glyphs([tmp_path / "nope"])
+        glyphs.load_glyphs([tmp_path / "nope"])
 
 
 def test_folder_dataset(tmp_path):

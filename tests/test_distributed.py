@@ -92,6 +92,13 @@ def worker(out_dir):
     result["wrapper"] = wrapper_step(rank)
     result["ref"] = ref_step(rank)
     result["sharded"] = list(pddm_ext.distributed.ShardedBatchSampler(pddm_ext.PKSampler(labels, 3, 4, seed=0)))
+    # pddm-ext train's DDP wiring (pddm_ext.app.ddp.wrap), as Run.setup calls it
+    from pddm_ext.app import ddp
+
+    net, loss, batches = ddp.wrap(torch.nn.Linear(D_IN, D), pddm_ext.PDDMLoss(D, k=3),
+                                  pddm_ext.PKSampler(labels, 3, 4, seed=0), torch.device("cpu"), world)
+    result["app_wrap"] = [type(net).__name__, type(loss).__name__, type(getattr(loss, "module", None)).__name__,
+                          type(batches).__name__]
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
     # The training loop inside a process group the caller made (it stays up), with a loss that has
@@ -285,6 +292,12 @@ def test_sharded_batch_sampler_splits_every_pk_batch_across_ranks(ranks):
 def run_files(out):
     """The files of a run folder; rank 0 alone writes them (atomically: no temporary files remain)."""
     return sorted(os.listdir(out))
+
+
+def test_the_training_app_wraps_network_and_global_batch_loss_in_ddp_and_shards_batches(ranks):
+    for res in ranks:
+        assert res["app_wrap"] == ["DistributedDataParallel", "DistributedDataParallel", "GlobalBatchLoss",
+                                   "ShardedBatchSampler"]
 
 
 def test_training_loop_in_an_existing_process_group_writes_on_rank_0(ranks):

@@ -14,6 +14,7 @@ pytest.importorskip("tqdm")
 Image = pytest.importorskip("PIL.Image")
 
 from pddm_ext.app import datasets as data  # noqa: E402
+from pddm_ext.app import folder_images  # noqa: E402
 from pddm_ext.app import evaluate as ev  # noqa: E402
 from pddm_ext.app.cli import main  # noqa: E402
 
@@ -22,7 +23,7 @@ W, H = 64, 8
 
 def _rgb(path):
     with Image.open(path) as f:
-        out = data.to_rgb(f)
+        out = folder_images.to_rgb(f)
     assert out.mode == "RGB" and out.size == (W, H)
     return np.asarray(out).astype(int)
 
@@ -73,7 +74,7 @@ def test_float_tiff_is_read_in_0_1_and_what_is_clipped_is_reported(tmp_path):
     ramp = _ramp(1.0, np.float32)
     Image.fromarray(ramp).save(tmp_path / "f.tif")
     with Image.open(tmp_path / "f.tif") as f:
-        assert f.mode == "F" and data.conversion_note(f) is None
+        assert f.mode == "F" and folder_images.conversion_note(f) is None
     grey = _grey(_rgb(tmp_path / "f.tif"))
     assert np.array_equal(grey, np.round(ramp.astype(np.float64) * 255).astype(int))  # a ramp, not all black
     wide = _ramp(4.0, np.float32) - 1.0  # -1 .. 3
@@ -81,10 +82,10 @@ def test_float_tiff_is_read_in_0_1_and_what_is_clipped_is_reported(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.tif")
     grey = _grey(_rgb(tmp_path / "wide.tif"))
     assert grey[0, 0] == 0 and grey[1, 0] == 0 and grey[1, -1] == 255  # NaN and below 0: black; above 1: white
-    assert data.check_image(tmp_path / "wide.tif") == (None, "float pixels that are NaN or infinite")
+    assert folder_images.check_image(tmp_path / "wide.tif") == (None, "float pixels that are NaN or infinite")
     wide[0, 0] = 0.5
     Image.fromarray(wide).save(tmp_path / "wide.tif")
-    problem, note = data.check_image(tmp_path / "wide.tif")
+    problem, note = folder_images.check_image(tmp_path / "wide.tif")
     assert problem is None and "outside [0, 1]" in note and "clipped" in note
 
 
@@ -153,8 +154,8 @@ def test_a_16_bit_image_reaches_the_batch_as_its_gradient(tmp_path):
     split = data.load_dataset(f"folder:{root}", image_size=16)
     index = split.test.paths.index(str(root / "c03" / "0.png"))
     x, _ = split.test[index]
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(folder_images.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(folder_images.IMAGENET_STD).view(3, 1, 1)
     pixels = (x * std + mean)[0]
     assert float(pixels[:, 0].mean()) < 0.2 and float(pixels[:, -1].mean()) > 0.8  # dark to light, not all white
 
@@ -279,10 +280,10 @@ def test_evaluation_resamples_only_the_centre_crop_whatever_the_aspect_ratio(tmp
     Image.fromarray(strip).save(tmp_path / "strip.png")
     photo = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "photo.png")
-    images = data.FolderImages([str(tmp_path / "strip.png"), str(tmp_path / "photo.png")], [0, 1], size=14,
+    images = folder_images.FolderImages([str(tmp_path / "strip.png"), str(tmp_path / "photo.png")], [0, 1], size=14,
                                train=False)
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(folder_images.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(folder_images.IMAGENET_STD).view(3, 1, 1)
     resize, sizes = Image.Image.resize, []
     monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(tuple(size)) or resize(im, size, *a, **k))
     x, _ = images[0]

@@ -357,7 +357,8 @@ def digits():
 def test_train_logs_unit_diagnostics_every_epoch(digits, tmp_path, capsys):
     import json
 
-    from pddm_ext.app.train import TrainConfig, train
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
 
     cfg = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, threads=1, out=str(tmp_path / "run"))
     result = train(cfg, progress=False, split=digits)
@@ -377,7 +378,8 @@ def test_train_logs_unit_diagnostics_every_epoch(digits, tmp_path, capsys):
 
 def test_train_warns_when_the_unit_collapses(digits, tmp_path, capsys, monkeypatch):
     from pddm_ext.app import diagnostics
-    from pddm_ext.app.train import TrainConfig, train
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
 
     cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1, out=str(tmp_path / "a"))
     monkeypatch.setattr(diagnostics, "COLLAPSE_SPREAD", 0.0)  # no unit counts as collapsed
@@ -396,7 +398,8 @@ def dataclasses_replace(cfg, **kw):
 
 
 def test_batch_hard_has_no_unit_diagnostics(digits, tmp_path):
-    from pddm_ext.app.train import TrainConfig, train
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
 
     cfg = TrainConfig(dataset="digits", loss="batch-hard", epochs=1, batches_per_epoch=2, threads=1,
                       out=str(tmp_path / "bh"))
@@ -405,7 +408,8 @@ def test_batch_hard_has_no_unit_diagnostics(digits, tmp_path):
 
 def test_warmup_ends_when_the_unit_matches_euclidean_on_heldout_pairs(digits, tmp_path, monkeypatch):
     from pddm_ext.app import diagnostics
-    from pddm_ext.app.train import Run, TrainConfig
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import Run
 
     cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, warmup_steps=1000, threads=1,
                       out=str(tmp_path / "w"))
@@ -425,7 +429,8 @@ def test_old_checkpoint_resumes_with_the_old_behaviour(digits, tmp_path):
     """A checkpoint written before these options (no new config fields, no scheduler, no loss extra state)
     resumes as the run it was: no augmentation, constant lr, input-normalised unit, no pair term."""
     from pddm_ext.app.checkpoint import save_atomic
-    from pddm_ext.app.train import LEGACY_DEFAULTS, TrainConfig, train
+    from pddm_ext.app.config import LEGACY_DEFAULTS, TrainConfig
+    from pddm_ext.app.train import train
 
     out = tmp_path / "old"
     cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1, out=str(out), **LEGACY_DEFAULTS)
@@ -474,7 +479,7 @@ def test_bad_new_train_options_are_one_line_errors(args, message, tmp_path, caps
 
 def test_compare_variants_and_paired_test(digits, tmp_path):
     from pddm_ext.app.compare import run_all
-    from pddm_ext.app.train import TrainConfig
+    from pddm_ext.app.config import TrainConfig
 
     base = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=2, threads=1)
     summary = run_all(base, ["pddm", "pddm-paper"], [0, 1], str(tmp_path / "cmp"), progress=False)
@@ -498,7 +503,8 @@ def test_compare_reuses_a_baseline_run_whatever_the_pddm_options(digits, tmp_pat
     import dataclasses
 
     from pddm_ext.app.compare import _finished
-    from pddm_ext.app.train import TrainConfig, train
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
 
     cfg = TrainConfig(dataset="digits", loss="batch-hard", epochs=1, batches_per_epoch=2, threads=1,
                       out=str(tmp_path / "bh"))
@@ -511,7 +517,8 @@ def test_compare_reuses_a_baseline_run_whatever_the_pddm_options(digits, tmp_pat
 
 
 def test_onecycle_resume_is_exact_for_an_unchanged_budget_and_runs_for_a_longer_one(digits, tmp_path):
-    from pddm_ext.app.train import TrainConfig, train
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
 
     base = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, seed=1, threads=1, schedule="onecycle",
                        augment=True)

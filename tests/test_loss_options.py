@@ -35,7 +35,7 @@ def test_the_train_defaults_differ_from_pddmloss_only_where_declared():
     """pddm-ext train departs from PDDMLoss's defaults only in loss_options.TRAIN_DEFAULTS (with a reason each)."""
     _app()
     from pddm_ext.app.loss_options import TRAIN_DEFAULTS, app_options
-    from pddm_ext.app.train import TrainConfig
+    from pddm_ext.app.config import TrainConfig
 
     config = TrainConfig()
     differ = {o.field for o in app_options() if getattr(config, o.field) != o.default}
@@ -48,9 +48,10 @@ def test_a_throwaway_option_declared_in_one_place_reaches_the_app(monkeypatch, t
     of ``pddm-ext train`` and ``compare``, the config checks, build_loss's arguments, compare's variants
     and the legacy defaults; the TrainConfig field is the one line a new option adds elsewhere."""
     _app()
-    from pddm_ext.app import compare, loss_options, train
+    from pddm_ext.app import compare, loss_options
+    from pddm_ext.app import config as config_mod
     from pddm_ext.app.cli import build_parser, main
-    from pddm_ext.app.train import ConfigError, TrainConfig, check_config
+    from pddm_ext.app.config import ConfigError, TrainConfig, check_config
 
     monkeypatch.setitem(LOSS_OPTIONS, "margin_scale", LossOption(
         "margin_scale", float, 1.5, "a throwaway scale", pddm_ext._validate.check_number,
@@ -104,9 +105,9 @@ def test_a_throwaway_option_declared_in_one_place_reaches_the_app(monkeypatch, t
     assert compare._unread_fields(dataclasses.replace(config, loss="batch-hard")) >= {"margin_scale", "pair_policy"}
 
     # runs saved before the option existed: their legacy value
-    assert (train.LEGACY_DEFAULTS["margin_scale"], train.LEGACY_DEFAULTS["pair_policy"]) == (2.0, "a")
-    monkeypatch.setattr(train, "TrainConfig", Config)
-    assert train.saved_config({"dataset": "digits"}).margin_scale == 2.0
+    assert (config_mod.LEGACY_DEFAULTS["margin_scale"], config_mod.LEGACY_DEFAULTS["pair_policy"]) == (2.0, "a")
+    monkeypatch.setattr(config_mod, "TrainConfig", Config)
+    assert config_mod.saved_config({"dataset": "digits"}).margin_scale == 2.0
 
 
 def _steps(loss_fn, reference_mode, steps=3):

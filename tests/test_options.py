@@ -13,7 +13,7 @@ pytest.importorskip("tqdm")
 
 from pddm_ext.app import options  # noqa: E402
 from pddm_ext.app.cli import build_parser, main  # noqa: E402
-from pddm_ext.app.train import ConfigError, TrainConfig, check_config  # noqa: E402
+from pddm_ext.app.config import ConfigError, TrainConfig, check_config  # noqa: E402
 
 # What each numeric option means, stated here independently of the rules under test: the options for
 # which 0 is a valid value, and those for which negative values are.

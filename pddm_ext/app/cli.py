@@ -16,7 +16,9 @@ from . import extra_hint, loss_options, missing_train_extra, options
 from .checkpoint import CheckpointError
 from .datasets import DatasetError
 from .models import BACKBONES, ModelError
-from .train import LOSSES, ConfigError, DivergenceError, TrainConfig
+from .config import ConfigError, TrainConfig
+from .losses import LOSSES
+from .train import DivergenceError
 
 DEFAULTS = TrainConfig()
 N = options.NUMBERS
@@ -146,7 +148,8 @@ def _run(args, p_train, argv):
             raise ConfigError(f"pddm-ext {args.command} needs the train extra ({', '.join(missing)} missing); "
                               f"{extra_hint('train')}")
         if args.command == "train":
-            from .train import format_table, train
+            from .report import format_table
+            from .train import train
 
             cfg = _config(args)
             result = train(cfg, resume=args.resume, progress=not args.quiet,

@@ -26,7 +26,10 @@ import time
 import numpy as np
 
 from . import loss_options
-from .train import CHECKPOINT, ConfigError, LOSSES, METRIC_TITLES, legacy_defaults, prepare, train, write_text_atomic
+from .config import ConfigError, legacy_defaults, prepare
+from .losses import LOSSES
+from .report import METRIC_TITLES, write_text_atomic
+from .train import CHECKPOINT, train
 
 PDDM_LOSSES = ("pddm", "pddm-triplet")
 

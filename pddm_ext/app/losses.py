@@ -138,3 +138,12 @@ def batch_stats(loss_fn):
                    violated=float((s[:, 1:] >= s[:, :1]).float().mean()),
                    metric_loss=float(loss_fn.last_metric_loss), embedding_loss=float(loss_fn.last_embedding_loss))
     return out
+
+
+def build_optimizer(cfg, model, loss_fn):
+    """Adam over the network and the loss's parameters (the PDDM unit). With ``cfg.unit_lr`` set, the
+    unit is a second param group with that learning rate; unset, one group at ``cfg.lr``."""
+    if cfg.unit_lr is None or not list(loss_fn.parameters()):
+        return torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr)
+    return torch.optim.Adam([dict(params=list(model.parameters())),
+                             dict(params=list(loss_fn.parameters()), lr=cfg.unit_lr)], lr=cfg.lr)

@@ -23,7 +23,7 @@ from pddm_ext.app import evaluate as ev
 from pddm_ext import mine_hard
 from pddm_ext.app.models import build_model
 from pddm_ext import PDDMLoss, PKSampler
-from pddm_ext.app.train import seed_everything
+from pddm_ext.app.checkpoint import seed_everything
 
 
 def run(split, seed, *, epochs=5, batches=50, k=8, mine_k=140, metric="euclidean"):

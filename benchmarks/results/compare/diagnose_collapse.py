@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from pddm_ext import PKSampler
 from pddm_ext.app import datasets as data_mod
 from pddm_ext.app.models import build_model
-from pddm_ext.app.train import TrainConfig, build_loss, build_optimizer, seed_everything
+from pddm_ext.app.checkpoint import seed_everything
+from pddm_ext.app.config import TrainConfig
+from pddm_ext.app.losses import build_loss, build_optimizer
 
 CONFIGS = {  # name -> TrainConfig overrides (on top of the compare settings)
     "default (lr 1e-3, mine_k P K/2, beta 1)": {},
