@@ -107,12 +107,14 @@ def test_alpha_is_composited_onto_white(theme_root):
     assert np.abs(bar[0, :, SIZE // 2, SIZE // 2].astype(int) - expected).max() <= 1
 
 
-def test_cache_is_reused_and_changes_with_the_files(theme_root):
+def test_cache_is_reused_and_changes_with_the_files(theme_root, capsys):
     root, families = theme_root
     first = icons.build_icons(str(root), size=SIZE, min_samples=4, families=families)
+    assert capsys.readouterr().err.startswith("icons: rendering ")  # a first run says why it takes a while
     cached = os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "pddm-ext", "icons"))
     assert len(cached) == 1
     again = icons.build_icons(str(root), size=SIZE, min_samples=4, families=families)
+    assert capsys.readouterr().err == ""  # the cached set renders nothing
     assert np.array_equal(first[0], again[0]) and first[3]["icon_hash"] == again[3]["icon_hash"]
     _png(str(root / "t2" / f"{SIZE}x{SIZE}" / "apps" / "square.png"), (1, 2, 3), "square")
     changed = icons.build_icons(str(root), size=SIZE, min_samples=4, families=families)

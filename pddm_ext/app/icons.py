@@ -36,6 +36,7 @@ import hashlib
 import io
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -226,6 +227,8 @@ def build_icons(root=None, *, size=64, min_samples=8, families=None, cache=True)
             sources = [str(s) for s in z["sources"]]
     else:
         rendered = []  # (name, family, image, digest) in sorted name order, then family order
+        print(f"icons: rendering {len(todo)} icons of {len(names)} names at {size} px into {_cache_dir()} "
+              "(once; later runs read the cache)", file=sys.stderr, flush=True)
         for n, f in todo:
             theme, path = chosen[(n, f)]
             try:
