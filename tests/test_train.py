@@ -520,3 +520,23 @@ def test_a_diverged_run_is_a_one_line_error(loss, tmp_path, capsys):
     assert "Traceback" not in err and last.startswith("pddm-ext: error: training diverged at epoch 1, batch ")
     assert "NaN or Inf" in last and "--lr" in last
 
+
+
+def test_k_above_a_training_class_size_warns_that_images_repeat():
+    """K larger than a training class: the P x K sampler draws that class with replacement, so the
+    configuration check says so (a warning naming K, how many classes and the smallest size)."""
+    from pddm_ext.app.config import check_against_data
+
+    train_labels = torch.tensor([0] * 9 + [1] * 3 + [2] * 12)
+    test_labels = torch.arange(3, 6).repeat_interleave(4)
+    images = torch.zeros(len(train_labels), 1, 4, 4)
+    split = data.ZeroShotSplit(data.TensorImages(images, train_labels),
+                               data.TensorImages(torch.zeros(len(test_labels), 1, 4, 4), test_labels),
+                               train_labels, test_labels, (1, 4, 4), dict(name="toy"))
+    with pytest.warns(UserWarning, match=r"K = 8 samples per class, but 1 of the 3 training classes .* \(smallest: 3\)"):
+        check_against_data(TrainConfig(dataset="digits", k=8), split)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_against_data(TrainConfig(dataset="digits", k=3), split)  # every class has 3 or more: silent

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 
@@ -193,7 +194,8 @@ def resolve_device(name):
 
 def check_against_data(cfg, split):
     """The checks that need the dataset: P against the number of training classes, and a test half on
-    which every retrieval metric is defined (``evaluate.evaluation_problem``)."""
+    which every retrieval metric is defined (``evaluate.evaluation_problem``). Warns (``UserWarning``)
+    when K exceeds a training class's size: the sampler then repeats that class's images."""
     problem = ev.evaluation_problem(split.test_labels, class_names=split.info.get("test_classes"))
     if problem:
         raise ConfigError(f"dataset {cfg.dataset} cannot be evaluated: {problem}")
@@ -202,6 +204,14 @@ def check_against_data(cfg, split):
         raise ConfigError(f"dataset {cfg.dataset} has {n} training class(es); needs at least 2")
     if cfg.p is not None and cfg.p > n:
         raise ConfigError(f"P = {cfg.p} classes per batch but dataset {cfg.dataset} has only {n} training classes")
+    counts = torch.bincount(torch.as_tensor(split.train_labels).long())
+    counts = counts[counts > 0]
+    if cfg.k > int(counts.min()):
+        small = int((counts < cfg.k).sum())
+        warnings.warn(f"K = {cfg.k} samples per class, but {small} of the {n} training classes of dataset "
+                      f"{cfg.dataset} have fewer images (smallest: {int(counts.min())}): the P x K sampler draws "
+                      "those with replacement, so their batches repeat images (identical positive pairs)",
+                      UserWarning, stacklevel=2)
     if cfg.pretrained and resolve_backbone(split.image_shape, cfg.backbone) == "small":
         c, h, w = split.image_shape
         raise ConfigError(f"--pretrained needs the resnet18 backbone, but --backbone {cfg.backbone} gives dataset "
