@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from pddm_ext.app import compare, config
 from pddm_ext.app import datasets as data_mod
+from pddm_ext.app import evaluate as ev
 from pddm_ext.app import backbones, models
 from pddm_ext.app import train as train_mod
 
@@ -116,6 +117,9 @@ def main(argv=None):
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--target", type=float, default=None,
                    help="Recall@1 for steps_to_target.md (default: the features' own Recall@1, the floor)")
+    p.add_argument("--floor-only", action="store_true",
+                   help="only the floor: write <out>/floor.json, the metrics of the pretrained features on the "
+                        "test classes at --size (the fine-tuning regime's floor), and train nothing")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -124,6 +128,13 @@ def main(argv=None):
     image_size = args.size if args.dataset.startswith("icons") else None
     split = data_mod.load_dataset(args.dataset, image_size=image_size)
     fsplit = feature_split(split, args.size)
+    if args.floor_only:
+        floor = ev.pixel_floor(fsplit.test, seed=0)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "floor.json"), "w") as f:
+            json.dump(dict(dataset=args.dataset, size=args.size, features=fsplit.info["features"], floor=floor), f, indent=1)
+        print(json.dumps(floor))
+        return 0
 
     def prepare(cfg):
         config.check_config(cfg)

@@ -55,3 +55,21 @@ def test_frozen_features_runs_each_loss_on_cached_features(tmp_path, monkeypatch
     before = cached[0].stat().st_mtime_ns
     assert frozen_features.main(args) == 0  # finished runs reused, features read from the cache
     assert cached[0].stat().st_mtime_ns == before
+
+
+def test_floor_only_writes_the_features_metrics_and_trains_nothing(tmp_path, monkeypatch):
+    """--floor-only: the fine-tuning regime's floor, the metrics of the pretrained features at --size,
+    equal to the floor row the frozen regime reports for the same features."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _themes(tmp_path / "themes")
+    base = ["--dataset", f"icons:{tmp_path / 'themes'}", "--size", "32"]
+    assert frozen_features.main([*base, "--out", str(tmp_path / "floor"), "--floor-only"]) == 0
+    floor = json.loads((tmp_path / "floor" / "floor.json").read_text())
+    assert floor["size"] == 32 and "32 px input" in floor["features"]
+    assert not (tmp_path / "floor" / "runs").exists()
+    assert frozen_features.main([*base, "--out", str(tmp_path / "heads"), "--losses", "batch-hard", "--seeds", "0",
+                                 "--epochs", "1", "--batches-per-epoch", "1", "-K", "2", "--embedding-dim", "8"]) == 0
+    head = json.loads((tmp_path / "heads" / "runs" / "batch-hard-seed0" / "result.json").read_text())
+    assert floor["floor"] == head["floor"]
