@@ -28,14 +28,14 @@ namespace {
 // build: the emulation runs the same tiles). For tests that pick sizes on either side of a tile edge.
 std::vector<int64_t> tile_shapes_op(c10::string_view backend, c10::ScalarType dtype, int64_t d, int64_t h, int64_t c,
                                     int64_t m, std::optional<int64_t> n) {
-  TORCH_CHECK_VALUE(backend == "cpu" || backend == "cuda", "pddm_ext::tile_shapes: backend must be 'cpu' or 'cuda', got '",
-                    backend, "'");
+  TORCH_CHECK_VALUE(backend == "cpu" || backend == "cuda",
+                    "pddm_ext::tile_shapes: backend must be 'cpu' or 'cuda', got '", backend, "'");
   TORCH_CHECK_VALUE(dtype == c10::kFloat || dtype == c10::kDouble,
                     "pddm_ext::tile_shapes: dtype must be float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(d >= 1 && h >= 1 && c >= 1, "pddm_ext::tile_shapes: d, h and c must be at least 1, got ", d, ", ", h,
                     ", ", c);
-  TORCH_CHECK_VALUE(m >= 1 && (!n.has_value() || *n >= 1), "pddm_ext::tile_shapes: m and n must be at least 1, got ", m,
-                    ", ", n.has_value() ? *n : m);
+  TORCH_CHECK_VALUE(m >= 1 && (!n.has_value() || *n >= 1), "pddm_ext::tile_shapes: m and n must be at least 1, got ",
+                    m, ", ", n.has_value() ? *n : m);
   const bool batch = !n.has_value();
   const int64_t refs = batch ? m : *n;
   TileGrid pddm, euclid;

@@ -24,7 +24,8 @@ class TileShapes(NamedTuple):
     euclidean: Tuple[int, int]
 
 
-def tile_shapes(backend: str, dtype: torch.dtype, d: int, h: int, c: int, m: int, n: Optional[int] = None) -> TileShapes:
+def tile_shapes(backend: str, dtype: torch.dtype, d: int, h: int, c: int, m: int,
+                n: Optional[int] = None) -> TileShapes:
     """The tile shapes the ``backend`` ("cpu", or "cuda" for the CUDA kernels and the CUDA emulation)
     uses for m queries of ``dtype`` (torch.float32 or torch.float64) against n references (None:
     batch mode, the m rows against themselves) with a PDDM unit of widths d, h, c (the Euclidean tile
