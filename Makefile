@@ -161,11 +161,11 @@ EMU_NOWAIT_TREE := build/emu-nowait-tree
 EMU_NOWAIT_TEMP := build/emu-nowait-temp
 EMU_ORDERS ?= forward reverse random:1
 # Run on the emulated kernels: the CUDA tests under every order; once, under the first order, the
-# CPU-tensor tests of the per-pair numerics (near-antipodal pairs, Euclidean offsets) and of the two
-# unit forms, which this build routes to them (their arithmetic does not depend on the thread order;
-# running them once keeps CI's time down).
+# CPU-tensor tests of the per-pair numerics (near-antipodal pairs, Euclidean offsets), of the two
+# unit forms and of the sizes at the CUDA tiles' edges, which this build routes to them (their
+# arithmetic does not depend on the thread order; running them once keeps CI's time down).
 EMU_TESTS ?= tests/test_cuda.py
-EMU_ONCE_TESTS ?= tests/test_numerics.py tests/test_forms.py
+EMU_ONCE_TESTS ?= tests/test_numerics.py tests/test_forms.py tests/test_tile_edges.py
 EMU_PYTEST_ARGS ?= -q -ra -p no:cacheprovider --benchmark-disable
 
 # $(call copy_tree,DIR): DIR holds what git tracks plus untracked files it does not ignore.

@@ -20,7 +20,8 @@ from conftest import MINING_TOL, make_unit, randn, ref_params
 from test_mining import Brute, check_batch_hard, check_quadruplets, make_labels
 from test_scores import assert_scores_close
 
-# (m, n, d, h, c): m = 2, d = 1, sizes that straddle the CPU tiles (32 x 32 pairs at these widths)
+# (m, n, d, h, c): m = 2, d = 1, sizes that straddle the CPU tiles (32 x 32 pairs at the small widths,
+# 17 x 17 in float32 and 12 x 12 in float64 at d = h = c = 128; csrc/cpu/tile_shapes.h)
 SHAPES = [(2, None, 1, 1, 1), (2, 3, 1, 2, 2), (33, None, 7, 9, 4), (17, 65, 4, 8, 3), (40, None, 128, 128, 128)]
 IDS = [f"m{s[0]}n{s[1]}d{s[2]}h{s[3]}c{s[4]}" for s in SHAPES]
 

@@ -16,6 +16,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
+from pddm_ext._tiles import tile_shapes
 from conftest import MINING_TOL, make_unit, randn, ref_params
 
 D, H, C = 5, 6, 4
@@ -256,7 +257,12 @@ def test_batch_hard_vs_brute_force(metric, mode, layout, dtype_name):
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
 @pytest.mark.multithreaded
 def test_mining_across_many_tiles(metric, mode, m, n, k):
-    """Sizes that span several 32-pair tile sides, so per-tile heaps and reductions are merged."""
+    """Sizes that span several PDDM tiles of the CPU (sides of 32 pairs at these widths; 9 x 230 is
+    1 x 3 tiles of 9 x 113 pairs), so per-tile heaps and reductions are merged. A Euclidean CPU tile
+    holds 128 x 128 pairs: these are one Euclidean tile there (tests/test_tile_edges.py crosses
+    those edges)."""
+    rows, cols = tile_shapes("cpu", torch.float32, D, H, C, m, n).pddm
+    assert m > rows or (n or m) > cols
     x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, "random", "f32", m=m, n=n or m, seed=11)
     check_quadruplets(pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), brute, k, tol)
     if k == 1:

@@ -13,6 +13,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
+from pddm_ext._tiles import tile_shapes
 from conftest import make_unit, randn, ref_params
 
 
@@ -25,8 +26,10 @@ def assert_scores_close(S, S_ref, dtype):
         torch.testing.assert_close(S.to(torch.float64), S_ref, rtol=1e-4, atol=1e-4 * scale)
 
 
-# (m, n, d, h, c); n=None is batch mode. Tiles are 32x32 pairs for these small widths (16x16 for
-# d = h = c = 128 float32, 12x12 in float64): sizes straddle them on purpose.
+# (m, n, d, h, c); n=None is batch mode. The CPU's batch-mode tiles are 32 x 32 pairs for these small
+# widths (17 x 17 for d = h = c = 128 in float32, 12 x 12 in float64); in reference mode a tile has
+# min(side, m) rows and about side^2 pairs (csrc/cpu/tile_shapes.h, reported by pddm_ext._tiles):
+# sizes straddle them on purpose (test_shapes_straddle_the_cpu_tiles keeps this true).
 SHAPES = [
     (1, None, 1, 1, 1),
     (1, None, 5, 3, 2),
@@ -58,6 +61,18 @@ def test_scores_match_reference(m, n, d, h, c, dtype):
     assert S.dtype == dtype
     S_ref = reference.pddm_scores(x.double(), None if y is None else y.double(), ref_params(unit))
     assert_scores_close(S, S_ref, dtype)
+
+
+def test_shapes_straddle_the_cpu_tiles():
+    """The tile sides the comment above SHAPES names, and batch sizes over more than one tile of each."""
+    for dtype, wide in ((torch.float32, 17), (torch.float64, 12)):
+        sides = {}
+        for m, n, d, h, c in SHAPES:
+            if n is None:
+                rows, cols = tile_shapes("cpu", dtype, d, h, c, m).pddm
+                assert rows == cols == (wide if d == 128 else 32), (m, d, dtype)
+                sides[rows] = max(sides.get(rows, 0), m)
+        assert all(m > rows for rows, m in sides.items()), sides
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

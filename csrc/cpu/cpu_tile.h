@@ -4,6 +4,7 @@
 // numbered p = a * nr + b for the pair (i0 + a, r0 + b). Per tile the |x_i - y_r| block is built
 // in a workspace small enough to stay in L2 and multiplied by W_u with one GEMM; the mean branch
 // comes from per-row projections P = x W_v^T (docs/design.md#the-pddm-unit); W_c is a second GEMM over the tile.
+// The tile shapes (how many rows and columns a tile has) are chosen in tile_shapes.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,6 +18,7 @@
 
 #include "../pddm_common.h"
 #include "cpu_vec.h"
+#include "tile_shapes.h"
 
 namespace pddm_ext::cpu {
 
@@ -83,13 +85,6 @@ struct TileRows {
   int64_t row(int64_t p) const { return i0 + local(p) / nr; }  // index into x of pair p
   int64_t col(int64_t p) const { return r0 + local(p) % nr; }  // index into y of pair p
 };
-
-// Pairs per tile so that the tile's workspace (|x-y| block and the three activation blocks) stays
-// within about half of a typical 1-2 MB L2, while the GEMMs still see a few hundred rows.
-inline int64_t pddm_tile_pairs(int64_t d, int64_t h, int64_t c, int64_t elem_size) {
-  const int64_t bytes_per_pair = (d + 3 * h + c + 8) * elem_size;
-  return std::clamp<int64_t>((768 * 1024) / bytes_per_pair, 16, 1024);
-}
 
 // Workspace and intermediates of one tile: everything the backward needs to re-use.
 template <typename scalar_t>
@@ -257,15 +252,5 @@ at::Tensor row_squared_norms(const at::Tensor& x) {
 
 // at::parallel_for grain: a problem of one tile runs inline rather than waking the thread team.
 constexpr int64_t kTilesPerTask = 2;
-
-// Square tiles in batch mode (so the triangle is exact); in reference mode, tiles that keep about
-// `pairs` pairs even when there are few queries.
-inline TileGrid make_grid(bool batch, int64_t m, int64_t n, int64_t pairs) {
-  int64_t side = std::max<int64_t>(1, static_cast<int64_t>(std::sqrt(static_cast<double>(pairs))));
-  if (batch) return TileGrid::make(true, m, m, side, side);
-  const int64_t rows = std::min(side, m);
-  const int64_t cols = std::max<int64_t>(1, std::min(pairs / rows, n));
-  return TileGrid::make(false, m, n, rows, cols);
-}
 
 }  // namespace pddm_ext::cpu

@@ -190,7 +190,7 @@ MineResult mine_pddm_cpu(const at::Tensor& x_in, const at::Tensor& x_labels, con
     const auto Py = batch ? Px : w.project(y);
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
-    const auto grid = make_grid(batch, x.size(0), y.size(0), pddm_tile_pairs(w.d, w.h, w.c, sizeof(scalar_t)));
+    const auto grid = pddm_grid(batch, x.size(0), y.size(0), w.d, w.h, w.c, sizeof(scalar_t));
     const RowsOf<scalar_t> rows{xp, yp, w.d};
     result = mine_tiles<scalar_t>(grid, rows, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
       auto ws = std::make_shared<PddmTile<scalar_t>>(grid.rows * grid.cols, w.d, w.h, w.c);
@@ -226,8 +226,7 @@ MineResult mine_euclidean_cpu(const at::Tensor& x_in, const at::Tensor& x_labels
     const scalar_t *xcp = xc.data_ptr<scalar_t>(), *ycp = yc_t.data_ptr<scalar_t>();
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *xs = x_sq.data_ptr<scalar_t>(), *ys = y_sq.data_ptr<scalar_t>();
-    // A Gram tile costs 2d flops a pair: larger tiles keep the GEMM efficient.
-    const auto grid = make_grid(batch, x.size(0), y.size(0), 128 * 128);
+    const auto grid = euclidean_grid(batch, x.size(0), y.size(0));  // tile_shapes.h
     const RowsOf<scalar_t> rows{xp, yp, d};
     result = mine_tiles<scalar_t>(grid, rows, x_labels, batch ? x_labels : *y_labels, k, x.options(), [&] {
       return [&](int64_t i0, int64_t ni, int64_t r0, int64_t nr, scalar_t* S) -> const scalar_t* {

@@ -31,7 +31,7 @@ at::Tensor scores_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& y
     const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs);
     const auto Px = w.project(x);
     const auto Py = batch ? Px : w.project(y);
-    const auto grid = make_grid(batch, m, n, pddm_tile_pairs(w.d, w.h, w.c, sizeof(scalar_t)));
+    const auto grid = pddm_grid(batch, m, n, w.d, w.h, w.c, sizeof(scalar_t));
     scalar_t* S = out.data_ptr<scalar_t>();
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
@@ -215,7 +215,7 @@ scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::o
     const PddmWeights<scalar_t> w(W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs);
     const auto Px = w.project(x);
     const auto Py = batch ? Px : w.project(y);
-    const auto grid = make_grid(batch, m, n, pddm_tile_pairs(d, h, c, sizeof(scalar_t)));
+    const auto grid = pddm_grid(batch, m, n, d, h, c, sizeof(scalar_t));
     const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const scalar_t *Pxp = Px.data_ptr<scalar_t>(), *Pyp = Py.data_ptr<scalar_t>();
     // grad may be an expanded view (S.sum()): read it through its strides rather than copy it.

@@ -26,8 +26,8 @@
 namespace pddm_ext::cuda {
 namespace {
 
-constexpr int kEuclidTile = 32;  // Euclidean tiles are 32 x 32 pairs: 2d flops a pair need big tiles
-constexpr int kEuclidChunk = 32;
+using layout::kEuclidChunk;  // the Euclidean tile shape (smem_layout.h)
+using layout::kEuclidTile;
 
 // ---- per-row / per-column best (score, index) --------------------------------------------------
 

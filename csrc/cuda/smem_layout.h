@@ -21,8 +21,11 @@
 
 namespace pddm_ext::cuda::layout {
 
+// The tile shapes of the CUDA kernels are these constants, the one place to change them (the CPU
+// kernels choose theirs in csrc/cpu/tile_shapes.h); torch.ops.pddm_ext.tile_shapes reports them in
+// every build, so that tests can pick sizes on either side of a tile edge.
 constexpr int kThreads = 256;          // threads per block (8 warps)
-constexpr int kTile = 8;               // PDDM tiles are kTile x kTile pairs
+constexpr int kTile = 8;               // PDDM tiles (scores, backward, mining) are kTile x kTile pairs
 constexpr int kPairs = kTile * kTile;  // 64
 constexpr int kChunk = 16;             // reduction chunk staged in shared memory (pair_gemm)
 constexpr int kOutBlock = 128;         // outputs per pass of pair_gemm (16 groups x 8)
@@ -30,6 +33,11 @@ constexpr int kPairGroups = 16;        // pair_gemm: 16 groups of 4 pairs ...
 constexpr int kOutGroups = 16;         // ... times 16 groups of 8 outputs = 256 threads
 static_assert(kPairGroups * 4 == kPairs && kPairGroups * kOutGroups == kThreads, "pair_gemm layout");
 static_assert(kOutGroups * 8 == kOutBlock, "pair_gemm layout");
+// Euclidean mining tiles are kEuclidTile x kEuclidTile pairs (2d flops a pair need big tiles), the
+// rows' coordinates staged kEuclidChunk at a time; each of the 16 x 16 threads owns 2 x 2 pairs.
+constexpr int kEuclidTile = 32;
+constexpr int kEuclidChunk = 32;
+static_assert(kEuclidTile == 2 * 16 && kThreads == 16 * 16, "mine_euclidean_kernel: 2 x 2 pairs per thread");
 
 // Elements per 16-byte access (float4 / double2).
 template <typename T>
