@@ -8,7 +8,7 @@ import torch
 import pddm_ext
 from pddm_ext import reference
 from pddm_ext.reference import PARAM_NAMES
-from conftest import make_unit, randn
+from helpers import make_unit, randn
 
 ops = torch.ops.pddm_ext
 

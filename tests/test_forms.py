@@ -16,9 +16,8 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import MINING_TOL, make_unit, randn, ref_params
+from helpers import MINING_TOL, assert_scores_close, make_unit, randn, ref_params
 from test_mining import Brute, check_batch_hard, check_quadruplets, make_labels
-from test_scores import assert_scores_close
 
 # (m, n, d, h, c): m = 2, d = 1, sizes that straddle the CPU tiles (32 x 32 pairs at these widths)
 SHAPES = [(2, None, 1, 1, 1), (2, 3, 1, 2, 2), (33, None, 7, 9, 4), (17, 65, 4, 8, 3), (40, None, 128, 128, 128)]

@@ -16,7 +16,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import MINING_TOL, make_unit, randn, ref_params
+from helpers import MINING_TOL, make_unit, randn, ref_params
 
 D, H, C = 5, 6, 4
 

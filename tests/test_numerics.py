@@ -20,9 +20,8 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import MINING_TOL, make_unit, randn, ref_params
+from helpers import MINING_TOL, assert_scores_close, make_unit, randn, ref_params
 from test_mining import Brute, brute_scores, check_batch_hard, check_quadruplets
-from test_scores import assert_scores_close
 
 # --------------------------------------------------------------------------- near-antipodal pairs
 

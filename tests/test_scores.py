@@ -13,16 +13,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import make_unit, randn, ref_params
-
-
-def assert_scores_close(S, S_ref, dtype):
-    S_ref = S_ref.to(torch.float64)
-    if dtype == torch.float64:
-        torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
-    else:
-        scale = max(1.0, S_ref.abs().max().item())
-        torch.testing.assert_close(S.to(torch.float64), S_ref, rtol=1e-4, atol=1e-4 * scale)
+from helpers import assert_scores_close, make_unit, randn, ref_params
 
 
 # (m, n, d, h, c); n=None is batch mode. Tiles are 32x32 pairs for these small widths (16x16 for
