@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pddm_ext
-from pddm_ext import reference
+from pddm_ext import ops, reference
 
 EMULATED = bool(getattr(pddm_ext._C, "cuda_emulation", False))
 HAS_CUDA = torch.cuda.is_available() and bool(pddm_ext._C.with_cuda)
@@ -38,6 +38,13 @@ cpu_kernels_only = pytest.mark.skipif(EMULATED, reason="a property of the CPU ke
 
 FLOATS = [torch.float64, torch.float32]
 HALF = [torch.float16, torch.bfloat16]
+# Unit roundoff of half tile products' operands: float16 keeps 10 explicit mantissa bits, bfloat16 7.
+HALF_U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+# (m, n, d, h, c) the CUDA kernels find awkward: d = h = c = 1, sizes that are not multiples of the tensor-core
+# fragments (16 x 16 x 8) nor of the 8 x 8 pair tiles, h or c above 128 (two output passes of the
+# tensor-core block); run in batch and in reference mode.
+ODD_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 3, 2), (9, 17, 20, 130, 7), (16, 8, 33, 17, 129), (65, 130, 64, 64, 64)]
 
 # Scores and gradients against the float64 reference, as rel_err (the largest difference relative to 1 + the
 # largest reference magnitude): the fused kernels sum in another order.
@@ -98,3 +105,46 @@ def reference_gradients(x, y, unit, G):
     pd = [p.detach().double().requires_grad_() for p in params_of(unit)]
     R = reference.pddm_scores(xd, yd, pd)
     return R, torch.autograd.grad((R * G.double()).sum(), [xd] + ([] if yd is None else [yd]) + pd)
+
+
+def check_bank_mining(x, lx, y, ly, params, k, chunk):
+    """ops.mine in reference mode against per-row optima of fused scores computed chunk by chunk (each
+    chunk's (m, chunk) matrix only, so a bank far larger than m * n floats can be checked)."""
+    m, n = x.shape[0], y.shape[0]
+    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = ops.mine(x, lx, y, ly, params, k)
+    best_pos = torch.full((m,), float("inf"), device=x.device)
+    best_neg = torch.full((m,), -float("inf"), device=x.device)
+    all_pos = []
+    for start in range(0, n, chunk):
+        yc, lc = y[start:start + chunk], ly[start:start + chunk]
+        S = ops.scores(x, yc, *params)
+        same = lx[:, None] == lc[None, :]
+        best_pos = torch.minimum(best_pos, torch.where(same, S, float("inf")).min(1).values)
+        best_neg = torch.maximum(best_neg, torch.where(same, -float("inf"), S).max(1).values)
+        i, r = same.nonzero(as_tuple=True)
+        all_pos.append(S[i, r])
+        del S
+    tol = 1e-4
+    has_pos = torch.isfinite(best_pos)
+    assert torch.equal(hp >= 0, has_pos)
+    assert bool(((hp_s[has_pos] - best_pos[has_pos]).abs() <= tol * (1 + best_pos[has_pos].abs())).all())
+    assert bool(((hn_s - best_neg).abs() <= tol * (1 + best_neg.abs())).all())
+    # hp and hn index the bank (one entry per query), hnr the queries (one entry per bank row).
+    assert hp.shape == hn.shape == (m,) and hnr.shape == (n,)
+    assert int(hp.max()) < n and int(hn.min()) >= 0 and int(hn.max()) < n and int(hnr.max()) < m
+    assert bool((lx[has_pos] == ly[hp[has_pos]]).all())
+    assert bool((lx != ly[hn]).all())
+    kth = torch.sort(torch.cat(all_pos)).values[k - 1]
+    assert pi.numel() == k and bool((ps <= kth + tol * (1 + kth.abs())).all())
+    assert bool((lx[pi] == ly[pr]).all())
+
+
+def bank_case(m, n, d, device, classes=1000):
+    torch.manual_seed(0)
+    unit = make_unit(d, 4, 4, device=device, dtype=torch.float32)
+    x = torch.randn(m, d, device=device)
+    y = torch.randn(n, d, device=device)
+    lx = torch.randint(0, classes, (m,), device=device)
+    ly = torch.randint(0, classes, (n,), device=device)
+    ly[-1] = lx[0]  # a positive pair at the very end of the bank
+    return x, lx, y, ly, params_of(unit)
