@@ -5,7 +5,7 @@ the tree that was just built with PDDM_EXT_CUDA_EMULATION=1.
   --must-fail ORDER...    a self-test: this build has one synchronisation compiled out (the barrier after
                           phase 1b of the forward tile, PDDM_EXT_TEST_DROP_TILE_BARRIER, or the wait for
                           pair_gemm's asynchronous staging copies, PDDM_EXT_TEST_DROP_COPY_WAIT; --dropped
-                          names it in the messages); the scores tests of tests/test_cuda.py must fail (test
+                          names it in the messages); the scores tests of tests/test_scores.py must fail (test
                           failures, not errors) under at least one of the thread orders
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 OPS = ("scores", "scores_backward", "mine_pddm", "mine_euclidean")
-SELF_TEST = "tests/test_cuda.py::test_scores_match_reference"
+SELF_TEST = "tests/test_scores.py::test_scores_match_reference"
 
 
 def check_build():
