@@ -508,6 +508,7 @@ def test_mining_does_not_track_gradients():
     assert x.grad is None
 
 
+@cpu_kernels_only
 def test_half_embeddings_mine_like_float32():
     x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "pairs", "f32")
     xh = x.to(torch.bfloat16)
