@@ -13,7 +13,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from helpers import (EMULATED, HALF, ODD_SHAPES, assert_scores_close, cpu_kernels_only, make_unit, params_of, randn,
+from helpers import (EMULATED, HALF, ODD_SHAPES, TOL, assert_scores_close, cpu_kernels_only, make_unit, params_of, randn,
                      ref_params, rel_err)
 
 
@@ -46,8 +46,9 @@ SHAPES += [s for m, n, d, h, c in ODD_SHAPES for s in ((m, None, d, h, c), (m, n
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("m,n,d,h,c", SHAPES, ids=[f"m{s[0]}n{s[1]}d{s[2]}h{s[3]}c{s[4]}" for s in SHAPES])
 def test_scores_match_reference(m, n, d, h, c, dtype, device):
-    """Shape, dtype and values against the reference, with a zero difference (x[1] = x[0]: normalize(0) = 0);
-    batch mode exactly symmetric."""
+    """Shape, dtype and values against the reference (element by element, and the largest error against the
+    largest score: rel_err within TOL), with a zero difference (x[1] = x[0]: normalize(0) = 0); batch mode
+    exactly symmetric."""
     unit = make_unit(d, h, c, dtype=dtype, seed=m * 1000 + d, device=device)
     x = randn(m, d, dtype=dtype, seed=1, device=device)
     if m > 2:
@@ -58,6 +59,7 @@ def test_scores_match_reference(m, n, d, h, c, dtype, device):
     assert S.dtype == dtype
     S_ref = reference.pddm_scores(x.double(), None if y is None else y.double(), ref_params(unit))
     assert_scores_close(S, S_ref, dtype)
+    assert rel_err(S, S_ref) < TOL[dtype]  # the largest error against the largest score, too
     if n is None:
         assert torch.equal(S, S.T)
 
