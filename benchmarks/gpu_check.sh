@@ -13,10 +13,11 @@
 #   build       pddm_ext in place with CUDA, only the visible GPU's architecture, ninja with MAX_JOBS
 #               (default: all cores); objects in build/gpu-temp, so a rerun on the same machine
 #               recompiles only what changed. A failed build ends the script (exit 1)
-#   tests       tests/test_cuda.py, then the `cuda` cases of the tests every device shares
-#               (tests/test_scores.py, test_autograd.py, test_mining.py, test_forms.py, test_numerics.py;
-#               -k cuda), pytest -v --durations=15 (a hang dumps its stack after 60 s and the log names
-#               the last test started)
+#   tests       the `cuda` cases of the tests every device shares (tests/test_scores.py,
+#               test_autograd.py, test_mining.py, test_forms.py, test_numerics.py; -k cuda), then
+#               tests/test_cuda.py (last: a test of its large sizes that leaves the CUDA context broken
+#               cannot take the shared ones with it), pytest -v --durations=15 (a hang dumps its stack
+#               after 60 s and the log names the last test started)
 #   sanitizer   compute-sanitizer memcheck, then racecheck, of three small cases
 #               (benchmarks/gpu_cases.py sanitize), only pddm_ext's kernels instrumented
 #   precision   benchmarks/precision.py: the error of each float32 matmul precision
@@ -188,7 +189,7 @@ fi
 # ---- CUDA tests -------------------------------------------------------------------------------
 t0=$SECONDS
 if timebox tests "${GPU_CHECK_TESTS_TIMEOUT_S:-150}" 10; then
-  tests=${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_scores.py tests/test_autograd.py tests/test_mining.py tests/test_forms.py tests/test_numerics.py -k cuda}
+  tests=${GPU_CHECK_TESTS:-tests/test_scores.py tests/test_autograd.py tests/test_mining.py tests/test_forms.py tests/test_numerics.py tests/test_cuda.py -k cuda}
   log "tests: $tests, at most ${TB}s"
   # shellcheck disable=SC2086
   timeout -k 10 "$TB" "$PYTHON" -m pytest -v --durations=15 -rfEs -p no:cacheprovider -o faulthandler_timeout=60 \
