@@ -52,13 +52,13 @@ def must_fail(orders, dropped):
         # pytest: 0 all passed, 1 some tests failed; anything else (errors, nothing collected) is no proof.
         if rc == 1:
             failed_in.append(order)
-            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests FAIL, as they must without {dropped}")
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the scores test FAILS, as it must without {dropped}")
         elif rc == 0:
-            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests pass without {dropped}")
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the scores test passes without {dropped}")
         else:
             return [f"pytest exited with {rc} under PDDM_EMU_ORDER={order}: an error, not a test failure"]
     if not failed_in:
-        return [f"with {dropped} compiled out, the CUDA tests passed under every order: "
+        return [f"with {dropped} compiled out, the scores test passed under every order: "
                 "the emulation cannot show it missing"]
     print(f"emulation self-test passed: the build without {dropped} fails under {', '.join(failed_in)}")
     return []
