@@ -10,7 +10,8 @@
 #                    against that build. Needs no GPU, only the toolkit in CUDA_HOME.
 #   make cuda-emulate  the CUDA kernels executed without a GPU (docs/emulation.md): csrc/cuda/*.cu compiled
 #                    as C++ against csrc/emulation/cuda_emu.h in a copy of the tree (build/emu-tree),
-#                    tests/test_cuda.py run against it under the three thread orders, then the
+#                    tests/test_cuda.py and tests/test_emulation.py run against it under the three
+#                    thread orders, the tests every device shares under the first, then the
 #                    self-tests: a build with one barrier of the forward tile compiled out, and one with
 #                    the wait for pair_gemm's asynchronous staging copies compiled out, must fail them
 #   make precision-emulated  benchmarks/precision.py on the emulated kernels (the error of each float32
@@ -160,12 +161,14 @@ EMU_BROKEN_TEMP := build/emu-broken-temp
 EMU_NOWAIT_TREE := build/emu-nowait-tree
 EMU_NOWAIT_TEMP := build/emu-nowait-temp
 EMU_ORDERS ?= forward reverse random:1
-# Run on the emulated kernels: the CUDA tests under every order; once, under the first order, the
-# CPU-tensor tests of the per-pair numerics (near-antipodal pairs, Euclidean offsets), of the two
-# unit forms and of the sizes at the CUDA tiles' edges, which this build routes to them (their
-# arithmetic does not depend on the thread order; running them once keeps CI's time down).
-EMU_TESTS ?= tests/test_cuda.py
-EMU_ONCE_TESTS ?= tests/test_numerics.py tests/test_forms.py tests/test_tile_edges.py
+# Run on the emulated kernels (the device `emulated` of tests/helpers.py): what only the CUDA kernels have
+# (tests/test_cuda.py) and the emulator's own tests (tests/test_emulation.py) under every order; once, under
+# the first order, the tests every device shares (scores, gradients, mining, the unit forms, the per-pair
+# numerics, the sizes at the tiles' edges with the launch grids), which take longer than the rest together (the self-tests below run their scores test under
+# every order; test_cuda.py's precision, half-input and determinism tests run the same kernels under every
+# order).
+EMU_TESTS ?= tests/test_cuda.py tests/test_emulation.py
+EMU_ONCE_TESTS ?= tests/test_scores.py tests/test_autograd.py tests/test_mining.py tests/test_forms.py tests/test_numerics.py tests/test_tile_edges.py
 EMU_PYTEST_ARGS ?= -q -ra -p no:cacheprovider --benchmark-disable
 
 # $(call copy_tree,DIR): DIR holds what git tracks plus untracked files it does not ignore.

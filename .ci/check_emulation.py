@@ -5,7 +5,7 @@ the tree that was just built with PDDM_EXT_CUDA_EMULATION=1.
   --must-fail ORDER...    a self-test: this build has one synchronisation compiled out (the barrier after
                           phase 1b of the forward tile, PDDM_EXT_TEST_DROP_TILE_BARRIER, or the wait for
                           pair_gemm's asynchronous staging copies, PDDM_EXT_TEST_DROP_COPY_WAIT; --dropped
-                          names it in the messages); the scores tests of tests/test_cuda.py must fail (test
+                          names it in the messages); the scores tests of tests/test_scores.py must fail (test
                           failures, not errors) under at least one of the thread orders
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 OPS = ("scores", "scores_backward", "mine_pddm", "mine_euclidean")
-SELF_TEST = "tests/test_cuda.py::test_scores_match_reference"
+SELF_TEST = "tests/test_scores.py::test_scores_match_reference"
 
 
 def check_build():
@@ -52,13 +52,13 @@ def must_fail(orders, dropped):
         # pytest: 0 all passed, 1 some tests failed; anything else (errors, nothing collected) is no proof.
         if rc == 1:
             failed_in.append(order)
-            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests FAIL, as they must without {dropped}")
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the scores test FAILS, as it must without {dropped}")
         elif rc == 0:
-            print(f"::: self-test, PDDM_EMU_ORDER={order}: the CUDA tests pass without {dropped}")
+            print(f"::: self-test, PDDM_EMU_ORDER={order}: the scores test passes without {dropped}")
         else:
             return [f"pytest exited with {rc} under PDDM_EMU_ORDER={order}: an error, not a test failure"]
     if not failed_in:
-        return [f"with {dropped} compiled out, the CUDA tests passed under every order: "
+        return [f"with {dropped} compiled out, the scores test passed under every order: "
                 "the emulation cannot show it missing"]
     print(f"emulation self-test passed: the build without {dropped} fails under {', '.join(failed_in)}")
     return []

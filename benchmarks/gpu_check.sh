@@ -13,8 +13,11 @@
 #   build       pddm_ext in place with CUDA, only the visible GPU's architecture, ninja with MAX_JOBS
 #               (default: all cores); objects in build/gpu-temp, so a rerun on the same machine
 #               recompiles only what changed. A failed build ends the script (exit 1)
-#   tests       tests/test_cuda.py, pytest -v --durations=15 (a hang dumps its stack after 60 s and
-#               the log names the last test started)
+#   tests       the `cuda` cases of the tests every device shares (tests/test_scores.py,
+#               test_autograd.py, test_mining.py, test_forms.py, test_numerics.py; -k cuda), then
+#               tests/test_cuda.py (last: a test of its large sizes that leaves the CUDA context broken
+#               cannot take the shared ones with it), pytest -v --durations=15 (a hang dumps its stack
+#               after 60 s and the log names the last test started)
 #   sanitizer   compute-sanitizer memcheck, then racecheck, of three small cases
 #               (benchmarks/gpu_cases.py sanitize), only pddm_ext's kernels instrumented
 #   precision   benchmarks/precision.py: the error of each float32 matmul precision
@@ -33,8 +36,9 @@
 # GPU_WHEELS (.whl), GPU_CHECK_COMMIT (the commit, for a tree copied without .git),
 # GPU_CHECK_ALLOW_MISSING_WHEELS=1 (run without BatchHardMiner), GPU_CHECK_<STEP>_TIMEOUT_S (the cap
 # of a step: BUILD 240, TESTS 150, SANITIZER 45 per tool, PRECISION 60, NCU 90), GPU_CHECK_TESTS
-# (tests/test_cuda.py), GPU_CHECK_BENCH_BUDGET_S (at most this for the benchmark), GPU_CHECK_SKIP
-# (steps not to run, e.g. "sanitizer ncu" on a rerun: tests, sanitizer, precision, bench, ncu).
+# (pytest's arguments; default: the files and -k of the tests step above), GPU_CHECK_BENCH_BUDGET_S
+# (at most this for the benchmark), GPU_CHECK_SKIP (steps not to run, e.g. "sanitizer ncu" on a rerun:
+# tests, sanitizer, precision, bench, ncu).
 # GPU_CHECK_REHEARSAL=1 rehearses the script on the CPU (CI, benchmarks/test_gpu_check.py): the GPU
 # and toolkit checks only reported, no build (the package as built), the benchmark and precision.py
 # at tiny sizes on the CPU (GPU_CHECK_BENCH_ARGS, GPU_CHECK_PRECISION_ARGS), no sanitizer, no ncu.
@@ -185,10 +189,11 @@ fi
 # ---- CUDA tests -------------------------------------------------------------------------------
 t0=$SECONDS
 if timebox tests "${GPU_CHECK_TESTS_TIMEOUT_S:-150}" 10; then
-  log "tests: ${GPU_CHECK_TESTS:-tests/test_cuda.py}, at most ${TB}s"
+  tests=${GPU_CHECK_TESTS:-tests/test_scores.py tests/test_autograd.py tests/test_mining.py tests/test_forms.py tests/test_numerics.py tests/test_cuda.py -k cuda}
+  log "tests: $tests, at most ${TB}s"
   # shellcheck disable=SC2086
   timeout -k 10 "$TB" "$PYTHON" -m pytest -v --durations=15 -rfEs -p no:cacheprovider -o faulthandler_timeout=60 \
-    ${GPU_CHECK_TESTS:-tests/test_cuda.py} > "$OUT_DIR/test_cuda.log" 2>&1
+    $tests > "$OUT_DIR/test_cuda.log" 2>&1
   rc=$?
   tail -n 25 "$OUT_DIR/test_cuda.log"
   results tests "$OUT_DIR/test_cuda.log"

@@ -7,7 +7,7 @@ measured it:
              nvcc, compiler, commit and source hash
   steps      one entry per step of the script: name, status (ok / failed / timeout / skipped),
              seconds, one line
-  tests      tests/test_cuda.py: counts, failed tests, the 15 slowest (from pytest -v --durations=15)
+  tests      the GPU tests (test_cuda.log): counts, failed tests, the 15 slowest (from pytest -v --durations=15)
   sanitizer  compute-sanitizer memcheck / racecheck of the small cases: errors or hazards found
   precision  benchmarks/precision.py's errors of each float32 matmul precision
   bench      benchmarks/gpu_bench.py's rows (in the order measured) and targets

@@ -1,34 +1,11 @@
-"""Shared fixtures and helpers of the pddm_ext test suite (CPU)."""
+"""Fixtures and hooks of the pddm_ext test suite; the shared helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import pddm_ext
-
-# Tolerances of docs/design.md#ties-and-tolerance for "a mined index is correct": its reference score is within
-# tol * (1 + |best|) of the reference optimum of its slot.
-MINING_TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
-
-
-def make_unit(d, h=None, c=None, *, dtype=torch.float64, seed=0):
-    """A PDDM unit with nn.Linear-style random parameters, reproducible from `seed`."""
-    torch.manual_seed(seed)
-    return pddm_ext.PDDM(d, h, c, dtype=dtype)
-
-
-def ref_params(unit, dtype=torch.float64):
-    """The unit's parameters, detached and cast to `dtype` (the reference runs in float64)."""
-    return tuple(p.detach().to(dtype) for p in unit.params())
-
-
-def randn(*shape, dtype=torch.float64, seed=None):
-    g = None
-    if seed is not None:
-        g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, dtype=dtype, generator=g)
-
+from helpers import DEVICES
 
 _DEFAULT_THREADS = torch.get_num_threads()
 
@@ -38,6 +15,14 @@ def pytest_configure(config):
         "markers", "multithreaded: run with at least 2 intra-op threads (tiles split between threads, "
         "per-thread partial results merged)"
     )
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device of the tensors a test gives the kernels: "cpu" (the CPU kernels), "cuda" (a GPU with a CUDA
+    build), or "cpu" with the id ``emulated`` in the CUDA emulation build (the CUDA kernels run for CPU
+    tensors). tests/helpers.py says which a build has."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

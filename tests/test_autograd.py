@@ -8,7 +8,7 @@ import torch
 import pddm_ext
 from pddm_ext import reference
 from pddm_ext.reference import PARAM_NAMES
-from conftest import make_unit, randn
+from helpers import ODD_SHAPES, TOL, cpu_kernels_only, make_unit, params_of, randn, reference_gradients, rel_err
 
 ops = torch.ops.pddm_ext
 
@@ -35,15 +35,15 @@ GRADCHECK_SHAPES = [
 
 
 @pytest.mark.parametrize("m,n,d,h,c", GRADCHECK_SHAPES, ids=[f"m{s[0]}n{s[1]}d{s[2]}h{s[3]}c{s[4]}" for s in GRADCHECK_SHAPES])
-def test_gradcheck_x_y_and_every_parameter(m, n, d, h, c):
-    unit = make_unit(d, h, c, seed=m + 10 * d)
-    x = randn(m, d, seed=1).requires_grad_()
+def test_gradcheck_x_y_and_every_parameter(m, n, d, h, c, device):
+    unit = make_unit(d, h, c, seed=m + 10 * d, device=device)
+    x = randn(m, d, seed=1, device=device).requires_grad_()
     params = leaves(unit)
     if n is None:
         fn = lambda x, *p: pddm_ext.pddm_scores(x, None, *p)  # noqa: E731
         inputs = (x, *params)
     else:
-        y = randn(n, d, seed=2).requires_grad_()
+        y = randn(n, d, seed=2, device=device).requires_grad_()
         fn = lambda x, y, *p: pddm_ext.pddm_scores(x, y, *p)  # noqa: E731
         inputs = (x, y, *params)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -51,37 +51,37 @@ def test_gradcheck_x_y_and_every_parameter(m, n, d, h, c):
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
 @pytest.mark.multithreaded
-def test_gradcheck_across_tiles(batch):
+def test_gradcheck_across_tiles(batch, device):
     """m = 35 rows: two tile rows/columns of the 32-pair tile side used at these widths (fast mode:
     random projections of the Jacobian, since the full one has 35^2 rows)."""
-    unit = make_unit(3, 4, 3, seed=3)
-    x = randn(35, 3, seed=4).requires_grad_()
+    unit = make_unit(3, 4, 3, seed=3, device=device)
+    x = randn(35, 3, seed=4, device=device).requires_grad_()
     params = leaves(unit)
     if batch:
         fn = lambda x, *p: pddm_ext.pddm_scores(x, None, *p)  # noqa: E731
         inputs = (x, *params)
     else:
-        y = randn(34, 3, seed=5).requires_grad_()
+        y = randn(34, 3, seed=5, device=device).requires_grad_()
         fn = lambda x, y, *p: pddm_ext.pddm_scores(x, y, *p)  # noqa: E731
         inputs = (x, y, *params)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-def test_gradcheck_through_module():
-    unit = make_unit(4, 3, 5)
-    x = randn(6, 4, seed=1).requires_grad_()
+def test_gradcheck_through_module(device):
+    unit = make_unit(4, 3, 5, device=device)
+    x = randn(6, 4, seed=1, device=device).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: unit(x), (x,))
-    y = randn(3, 4, seed=2).requires_grad_()
+    y = randn(3, 4, seed=2, device=device).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, y: unit(x, y), (x, y))
 
 
-def test_gradient_with_duplicate_rows_in_batch_mode():
+def test_gradient_with_duplicate_rows_in_batch_mode(device):
     """Duplicate rows meet at u = 0 (normalize(0) = 0, the abs kink); the fused backward must agree with
     the reference's autograd there (the diagonal too: S(a, a) depends on a only through v)."""
-    unit = make_unit(4, 5, 3, seed=7)
-    z = randn(4, 4, seed=8)
+    unit = make_unit(4, 5, 3, seed=7, device=device)
+    z = randn(4, 4, seed=8, device=device)
     x0 = torch.cat([z, z[:2]])
-    g = randn(6, 6, seed=9)
+    g = randn(6, 6, seed=9, device=device)
     x, params = x0.clone().requires_grad_(), leaves(unit)
     (pddm_ext.pddm_scores(x, None, *params) * g).sum().backward()
     xr, params_r = x0.clone().requires_grad_(), leaves(unit)
@@ -114,13 +114,13 @@ SPARSE_CASES.append((True, "antisymmetric"))  # needs a square dS
 
 @pytest.mark.parametrize("batch,pattern", SPARSE_CASES, ids=[("batch-" if b else "ref-") + p for b, p in SPARSE_CASES])
 @pytest.mark.multithreaded
-def test_sparse_upstream_gradient_matches_reference(batch, pattern):
+def test_sparse_upstream_gradient_matches_reference(batch, pattern, device):
     """The backward skips pairs (and whole tiles) whose upstream gradient is zero; what it returns must
     not change: every gradient equals the reference's autograd, exact zeros included."""
-    unit = make_unit(6, 5, 4, seed=13)
+    unit = make_unit(6, 5, 4, seed=13, device=device)
     m, n = 70, (70 if batch else 45)
-    x0, y0 = randn(m, 6, seed=14), None if batch else randn(n, 6, seed=15)
-    g = _sparse_upstream(pattern, m, n)
+    x0, y0 = randn(m, 6, seed=14, device=device), None if batch else randn(n, 6, seed=15, device=device)
+    g = _sparse_upstream(pattern, m, n).to(device)
 
     x, params = x0.clone().requires_grad_(), leaves(unit)
     y = None if y0 is None else y0.clone().requires_grad_()
@@ -138,13 +138,13 @@ def test_sparse_upstream_gradient_matches_reference(batch, pattern):
 
 @pytest.mark.parametrize("m,n", [(5, 300), (300, 5), (70, 90)], ids=["wide", "tall", "square"])
 @pytest.mark.multithreaded
-def test_reference_mode_gradients_across_workers(m, n):
+def test_reference_mode_gradients_across_workers(m, n, device):
     """Reference mode hands each worker whole blocks of the longer side and keeps that side's row
     gradients once (shared, each row written by one worker); the shorter side's are per worker.
     Both layouts, with several blocks per worker, must match the reference's autograd."""
-    unit = make_unit(6, 5, 4, seed=31)
-    x0, y0 = randn(m, 6, seed=32), randn(n, 6, seed=33)
-    g = randn(m, n, seed=34)
+    unit = make_unit(6, 5, 4, seed=31, device=device)
+    x0, y0 = randn(m, 6, seed=32, device=device), randn(n, 6, seed=33, device=device)
+    g = randn(m, n, seed=34, device=device)
     x, y, params = x0.clone().requires_grad_(), y0.clone().requires_grad_(), leaves(unit)
     (pddm_ext.pddm_scores(x, y, *params) * g).sum().backward()
     xr, yr, params_r = x0.clone().requires_grad_(), y0.clone().requires_grad_(), leaves(unit)
@@ -153,6 +153,7 @@ def test_reference_mode_gradients_across_workers(m, n):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
+@cpu_kernels_only
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
 @pytest.mark.multithreaded
 def test_backward_is_reproducible(batch):
@@ -175,6 +176,7 @@ def test_backward_is_reproducible(batch):
             assert torch.equal(a, b)
 
 
+@cpu_kernels_only
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
 def test_gradients_do_not_follow_the_float32_matmul_precision(batch):
     """The backward's dense products (dx += dP W_v, dW_v = dP^T x) are the kernels' own arithmetic: on
@@ -206,14 +208,14 @@ def test_gradients_do_not_follow_the_float32_matmul_precision(batch):
     ids=["batch40", "ref33x21", "batch20-d128", "ref17x30-d128"],
 )
 @pytest.mark.multithreaded
-def test_float32_gradients_match_float64_reference(m, n, d, h, c):
+def test_float32_gradients_match_float64_reference(m, n, d, h, c, device):
     """Tolerance: float32 gradients sum m*n pair contributions (each a chain of three normalised layers)
     with eps = 6e-8; we require each gradient within 1e-4 of its own scale (max |g|) plus 1e-3 relative,
     far above that rounding and far below any real error (a wrong term moves gradients by O(1/mn))."""
-    unit = make_unit(d, h, c, dtype=torch.float32, seed=m)
-    x0 = randn(m, d, dtype=torch.float32, seed=1)
-    y0 = None if n is None else randn(n, d, dtype=torch.float32, seed=2)
-    g = randn(m, m if n is None else n, dtype=torch.float32, seed=3)
+    unit = make_unit(d, h, c, dtype=torch.float32, seed=m, device=device)
+    x0 = randn(m, d, dtype=torch.float32, seed=1, device=device)
+    y0 = None if n is None else randn(n, d, dtype=torch.float32, seed=2, device=device)
+    g = randn(m, m if n is None else n, dtype=torch.float32, seed=3, device=device)
 
     x = x0.clone().requires_grad_()
     y = None if y0 is None else y0.clone().requires_grad_()
@@ -287,14 +289,14 @@ def test_only_needed_gradients_reference_mode(x_needs, y_needs, params_need):
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
-def test_backward_output_mask_contract(batch):
+def test_backward_output_mask_contract(batch, device):
     """scores_backward called directly: an input whose mask entry is False gets an empty (0,) tensor
     (so a memory bank that is not trained costs no (n, d) gradient), parameters not asked for come
     back as zeros, and what is asked for does not depend on what else is."""
-    unit = make_unit(7, 6, 5, seed=41)
-    x = randn(10, 7, seed=42)
-    y = None if batch else randn(12, 7, seed=43)
-    grad = randn(10, 10 if batch else 12, seed=44)
+    unit = make_unit(7, 6, 5, seed=41, device=device)
+    x = randn(10, 7, seed=42, device=device)
+    y = None if batch else randn(12, 7, seed=43, device=device)
+    grad = randn(10, 10 if batch else 12, seed=44, device=device)
     p = [t.detach() for t in unit.params()]
     full = ops.scores_backward(grad, x, y, *p, [True, not batch, True])
     x_only = ops.scores_backward(grad, x, y, *p, [True, False, False])
@@ -421,3 +423,128 @@ def test_opcheck_covers_every_op():
     registered.discard("cpu_isa")  # no tensors in or out (the CPU's instruction-set levels): nothing to opcheck
     registered.discard("tile_shapes")  # no tensors in or out (the kernels' tile shapes): nothing to opcheck
     assert registered == {"scores", "scores_backward", "mine_pddm", "mine_euclidean"}
+
+
+# --------------------------------------------------------------------------- on every device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+@pytest.mark.parametrize("m,n,d,h,c", ODD_SHAPES)
+def test_gradients_match_reference(m, n, d, h, c, batch, dtype, device):
+    unit = make_unit(d, h, c, dtype=dtype, device=device)
+    x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
+    y = None if batch else torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    S = unit(x) if batch else unit(x, y)
+    G = torch.randn_like(S)
+    got = torch.autograd.grad((S * G).sum(), [x] + ([] if batch else [y]) + list(unit.parameters()))
+    _, want = reference_gradients(x, y, unit, G)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_gradcheck_float64(batch, device):
+    unit = make_unit(5, 4, 3, dtype=torch.float64, seed=1, device=device)
+    x = torch.randn(6, 5, device=device, dtype=torch.float64, requires_grad=True)
+    y = None if batch else torch.randn(4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in params_of(unit)]
+    inputs = (x,) + (() if batch else (y,)) + tuple(params)
+
+    def fn(*args):
+        if batch:
+            return pddm_ext.pddm_scores(args[0], None, *args[1:])
+        return pddm_ext.pddm_scores(*args)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_backward_output_mask(device):
+    unit = make_unit(7, 6, 5, device=device, dtype=torch.float32)
+    x = torch.randn(10, 7, device=device)
+    y = torch.randn(12, 7, device=device)
+    grad = torch.randn(10, 12, device=device)
+    p = params_of(unit)
+    full = ops.scores_backward(grad, x, y, *p, [True, True, True])
+    params_only = ops.scores_backward(grad, x, y, *p, [False, False, True])
+    inputs_only = ops.scores_backward(grad, x, y, *p, [True, True, False])
+    # an input that needs no gradient gets an empty (0,) tensor; unneeded parameter gradients are zeros
+    assert params_only[0].shape == (0,) and params_only[1].shape == (0,) and inputs_only[2].abs().max() == 0
+    for a, b in zip(full[2:], params_only[2:]):
+        assert rel_err(a, b) < 1e-5
+    assert rel_err(full[0], inputs_only[0]) < 1e-5 and rel_err(full[1], inputs_only[1]) < 1e-5
+
+
+def test_expanded_grad_and_non_contiguous_inputs(device):
+    unit = make_unit(8, 6, 5, dtype=torch.float64, device=device)
+    base = torch.randn(8, 22, device=device, dtype=torch.float64)
+    x = base.t()[::2]  # (11, 8) view with strides (2, 22)
+    assert not x.is_contiguous()
+    y = torch.randn(8, 13, device=device, dtype=torch.float64).t()  # (13, 8) transposed view
+    S = pddm_ext.pddm_scores(x, y, *params_of(unit))
+    want = reference.pddm_scores(x, y, params_of(unit))
+    assert rel_err(S, want) < 1e-9
+    xg = x.clone().requires_grad_()
+    pddm_ext.pddm_scores(xg, y, *params_of(unit)).sum().backward()  # grad is an expanded view
+    xr = x.clone().requires_grad_()
+    reference.pddm_scores(xr, y, params_of(unit)).sum().backward()
+    assert rel_err(xg.grad, xr.grad) < 1e-8
+
+
+def test_opcheck(device):
+    unit = make_unit(6, 5, 4, device=device, dtype=torch.float32)
+    x = torch.randn(9, 6, device=device, requires_grad=True)
+    y = torch.randn(7, 6, device=device)
+    p = params_of(unit)
+    torch.library.opcheck(ops.scores.default, (x, y) + p)
+    torch.library.opcheck(ops.scores.default, (x, y) + p + (True, torch.bfloat16))
+    lx = torch.randint(0, 3, (9,), device=device)
+    ly = torch.randint(0, 3, (7,), device=device)
+    torch.library.opcheck(ops.mine_euclidean.default, (x.detach(), lx, y, ly, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
+def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
+    """Reference mode with y needing no gradient (a frozen bank): no bank-side gradient buffers, the
+    same x and parameter gradients; tiles whose dS is all zero are skipped."""
+    dtype = torch.float64
+    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
+    m, n = 21, 30
+    x = torch.randn(m, 9, device=device, dtype=dtype)
+    y = None if batch else torch.randn(n, 9, device=device, dtype=dtype)
+    grad = torch.zeros(m, m if batch else n, device=device, dtype=dtype)
+    grad[2, 5] = 1.5  # most 8 x 8 tiles have no gradient at all
+    grad[17, -1] = -0.5
+    p = params_of(unit)
+    full = ops.scores_backward(grad, x, y, *p, [True, True, True])
+    frozen = ops.scores_backward(grad, x, y, *p, [True, False, True])
+    assert frozen[1].shape == (0,)
+    for a, b in zip((full[0],) + full[2:], (frozen[0],) + frozen[2:]):
+        assert rel_err(a, b) < 1e-12
+    xd = x.clone().requires_grad_()
+    yd = None if batch else y.clone().requires_grad_()
+    pd = [t.clone().requires_grad_() for t in p]
+    R = reference.pddm_scores(xd, yd, pd)
+    want = torch.autograd.grad((R * grad).sum(), [xd] + ([] if batch else [yd]) + pd)
+    got = [full[0]] + ([] if batch else [full[1]]) + list(full[2:])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-9
+
+
+def test_backward_with_non_contiguous_parameters(device):
+    """A transposed view as W_v (and W_u): the gradient buffers take its strides (zeros_like) and the
+    dense products write through them."""
+    dtype = torch.float64
+    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
+    p = list(params_of(unit))
+    p[0] = p[0].t().contiguous().t()  # W_u
+    p[2] = p[2].t().contiguous().t()  # W_v
+    assert not p[0].is_contiguous() and not p[2].is_contiguous()
+    x = torch.randn(20, 9, device=device, dtype=dtype)
+    y = torch.randn(13, 9, device=device, dtype=dtype)
+    grad = torch.randn(20, 13, device=device, dtype=dtype)
+    got = ops.scores_backward(grad, x, y, *p, [True, True, True])
+    want = ops.scores_backward(grad, x, y, *[t.contiguous() for t in p], [True, True, True])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12

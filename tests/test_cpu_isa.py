@@ -15,9 +15,8 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import make_unit, randn
+from helpers import assert_scores_close, make_unit, randn
 from test_mining import check_batch_hard, check_quadruplets, mining_case
-from test_scores import assert_scores_close
 
 VARIABLE = "PDDM_EXT_CPU_ISA"
 ALL_LEVELS = ("baseline", "avx2", "avx512")

@@ -1,12 +1,17 @@
-"""The CUDA kernels against the reference (docs/design.md), on every available device backend.
+"""What only the CUDA kernels have, on a GPU (``cuda``) or in the CUDA emulation build (``emulated``,
+``make cuda-emulate``, docs/emulation.md): the float32 matmul precision modes (3xTF32, TF32) and the
+float16 / bfloat16 tensor-core products, determinism of the backward's float atomics, host reads and
+CUDA-graph capture, launch limits and the grids and shared memory the launchers size, concurrent calls,
+several devices, and the kernels' build. The results every backend shares (scores, gradients, mining,
+the unit forms against the reference) are checked on every device by tests/test_scores.py,
+test_autograd.py, test_mining.py, test_forms.py and test_numerics.py; the emulator's own tests are in
+tests/test_emulation.py.
 
-Backends (the ``device`` fixture): ``cuda``, a real GPU with a CUDA build of the package; ``emulated``,
-the CUDA emulation build (``make cuda-emulate``, docs/emulation.md), where the kernels of csrc/cuda/
-run on the CPU for CPU tensors (PDDM_EMU_ORDER selects the thread order). With neither (the normal
-CPU build) the backend tests skip. Tests marked ``needs_gpu`` need a real GPU (sizes, several
-devices). Tolerances: scores and gradients are compared relative to the largest reference magnitude
-(the fused kernels sum in another order); mined indices are correct when their reference score is
-within the tolerance of docs/design.md#ties-and-tolerance of the reference optimum for that slot.
+The ``device`` fixture here is ``cuda`` (a GPU and a CUDA build) or ``emulated`` (CPU tensors run the
+emulated kernels, PDDM_EMU_ORDER selects the thread order); with neither (the CPU build) these tests
+skip. Tests marked ``needs_gpu`` need a real GPU (sizes, several devices), ``needs_emulation`` the
+emulation's hooks. Tolerances: scores and gradients as rel_err against the float64 reference (the fused
+kernels sum in another order); mined indices within docs/design.md#ties-and-tolerance of the optimum.
 """
 
 from __future__ import annotations
@@ -16,24 +21,16 @@ import torch
 
 import pddm_ext
 from pddm_ext import ops, reference
+from helpers import (EMULATED, GPU_BACKENDS, HALF, HALF_U, ODD_SHAPES, TOL, bank_case, check_bank_mining,
+                     make_unit, needs_emulation, needs_gpu, params_of, reference_gradients, rel_err)
 
-EMULATED = bool(getattr(pddm_ext._C, "cuda_emulation", False))
-HAS_CUDA = torch.cuda.is_available() and pddm_ext._C.with_cuda
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of pddm_ext")
-if EMULATED:
-    BACKENDS = [pytest.param("cpu", id="emulated")]
-elif HAS_CUDA:
-    BACKENDS = [pytest.param("cuda", id="cuda")]
-else:
-    BACKENDS = [pytest.param("cuda", id="cuda", marks=pytest.mark.skip(
-        reason="no CUDA device visible and not the emulation build (make cuda-emulate runs these on the CPU)"))]
 OPS = ("scores", "scores_backward", "mine_pddm", "mine_euclidean")
-TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=GPU_BACKENDS)
 def device(request):
-    """The device of the tensors a backend's kernels take: "cuda", or "cpu" for the emulated kernels."""
+    """The device of the tensors the CUDA kernels take here: "cuda", or "cpu" for the emulated kernels
+    (overrides the device fixture of conftest.py, which adds the CPU kernels)."""
     return request.param
 
 
@@ -44,152 +41,14 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pddm_ext::{op}", "CUDA"), op
 
 
-def test_emulation_build_registers_the_cuda_kernels_for_cpu_tensors():
-    if not EMULATED:
-        pytest.skip("not the CUDA emulation build")
-    assert not pddm_ext._C.with_cuda
-    for op in OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pddm_ext::{op}", "CPU"), op
-
-
-def make_unit(d, h=None, c=None, *, device="cuda", dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return pddm_ext.PDDM(d, h, c).to(device=device, dtype=dtype)
-
-
-def params_of(unit):
-    return tuple(getattr(unit, name).detach() for name in reference.PARAM_NAMES)
-
-
-def reference_gradients(x, y, unit, G):
-    """The float64 reference's gradients of sum(S * G) in x, y (reference mode, y not None) and the unit's
-    parameters, in that order."""
-    xd = x.detach().double().requires_grad_()
-    yd = None if y is None else y.detach().double().requires_grad_()
-    pd = [p.detach().double().requires_grad_() for p in params_of(unit)]
-    R = reference.pddm_scores(xd, yd, pd)
-    return R, torch.autograd.grad((R * G.double()).sum(), [xd] + ([] if yd is None else [yd]) + pd)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
-
-
-# ---- scores and gradients ----------------------------------------------------------------------
-
-SHAPES = [(1, 1, 1, 1, 1), (3, 5, 4, 3, 2), (9, 17, 20, 130, 7), (16, 8, 33, 17, 129), (65, 130, 64, 64, 64)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
-def test_scores_match_reference(m, n, d, h, c, batch, dtype, device):
-    unit = make_unit(d, h, c, dtype=dtype, device=device)
-    x = torch.randn(m, d, device=device, dtype=dtype)
-    y = None if batch else torch.randn(n, d, device=device, dtype=dtype)
-    if m > 2:
-        x[1] = x[0]  # a zero difference: normalize(0) = 0
-    with torch.no_grad():
-        got = pddm_ext.pddm_scores(x, y, *params_of(unit))
-        want = reference.pddm_scores(x.double(), None if y is None else y.double(), [p.double() for p in params_of(unit)])
-    assert got.dtype == dtype and got.shape == want.shape
-    assert rel_err(got, want) < TOL[dtype]
-    if batch:
-        assert torch.equal(got, got.T)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
-def test_gradients_match_reference(m, n, d, h, c, batch, dtype, device):
-    unit = make_unit(d, h, c, dtype=dtype, device=device)
-    x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
-    y = None if batch else torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
-    S = unit(x) if batch else unit(x, y)
-    G = torch.randn_like(S)
-    got = torch.autograd.grad((S * G).sum(), [x] + ([] if batch else [y]) + list(unit.parameters()))
-    _, want = reference_gradients(x, y, unit, G)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 10 * TOL[dtype]
-
-
-@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-def test_gradcheck_float64(batch, device):
-    unit = make_unit(5, 4, 3, dtype=torch.float64, seed=1, device=device)
-    x = torch.randn(6, 5, device=device, dtype=torch.float64, requires_grad=True)
-    y = None if batch else torch.randn(4, 5, device=device, dtype=torch.float64, requires_grad=True)
-    params = [p.detach().clone().requires_grad_() for p in params_of(unit)]
-    inputs = (x,) + (() if batch else (y,)) + tuple(params)
-
-    def fn(*args):
-        if batch:
-            return pddm_ext.pddm_scores(args[0], None, *args[1:])
-        return pddm_ext.pddm_scores(*args)
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
-
-
-def test_backward_output_mask(device):
-    unit = make_unit(7, 6, 5, device=device)
-    x = torch.randn(10, 7, device=device)
-    y = torch.randn(12, 7, device=device)
-    grad = torch.randn(10, 12, device=device)
-    p = params_of(unit)
-    full = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
-    params_only = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [False, False, True])
-    inputs_only = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, False])
-    # an input that needs no gradient gets an empty (0,) tensor; unneeded parameter gradients are zeros
-    assert params_only[0].shape == (0,) and params_only[1].shape == (0,) and inputs_only[2].abs().max() == 0
-    for a, b in zip(full[2:], params_only[2:]):
-        assert rel_err(a, b) < 1e-5
-    assert rel_err(full[0], inputs_only[0]) < 1e-5 and rel_err(full[1], inputs_only[1]) < 1e-5
-
-
-def test_expanded_grad_and_non_contiguous_inputs(device):
-    unit = make_unit(8, 6, 5, dtype=torch.float64, device=device)
-    base = torch.randn(8, 22, device=device, dtype=torch.float64)
-    x = base.t()[::2]  # (11, 8) view with strides (2, 22)
-    assert not x.is_contiguous()
-    y = torch.randn(8, 13, device=device, dtype=torch.float64).t()  # (13, 8) transposed view
-    S = pddm_ext.pddm_scores(x, y, *params_of(unit))
-    want = reference.pddm_scores(x, y, params_of(unit))
-    assert rel_err(S, want) < 1e-9
-    xg = x.clone().requires_grad_()
-    pddm_ext.pddm_scores(xg, y, *params_of(unit)).sum().backward()  # grad is an expanded view
-    xr = x.clone().requires_grad_()
-    reference.pddm_scores(xr, y, params_of(unit)).sum().backward()
-    assert rel_err(xg.grad, xr.grad) < 1e-8
-
-
-def test_upcast_half_inputs_compute_in_float32(device):
-    """The way to keep float32 products for half data (docs/design.md#precision): upcast it. The scores
-    are then float32's, within float32's tolerance of the float64 reference of the half values."""
-    unit = make_unit(16, 8, 8, device=device)
-    x = torch.randn(20, 16, device=device, dtype=torch.float16)
-    S = pddm_ext.pddm_scores(x.float(), None, *params_of(unit))
-    assert S.dtype == torch.float32
-    want = reference.pddm_scores(x.double(), None, [p.double() for p in params_of(unit)])
-    assert rel_err(S, want) < 1e-4
-
-
-def test_opcheck(device):
-    unit = make_unit(6, 5, 4, device=device)
-    x = torch.randn(9, 6, device=device, requires_grad=True)
-    y = torch.randn(7, 6, device=device)
-    p = params_of(unit)
-    torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p)
-    torch.library.opcheck(torch.ops.pddm_ext.scores.default, (x, y) + p + (True, torch.bfloat16))
-    lx = torch.randint(0, 3, (9,), device=device)
-    ly = torch.randint(0, 3, (7,), device=device)
-    torch.library.opcheck(torch.ops.pddm_ext.mine_euclidean.default, (x.detach(), lx, y, ly, 2),
-                          test_utils=("test_schema", "test_faketensor"))
+# ---- the kernels' own arithmetic --------------------------------------------------------------------
 
 
 def test_dense_products_are_not_computed_by_matmul(device):
     """P = x W_v^T, and the backward's dx += dP W_v and dW_v = dP_x^T x + dP_y^T y, run in the kernels'
     own arithmetic (gemm_kernel), not at::mm / cuBLAS, which computes float32 in TF32 under allow_tf32
     or matmul precision "high"."""
-    unit = make_unit(12, 9, 7, device=device)
+    unit = make_unit(12, 9, 7, device=device, dtype=torch.float32)
     x = torch.randn(13, 12, device=device)
     y = torch.randn(11, 12, device=device)
     lx = torch.randint(0, 3, (13,), device=device)
@@ -233,7 +92,7 @@ def precision_case(batch, device, m=19, n=13, d=24, h=40, c=20):
     """A unit and float32 inputs with duplicate rows (x[3] = x[2]; y[5] = y[4]) sized over several tiles,
     odd c and h > 32 (two output passes of the tensor-core block need h or c above 128: see the
     backward test)."""
-    unit = make_unit(d, h, c, device=device)
+    unit = make_unit(d, h, c, device=device, dtype=torch.float32)
     x = torch.randn(m, d)  # drawn on the CPU: the same data on every backend
     x[3] = x[2]
     y = None if batch else torch.randn(n, d)
@@ -272,12 +131,12 @@ def test_scores_follow_the_float32_matmul_precision(batch, device):
 
 @pytest.mark.parametrize("precision,batch", [("high", True), ("medium", False)],
                          ids=["high-batch", "medium-reference"])  # one of each: the emulation is slow
-@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
+@pytest.mark.parametrize("m,n,d,h,c", ODD_SHAPES)
 def test_tensor_core_path_on_odd_sizes(m, n, d, h, c, batch, precision, device):
-    """The tensor-core path on the shapes of test_scores_match_reference (d = h = c = 1, sizes that are not
+    """The tensor-core path on ODD_SHAPES (tests/helpers.py: d = h = c = 1, sizes that are not
     multiples of the 16 x 16 x 8 fragments nor of the 8 x 8 tiles, two output passes): scores within the
     precision's bound of the float64 reference, every gradient within TF32's."""
-    unit = make_unit(d, h, c, device=device)
+    unit = make_unit(d, h, c, device=device, dtype=torch.float32)
     x = torch.randn(m, d).to(device).requires_grad_()
     y = None if batch else torch.randn(n, d).to(device).requires_grad_()
     with matmul_precision(precision):
@@ -334,7 +193,7 @@ def test_mining_follows_the_float32_matmul_precision(precision, device):
     #ties-and-tolerance, widened for TF32), and the mined scores are those of pddm_scores under the
     same precision (one arithmetic for scoring and mining)."""
     torch.manual_seed(3)
-    unit = make_unit(24, 40, 20, device=device)
+    unit = make_unit(24, 40, 20, device=device, dtype=torch.float32)
     x = torch.randn(40, 24, device=device)
     labels = torch.randint(0, 4, (40,), device=device)
     p = params_of(unit)
@@ -359,9 +218,6 @@ def test_mining_follows_the_float32_matmul_precision(precision, device):
 
 # ---- half inputs: float16 / bfloat16 tile products (docs/design.md#precision) ------------------------
 
-HALF = [torch.float16, torch.bfloat16]
-# Unit roundoff of the tile products' operands: float16 keeps 10 explicit mantissa bits, bfloat16 7.
-HALF_U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # Scores of half inputs against the float64 reference of the same half values, relative to the largest
 # (rel_err): each product rounds both operands by up to u (W_u, |x - y| and W_c, Z), the error of the
 # joint layer's inputs passes through the ReLUs and normalisations at most doubled, and the score
@@ -388,14 +244,14 @@ def half_case(dtype, batch, device, m, n, d, seed=1):
 
 @pytest.mark.parametrize("dtype,batch", [(torch.float16, True), (torch.bfloat16, False)],
                          ids=["float16-batch", "bfloat16-reference"])  # one of each: the emulation is slow
-@pytest.mark.parametrize("m,n,d,h,c", SHAPES)
+@pytest.mark.parametrize("m,n,d,h,c", ODD_SHAPES)
 def test_half_input_scores(m, n, d, h, c, batch, dtype, device):
     """Scores of half inputs on odd sizes (not multiples of the 16 x 16 x 16 fragments nor of the 8 x 8
     tiles; two output passes): float32 results within the half bound of the float64 reference of the half
     values, deterministic, batch mode exactly symmetric, duplicate rows scoring identically. Where the
     products run in the half type (sm_80+, the emulation) they differ from the upcast inputs' float32
     products (in the 64-wide unit); elsewhere they are those."""
-    unit = make_unit(d, h, c, device=device)
+    unit = make_unit(d, h, c, device=device, dtype=torch.float32)
     x, y = half_case(dtype, batch, device, m, n, d)
     p = params_of(unit)
     got = pddm_ext.pddm_scores(x, y, *p)
@@ -423,7 +279,7 @@ def test_half_input_products_run_in_the_half_type(dtype, batch, device):
     65504 before the per-pair scaling) score as accurately, in both forms of the unit."""
     if not half_tile_products(device):
         pytest.skip("this GPU computes half inputs in FP32 (before sm_80)")
-    unit = make_unit(24, 40, 20, device=device)
+    unit = make_unit(24, 40, 20, device=device, dtype=torch.float32)
     p = params_of(unit)
     errors = {}
     for form in (True, False):
@@ -448,7 +304,7 @@ def test_half_input_gradients_are_computed_in_float32(dtype, batch, device):
     inputs' gradients under deterministic algorithms) and returns gradients of the inputs' dtypes: the
     embeddings' gradients are half (within float32's tolerance plus one half rounding of the float64
     reference's), the float32 parameters' float32."""
-    unit = make_unit(12, 24, 130, device=device)
+    unit = make_unit(12, 24, 130, device=device, dtype=torch.float32)
     x, y = half_case(dtype, batch, device, 17, 11, 12)
     G = torch.randn(17, 17 if batch else 11).to(device)
 
@@ -482,7 +338,7 @@ def test_half_input_mining(dtype, batch, device):
     """batch_hard and mine_hard on half inputs: every slot picks a pair whose float64 reference score is
     within the half bound of the slot's reference optimum (the half products decide only near-ties), and
     the mined scores are exactly those pddm_scores gives the same half inputs (one arithmetic)."""
-    unit = make_unit(24, 40, 20, device=device)
+    unit = make_unit(24, 40, 20, device=device, dtype=torch.float32)
     x, y = half_case(dtype, batch, device, 41, 35, 24, seed=4)
     torch.manual_seed(5)
     lx = torch.randint(0, 4, (41,)).to(device)
@@ -516,7 +372,7 @@ def test_half_input_mining(dtype, batch, device):
 def test_half_product_dtype_errors(device):
     """The op's product_dtype takes only float16 / bfloat16 and only for float32 tensors (TypeError naming
     it); float16 inputs with a parameter beyond float16's range raise ValueError naming it."""
-    unit = make_unit(6, 5, 4, device=device)
+    unit = make_unit(6, 5, 4, device=device, dtype=torch.float32)
     p = params_of(unit)
     x = torch.randn(9, 6, device=device)
     lx = torch.randint(0, 3, (9,), device=device)
@@ -537,50 +393,6 @@ def test_half_product_dtype_errors(device):
     # bfloat16 has float32's range; float32 inputs never round the parameters
     pddm_ext.pddm_scores(x.bfloat16(), None, *big)
     pddm_ext.pddm_scores(x, None, *big)
-
-
-def test_cpu_computes_half_inputs_in_float32():
-    """The CPU kernels compute half inputs in float32: scores and mining bitwise those of the upcast
-    inputs (product_dtype is accepted and checked, and changes nothing)."""
-    if EMULATED:
-        pytest.skip("the emulation build runs the CUDA kernels for CPU tensors")
-    unit = make_unit(10, 12, 9, device="cpu")
-    p = params_of(unit)
-    lx = torch.randint(0, 3, (21,))
-    for dtype in HALF:
-        x = torch.randn(21, 10).to(dtype)
-        assert torch.equal(pddm_ext.pddm_scores(x, None, *p), pddm_ext.pddm_scores(x.float(), None, *p))
-        got, want = pddm_ext.mine_hard(x, lx, unit, k=4), pddm_ext.mine_hard(x.float(), lx, unit, k=4)
-        for a, b in zip(got[:5], want[:5]):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-def test_backward_frozen_bank_and_zero_gradient_tiles(batch, device):
-    """Reference mode with y needing no gradient (a frozen bank): no bank-side gradient buffers, the
-    same x and parameter gradients; tiles whose dS is all zero are skipped."""
-    dtype = torch.float64
-    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
-    m, n = 21, 30
-    x = torch.randn(m, 9, device=device, dtype=dtype)
-    y = None if batch else torch.randn(n, 9, device=device, dtype=dtype)
-    grad = torch.zeros(m, m if batch else n, device=device, dtype=dtype)
-    grad[2, 5] = 1.5  # most 8 x 8 tiles have no gradient at all
-    grad[17, -1] = -0.5
-    p = params_of(unit)
-    full = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
-    frozen = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, False, True])
-    assert frozen[1].shape == (0,)
-    for a, b in zip((full[0],) + full[2:], (frozen[0],) + frozen[2:]):
-        assert rel_err(a, b) < 1e-12
-    xd = x.clone().requires_grad_()
-    yd = None if batch else y.clone().requires_grad_()
-    pd = [t.clone().requires_grad_() for t in p]
-    R = reference.pddm_scores(xd, yd, pd)
-    want = torch.autograd.grad((R * grad).sum(), [xd] + ([] if batch else [yd]) + pd)
-    got = [full[0]] + ([] if batch else [full[1]]) + list(full[2:])
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-9
 
 
 def deterministic_backward(*args, runs):
@@ -649,45 +461,12 @@ def test_backward_skips_zero_gradient_pairs(batch, sparse, dtype, device):
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
-def test_duplicate_columns_score_identically_wherever_they_sit_in_a_tile(batch, device):
-    """float32 scores of duplicate rows are bitwise equal whatever their place in an 8 x 8 tile (column
-    2 and column 6 of a tile are summed by different thread groups; exact ties must stay exact)."""
-    unit = make_unit(24, 16, 40, device=device)
-    x = torch.randn(19, 24, device=device)
-    y = None if batch else torch.randn(21, 24, device=device)
-    rows = x if batch else y
-    rows[6] = rows[2]
-    rows[13] = rows[2]
-    rows[15] = rows[4]
-    S = pddm_ext.pddm_scores(x, y, *params_of(unit))
-    assert torch.equal(S[:, 6], S[:, 2]) and torch.equal(S[:, 13], S[:, 2]) and torch.equal(S[:, 15], S[:, 4])
-
-
-def test_backward_with_non_contiguous_parameters(device):
-    """A transposed view as W_v (and W_u): the gradient buffers take its strides (zeros_like) and the
-    dense products write through them."""
-    dtype = torch.float64
-    unit = make_unit(9, 7, 5, dtype=dtype, device=device)
-    p = list(params_of(unit))
-    p[0] = p[0].t().contiguous().t()  # W_u
-    p[2] = p[2].t().contiguous().t()  # W_v
-    assert not p[0].is_contiguous() and not p[2].is_contiguous()
-    x = torch.randn(20, 9, device=device, dtype=dtype)
-    y = torch.randn(13, 9, device=device, dtype=dtype)
-    grad = torch.randn(20, 13, device=device, dtype=dtype)
-    got = torch.ops.pddm_ext.scores_backward(grad, x, y, *p, [True, True, True])
-    want = torch.ops.pddm_ext.scores_backward(grad, x, y, *[t.contiguous() for t in p], [True, True, True])
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-12
-
-
-@pytest.mark.parametrize("batch", [True, False], ids=["batch", "reference"])
 def test_backward_is_reproducible_under_deterministic_algorithms(batch, device):
     """With torch.use_deterministic_algorithms(True) the backward's input gradients are summed in a
     fixed order: bitwise equal run to run. (The emulation shows the difference under the random
     order, which shuffles the blocks of every launch: float atomics from several blocks then add
     in another order each run.)"""
-    unit = make_unit(11, 10, 6, device=device, seed=2)
+    unit = make_unit(11, 10, 6, device=device, seed=2, dtype=torch.float32)
     m, n = 45, 38
     x = torch.randn(m, 11, device=device)
     y = None if batch else torch.randn(n, 11, device=device)
@@ -711,7 +490,7 @@ CUDA_NONZERO_STATIC = tuple(int(v) for v in torch.__version__.split("+")[0].spli
 
 def backward_cases(device):
     """(grad, x, y, params) of a batch and a reference backward, each with a dense and a sparse dS."""
-    unit = make_unit(9, 7, 5, device=device, seed=4)
+    unit = make_unit(9, 7, 5, device=device, seed=4, dtype=torch.float32)
     torch.manual_seed(6)
     x = torch.randn(30, 9, device=device)
     for y in (None, torch.randn(21, 9, device=device)):
@@ -745,7 +524,7 @@ def test_mining_reads_back_only_its_counts(batch, device):
     """Mining reads back what its variable-length pair list needs: the positive-pair count (one
     aten::item, from the labels without grouping them: no unique_consecutive) and after the kernel
     the number of candidates kept (one item or nonzero); with k = 0 (no pair list) nothing."""
-    unit = make_unit(9, 7, 5, device=device, seed=1)
+    unit = make_unit(9, 7, 5, device=device, seed=1, dtype=torch.float32)
     torch.manual_seed(2)
     x = torch.randn(40, 9, device=device)
     lx = torch.randint(0, 4, (40,), device=device)
@@ -808,7 +587,7 @@ def test_concurrent_calls_with_different_hidden_sizes(device):
     per device and kernel to the plan's maximum, so neither lowers it under the other's launch."""
     import threading
 
-    units = [make_unit(8, h, 4, device=device, seed=h) for h in (12, 150)]
+    units = [make_unit(8, h, 4, device=device, seed=h, dtype=torch.float32) for h in (12, 150)]
     x = torch.randn(20, 8, device=device)
     want = [reference.pddm_scores(x.double(), None, [p.double() for p in params_of(u)]) for u in units]
     errors = []
@@ -832,277 +611,6 @@ def test_concurrent_calls_with_different_hidden_sizes(device):
 # ---- mining ----------------------------------------------------------------------------------------
 
 
-def reference_slots(x, lx, y, ly, params, metric):
-    """Full score matrix (float64) and the masks of docs/design.md#mining (reference mode: the
-    same-label pairs of equal rows are no positive pairs)."""
-    batch = y is None
-    yy, lyy = (x, lx) if batch else (y, ly)
-    if metric == "euclidean":
-        S = reference.euclidean_scores(x.double(), yy.double())
-    else:
-        S = reference.pddm_scores(x.double(), None if batch else y.double(), [p.double() for p in params])
-    same = lx[:, None] == lyy[None, :]
-    positive, negative = same.clone(), ~same
-    if batch:
-        positive.fill_diagonal_(False)
-    else:
-        positive &= ~(x[:, None, :] == y[None, :, :]).all(-1)
-    return S, positive, negative
-
-
-def assert_slot(idx, S, mask, maximize, tol, what):
-    """idx[row] is -1 iff the row has no candidate, else a candidate within tol of the optimum."""
-    masked = torch.where(mask, S, torch.tensor(-float("inf") if maximize else float("inf"), dtype=S.dtype, device=S.device))
-    best = masked.max(1).values if maximize else masked.min(1).values
-    has = mask.any(1)
-    assert torch.equal(idx >= 0, has), f"{what}: -1 pattern differs"
-    rows = has.nonzero().flatten()
-    if rows.numel() == 0:
-        return
-    j = idx[rows]
-    assert bool(mask[rows, j].all()), f"{what}: index is not a candidate"
-    got = S[rows, j]
-    assert bool(((got - best[rows]).abs() <= tol * (1 + best[rows].abs())).all()), f"{what}: not optimal"
-
-
-def check_mining(x, lx, y, ly, unit, metric, k):
-    batch = y is None
-    params = None if metric == "euclidean" else params_of(unit)
-    dtype = x.dtype
-    tol = 1e-5 if dtype == torch.float64 else 1e-4
-    out = ops.mine(x, lx, y, ly, params, -1 if k is None else k)
-    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = out
-    S, positive, negative = reference_slots(x, lx, y, ly, params, metric)
-    assert_slot(hp, S, positive, False, tol, "hardest_positive")
-    assert_slot(hn, S, negative, True, tol, "hardest_negative")
-    assert_slot(hnr, S.T, negative.T, True, tol, "hardest_negative_of_ref")
-    for idx, s, M in ((hp, hp_s, S), (hn, hn_s, S), (hnr, hnr_s, S.T)):
-        rows = (idx >= 0).nonzero().flatten()
-        if rows.numel():
-            want = M[rows, idx[rows]]
-            assert bool(((s[rows].double() - want).abs() <= tol * (1 + want.abs())).all())
-    # The k lowest positive pairs: the right count, valid, distinct, in the order of docs/design.md#mining, of their own
-    # scores, and none better than the reference's k-th.
-    pos = positive.triu(1) if batch else positive
-    n_pos = int(pos.sum())
-    want_q = 0 if k == 0 else (n_pos if k is None else min(k, n_pos))
-    assert pi.numel() == want_q
-    if want_q:
-        assert bool(pos[pi, pr].all())
-        assert len(set(zip(pi.tolist(), pr.tolist()))) == want_q
-        keys = list(zip(ps.tolist(), pi.tolist(), pr.tolist()))
-        assert keys == sorted(keys)
-        kth = torch.sort(S[pos]).values[want_q - 1]
-        assert bool((S[pi, pr] <= kth + tol * (1 + kth.abs())).all())
-    return out
-
-
-@pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_mining_matches_reference_and_cpu(seed, metric, device):
-    g = torch.Generator().manual_seed(seed)
-    dtype = torch.float64 if seed % 2 else torch.float32
-    batch = seed % 3 != 0
-    m = int(torch.randint(1, 70, (1,), generator=g))
-    n = int(torch.randint(1, 90, (1,), generator=g))
-    d = int(torch.randint(1, 40, (1,), generator=g))
-    classes = int(torch.randint(1, 6, (1,), generator=g))
-    k = [None, 0, 1, 3, 1000][seed % 5]
-    x = torch.randn(m, d, generator=g, dtype=dtype)
-    if m > 3:
-        x[3] = x[2]  # exact ties: smallest index wins
-    y = None if batch else torch.randn(n, d, generator=g, dtype=dtype)
-    lx = torch.randint(0, classes, (m,), generator=g)
-    ly = None if batch else torch.randint(0, classes, (n,), generator=g)
-    unit = make_unit(d, dtype=dtype, device="cpu", seed=seed)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    out = check_mining(to(x), to(lx), to(y), to(ly), unit.to(device), metric, k)
-    if EMULATED:
-        return  # the emulation build has no CPU kernels to compare with (check_mining used the reference)
-    cpu = ops.mine(x, lx, y, ly, None if metric == "euclidean" else params_of(unit.cpu()), -1 if k is None else k)
-    # Same -1 pattern and, where the CPU's choice is unique up to tolerance, the same index.
-    for a, b in zip(out[:6:2], cpu[:6:2]):
-        assert torch.equal(a.cpu() >= 0, b >= 0)
-    assert out[6].numel() == cpu[6].numel()
-
-
-@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_public_mining_api_on_cuda(metric, device):
-    torch.manual_seed(0)
-    emb = torch.nn.functional.normalize(torch.randn(48, 16, device=device), dim=1)
-    labels = torch.arange(12, device=device).repeat_interleave(4)
-    unit = make_unit(16, device=device) if metric == "pddm" else None
-    q = pddm_ext.mine_hard(emb, labels, unit, k=5, metric=metric)
-    r = reference.mine_hard(emb, labels, unit, k=5, metric=metric)
-    assert q.anchor.device.type == torch.device(device).type and q.anchor.dtype == torch.int64
-    assert q.anchor.numel() == r.anchor.numel()
-    assert rel_err(q.scores[:, 0], r.scores[:, 0]) < 1e-4
-    a, p, n = pddm_ext.batch_hard(emb, labels, unit, metric=metric)
-    ra, rp, rn = reference.batch_hard(emb, labels, unit, metric=metric)
-    assert torch.equal(a, ra)
-
-
-@pytest.mark.parametrize("m,n", [(41, 67), (20, 30)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_reference_mode_leaves_out_a_querys_copy(metric, dtype, m, n, device):
-    """docs/design.md#mining's self-copy rule in the kernels: references that hold the queries (shuffled,
-    one with -0.0 for +0.0, one with another label) are no positives of their queries; a row that
-    differs by a squared difference that underflows still is one. 41 x 67 spans several tiles of both
-    metrics, 20 x 30 is one Euclidean tile (one block); k selects the append buffer (every pair, or
-    more than the blocks' heaps would hold) and the per-block heaps (k < pairs by label, k x blocks <=
-    pairs by label), with k large enough that the copies would enter the heaps without the rule."""
-    g = torch.Generator().manual_seed(7)
-    d = 9
-    tiny = 1e-30 if dtype == torch.float32 else 1e-170
-    x = torch.randn(m, d, generator=g, dtype=dtype)
-    x[:, 0] = 0.0
-    lx = torch.randint(0, 3, (m,), generator=g)
-    copies = torch.randperm(m, generator=g)
-    y = torch.cat([x[copies], torch.randn(n - m, d, generator=g, dtype=dtype)])
-    ly = torch.cat([lx[copies], torch.randint(0, 3, (n - m,), generator=g)])
-    y[0, 0], y[1, 0] = -0.0, tiny
-    ly[2] = (ly[2] + 1) % 3
-    unit = make_unit(d, 11, 6, dtype=dtype, device=device, seed=4)
-    to = lambda t: t.to(device)  # noqa: E731
-    _, positive, _ = reference_slots(x, lx, y, ly, None, "euclidean")
-    excluded = torch.zeros(m, n, dtype=torch.bool)
-    excluded[copies, torch.arange(m)] = True  # query copies[r] against its copy y[r]
-    excluded &= lx[:, None] == ly[None, :]
-    excluded[copies[1], 1] = False  # y[1] differs from its query by tiny
-    assert int(excluded.sum()) == m - 2 and not positive[excluded].any() and positive[copies[1], 1]
-    by_label = int((lx[:, None] == ly[None, :]).sum())  # the kernels' count of positive pairs, by label
-    for k in (1, 5, None, by_label // 16, by_label - 1):
-        out = check_mining(to(x), to(lx), to(y), to(ly), unit, metric, k)
-        hp, pi, pr = out[0].cpu(), out[6].cpu(), out[7].cpu()
-        rows = (hp >= 0).nonzero().flatten()
-        assert not excluded[rows, hp[rows]].any() and not excluded[pi, pr].any()
-
-
-def test_reference_mode_bank_much_larger_than_queries(device):
-    bank = 20000 if device == "cuda" else 2003  # the emulation runs one block at a time on one core
-    unit = make_unit(32, 32, 32, seed=3, device=device)
-    x = torch.randn(5, 32, device=device)
-    y = torch.randn(bank, 32, device=device)
-    lx = torch.arange(5, device=device)
-    ly = torch.randint(0, 50, (bank,), device=device)
-    check_mining(x, lx, y, ly, unit, "pddm", 7)
-    check_mining(x, lx, y, ly, unit, "euclidean", None)
-
-
-def nan_rule_best(S, mask, maximize):
-    """The NaN rule of pddm_common.h by brute force: the best non-NaN candidate (ties: smallest
-    index); a NaN only when every candidate is NaN (then the smallest index); -1 without candidates."""
-    out = []
-    for row, cand in zip(S.tolist(), mask.tolist()):
-        idx = [j for j, c in enumerate(cand) if c]
-        finite = [j for j in idx if row[j] == row[j]]
-        if not idx:
-            out.append(-1)
-        elif not finite:
-            out.append(idx[0])
-        else:
-            best = (max if maximize else min)(row[j] for j in finite)
-            out.append(min(j for j in finite if row[j] == best))
-    return out
-
-
-def check_nan_rule(device, dtype, m=45, n=53):
-    """Mining where every PDDM score is NaN (b_s = NaN; only reachable through torch.ops: the API
-    rejects NaN): each slot gets its smallest candidate index, the pairs come in (i, r) order. The
-    packed float keys of the GPU, the locked float64 path and the CPU's merges of per-thread partial
-    results must all follow the rule of pddm_common.h, whatever order the candidates arrive in."""
-    g = torch.Generator().manual_seed(5)
-    unit = make_unit(6, 5, 4, dtype=dtype, device="cpu", seed=5)
-    params = [t.clone() for t in params_of(unit)]
-    params[-1].fill_(float("nan"))  # b_s
-    x = torch.randn(m, 6, generator=g, dtype=dtype)
-    y = torch.randn(n, 6, generator=g, dtype=dtype)
-    lx = torch.randint(0, 3, (m,), generator=g)
-    ly = torch.randint(0, 3, (n,), generator=g)
-    to = lambda t: t.to(device)  # noqa: E731
-    S = torch.full((m, n), float("nan"), dtype=torch.float64)
-    same = lx[:, None] == ly[None, :]
-    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), to(y), to(ly), *map(to, params), 4)
-    assert bool(out[1].isnan().all()) and bool(out[3].isnan().all())
-    assert out[0].tolist() == nan_rule_best(S, same, False)
-    assert out[2].tolist() == nan_rule_best(S, ~same, True)
-    assert out[4].tolist() == nan_rule_best(S.T, ~same.T, True)
-    want = same.nonzero().tolist()[:4]  # all NaN: (i, r) order
-    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == want
-    # batch mode: the pairs i < r
-    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), None, None, *map(to, params), 3)
-    same_b = lx[:, None] == lx[None, :]
-    pos_b = same_b & ~torch.eye(m, dtype=torch.bool)
-    Sb = torch.full((m, m), float("nan"), dtype=torch.float64)
-    assert out[0].tolist() == nan_rule_best(Sb, pos_b, False)
-    assert out[2].tolist() == nan_rule_best(Sb, ~same_b, True)
-    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == pos_b.triu(1).nonzero().tolist()[:3]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nan_scores_follow_the_rule_of_pddm_common(dtype, device):
-    check_nan_rule(device, dtype)
-
-
-@pytest.mark.multithreaded
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nan_scores_follow_the_rule_of_pddm_common_cpu_kernels(dtype):
-    if EMULATED:
-        pytest.skip("the emulation build has no CPU kernels")
-    check_nan_rule("cpu", dtype, m=300, n=280)  # many tiles: per-thread partial results merged
-
-
-def check_bank_mining(x, lx, y, ly, params, k, chunk):
-    """ops.mine in reference mode against per-row optima of fused scores computed chunk by chunk (each
-    chunk's (m, chunk) matrix only, so a bank far larger than m * n floats can be checked)."""
-    m, n = x.shape[0], y.shape[0]
-    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = ops.mine(x, lx, y, ly, params, k)
-    best_pos = torch.full((m,), float("inf"), device=x.device)
-    best_neg = torch.full((m,), -float("inf"), device=x.device)
-    all_pos = []
-    for start in range(0, n, chunk):
-        yc, lc = y[start:start + chunk], ly[start:start + chunk]
-        S = ops.scores(x, yc, *params)
-        same = lx[:, None] == lc[None, :]
-        best_pos = torch.minimum(best_pos, torch.where(same, S, float("inf")).min(1).values)
-        best_neg = torch.maximum(best_neg, torch.where(same, -float("inf"), S).max(1).values)
-        i, r = same.nonzero(as_tuple=True)
-        all_pos.append(S[i, r])
-        del S
-    tol = 1e-4
-    has_pos = torch.isfinite(best_pos)
-    assert torch.equal(hp >= 0, has_pos)
-    assert bool(((hp_s[has_pos] - best_pos[has_pos]).abs() <= tol * (1 + best_pos[has_pos].abs())).all())
-    assert bool(((hn_s - best_neg).abs() <= tol * (1 + best_neg.abs())).all())
-    # hp and hn index the bank (one entry per query), hnr the queries (one entry per bank row).
-    assert hp.shape == hn.shape == (m,) and hnr.shape == (n,)
-    assert int(hp.max()) < n and int(hn.min()) >= 0 and int(hn.max()) < n and int(hnr.max()) < m
-    assert bool((lx[has_pos] == ly[hp[has_pos]]).all())
-    assert bool((lx != ly[hn]).all())
-    kth = torch.sort(torch.cat(all_pos)).values[k - 1]
-    assert pi.numel() == k and bool((ps <= kth + tol * (1 + kth.abs())).all())
-    assert bool((lx[pi] == ly[pr]).all())
-
-
-def bank_case(m, n, d, device, classes=1000):
-    torch.manual_seed(0)
-    unit = make_unit(d, 4, 4, device=device)
-    x = torch.randn(m, d, device=device)
-    y = torch.randn(n, d, device=device)
-    lx = torch.randint(0, classes, (m,), device=device)
-    ly = torch.randint(0, classes, (n,), device=device)
-    ly[-1] = lx[0]  # a positive pair at the very end of the bank
-    return x, lx, y, ly, params_of(unit)
-
-
-def test_bank_mining_checked_chunk_by_chunk(device):
-    """The check of the 2^31-pair test below, on a bank small enough for every backend (the emulation
-    included), so that the check itself runs in CI: a bank of 3001 rows in chunks of 512."""
-    x, lx, y, ly, params = bank_case(16, 3001, 4, device, classes=40)
-    check_bank_mining(x, lx, y, ly, params, 3, 512)
-
-
 @needs_gpu
 def test_mining_with_more_than_2_pow_31_pairs():
     """64 queries against a 34M-row bank: pair numbers and i * n + r exceed 2^31 (about 1.2 GB)."""
@@ -1118,8 +626,8 @@ def test_mining_with_more_than_2_pow_31_pairs():
 def test_second_device_if_present():
     if torch.cuda.device_count() < 2:
         pytest.skip("only one CUDA device")
-    unit0 = make_unit(12, 10, 8)
-    unit1 = make_unit(12, 10, 8, device="cuda:1")
+    unit0 = make_unit(12, 10, 8, dtype=torch.float32, device="cuda")
+    unit1 = make_unit(12, 10, 8, device="cuda:1", dtype=torch.float32)
     x = torch.randn(30, 12, device="cuda:0")
     labels = torch.randint(0, 4, (30,), device="cuda:0")
     S0 = pddm_ext.pddm_scores(x, None, *params_of(unit0))
@@ -1135,7 +643,7 @@ def test_second_device_if_present():
 
 @needs_gpu
 def test_device_mismatch_errors():
-    unit = make_unit(8)
+    unit = make_unit(8, dtype=torch.float32, device="cuda")
     x = torch.randn(5, 8, device="cuda")
     with pytest.raises(ValueError, match="device"):
         pddm_ext.pddm_scores(x, torch.randn(4, 8), *params_of(unit))
@@ -1146,90 +654,7 @@ def test_device_mismatch_errors():
                            ref_labels=torch.arange(4))
 
 
-def test_bad_input_errors_on_cuda(device):
-    unit = make_unit(8, device=device)
-    p = params_of(unit)
-    x = torch.randn(5, 8, device=device)
-    with pytest.raises(ValueError):
-        pddm_ext.pddm_scores(torch.randn(5, 7, device=device), None, *p)  # d mismatch
-    with pytest.raises(ValueError):
-        pddm_ext.pddm_scores(torch.empty(0, 8, device=device), None, *p)  # empty
-    bad = x.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        pddm_ext.pddm_scores(bad, None, *p)
-    with pytest.raises(ValueError):
-        pddm_ext.mine_hard(x, torch.arange(4, device=device), unit)  # labels length
-    with pytest.raises(ValueError):
-        pddm_ext.mine_hard(x, torch.arange(5, device=device), unit, k=0)
-    with pytest.raises(ValueError):
-        pddm_ext.mine_hard(x, torch.rand(5, device=device), unit)  # float labels
-
-
-def test_no_positive_or_no_negative_is_empty_not_an_error(device):
-    unit = make_unit(8, device=device)
-    x = torch.randn(6, 8, device=device)
-    q = pddm_ext.mine_hard(x, torch.arange(6, device=device), unit)  # no positive pair
-    assert q.anchor.numel() == 0
-    q = pddm_ext.mine_hard(x, torch.zeros(6, dtype=torch.long, device=device), unit)  # no negative
-    assert q.anchor.numel() == 0
-
-
-# ---- the CUDA emulation itself (docs/emulation.md; the emulated backend only) -------------------------
-
-needs_emulation = pytest.mark.skipif(not EMULATED, reason="not the CUDA emulation build (make cuda-emulate)")
-
-
-def emu_order():
-    import os
-
-    return os.environ.get("PDDM_EMU_ORDER", "random")
-
-
-@needs_emulation
-def test_emulation_thread_order_is_the_selected_one():
-    order = torch.ops.pddm_emu_test.thread_order(64)
-    assert sorted(order.tolist()) == list(range(64))
-    forward, reverse = list(range(64)), list(range(63, -1, -1))
-    if emu_order() == "forward":
-        assert order.tolist() == forward
-    elif emu_order() == "reverse":
-        assert order.tolist() == reverse
-    else:
-        assert order.tolist() not in (forward, reverse)
-        assert not torch.equal(order, torch.ops.pddm_emu_test.thread_order(64))  # reshuffled per launch
-
-
-@needs_emulation
-def test_emulation_shared_memory_starts_as_nan():
-    out = torch.ops.pddm_emu_test.unwritten_shared(96)
-    assert bool(out.isnan().all())
-
-
-@needs_emulation
-@pytest.mark.parametrize("mode,what", [(0, "__syncthreads"), (1, "warp barrier"), (2, "__nanosleep")])
-def test_emulation_reports_a_deadlock_with_the_kernel_name(mode, what):
-    with pytest.raises(RuntimeError, match=f"deadlock in kernel 'divergent_barrier_kernel'.*{what}"):
-        torch.ops.pddm_emu_test.divergent_barrier(mode)
-    assert torch.ops.pddm_emu_test.launch_count(1, 1, 32, 0, -1) == 32  # the next launch is unaffected
-
-
-@needs_emulation
-def test_emulation_launch_limits_of_the_h200():
-    count = torch.ops.pddm_emu_test.launch_count
-    assert count(3, 2, 1024, 48 * 1024, -1) == 6 * 1024
-    with pytest.raises(RuntimeError, match="invalid configuration argument"):
-        count(1, 1, 1025, 0, -1)  # more than 1024 threads per block
-    with pytest.raises(RuntimeError, match="invalid configuration argument"):
-        count(1, 65536, 32, 0, -1)  # grid y above 65535
-    with pytest.raises(RuntimeError, match="MaxDynamicSharedMemorySize"):
-        count(1, 1, 32, 48 * 1024 + 16, -1)  # above 48 KB without opting in
-    assert count(1, 1, 32, 200 * 1024, 200 * 1024) == 32  # opted in
-    assert count(1, 1, 32, 227 * 1024, 227 * 1024) == 32  # the opt-in maximum
-    with pytest.raises(RuntimeError, match="invalid argument"):
-        count(1, 1, 32, 200 * 1024, 100 * 1024)  # above the size it opted in to
-    with pytest.raises(RuntimeError, match="invalid argument"):
-        count(1, 1, 32, 0, 227 * 1024 + 1)  # cudaFuncSetAttribute above the device's maximum
+# ---- grids and shared memory the launchers size, builds for older GPUs (the emulation's hooks) -------
 
 
 @needs_emulation
@@ -1268,7 +693,7 @@ def test_deterministic_backward_keeps_a_block_per_emulated_sm(batch, monkeypatch
     in reference mode it walks y in chunks of 8 columns (one launch each). Bitwise equal run to run,
     and within the tolerance of the reference and of the single-launch result under the default
     budget; the atomic path's parameter slabs keep one block per SM too."""
-    unit = make_unit(11, 10, 6, device="cpu", seed=2)
+    unit = make_unit(11, 10, 6, device="cpu", seed=2, dtype=torch.float32)
     m, n = 45, 38
     torch.manual_seed(8)
     x = torch.randn(m, 11)
@@ -1297,95 +722,6 @@ def test_deterministic_backward_keeps_a_block_per_emulated_sm(batch, monkeypatch
 
 
 @needs_emulation
-def test_emulation_warp_shuffle_and_atomics():
-    sums = torch.ops.pddm_emu_test.warp_sums(96)
-    assert sums.tolist() == [528.0] * 96  # 1 + 2 + ... + 32 in every lane
-    with pytest.raises(RuntimeError, match="partial warp"):
-        torch.ops.pddm_emu_test.warp_sums(80)  # a full-mask shuffle in a 16-lane warp: undefined on a GPU
-    blocks, threads = 3, 96
-    total = blocks * threads
-    got = torch.ops.pddm_emu_test.atomics(blocks, threads).tolist()
-    assert got == [0.5 * total, 0.25 * total, total, total, 1000, 1000 + total - 1, total, 7]
-
-
-def tf32_round(t):
-    """float32 -> TF32 (10 explicit mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32)."""
-    bits = t.contiguous().view(torch.int32)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-    return torch.where(finite, rounded, t)
-
-
-@needs_emulation
-@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
-def test_emulation_wmma_half_product(dtype):
-    """The emulated 16-bit WMMA as HalfTensorCoreBlock drives it: operands rounded to the half type to
-    nearest even (round_operand), exact products, one rounding toward zero to float32; a misaligned
-    fragment pointer is refused."""
-    torch.manual_seed(0)
-    a = torch.randn(16, 16)
-    b = torch.randn(16, 16)
-    u = HALF_U[dtype]
-    a[0, 0] = 1 + u  # a tie: to even, 1
-    a[0, 1] = 1 + 3 * u  # a tie: to even, 1 + 4u
-    b[0, 0] = 1 + 2 * u  # representable
-    out = torch.ops.pddm_emu_test.wmma_half(a, b, dtype, 0)
-    ah, bh = a.to(dtype), b.to(dtype)
-    assert ah[0, 0] == 1 and ah[0, 1] == 1 + 4 * u and bh[0, 0] == 1 + 2 * u
-    exact = ah.double() @ bh.double()  # exact: 16 products of 11- or 8-bit significands
-    want = exact.float()
-    want = torch.where(want.double().abs() > exact.abs(), torch.nextafter(want, torch.zeros_like(want)), want)
-    assert torch.equal(out, want.expand(32, 16, 16))
-    assert not torch.equal(want, (a.double() @ b.double()).float())  # the operand rounding is there
-    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
-    assert not torch.equal(want, (a.to(other).double() @ b.to(other).double()).float())  # and it is dtype's
-    with pytest.raises(RuntimeError, match="256-bit"):
-        torch.ops.pddm_emu_test.wmma_half(a, b, dtype, 1)
-
-
-@needs_emulation
-def test_emulation_wmma_tf32_product():
-    """The emulated WMMA: TF32-rounded operands, exact products, one rounding toward zero; the stores of every lane
-    visible after the warp's barrier; the hardware's requirements enforced."""
-    a = torch.randn(16, 8)
-    b = torch.randn(8, 16)
-    a[0, 0] = 1 + 2**-11  # a tie: rounds away from zero, to 1 + 2**-10
-    b[0, 0] = -(1 + 2**-11)
-    out = torch.ops.pddm_emu_test.wmma_tf32(a, b, 0)
-    assert tf32_round(a)[0, 0] == 1 + 2**-10 and tf32_round(b)[0, 0] == -(1 + 2**-10)
-    exact = tf32_round(a).double() @ tf32_round(b).double()  # exact: 8 products of 11-bit significands
-    want = exact.float()
-    want = torch.where(want.double().abs() > exact.abs(), torch.nextafter(want, torch.zeros_like(want)), want)
-    assert torch.equal(out, want.expand(32, 16, 16))  # every lane reads the whole product, rounded toward zero
-    assert not torch.equal(want, (a.double() @ b.double()).float())  # the rounding is there
-    with pytest.raises(RuntimeError, match="not a TF32 value"):
-        torch.ops.pddm_emu_test.wmma_tf32(a, b, 1)  # operands not converted by __float_to_tf32
-    assert bool(torch.ops.pddm_emu_test.wmma_tf32(a, b, 2).isnan().any())  # read before the barrier
-    with pytest.raises(RuntimeError, match="256-bit"):
-        torch.ops.pddm_emu_test.wmma_tf32(a, b, 3)
-    with pytest.raises(RuntimeError, match="warp-collective"):
-        torch.ops.pddm_emu_test.wmma_tf32(a, b, 4)  # half the warp skips mma_sync
-
-
-@needs_emulation
-def test_emulation_copy_async_lands_at_the_wait():
-    """The emulated asynchronous copies (cp.async, copy_async of cuda_compat.cuh): the destination reads NaN from
-    the copy's start until the issuing thread's wait, the source's value after it (for other threads after a
-    barrier), never without a wait; the hardware's requirements enforced."""
-    src = torch.randn(64)
-    out = torch.ops.pddm_emu_test.copy_async_model(src, 0)
-    assert bool(out[0].isnan().all())  # each thread's own destination, before its wait
-    assert torch.equal(out[1], src.roll(-1))  # after the wait and a barrier: the next thread's copy
-    assert bool(torch.ops.pddm_emu_test.copy_async_model(src, 1)[1].isnan().all())  # no wait: never lands
-    with pytest.raises(RuntimeError, match="aligned"):
-        torch.ops.pddm_emu_test.copy_async_model(src, 2)
-    with pytest.raises(RuntimeError, match="source is in shared memory"):
-        torch.ops.pddm_emu_test.copy_async_model(src, 3)
-    with pytest.raises(RuntimeError, match="destination is not in the block's shared memory"):
-        torch.ops.pddm_emu_test.copy_async_model(src, 4)
-
-
-@needs_emulation
 def test_pair_gemm_staging_is_double_buffered_where_shared_memory_allows():
     """The forward launchers give pair_gemm a second staging buffer (the next reduction chunk copied while the
     current one is multiplied) where it fits next to the tile workspace without fewer resident blocks per SM,
@@ -1400,17 +736,17 @@ def test_pair_gemm_staging_is_double_buffered_where_shared_memory_allows():
 
     smem = torch.ops.pddm_emu_test.last_launch_smem
     for h, stages in ((130, 2), (1, 1)):
-        unit = make_unit(8, h, 4, device="cpu")
+        unit = make_unit(8, h, 4, device="cpu", dtype=torch.float32)
         with torch.no_grad():
             unit(torch.randn(9, 8))
         assert smem("scores_tile_kernel") == stages * staging + 64 * ws(2 * h) * 4, h
     x = torch.randn(9, 8)
-    p = params_of(make_unit(8, 130, 4, device="cpu"))
+    p = params_of(make_unit(8, 130, 4, device="cpu", dtype=torch.float32))
     for dtype in HALF:
         torch.ops.pddm_ext.scores(x, None, *p, True, dtype)
         assert smem("scores_tile_kernel") == 2 * staging + 64 * ws(260) * 4, dtype
     for d, h, c in ((128, 128, 128), (8, 8, 8)):
-        unit = make_unit(d, h, c, device="cpu")
+        unit = make_unit(d, h, c, device="cpu", dtype=torch.float32)
         unit(torch.randn(9, d, requires_grad=True)).sum().backward()
         assert smem("scores_backward_kernel<T>") == staging + 64 * (2 * ws(2 * h) + ws(c) + ws(d)) * 4, d
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pddm_ext
-from conftest import make_unit, randn
+from helpers import make_unit, randn
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import pddm_ext
 from pddm_ext import ops, reference
-from conftest import make_unit, randn
+from helpers import make_unit, randn
 
 D = 4
 

@@ -16,9 +16,8 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import MINING_TOL, make_unit, randn, ref_params
+from helpers import MINING_TOL, assert_scores_close, make_unit, randn, ref_params
 from test_mining import Brute, check_batch_hard, check_quadruplets, make_labels
-from test_scores import assert_scores_close
 
 # (m, n, d, h, c): m = 2, d = 1, sizes that straddle the CPU tiles (32 x 32 pairs at the small widths,
 # 17 x 17 in float32 and 12 x 12 in float64 at d = h = c = 128; csrc/cpu/tile_shapes.h)
@@ -26,8 +25,8 @@ SHAPES = [(2, None, 1, 1, 1), (2, 3, 1, 2, 2), (33, None, 7, 9, 4), (17, 65, 4, 
 IDS = [f"m{s[0]}n{s[1]}d{s[2]}h{s[3]}c{s[4]}" for s in SHAPES]
 
 
-def distance_aware_unit(d, h, c, dtype, seed):
-    unit = make_unit(d, h, c, dtype=dtype, seed=seed)
+def distance_aware_unit(d, h, c, dtype, seed, device="cpu"):
+    unit = make_unit(d, h, c, dtype=dtype, seed=seed, device=device)
     unit.normalize_inputs = False
     return unit
 
@@ -35,10 +34,10 @@ def distance_aware_unit(d, h, c, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("m,n,d,h,c", SHAPES, ids=IDS)
 @pytest.mark.parametrize("normalize_inputs", [False, True], ids=["distance_aware", "normalised"])
-def test_scores_both_forms_match_reference(m, n, d, h, c, dtype, normalize_inputs):
-    unit = make_unit(d, h, c, dtype=dtype, seed=m + d)
-    x = randn(m, d, dtype=dtype, seed=1)
-    y = None if n is None else randn(n, d, dtype=dtype, seed=2)
+def test_scores_both_forms_match_reference(m, n, d, h, c, dtype, normalize_inputs, device):
+    unit = make_unit(d, h, c, dtype=dtype, seed=m + d, device=device)
+    x = randn(m, d, dtype=dtype, seed=1, device=device)
+    y = None if n is None else randn(n, d, dtype=dtype, seed=2, device=device)
     S = pddm_ext.pddm_scores(x, y, *unit.params(), normalize_inputs=normalize_inputs)
     S_ref = reference.pddm_scores(x.double(), None if y is None else y.double(), ref_params(unit),
                                   normalize_inputs=normalize_inputs)
@@ -75,10 +74,10 @@ def test_distance_aware_form_sees_the_distance():
 
 
 @pytest.mark.parametrize("m,n,d,h,c", [(2, None, 1, 2, 2), (5, 3, 3, 4, 2), (9, None, 4, 3, 5)])
-def test_gradcheck_distance_aware(m, n, d, h, c):
-    unit = distance_aware_unit(d, h, c, torch.float64, seed=m)
-    x = randn(m, d, seed=5).requires_grad_()
-    y = None if n is None else randn(n, d, seed=6).requires_grad_()
+def test_gradcheck_distance_aware(m, n, d, h, c, device):
+    unit = distance_aware_unit(d, h, c, torch.float64, seed=m, device=device)
+    x = randn(m, d, seed=5, device=device).requires_grad_()
+    y = None if n is None else randn(n, d, seed=6, device=device).requires_grad_()
     inputs = (x,) if y is None else (x, y)
 
     def f(*args):
@@ -92,13 +91,13 @@ def test_gradcheck_distance_aware(m, n, d, h, c):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "ref"])
-def test_gradients_distance_aware_match_reference(batch, dtype):
+def test_gradients_distance_aware_match_reference(batch, dtype, device):
     """Across several tiles and workers: every gradient against float64 autograd of the reference."""
     m, n, d, h, c = 45, 38, 7, 6, 5
-    unit = distance_aware_unit(d, h, c, dtype, seed=3)
-    x = randn(m, d, dtype=dtype, seed=7)
-    y = None if batch else randn(n, d, dtype=dtype, seed=8)
-    G = randn(m, m if batch else n, dtype=torch.float64, seed=9)
+    unit = distance_aware_unit(d, h, c, dtype, seed=3, device=device)
+    x = randn(m, d, dtype=dtype, seed=7, device=device)
+    y = None if batch else randn(n, d, dtype=dtype, seed=8, device=device)
+    G = randn(m, m if batch else n, dtype=torch.float64, seed=9, device=device)
     inputs = [x.clone().requires_grad_()] + ([] if batch else [y.clone().requires_grad_()])
     S = unit(inputs[0], None if batch else inputs[1])
     grads = torch.autograd.grad((S.double() * G).sum(), (*inputs, *unit.params()))
@@ -132,18 +131,18 @@ def test_opcheck_distance_aware(batch):
 @pytest.mark.parametrize("dtype_name", ["f64", "f32"])
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("layout", ["pairs", "random", "unbalanced"])
-def test_mining_distance_aware(layout, mode, dtype_name):
+def test_mining_distance_aware(layout, mode, dtype_name, device):
     """mine_hard / batch_hard with a distance-aware unit (its form is taken from the module) and with
     the keyword on a normalised one, against docs/design.md "Ties and tolerance" applied to the reference's score table."""
     dtype = {"f64": torch.float64, "f32": torch.float32}[dtype_name]
     m, n, d = 37, 41, 5
-    unit = distance_aware_unit(d, 6, 4, dtype, seed=2)
-    x = randn(m, d, dtype=dtype, seed=11)
-    lx = make_labels(layout, m, 12)
+    unit = distance_aware_unit(d, 6, 4, dtype, seed=2, device=device)
+    x = randn(m, d, dtype=dtype, seed=11, device=device)
+    lx = make_labels(layout, m, 12).to(device)
     if mode == "batch":
         y, ly, kwargs = x, lx, {}
     else:
-        y, ly = randn(n, d, dtype=dtype, seed=13), make_labels(layout, n, 14)
+        y, ly = randn(n, d, dtype=dtype, seed=13, device=device), make_labels(layout, n, 14).to(device)
         kwargs = dict(ref_emb=y, ref_labels=ly)
     S = reference.pddm_scores(x.double(), y.double(), ref_params(unit), normalize_inputs=False).tolist()
     brute = Brute(S, lx.tolist(), ly.tolist(), mode == "batch")

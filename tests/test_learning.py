@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import pddm_ext
 from pddm_ext import reference
 from pddm_ext.modules import balanced_pair_bce, semihard_negatives
-from conftest import randn
+from helpers import randn
 
 # Options that reproduce the loss of docs/design.md#loss exactly (the paper's rule), whatever the defaults are.
 PAPER = dict(k=1, negatives="hardest", bce_weight=0.0, warmup_steps=0, normalize_inputs=True)

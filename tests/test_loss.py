@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import pddm_ext
 from pddm_ext import reference
 from pddm_ext.reference import PARAM_NAMES
-from conftest import randn
+from helpers import randn
 
 
 def hand_loss(embeddings, quads, params, alpha, beta, lam, normalize=True):

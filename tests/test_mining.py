@@ -9,15 +9,18 @@ ties exact and the smallest index must win.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
 
 import pddm_ext
+from pddm_ext import ops as pddm_ops
 from pddm_ext import reference
 from pddm_ext._tiles import tile_shapes
-from conftest import MINING_TOL, make_unit, randn, ref_params
+from helpers import (EMULATED, MINING_TOL, bank_case, check_bank_mining, cpu_kernels_only, make_unit, params_of, randn,
+                     ref_params, rel_err)
 
 D, H, C = 5, 6, 4
 
@@ -225,13 +228,23 @@ def mining_case(metric, mode, layout, dtype_name, m=24, n=29, d=D, seed=0):
     return x, lx, unit, kwargs, brute, MINING_TOL[dtype]
 
 
+def on_device(device, x, lx, unit, kwargs):
+    """A case's embeddings, labels, unit and reference-mode keywords on `device` (the cached case itself stays
+    on the CPU)."""
+    if device == "cpu":
+        return x, lx, unit, kwargs
+    kwargs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in kwargs.items()}
+    return x.to(device), lx.to(device), None if unit is None else copy.deepcopy(unit).to(device), kwargs
+
+
 @pytest.mark.parametrize("dtype_name", ["f64", "f32"])
 @pytest.mark.parametrize("k", [1, 3, None], ids=["k1", "k3", "kall"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_mine_hard_vs_brute_force(metric, mode, layout, k, dtype_name):
+def test_mine_hard_vs_brute_force(metric, mode, layout, k, dtype_name, device):
     x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, layout, dtype_name)
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     q = pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs)
     check_quadruplets(q, brute, k, tol)
     if layout in ("distinct", "one"):
@@ -244,8 +257,9 @@ def test_mine_hard_vs_brute_force(metric, mode, layout, k, dtype_name):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_batch_hard_vs_brute_force(metric, mode, layout, dtype_name):
+def test_batch_hard_vs_brute_force(metric, mode, layout, dtype_name, device):
     x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, layout, dtype_name)
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, tol)
     check_batch_hard(reference.batch_hard(x, lx, unit, **kwargs), brute, tol)
 
@@ -256,7 +270,7 @@ def test_batch_hard_vs_brute_force(metric, mode, layout, dtype_name):
 )
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
 @pytest.mark.multithreaded
-def test_mining_across_many_tiles(metric, mode, m, n, k):
+def test_mining_across_many_tiles(metric, mode, m, n, k, device):
     """Sizes that span several PDDM tiles of the CPU (sides of 32 pairs at these widths; 9 x 230 is
     1 x 3 tiles of 9 x 113 pairs), so per-tile heaps and reductions are merged. A Euclidean CPU tile
     holds 128 x 128 pairs: these are one Euclidean tile there (tests/test_tile_edges.py crosses
@@ -264,6 +278,7 @@ def test_mining_across_many_tiles(metric, mode, m, n, k):
     rows, cols = tile_shapes("cpu", torch.float32, D, H, C, m, n).pddm
     assert m > rows or (n or m) > cols
     x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, "random", "f32", m=m, n=n or m, seed=11)
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     check_quadruplets(pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), brute, k, tol)
     if k == 1:
         check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, tol)
@@ -271,8 +286,9 @@ def test_mining_across_many_tiles(metric, mode, m, n, k):
 
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
 @pytest.mark.parametrize("mode", ["batch", "ref"])
-def test_mine_hard_matches_reference_oracle(metric, mode):
+def test_mine_hard_matches_reference_oracle(metric, mode, device):
     x, lx, unit, kwargs, brute, tol = mining_case(metric, mode, "unbalanced", "f64")
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     for k in (1, 3, None):
         fused = pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs)
         oracle = reference.mine_hard(x, lx, unit, k=k, **kwargs)
@@ -307,8 +323,9 @@ def duplicated_case(metric, mode):
 
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_duplicate_rows_within_tolerance(metric, mode):
+def test_duplicate_rows_within_tolerance(metric, mode, device):
     x, lx, unit, kwargs, brute = duplicated_case(metric, mode)
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     for k in (1, 3, 10, None):
         check_quadruplets(pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), brute, k, MINING_TOL[torch.float64])
     check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, MINING_TOL[torch.float64])
@@ -316,11 +333,12 @@ def test_duplicate_rows_within_tolerance(metric, mode):
 
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_exact_ties_go_to_smallest_index(metric, mode):
+def test_exact_ties_go_to_smallest_index(metric, mode, device):
     """Duplicated rows make ties exact (the pairs are the same two vectors): docs/design.md#ties-and-tolerance says the
     smallest index wins and pairs are ordered by (i, r), so the brute force must be reproduced
     exactly, not just within tolerance."""
     x, lx, unit, kwargs, brute = duplicated_case(metric, mode)
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     for k in (1, 3, 10, None):
         q = pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs)
         got = list(zip(*(t.tolist() for t in q[:4])))
@@ -385,12 +403,13 @@ def self_copy_case(metric, dtype_name, m, n, seed):
 @pytest.mark.parametrize("m,n", [(7, 11), (37, 53)], ids=["7x11", "37x53"])
 @pytest.mark.parametrize("dtype_name", ["f64", "f32"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_reference_mode_never_pairs_a_query_with_its_copy(metric, dtype_name, m, n):
+def test_reference_mode_never_pairs_a_query_with_its_copy(metric, dtype_name, m, n, device):
     x, lx, y, ly, unit, brute, tol, tiny_pair = self_copy_case(metric, dtype_name, m, n, seed=m + n)
     same = [(i, r) for i in range(m) for r in range(n) if brute.equal[i][r] and brute.lx[i] == brute.ly[r]]
     assert len(same) >= (m + 1) // 2 - 1  # copies to leave out (one copy has another label)
     assert brute.positive(*tiny_pair)  # differs by a squared difference that underflows: still a positive
     kwargs = dict(ref_emb=y, ref_labels=ly, metric=metric)
+    x, lx, unit, kwargs = on_device(device, x, lx, unit, kwargs)
     for k in (1, 3, None):
         for q in (pddm_ext.mine_hard(x, lx, unit, k=k, **kwargs), reference.mine_hard(x, lx, unit, k=k, **kwargs)):
             check_quadruplets(q, brute, k, tol)
@@ -401,12 +420,12 @@ def test_reference_mode_never_pairs_a_query_with_its_copy(metric, dtype_name, m,
 # --------------------------------------------------------------------------- structure
 
 
-def test_skipping_is_all_or_nothing():
+def test_skipping_is_all_or_nothing(device):
     """Reference mode, all references share one label: positives exist but no negative -> empty."""
-    x = randn(6, D, seed=1)
-    lx = torch.tensor([0, 0, 1, 1, 2, 0])
-    y = randn(5, D, seed=2)
-    ly = torch.zeros(5, dtype=torch.int64)
+    x = randn(6, D, seed=1, device=device)
+    lx = torch.tensor([0, 0, 1, 1, 2, 0], device=device)
+    y = randn(5, D, seed=2, device=device)
+    ly = torch.zeros(5, dtype=torch.int64, device=device)
     q = pddm_ext.mine_hard(x, lx, k=None, ref_emb=y, ref_labels=ly)
     assert q.anchor.numel() == 0 and q.scores.shape == (0, 3)
     a, p, n = pddm_ext.batch_hard(x, lx, ref_emb=y, ref_labels=ly)
@@ -415,9 +434,10 @@ def test_skipping_is_all_or_nothing():
 
 @pytest.mark.parametrize("labels", [torch.arange(6), torch.zeros(6, dtype=torch.int64)], ids=["distinct", "one"])
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
-def test_empty_results_are_empty_not_errors(labels, metric):
-    unit = make_unit(D, seed=1) if metric == "pddm" else None
-    x = randn(6, D, seed=1)
+def test_empty_results_are_empty_not_errors(labels, metric, device):
+    labels = labels.to(device)
+    unit = make_unit(D, seed=1, device=device) if metric == "pddm" else None
+    x = randn(6, D, seed=1, device=device)
     for k in (1, None):
         q = pddm_ext.mine_hard(x, labels, unit, k=k, metric=metric)
         assert all(t.shape == (0,) and t.dtype == torch.int64 for t in q[:4])
@@ -494,6 +514,7 @@ def test_mining_does_not_track_gradients():
     assert x.grad is None
 
 
+@cpu_kernels_only
 def test_half_embeddings_mine_like_float32():
     x, lx, unit, kwargs, brute, tol = mining_case("pddm", "batch", "pairs", "f32")
     xh = x.to(torch.bfloat16)
@@ -563,3 +584,262 @@ def test_quadruplets_copy_and_pickle_keep_the_mode():
             assert torch.equal(got, want)
     a, p, n = q.as_triplets()
     assert a.shape == q.anchor.shape  # reference mode: q triplets, not 2q
+
+
+# --------------------------------------------------------------------------- on every device: ops.mine's slots
+
+
+def reference_slots(x, lx, y, ly, params, metric):
+    """Full score matrix (float64) and the masks of docs/design.md#mining (reference mode: the
+    same-label pairs of equal rows are no positive pairs)."""
+    batch = y is None
+    yy, lyy = (x, lx) if batch else (y, ly)
+    if metric == "euclidean":
+        S = reference.euclidean_scores(x.double(), yy.double())
+    else:
+        S = reference.pddm_scores(x.double(), None if batch else y.double(), [p.double() for p in params])
+    same = lx[:, None] == lyy[None, :]
+    positive, negative = same.clone(), ~same
+    if batch:
+        positive.fill_diagonal_(False)
+    else:
+        positive &= ~(x[:, None, :] == y[None, :, :]).all(-1)
+    return S, positive, negative
+
+
+def assert_slot(idx, S, mask, maximize, tol, what):
+    """idx[row] is -1 iff the row has no candidate, else a candidate within tol of the optimum."""
+    masked = torch.where(mask, S, torch.tensor(-float("inf") if maximize else float("inf"), dtype=S.dtype, device=S.device))
+    best = masked.max(1).values if maximize else masked.min(1).values
+    has = mask.any(1)
+    assert torch.equal(idx >= 0, has), f"{what}: -1 pattern differs"
+    rows = has.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    j = idx[rows]
+    assert bool(mask[rows, j].all()), f"{what}: index is not a candidate"
+    got = S[rows, j]
+    assert bool(((got - best[rows]).abs() <= tol * (1 + best[rows].abs())).all()), f"{what}: not optimal"
+
+
+def check_mining(x, lx, y, ly, unit, metric, k):
+    batch = y is None
+    params = None if metric == "euclidean" else params_of(unit)
+    dtype = x.dtype
+    tol = 1e-5 if dtype == torch.float64 else 1e-4
+    out = pddm_ops.mine(x, lx, y, ly, params, -1 if k is None else k)
+    hp, hp_s, hn, hn_s, hnr, hnr_s, pi, pr, ps = out
+    S, positive, negative = reference_slots(x, lx, y, ly, params, metric)
+    assert_slot(hp, S, positive, False, tol, "hardest_positive")
+    assert_slot(hn, S, negative, True, tol, "hardest_negative")
+    assert_slot(hnr, S.T, negative.T, True, tol, "hardest_negative_of_ref")
+    for idx, s, M in ((hp, hp_s, S), (hn, hn_s, S), (hnr, hnr_s, S.T)):
+        rows = (idx >= 0).nonzero().flatten()
+        if rows.numel():
+            want = M[rows, idx[rows]]
+            assert bool(((s[rows].double() - want).abs() <= tol * (1 + want.abs())).all())
+    # The k lowest positive pairs: the right count, valid, distinct, in the order of docs/design.md#mining, of their own
+    # scores, and none better than the reference's k-th.
+    pos = positive.triu(1) if batch else positive
+    n_pos = int(pos.sum())
+    want_q = 0 if k == 0 else (n_pos if k is None else min(k, n_pos))
+    assert pi.numel() == want_q
+    if want_q:
+        assert bool(pos[pi, pr].all())
+        assert len(set(zip(pi.tolist(), pr.tolist()))) == want_q
+        keys = list(zip(ps.tolist(), pi.tolist(), pr.tolist()))
+        assert keys == sorted(keys)
+        kth = torch.sort(S[pos]).values[want_q - 1]
+        assert bool((S[pi, pr] <= kth + tol * (1 + kth.abs())).all())
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_mining_matches_reference_and_cpu(seed, metric, device):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if seed % 2 else torch.float32
+    batch = seed % 3 != 0
+    m = int(torch.randint(1, 70, (1,), generator=g))
+    n = int(torch.randint(1, 90, (1,), generator=g))
+    d = int(torch.randint(1, 40, (1,), generator=g))
+    classes = int(torch.randint(1, 6, (1,), generator=g))
+    k = [None, 0, 1, 3, 1000][seed % 5]
+    x = torch.randn(m, d, generator=g, dtype=dtype)
+    if m > 3:
+        x[3] = x[2]  # exact ties: smallest index wins
+    y = None if batch else torch.randn(n, d, generator=g, dtype=dtype)
+    lx = torch.randint(0, classes, (m,), generator=g)
+    ly = None if batch else torch.randint(0, classes, (n,), generator=g)
+    unit = make_unit(d, dtype=dtype, device="cpu", seed=seed)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = check_mining(to(x), to(lx), to(y), to(ly), unit.to(device), metric, k)
+    if EMULATED:
+        return  # the emulation build has no CPU kernels to compare with (check_mining used the reference)
+    cpu = pddm_ops.mine(x, lx, y, ly, None if metric == "euclidean" else params_of(unit.cpu()), -1 if k is None else k)
+    # Same -1 pattern and, where the CPU's choice is unique up to tolerance, the same index.
+    for a, b in zip(out[:6:2], cpu[:6:2]):
+        assert torch.equal(a.cpu() >= 0, b >= 0)
+    assert out[6].numel() == cpu[6].numel()
+
+
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_public_mining_api_matches_reference(metric, device):
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(48, 16, device=device), dim=1)
+    labels = torch.arange(12, device=device).repeat_interleave(4)
+    unit = make_unit(16, device=device, dtype=torch.float32) if metric == "pddm" else None
+    q = pddm_ext.mine_hard(emb, labels, unit, k=5, metric=metric)
+    r = reference.mine_hard(emb, labels, unit, k=5, metric=metric)
+    assert q.anchor.device.type == torch.device(device).type and q.anchor.dtype == torch.int64
+    assert q.anchor.numel() == r.anchor.numel()
+    assert rel_err(q.scores[:, 0], r.scores[:, 0]) < 1e-4
+    a, p, n = pddm_ext.batch_hard(emb, labels, unit, metric=metric)
+    ra, rp, rn = reference.batch_hard(emb, labels, unit, metric=metric)
+    assert torch.equal(a, ra)
+
+
+@pytest.mark.parametrize("m,n", [(41, 67), (20, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", ["pddm", "euclidean"])
+def test_reference_mode_leaves_out_a_querys_copy(metric, dtype, m, n, device):
+    """docs/design.md#mining's self-copy rule in the kernels: references that hold the queries (shuffled,
+    one with -0.0 for +0.0, one with another label) are no positives of their queries; a row that
+    differs by a squared difference that underflows still is one. 41 x 67 spans several tiles of both
+    metrics, 20 x 30 is one Euclidean tile (one block); k selects the append buffer (every pair, or
+    more than the blocks' heaps would hold) and the per-block heaps (k < pairs by label, k x blocks <=
+    pairs by label), with k large enough that the copies would enter the heaps without the rule."""
+    g = torch.Generator().manual_seed(7)
+    d = 9
+    tiny = 1e-30 if dtype == torch.float32 else 1e-170
+    x = torch.randn(m, d, generator=g, dtype=dtype)
+    x[:, 0] = 0.0
+    lx = torch.randint(0, 3, (m,), generator=g)
+    copies = torch.randperm(m, generator=g)
+    y = torch.cat([x[copies], torch.randn(n - m, d, generator=g, dtype=dtype)])
+    ly = torch.cat([lx[copies], torch.randint(0, 3, (n - m,), generator=g)])
+    y[0, 0], y[1, 0] = -0.0, tiny
+    ly[2] = (ly[2] + 1) % 3
+    unit = make_unit(d, 11, 6, dtype=dtype, device=device, seed=4)
+    to = lambda t: t.to(device)  # noqa: E731
+    _, positive, _ = reference_slots(x, lx, y, ly, None, "euclidean")
+    excluded = torch.zeros(m, n, dtype=torch.bool)
+    excluded[copies, torch.arange(m)] = True  # query copies[r] against its copy y[r]
+    excluded &= lx[:, None] == ly[None, :]
+    excluded[copies[1], 1] = False  # y[1] differs from its query by tiny
+    assert int(excluded.sum()) == m - 2 and not positive[excluded].any() and positive[copies[1], 1]
+    by_label = int((lx[:, None] == ly[None, :]).sum())  # the kernels' count of positive pairs, by label
+    for k in (1, 5, None, by_label // 16, by_label - 1):
+        out = check_mining(to(x), to(lx), to(y), to(ly), unit, metric, k)
+        hp, pi, pr = out[0].cpu(), out[6].cpu(), out[7].cpu()
+        rows = (hp >= 0).nonzero().flatten()
+        assert not excluded[rows, hp[rows]].any() and not excluded[pi, pr].any()
+
+
+def test_reference_mode_bank_much_larger_than_queries(device):
+    bank = 20000 if device == "cuda" else 2003  # the emulation runs one block at a time on one core
+    unit = make_unit(32, 32, 32, seed=3, device=device, dtype=torch.float32)
+    x = torch.randn(5, 32, device=device)
+    y = torch.randn(bank, 32, device=device)
+    lx = torch.arange(5, device=device)
+    ly = torch.randint(0, 50, (bank,), device=device)
+    check_mining(x, lx, y, ly, unit, "pddm", 7)
+    check_mining(x, lx, y, ly, unit, "euclidean", None)
+
+
+def nan_rule_best(S, mask, maximize):
+    """The NaN rule of pddm_common.h by brute force: the best non-NaN candidate (ties: smallest
+    index); a NaN only when every candidate is NaN (then the smallest index); -1 without candidates."""
+    out = []
+    for row, cand in zip(S.tolist(), mask.tolist()):
+        idx = [j for j, c in enumerate(cand) if c]
+        finite = [j for j in idx if row[j] == row[j]]
+        if not idx:
+            out.append(-1)
+        elif not finite:
+            out.append(idx[0])
+        else:
+            best = (max if maximize else min)(row[j] for j in finite)
+            out.append(min(j for j in finite if row[j] == best))
+    return out
+
+
+def check_nan_rule(device, dtype, m=45, n=53):
+    """Mining where every PDDM score is NaN (b_s = NaN; only reachable through torch.ops: the API
+    rejects NaN): each slot gets its smallest candidate index, the pairs come in (i, r) order. The
+    packed float keys of the GPU, the locked float64 path and the CPU's merges of per-thread partial
+    results must all follow the rule of pddm_common.h, whatever order the candidates arrive in."""
+    g = torch.Generator().manual_seed(5)
+    unit = make_unit(6, 5, 4, dtype=dtype, device="cpu", seed=5)
+    params = [t.clone() for t in params_of(unit)]
+    params[-1].fill_(float("nan"))  # b_s
+    x = torch.randn(m, 6, generator=g, dtype=dtype)
+    y = torch.randn(n, 6, generator=g, dtype=dtype)
+    lx = torch.randint(0, 3, (m,), generator=g)
+    ly = torch.randint(0, 3, (n,), generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    S = torch.full((m, n), float("nan"), dtype=torch.float64)
+    same = lx[:, None] == ly[None, :]
+    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), to(y), to(ly), *map(to, params), 4)
+    assert bool(out[1].isnan().all()) and bool(out[3].isnan().all())
+    assert out[0].tolist() == nan_rule_best(S, same, False)
+    assert out[2].tolist() == nan_rule_best(S, ~same, True)
+    assert out[4].tolist() == nan_rule_best(S.T, ~same.T, True)
+    want = same.nonzero().tolist()[:4]  # all NaN: (i, r) order
+    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == want
+    # batch mode: the pairs i < r
+    out = torch.ops.pddm_ext.mine_pddm(to(x), to(lx), None, None, *map(to, params), 3)
+    same_b = lx[:, None] == lx[None, :]
+    pos_b = same_b & ~torch.eye(m, dtype=torch.bool)
+    Sb = torch.full((m, m), float("nan"), dtype=torch.float64)
+    assert out[0].tolist() == nan_rule_best(Sb, pos_b, False)
+    assert out[2].tolist() == nan_rule_best(Sb, ~same_b, True)
+    assert [list(t) for t in zip(out[6].tolist(), out[7].tolist())] == pos_b.triu(1).nonzero().tolist()[:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_follow_the_rule_of_pddm_common(dtype, device):
+    check_nan_rule(device, dtype)
+
+
+@cpu_kernels_only
+@pytest.mark.multithreaded
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_scores_follow_the_rule_of_pddm_common_cpu_kernels(dtype):
+    check_nan_rule("cpu", dtype, m=300, n=280)  # many tiles: per-thread partial results merged
+
+
+def test_bank_mining_checked_chunk_by_chunk(device):
+    """The check of the 2^31-pair test below, on a bank small enough for every backend (the emulation
+    included), so that the check itself runs in CI: a bank of 3001 rows in chunks of 512."""
+    x, lx, y, ly, params = bank_case(16, 3001, 4, device, classes=40)
+    check_bank_mining(x, lx, y, ly, params, 3, 512)
+
+
+def test_bad_input_errors(device):
+    unit = make_unit(8, device=device, dtype=torch.float32)
+    p = params_of(unit)
+    x = torch.randn(5, 8, device=device)
+    with pytest.raises(ValueError):
+        pddm_ext.pddm_scores(torch.randn(5, 7, device=device), None, *p)  # d mismatch
+    with pytest.raises(ValueError):
+        pddm_ext.pddm_scores(torch.empty(0, 8, device=device), None, *p)  # empty
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pddm_ext.pddm_scores(bad, None, *p)
+    with pytest.raises(ValueError):
+        pddm_ext.mine_hard(x, torch.arange(4, device=device), unit)  # labels length
+    with pytest.raises(ValueError):
+        pddm_ext.mine_hard(x, torch.arange(5, device=device), unit, k=0)
+    with pytest.raises(ValueError):
+        pddm_ext.mine_hard(x, torch.rand(5, device=device), unit)  # float labels
+
+
+def test_no_positive_or_no_negative_is_empty_not_an_error(device):
+    unit = make_unit(8, device=device, dtype=torch.float32)
+    x = torch.randn(6, 8, device=device)
+    q = pddm_ext.mine_hard(x, torch.arange(6, device=device), unit)  # no positive pair
+    assert q.anchor.numel() == 0
+    q = pddm_ext.mine_hard(x, torch.zeros(6, dtype=torch.long, device=device), unit)  # no negative
+    assert q.anchor.numel() == 0

@@ -21,7 +21,7 @@ import torch
 
 import pddm_ext
 from pddm_ext import _validate as V
-from conftest import randn
+from helpers import randn
 
 HOST_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy", "cpu", "__array__")
 

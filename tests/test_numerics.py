@@ -20,9 +20,8 @@ import torch
 
 import pddm_ext
 from pddm_ext import reference
-from conftest import MINING_TOL, make_unit, randn, ref_params
+from helpers import MINING_TOL, assert_scores_close, make_unit, randn, ref_params
 from test_mining import Brute, brute_scores, check_batch_hard, check_quadruplets
-from test_scores import assert_scores_close
 
 # --------------------------------------------------------------------------- near-antipodal pairs
 
@@ -83,11 +82,11 @@ def antipodal_rows(m, d, rel, dtype, seed):
 
 @pytest.mark.parametrize("batch", [False, True], ids=["ref", "batch"])
 @pytest.mark.parametrize("d,h,c", [(2, 2, 1), (5, 4, 3), (37, 19, 6)])
-def test_near_antipodal_float64_scores_and_gradients(d, h, c, batch):
+def test_near_antipodal_float64_scores_and_gradients(d, h, c, batch, device):
     """||a + b|| / ||a|| ~ 1e-9 in float64: scores and every gradient against the reference, which forms
     a + b directly (the factorised mean branch was off by ~1e-6 relative)."""
-    a, b = antipodal_rows(6, d, 1e-9, torch.float64, seed=d)
-    unit = make_unit(d, h, c, dtype=torch.float64, seed=h)
+    a, b = (t.to(device) for t in antipodal_rows(6, d, 1e-9, torch.float64, seed=d))
+    unit = make_unit(d, h, c, dtype=torch.float64, seed=h, device=device)
     if batch:
         x = torch.cat([a, b]).requires_grad_()
         S, S_ref_fn = unit(x), lambda xr: reference.pddm_scores(xr, None, unit)
@@ -96,7 +95,7 @@ def test_near_antipodal_float64_scores_and_gradients(d, h, c, batch):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
         S, S_ref_fn = unit(x, y), lambda xr, yr: reference.pddm_scores(xr, yr, unit)
         inputs = (x, y)
-    G = randn(*S.shape, dtype=torch.float64, seed=7)
+    G = randn(*S.shape, dtype=torch.float64, seed=7, device=device)
     grads = torch.autograd.grad((S * G).sum(), (*inputs, *unit.params()))
     ref_inputs = tuple(t.detach().clone().requires_grad_() for t in inputs)
     S_ref = S_ref_fn(*ref_inputs)
@@ -143,17 +142,18 @@ REL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("m,n,d,h,c", [(29, None, 3, 5, 4), (31, 23, 6, 7, 5), (40, None, 128, 128, 128)])
-def test_antipodal_pairs_mixed_into_batches(m, n, d, h, c, dtype):
-    x = mixed_batch(m, d, dtype, seed=m, rel=REL[dtype])
-    y = None if n is None else torch.cat([-x[: n // 2] * (1 + REL[dtype]), randn(n - n // 2, d, dtype=dtype, seed=5)])
-    unit = make_unit(d, h, c, dtype=dtype, seed=d)
+def test_antipodal_pairs_mixed_into_batches(m, n, d, h, c, dtype, device):
+    x = mixed_batch(m, d, dtype, seed=m, rel=REL[dtype]).to(device)
+    y = None if n is None else torch.cat([-x[: n // 2] * (1 + REL[dtype]),
+                                          randn(n - n // 2, d, dtype=dtype, seed=5, device=device)])
+    unit = make_unit(d, h, c, dtype=dtype, seed=d, device=device)
     S = unit(x, y)
     S_ref = reference.pddm_scores(x.double(), None if y is None else y.double(), ref_params(unit))
     assert_scores_close(S, S_ref, dtype)
     # gradients: float64 only (float32 input gradients of antipodal pairs are ~1/||a + b||, ill-conditioned)
     if dtype == torch.float64:
         xr = x.clone().requires_grad_()
-        G = randn(*S.shape, dtype=dtype, seed=9)
+        G = randn(*S.shape, dtype=dtype, seed=9, device=device)
         g = torch.autograd.grad((unit(xr, y) * G).sum(), (xr, unit.W_v, unit.b_v))
         xr2 = x.clone().requires_grad_()
         g_ref = torch.autograd.grad((reference.pddm_scores(xr2, y, unit) * G).sum(), (xr2, unit.W_v, unit.b_v))
@@ -163,7 +163,7 @@ def test_antipodal_pairs_mixed_into_batches(m, n, d, h, c, dtype):
 
 @pytest.mark.parametrize("dtype_name", ["f64", "f32"])
 @pytest.mark.parametrize("mode", ["batch", "ref"])
-def test_mining_with_antipodal_pairs(mode, dtype_name):
+def test_mining_with_antipodal_pairs(mode, dtype_name, device):
     dtype = {"f64": torch.float64, "f32": torch.float32}[dtype_name]
     d = 4
     x = mixed_batch(26, d, dtype, seed=4, rel=REL[dtype])
@@ -177,6 +177,8 @@ def test_mining_with_antipodal_pairs(mode, dtype_name):
         kwargs = dict(ref_emb=y, ref_labels=ly)
     brute = Brute(brute_scores(x, y, ref_params(unit), "pddm"), lx.tolist(), ly.tolist(), mode == "batch")
     tol = MINING_TOL[dtype]
+    x, lx, unit = x.to(device), lx.to(device), unit.to(device)  # the brute force above scored the CPU copies
+    kwargs = {key: value.to(device) for key, value in kwargs.items()}
     check_quadruplets(pddm_ext.mine_hard(x, lx, unit, k=None, **kwargs), brute, None, tol)
     check_batch_hard(pddm_ext.batch_hard(x, lx, unit, **kwargs), brute, tol)
 
@@ -207,7 +209,7 @@ def offset_rows(m, d, dtype, seed, offset, spread):
 @pytest.mark.parametrize("mode", ["batch", "ref"])
 @pytest.mark.parametrize("m,n,d,offset,spread", [(23, 17, 1, 1000.0, 0.1), (37, 41, 6, 1e4, 1.0),
                                                  (70, 150, 33, 300.0, 0.01)])
-def test_euclidean_mining_with_common_offset(m, n, d, offset, spread, mode, dtype_name):
+def test_euclidean_mining_with_common_offset(m, n, d, offset, spread, mode, dtype_name, device):
     dtype = {"f64": torch.float64, "f32": torch.float32}[dtype_name]
     x = offset_rows(m, d, dtype, seed=d, offset=offset, spread=spread)
     lx = torch.randint(0, 4, (m,), generator=torch.Generator().manual_seed(d))
@@ -220,6 +222,8 @@ def test_euclidean_mining_with_common_offset(m, n, d, offset, spread, mode, dtyp
         kwargs = dict(ref_emb=y, ref_labels=ly)
     brute = Brute(brute_scores(x, y, None, "euclidean"), lx.tolist(), ly.tolist(), mode == "batch")
     tol = MINING_TOL[dtype]
+    x, lx = x.to(device), lx.to(device)  # the brute force above scored the CPU copies
+    kwargs = {key: value.to(device) for key, value in kwargs.items()}
     for k in (1, None):
         check_quadruplets(pddm_ext.mine_hard(x, lx, k=k, **kwargs), brute, k, tol)
     check_batch_hard(pddm_ext.batch_hard(x, lx, **kwargs), brute, tol)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import pddm_ext  # noqa: E402
 from pddm_ext import reference  # noqa: E402
-from conftest import MINING_TOL, make_unit, randn, ref_params  # noqa: E402
+from helpers import MINING_TOL, make_unit, randn, ref_params  # noqa: E402
 from test_mining import Brute, check_batch_hard, check_quadruplets  # noqa: E402
 
 SETTINGS = dict(max_examples=30, deadline=None, database=None, derandomize=True)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import pddm_ext
 from pddm_ext.reference import PARAM_NAMES
-from conftest import make_unit
+from helpers import make_unit
 
 G, D, H, C = 6, 4, 5, 3  # good batch: 6 rows of 4 features; unit widths h = 5, c = 3
 

@@ -27,7 +27,7 @@ import pddm_ext.integrations.distributed
 import pddm_ext.integrations.memory
 import pddm_ext.integrations.miners
 from pddm_ext import reference
-from conftest import MINING_TOL, randn
+from helpers import MINING_TOL, randn
 
 D = 6
 HALF = [torch.float16, torch.bfloat16]
