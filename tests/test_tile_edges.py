@@ -19,9 +19,9 @@ import torch
 import pddm_ext
 from pddm_ext import reference
 from pddm_ext._tiles import tile_shapes
+from helpers import EMULATED, HAS_CUDA
 
-EMULATED = bool(getattr(pddm_ext._C, "cuda_emulation", False))
-HAS_CUDA = torch.cuda.is_available() and pddm_ext._C.with_cuda
+# tests/helpers.py's devices, each with the backend whose tiles its kernels use
 if EMULATED:  # the CPU key runs the emulated CUDA kernels
     BACKENDS = [pytest.param(("cpu", "cuda"), id="emulated")]
 else:
