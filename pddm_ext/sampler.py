@@ -22,7 +22,10 @@ class PKSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, labels, classes_per_batch, samples_per_class, *, num_batches=None, seed=None):
-        labels = torch.as_tensor(labels)
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"labels must be a 1-D sequence of integers (a tensor, array or list of ints): {e}") from None
         if labels.dim() != 1 or labels.numel() == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
         if labels.dtype == torch.bool or labels.is_floating_point():

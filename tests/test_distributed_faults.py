@@ -301,3 +301,10 @@ def test_all_gather_still_gathers_after_the_errors(ranks):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("loss", [5, "triplet", None])
+def test_global_batch_loss_refuses_a_loss_that_is_not_callable(loss):
+    """Checked when the wrapper is built, on one process, not at the first step on every rank."""
+    with pytest.raises(TypeError, match=r"^loss must be a callable loss\(embeddings, labels\)"):
+        pddm_ext.distributed.GlobalBatchLoss(loss)

@@ -77,6 +77,8 @@ def test_is_a_pml_miner_whose_triplets_are_mine_hards():
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="mode must be one of"):
         pddm_ext.PDDMMiner(mode="hardest")
+    with pytest.raises(ValueError, match=r"^k applies to mode='mine_hard' only .* got k=3"):
+        pddm_ext.PDDMMiner(unit=unit, mode="batch_hard", k=3)  # batch_hard would ignore it
     with pytest.raises(ValueError, match="metric='pddm' needs a PDDM unit"):
         pddm_ext.PDDMMiner(metric="pddm")
 

@@ -61,3 +61,9 @@ def test_numpy_ints_are_accepted_for_num_batches_and_seed():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     s = PKSampler(labels, 2, 2, num_batches=np.int64(3), seed=np.int64(7))
     assert len(s) == 3 and list(s) == list(PKSampler(labels, 2, 2, num_batches=3, seed=7))
+
+
+@pytest.mark.parametrize("labels", [["a", "b", "a", "b"], [object(), object()]])
+def test_labels_that_are_not_integers_name_labels(labels):
+    with pytest.raises(TypeError, match=r"^labels must be a 1-D sequence of integers"):
+        PKSampler(labels, 2, 2)

@@ -6,8 +6,7 @@ with ``glyphs`` and ``folder_images``), models (``models``, the networks defined
 and retrieval evaluation (``evaluate``).
 
 Needs the ``train`` extra: from a checkout, ``pip install '.[train]'`` (with torch
-already installed). ``pip install 'pddm-ext[train]'`` is the same for the published package name, once
-the package is on an index.
+already installed).
 """
 
 import importlib
@@ -18,9 +17,8 @@ TRAIN_EXTRA = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplot
 
 
 def extra_hint(extra="train"):
-    """The install command for an extra, as it works from a checkout (and the published form)."""
-    return (f"from a checkout: pip install '.[{extra}]' "
-            f"(the published package: pip install 'pddm-ext[{extra}]')")
+    """The install command for an extra, as it works from a checkout (the package is on no index yet)."""
+    return f"from a checkout: pip install '.[{extra}]'"
 
 
 def missing_train_extra():

@@ -77,6 +77,9 @@ class GlobalBatchLoss(torch.nn.Module):
 
     def __init__(self, loss, group=None):
         super().__init__()
+        if not callable(loss):
+            raise TypeError(f"loss must be a callable loss(embeddings, labels) such as an nn.Module, got "
+                            f"{type(loss).__name__}")
         self.loss = loss
         self.group = group
 

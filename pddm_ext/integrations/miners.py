@@ -35,6 +35,9 @@ class _PDDMMining:
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.k = V.check_k(k)
+        if mode == "batch_hard" and self.k is not None:
+            raise ValueError(f"k applies to mode='mine_hard' only (mode='batch_hard' gives one triplet per anchor), "
+                             f"got k={k!r}")
         self.mode = mode
         self.normalize = V.check_bool("normalize", normalize)
         # Not registered as a submodule: the unit belongs to the loss (and its optimiser); the
