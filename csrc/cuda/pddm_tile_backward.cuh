@@ -79,9 +79,17 @@ __device__ __forceinline__ void add_gradient(T* p, T v, bool per_block) {
   }
 }
 
-// Per-pair scalars of the backward (in addition to the forward's TileScalars).
-template <typename T>
-struct BackwardScalars {
+// The half kernels' per-pair power-of-two scales of a gradient product's operand (half_operand_exponent):
+// the dQ rows for dZ = dQ W_c, then the dpre_u rows for dU = dpre_u W_u.
+struct HalfOperandExponents {
+  int e[kPairs];
+};
+struct NoOperandExponents {};
+
+// Per-pair scalars of the backward (in addition to the forward's TileScalars); kHalf: with the half
+// kernels' operand exponents.
+template <typename T, bool kHalf = false>
+struct BackwardScalars : std::conditional_t<kHalf, HalfOperandExponents, NoOperandExponents> {
   T g[kPairs];       // dL/dS of the pair (batch mode: dS[i, r] + dS[r, i], once per unordered pair)
   T s_u[kPairs], s_v[kPairs];  // z . dz of the two halves of Z
   T coef_v[kPairs];  // d/d(x + y) of the mean branch's clamped norm, per unit of (x + y)
@@ -104,16 +112,30 @@ struct BackwardStrides {
   }
 };
 
+// The half kernels' operand exponents: e[p] = half_operand_exponent(max_k |M[p * ld + k]|), k < cols
+// (0 for a zero row), one warp per pair; M's rows complete (after a barrier). Read after the next one.
+template <typename T>
+__device__ __forceinline__ void half_row_exponents(const T* M, int64_t ld, int64_t cols, int* e) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int p = warp; p < kPairs; p += kWarps) {
+    T largest = 0;
+    for (int64_t k = lane; k < cols; k += 32) largest = fmaxf(largest, abs_value(M[p * ld + k]));
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    if (lane == 0) e[p] = half_operand_exponent(largest);
+  }
+}
+
 // g[p] = dL/dS of the tile's pairs into bs.g (0 for the padded pairs of an edge tile and the slots
 // past a list's end); returns whether any is nonzero (every thread reads the same bs.g, so the whole
 // block agrees). Pairs with a zero gradient contribute nothing (as on the CPU path): the walk skips a
 // tile without any, and within a tile every sum over pairs in the phases below skips them, so that
 // their activations (which may be inf or NaN, say for a row of x that only such pairs touch) never
 // reach a gradient. Called after the barrier that ends the previous tile's reads of bs.
-template <typename T>
+template <typename T, bool kHalf>
 __device__ __forceinline__ bool tile_pair_gradients(const BackwardOut<T>& out, const PairRows<T>& rows,
                                                     const TilePairs& tp, bool batch, bool listed,
-                                                    BackwardScalars<T>& bs) {
+                                                    BackwardScalars<T, kHalf>& bs) {
   const int tid = threadIdx.x;
   if (tid < kPairs) {
     int64_t i = tp.i0 + tid / kTile, r = tp.r0 + tid % kTile;
@@ -139,16 +161,17 @@ __device__ __forceinline__ bool tile_pair_gradients(const BackwardOut<T>& out, c
 // Score layer: S = w_s . relu(W_c Z + b_c) + b_s, after pddm_tile_activations left Z. Recomputes
 // q = relu(W_c Z + b_c) into Q, adds the tile's dw_s, db_c, db_s and dW_c = dQ^T Z to the slab, and
 // leaves dQ = dL/d(W_c Z + b_c) in Q and dZ = dQ W_c in dZ. Ends synchronised.
-template <typename T>
+template <typename T, bool kHalf>
 __device__ __forceinline__ void tile_score_layer_backward(const PddmParams<T>& w, const BackwardOut<T>& out,
-                                                          const BlockPointers<T>& bp, const BackwardScalars<T>& bs,
+                                                          const BlockPointers<T>& bp, BackwardScalars<T, kHalf>& bs,
                                                           T* sm_a, T* sm_w) {
   T* const &Z = bp.Z, *const &dZ = bp.dZ, *const &Q = bp.Q, *const &slab = bp.slab;
   const int64_t h = w.h, c = w.c;
   const auto ld = BackwardStrides::of(w.d, h, c);
   const int tid = threadIdx.x;
-  // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
-  pair_gemm<T, false, kBackwardStages>(
+  // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s (the half kernels: the forward's
+  // half product, pddm_tile_scores).
+  pair_gemm<T, kHalf, kBackwardStages>(
       c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ld.z + k]; },
       [&](int p, int64_t j, T q) { Q[p * ld.q + j] = relu(q + w.b_c[j]); }, sm_a, sm_w, w.math, kBackwardStages);
   if (slab != nullptr) {
@@ -178,6 +201,7 @@ __device__ __forceinline__ void tile_score_layer_backward(const PddmParams<T>& w
     q = q > T(0) && bs.g[p] != T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
   }
   __syncthreads();
+  if constexpr (kHalf) half_row_exponents(Q, ld.q, c, bs.e);  // read by dZ's operand after dW_c's barrier
   if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's live pairs
     RowColWalk jk(c, 2 * h);
     for (int64_t e = tid; e < c * 2 * h; e += kThreads, jk.next()) {
@@ -189,10 +213,19 @@ __device__ __forceinline__ void tile_score_layer_backward(const PddmParams<T>& w
       slab[out.layout.W_c + e] += acc;
     }
   }
-  // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k].
-  pair_gemm<T, false, kBackwardStages>(
-      2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * ld.q + j]; },
-      [&](int p, int64_t k, T v) { dZ[p * ld.z + k] = v; }, sm_a, sm_w, w.math, kBackwardStages);
+  // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k]. The half kernels scale pair p's row of dQ by 2^-e[p]
+  // and its products back by 2^e[p] (exact): dQ = g w_s, with g = dL/dS often far below float16's
+  // smallest normal (6e-5), would otherwise round to 0 or lose its bits.
+  if constexpr (kHalf) {
+    __syncthreads();  // bs.e complete
+    pair_gemm<T, true, kBackwardStages>(
+        2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return ldexpf(Q[p * ld.q + j], -bs.e[p]); },
+        [&](int p, int64_t k, T v) { dZ[p * ld.z + k] = ldexpf(v, bs.e[p]); }, sm_a, sm_w, w.math, kBackwardStages);
+  } else {
+    pair_gemm<T, false, kBackwardStages>(
+        2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * ld.q + j]; },
+        [&](int p, int64_t k, T v) { dZ[p * ld.z + k] = v; }, sm_a, sm_w, w.math, kBackwardStages);
+  }
 }
 
 // The normalisations of u' and v', the branch ReLUs (z > 0 exactly where the ReLU was active) and
@@ -203,11 +236,11 @@ __device__ __forceinline__ void tile_score_layer_backward(const PddmParams<T>& w
 // whether the tile has a near-antipodal pair with a gradient (their dx, dy go with the others, in
 // tile_inputs_backward; the CPU twin adds them here). Starts after a barrier that ends the writes to
 // dZ (pair_gemm ends synchronised).
-template <typename T>
+template <typename T, bool kHalf>
 __device__ __forceinline__ bool tile_branches_backward(const PddmParams<T>& w, const PairRows<T>& rows,
                                                        const TilePairs& tp, bool listed, const BackwardOut<T>& out,
                                                        const BlockPointers<T>& bp, const TileScalars<T>& ts,
-                                                       BackwardScalars<T>& bs) {
+                                                       BackwardScalars<T, kHalf>& bs) {
   T* const &Z = bp.Z, *const &dZ = bp.dZ, *const &slab = bp.slab;
   T* const &g_dPx = bp.dPx, *const &g_dPy = bp.dPy;
   const int64_t d = w.d, h = w.h;
@@ -256,6 +289,7 @@ __device__ __forceinline__ bool tile_branches_backward(const PddmParams<T>& w, c
     dinv_v = warp_sum(dinv_v);
     if (lane == 0) bs.coef_v[p] = mean_scale_coef(dinv_v, ts.norm_v[p], w.normalize_inputs);
   }
+  if constexpr (kHalf) half_row_exponents(dZ, ld.z, h, bs.e);  // dpre_u's, for tile_inputs_backward
   // Near-antipodal pairs take their mean-branch gradient g_v from x + y directly (below and in
   // tile_inputs_backward); through dP_x and dP_y, dW_v = dP_x^T x + dP_y^T y would cancel.
   const bool any_direct = __syncthreads_or(tid < kPairs && ts.direct[tid] && bs.g[tid] != T(0));
@@ -308,10 +342,10 @@ __device__ __forceinline__ bool tile_branches_backward(const PddmParams<T>& w, c
 
 // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T over the tile's live pairs (dpre_u in
 // the first h columns of dZ, tile_branches_backward). Only with parameter gradients (bp.slab).
-template <typename T>
+template <typename T, bool kHalf>
 __device__ __forceinline__ void tile_W_u_backward(const PddmParams<T>& w, const PairRows<T>& rows, bool listed,
                                                   const BackwardOut<T>& out, const BlockPointers<T>& bp,
-                                                  const TileScalars<T>& ts, const BackwardScalars<T>& bs) {
+                                                  const TileScalars<T>& ts, const BackwardScalars<T, kHalf>& bs) {
   T* const &dZ = bp.dZ, *const &slab = bp.slab;
   const int64_t d = w.d, h = w.h;
   const auto ld = BackwardStrides::of(d, h, w.c);
@@ -348,21 +382,28 @@ __device__ __forceinline__ void tile_W_u_backward(const PddmParams<T>& w, const 
 // (u = |x - y| with d/dx = sign(x - y), sign(0) = 0; x + y of the mean branch through bs.coef_v; a
 // near-antipodal pair's W_v^T g_v when any_direct) added to dx and dy. Only when an input needs a
 // gradient. Starts after tile_branches_backward's last barrier.
-template <typename T>
+template <typename T, bool kHalf>
 __device__ __forceinline__ void tile_inputs_backward(const PddmParams<T>& w, const PairRows<T>& rows,
                                                      const TilePairs& tp, bool listed, bool any_direct,
                                                      const BackwardOut<T>& out, const BlockPointers<T>& bp,
-                                                     const TileScalars<T>& ts, BackwardScalars<T>& bs, T* sm_a,
+                                                     const TileScalars<T>& ts, BackwardScalars<T, kHalf>& bs, T* sm_a,
                                                      T* sm_w) {
   T* const &dZ = bp.dZ, *const &dU = bp.dU;
   T* const &g_dx = bp.dx, *const &g_dy = bp.dy;
   const int64_t d = w.d, h = w.h;
   const auto ld = BackwardStrides::of(d, h, w.c);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j].
-  pair_gemm<T, false, kBackwardStages>(
-      d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ld.z + k]; },
-      [&](int p, int64_t j, T v) { dU[p * ld.u + j] = v; }, sm_a, sm_w, w.math, kBackwardStages);
+  // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j]; the half kernels scale pair p's
+  // row of dpre_u by 2^-e[p] (tile_branches_backward) and its products back, as for dZ.
+  if constexpr (kHalf) {
+    pair_gemm<T, true, kBackwardStages>(
+        d, h, w.W_u, 1, d, [&](int p, int64_t k) { return ldexpf(dZ[p * ld.z + k], -bs.e[p]); },
+        [&](int p, int64_t j, T v) { dU[p * ld.u + j] = ldexpf(v, bs.e[p]); }, sm_a, sm_w, w.math, kBackwardStages);
+  } else {
+    pair_gemm<T, false, kBackwardStages>(
+        d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ld.z + k]; },
+        [&](int p, int64_t j, T v) { dU[p * ld.u + j] = v; }, sm_a, sm_w, w.math, kBackwardStages);
+  }
   for (int p = warp; p < kPairs; p += kWarps) {
     const int64_t i = ts.row[p], r = ts.col[p];
     T s = 0;

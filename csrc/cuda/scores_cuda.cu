@@ -175,13 +175,15 @@ inline LivePairs live_pair_list(const at::Tensor& grad, bool batch, int64_t grid
 }
 
 // The backward of the tiles of `pairs`, one tile at a time per block, in the phases of
-// pddm_tile_backward.cuh (those of the CPU twin pddm_tile_backward).
-template <typename T>
+// pddm_tile_backward.cuh (those of the CPU twin pddm_tile_backward). kHalf: the instantiation for half
+// inputs, launched only for them: it recomputes the forward with the forward's half products and runs
+// the gradient products dZ = dQ W_c and dU = dpre_u W_u in the half type (operands scaled per pair).
+template <typename T, bool kHalf = false>
 __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, BackwardPairs pairs,
                                                                     BackwardOut<T> out, T* scratch, int64_t ws_elems) {
   PDDM_DYNAMIC_SHARED(smem_raw);
   PDDM_SHARED(ts, TileScalars<T>);
-  PDDM_SHARED(bs, BackwardScalars<T>);
+  PDDM_SHARED(bs, BackwardScalars<T, kHalf>);
   PDDM_SHARED(bp, BlockPointers<T>);
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     const TilePairs tp = pairs.tile(t);
     __syncthreads();  // the previous tile's readers of shared memory are done
     if (!tile_pair_gradients(out, rows, tp, batch, listed, bs)) continue;
-    pddm_tile_activations<T, false, kBackwardStages>(w, rows, tp, bp.Z, ts, sm_a, sm_w);
+    pddm_tile_activations<T, kHalf, kBackwardStages>(w, rows, tp, bp.Z, ts, sm_a, sm_w);
     tile_score_layer_backward(w, out, bp, bs, sm_a, sm_w);
     const bool any_direct = tile_branches_backward(w, rows, tp, listed, out, bp, ts, bs);
     if (bp.slab != nullptr) tile_W_u_backward(w, rows, listed, out, bp, ts, bs);
@@ -219,14 +221,25 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
   }
 }
 
+// The backward kernel instantiation for a tile math: half inputs run their own (kHalf).
+template <typename T>
+auto scores_backward_kernel_for(TileMath math) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (half_tile_math(math)) return &scores_backward_kernel<float, true>;
+  }
+  return &scores_backward_kernel<T>;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
 scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                      const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                      const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                     std::array<bool, 3> output_mask, bool normalize_inputs) {
+                     std::array<bool, 3> output_mask, bool normalize_inputs,
+                     std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
+  check_product_dtype("pddm_ext::scores_backward", product_dtype, x_in);
   const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   // The two sides of the pair space: batch mode's column side is x again.
@@ -250,7 +263,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   };
   if (!need_inputs && !need_params) return result();
 
-  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, product_dtype);
   const auto &x = in.x, &y = in.y, &W_vc = in.W_v;
   const auto dPx = need_x || need_params ? at::zeros({m, h}, opts) : at::Tensor();
   const auto dPy = batch ? dPx : (need_y || need_params ? at::zeros({n, h}, opts) : at::Tensor());
@@ -274,7 +287,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
     const int64_t budget = backward_budget_bytes();
-    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count(),
+    const auto backward_tile_kernel = scores_backward_kernel_for<T>(w.math);
+    const auto plan = plan_launch(backward_tile_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   backward_block_cap(buffers, m, n, sms, budget), w.math, kBackwardStages);
     w.stages = plan.stages;
@@ -312,7 +326,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
       const BackwardOut<T> out{g.data_ptr<T>(), g.stride(0), g.stride(1), ptr(bx), ptr(by), ptr(bPx), ptr(bPy),
                                need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
       const int64_t launch_blocks = std::min<int64_t>(blocks, chunk_grid.count());
-      PDDM_LAUNCH(scores_backward_kernel<T>, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
+      PDDM_LAUNCH(backward_tile_kernel, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
           w, chunk_rows, pairs, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (deterministic && !batch) {  // this chunk's y slices, summed in a fixed order
