@@ -611,8 +611,8 @@ def test_half_input_mining(dtype, batch, device):
 
 
 def test_half_product_dtype_errors(device):
-    """The op's product_dtype takes only float16 / bfloat16 and only for float32 tensors (TypeError naming
-    it); float16 inputs with a parameter beyond float16's range raise ValueError naming it."""
+    """The ops' product_dtype (scores, its backward, mining) takes only float16 / bfloat16 and only for
+    float32 tensors (TypeError naming it); float16 inputs with a parameter beyond float16's range raise ValueError naming it."""
     unit = make_unit(6, 5, 4, device=device)
     p = params_of(unit)
     x = torch.randn(9, 6, device=device)
@@ -622,8 +622,14 @@ def test_half_product_dtype_errors(device):
             torch.ops.pddm_ext.scores(x, None, *p, True, bad)
         with pytest.raises(TypeError, match="product_dtype"):
             torch.ops.pddm_ext.mine_pddm(x, lx, None, None, *p, 1, True, bad)
+        with pytest.raises(TypeError, match="scores_backward: product_dtype must be None, float16 or bfloat16"):
+            torch.ops.pddm_ext.scores_backward(torch.ones(9, 9, device=device), x, None, *p, [True, False, True],
+                                               True, bad)
     with pytest.raises(TypeError, match="applies to float32 tensors.*Double"):
         torch.ops.pddm_ext.scores(x.double(), None, *(q.double() for q in p), True, torch.float16)
+    with pytest.raises(TypeError, match="scores_backward: product_dtype .*applies to float32 tensors.*Double"):
+        torch.ops.pddm_ext.scores_backward(torch.ones(9, 9, device=device, dtype=torch.float64), x.double(), None,
+                                           *(q.double() for q in p), [True, False, True], True, torch.float16)
     with torch.no_grad():
         unit.W_c[0, 0] = 7e4
     big = params_of(unit)
