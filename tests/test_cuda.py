@@ -1383,7 +1383,7 @@ def test_deterministic_backward_keeps_a_block_per_emulated_sm(batch, monkeypatch
     torch.ops.pddm_emu_test.launch_log("")
     monkeypatch.setenv("PDDM_EMU_BACKWARD_BUDGET", "4096")
     chunked = deterministic_backward(*args, runs=3)
-    grids = torch.ops.pddm_emu_test.launch_log("scores_backward_kernel")
+    grids = torch.ops.pddm_emu_test.launch_log("scores_backward_tile_kernel")
     assert grids == [6] * (3 if batch else 3 * 5), grids  # 3 runs; reference: 5 chunks of 8 columns
     for a, b in zip(chunked, whole):
         if a.numel():
@@ -1396,7 +1396,7 @@ def test_deterministic_backward_keeps_a_block_per_emulated_sm(batch, monkeypatch
     for g, w in zip(got, want):
         assert rel_err(g, w) < 10 * TOL[torch.float32]
     torch.ops.pddm_ext.scores_backward(*args)  # atomics: the parameter slabs alone
-    assert torch.ops.pddm_emu_test.launch_log("scores_backward_kernel") == [6]
+    assert torch.ops.pddm_emu_test.launch_log("scores_backward_tile_kernel") == [6]
 
 
 @needs_emulation
@@ -1515,7 +1515,7 @@ def test_pair_gemm_staging_is_double_buffered_where_shared_memory_allows():
     for d, h, c in ((128, 128, 128), (8, 8, 8)):
         unit = make_unit(d, h, c, device="cpu")
         unit(torch.randn(9, d, requires_grad=True)).sum().backward()
-        assert smem("scores_backward_kernel<T>") == staging + 64 * (2 * ws(2 * h) + ws(c) + ws(d)) * 4, d
+        assert smem("scores_backward_tile_kernel") == staging + 64 * (2 * ws(2 * h) + ws(c) + ws(d)) * 4, d
 
 
 def test_precision_set_with_the_newer_fp32_precision_api(device, tmp_path):

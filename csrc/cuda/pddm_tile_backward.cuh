@@ -10,9 +10,12 @@
 //   tile_W_u_backward           dW_u;
 //   tile_inputs_backward        dU = dpre_u W_u, then dx and dy.
 // scores_backward_kernel (scores_cuda.cu) walks the tiles and calls them in this order. All threads
-// of the block call every phase (each holds barriers); each phase reads the per-block pointers from
+// of the block call a phase or none does (most hold barriers); each phase reads the per-block pointers from
 // shared memory (BlockPointers) where it uses them, as the kernel did before it was split: kept in
-// registers across the tile loop, they pushed the kernel past 255 registers.
+// registers across the tile loop, they pushed the kernel past 255 registers. kHalf: the half kernel's
+// instantiation (docs/design.md#precision): every pair_gemm runs the half product, the recomputed
+// forward's as the forward runs it, the gradient products with per-pair operand exponents
+// (half_row_exponents); the per-pair sums stay float32.
 #pragma once
 
 #include "pddm_tile.cuh"

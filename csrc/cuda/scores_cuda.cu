@@ -287,8 +287,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
     const int64_t budget = backward_budget_bytes();
-    const auto backward_tile_kernel = scores_backward_kernel_for<T>(w.math);
-    const auto plan = plan_launch(backward_tile_kernel, x.get_device(), grid.count(),
+    const auto scores_backward_tile_kernel = scores_backward_kernel_for<T>(w.math);
+    const auto plan = plan_launch(scores_backward_tile_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   backward_block_cap(buffers, m, n, sms, budget), w.math, kBackwardStages);
     w.stages = plan.stages;
@@ -326,7 +326,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
       const BackwardOut<T> out{g.data_ptr<T>(), g.stride(0), g.stride(1), ptr(bx), ptr(by), ptr(bPx), ptr(bPy),
                                need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
       const int64_t launch_blocks = std::min<int64_t>(blocks, chunk_grid.count());
-      PDDM_LAUNCH(backward_tile_kernel, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
+      PDDM_LAUNCH(scores_backward_tile_kernel, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
           w, chunk_rows, pairs, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (deterministic && !batch) {  // this chunk's y slices, summed in a fixed order
