@@ -3,8 +3,8 @@
 
 For torch.set_float32_matmul_precision("highest" / "high" / "medium") on float32 inputs, and for
 float16 and bfloat16 inputs (rows "float16" / "bfloat16": the embeddings rounded to that dtype, the
-unit's parameters float32; their tile products run in that dtype where the backend has tensor cores
-for it, their backward in float32), this measures, against the float64 reference
+unit's parameters float32; their tile products, the backward's included, run in that dtype where the
+backend has tensor cores for it), this measures, against the float64 reference
 (pddm_ext.reference) on the same inputs (the half values) and parameters:
 
   scores     max |S - S_ref| / max |S_ref| and the median of |S - S_ref| / max |S_ref|

@@ -63,9 +63,12 @@ TORCH_LIBRARY(pddm_ext, m) {
       "Tensor w_s, Tensor b_s, bool normalize_inputs=True, ScalarType? product_dtype=None) -> Tensor");
   // Fused backward of scores: (grad_x, grad_y, grad_W_u, ..., grad_b_s). output_mask = which of
   // (x, y, parameters) need gradients; the others come back as zeros. grad_y is empty in batch mode.
+  // product_dtype: the forward's; on a GPU with tensor cores for it the backward's tile products
+  // (the recomputed forward's and the gradient products) round their operands to it, as the forward's.
   m.def(
       "scores_backward(Tensor grad, Tensor x, Tensor? y, Tensor W_u, Tensor b_u, Tensor W_v, Tensor b_v, "
-      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask, bool normalize_inputs=True) -> "
+      "Tensor W_c, Tensor b_c, Tensor w_s, Tensor b_s, bool[3] output_mask, bool normalize_inputs=True, "
+      "ScalarType? product_dtype=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused mining (docs/design.md#mining) with the PDDM score. Labels are int64. k: how many of the lowest-scoring
   // positive pairs to return (-1: all, 0: none). Returns (hardest_positive, its score,

@@ -97,7 +97,9 @@ def scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=True, 
     when the float32 tensors hold half inputs: on a GPU with tensor cores for it (sm_80+) the tile
     products round their operands to that type and accumulate in float32 (docs/design.md#precision);
     the CPU and older GPUs compute float32. ``TypeError`` for another dtype, or with float64 tensors.
-    The backward computes as for float32 inputs.
+    The backward takes the same ``product_dtype``: on such a GPU it recomputes the forward with the same
+    half products and runs its gradient products in that type too (operands scaled per pair by a power
+    of two, so that small gradients do not underflow float16); elsewhere float32.
     """
     if product_dtype is None:
         return _ops.scores(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs)
@@ -140,7 +142,8 @@ def _scores_fake(x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, normalize_inputs=
 
 
 @torch.library.register_fake("pddm_ext::scores_backward")
-def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask, normalize_inputs=True):
+def _scores_backward_fake(grad, x, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, output_mask, normalize_inputs=True,
+                          product_dtype=None):
     _check_one_device("scores_backward", x,
                       zip(("grad", "y", *_PARAM_NAMES), (grad, y, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s)))
     # An input that needs no gradient (output_mask) gets an empty (0,) tensor.
@@ -175,8 +178,9 @@ for _metric in METRICS.values():
 
 
 def _scores_setup_context(ctx, inputs, output):
-    # inputs[11], the product_dtype, does not reach the backward: it computes as for float32 inputs.
+    # inputs[11], the product_dtype, reaches the backward: it computes the tile products as the forward did.
     tensors, ctx.normalize_inputs = inputs[:10], (inputs[10] if len(inputs) > 10 else True)
+    ctx.product_dtype = inputs[11] if len(inputs) > 11 else None
     ctx.save_for_backward(*(t for t in tensors if t is not None))
     ctx.batch_mode = inputs[1] is None
     ctx.num_inputs = len(inputs)
@@ -190,7 +194,10 @@ def _scores_backward(ctx, grad):
         x, y, params = saved[0], saved[1], saved[2:]
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(needs[1]), any(needs[2:10])]
-    grads = _ops.scores_backward(grad, x, y, *params, mask, ctx.normalize_inputs)
+    if ctx.product_dtype is None:
+        grads = _ops.scores_backward(grad, x, y, *params, mask, ctx.normalize_inputs)
+    else:
+        grads = _ops.scores_backward(grad, x, y, *params, mask, ctx.normalize_inputs, ctx.product_dtype)
     grad_x = grads[0] if needs[0] else None
     grad_y = grads[1] if (y is not None and needs[1]) else None
     grad_params = [g if need else None for g, need in zip(grads[2:], needs[2:10])]

@@ -244,8 +244,8 @@ def test_duplicate_columns_score_identically_wherever_they_sit_in_a_tile(batch, 
 
 @cpu_kernels_only
 def test_cpu_computes_half_inputs_in_float32():
-    """The CPU kernels compute half inputs in float32: scores and mining bitwise those of the upcast
-    inputs (product_dtype is accepted and checked, and changes nothing)."""
+    """The CPU kernels compute half inputs in float32: scores, mining and the scores' backward bitwise
+    those of the upcast inputs (product_dtype is accepted and checked, and changes nothing)."""
     unit = make_unit(10, 12, 9, device="cpu", dtype=torch.float32)
     p = params_of(unit)
     lx = torch.randint(0, 3, (21,))
@@ -254,4 +254,8 @@ def test_cpu_computes_half_inputs_in_float32():
         assert torch.equal(pddm_ext.pddm_scores(x, None, *p), pddm_ext.pddm_scores(x.float(), None, *p))
         got, want = pddm_ext.mine_hard(x, lx, unit, k=4), pddm_ext.mine_hard(x.float(), lx, unit, k=4)
         for a, b in zip(got[:5], want[:5]):
+            assert torch.equal(a, b)
+        G = torch.randn(21, 21)
+        with_dtype = torch.ops.pddm_ext.scores_backward(G, x.float(), None, *p, [True, False, True], True, dtype)
+        for a, b in zip(with_dtype, torch.ops.pddm_ext.scores_backward(G, x.float(), None, *p, [True, False, True])):
             assert torch.equal(a, b)

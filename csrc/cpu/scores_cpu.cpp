@@ -192,9 +192,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 scores_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                     const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                     const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                    std::array<bool, 3> output_mask, bool normalize_inputs) {
+                    std::array<bool, 3> output_mask, bool normalize_inputs,
+                    std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
+  check_product_dtype("pddm_ext::scores_backward", product_dtype, x_in);  // the CPU computes half inputs in float32
   vec::select_isa_from_env();
   const bool batch = !y_in.has_value();
   // An input that needs no gradient gets an empty (0,) tensor back, and no row gradients are kept

@@ -408,9 +408,10 @@ struct HalfTensorCoreBlock {
 // in registers; p - first_pair would be a dynamic index, i.e. local memory). The reduction order
 // over k is fixed, so the result is deterministic. math (tile_math) chooses FP32 FMAs or tensor
 // cores (TensorCoreBlock, float only). kHalf: the instantiation of the half kernels, the only one
-// with the half tensor-core code (HalfTensorCoreBlock, for a half math; the launchers run it for
-// those and no other; the other instantiations compute a half math in FP32, which no launcher asks
-// for). stages (PddmParams::stages) is 1 or 2: with 2 the chunks are double-buffered (every path:
+// with the half tensor-core code (HalfTensorCoreBlock), and where tensor cores exist (sm_80+, the
+// emulation) nothing else: it multiplies in float16 when math is kFp16, else in bfloat16 (the
+// launchers run it for those two maths and no other; the other instantiations compute a half math
+// in FP32, which no launcher asks for). stages (PddmParams::stages) is 1 or 2: with 2 the chunks are double-buffered (every path:
 // FP32, TF32 and half tensor cores), the second staging buffer at sm_a + pair_gemm_staging_elems<T>()
 // (operand) and sm_w + pair_gemm_staging_elems<T>() (weights). kMaxStages 1 compiles the single
 // buffer alone (stages is then ignored), staged by plain loads and stores without asynchronous
@@ -429,8 +430,11 @@ __device__ void pair_gemm(int64_t N, int64_t K, const T* __restrict__ W, int64_t
   constexpr bool accumulates = std::is_invocable_v<Epilogue, int, int64_t, T, int>;
   const int flip = accumulates ? 0 : layout::epilogue_flip<T>(pair_group, out_group);
   const bool w_rows_contiguous = w_red_stride == 1;
-  const bool half_tensor = kHalf && std::is_same_v<T, float> && PDDM_TENSOR_CORES && half_tile_math(math);
-  const bool tensor = std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32 && !half_tile_math(math);
+  // The half instantiation (float, with tensor cores) compiles the half product alone: its kernels run
+  // for a half math only, and the FP32 and TF32 code beside it spilled the half backward (sm_90).
+  const bool half_tensor = kHalf && std::is_same_v<T, float> && PDDM_TENSOR_CORES;
+  const bool tensor =
+      !kHalf && std::is_same_v<T, float> && PDDM_TENSOR_CORES && math != TileMath::kFp32 && !half_tile_math(math);
   constexpr int stage_elems = int(pair_gemm_staging_elems<T>());  // buffer 1 - buffer 0
   for (int64_t o0 = 0; o0 < N; o0 += kOutBlock) {
     // Stages reduction chunk k0 of this output block's weights and of the operand into staging

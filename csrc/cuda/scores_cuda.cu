@@ -18,7 +18,7 @@
 
 #include "../op_checks.h"
 #include "backward_sizing.h"
-#include "pddm_tile.cuh"
+#include "pddm_tile_backward.cuh"
 
 namespace pddm_ext::cuda {
 namespace {
@@ -104,77 +104,6 @@ inline int64_t backward_budget_bytes() {
 #endif
 }
 
-// Layout of a block's parameter-gradient slab. W_v: the near-antipodal pairs' share of dW_v (the
-// others reach it through dP).
-struct SlabLayout {
-  int64_t W_u, W_c, b_u, b_v, b_c, w_s, b_s, W_v, size;
-  static SlabLayout make(int64_t d, int64_t h, int64_t c) {
-    SlabLayout s;
-    s.W_u = 0;
-    s.W_c = s.W_u + h * d;
-    s.b_u = s.W_c + c * 2 * h;
-    s.b_v = s.b_u + h;
-    s.b_c = s.b_v + h;
-    s.w_s = s.b_c + c;
-    s.b_s = s.w_s + c;
-    s.W_v = s.b_s + 1;
-    s.size = s.W_v + h * d;
-    return s;
-  }
-};
-
-// Where the backward writes. dy/dPy alias dx/dPx in batch mode; a null dx / dy / dPx / dPy: that
-// gradient is not needed; slab == nullptr: no parameter gradients. per_block: dx, dy, dPx, dPy are
-// (gridDim.x, rows, cols) buffers, one slice per block, which only that block writes (plain adds,
-// in its fixed tile order), summed over blocks afterwards: deterministic, for
-// torch.use_deterministic_algorithms(True). Otherwise one (rows, cols) buffer updated with atomics.
-template <typename T>
-struct BackwardOut {
-  const T* grad;
-  int64_t grad_stride0, grad_stride1;
-  T *dx, *dy, *dPx, *dPy, *slab;
-  SlabLayout layout;
-  bool per_block;
-};
-
-// Component j of W_v^T g_v with g_v = dZ_v * inv_v (dZ_v: the pair's dL/dpre_v): a near-antipodal
-// pair's mean-branch gradient of x and of y.
-template <typename T>
-__device__ __forceinline__ T mean_direct_input_grad(const PddmParams<T>& w, const T* dZ_v, T inv_v, int64_t j) {
-  T s = 0;
-  for (int64_t k = 0; k < w.h; ++k) s += w.W_v[k * w.d + j] * dZ_v[k];
-  return s * inv_v;
-}
-
-// Adds v to a gradient: a plain add into the block's own slice, or an atomic add into the shared
-// buffer. Within one tile no two threads of a block update the same element (each thread owns a
-// row of the tile and a column of features; in batch mode a diagonal tile's row and column are the
-// same thread's), so the plain add needs no atomics.
-template <typename T>
-__device__ __forceinline__ void add_gradient(T* p, T v, bool per_block) {
-  if (per_block) {
-    *p += v;
-  } else {
-    atomicAdd(p, v);
-  }
-}
-
-// Per-pair scalars of the backward (in addition to the forward's TileScalars).
-template <typename T>
-struct BackwardScalars {
-  T g[kPairs];       // dL/dS of the pair (batch mode: dS[i, r] + dS[r, i], once per unordered pair)
-  T s_u[kPairs], s_v[kPairs];  // z . dz of the two halves of Z
-  T coef_v[kPairs];  // d/d(x + y) of the mean branch's clamped norm, per unit of (x + y)
-  T s_hat[kPairs];   // normalize(u) . dL/dnormalize(u)
-};
-
-// A backward block's workspace matrices, parameter-gradient slab and input-gradient buffers (null:
-// not needed).
-template <typename T>
-struct BlockPointers {
-  T *Z, *dZ, *Q, *dU, *slab, *dx, *dy, *dPx, *dPy;
-};
-
 // The pairs the backward walks: the dense tiles of grid, or (count >= 0) the live pairs of a sparse
 // dS, kPairs at a time (live_pair_list in scores_backward_cuda). Which, the device chose: the kernel
 // first loads it from *listed (resolved()), so the host never reads it.
@@ -245,32 +174,27 @@ inline LivePairs live_pair_list(const at::Tensor& grad, bool batch, int64_t grid
           at::where(walk, count, at::full_like(count, -1))};
 }
 
-// The backward's pair_gemm staging keeps one buffer (a compile-time constant, so that none of the
-// double-buffering code is compiled into it): with two, ptxas (nvcc 13.0, sm_90) spilled the float
-// backward, already at 255 registers, to local memory (make cuda-resources).
-constexpr int kBackwardStages = 1;
-
-template <typename T>
+// The backward of the tiles of `pairs`, one tile at a time per block, in the phases of
+// pddm_tile_backward.cuh (those of the CPU twin pddm_tile_backward). kHalf: the instantiation for half
+// inputs, launched only for them: it recomputes the forward with the forward's half products and runs
+// the gradient products dZ = dQ W_c and dU = dpre_u W_u in the half type (operands scaled per pair).
+template <typename T, bool kHalf = false>
 __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T> w, PairRows<T> rows, BackwardPairs pairs,
                                                                     BackwardOut<T> out, T* scratch, int64_t ws_elems) {
   PDDM_DYNAMIC_SHARED(smem_raw);
   PDDM_SHARED(ts, TileScalars<T>);
-  PDDM_SHARED(bs, BackwardScalars<T>);
+  PDDM_SHARED(bs, BackwardScalars<T, kHalf>);
   PDDM_SHARED(bp, BlockPointers<T>);
   PDDM_SHARED_DECLARED();
   T* sm = reinterpret_cast<T*>(smem_raw);
   T* sm_a = sm;
   T* sm_w = sm + staging_a_elems<T>();
-  const int64_t d = w.d, h = w.h, c = w.c;
-  // Row strides of the workspace matrices (tile_workspace_elems, smem_layout.h).
-  const int64_t ldz = layout::workspace_stride(2 * h), ldq = layout::workspace_stride(c), ldu = layout::workspace_stride(d);
-  // The block's pointers live in shared memory (bp, set by thread 0 before the first tile's barrier)
-  // and are read where used: kept in registers across the tile loop, they pushed it past 255.
   if (threadIdx.x == 0) {
+    const auto ld = BackwardStrides::of(w.d, w.h, w.c);
     bp.Z = block_workspace(sm, scratch, ws_elems, kBackwardStages);  // (kPairs, 2h) activations, then kept for dW_c
-    bp.dZ = bp.Z + kPairs * ldz;                     // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
-    bp.Q = bp.dZ + kPairs * ldz;                     // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
-    bp.dU = bp.Q + kPairs * ldq;                     // (kPairs, d) dL/dnormalize(u)
+    bp.dZ = bp.Z + kPairs * ld.z;                    // (kPairs, 2h) dL/dZ, then dL/d(branch pre-activations)
+    bp.Q = bp.dZ + kPairs * ld.z;                    // (kPairs, c) q = relu(W_c Z + b_c), then dL/d(W_c Z)
+    bp.dU = bp.Q + kPairs * ld.q;                    // (kPairs, d) dL/dnormalize(u)
     bp.slab = out.slab == nullptr ? nullptr : out.slab + int64_t(blockIdx.x) * out.layout.size;
     // This block's slices of the input-side gradients (per_block), else the shared buffers.
     const int64_t slice = out.per_block ? int64_t(blockIdx.x) : 0;
@@ -279,9 +203,6 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
     bp.dPx = out.dPx == nullptr ? nullptr : out.dPx + slice * rows.m * w.h;
     bp.dPy = out.dPy == nullptr ? nullptr : out.dPy + slice * rows.n * w.h;
   }
-  T* const &Z = bp.Z, *const &dZ = bp.dZ, *const &Q = bp.Q, *const &dU = bp.dU, *const &slab = bp.slab;
-  T* const &g_dx = bp.dx, *const &g_dy = bp.dy, *const &g_dPx = bp.dPx, *const &g_dPy = bp.dPy;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool need_inputs = out.dx != nullptr || out.dy != nullptr;
   pairs = pairs.resolved();  // the walk the device chose
   const bool batch = pairs.grid.batch, listed = pairs.count >= 0;
@@ -290,256 +211,23 @@ __global__ void __launch_bounds__(kThreads) scores_backward_kernel(PddmParams<T>
 #pragma unroll 1  // no trip-count division (a 64-bit div.s64) before the loop
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const TilePairs tp = pairs.tile(t);
-    __syncthreads();
-    if (tid < kPairs) {
-      int64_t i = tp.i0 + tid / kTile, r = tp.r0 + tid % kTile;
-      bool live = i < rows.m && r < rows.n;
-      if (listed) {
-        live = tp.begin + tid < tp.count;
-        tp.pair(tid, rows.m, rows.n, &i, &r);
-      }
-      T g = 0;
-      if (live) {
-        g = out.grad[i * out.grad_stride0 + r * out.grad_stride1];
-        // Batch mode computes each unordered pair once: it carries dS[i, r] + dS[r, i].
-        if (batch) g = r < i ? T(0) : (r == i ? g : g + out.grad[r * out.grad_stride0 + i * out.grad_stride1]);
-      }
-      bs.g[tid] = g;
-    }
-    __syncthreads();
-    // Pairs with a zero gradient contribute nothing (as on the CPU path): a tile without any is
-    // skipped (every thread reads the same bs.g, so the whole block skips it together), and within a
-    // tile every sum over pairs below skips them, so that their activations (which may be inf or
-    // NaN, say for a row of x that only such pairs touch) never reach a gradient.
-    bool tile_has_gradient = false;
-    for (int p = 0; p < kPairs; ++p) tile_has_gradient |= bs.g[p] != T(0);
-    if (!tile_has_gradient) continue;
-    pddm_tile_activations<T, false, kBackwardStages>(w, rows, tp, Z, ts, sm_a, sm_w);
-
-    // Joint and score layers: q = relu(W_c Z + b_c), S = w_s . q + b_s.
-    pair_gemm<T, false, kBackwardStages>(
-        c, 2 * h, w.W_c, 2 * h, 1, [&](int p, int64_t k) { return Z[p * ldz + k]; },
-        [&](int p, int64_t j, T q) { Q[p * ldq + j] = relu(q + w.b_c[j]); }, sm_a, sm_w, w.math, kBackwardStages);
-    if (slab != nullptr) {
-      for (int64_t j = tid; j < c; j += kThreads) {
-        T dws = 0, dbc = 0;
-        for (int p = 0; p < kPairs; ++p) {
-          if (bs.g[p] == T(0)) continue;
-          const T q = Q[p * ldq + j];
-          dws += bs.g[p] * q;
-          dbc += q > T(0) ? bs.g[p] * w.w_s[j] : T(0);
-        }
-        slab[out.layout.w_s + j] += dws;
-        slab[out.layout.b_c + j] += dbc;
-      }
-      if (tid == 0) {
-        T dbs = 0;
-        for (int p = 0; p < kPairs; ++p) dbs += bs.g[p];
-        slab[out.layout.b_s] += dbs;
-      }
-    }
-    __syncthreads();
-    RowColWalk pj(kPairs, c);
-    for (int64_t e = tid; e < int64_t(kPairs) * c; e += kThreads, pj.next()) {
-      const int p = int(pj.row);  // < kPairs
-      const int64_t j = pj.col;
-      T& q = Q[p * ldq + j];
-      q = q > T(0) && bs.g[p] != T(0) ? bs.g[p] * w.w_s[j] : T(0);  // dL/d(W_c Z + b_c)
-    }
-    __syncthreads();
-    if (slab != nullptr) {  // dW_c += dQ^T Z over the tile's live pairs
-      RowColWalk jk(c, 2 * h);
-      for (int64_t e = tid; e < c * 2 * h; e += kThreads, jk.next()) {
-        const int64_t j = jk.row, k = jk.col;
-        T acc = 0;
-        for (int p = 0; p < kPairs; ++p) {
-          if (bs.g[p] != T(0)) acc += Q[p * ldq + j] * Z[p * ldz + k];
-        }
-        slab[out.layout.W_c + e] += acc;
-      }
-    }
-    // dZ = dQ W_c: W(o = k, red = j) = W_c[j, k].
-    pair_gemm<T, false, kBackwardStages>(
-        2 * h, c, w.W_c, 1, 2 * h, [&](int p, int64_t j) { return Q[p * ldq + j]; },
-        [&](int p, int64_t k, T v) { dZ[p * ldz + k] = v; }, sm_a, sm_w, w.math, kBackwardStages);
-
-    // Backward of the two normalisations and the branch ReLUs (z > 0 exactly where the ReLU was active).
-    for (int p = warp; p < kPairs; p += kWarps) {
-      T su = 0, sv = 0;
-      for (int64_t k = lane; k < h; k += 32) {
-        su += Z[p * ldz + k] * dZ[p * ldz + k];
-        sv += Z[p * ldz + h + k] * dZ[p * ldz + h + k];
-      }
-      su = warp_sum(su);
-      sv = warp_sum(sv);
-      if (lane == 0) {
-        bs.s_u[p] = su;
-        bs.s_v[p] = sv;
-      }
-    }
-    __syncthreads();
-    RowColWalk pk(kPairs, 2 * h);
-    for (int64_t e = tid; e < int64_t(kPairs) * 2 * h; e += kThreads, pk.next()) {
-      const int p = int(pk.row);  // < kPairs
-      const int64_t k = pk.col;
-      const bool u_half = k < h;
-      const T z = Z[p * ldz + k];
-      T& dz = dZ[p * ldz + k];
-      dz = z > T(0) && bs.g[p] != T(0)
-               ? normalize_backward(dz, z, u_half ? bs.s_u[p] : bs.s_v[p], u_half ? ts.norm_u1[p] : ts.norm_v1[p])
-               : T(0);
-    }
-    __syncthreads();
-    // Now dZ holds dpre: (kPairs, h) for the difference branch, (kPairs, h) for the mean branch; 0 for
-    // the pairs without gradient.
-    if (slab != nullptr) {
-      for (int64_t k = tid; k < h; k += kThreads) {
-        T dbu = 0, dbv = 0;
-        for (int p = 0; p < kPairs; ++p) {
-          dbu += dZ[p * ldz + k];
-          dbv += dZ[p * ldz + h + k];
-        }
-        slab[out.layout.b_u + k] += dbu;
-        slab[out.layout.b_v + k] += dbv;
-      }
-    }
-    // Mean branch: pre_v = (P_i + P_r) * inv_v + b_v with inv_v = mean_scale (pddm_common.h).
-    for (int p = warp; p < kPairs; p += kWarps) {
-      T dinv_v = 0;
-      for (int64_t k = lane; k < h; k += 32) dinv_v += dZ[p * ldz + h + k] * mean_pre_projection(w, rows, ts, p, k);
-      dinv_v = warp_sum(dinv_v);
-      if (lane == 0) bs.coef_v[p] = mean_scale_coef(dinv_v, ts.norm_v[p], w.normalize_inputs);
-    }
-    // Near-antipodal pairs take their mean-branch gradient g_v from x + y directly (below); through
-    // dP_x and dP_y, dW_v = dP_x^T x + dP_y^T y would cancel.
-    const bool any_direct = __syncthreads_or(tid < kPairs && ts.direct[tid] && bs.g[tid] != T(0));
-    const auto dP_of = [&](int p, int64_t k) {  // pair p's share of dP_i and dP_r (0: none)
-      return ts.direct[p] || bs.g[p] == T(0) ? T(0) : dZ[p * ldz + h + k] * ts.inv_v[p];
-    };
-    if (!listed) {
-      RowColWalk ak(kTile, h);
-      for (int64_t e = tid; e < int64_t(kTile) * h; e += kThreads, ak.next()) {
-        const int a = int(ak.row);  // < kTile
-        const int64_t k = ak.col;
-        if (g_dPx != nullptr && tp.i0 + a < rows.m) {  // dP_i += sum over the tile's columns
-          T acc = 0;
-          for (int b = 0; b < kTile; ++b) acc += dP_of(a * kTile + b, k);
-          add_gradient(g_dPx + (tp.i0 + a) * h + k, acc, out.per_block);
-        }
-        const int b = a;
-        if (g_dPy != nullptr && tp.r0 + b < rows.n) {  // dP_r += sum over the tile's rows
-          T acc = 0;
-          for (int a2 = 0; a2 < kTile; ++a2) acc += dP_of(a2 * kTile + b, k);
-          add_gradient(g_dPy + (tp.r0 + b) * h + k, acc, out.per_block);
-        }
-      }
-    } else {
-      // A list tile: each thread owns features k and walks the pairs in order (no two threads of the
-      // block touch one element, so per_block needs no atomics; the order is fixed).
-      for (int64_t k = tid; k < h; k += kThreads) {
-        for (int p = 0; p < kPairs; ++p) {
-          if (bs.g[p] == T(0) || ts.direct[p]) continue;
-          const T v = dP_of(p, k);
-          if (g_dPx != nullptr) add_gradient(g_dPx + ts.row[p] * h + k, v, out.per_block);
-          if (g_dPy != nullptr) add_gradient(g_dPy + ts.col[p] * h + k, v, out.per_block);
-        }
-      }
-    }
-    if (need_inputs) {
-      // dL/dnormalize(u) = W_u^T dpre_u: W(o = j, red = k) = W_u[k, j].
-      pair_gemm<T, false, kBackwardStages>(
-          d, h, w.W_u, 1, d, [&](int p, int64_t k) { return dZ[p * ldz + k]; },
-          [&](int p, int64_t j, T v) { dU[p * ldu + j] = v; }, sm_a, sm_w, w.math, kBackwardStages);
-      for (int p = warp; p < kPairs; p += kWarps) {
-        const int64_t i = ts.row[p], r = ts.col[p];
-        T s = 0;
-        for (int64_t j = lane; j < d; j += 32) s += abs_value(rows.x[i * d + j] - rows.y[r * d + j]) * dU[p * ldu + j];
-        s = warp_sum(s);
-        if (lane == 0) bs.s_hat[p] = s * ts.inv_u[p];
-      }
-      __syncthreads();
-      // Pair p's gradient of x_i (x_side) or of y_r at feature j: u = |x - y| (d/dx = sign(x - y),
-      // sign(0) = 0) and x + y of the mean branch; 0 for a pair without gradient.
-      const auto input_grad = [&](int p, int64_t j, bool x_side) {
-        if (bs.g[p] == T(0)) return T(0);
-        const T xj = rows.x[ts.row[p] * d + j], yj = rows.y[ts.col[p] * d + j], diff = xj - yj;
-        const T du = w.normalize_inputs
-                         ? normalize_backward(dU[p * ldu + j], abs_value(diff) * ts.inv_u[p], bs.s_hat[p], ts.norm_u[p])
-                         : dU[p * ldu + j];
-        T v = (x_side ? sign_of(diff) : -sign_of(diff)) * du + bs.coef_v[p] * (xj + yj);
-        if (any_direct && ts.direct[p]) v += mean_direct_input_grad(w, dZ + p * ldz + h, ts.inv_v[p], j);
-        return v;
-      };
-      if (!listed) {
-        RowColWalk aj(kTile, d);
-        for (int64_t e = tid; e < int64_t(kTile) * d; e += kThreads, aj.next()) {
-          const int a = int(aj.row);  // < kTile
-          const int64_t j = aj.col;
-          if (g_dx != nullptr && tp.i0 + a < rows.m) {
-            T acc = 0;
-            for (int b = 0; b < kTile && tp.r0 + b < rows.n; ++b) acc += input_grad(a * kTile + b, j, true);
-            add_gradient(g_dx + (tp.i0 + a) * d + j, acc, out.per_block);
-          }
-          const int b = a;
-          if (g_dy != nullptr && tp.r0 + b < rows.n) {
-            T acc = 0;
-            for (int a2 = 0; a2 < kTile && tp.i0 + a2 < rows.m; ++a2) acc += input_grad(a2 * kTile + b, j, false);
-            add_gradient(g_dy + (tp.r0 + b) * d + j, acc, out.per_block);
-          }
-        }
-      } else {
-        for (int64_t j = tid; j < d; j += kThreads) {
-          for (int p = 0; p < kPairs; ++p) {
-            if (bs.g[p] == T(0)) continue;
-            if (g_dx != nullptr) add_gradient(g_dx + ts.row[p] * d + j, input_grad(p, j, true), out.per_block);
-            if (g_dy != nullptr) add_gradient(g_dy + ts.col[p] * d + j, input_grad(p, j, false), out.per_block);
-          }
-        }
-      }
-    }
-    if (slab != nullptr) {
-      // dW_u += sum_p (dpre_u[p] / max(||u_p||, eps)) |x_i - y_r|^T over the live pairs.
-      RowColWalk kj(h, d);
-      for (int64_t e = tid; e < h * d; e += kThreads, kj.next()) {
-        const int64_t k = kj.row, j = kj.col;
-        T acc = 0;
-        if (!listed) {  // a dense tile: its 8 rows and 8 columns read once
-          T xa[kTile], yb[kTile];
-#pragma unroll
-          for (int a = 0; a < kTile; ++a) xa[a] = rows.x[ts.row[a * kTile] * d + j];
-#pragma unroll
-          for (int b = 0; b < kTile; ++b) yb[b] = rows.y[ts.col[b] * d + j];
-#pragma unroll
-          for (int a = 0; a < kTile; ++a) {
-#pragma unroll
-            for (int b = 0; b < kTile; ++b) {
-              const int p = a * kTile + b;
-              if (bs.g[p] != T(0)) acc += dZ[p * ldz + k] * ts.inv_u[p] * abs_value(xa[a] - yb[b]);
-            }
-          }
-        } else {
-          for (int p = 0; p < kPairs; ++p) {
-            if (bs.g[p] != T(0)) {
-              acc += dZ[p * ldz + k] * ts.inv_u[p] * abs_value(rows.x[ts.row[p] * d + j] - rows.y[ts.col[p] * d + j]);
-            }
-          }
-        }
-        slab[out.layout.W_u + e] += acc;
-      }
-      if (any_direct) {  // dW_v += g_v (x_i + y_r)^T over the tile's near-antipodal live pairs
-        RowColWalk kj_direct(h, d);
-        for (int64_t e = tid; e < h * d; e += kThreads, kj_direct.next()) {
-          const int64_t k = kj_direct.row, j = kj_direct.col;
-          T acc = 0;
-          for (int p = 0; p < kPairs; ++p) {
-            if (!ts.direct[p] || bs.g[p] == T(0)) continue;
-            acc += dZ[p * ldz + h + k] * ts.inv_v[p] * (rows.x[ts.row[p] * d + j] + rows.y[ts.col[p] * d + j]);
-          }
-          slab[out.layout.W_v + e] += acc;
-        }
-      }
-    }
+    __syncthreads();  // the previous tile's readers of shared memory are done
+    if (!tile_pair_gradients(out, rows, tp, batch, listed, bs)) continue;
+    pddm_tile_activations<T, kHalf, kBackwardStages>(w, rows, tp, bp.Z, ts, sm_a, sm_w);
+    tile_score_layer_backward(w, out, bp, bs, sm_a, sm_w);
+    const bool any_direct = tile_branches_backward(w, rows, tp, listed, out, bp, ts, bs);
+    if (bp.slab != nullptr) tile_W_u_backward(w, rows, listed, out, bp, ts, bs);
+    if (need_inputs) tile_inputs_backward(w, rows, tp, listed, any_direct, out, bp, ts, bs, sm_a, sm_w);
   }
+}
+
+// The backward kernel instantiation for a tile math: half inputs run their own (kHalf).
+template <typename T>
+auto scores_backward_kernel_for(TileMath math) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (half_tile_math(math)) return &scores_backward_kernel<float, true>;
+  }
+  return &scores_backward_kernel<T>;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -547,9 +235,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                      const at::Tensor& W_u, const at::Tensor& b_u, const at::Tensor& W_v, const at::Tensor& b_v,
                      const at::Tensor& W_c, const at::Tensor& b_c, const at::Tensor& w_s, const at::Tensor& b_s,
-                     std::array<bool, 3> output_mask, bool normalize_inputs) {
+                     std::array<bool, 3> output_mask, bool normalize_inputs,
+                     std::optional<at::ScalarType> product_dtype) {
   check_pddm_args("pddm_ext::scores_backward", x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
   check_scores_grad("pddm_ext::scores_backward", grad, x_in, y_in);
+  check_product_dtype("pddm_ext::scores_backward", product_dtype, x_in);
   const DeviceGuard guard(x_in.device());
   const bool batch = !y_in.has_value();
   // The two sides of the pair space: batch mode's column side is x again.
@@ -573,7 +263,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
   };
   if (!need_inputs && !need_params) return result();
 
-  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s);
+  const auto in = prepare_inputs(x_in, y_in, W_u, b_u, W_v, b_v, W_c, b_c, w_s, b_s, product_dtype);
   const auto &x = in.x, &y = in.y, &W_vc = in.W_v;
   const auto dPx = need_x || need_params ? at::zeros({m, h}, opts) : at::Tensor();
   const auto dPy = batch ? dPx : (need_y || need_params ? at::zeros({n, h}, opts) : at::Tensor());
@@ -597,7 +287,8 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
     const int64_t budget = backward_budget_bytes();
-    const auto plan = plan_launch(scores_backward_kernel<T>, x.get_device(), grid.count(),
+    const auto scores_backward_tile_kernel = scores_backward_kernel_for<T>(w.math);
+    const auto plan = plan_launch(scores_backward_tile_kernel, x.get_device(), grid.count(),
                                   pair_gemm_staging_elems<T>() * sizeof(T), size_t(ws_elems) * sizeof(T),
                                   backward_block_cap(buffers, m, n, sms, budget), w.math, kBackwardStages);
     w.stages = plan.stages;
@@ -635,7 +326,7 @@ scores_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, const std::
       const BackwardOut<T> out{g.data_ptr<T>(), g.stride(0), g.stride(1), ptr(bx), ptr(by), ptr(bPx), ptr(bPy),
                                need_params ? slab.data_ptr<T>() : nullptr, layout, deterministic};
       const int64_t launch_blocks = std::min<int64_t>(blocks, chunk_grid.count());
-      PDDM_LAUNCH(scores_backward_kernel<T>, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
+      PDDM_LAUNCH(scores_backward_tile_kernel, unsigned(launch_blocks), kThreads, plan.smem_bytes, current_stream())(
           w, chunk_rows, pairs, out, plan.workspace_in_shared ? nullptr : scratch.data_ptr<T>(), ws_elems);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (deterministic && !batch) {  // this chunk's y slices, summed in a fixed order
