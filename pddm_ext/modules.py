@@ -508,7 +508,68 @@ class _EuclideanWarmUp:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class PDDMLoss(_EuclideanWarmUp, nn.Module):
+def _mined_rows(given, f, labels, f_ref, ref_labels):
+    """The rows a PDDMLoss call mines: under ``distributed=True`` every rank's rows (and references),
+    gathered; against a non-empty memory bank, the bank's rows as the references."""
+    if given.gather:
+        # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
+        # slice's gradient by the world size, so DDP's average equals the single-process gradient.
+        f, labels = collectives.global_batch(f, labels, rows=given.rows)
+        if f_ref is not None:  # every rank's references too, by the same rule
+            f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=given.ref_rows)
+    if given.bank_emb is not None:
+        f_ref, ref_labels = given.bank_emb.to(device=f.device, dtype=f.dtype), given.bank_labels
+    return f, labels, f_ref, ref_labels
+
+
+class _LossTerms:
+    """PDDMLoss's terms on mined quadruplets or given triplets: the double-header hinge E_m and the
+    embedding hinge E_e (``pddm_ext.reference.quadruplet_losses`` / ``triplet_losses``, paper Eq. 5-7)
+    weighted by ``lam``, plus ``bce_weight`` x the balanced pair BCE E_p; each call keeps its parts in
+    ``last_*``. Reads ``unit``, ``alpha``, ``beta``, ``lam`` and ``bce_weight`` of the loss."""
+
+    def _quadruplets_loss(self, f, f_ref, quads):
+        """The loss on mined quadruplets (i, j, k, l): the anchor i and the positive's negative l index f
+        (queries), the positive j and the anchor's negative k index f_ref (references)."""
+        i, j, a_neg, p_neg = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
+        self.last_quadruplets, self.last_triplets = quads, None
+        score = self.unit._pair_scores  # unchecked: inputs were validated on entry
+        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[a_neg], f[p_neg], score, self.alpha, self.beta))
+
+    def _triplets_loss(self, f, labels, f_ref, indices_tuple):
+        """The loss on given triplets (a indexes f, p and n f_ref): one hinge header each, so twice their
+        means; the pair term on the batch, or on the triplets' own pairs without labels."""
+        a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
+        self.last_quadruplets, self.last_triplets = None, (a, p, n)
+        score = self.unit._pair_scores
+        loss = self._weighted(*triplet_losses(f[a], f_ref[p], f_ref[n], score, self.alpha, self.beta), headers=2)
+        if labels is None:
+            return loss + self._weighted_pair(lambda: triplet_pair_bce(score(f[a], f_ref[p]), score(f[a], f_ref[n])))
+        return loss + self._pair_term(f, labels)
+
+    def _weighted(self, E_m, E_e, headers=1):
+        """``headers`` x (mean(E_m) + lam mean(E_e)); the parts are kept in ``last_*``."""
+        metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
+        if headers != 1:
+            metric_loss, embedding_loss = headers * metric_loss, headers * embedding_loss
+        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
+        return metric_loss + self.lam * embedding_loss
+
+    def _pair_term(self, f, labels):
+        """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
+        return self._weighted_pair(lambda: balanced_pair_bce(_batch_scores(self.unit, f), labels))
+
+    def _weighted_pair(self, pair_loss):
+        """bce_weight x ``pair_loss()``, kept in ``last_pair_loss``; 0 (and None) when bce_weight = 0."""
+        if self.bce_weight == 0:
+            self.last_pair_loss = None
+            return 0.0
+        value = pair_loss()
+        self.last_pair_loss = value.detach()
+        return self.bce_weight * value
+
+
+class PDDMLoss(_EuclideanWarmUp, _LossTerms, nn.Module):
     """The paper's loss: PDDM hard-quadruplet mining, a double-header hinge on the PDDM scores and
     a triplet-style embedding loss, trained end to end (paper Sec. 3.2, Eq. 5-8; docs/design.md, "Loss"),
     with a pair-classification term that keeps the unit from collapsing. ``forward(embeddings, labels)``:
@@ -589,14 +650,7 @@ class PDDMLoss(_EuclideanWarmUp, nn.Module):
         f_ref = None if ref_emb is None else _loss_rows(ref_emb, dtype, self.normalize)
         if indices_tuple is not None:
             return self._triplets_loss(f, labels, f if f_ref is None else f_ref, indices_tuple)
-        if given.gather:
-            # Each rank holds the full dL/dtheta but only its own slice's dL/dx: global_batch scales the
-            # slice's gradient by the world size, so DDP's average equals the single-process gradient.
-            f, labels = collectives.global_batch(f, labels, rows=given.rows)
-            if f_ref is not None:  # every rank's references too, by the same rule
-                f_ref, ref_labels = collectives.global_batch(f_ref, ref_labels, rows=given.ref_rows)
-        if given.bank_emb is not None:
-            f_ref, ref_labels = given.bank_emb.to(device=f.device, dtype=f.dtype), given.bank_labels
+        f, labels, f_ref, ref_labels = _mined_rows(given, f, labels, f_ref, ref_labels)
         quads = self._mine(f, labels, f_ref, ref_labels)
         loss = self._quadruplets_loss(f, f if f_ref is None else f_ref, quads) + self._pair_term(f, labels)
         if self.memory is not None:
@@ -616,46 +670,6 @@ class PDDMLoss(_EuclideanWarmUp, nn.Module):
         if warming_up:
             self.warmup_done += 1
         return quads
-
-    def _quadruplets_loss(self, f, f_ref, quads):
-        """The loss on mined quadruplets (i, j, k, l): the anchor i and the positive's negative l index f
-        (queries), the positive j and the anchor's negative k index f_ref (references)."""
-        i, j, a_neg, p_neg = quads.anchor, quads.positive, quads.anchor_negative, quads.positive_negative
-        self.last_quadruplets, self.last_triplets = quads, None
-        score = self.unit._pair_scores  # unchecked: inputs were validated on entry
-        return self._weighted(*quadruplet_losses(f[i], f_ref[j], f_ref[a_neg], f[p_neg], score, self.alpha, self.beta))
-
-    def _triplets_loss(self, f, labels, f_ref, indices_tuple):
-        """The loss on given triplets (a indexes f, p and n f_ref): one hinge header each, so twice their
-        means; the pair term on the batch, or on the triplets' own pairs without labels."""
-        a, p, n = _check_indices_tuple(indices_tuple, f.shape[0], f_ref.shape[0], f.device)
-        self.last_quadruplets, self.last_triplets = None, (a, p, n)
-        score = self.unit._pair_scores
-        loss = self._weighted(*triplet_losses(f[a], f_ref[p], f_ref[n], score, self.alpha, self.beta), headers=2)
-        if labels is None:
-            return loss + self._weighted_pair(lambda: triplet_pair_bce(score(f[a], f_ref[p]), score(f[a], f_ref[n])))
-        return loss + self._pair_term(f, labels)
-
-    def _weighted(self, E_m, E_e, headers=1):
-        """``headers`` x (mean(E_m) + lam mean(E_e)); the parts are kept in ``last_*``."""
-        metric_loss, embedding_loss = _mean_or_zero(E_m), _mean_or_zero(E_e)
-        if headers != 1:
-            metric_loss, embedding_loss = headers * metric_loss, headers * embedding_loss
-        self.last_metric_loss, self.last_embedding_loss = metric_loss.detach(), embedding_loss.detach()
-        return metric_loss + self.lam * embedding_loss
-
-    def _pair_term(self, f, labels):
-        """bce_weight x the balanced BCE of the batch's own pair scores (0 when bce_weight = 0)."""
-        return self._weighted_pair(lambda: balanced_pair_bce(_batch_scores(self.unit, f), labels))
-
-    def _weighted_pair(self, pair_loss):
-        """bce_weight x ``pair_loss()``, kept in ``last_pair_loss``; 0 (and None) when bce_weight = 0."""
-        if self.bce_weight == 0:
-            self.last_pair_loss = None
-            return 0.0
-        value = pair_loss()
-        self.last_pair_loss = value.detach()
-        return self.bce_weight * value
 
     def extra_repr(self):
         extra = f", mining={self.mining!r}" if self.mining != "pddm" else ""

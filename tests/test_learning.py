@@ -236,7 +236,7 @@ def test_warmup_progress_survives_the_state_dict_and_old_state_dicts_load():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(negatives="semi-hard"), ValueError, "negatives"),
-    (dict(negatives=None), ValueError, "negatives"),
+    (dict(negatives=None), TypeError, "negatives"),
     (dict(bce_weight=-0.1), ValueError, "bce_weight"),
     (dict(bce_weight=float("nan")), ValueError, "bce_weight"),
     (dict(bce_weight="1"), TypeError, "bce_weight"),

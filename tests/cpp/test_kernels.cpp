@@ -194,9 +194,10 @@ ScoresGrads call_scores_backward(const at::Tensor& grad, const Args& a) {
       op("pddm_ext::scores_backward")
           .typed<ScoresGrads(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>, bool)>();
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>, bool,
+                             std::optional<at::ScalarType>)>();
   return backward.call(grad, a.x, a.y, a.W_u, a.b_u, a.W_v, a.b_v, a.W_c, a.b_c, a.w_s, a.b_s, {true, true, true},
-                       a.normalize_inputs);
+                       a.normalize_inputs, std::nullopt);
 }
 
 MineOut call_mine_pddm(const Problem& p, const Args& a, int64_t k) {
