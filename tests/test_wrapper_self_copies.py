@@ -63,6 +63,8 @@ def draw(index, rank_rows=None):
                          dtype=dtype) if metric == "pddm" else None
     mode = "batch_hard" if index % 4 == 3 else "mine_hard"
     k = None if index % 7 == 0 else randint(1, 2 * m)
+    if mode == "batch_hard":
+        k = None  # one triplet per anchor: the miner refuses a k (drawn anyway, so later draws stay the same)
     miner = pddm_ext.PDDMMiner(unit=unit, k=k, mode=mode)
     options = dict(memory_size=randint(m, 3 * m), earlier=randint(0, 3), mode=mode, k=k)
     return embeddings, labels, miner, options, g
