@@ -21,8 +21,9 @@ What it does:
    not the runs). The table's floor row (``compare``'s "raw pixels") is here the metrics of the
    L2-normalised pretrained features themselves, renamed "pretrained features" in results.md: what
    the head must beat;
-5. writes ``<out>/steps_to_target.md``: per entry and seed, the training steps after which Recall@1 on
-   the test classes first reached ``--target`` (evaluated once per epoch).
+5. writes ``<out>/steps_to_target.md`` (``benchmarks/steps_to_target.py``): per entry and seed, the
+   training steps after which Recall@1 on the test classes first reached ``--target`` (evaluated once
+   per epoch).
 
 One thread (torch.set_num_threads(1)): the machine is shared.
 """
@@ -44,6 +45,8 @@ from pddm_ext.app import datasets as data_mod
 from pddm_ext.app import evaluate as ev
 from pddm_ext.app import backbones, models
 from pddm_ext.app import train as train_mod
+
+from benchmarks import steps_to_target
 
 
 class LinearHead(nn.Module):
@@ -92,16 +95,6 @@ def feature_split(split, size):
     return data_mod.ZeroShotSplit(data_mod.TensorImages(f_train[:, :, None, None], split.train_labels),
                                   data_mod.TensorImages(f_test[:, :, None, None], split.test_labels),
                                   split.train_labels, split.test_labels, (f_train.shape[1], 1, 1), info)
-
-
-def steps_to_target(summary_runs, target, batches_per_epoch):
-    rows = ["| entry | seed | final Recall@1 | steps to Recall@1 >= %.3f |" % target, "|---|---|---|---|"]
-    for run in summary_runs:
-        hist = run["history"]
-        first = next((h["epoch"] for h in hist if h["recall@1"] >= target), None)
-        steps = "not reached" if first is None else str(first * batches_per_epoch)
-        rows.append(f"| {run['entry']} | {run['config']['seed']} | {hist[-1]['recall@1']:.4f} | {steps} |")
-    return "\n".join(rows) + "\n"
 
 
 def main(argv=None):
@@ -153,13 +146,9 @@ def main(argv=None):
         summary = compare.run_all(base, losses=args.losses, seeds=args.seeds, out=args.out, progress=False)
     finally:
         compare.prepare, train_mod.build_model = saved
-    runs = []
-    for loss in args.losses:
-        for seed in args.seeds:
-            with open(os.path.join(args.out, "runs", f"{loss}-seed{seed}", "result.json")) as f:
-                runs.append(dict(json.load(f), entry=loss))
-    target = args.target if args.target is not None else runs[0]["floor"]["recall@1"]
-    text = steps_to_target(runs, target, args.batches_per_epoch)
+    # the floor row here is the pretrained features: named "floor", as `python -m benchmarks.steps_to_target` does
+    targets = [(args.target, "target")] if args.target is not None else [(summary["floor"]["recall@1"], "floor")]
+    text = steps_to_target.table(steps_to_target.runs_of(summary), targets, args.batches_per_epoch)
     with open(os.path.join(args.out, "steps_to_target.md"), "w") as f:
         f.write(text)
     table = compare.markdown(summary).replace("| raw pixels |", "| pretrained features (floor) |")

@@ -49,7 +49,7 @@ def test_frozen_features_runs_each_loss_on_cached_features(tmp_path, monkeypatch
     table = (out / "results.md").read_text()
     assert "| pretrained features (floor) |" in table and "| raw pixels |" not in table
     steps = (out / "steps_to_target.md").read_text()
-    assert "| pddm | 0 |" in steps and "| batch-hard | 0 |" in steps
+    assert "| pddm | 0 |" in steps and "| batch-hard | 0 |" in steps and "(floor)" in steps
     result = (out / "runs" / "pddm-seed0" / "result.json").read_text()
     assert "linear head on frozen efficientnet-lite0" in result
     before = cached[0].stat().st_mtime_ns
