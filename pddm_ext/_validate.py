@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import numbers
 
 import torch
@@ -93,17 +94,46 @@ def check_condition(cond, message, device, exc=ValueError):
     torch._assert_async(cond, message)
 
 
-def check_finite(name, t):
-    """No NaN or Inf in ``t`` (ValueError naming ``name``; asynchronous on CUDA / under compile).
-    Skipped for a tensor object the caller declared checked with :func:`already_validated` (not while
-    torch.compile traces, which cannot read a ContextVar: there the check is an asynchronous assert)."""
+def magnitude_limit(dtype, d):
+    """The largest magnitude an embedding entry may have: ``sqrt(max / (4 d))``, ``max`` the largest
+    finite value of the type distances are accumulated in (float64 for float64 inputs, else float32:
+    3.4e38). Below it every squared distance between two rows of ``d`` features (at most
+    ``d (2 limit)^2``), every squared norm and every ``|x|^2 + |y|^2 - 2 x.y`` is finite; above it a
+    finite input can give an infinite distance and a wrong choice (e.g. 3.3e18 for float32, d = 8;
+    8.1e17 for d = 128)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return math.sqrt(torch.finfo(acc).max / (4 * d))
+
+
+def finite_condition(t, limit=None):
+    """0-dim bool tensor: no NaN or Inf in ``t`` and, with ``limit``, no entry above it in magnitude
+    (the infinity norm; NaN compares false)."""
+    if limit is None:
+        return torch.isfinite(t).all()
+    return torch.linalg.vector_norm(t, ord=math.inf) <= limit
+
+
+def finite_message(name, t, limit=None):
+    if limit is None:
+        return f"{name} contains NaN or Inf"
+    acc = "float64" if t.dtype == torch.float64 else "float32"
+    return (f"{name} contains NaN or Inf, or a value above {limit:.3g} in magnitude (with {t.shape[-1]} features "
+            f"its squared distances would overflow {acc}): scale the embeddings down")
+
+
+def check_finite(name, t, limit=None):
+    """No NaN or Inf in ``t`` and, with ``limit``, no entry above it in magnitude (ValueError naming
+    ``name``; asynchronous on CUDA / under compile). Skipped for a tensor object the caller declared
+    checked with :func:`already_validated` (not while torch.compile traces, which cannot read a
+    ContextVar: there the check is an asynchronous assert)."""
     if t.numel() > 0 and (_is_compiling() or not any(t is v for v in _validated.get())):
-        check_condition(torch.isfinite(t).all(), f"{name} contains NaN or Inf", t.device)
+        check_condition(finite_condition(t, limit), finite_message(name, t, limit), t.device)
 
 
 def check_embeddings(name, t, d=None, d_from=None, *, finite=True):
-    """A (rows, d) float matrix with at least one row, finite (unless ``finite=False``: a caller
-    that checks finiteness later, once); d_from names where d comes from."""
+    """A (rows, d) float matrix with at least one row, finite and within :func:`magnitude_limit`
+    (unless ``finite=False``: a caller that checks finiteness later, once); d_from names where d
+    comes from."""
     check_float(name, t)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
@@ -114,7 +144,7 @@ def check_embeddings(name, t, d=None, d_from=None, *, finite=True):
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has {t.shape[1]} features, expected {d} to match {d_from}")
     if finite:
-        check_finite(name, t)
+        check_finite(name, t, magnitude_limit(t.dtype, t.shape[1]))
 
 
 def check_same_device(named):

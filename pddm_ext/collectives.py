@@ -155,9 +155,11 @@ def _check_shard(embeddings, labels, d, d_from, names):
 
 
 def _first_nonfinite(named, device):
-    """0-dim int64 on ``device``: 0 when every tensor of ``named`` [(name, tensor)] is finite, else
-    1 + the position of the first that is not (no host read)."""
-    flags = [~torch.isfinite(t).all() if t.numel() else torch.tensor(False, device=t.device) for _, t in named]
+    """0-dim int64 on ``device``: 0 when every tensor of ``named`` [(name, tensor[, limit])] is finite
+    (and within its magnitude ``limit``, when given: ``_validate.finite_condition``), else 1 + the
+    position of the first that is not (no host read)."""
+    flags = [~V.finite_condition(t, *limit) if t.numel() else torch.tensor(False, device=t.device)
+             for _, t, *limit in named]
     if not flags:
         return torch.zeros((), dtype=torch.int64, device=device)
     flags = torch.stack([f.to(device) for f in flags])
@@ -180,7 +182,8 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names
     - ``names``: the names of the two arguments in the messages (e.g. ``("ref_emb", "ref_labels")``);
     - ``check``: a callable run on this rank after its shard passed the structural checks; it raises
       ``TypeError`` / ``ValueError`` for a problem (reported like a bad shard) and returns a list of
-      ``(name, tensor)`` whose finiteness is agreed on too (the error then names the tensor);
+      ``(name, tensor)`` or ``(name, tensor, magnitude limit)`` whose finiteness is agreed on too (the
+      error then names the tensor);
     - ``same``: a dict ``{name: bool}`` that must hold the same values on every rank (e.g. whether an
       optional argument is given), else every rank raises a ``ValueError`` naming it.
 
@@ -190,8 +193,8 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names
     if world_size(group) == 1:
         V.check_embeddings(names[0], embeddings, d=d, d_from=d_from)
         labels = V.check_labels(names[1], labels, embeddings.shape[0], embeddings.device)
-        for name, t in (check() if check is not None else ()):
-            V.check_finite(name, t)
+        for name, t, *limit in (check() if check is not None else ()):
+            V.check_finite(name, t, *limit)
         return labels, [embeddings.shape[0]]
     n_ranks, device = dist.get_world_size(group), _status_device(group)
     problem, finite = None, []
@@ -205,7 +208,8 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names
     status = torch.zeros(5 + len(same), dtype=torch.int64, device=device)
     status[5:] = torch.tensor([int(bool(v)) for v in same.values()], dtype=torch.int64)
     named = [(names[0], embeddings)] + finite
-    if problem is None:
+    if problem is None:  # the shard's structure is valid: (rows, d), d >= 1, floating
+        named[0] = (names[0], embeddings, V.magnitude_limit(embeddings.dtype, embeddings.shape[1]))
         status[1:4] = torch.tensor([embeddings.shape[0], embeddings.shape[1], _ALL_DTYPES.index(embeddings.dtype)])
         status[4] = _first_nonfinite(named, device)
     else:
@@ -230,7 +234,7 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names
     bad = [r for r, s in enumerate(statuses) if s[4]]
     if bad:
         code = statuses[dist.get_rank(group)][4]
-        mine = None if code == 0 else (False, f"{named[code - 1][0]} contains NaN or Inf")
+        mine = None if code == 0 else (False, V.finite_message(*named[code - 1]))
         _raise_agreed(bad, mine, n_ranks, group)
     rows = [s[1] for s in statuses]
     if sum(rows) == 0:

@@ -92,11 +92,11 @@ def _one_rank_argument_cases(rank):
     ref, ref_labels = x.flip(0).clone(), labels.flip(0)
     triplets = (torch.tensor([0]), torch.tensor([1]), torch.tensor([1]))
 
-    def with_memory(poison):
+    def with_memory(poison, value=float("nan")):
         bank = pddm_ext.MemoryBank(16, D, dtype=torch.float64)
         bank.enqueue(ROWS, LABELS)
         if poison:
-            bank.embeddings[2, 3] = float("nan")
+            bank.embeddings[2, 3] = value
         return make_loss(True, memory=bank)
 
     def nan_parameter():
@@ -114,6 +114,8 @@ def _one_rank_argument_cases(rank):
 
     nan_ref = ref.clone()
     nan_ref[0, 1] = float("nan")
+    huge_x = x.clone()
+    huge_x[1, 2] = -1e200  # finite, but its squared distances overflow float64
     return {
         "ref_emb_without_ref_labels": lambda: make_loss(True)(x, labels, ref_emb=ref if rank == 1 else None),
         "ref_emb_on_one_rank": lambda: make_loss(True)(x, labels, None, *((ref, ref_labels) if rank == 0 else ())),
@@ -123,6 +125,8 @@ def _one_rank_argument_cases(rank):
         "parameter_nan_on_one_rank": nan_parameter,
         "parameter_shape_on_one_rank": wrong_parameter_shape,
         "memory_nan_on_one_rank": lambda: with_memory(rank == 1)(x, labels),
+        "memory_too_large_on_one_rank": lambda: with_memory(rank == 0, 1e200)(x, labels),
+        "embeddings_too_large_on_one_rank": lambda: make_loss(True)(huge_x if rank == 1 else x, labels),
         "memory_labels_on_one_rank": lambda: make_loss(True, memory=_BadLabelsMemory() if rank == 0 else
                                                        pddm_ext.MemoryBank(16, D))(x, labels),
         "ref_emb_nan_on_one_rank": lambda: make_loss(True)(x, labels, None, nan_ref if rank == 1 else ref, ref_labels),
@@ -263,9 +267,13 @@ ONE_RANK = {
     "labels_none_on_one_rank": ("TypeError", r"labels must be a torch.Tensor.*rank 1 of 2"),
     "parameter_nan_on_one_rank": ("ValueError", r"^W_u contains NaN or Inf \(on rank 1 of 2\)$"),
     "parameter_shape_on_one_rank": ("ValueError", r"b_s must have shape \(\).*rank 0 of 2"),
-    "memory_nan_on_one_rank": ("ValueError", r"^memory embeddings contains NaN or Inf \(on rank 1 of 2\)$"),
+    "memory_nan_on_one_rank": ("ValueError", r"^memory embeddings contains NaN or Inf, or a value above .*\(on rank 1 of 2\)$"),
+    "memory_too_large_on_one_rank": ("ValueError", r"^memory embeddings contains NaN or Inf, or a value above "
+                                     r"2\.37e\+153 in magnitude \(with 8 features .*overflow float64\).*\(on rank 0 of 2\)$"),
+    "embeddings_too_large_on_one_rank": ("ValueError", r"^embeddings contains NaN or Inf, or a value above "
+                                         r"2\.37e\+153 in magnitude .*\(on rank 1 of 2\)$"),
     "memory_labels_on_one_rank": ("ValueError", r"memory labels has length 3, expected 4.*rank 0 of 2"),
-    "ref_emb_nan_on_one_rank": ("ValueError", r"^ref_emb contains NaN or Inf \(on rank 1 of 2\)$"),
+    "ref_emb_nan_on_one_rank": ("ValueError", r"^ref_emb contains NaN or Inf, or a value above .*\(on rank 1 of 2\)$"),
     "ref_emb_features_on_one_rank": ("ValueError", r"ref_emb has 5 features, expected 8.*rank 0 of 2"),
     "all_gather_not_a_tensor": ("TypeError", r"tensor must be a torch.Tensor, got list \(on rank 1 of 2\)"),
     "all_gather_zero_dim": ("ValueError", r"tensor must have at least one dimension.*rank 0 of 2"),

@@ -73,6 +73,13 @@ def _inf(sign=1.0):
     return t
 
 
+def _huge(sign=1.0):
+    """Finite float32, but above the magnitude limit for d = 4 (4.6e18): squared distances overflow."""
+    t = torch.randn(G, D)
+    t[1, 2] = sign * 1e19
+    return t
+
+
 BAD_EMBEDDINGS = {
     "rank1": (lambda: torch.randn(D), ValueError, r"2-D"),
     "rank3": (lambda: torch.randn(G, 2, D), ValueError, r"2-D"),
@@ -85,6 +92,8 @@ BAD_EMBEDDINGS = {
     "nan": (_nan, ValueError, r"NaN"),
     "inf": (_inf, ValueError, r"Inf"),
     "-inf": (lambda: _inf(-1.0), ValueError, r"Inf"),
+    "huge": (_huge, ValueError, r"above 4\.61e\+18 in magnitude .*overflow float32"),
+    "-huge": (lambda: _huge(-1.0), ValueError, r"above 4\.61e\+18 in magnitude"),
     "list": (lambda: [[0.0] * D] * G, TypeError, r"Tensor"),
     "ndarray": (lambda: torch.randn(G, D).numpy(), TypeError, r"Tensor"),
 }
@@ -98,6 +107,43 @@ def test_bad_embeddings(entry, bad):
     with pytest.raises(exc, match=names(name)) as info:
         call(make())
     assert re.search(what, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_magnitude_limit_is_where_squared_distances_stop_being_finite(dtype):
+    """Just below the limit every squared distance is finite and mining is right (against float64 on
+    the same rows); just above it the input is refused. float32 and bfloat16 accumulate in float32
+    (limit sqrt(3.4e38 / 4d)), float64 in float64."""
+    from pddm_ext import _validate as V
+    from pddm_ext import reference
+
+    d = 8
+    limit = V.magnitude_limit(dtype, d)
+    assert limit == pytest.approx((torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+                                   / (4 * d)) ** 0.5)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.zeros(6, d, dtype=torch.float64)
+    x[0], x[1], x[2], x[3] = 0.99 * limit, -0.99 * limit, 0.9 * limit, -0.9 * limit
+    x[4], x[5] = 0.3 * limit, 0.31 * limit
+    x = x.to(dtype)
+    got = pddm_ext.batch_hard(x, labels)
+    want = reference.batch_hard(x.double(), labels)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    x[0, 0] = x[0, 0] * 1.02  # above the limit (bfloat16 rounds by at most 0.4%)
+    with pytest.raises(ValueError, match=r"embeddings contains NaN or Inf, or a value above"):
+        pddm_ext.batch_hard(x, labels)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pml_miner_refuses_rows_whose_norm_overflows(normalize):
+    """With normalize=True a row whose norm overflows float32 would normalise to zeros (plausible
+    garbage): the miner checks the input rows' magnitude before normalising."""
+    miner = pddm_ext.PDDMMiner(pddm_ext.PDDM(D), normalize=normalize)
+    with pytest.raises(ValueError, match=r"embeddings contains NaN or Inf, or a value above"):
+        miner.mine(_huge(), torch.arange(G) % 3, None, None)
+    with pytest.raises(ValueError, match=r"ref_emb contains NaN or Inf, or a value above"):
+        miner.mine(good_x(), torch.arange(G) % 3, _huge(), torch.arange(G) % 3)
 
 
 # Which argument the message must name when the bad tensor has d + 1 features: the first input is

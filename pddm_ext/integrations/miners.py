@@ -54,16 +54,17 @@ class _PDDMMining:
         labels (``ref_labels`` None or ``labels`` itself), means batch mode, as in PML (its
         ``BaseMiner.forward`` passes the embeddings and labels themselves as references); the
         embeddings as references with other labels are reference mode, so those labels count. Validated
-        here, once (the structure first, so that normalising cannot fail; finiteness on the
-        normalised rows, which carry any NaN or Inf of the input), then mined unchecked."""
+        here, once (the structure first, so that normalising cannot fail; with ``normalize`` the input
+        rows' magnitude too, since a row whose norm overflows would normalise to zeros; finiteness
+        on the normalised rows, which carry any NaN or Inf of the input), then mined unchecked."""
         batch_mode = ref_emb is None or (ref_emb is embeddings and (ref_labels is None or ref_labels is labels))
         if batch_mode:
             ref_emb = ref_labels = None
         elif ref_labels is None:
             raise ValueError("ref_labels must be given with ref_emb")
-        V.check_embeddings("embeddings", embeddings, finite=False)
+        V.check_embeddings("embeddings", embeddings, finite=self.normalize)
         if not batch_mode:
-            V.check_embeddings("ref_emb", ref_emb, d=embeddings.shape[1], d_from="embeddings", finite=False)
+            V.check_embeddings("ref_emb", ref_emb, d=embeddings.shape[1], d_from="embeddings", finite=self.normalize)
         # normalised in the compute dtype: float32 for half rows (float16's eps and norms fail)
         dtype = V.compute_dtype(embeddings, None if batch_mode else ref_emb)
         prep = (lambda t: _normalized_rows(t.detach(), dtype)) if self.normalize else (lambda t: t.detach())  # noqa: E731
