@@ -265,6 +265,25 @@ def test_compare_writes_table_plot_and_json(digits, tmp_path):
     assert os.path.getmtime(out / "runs" / "pddm-seed0" / "checkpoint.pt") == mtime
 
 
+def test_compare_plots_the_pretrained_features_floor_when_out_has_one(digits, tmp_path, monkeypatch):
+    """floor.json in the output folder (frozen_features --floor-only) adds its Recall@1 to the plot,
+    beside the table's floor, whose label run_all takes."""
+    from pddm_ext.app import compare
+
+    drawn = []
+    real = compare.plot_convergence
+    monkeypatch.setattr(compare, "plot_convergence", lambda summary, path, refs: (drawn.append(refs), real(summary, path, refs)))
+    base = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=1, threads=1)
+    out = tmp_path / "cmp"
+    summary = compare.run_all(base, ["batch-hard"], [0], str(out), progress=False)
+    assert drawn[-1] == [(summary["floor"]["recall@1"], "raw pixels")]
+    (out / "floor.json").write_text(json.dumps({"floor": {"recall@1": 0.75}}))
+    compare.run_all(base, ["batch-hard"], [0], str(out), progress=False, floor_label="the floor")
+    assert drawn[-1] == [(0.75, "pretrained features"), (summary["floor"]["recall@1"], "the floor")]
+    assert "| the floor |" in (out / "results.md").read_text()
+    assert (out / "convergence.png").stat().st_size > 0
+
+
 # --- checkpoints: loaded with weights_only=True, one clear error for a bad file ---
 
 

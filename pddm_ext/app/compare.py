@@ -13,6 +13,10 @@ same seeds (``scipy.stats.ttest_rel``; the runs of one seed share the batches an
 
 Runs live in ``<out>/runs/<loss>-seed<seed>``; a finished run is not repeated and an interrupted
 one resumes from its checkpoint, so the command can be rerun after a crash.
+
+The table's and the plot's floor is raw pixels (``floor_label``). When ``<out>/floor.json`` exists
+(``python -m benchmarks.frozen_features --floor-only``: the pretrained network's own features, the
+fine-tuning regime's floor), the plot draws its Recall@1 too, as "pretrained features".
 """
 
 from __future__ import annotations
@@ -63,8 +67,10 @@ def entry_config(base, name):
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
 
 
-def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *, progress=True):
+def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *, progress=True,
+            floor_label="raw pixels"):
     """Trains every (loss, seed) with ``base`` (a TrainConfig) and writes the summary files; returns the summary.
+    ``floor_label`` names the floor row of the table and its line in the plot.
 
     ``losses`` and ``seeds`` must not repeat a value (a repeat would be the same run counted twice):
     ConfigError otherwise, before any work."""
@@ -94,8 +100,13 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
     summary = summarise(runs, losses)
     os.makedirs(out, exist_ok=True)
     write_text_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
-    write_text_atomic(os.path.join(out, "results.md"), markdown(summary))
-    plot_convergence(summary, os.path.join(out, "convergence.png"))
+    write_text_atomic(os.path.join(out, "results.md"), markdown(summary, floor_label))
+    references = [(summary["floor"]["recall@1"], floor_label)]
+    floor_json = os.path.join(out, "floor.json")
+    if os.path.exists(floor_json):
+        with open(floor_json) as f:
+            references.insert(0, (json.load(f)["floor"]["recall@1"], "pretrained features"))
+    plot_convergence(summary, os.path.join(out, "convergence.png"), references)
     return summary
 
 
@@ -165,7 +176,7 @@ def _unit_lr(cfg):
     return f" (PDDM unit {cfg['unit_lr']})" if cfg.get("unit_lr") is not None else ""
 
 
-def markdown(summary):
+def markdown(summary, floor_label="raw pixels"):
     cfg, ds, batch = summary["config"], summary["dataset"], summary["batch"]
     lines = [f"# {ds['name']}: PDDM mining vs Euclidean mining", ""]
     n_seeds = len(next(iter(summary["losses"].values()))["seeds"])
@@ -193,7 +204,7 @@ def markdown(summary):
                  else "-" for m in METRICS]
         lines.append(f"| {loss} | " + " | ".join(cells) + f" | {r['train_time_mean'][-1]:.0f} |")
     floor = summary["floor"]
-    lines.append("| raw pixels | " + " | ".join(f"{floor[m]:.3f}" if m in floor else "-" for m in METRICS) + " | |")
+    lines.append(f"| {floor_label} | " + " | ".join(f"{floor[m]:.3f}" if m in floor else "-" for m in METRICS) + " | |")
     if summary.get("paired"):
         lines += ["", "Paired test on final Recall@1 against the first entry (same seeds; scipy.stats.ttest_rel):", "",
                   "| entry | mean difference | t | p |", "|---|---|---|---|"]
@@ -211,7 +222,9 @@ def markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-def plot_convergence(summary, path):
+def plot_convergence(summary, path, references=None):
+    """Recall@1 against epoch and against training time, one line per loss (mean, and +- std per
+    epoch); ``references``: [(Recall@1, label)] drawn as dashed lines (default: the floor, "raw pixels")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,8 +240,10 @@ def plot_convergence(summary, path):
     from matplotlib.ticker import MaxNLocator
 
     ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
+    references = [(summary["floor"]["recall@1"], "raw pixels")] if references is None else references
     for ax in (ax_e, ax_t):
-        ax.axhline(summary["floor"]["recall@1"], color="grey", linestyle="--", label="raw pixels")
+        for (value, label), style in zip(references, ("--", ":", "-.")):
+            ax.axhline(value, color="grey", linestyle=style, label=label)
         ax.grid(alpha=0.3)
     ax_e.set_xlabel("epoch")
     ax_t.set_xlabel("training time (s, mean over seeds)")
