@@ -559,3 +559,26 @@ def test_k_above_a_training_class_size_warns_that_images_repeat():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_against_data(TrainConfig(dataset="digits", k=3), split)  # every class has 3 or more: silent
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_the_running_statistics_and_trains_the_rest(freeze_bn, digits, tmp_path):
+    """--freeze-bn: every batch-norm layer runs in eval mode while training (its running statistics
+    stay what the network started with), and its scale and shift still get trained, as every other
+    weight; without it the statistics follow the training batches."""
+    from pddm_ext.app.train import Run
+
+    cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=3, seed=0, threads=1, freeze_bn=freeze_bn,
+                      out=str(tmp_path / "run"))
+    run = Run(cfg, progress=False, split=digits)
+    bns = [m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    before = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    run.train_epoch(0)
+    for bn, old in zip(bns, before):
+        stats_kept = all(torch.equal(bn.state_dict()[k], old[k]) for k in ("running_mean", "running_var",
+                                                                           "num_batches_tracked"))
+        assert stats_kept == freeze_bn
+        assert not torch.equal(bn.weight, old["weight"])  # trained either way
+        assert bn.training == (not freeze_bn)
+    assert run.model.training

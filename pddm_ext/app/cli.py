@@ -55,6 +55,11 @@ def _common(parser):
     loss_options.add_arguments(parser)  # PDDMLoss's options: --alpha, --mine-k, --negatives, ...
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS.augment,
                         help=f"random affine augmentation of training batches (default {'on' if DEFAULTS.augment else 'off'})")
+    parser.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=DEFAULTS.freeze_bn,
+                        help="keep the network's batch-norm layers in eval mode while training: their running "
+                             "statistics stay the pretrained ones (small P x K batches and augmentation otherwise "
+                             "move them away from what the weights expect); their scale and shift still learn "
+                             f"(default {'on' if DEFAULTS.freeze_bn else 'off'})")
     parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
                         help=f"learning-rate schedule (default {DEFAULTS.schedule}; onecycle peaks at --lr)")
     parser.add_argument("--holdout", type=N["holdout"], default=DEFAULTS.holdout,

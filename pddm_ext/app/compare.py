@@ -185,7 +185,8 @@ def markdown(summary, floor_label="raw pixels"):
     lines.append(f"Budget per run: {cfg['epochs']} epochs x {batch['batches_per_epoch']} batches of "
                  f"P={batch['p']} x K={batch['k']}; {summary['model']}, embedding dim {cfg['embedding_dim']}, "
                  f"Adam lr {cfg['lr']}{_unit_lr(cfg)}; alpha {cfg['alpha']}, beta {cfg['beta']}, lam {cfg['lam']}, "
-                 f"mine k {cfg['mine_k'] or 'P K / 2'}; {n_seeds} seeds; mean +- std over seeds after the last epoch.")
+                 f"mine k {cfg['mine_k'] or 'P K / 2'}{'; batch norm frozen' if cfg.get('freeze_bn') else ''}; "
+                 f"{n_seeds} seeds; mean +- std over seeds after the last epoch.")
     all_variants = loss_options.variants()
     variants = [name for name in summary["losses"] if name in all_variants]
     if variants:  # what the PDDM entries are (the first entry's options, and what each variant sets)

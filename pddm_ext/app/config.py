@@ -54,6 +54,9 @@ class TrainConfig:
     warmup_steps: int = train_default("warmup_steps")  # ends early, see Run.evaluate
     mining: str = train_default("mining")
     augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
+    # batch-norm layers kept in eval mode while training: running statistics stay those the network
+    # started with (the pretrained ones); their scale and shift still learn (Run.train_epoch)
+    freeze_bn: bool = False
     schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
     holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
     seed: int = 0

@@ -177,6 +177,10 @@ class Run:
     def train_epoch(self, epoch):
         """One epoch of training; returns {epoch, loss, mining, epoch_time, train_time}."""
         self.model.train()
+        if self.cfg.freeze_bn:  # running statistics fixed; weights (BN's scale and shift included) still train
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         losses, stats_sum, stats_n = [], {}, {}
         t0 = time.perf_counter()
         batches = self.batches()
