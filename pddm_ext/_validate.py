@@ -84,14 +84,17 @@ def already_validated(*tensors):
 
 def check_condition(cond, message, device, exc=ValueError):
     """Raises ``exc(message)`` unless the 0-dim bool tensor ``cond`` is true, without a host sync
-    where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped."""
+    where reading ``cond`` would need one (module docstring). Meta tensors hold no data: skipped.
+    ``message`` may be a callable ``message(eager)``: called with True when the failure is raised on
+    the host (it may then read data to say more), with False for the asynchronous assert's text."""
     if device.type == "meta":
         return
+    text = message if callable(message) else (lambda eager: message)
     if device.type == "cpu" and not (_is_compiling() or _force_async.get()):  # Dynamo cannot trace ContextVar.get
         if not bool(cond):
-            raise exc(message)
+            raise exc(text(True))
         return
-    torch._assert_async(cond, message)
+    torch._assert_async(cond, text(False))
 
 
 def magnitude_limit(dtype, d):
@@ -113,12 +116,16 @@ def finite_condition(t, limit=None):
     return torch.linalg.vector_norm(t, ord=math.inf) <= limit
 
 
-def finite_message(name, t, limit=None):
-    if limit is None:
+def finite_message(name, t, limit=None, eager=False):
+    """The error of :func:`finite_condition`. One text for both causes where it must be fixed before
+    the data can be read (the asynchronous assert, the ranks' agreement); ``eager``: the data is on the
+    host, so the text names the cause that failed."""
+    if limit is None or (eager and not bool(torch.isfinite(t).all())):
         return f"{name} contains NaN or Inf"
     acc = "float64" if t.dtype == torch.float64 else "float32"
-    return (f"{name} contains NaN or Inf, or a value above {limit:.3g} in magnitude (with {t.shape[-1]} features "
-            f"its squared distances would overflow {acc}): scale the embeddings down")
+    large = (f"a value above {limit:.3g} in magnitude (with {t.shape[-1]} features its squared distances would "
+             f"overflow {acc}): scale the embeddings down")
+    return f"{name} contains {large}" if eager else f"{name} contains NaN or Inf, or {large}"
 
 
 def check_finite(name, t, limit=None):
@@ -127,7 +134,7 @@ def check_finite(name, t, limit=None):
     checked with :func:`already_validated` (not while torch.compile traces, which cannot read a
     ContextVar: there the check is an asynchronous assert)."""
     if t.numel() > 0 and (_is_compiling() or not any(t is v for v in _validated.get())):
-        check_condition(finite_condition(t, limit), finite_message(name, t, limit), t.device)
+        check_condition(finite_condition(t, limit), lambda eager: finite_message(name, t, limit, eager), t.device)
 
 
 def check_embeddings(name, t, d=None, d_from=None, *, finite=True):

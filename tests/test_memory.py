@@ -29,6 +29,28 @@ def rows(start, count, dim=3):
 # --- the ring buffer -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("huge, cause", [(1e39, "NaN or Inf"),  # inf as float32
+                                         (1e30, "a value above 4.61e\\+18")])  # finite, above float32's limit
+def test_a_float64_batch_is_checked_as_the_float32_bank_stores_it(huge, cause):
+    """A float64 batch within float64's magnitude limit may not fit a float32 bank: refused before
+    anything is written, by enqueue and through PDDMLoss(memory=, normalize=False); the bank keeps
+    its rows and later batches still work."""
+    bank = pddm_ext.MemoryBank(16, 4, dtype=torch.float32)
+    bank.enqueue(torch.randn(4, 4, dtype=torch.float64), torch.arange(4) // 2)
+    before = bank.get()[0].clone()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[0, 1] = huge
+    with pytest.raises(ValueError, match=rf"embeddings \(as the bank's float32\) contains {cause}"):
+        bank.enqueue(x, torch.arange(8) // 2)
+    loss_fn = pddm_ext.PDDMLoss(4, normalize=False, memory=bank).double()
+    with pytest.raises(ValueError, match=r"as the bank's float32"):
+        loss_fn(x, torch.arange(8) // 2)
+    assert torch.equal(bank.get()[0], before) and bank.count == 4
+    loss_fn(torch.randn(8, 4, dtype=torch.float64), torch.arange(8) // 2)
+    assert bank.count == 12
+
+
+
 def test_fills_in_slot_order_then_wraps_around():
     bank = pddm_ext.MemoryBank(10, 3)
     assert len(bank) == 0 and bank.get() == (None, None)
