@@ -91,18 +91,26 @@ def default_targets(out, summary):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="a `pddm-ext compare` output folder (holds results.json)")
+    p.add_argument("out", help="a `pddm-ext compare` output folder (holds results.json), or that results.json")
     p.add_argument("--target", nargs=2, action="append", metavar=("RECALL_AT_1", "LABEL"),
                    help="a Recall@1 in [0, 1] and its name in the table; repeat for several "
                         "(default: the floor, see the module docstring)")
     args = p.parse_args(argv)
+    if os.path.basename(args.out) == "results.json" and os.path.isfile(args.out):
+        args.out = os.path.dirname(args.out) or "."
     path = os.path.join(args.out, "results.json")
     if not os.path.exists(path):
         p.error(f"out: {path} does not exist (run `pddm-ext compare --out {args.out}` first)")
-    with open(path) as f:
-        summary = json.load(f)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        runs, batches_per_epoch = runs_of(summary), summary["batch"]["batches_per_epoch"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        p.error(f"out: {path} is not a `pddm-ext compare` results.json ({type(exc).__name__}: {exc})")
     targets = []
     for value, label in args.target or []:
+        if "|" in label:
+            p.error(f"--target: the label {label!r} contains '|', which would break the Markdown table")
         try:
             t = float(value)
         except ValueError:
@@ -110,8 +118,11 @@ def main(argv=None):
         if not 0.0 <= t <= 1.0:
             p.error(f"--target: Recall@1 must be in [0, 1], got {t}")
         targets.append((t, label))
-    targets = targets or default_targets(args.out, summary)
-    text = table(runs_of(summary), targets, summary["batch"]["batches_per_epoch"])
+    try:
+        targets = targets or default_targets(args.out, summary)
+    except (ValueError, KeyError, TypeError) as exc:
+        p.error(f"out: its results.json or floor.json has no floor Recall@1 ({type(exc).__name__}: {exc})")
+    text = table(runs, targets, batches_per_epoch)
     with open(os.path.join(args.out, "steps_to_target.md"), "w") as f:
         f.write(text)
     print(text, end="")

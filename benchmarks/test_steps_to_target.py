@@ -64,6 +64,7 @@ def test_cli_default_target_is_results_floor_then_floor_json(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--target", "1.5", "x"], "must be in"),
     (["--target", "high", "x"], "not a number"),
+    (["--target", "0.5", "a | b"], "contains '|'"),
 ])
 def test_cli_refuses_bad_targets_naming_the_flag(tmp_path, capsys, args, message):
     _results(tmp_path)
@@ -78,3 +79,19 @@ def test_cli_names_a_missing_results_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         stt.main([str(tmp_path)])
     assert "results.json" in capsys.readouterr().err
+
+
+def test_cli_takes_the_results_json_itself_and_names_a_foreign_file(tmp_path, capsys):
+    _results(tmp_path)
+    assert stt.main([str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "steps_to_target.md").exists()
+    for text in ("{", '{"losses": {}}', "[]"):
+        (tmp_path / "results.json").write_text(text)
+        with pytest.raises(SystemExit) as e:
+            stt.main([str(tmp_path)])
+        assert e.value.code == 2 and "is not a `pddm-ext compare` results.json" in capsys.readouterr().err
+    _results(tmp_path)
+    (tmp_path / "floor.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        stt.main([str(tmp_path)])
+    assert "no floor Recall@1" in capsys.readouterr().err
