@@ -55,8 +55,8 @@ class _PDDMMining:
         ``BaseMiner.forward`` passes the embeddings and labels themselves as references); the
         embeddings as references with other labels are reference mode, so those labels count. Validated
         here, once (the structure first, so that normalising cannot fail; with ``normalize`` the input
-        rows' magnitude too, since a row whose norm overflows would normalise to zeros; finiteness
-        on the normalised rows, which carry any NaN or Inf of the input), then mined unchecked."""
+        rows' values, finiteness and magnitude, since a row whose norm overflows would normalise to
+        zeros; without it the rows as mined), then mined unchecked."""
         batch_mode = ref_emb is None or (ref_emb is embeddings and (ref_labels is None or ref_labels is labels))
         if batch_mode:
             ref_emb = ref_labels = None
@@ -70,7 +70,10 @@ class _PDDMMining:
         prep = (lambda t: _normalized_rows(t.detach(), dtype)) if self.normalize else (lambda t: t.detach())  # noqa: E731
         x = prep(embeddings)
         y = None if batch_mode else prep(ref_emb)
-        x, lx, y, ly, params, metric, form = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
+        # rows normalised from checked input rows are finite and of norm 1: not checked a second time
+        checked = (x,) + (() if y is None else (y,)) if self.normalize else ()
+        with V.already_validated(*checked):
+            x, lx, y, ly, params, metric, form = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
         if self.mode == "batch_hard":
             self.last_quadruplets = None
             return _batch_hard(x, lx, y, ly, params, metric, form)
