@@ -103,7 +103,7 @@ def magnitude_limit(dtype, d):
     3.4e38). Below it every squared distance between two rows of ``d`` features (at most
     ``d (2 limit)^2``), every squared norm and every ``|x|^2 + |y|^2 - 2 x.y`` is finite; above it a
     finite input can give an infinite distance and a wrong choice (e.g. 3.3e18 for float32, d = 8;
-    8.1e17 for d = 128)."""
+    8.2e17 for d = 128)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return math.sqrt(torch.finfo(acc).max / (4 * d))
 
