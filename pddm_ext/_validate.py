@@ -97,15 +97,14 @@ def check_condition(cond, message, device, exc=ValueError):
     torch._assert_async(cond, text(False))
 
 
-def magnitude_limit(dtype, d):
-    """The largest magnitude an embedding entry may have: ``sqrt(max / (4 d))``, ``max`` the largest
-    finite value of the type distances are accumulated in (float64 for float64 inputs, else float32:
-    3.4e38). Below it every squared distance between two rows of ``d`` features (at most
+def magnitude_limit(t):
+    """The largest magnitude an entry of the (rows, d) embeddings ``t`` may have: ``sqrt(max / (4 d))``,
+    ``max`` the largest finite value of :func:`compute_dtype`, the type distances are accumulated in
+    (float64 for float64 inputs, else float32: 3.4e38). Below it every squared distance between two rows of ``d`` features (at most
     ``d (2 limit)^2``), every squared norm and every ``|x|^2 + |y|^2 - 2 x.y`` is finite; above it a
     finite input can give an infinite distance and a wrong choice (e.g. 3.3e18 for float32, d = 8;
     8.2e17 for d = 128)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return math.sqrt(torch.finfo(acc).max / (4 * d))
+    return math.sqrt(torch.finfo(compute_dtype(t)).max / (4 * t.shape[-1]))
 
 
 def finite_condition(t, limit=None):
@@ -122,7 +121,7 @@ def finite_message(name, t, limit=None, eager=False):
     host, so the text names the cause that failed."""
     if limit is None or (eager and not bool(torch.isfinite(t).all())):
         return f"{name} contains NaN or Inf"
-    acc = "float64" if t.dtype == torch.float64 else "float32"
+    acc = str(compute_dtype(t)).removeprefix("torch.")
     large = (f"a value above {limit:.3g} in magnitude (with {t.shape[-1]} features its squared distances would "
              f"overflow {acc}): scale the embeddings down")
     return f"{name} contains {large}" if eager else f"{name} contains NaN or Inf, or {large}"
@@ -151,7 +150,7 @@ def check_embeddings(name, t, d=None, d_from=None, *, finite=True):
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has {t.shape[1]} features, expected {d} to match {d_from}")
     if finite:
-        check_finite(name, t, magnitude_limit(t.dtype, t.shape[1]))
+        check_finite(name, t, magnitude_limit(t))
 
 
 def check_same_device(named):

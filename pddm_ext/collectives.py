@@ -209,7 +209,7 @@ def agree_on_batch(embeddings, labels, group=None, *, d=None, d_from=None, names
     status[5:] = torch.tensor([int(bool(v)) for v in same.values()], dtype=torch.int64)
     named = [(names[0], embeddings)] + finite
     if problem is None:  # the shard's structure is valid: (rows, d), d >= 1, floating
-        named[0] = (names[0], embeddings, V.magnitude_limit(embeddings.dtype, embeddings.shape[1]))
+        named[0] = (names[0], embeddings, V.magnitude_limit(embeddings))
         status[1:4] = torch.tensor([embeddings.shape[0], embeddings.shape[1], _ALL_DTYPES.index(embeddings.dtype)])
         status[4] = _first_nonfinite(named, device)
     else:

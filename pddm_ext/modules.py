@@ -429,7 +429,7 @@ def _agree(loss, embeddings, labels, indices_tuple, ref_emb, ref_labels, params,
         if loss.memory is not None:
             bank[:] = _memory_rows(loss.memory, d, d_from, embeddings.device, finite=False)
             if bank[0] is not None:
-                finite.append(("memory embeddings", bank[0], V.magnitude_limit(bank[0].dtype, d)))
+                finite.append(("memory embeddings", bank[0], V.magnitude_limit(bank[0])))
         return finite
 
     labels, rows = collectives.agree_on_batch(embeddings, labels, d=d, d_from=d_from, check=local_checks,

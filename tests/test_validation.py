@@ -118,7 +118,7 @@ def test_the_magnitude_limit_is_where_squared_distances_stop_being_finite(dtype)
     from pddm_ext import reference
 
     d = 8
-    limit = V.magnitude_limit(dtype, d)
+    limit = V.magnitude_limit(torch.zeros(1, d, dtype=dtype))
     assert limit == pytest.approx((torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
                                    / (4 * d)) ** 0.5)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])

@@ -100,8 +100,8 @@ class MemoryBank:
         labels = V.check_labels("labels", labels, embeddings.shape[0], self.embeddings.device)
         rows = embeddings.detach().to(device=self.embeddings.device, dtype=self.embeddings.dtype)
         if rows.dtype != embeddings.dtype:  # a float64 batch in a float32 bank: what is stored must be valid too
-            V.check_finite(f"embeddings (as the bank's {str(rows.dtype).replace('torch.', '')})", rows,
-                           V.magnitude_limit(rows.dtype, self.dim))
+            V.check_finite(f"embeddings (as the bank's {str(rows.dtype).removeprefix('torch.')})", rows,
+                           V.magnitude_limit(rows))
         if rows.shape[0] > self.size:  # only the newest `size` rows survive
             self.ptr = (self.ptr + rows.shape[0] - self.size) % self.size
             rows, labels = rows[-self.size:], labels[-self.size:]

@@ -71,7 +71,7 @@ class _PDDMMining:
         x = prep(embeddings)
         y = None if batch_mode else prep(ref_emb)
         # rows normalised from checked input rows are finite and of norm 1: not checked a second time
-        checked = (x,) + (() if y is None else (y,)) if self.normalize else ()
+        checked = tuple(t for t in (x, y) if t is not None) if self.normalize else ()
         with V.already_validated(*checked):
             x, lx, y, ly, params, metric, form = _prepare_mining(x, labels, self.unit, y, ref_labels, self.metric)
         if self.mode == "batch_hard":
