@@ -523,8 +523,8 @@ def test_onecycle_resume_is_exact_for_an_unchanged_budget_and_runs_for_a_longer_
     base = TrainConfig(dataset="digits", epochs=2, batches_per_epoch=3, seed=1, threads=1, schedule="onecycle",
                        augment=True)
     straight = train(dataclasses_replace(base, out=str(tmp_path / "s")), progress=False, split=digits)
-    # a second run of the same budget, then resumed with one more epoch: the scheduler's state loads,
-    # the cycle stretches to the new total, and the first two epochs are those of the straight run
+    # a second run of the same budget, then resumed with one more epoch: the first two epochs are those
+    # of the straight run (the re-planned cycle: the next test)
     train(dataclasses_replace(base, out=str(tmp_path / "r")), progress=False, split=digits)
     ckpt_dir = tmp_path / "r"
     first = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)
@@ -534,3 +534,49 @@ def test_onecycle_resume_is_exact_for_an_unchanged_budget_and_runs_for_a_longer_
     drop = ("epoch_time", "train_time")
     assert [{k: v for k, v in h.items() if k not in drop} for h in longer["history"][:2]] == \
         [{k: v for k, v in h.items() if k not in drop} for h in straight["history"]]
+
+
+def test_onecycle_resume_with_a_new_budget_replans_the_cycle(digits, tmp_path):
+    """A one-cycle run resumed with a longer budget follows a straight run of the new budget from there
+    on: the lr (and Adam's beta1) of every later optimiser step are the straight run's, annealing to
+    lr / (25 * 1e4) at the last step, not those of the saved cycle's cosine run past its end (which
+    climbs back towards the peak). Each change is recorded in the checkpoint and result.json; a resume
+    of the same budget records nothing."""
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import Run, one_cycle, train
+
+    base = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=3, seed=1, threads=1, schedule="onecycle",
+                       lr=1e-3)
+    out = str(tmp_path / "r")
+    first = train(dataclasses_replace(base, out=out), progress=False, split=digits)
+    assert first["budget_changes"] == []
+
+    def straight(total, done):  # a straight run's lr and beta1 for its optimiser step `done` (0-based)
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=base.lr)
+        one_cycle(opt, [base.lr], total, done)
+        return opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]
+
+    # train() step by step, recording the lr and beta1 each optimiser step uses
+    run = Run(dataclasses_replace(base, epochs=3, out=out), resume=True, progress=False, split=digits)
+    used = []
+    run.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: used.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0])))
+    for epoch in run.epochs():
+        entry = run.train_epoch(epoch)
+        entry.update(run.evaluate())
+        run.save(entry)
+    longer = run.finish()
+    assert len(longer["history"]) == 3 and len(used) == 6
+    for step, values in zip(range(3, 9), used):
+        assert values == pytest.approx(straight(9, step), rel=1e-6), step
+    assert used[-1][0] == pytest.approx(base.lr / 25 / 1e4)  # annealed at the last step
+    assert used[0][0] > 0.5 * base.lr  # the new cycle is past its peak at step 3 of 9, not near 0
+
+    change = dict(after_epoch=1, epochs_before=1, epochs=3)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert longer["budget_changes"] == ckpt["budget_changes"] == [change]
+    # a second change is appended; a resume of the same budget adds none
+    again = train(dataclasses_replace(base, epochs=4, out=out), resume=True, progress=False, split=digits)
+    assert again["budget_changes"] == [change, dict(after_epoch=3, epochs_before=3, epochs=4)]
+    same = train(dataclasses_replace(base, epochs=4, out=out), resume=True, progress=False, split=digits)
+    assert same["budget_changes"] == again["budget_changes"]

@@ -140,7 +140,8 @@ def summarise(runs, losses):
                    for m, v in final.items()},
             recall1_mean=curve.mean(0).tolist(), recall1_std=curve.std(0, ddof=1).tolist() if len(rs) > 1 else [0.0] * curve.shape[1],
             train_time_mean=times.mean(0).tolist(),
-            runs=[dict(seed=r["config"]["seed"], history=r["history"]) for r in rs],
+            runs=[dict(seed=r["config"]["seed"], history=r["history"],
+                       budget_changes=r.get("budget_changes", [])) for r in rs],
         )
     dataset = dict(first["dataset"])
     return dict(dataset=dataset, config={k: v for k, v in first["config"].items() if k not in ("loss", "seed", "out")},
@@ -187,6 +188,12 @@ def markdown(summary, floor_label="raw pixels"):
                  f"Adam lr {cfg['lr']}{_unit_lr(cfg)}; alpha {cfg['alpha']}, beta {cfg['beta']}, lam {cfg['lam']}, "
                  f"mine k {cfg['mine_k'] or 'P K / 2'}{'; batch norm frozen' if cfg.get('freeze_bn') else ''}; "
                  f"{n_seeds} seeds; mean +- std over seeds after the last epoch.")
+    changed = [f"{name} seed {run['seed']} ({change['epochs_before']} -> {change['epochs']} epochs after epoch "
+               f"{change['after_epoch']})" for name, entry in summary["losses"].items()
+               for run in entry["runs"] for change in run.get("budget_changes", [])]
+    if changed:  # a resumed run given a new --epochs: with one-cycle, not a straight run of this budget
+        replanned = "; the one-cycle schedule was re-planned then" if cfg.get("schedule") == "onecycle" else ""
+        lines.append(f"Epoch budget changed on resume{replanned}: {', '.join(changed)}.")
     all_variants = loss_options.variants()
     variants = [name for name in summary["losses"] if name in all_variants]
     if variants:  # what the PDDM entries are (the first entry's options, and what each variant sets)

@@ -6,7 +6,9 @@ half of the classes, evaluated by retrieval on the other half after every epoch.
 when stderr is a terminal) with the loss and the mining statistics, prints a summary line (always), appends a line to ``<out>/log.jsonl``, writes
 ``<out>/checkpoint.pt`` atomically (model, PDDM unit, optimiser, epoch, every RNG state, config);
 at the end it draws Recall@1 per epoch in ``<out>/recall_at_1.png``.
-``resume=True`` continues from the checkpoint and gives the same numbers as an uninterrupted run.
+``resume=True`` continues from the checkpoint and gives the same numbers as an uninterrupted run of
+the same epoch budget; a new budget (``--epochs``) re-plans the one-cycle schedule (``one_cycle``)
+and is recorded in ``budget_changes`` of the checkpoint and ``result.json``.
 
 Around the loop, each in its own module: the configuration and its checks (``config``), the lines,
 table, plot and TensorBoard scalars (``report``), the hold-out split (``holdout``), DDP (``ddp``), the
@@ -29,6 +31,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -117,26 +120,38 @@ class Run:
         self.optimizer = build_optimizer(cfg, self.model, self.loss_fn)
         self.sampler = PKSampler(split.train_labels, self.p, cfg.k, num_batches=cfg.batches_per_epoch,
                                    seed=cfg.seed)
-        self.scheduler = None
-        if cfg.schedule == "onecycle":  # one cycle over the whole run (Smith & Topin 2019), peak at lr
-            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
-                total_steps=cfg.epochs * len(self.sampler))
+        max_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        total_steps = cfg.epochs * len(self.sampler)
+        # one cycle over the whole run (Smith & Topin 2019), peak at lr
+        self.scheduler = one_cycle(self.optimizer, max_lrs, total_steps) if cfg.schedule == "onecycle" else None
         self.train_model, self.train_loss, self.batch_sampler = ddp.wrap(
             self.model, self.loss_fn, self.sampler, device, world)
         self.history, self.start_epoch, self.train_time, floor = [], 0, 0.0, None
+        # each resume that changed the epoch budget: {"after_epoch", "epochs_before", "epochs"}
+        self.budget_changes, replanned = [], None
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.loss_fn.load_state_dict(checkpoint["loss"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            if self.scheduler is not None:
-                total = self.scheduler.total_steps
-                self.scheduler.load_state_dict(checkpoint["scheduler"])
-                # a resume may change the epoch budget: the rest of the cycle stretches to the new total
-                # (exact continuation holds only for an unchanged budget)
-                self.scheduler.total_steps = max(total, self.scheduler.last_epoch + 1)
-            set_rng_state(checkpoint["rng"], self.sampler.generator)
             self.history, self.start_epoch = checkpoint["history"], checkpoint["epoch"]
+            self.budget_changes = list(checkpoint.get("budget_changes", []))
+            saved_epochs = checkpoint["config"]["epochs"]
+            if saved_epochs != cfg.epochs:
+                self.budget_changes.append(dict(after_epoch=self.start_epoch, epochs_before=saved_epochs,
+                                                epochs=cfg.epochs))
+            if self.scheduler is not None:
+                saved_scheduler = checkpoint["scheduler"]
+                if saved_scheduler["total_steps"] == total_steps:  # the same cycle: continues exactly
+                    self.scheduler.load_state_dict(saved_scheduler)
+                else:
+                    # A new budget re-plans the cycle: from here on the lr (and Adam's beta1) are those
+                    # of a straight run of the new budget at this step. Stretching the saved cycle
+                    # instead would let OneCycleLR's cosine run past its end, where the lr climbs
+                    # back towards the peak and the run would end far from annealed.
+                    lr_before = [g["lr"] for g in self.optimizer.param_groups]
+                    self.scheduler = one_cycle(self.optimizer, max_lrs, total_steps, saved_scheduler["last_epoch"])
+                    replanned = (lr_before[0], self.optimizer.param_groups[0]["lr"])
+            set_rng_state(checkpoint["rng"], self.sampler.generator)
             self.train_time, floor = checkpoint["train_time"], checkpoint["floor"]
         if floor is None:
             # a property of the dataset (k-means seeded with 0), so computed once per split
@@ -158,6 +173,12 @@ class Run:
                  f"{len(self.sampler)} batches/epoch, device {device}; writing {self.out}")
         if self.resume:
             self.say(f"resuming after epoch {self.start_epoch} of {cfg.epochs}")
+        if replanned is not None:
+            change = self.budget_changes[-1]
+            self.say(f"the epoch budget changed from {change['epochs_before']} to {change['epochs']}: the one-cycle "
+                     f"schedule is re-planned for {change['epochs']} epochs, so the lr goes from {replanned[0]:.3g} "
+                     f"to {replanned[1]:.3g}, a straight {change['epochs']}-epoch run's value at this step; the "
+                     f"run is not a straight {change['epochs']}-epoch run (result.json records it in budget_changes)")
 
     def say(self, msg):
         """A status line on stderr (rank 0; with or without progress bars, on a terminal or not)."""
@@ -256,7 +277,7 @@ class Run:
                          scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
                          optimizer=self.optimizer.state_dict(), epoch=entry["epoch"], rng=rng_state(self.sampler.generator),
                          config=dataclasses.asdict(self.cfg), history=self.history, train_time=self.train_time,
-                         floor=self.floor, dataset=self.info), self.ckpt_path)
+                         floor=self.floor, dataset=self.info, budget_changes=self.budget_changes), self.ckpt_path)
         with open(os.path.join(self.out, LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
         if self.tensorboard is not None:
@@ -275,7 +296,8 @@ class Run:
         cfg = self.cfg
         result = dict(config=dataclasses.asdict(cfg), dataset=self.info, model=self.model_desc, floor=self.floor,
                       history=self.history, out=self.out,
-                      batch=dict(p=self.p, k=cfg.k, batches_per_epoch=len(self.sampler)))
+                      batch=dict(p=self.p, k=cfg.k, batches_per_epoch=len(self.sampler)),
+                      budget_changes=self.budget_changes)
         if self.is_main:
             if self.history:
                 plot_recall(self.history, self.floor, os.path.join(self.out, PLOT),
@@ -285,6 +307,18 @@ class Run:
             self.tensorboard.close()
         ddp.close(self.world)
         return result
+
+
+def one_cycle(optimizer, max_lrs, total_steps, done_steps=0):
+    """``torch.optim.lr_scheduler.OneCycleLR`` over ``total_steps`` optimiser steps, peaking at
+    ``max_lrs`` (one per param group), advanced by ``done_steps``: the optimiser's lr and Adam's beta1
+    are then the schedule's values after that many steps, as in a straight run of ``total_steps``."""
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done_steps):
+            scheduler.step()
+    return scheduler
 
 
 def train(cfg, *, resume=False, progress=True, split=None, explicit=None):
