@@ -580,3 +580,37 @@ def test_onecycle_resume_with_a_new_budget_replans_the_cycle(digits, tmp_path):
     assert again["budget_changes"] == [change, dict(after_epoch=3, epochs_before=3, epochs=4)]
     same = train(dataclasses_replace(base, epochs=4, out=out), resume=True, progress=False, split=digits)
     assert same["budget_changes"] == again["budget_changes"]
+
+
+def test_a_budget_change_with_nothing_left_to_train_is_recorded_in_the_checkpoint_too(digits, tmp_path, capsys):
+    """A run interrupted after epoch 1 of 3 and resumed with --epochs 1 trains nothing more: the change
+    (3 -> 1) is printed as such and recorded in result.json and in the rewritten checkpoint alike, so a
+    later resume keeps budget 1 and the record."""
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
+
+    base = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=3, seed=1, threads=1, schedule="onecycle")
+    out = str(tmp_path / "r")
+    train(dataclasses_replace(base, out=out), progress=False, split=digits)
+    ckpt_path = tmp_path / "r" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["config"]["epochs"] = 3  # as saved by a run of 3 epochs stopped after its first
+    ckpt["scheduler"]["total_steps"] = 9
+    torch.save(ckpt, ckpt_path)
+    capsys.readouterr()
+    ended = train(dataclasses_replace(base, epochs=1, out=out), resume=True, progress=False, split=digits)
+    assert "changed from 3 to 1 epochs (recorded in budget_changes): nothing is left to train" in capsys.readouterr().err
+    change = [dict(after_epoch=1, epochs_before=3, epochs=1)]
+    saved = torch.load(ckpt_path, weights_only=True)
+    assert ended["budget_changes"] == saved["budget_changes"] == change and saved["config"]["epochs"] == 1
+    again = train(dataclasses_replace(base, out=out), resume=True, progress=False, split=digits, explicit=set())
+    assert again["config"]["epochs"] == 1 and again["budget_changes"] == change
+
+
+def test_budget_change_line_says_what_the_schedule_does():
+    from pddm_ext.app.train import budget_change_line
+
+    change = dict(after_epoch=1, epochs_before=1, epochs=3)
+    onecycle = budget_change_line(change, ([4e-5, 4e-4], [9e-4, 9e-3]), "onecycle")
+    assert "re-planned for 3 epochs; lr now 0.0009 (was 4e-05) / 0.009 (was 0.0004)" in onecycle
+    assert "straight 3-epoch run would" in budget_change_line(change, None, "constant")

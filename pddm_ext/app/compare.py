@@ -192,8 +192,9 @@ def markdown(summary, floor_label="raw pixels"):
                f"{change['after_epoch']})" for name, entry in summary["losses"].items()
                for run in entry["runs"] for change in run.get("budget_changes", [])]
     if changed:  # a resumed run given a new --epochs: with one-cycle, not a straight run of this budget
-        replanned = "; the one-cycle schedule was re-planned then" if cfg.get("schedule") == "onecycle" else ""
-        lines.append(f"Epoch budget changed on resume{replanned}: {', '.join(changed)}.")
+        effect = {"onecycle": "; the one-cycle schedule was re-planned then, so these are not straight runs of this budget",
+                  "constant": "; with the constant lr each equals a straight run of this budget"}.get(cfg.get("schedule"), "")
+        lines.append(f"Epoch budget changed on resume{effect}: {', '.join(changed)}.")
     all_variants = loss_options.variants()
     variants = [name for name in summary["losses"] if name in all_variants]
     if variants:  # what the PDDM entries are (the first entry's options, and what each variant sets)

@@ -128,7 +128,7 @@ class Run:
             self.model, self.loss_fn, self.sampler, device, world)
         self.history, self.start_epoch, self.train_time, floor = [], 0, 0.0, None
         # each resume that changed the epoch budget: {"after_epoch", "epochs_before", "epochs"}
-        self.budget_changes, replanned = [], None
+        self.budget_changes, changed, replanned = [], False, None
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.loss_fn.load_state_dict(checkpoint["loss"])
@@ -136,7 +136,8 @@ class Run:
             self.history, self.start_epoch = checkpoint["history"], checkpoint["epoch"]
             self.budget_changes = list(checkpoint.get("budget_changes", []))
             saved_epochs = checkpoint["config"]["epochs"]
-            if saved_epochs != cfg.epochs:
+            changed = saved_epochs != cfg.epochs
+            if changed:
                 self.budget_changes.append(dict(after_epoch=self.start_epoch, epochs_before=saved_epochs,
                                                 epochs=cfg.epochs))
             if self.scheduler is not None:
@@ -150,7 +151,7 @@ class Run:
                     # back towards the peak and the run would end far from annealed.
                     lr_before = [g["lr"] for g in self.optimizer.param_groups]
                     self.scheduler = one_cycle(self.optimizer, max_lrs, total_steps, saved_scheduler["last_epoch"])
-                    replanned = (lr_before[0], self.optimizer.param_groups[0]["lr"])
+                    replanned = (lr_before, [g["lr"] for g in self.optimizer.param_groups])
             set_rng_state(checkpoint["rng"], self.sampler.generator)
             self.train_time, floor = checkpoint["train_time"], checkpoint["floor"]
         if floor is None:
@@ -173,12 +174,11 @@ class Run:
                  f"{len(self.sampler)} batches/epoch, device {device}; writing {self.out}")
         if self.resume:
             self.say(f"resuming after epoch {self.start_epoch} of {cfg.epochs}")
-        if replanned is not None:
-            change = self.budget_changes[-1]
-            self.say(f"the epoch budget changed from {change['epochs_before']} to {change['epochs']}: the one-cycle "
-                     f"schedule is re-planned for {change['epochs']} epochs, so the lr goes from {replanned[0]:.3g} "
-                     f"to {replanned[1]:.3g}, a straight {change['epochs']}-epoch run's value at this step; the "
-                     f"run is not a straight {change['epochs']}-epoch run (result.json records it in budget_changes)")
+        # a budget change with nothing left to train is still one (the run ends short of its plan): the
+        # checkpoint is rewritten at the end so that it agrees with result.json
+        self.rewrite_checkpoint = changed and self.start_epoch == cfg.epochs
+        if changed:
+            self.say(budget_change_line(self.budget_changes[-1], replanned, cfg.schedule))
 
     def say(self, msg):
         """A status line on stderr (rank 0; with or without progress bars, on a terminal or not)."""
@@ -273,11 +273,7 @@ class Run:
             entry["unit"]["metric_loss"] = entry.get("mining", {}).get("metric_loss")
             check = entry["unit"]["heldout"] or entry["unit"]["unseen"]
             entry["unit"]["collapsed"] = diag_mod.collapsed(check)
-        save_atomic(dict(model=self.model.state_dict(), loss=self.loss_fn.state_dict(),
-                         scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
-                         optimizer=self.optimizer.state_dict(), epoch=entry["epoch"], rng=rng_state(self.sampler.generator),
-                         config=dataclasses.asdict(self.cfg), history=self.history, train_time=self.train_time,
-                         floor=self.floor, dataset=self.info, budget_changes=self.budget_changes), self.ckpt_path)
+        self.write_checkpoint()
         with open(os.path.join(self.out, LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
         if self.tensorboard is not None:
@@ -290,6 +286,15 @@ class Run:
                      f"{diag_mod.COLLAPSE_SPREAD} (near-constant S; its hinge sits at 2 alpha and its ranking, "
                      f"the AUC above, is all that mining uses). See docs/experiments.md, 'Does the PDDM unit learn?'")
 
+    def write_checkpoint(self):
+        """Rank 0's atomic checkpoint of the run as it stands (after the last finished epoch)."""
+        save_atomic(dict(model=self.model.state_dict(), loss=self.loss_fn.state_dict(),
+                         scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+                         optimizer=self.optimizer.state_dict(), epoch=self.history[-1]["epoch"],
+                         rng=rng_state(self.sampler.generator),
+                         config=dataclasses.asdict(self.cfg), history=self.history, train_time=self.train_time,
+                         floor=self.floor, dataset=self.info, budget_changes=self.budget_changes), self.ckpt_path)
+
     def finish(self):
         """Rank 0 draws the plot and writes result.json; the process group started here is closed.
         Returns the result dict (config, dataset, model, raw-pixel floor, history, out, batch)."""
@@ -299,6 +304,8 @@ class Run:
                       batch=dict(p=self.p, k=cfg.k, batches_per_epoch=len(self.sampler)),
                       budget_changes=self.budget_changes)
         if self.is_main:
+            if self.rewrite_checkpoint:
+                self.write_checkpoint()
             if self.history:
                 plot_recall(self.history, self.floor, os.path.join(self.out, PLOT),
                             f"{cfg.dataset}, loss {cfg.loss}, seed {cfg.seed}")
@@ -307,6 +314,23 @@ class Run:
             self.tensorboard.close()
         ddp.close(self.world)
         return result
+
+
+def budget_change_line(change, replanned, schedule):
+    """The line a resume prints when it changed the epoch budget: ``change`` as recorded in
+    budget_changes; ``replanned``: (lrs before, lrs after) per param group when the one-cycle schedule
+    was re-planned, else None."""
+    before, after, trained = change["epochs_before"], change["epochs"], change["after_epoch"]
+    line = f"the epoch budget changed from {before} to {after} epochs (recorded in budget_changes)"
+    if after == trained:
+        return f"{line}: nothing is left to train; the run ends after epoch {trained}, planned for {before}"
+    if replanned is not None:
+        lrs = " / ".join(f"{a:.3g} (was {b:.3g})" for b, a in zip(*replanned))
+        return (f"{line}: the one-cycle schedule is re-planned for {after} epochs; lr now {lrs}, a straight "
+                f"{after}-epoch run's values at this step, so the run is not a straight {after}-epoch run")
+    if schedule == "constant":
+        return f"{line}: with a constant lr the run continues as a straight {after}-epoch run would"
+    return line
 
 
 def one_cycle(optimizer, max_lrs, total_steps, done_steps=0):
