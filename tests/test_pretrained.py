@@ -174,3 +174,8 @@ def test_pretrained_efficientnet_trains_one_step_on_a_generated_folder(weights_p
     assert np.isfinite(entry["loss"]) and 0.0 <= entry["recall@1"] <= 1.0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("trunk._blocks.15.") for k in ckpt["model"])
+    # --pretrained freezes the batch-norm statistics by default: they are still ImageNet's after training
+    assert result["config"]["freeze_bn"] is True
+    imagenet = torch.load(weights_path, weights_only=True)
+    for name in ("_bn0", "_blocks.15._bn2", "_bn1"):
+        assert torch.equal(ckpt["model"][f"trunk.{name}.running_var"], imagenet[f"{name}.running_var"]), name

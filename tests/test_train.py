@@ -566,16 +566,30 @@ def test_k_above_a_training_class_size_warns_that_images_repeat():
         check_against_data(TrainConfig(dataset="digits", k=3), split)  # every class has 3 or more: silent
 
 
-@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_defaults_to_on_with_pretrained_weights_only():
+    from pddm_ext.app.config import resolved_defaults
+
+    assert TrainConfig().freeze_bn is None
+    assert resolved_defaults(TrainConfig(pretrained=True)).freeze_bn is True
+    assert resolved_defaults(TrainConfig()).freeze_bn is False
+    for explicit in (True, False):
+        for pretrained in (True, False):
+            assert resolved_defaults(TrainConfig(pretrained=pretrained, freeze_bn=explicit)).freeze_bn is explicit
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False, None])
 def test_freeze_bn_keeps_the_running_statistics_and_trains_the_rest(freeze_bn, digits, tmp_path):
     """--freeze-bn: every batch-norm layer runs in eval mode while training (its running statistics
     stay what the network started with), and its scale and shift still get trained, as every other
-    weight; without it the statistics follow the training batches."""
+    weight; without it (and by default for a network trained from scratch) the statistics follow the
+    training batches."""
     from pddm_ext.app.train import Run
 
     cfg = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=3, seed=0, threads=1, freeze_bn=freeze_bn,
                       out=str(tmp_path / "run"))
     run = Run(cfg, progress=False, split=digits)
+    assert run.cfg.freeze_bn is bool(freeze_bn)  # what the run records
+    freeze_bn = bool(freeze_bn)
     bns = [m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns
     before = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]

@@ -59,7 +59,7 @@ def _common(parser):
                         help="keep the network's batch-norm layers in eval mode while training: their running "
                              "statistics stay the pretrained ones (small P x K batches and augmentation otherwise "
                              "move them away from what the weights expect); their scale and shift still learn "
-                             f"(default {'on' if DEFAULTS.freeze_bn else 'off'})")
+                             "(default: on with --pretrained, off otherwise)")
     parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=["onecycle", "constant"],
                         help=f"learning-rate schedule (default {DEFAULTS.schedule}; onecycle peaks at --lr)")
     parser.add_argument("--holdout", type=N["holdout"], default=DEFAULTS.holdout,

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from . import loss_options
-from .config import ConfigError, legacy_defaults, prepare
+from .config import ConfigError, legacy_defaults, prepare, resolved_defaults
 from .losses import LOSSES
 from .report import METRIC_TITLES, write_text_atomic
 from .train import CHECKPOINT, train
@@ -80,6 +80,7 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
             raise ConfigError(f"{name}: {', '.join(map(str, repeated))} given more than once; each value is one run")
         if not len(values):
             raise ConfigError(f"{name} must name at least one value")
+    base = resolved_defaults(base)  # a finished run's config is compared with what it recorded
     split = prepare(entry_config(base, losses[0]))  # every error before any training
     runs = []
     for loss in losses:
@@ -111,6 +112,7 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
 
 
 def _finished(cfg):
+    cfg = resolved_defaults(cfg)  # as the run recorded it
     path = os.path.join(cfg.out, "result.json")
     if not os.path.exists(path):
         return None

@@ -55,8 +55,11 @@ class TrainConfig:
     mining: str = train_default("mining")
     augment: bool = True  # random affine augmentation of training batches (pddm_ext.app.augment)
     # batch-norm layers kept in eval mode while training: running statistics stay those the network
-    # started with (the pretrained ones); their scale and shift still learn (Run.train_epoch)
-    freeze_bn: bool = False
+    # started with (the pretrained ones); their scale and shift still learn (Run.train_epoch).
+    # None: on with pretrained weights, off otherwise (resolved_defaults); small augmented P x K
+    # batches pull ImageNet statistics away from what the weights expect (docs/experiments.md,
+    # "Fine-tuning the backbone"), while a network trained from scratch needs its own
+    freeze_bn: bool | None = None
     schedule: str = "onecycle"  # learning rate: onecycle (OneCycleLR to lr) or constant
     holdout: float = 0.1  # fraction of training-class images held out for the unit's diagnostics
     seed: int = 0
@@ -83,7 +86,15 @@ class TrainConfig:
 
 # The values that fields added since the first runs had before they existed: a checkpoint or result.json
 # without them resumes or compares as the run it was. PDDMLoss's options declare theirs (LOSS_OPTIONS).
-_APP_LEGACY_DEFAULTS = dict(augment=False, schedule="constant", holdout=0.0)
+_APP_LEGACY_DEFAULTS = dict(augment=False, schedule="constant", holdout=0.0, freeze_bn=False)
+
+
+def resolved_defaults(cfg):
+    """``cfg`` with the defaults that depend on other fields made explicit (what a run records and
+    compares): ``freeze_bn`` None becomes ``pretrained``."""
+    if cfg.freeze_bn is None:
+        return dataclasses.replace(cfg, freeze_bn=bool(cfg.pretrained))
+    return cfg
 
 
 def legacy_defaults():

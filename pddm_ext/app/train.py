@@ -45,8 +45,8 @@ from . import diagnostics as diag_mod
 from . import evaluate as ev
 from .augment import random_affine
 from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
-from .config import (ConfigError, check_against_data, check_config, prepare, resolve_device, resumed_config,
-                     tensorboard_writer_class)
+from .config import (ConfigError, check_against_data, check_config, prepare, resolve_device, resolved_defaults,
+                     resumed_config, tensorboard_writer_class)
 from .holdout import holdout_split
 from .losses import batch_stats, build_loss, build_optimizer
 from .models import build_model
@@ -78,6 +78,7 @@ class Run:
     """
 
     def __init__(self, cfg, *, resume=False, progress=True, split=None, explicit=None):
+        cfg = resolved_defaults(cfg)
         self.out = cfg.resolved_out()
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
         if not resume and os.path.exists(self.ckpt_path):
