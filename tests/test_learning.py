@@ -614,3 +614,25 @@ def test_budget_change_line_says_what_the_schedule_does():
     onecycle = budget_change_line(change, ([4e-5, 4e-4], [9e-4, 9e-3]), "onecycle")
     assert "re-planned for 3 epochs; lr now 0.0009 (was 4e-05) / 0.009 (was 0.0004)" in onecycle
     assert "straight 3-epoch run would" in budget_change_line(change, None, "constant")
+
+
+def test_a_cycle_replanned_for_other_steps_per_epoch_is_a_warning(digits, tmp_path, capsys):
+    """Same budget but a saved cycle of another length (batches per epoch taken from other data): the
+    cycle is re-planned for this run's steps, with a warning saying so; no budget change is recorded."""
+    from pddm_ext.app.config import TrainConfig
+    from pddm_ext.app.train import train
+
+    base = TrainConfig(dataset="digits", epochs=1, batches_per_epoch=3, seed=1, threads=1, schedule="onecycle")
+    out = str(tmp_path / "r")
+    train(dataclasses_replace(base, out=out), progress=False, split=digits)
+    ckpt_path = tmp_path / "r" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    # a run of 4 batches per epoch saved before its first step (only the cycle's length matters here)
+    ckpt["scheduler"]["total_steps"], ckpt["scheduler"]["last_epoch"], ckpt["epoch"], ckpt["history"] = 4, 0, 0, []
+    torch.save(ckpt, ckpt_path)
+    capsys.readouterr()
+    result = train(dataclasses_replace(base, out=out), resume=True, progress=False, split=digits)
+    err = capsys.readouterr().err
+    assert "warning: the one-cycle schedule is re-planned for 3 steps (3 batches per epoch), where the saved run " \
+           "planned 4" in err, err
+    assert result["budget_changes"] == [] and len(result["history"]) == 1

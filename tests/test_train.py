@@ -218,8 +218,9 @@ def test_compare_resumes_an_interrupted_run_to_its_own_budget(digits, tmp_path):
     change = dict(after_epoch=1, epochs_before=1, epochs=2)
     assert summary["losses"]["pddm"]["runs"][0]["budget_changes"] == [change]
     assert json.loads((out / "runs" / "pddm-seed0" / "result.json").read_text())["budget_changes"] == [change]
-    assert ("Epoch budget changed on resume; the one-cycle schedule was re-planned then, so these are not straight "
-            "runs of this budget: pddm seed 0 (1 -> 2 epochs after epoch 1).") in (out / "results.md").read_text()
+    assert ("Epoch budget changed on resume; with the one-cycle schedule these are not straight runs of this budget "
+            "(the cycle is re-planned at the change): pddm seed 0 (1 -> 2 epochs after epoch 1).") \
+        in (out / "results.md").read_text()
 
 
 def test_out_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
@@ -564,6 +565,14 @@ def test_k_above_a_training_class_size_warns_that_images_repeat():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_against_data(TrainConfig(dataset="digits", k=3), split)  # every class has 3 or more: silent
+
+
+def test_results_md_says_what_batch_norm_did_when_not_the_default_of_a_network_from_scratch():
+    from pddm_ext.app.compare import _batch_norm
+
+    assert _batch_norm(dict(freeze_bn=True, pretrained=True)) == "; batch norm frozen"
+    assert _batch_norm(dict(freeze_bn=False, pretrained=True)) == "; batch-norm statistics following the batches"
+    assert _batch_norm(dict(freeze_bn=False, pretrained=False)) == _batch_norm({}) == ""
 
 
 def test_freeze_bn_defaults_to_on_with_pretrained_weights_only():

@@ -179,6 +179,13 @@ def _unit_lr(cfg):
     return f" (PDDM unit {cfg['unit_lr']})" if cfg.get("unit_lr") is not None else ""
 
 
+def _batch_norm(cfg):
+    """What the batch-norm statistics did, where it is not the default of a network trained from scratch."""
+    if cfg.get("freeze_bn"):
+        return "; batch norm frozen"
+    return "; batch-norm statistics following the batches" if cfg.get("pretrained") else ""
+
+
 def markdown(summary, floor_label="raw pixels"):
     cfg, ds, batch = summary["config"], summary["dataset"], summary["batch"]
     lines = [f"# {ds['name']}: PDDM mining vs Euclidean mining", ""]
@@ -188,14 +195,16 @@ def markdown(summary, floor_label="raw pixels"):
     lines.append(f"Budget per run: {cfg['epochs']} epochs x {batch['batches_per_epoch']} batches of "
                  f"P={batch['p']} x K={batch['k']}; {summary['model']}, embedding dim {cfg['embedding_dim']}, "
                  f"Adam lr {cfg['lr']}{_unit_lr(cfg)}; alpha {cfg['alpha']}, beta {cfg['beta']}, lam {cfg['lam']}, "
-                 f"mine k {cfg['mine_k'] or 'P K / 2'}{'; batch norm frozen' if cfg.get('freeze_bn') else ''}; "
+                 f"mine k {cfg['mine_k'] or 'P K / 2'}{_batch_norm(cfg)}; "
                  f"{n_seeds} seeds; mean +- std over seeds after the last epoch.")
     changed = [f"{name} seed {run['seed']} ({change['epochs_before']} -> {change['epochs']} epochs after epoch "
                f"{change['after_epoch']})" for name, entry in summary["losses"].items()
                for run in entry["runs"] for change in run.get("budget_changes", [])]
     if changed:  # a resumed run given a new --epochs: with one-cycle, not a straight run of this budget
-        effect = {"onecycle": "; the one-cycle schedule was re-planned then, so these are not straight runs of this budget",
-                  "constant": "; with the constant lr each equals a straight run of this budget"}.get(cfg.get("schedule"), "")
+        schedule = cfg.get("schedule", legacy_defaults()["schedule"])
+        effect = {"onecycle": "; with the one-cycle schedule these are not straight runs of this budget (the cycle "
+                              "is re-planned at the change)",
+                  "constant": "; with the constant lr each equals a straight run of this budget"}.get(schedule, "")
         lines.append(f"Epoch budget changed on resume{effect}: {', '.join(changed)}.")
     all_variants = loss_options.variants()
     variants = [name for name in summary["losses"] if name in all_variants]

@@ -180,6 +180,10 @@ class Run:
         self.rewrite_checkpoint = changed and self.start_epoch == cfg.epochs
         if changed:
             self.say(budget_change_line(self.budget_changes[-1], replanned, cfg.schedule))
+        elif replanned is not None:  # same budget, other steps per epoch (batches_per_epoch None: other data)
+            self.say(f"warning: the one-cycle schedule is re-planned for {total_steps} steps ({len(self.sampler)} "
+                     f"batches per epoch), where the saved run planned {checkpoint['scheduler']['total_steps']}: "
+                     "its training data differs from this run's")
 
     def say(self, msg):
         """A status line on stderr (rank 0; with or without progress bars, on a terminal or not)."""
@@ -328,7 +332,8 @@ def budget_change_line(change, replanned, schedule):
     if replanned is not None:
         lrs = " / ".join(f"{a:.3g} (was {b:.3g})" for b, a in zip(*replanned))
         return (f"{line}: the one-cycle schedule is re-planned for {after} epochs; lr now {lrs}, a straight "
-                f"{after}-epoch run's values at this step, so the run is not a straight {after}-epoch run")
+                f"{after}-epoch run's values at this step; the steps before followed the {before}-epoch cycle, "
+                f"so the run as a whole is not a straight {after}-epoch run")
     if schedule == "constant":
         return f"{line}: with a constant lr the run continues as a straight {after}-epoch run would"
     return line
