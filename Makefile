@@ -55,7 +55,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test install cpp-test pytest cuda-build cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources cuda-resources-check clean distclean FORCE demo compare \
+.PHONY: test install cpp-test pytest cuda-build cuda-clean cuda-no-gpu-check cuda-emulate precision-emulated cuda-resources cuda-resources-check clean distclean FORCE demo compare \
   fonts icons bench gpu-check gpu-wheels wheel pip-check oldest-torch
 
 test: install cpp-test pytest
@@ -391,6 +391,11 @@ oldest-torch: $(OLDEST_VENV)/.deps-stamp $(PIP_TOOLS)/.stamp $(VENV)/.deps-stamp
 	cd $(MOVED_BUILD) && PYTHONPATH=. '$(abspath $(VENV))/bin/python' '$(abspath .ci/check_moved_build.py)'
 
 # ---- Cleaning ------------------------------------------------------------------------------------
+# cuda-clean: the CUDA venv and the CUDA build's tree and objects (what .ci/run frees after that step).
+cuda-clean:
+	@echo "cuda-clean: removing $$(du -sh $(CUDA_VENV) $(CUDA_TREE) $(CUDA_TEMP) 2>/dev/null | tr '\n' ' ')"
+	rm -rf $(CUDA_VENV) $(CUDA_TREE) $(CUDA_TEMP)
+
 clean:
 	rm -rf build dist *.egg-info pddm_ext/_C*.so .pytest_cache .hypothesis
 	rm -f $(VENV)/.package-stamp
