@@ -80,7 +80,6 @@ def run_all(base, losses=LOSSES, seeds=(0, 1, 2, 3, 4), out="results/compare", *
             raise ConfigError(f"{name}: {', '.join(map(str, repeated))} given more than once; each value is one run")
         if not len(values):
             raise ConfigError(f"{name} must name at least one value")
-    base = resolved_defaults(base)  # a finished run's config is compared with what it recorded
     split = prepare(entry_config(base, losses[0]))  # every error before any training
     runs = []
     for loss in losses:
